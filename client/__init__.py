@@ -1,0 +1,1 @@
+"""The hospital side: Flower ClientApp and local DP-SGD training."""

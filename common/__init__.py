@@ -1,0 +1,1 @@
+"""Shared by the hospital and the coordinator side: config, data, models, privacy, CLI."""

@@ -1,0 +1,305 @@
+"""A site's data: manifest.csv plus NIfTI volumes, checked row by row, read only.
+
+Every reason a row cannot be used becomes a `Rejection` naming the row, the file and why;
+nothing here raises in the middle of a pass over a site, and nothing writes into the
+site folder. Volumes are read with nibabel (whose errors say what is wrong with a file)
+and then go through a MONAI transform pipeline: orientation to RAS, resize to the model's
+shape, per-volume intensity scaling. Attributes are scaled by the config's declared
+ranges, never by statistics of the site's data, which would leak.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureType,
+    Orientation,
+    Resize,
+    ScaleIntensityRangePercentiles,
+)
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from fedsynth.common.config import Attribute, DataConfig
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.progress import progress
+
+MANIFEST = "manifest.csv"
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+class VolumeError(FedsynthError):
+    """A volume that cannot be used; the message is the reason, without the path."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """A usable manifest row."""
+
+    row: int
+    image: Path
+    subject: str
+    attributes: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A manifest row that cannot be used, and why (row is 1-based, header not counted)."""
+
+    row: int
+    file: str
+    reason: str
+
+
+@dataclass
+class SiteManifest:
+    """The outcome of checking a site folder."""
+
+    root: Path
+    records: list[Record] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def subjects(self) -> dict[str, list[Record]]:
+        """Usable records grouped by subject, the privacy unit."""
+        groups: dict[str, list[Record]] = {}
+        for record in self.records:
+            groups.setdefault(record.subject, []).append(record)
+        return groups
+
+    def to_json(self) -> dict:
+        return {
+            "data_path": str(self.root),
+            "usable": len(self.records),
+            "subjects": len(self.subjects()),
+            "rejected": [{"row": r.row, "file": r.file, "reason": r.reason} for r in self.rejected],
+            "warnings": self.warnings,
+        }
+
+
+def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI volume fully; raise VolumeError with the reason it is unusable."""
+    if not path.exists():
+        raise VolumeError("file not found")
+    if not path.is_file():
+        raise VolumeError("not a file")
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
+    try:
+        image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
+        data = np.asanyarray(image.dataobj)
+    except VolumeError:
+        raise
+    except (ImageFileError, HeaderDataError) as exc:
+        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc)})") from None
+    except (EOFError, zlib.error, OSError, ValueError) as exc:
+        raise VolumeError(f"truncated or corrupt file ({_first_line(exc)})") from None
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        dims = "x".join(map(str, data.shape))
+        raise VolumeError(f"has {data.ndim} dimensions ({dims}); expected a 3D volume")
+    if min(data.shape) < 2:
+        raise VolumeError(f"too small ({'x'.join(map(str, data.shape))}); need 2+ voxels per axis")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise VolumeError(f"voxel type {data.dtype} is not real-valued")
+    data = data.astype(np.float32)
+    bad = int(np.count_nonzero(~np.isfinite(data)))
+    if bad:
+        raise VolumeError(f"contains {bad} NaN/Inf voxels")
+    if float(data.max()) == float(data.min()):
+        raise VolumeError(f"constant image (every voxel is {float(data.min()):g})")
+    zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
+        raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
+    return data, image.affine
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def volume_transform(data_cfg: DataConfig) -> Compose:
+    """The MONAI pipeline from a channel-first MetaTensor to the model's input."""
+    low, high = data_cfg.intensity_percentiles
+    return Compose(
+        [
+            Orientation(axcodes="RAS"),
+            Resize(spatial_size=data_cfg.shape, mode="trilinear", anti_aliasing=True),
+            ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
+            EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
+def load_volume(path: Path, transform: Compose) -> torch.Tensor:
+    """A checked volume as a (1, H, W, slices) tensor in [0, 1]."""
+    data, affine = read_nifti(path)
+    image = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(affine))
+    return transform(image)
+
+
+def scale_attributes(values: Mapping[str, float], attributes: Sequence[Attribute]) -> np.ndarray:
+    """Attributes in config order, mapped to [0, 1] by their declared ranges."""
+    return np.array(
+        [(values[a.name] - a.min) / (a.max - a.min) for a in attributes], dtype=np.float32
+    )
+
+
+def parse_attribute(text: str | None, attribute: Attribute) -> float:
+    """One manifest cell -> a number within the attribute's declared range, or ValueError."""
+    label = f"attribute {attribute.name}"
+    if text is None or not text.strip():
+        raise ValueError(f"{label} is missing")
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{label} = {text.strip()!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{label} = {text.strip()} is not finite")
+    if not attribute.min <= value <= attribute.max:
+        allowed = f"[{attribute.min:g}, {attribute.max:g}] {attribute.unit}"
+        raise ValueError(f"{label} = {value:g} is outside {allowed}")
+    if attribute.discrete and value != round(value):
+        raise ValueError(f"{label} = {value:g} must be a whole number")
+    return value
+
+
+def _read_manifest(root: Path, data_cfg: DataConfig) -> tuple[list[str], list[dict]]:
+    """Header and rows of a site's manifest; a FedsynthError if it is unusable as a whole."""
+    manifest = root / MANIFEST
+    if not root.is_dir():
+        raise FedsynthError(f"data path {root} is not a folder")
+    if not manifest.is_file():
+        raise FedsynthError(f"no {MANIFEST} in {root}")
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FedsynthError(f"{manifest}: not a readable CSV file ({_first_line(exc)})") from None
+    required = ["image", *(a.name for a in data_cfg.attributes)]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise FedsynthError(
+            f"{manifest} lacks required column(s) {', '.join(missing)} "
+            f"(needs image and one column per configured attribute)"
+        )
+    return header, rows
+
+
+def check_site(
+    root: str | Path, data_cfg: DataConfig, *, read_images: bool = True, show_progress: bool = True
+) -> SiteManifest:
+    """Check every manifest row of a site folder; usable rows become Records.
+
+    With `read_images`, each volume is read fully and run through the model's transform,
+    so a usable row is one training will not trip over.
+    """
+    root = Path(root).expanduser().resolve()
+    header, rows = _read_manifest(root, data_cfg)
+    result = SiteManifest(root=root)
+    has_subject = "subject" in header
+    if not has_subject:
+        result.warnings.append(
+            "no 'subject' column: each row counts as its own subject; if a person has several "
+            "volumes, add the column, or their privacy loss is counted per volume, not per person"
+        )
+    transform = volume_transform(data_cfg) if read_images else None
+    seen_paths: dict[Path, int] = {}
+    seen_content: dict[str, int] = {}
+    for number, row in enumerate(progress(rows, "site-check", show_progress), start=1):
+        file = (row.get("image") or "").strip()
+        try:
+            if None in row or any(v is None for v in row.values()):
+                raise ValueError(
+                    f"has a different number of fields than the header ({len(header)})"
+                )
+            if not file:
+                raise ValueError("no image path")
+            subject = (row.get("subject") or "").strip() if has_subject else f"row-{number}"
+            if not subject:
+                raise ValueError("no subject id")
+            values = {a.name: parse_attribute(row.get(a.name), a) for a in data_cfg.attributes}
+            path = (root / file).resolve()
+            if path in seen_paths:
+                raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
+            seen_paths[path] = number
+            if read_images:
+                load_volume(path, transform)
+                digest = _file_digest(path)
+                if digest in seen_content:
+                    raise ValueError(f"duplicate of row {seen_content[digest]} (identical file)")
+                seen_content[digest] = number
+        except (ValueError, VolumeError) as exc:
+            result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
+            continue
+        result.records.append(Record(row=number, image=path, subject=subject, attributes=values))
+    return result
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class SiteDataset(torch.utils.data.Dataset):
+    """Usable records of a site as (volume, scaled attributes) pairs.
+
+    `subject_rows` groups item indices by subject, so that DP-SGD can sample subjects
+    (the privacy unit) rather than rows.
+    """
+
+    def __init__(self, manifest: SiteManifest, data_cfg: DataConfig) -> None:
+        self.records = manifest.records
+        self.attributes = data_cfg.attributes
+        self.transform = volume_transform(data_cfg)
+        index = {id(r): i for i, r in enumerate(self.records)}
+        self.subject_rows = [
+            [index[id(r)] for r in group] for group in manifest.subjects().values()
+        ]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        record = self.records[i]
+        try:
+            volume = load_volume(record.image, self.transform)
+        except VolumeError as exc:  # changed on disk since the check
+            raise FedsynthError(f"{record.image} (row {record.row}): {exc}") from None
+        return volume, torch.from_numpy(scale_attributes(record.attributes, self.attributes))
+
+
+def open_site(
+    root: str | Path, data_cfg: DataConfig, *, show_progress: bool = True
+) -> tuple[SiteDataset, SiteManifest]:
+    """Check a site folder and wrap its usable rows; refuse a site with none."""
+    manifest = check_site(root, data_cfg, show_progress=show_progress)
+    if not manifest.records:
+        reasons = sorted({r.reason for r in manifest.rejected})
+        raise FedsynthError(
+            f"no usable rows in {manifest.root / MANIFEST} ({len(manifest.rejected)} rejected; "
+            f"e.g. {reasons[0] if reasons else 'empty manifest'})"
+        )
+    return SiteDataset(manifest, data_cfg), manifest

@@ -1,0 +1,40 @@
+"""`fedsynth site-check`: tells a hospital, before it joins, which rows are usable and why not."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "Check a site's data folder (manifest.csv + NIfTI) before joining a study; reads only."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-path", required=True, metavar="DIR", help="the site's data folder")
+    parser.add_argument(
+        "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsynth.common.config import load_config
+    from fedsynth.common.data import MANIFEST, check_site
+    from fedsynth.common.errors import FedsynthError
+
+    config = load_config(args.config)
+    result = check_site(args.data_path, config.data, show_progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(
+            f"{result.root}: {len(result.records)} usable rows, "
+            f"{len(result.subjects())} subjects, {len(result.rejected)} rejected"
+        )
+        for r in result.rejected:
+            print(f"  row {r.row} ({r.file or 'no file'}): {r.reason}")
+        for warning in result.warnings:
+            print(f"  warning: {warning}")
+    if not result.records:
+        raise FedsynthError(f"no usable rows in {result.root / MANIFEST}")
+    return 0

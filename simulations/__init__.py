@@ -1,0 +1,1 @@
+"""Phantom cardiac cohorts and `flwr run` studies; imports every other part."""
