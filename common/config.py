@@ -161,6 +161,8 @@ class UnetConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         errors = _levels_match(self.channels, self.attention_levels)
+        if errors:
+            return errors
         if any(c % self.norm_num_groups for c in self.channels):
             errors.append(("norm-num-groups", "must divide every entry of channels"))
         if any(

@@ -30,6 +30,7 @@ from monai.transforms import (
     ScaleIntensityRangePercentiles,
 )
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from fedsynth.common.config import Attribute, DataConfig
@@ -105,9 +106,9 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except VolumeError:
         raise
     except (ImageFileError, HeaderDataError) as exc:
-        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc)})") from None
+        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc, path)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc)})") from None
+        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -123,14 +124,23 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise VolumeError(f"contains {bad} NaN/Inf voxels")
     if float(data.max()) == float(data.min()):
         raise VolumeError(f"constant image (every voxel is {float(data.min()):g})")
-    zooms = np.asarray(image.header.get_zooms()[:3], dtype=float)
+    zooms = _stored_spacing(path, image)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
     return data, image.affine
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+def _stored_spacing(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """The voxel spacing as the file stores it (nibabel quietly turns a 0 into 1 on load)."""
+    with ImageOpener(path) as f:
+        header = type(image.header).from_fileobj(f, check=False)
+    return np.asarray(header["pixdim"][1:4], dtype=float)
+
+
+def _first_line(exc: BaseException, path: Path | None = None) -> str:
+    """The first line of an error message, with a full path shortened to the file name."""
+    message = str(exc) if path is None else str(exc).replace(str(path), path.name)
+    text = message.strip().splitlines()
     return text[0] if text else type(exc).__name__
 
 
@@ -139,7 +149,7 @@ def volume_transform(data_cfg: DataConfig) -> Compose:
     low, high = data_cfg.intensity_percentiles
     return Compose(
         [
-            Orientation(axcodes="RAS"),
+            Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Resize(spatial_size=data_cfg.shape, mode="trilinear", anti_aliasing=True),
             ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),

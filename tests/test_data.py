@@ -1,0 +1,231 @@
+"""A site's data: every kind of bad row is rejected with its reason; good data of any size
+or orientation is resampled to the model's shape; the site folder is only ever read."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
+
+from fedsynth.common.data import SiteDataset, check_site, load_volume, open_site, volume_transform
+from fedsynth.common.errors import FedsynthError
+
+
+def make_bad_files(root):
+    """One file per way a volume can be broken; returns {name: expected reason fragment}."""
+    img = root / "img"
+    good = save_nifti(img / "good.nii.gz", blob_volume())
+    raw = good.read_bytes()
+    (img / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (img / "text.nii.gz").write_text("this is not an image")
+    (img / "plain.nii").write_bytes(gzip.decompress(raw)[:400])
+    (img / "random.nii").write_bytes(np.random.default_rng(0).bytes(2000))
+    (img / "scan.png").write_bytes(b"\x89PNG....")
+    save_nifti(img / "four_d.nii.gz", np.stack([blob_volume()] * 3, axis=-1))
+    save_nifti(img / "two_d.nii.gz", blob_volume()[:, :, 0])
+    nan = blob_volume()
+    nan[3, 3, 3] = np.nan
+    save_nifti(img / "nan.nii.gz", nan)
+    inf = blob_volume()
+    inf[1, 2, 3] = np.inf
+    save_nifti(img / "inf.nii.gz", inf)
+    save_nifti(img / "constant.nii.gz", np.full((24, 20, 6), 7.0, np.float32))
+    header = bytearray(gzip.decompress(raw))
+    header[76 + 4 * 2 : 76 + 4 * 3] = np.float32(0.0).tobytes()  # pixdim[2]: spacing of axis y
+    (img / "zero_spacing.nii").write_bytes(bytes(header))
+    return {
+        "missing.nii.gz": "file not found",
+        "truncated.nii.gz": "truncated or corrupt file",
+        "text.nii.gz": "not a readable NIfTI file",
+        "plain.nii": "truncated or corrupt file (Expected 11520 bytes, got 48 bytes from plain",
+        "random.nii": "not a readable NIfTI file",
+        "scan.png": "not a NIfTI file name",
+        "four_d.nii.gz": "has 4 dimensions (24x20x6x3); expected a 3D volume",
+        "two_d.nii.gz": "has 2 dimensions",
+        "nan.nii.gz": "contains 1 NaN/Inf voxels",
+        "inf.nii.gz": "contains 1 NaN/Inf voxels",
+        "constant.nii.gz": "constant image (every voxel is 7)",
+        "zero_spacing.nii": "invalid voxel spacing",
+    }
+
+
+def test_every_bad_volume_is_rejected_with_its_reason(tmp_path, tiny_config):
+    site = tmp_path / "site"
+    expected = make_bad_files(site)
+    rows = [{"image": "img/good.nii.gz", "subject": "s0"}]
+    rows += [{"image": f"img/{name}", "subject": f"s{i + 1}"} for i, name in enumerate(expected)]
+    write_site(site, rows)
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.row for r in result.records] == [1]
+    reasons = {r.file: r.reason for r in result.rejected}
+    assert set(reasons) == {f"img/{name}" for name in expected}
+    for name, fragment in expected.items():
+        assert fragment in reasons[f"img/{name}"], (name, reasons[f"img/{name}"])
+    assert [r.row for r in result.rejected] == list(range(2, len(expected) + 2))
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"lvef": ""}, "attribute lvef is missing"),
+        ({"lvef": "sixty"}, "attribute lvef = 'sixty' is not a number"),
+        ({"lvef": "nan"}, "attribute lvef = nan is not finite"),
+        ({"lvef": 95}, "attribute lvef = 95 is outside [10, 85] %"),
+        ({"age": 7}, "attribute age = 7 is outside [18, 95] years"),
+        ({"sex": 0.5}, "attribute sex = 0.5 must be a whole number"),
+        ({"phase": 2}, "attribute phase = 2 is outside [0, 1]"),
+        ({"subject": ""}, "no subject id"),
+        ({"image": ""}, "no image path"),
+    ],
+)
+def test_bad_attributes_and_cells_are_rejected(tmp_path, tiny_config, change, reason):
+    site = tmp_path / "site"
+    save_nifti(site / "a.nii.gz", blob_volume())
+    write_site(site, [{"image": "a.nii.gz", "subject": "s1", **change}])
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert not result.records
+    assert [r.row for r in result.rejected] == [1]
+    assert reason in result.rejected[0].reason
+
+
+def test_duplicates_and_ragged_rows(tmp_path, tiny_config):
+    site = tmp_path / "site"
+    save_nifti(site / "a.nii.gz", blob_volume(seed=1))
+    save_nifti(site / "b.nii.gz", blob_volume(seed=2))
+    (site / "copy_of_a.nii.gz").write_bytes((site / "a.nii.gz").read_bytes())
+    write_site(site, [
+        {"image": "a.nii.gz", "subject": "s1"},
+        {"image": "b.nii.gz", "subject": "s2"},
+        {"image": "./a.nii.gz", "subject": "s3"},
+        {"image": "copy_of_a.nii.gz", "subject": "s4"},
+    ])  # fmt: skip
+    with (site / "manifest.csv").open("a") as f:
+        f.write("b.nii.gz,s5,1,2\n")
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.row for r in result.records] == [1, 2]
+    reasons = {r.row: r.reason for r in result.rejected}
+    assert reasons[3] == "duplicate of row 1 (same image)"
+    assert reasons[4] == "duplicate of row 1 (identical file)"
+    assert "different number of fields" in reasons[5]
+
+
+def test_manifest_problems_are_one_clear_error(tmp_path, tiny_config):
+    with pytest.raises(FedsynthError, match="is not a folder"):
+        check_site(tmp_path / "nowhere", tiny_config.data)
+    site = tmp_path / "site"
+    site.mkdir()
+    with pytest.raises(FedsynthError, match=r"no manifest\.csv in"):
+        check_site(site, tiny_config.data)
+    columns = ["image", "subject", *[c for c in GOOD_ATTRIBUTES if c not in ("lvef", "age")]]
+    write_site(site, [{"image": "a.nii.gz"}], columns=columns)
+    with pytest.raises(FedsynthError, match=r"lacks required column\(s\) lvef, age"):
+        check_site(site, tiny_config.data)
+    (site / "manifest.csv").write_bytes(b"\xff\xfe\x00garbage\x00\xff")
+    with pytest.raises(FedsynthError, match=r"manifest\.csv"):
+        check_site(site, tiny_config.data)
+
+
+def test_other_size_and_orientation_resample_to_the_same_volume(tmp_path, tiny_config):
+    """The same anatomy stored LPS instead of RAS, at another size, reaches the model alike."""
+    data = blob_volume((40, 36, 10))
+    data[5:12, 5:12, 1:4] = 3.0  # a marker in one corner, to see any flip
+    ras = save_nifti(tmp_path / "ras.nii.gz", data, zooms=(1.5, 1.5, 9.0))
+    lps_affine = np.diag([-1.5, -1.5, 9.0, 1.0])
+    lps_affine[:3, 3] = [1.5 * 39, 1.5 * 35, 0]
+    lps = save_nifti(tmp_path / "lps.nii.gz", data[::-1, ::-1, :].copy(), affine=lps_affine)
+    transform = volume_transform(tiny_config.data)
+    a, b = load_volume(ras, transform), load_volume(lps, transform)
+    assert a.shape == b.shape == (1, *tiny_config.data.shape)
+    assert a.dtype == torch.float32 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    torch.testing.assert_close(a, b)
+    # and the marker stays in its corner (low x, low y, low z) after resizing
+    h, w, d = tiny_config.data.shape
+    assert a[0, : h // 3, : w // 3, : d // 2].mean() > a[0, -h // 3 :, -w // 3 :, : d // 2].mean()
+
+
+def test_dataset_groups_subjects_and_scales_attributes_by_declared_range(tmp_path, tiny_config):
+    site = tmp_path / "site"
+    rows = []
+    for i in range(3):
+        for phase in (0, 1):
+            save_nifti(site / f"s{i}_{phase}.nii.gz", blob_volume(seed=10 * i + phase))
+            rows.append({"image": f"s{i}_{phase}.nii.gz", "subject": f"sub{i}", "phase": phase,
+                         "lvef": 10 + 25 * i})  # fmt: skip
+    write_site(site, rows)
+    dataset, manifest = open_site(site, tiny_config.data, show_progress=False)
+    assert manifest.warnings == []
+    assert len(dataset) == 6
+    assert sorted(map(sorted, dataset.subject_rows)) == [[0, 1], [2, 3], [4, 5]]
+    volume, attrs = dataset[3]
+    assert volume.shape == (1, 32, 32, 8)
+    names = [a.name for a in tiny_config.data.attributes]
+    assert attrs.shape == (len(names),)
+    # lvef 35 in the declared range [10, 85]; phase 1 in [0, 1]; lvedv 150 in [40, 400]
+    assert attrs[names.index("lvef")].item() == pytest.approx((35 - 10) / 75)
+    assert attrs[names.index("phase")].item() == 1.0
+    assert attrs[names.index("lvedv")].item() == pytest.approx((150 - 40) / 360)
+
+
+def test_without_subject_column_each_row_is_a_subject_and_a_warning_says_so(tmp_path, tiny_config):
+    site = tmp_path / "site"
+    for i in range(2):
+        save_nifti(site / f"{i}.nii.gz", blob_volume(seed=i))
+    columns = ["image", *GOOD_ATTRIBUTES]
+    write_site(site, [{"image": "0.nii.gz"}, {"image": "1.nii.gz"}], columns=columns)
+    dataset = SiteDataset(check_site(site, tiny_config.data, show_progress=False), tiny_config.data)
+    assert dataset.subject_rows == [[0], [1]]
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert any("no 'subject' column" in w for w in result.warnings)
+
+
+def test_open_site_refuses_a_site_with_no_usable_row(tmp_path, tiny_config):
+    site = write_site(tmp_path / "site", [{"image": "gone.nii.gz", "subject": "s"}])
+    with pytest.raises(FedsynthError, match=r"no usable rows .*file not found"):
+        open_site(site, tiny_config.data, show_progress=False)
+
+
+def snapshot(root):
+    return {
+        p.relative_to(root): (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes())
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    } | {"dirs": sorted(str(p) for p in root.rglob("*") if p.is_dir())}
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "fedsynth.common.cli", *args], capture_output=True, text=True
+    )
+
+
+def test_site_check_cli_json_and_read_only(tmp_path):
+    site = tmp_path / "site"
+    expected = make_bad_files(site)
+    rows = [{"image": "img/good.nii.gz", "subject": "s0"}]
+    rows += [{"image": f"img/{name}", "subject": f"s{i + 1}"} for i, name in enumerate(expected)]
+    write_site(site, rows)
+    before = snapshot(site)
+    proc = run_cli("site-check", "--data-path", str(site), "--config", "tiny", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["usable"] == 1 and report["subjects"] == 1
+    assert len(report["rejected"]) == len(expected)
+    assert {"row", "file", "reason"} == set(report["rejected"][0])
+    assert snapshot(site) == before
+
+
+def test_site_check_cli_no_usable_rows_is_one_line_and_nonzero(tmp_path):
+    site = write_site(tmp_path / "site", [{"image": "gone.nii.gz", "subject": "s"}])
+    proc = run_cli("site-check", "--data-path", str(site), "--config", "tiny", "--json")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout)["usable"] == 0
+    assert proc.stderr.count("\n") == 1 and "no usable rows" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("site-check", "--data-path", str(tmp_path / "none"))
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("is not a folder")
