@@ -24,6 +24,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     result = check_site(args.data_path, config.data, show_progress=not (args.quiet or args.json))
+    subjects = len(result.subjects())
+    if config.privacy.enabled and subjects and config.privacy.delta >= 1 / subjects:
+        result.warnings.append(
+            f"privacy.delta {config.privacy.delta:g} is not below 1/{subjects} subjects: "
+            "this site cannot train under this config"
+        )
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:

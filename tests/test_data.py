@@ -218,6 +218,18 @@ def test_site_check_cli_json_and_read_only(tmp_path):
     assert len(report["rejected"]) == len(expected)
     assert {"row", "file", "reason"} == set(report["rejected"][0])
     assert snapshot(site) == before
+    assert not any("privacy.delta" in w for w in report["warnings"])
+    proc = run_cli(
+        "site-check", "--data-path", str(site), "--json", "--config", str(delta_config(tmp_path))
+    )
+    warnings = json.loads(proc.stdout)["warnings"]
+    assert "privacy.delta 0.5 is not below 1/1 subjects" in " ".join(warnings)
+
+
+def delta_config(tmp_path):
+    path = tmp_path / "delta.yaml"
+    path.write_text("base: tiny\nprivacy:\n  delta: 0.5\n")
+    return path
 
 
 def test_site_check_cli_no_usable_rows_is_one_line_and_nonzero(tmp_path):

@@ -1,0 +1,123 @@
+"""The networks, composed from MONAI parts: a 3D AutoencoderKL and a conditioned latent UNet.
+
+Short-axis stacks have few, thick slices, so the autoencoder compresses in-plane only
+(Daum et al.: 4x in-plane, slices kept). MONAI's AutoencoderKL halves every axis at each
+level; `_keep_slices` turns its strided convolutions and upsamplers into in-plane ones.
+Conditioning follows Daum et al.: each clinical attribute becomes its own token for the
+UNet's cross-attention, and a learned null token per attribute stands in for dropped
+attributes (classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.nets.autoencoderkl import AEKLDownsample
+from torch import nn
+
+from fedsynth.common.config import Config
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes a GPU when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from fedsynth.common.errors import FedsynthError
+
+        raise FedsynthError("device: cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _keep_slices(autoencoder: AutoencoderKL) -> AutoencoderKL:
+    """Make every down/upsampling step act on the two in-plane axes only."""
+    for module in autoencoder.modules():
+        if isinstance(module, AEKLDownsample):
+            module.conv.conv.stride = (2, 2, 1)
+            # torch pads the last axis first: slices (1, 1) keep their count; in-plane (0, 1)
+            module.pad.pad = (1, 1, 0, 1, 0, 1)
+        elif isinstance(module, nn.Upsample):
+            module.scale_factor = (2.0, 2.0, 1.0)
+    return autoencoder
+
+
+def build_autoencoder(config: Config) -> AutoencoderKL:
+    """The 3D AutoencoderKL of the config, compressing 2^(levels-1) in-plane only."""
+    cfg = config.autoencoder
+    autoencoder = AutoencoderKL(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        latent_channels=cfg.latent_channels,
+        num_res_blocks=cfg.num_res_blocks,
+        norm_num_groups=cfg.norm_num_groups,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+    return _keep_slices(autoencoder)
+
+
+def latent_shape(config: Config) -> tuple[int, int, int, int]:
+    """(channels, H, W, slices) of a latent."""
+    factor = 2 ** (len(config.autoencoder.channels) - 1)
+    h, w, d = config.data.shape
+    return (config.autoencoder.latent_channels, h // factor, w // factor, d)
+
+
+class AttributeTokens(nn.Module):
+    """One token per attribute: value * direction + offset, each attribute its own.
+
+    A dropped attribute (mask 0) is replaced by that attribute's learned null token, so the
+    UNet learns an unconditional model alongside the conditional one.
+    """
+
+    def __init__(self, n_attributes: int, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(n_attributes, dim) * 0.02)
+        self.offset = nn.Parameter(torch.randn(n_attributes, dim) * 0.02)
+        self.null = nn.Parameter(torch.randn(n_attributes, dim) * 0.02)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """values (B, A) in [0, 1]; keep (B,) or (B, A), 1 = use, 0 = null token."""
+        tokens = values.unsqueeze(-1) * self.scale + self.offset
+        if keep is not None:
+            keep = keep.to(tokens.dtype)
+            if keep.dim() == 1:
+                keep = keep[:, None]
+            keep = keep.unsqueeze(-1)
+            tokens = keep * tokens + (1 - keep) * self.null
+        return self.mix(torch.nn.functional.silu(tokens)) + tokens
+
+
+class ConditionedUNet(nn.Module):
+    """MONAI DiffusionModelUNet whose cross-attention context is the attribute tokens."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        cfg = config.unet
+        channels = config.autoencoder.latent_channels
+        self.tokens = AttributeTokens(len(config.data.attributes), cfg.token_dim)
+        self.unet = DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=channels,
+            out_channels=channels,
+            channels=cfg.channels,
+            attention_levels=cfg.attention_levels,
+            num_res_blocks=cfg.num_res_blocks,
+            num_head_channels=cfg.num_head_channels,
+            norm_num_groups=cfg.norm_num_groups,
+            with_conditioning=True,
+            cross_attention_dim=cfg.token_dim,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        attributes: torch.Tensor,
+        keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.unet(x, timesteps, context=self.tokens(attributes, keep))
