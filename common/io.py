@@ -25,6 +25,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     )
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files owner-only; keep the usual mode
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -44,6 +45,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text atomically (UTF-8)."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(directory: Path) -> None:

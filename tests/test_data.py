@@ -219,11 +219,19 @@ def test_site_check_cli_json_and_read_only(tmp_path):
     assert {"row", "file", "reason"} == set(report["rejected"][0])
     assert snapshot(site) == before
     assert not any("privacy.delta" in w for w in report["warnings"])
+
+
+def test_site_check_warns_when_delta_is_not_below_one_over_subjects(tmp_path):
+    site = tmp_path / "site"
+    for i in range(2):
+        save_nifti(site / f"{i}.nii.gz", blob_volume(seed=i))
+    write_site(site, [{"image": f"{i}.nii.gz", "subject": f"s{i}"} for i in range(2)])
     proc = run_cli(
         "site-check", "--data-path", str(site), "--json", "--config", str(delta_config(tmp_path))
     )
-    warnings = json.loads(proc.stdout)["warnings"]
-    assert "privacy.delta 0.5 is not below 1/1 subjects" in " ".join(warnings)
+    assert proc.returncode == 0
+    warnings = " ".join(json.loads(proc.stdout)["warnings"])
+    assert "privacy.delta 0.5 is not below 1/2 subjects" in warnings
 
 
 def delta_config(tmp_path):

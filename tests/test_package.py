@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -49,3 +50,25 @@ def test_readme_quick_start_is_two_pinned_commands_and_ci_runs_the_second():
     ci = (ROOT / ".ci" / "run").read_text()
     assert install in ci and f"\n{test_command}\n" in ci
     assert 'if [ "$rc" -eq 5 ]' in ci
+
+
+def test_main_job_phantoms_pass_site_check_with_the_default_config(tmp_path):
+    """The README's main job at small size: every generated row is usable, grouped by subject."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations.phantoms import RANGES
+
+    cli = [sys.executable, "-m", "fedsynth.common.cli"]
+    out = tmp_path / "phantoms"
+    args = ["phantoms", "--out", str(out), "--sites", "2", "--subjects", "3", "--quiet"]
+    proc = subprocess.run([*cli, *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for folder, subjects in (("public", 6), ("site-1", 3), ("site-2", 3)):
+        args = ["site-check", "--data-path", str(out / folder), "--json"]
+        proc = subprocess.run([*cli, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["rejected"] == [] and report["warnings"] == []
+        assert (report["usable"], report["subjects"]) == (2 * subjects, subjects)
+    # the generator's ranges are the ones the default config declares
+    declared = {a.name: (a.min, a.max) for a in load_config("default").data.attributes}
+    assert declared == {k: (float(lo), float(hi)) for k, (lo, hi) in RANGES.items()}
