@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "phantoms": "fedsynth.simulations.phantoms_cmd",
     "site-check": "fedsynth.common.site_check_cmd",
     "config": "fedsynth.common.config_cmd",
+    "pretrain": "fedsynth.server.pretrain_cmd",
 }
 
 

@@ -136,7 +136,6 @@ class AutoencoderConfig:
     num_res_blocks: int = _checked(positive)
     norm_num_groups: int = _checked(positive)
     kl_weight: float = _checked(non_negative)
-    adversarial_weight: float = _checked(non_negative)
     learning_rate: float = _checked(positive)
     batch_size: int = _checked(positive)
     steps: int = _checked(non_negative)

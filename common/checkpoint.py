@@ -1,0 +1,102 @@
+"""Checkpoint folders: both networks, the config, and metadata, each written atomically.
+
+A folder holds `autoencoder.pt`, `unet.pt` (state dicts), `config.yaml` (the resolved
+config the networks were built from), `metadata.json` (versions, config hash, data
+manifest hash, steps, latent scale factor) and, while training, `state/` with what a
+killed run needs to continue where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedsynth.common.config import Config, config_from_dict, config_hash, to_yaml
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.models import ConditionedUNet, build_autoencoder
+
+AUTOENCODER = "autoencoder.pt"
+UNET = "unet.pt"
+CONFIG = "config.yaml"
+METADATA = "metadata.json"
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    """torch.save, atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def load_torch(path: Path) -> Any:
+    """torch.load of a file this project wrote (tensors, numbers, strings, lists, dicts)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise FedsynthError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def versions() -> dict[str, str]:
+    return {name: version(name) for name in ("fedsynth", "torch", "monai", "opacus", "flwr")}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class Pretrained:
+    """Networks and facts read back from a checkpoint folder."""
+
+    config: Config
+    autoencoder: torch.nn.Module
+    unet: ConditionedUNet
+    metadata: dict
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.metadata["scale_factor"])
+
+
+def write_metadata(folder: Path, config: Config, **facts: Any) -> dict:
+    """Write config.yaml and metadata.json (versions, config hash and the given facts)."""
+    metadata = {"versions": versions(), "config_hash": config_hash(config), **facts}
+    atomic_write_text(folder / CONFIG, to_yaml(config))
+    atomic_write_text(folder / METADATA, json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def read_metadata(folder: Path) -> dict:
+    path = Path(folder) / METADATA
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FedsynthError(f"{folder} is not a checkpoint folder (no {METADATA})") from None
+    except json.JSONDecodeError as exc:
+        raise FedsynthError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+
+
+def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> Pretrained:
+    """Rebuild both networks from a finished checkpoint folder, in eval mode on `device`."""
+    import yaml
+
+    folder = Path(folder).expanduser()
+    metadata = read_metadata(folder)
+    for name in (AUTOENCODER, UNET, CONFIG):
+        if not (folder / name).is_file():
+            raise FedsynthError(f"checkpoint {folder} is incomplete: no {name}")
+    config = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()))
+    if config_hash(config) != metadata.get("config_hash"):
+        raise FedsynthError(f"checkpoint {folder}: config.yaml does not match metadata.json")
+    if "scale_factor" not in metadata:
+        raise FedsynthError(f"checkpoint {folder} is unfinished (no latent scale factor yet)")
+    autoencoder, unet = build_autoencoder(config), ConditionedUNet(config)
+    autoencoder.load_state_dict(load_torch(folder / AUTOENCODER))
+    unet.load_state_dict(load_torch(folder / UNET))
+    return Pretrained(config, autoencoder.to(device).eval(), unet.to(device).eval(), metadata)

@@ -1,0 +1,95 @@
+"""The latent diffusion objective and samplers, on MONAI's DDPM and DDIM schedulers.
+
+The training loss is returned per sample (reduced over every axis but the batch), so the
+same function serves public pretraining (mean over the batch) and DP-SGD, which clips each
+sample's gradient. Sampling uses classifier-free guidance:
+eps = eps_null + scale * (eps_cond - eps_null); scale 0 is unconditional, 1 conditional.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+
+from fedsynth.common.config import DiffusionConfig
+from fedsynth.common.models import ConditionedUNet
+
+
+def _schedule_args(cfg: DiffusionConfig) -> dict:
+    args: dict = {"num_train_timesteps": cfg.train_timesteps, "schedule": cfg.schedule}
+    if cfg.schedule != "cosine":
+        args |= {"beta_start": cfg.beta_start, "beta_end": cfg.beta_end}
+    return args
+
+
+def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
+    return DDPMScheduler(**_schedule_args(cfg), prediction_type=cfg.prediction_type)
+
+
+def sampling_scheduler(cfg: DiffusionConfig, kind: str, steps: int) -> Scheduler:
+    """DDIM (deterministic, few steps) or DDPM (the full chain) over the training schedule."""
+    if kind == "ddim":
+        scheduler = DDIMScheduler(
+            **_schedule_args(cfg), prediction_type=cfg.prediction_type, clip_sample=False
+        )
+    else:
+        scheduler = DDPMScheduler(
+            **_schedule_args(cfg), prediction_type=cfg.prediction_type, clip_sample=False
+        )
+    scheduler.set_timesteps(steps if kind == "ddim" else cfg.train_timesteps)
+    return scheduler
+
+
+def per_sample_loss(
+    unet: ConditionedUNet,
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    attributes: torch.Tensor,
+    condition_dropout: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DDPM loss of each sample (shape (B,)), with attributes dropped at the given rate."""
+    batch = latents.shape[0]
+    device = latents.device
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    timesteps = torch.randint(
+        0, scheduler.num_train_timesteps, (batch,), generator=generator, device=device
+    )
+    keep = (torch.rand(batch, generator=generator, device=device) >= condition_dropout).float()
+    noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
+    prediction = unet(noisy, timesteps, attributes, keep)
+    if scheduler.prediction_type == "epsilon":
+        target = noise
+    elif scheduler.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = latents
+    return (prediction - target).pow(2).flatten(1).mean(dim=1)
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: ConditionedUNet,
+    scheduler: Scheduler,
+    attributes: torch.Tensor,
+    shape: tuple[int, ...],
+    guidance_scale: float,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Run the reverse chain from noise for a batch of attribute vectors (B, A)."""
+    device = attributes.device
+    batch = attributes.shape[0]
+    x = torch.randn((batch, *shape), generator=generator, device=device)
+    keep = torch.cat([torch.ones(batch, device=device), torch.zeros(batch, device=device)])
+    both = torch.cat([attributes, attributes])
+    for t in scheduler.timesteps:
+        timesteps = torch.full((2 * batch,), int(t), device=device, dtype=torch.long)
+        cond, null = unet(torch.cat([x, x]), timesteps, both, keep).chunk(2)
+        eps = null + guidance_scale * (cond - null)
+        x, _ = scheduler.step(eps, int(t), x, generator=generator)
+        if on_step is not None:
+            on_step()
+    return x

@@ -1,0 +1,104 @@
+"""Public pretraining: a complete checkpoint folder, and a killed run that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedsynth.common.checkpoint import load_pretrained, load_torch
+from fedsynth.common.config import config_hash, load_config
+from fedsynth.common.errors import FedsynthError
+from fedsynth.server.pretrain import pretrain
+from fedsynth.simulations.phantoms import generate_cohorts
+
+OVERRIDES = {"autoencoder.steps": 12, "training.pretrain-steps": 12}
+
+
+@pytest.fixture(scope="module")
+def public(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    generate_cohorts(out, sites=1, subjects=2, seed=0, progress=False)
+    return out / "public"
+
+
+def test_pretrain_writes_a_complete_checkpoint(tmp_path, public):
+    config = load_config("tiny", OVERRIDES)
+    metadata = pretrain(config, public, tmp_path / "ckpt", show_progress=False)
+    assert metadata["config_hash"] == config_hash(config)
+    assert metadata["autoencoder_steps"] == metadata["unet_steps"] == 12
+    assert metadata["public_subjects"] == 4 and metadata["public_volumes"] == 8
+    assert metadata["versions"]["monai"] and len(metadata["data_manifest_sha256"]) == 64
+    for name in ("autoencoder.pt", "unet.pt", "config.yaml", "loss_curves.png",
+                 "public_attributes.csv"):  # fmt: skip
+        assert (tmp_path / "ckpt" / name).stat().st_size > 0
+    loaded = load_pretrained(tmp_path / "ckpt")
+    assert loaded.config == config
+    assert loaded.scale_factor == pytest.approx(metadata["scale_factor"])
+    assert all(torch.isfinite(p).all() for p in loaded.unet.parameters())
+    # the scale factor brings the public latents to unit variance
+    volume = torch.stack([torch.rand(1, *config.data.shape)])
+    assert loaded.autoencoder.encode(volume)[0].shape[1:] == (3, 8, 8, 8)
+    # a second run in the same folder with another config is refused, nothing overwritten
+    before = (tmp_path / "ckpt" / "unet.pt").read_bytes()
+    with pytest.raises(FedsynthError, match="holds pretraining of another config"):
+        pretrain(load_config("tiny"), public, tmp_path / "ckpt", show_progress=False)
+    assert (tmp_path / "ckpt" / "unet.pt").read_bytes() == before
+
+
+RUN = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    import fedsynth.server.pretrain as p
+    from fedsynth.common.config import load_config
+    p.SAVE_EVERY_SECONDS = 0.0  # save after every step, so a kill can land anywhere
+    config = load_config("tiny", {overrides!r})
+    p.pretrain(config, sys.argv[1], sys.argv[2], show_progress=False)
+    """
+)
+
+
+def run_pretrain(public: Path, out: Path) -> subprocess.Popen:
+    script = RUN.format(overrides=OVERRIDES)
+    return subprocess.Popen([sys.executable, "-c", script, str(public), str(out)])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, public) -> Path:
+    """An uninterrupted run, in a process of its own like the killed ones."""
+    out = tmp_path_factory.mktemp("reference")
+    assert run_pretrain(public, out).wait(timeout=300) == 0
+    return out
+
+
+@pytest.mark.parametrize("stage", ["autoencoder.pt", "unet.pt"])
+def test_killed_pretraining_resumes_without_repeating_or_skipping(
+    tmp_path, public, reference, stage
+):
+    killed = tmp_path / "killed"
+    proc = run_pretrain(public, killed)
+    state = killed / "state" / stage
+    deadline = time.monotonic() + 300
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metadata.json").exists(), "killed too late to test a resume"
+    assert run_pretrain(public, killed).wait(timeout=300) == 0
+    for name in ("autoencoder.pt", "unet.pt"):
+        resumed = load_torch(killed / "state" / name)["losses"]
+        expected = load_torch(reference / "state" / name)["losses"]
+        assert len(resumed) == 12
+        assert resumed == pytest.approx(expected, rel=1e-4)
+    meta = json.loads((killed / "metadata.json").read_text())
+    assert meta["scale_factor"] == pytest.approx(
+        json.loads((reference / "metadata.json").read_text())["scale_factor"], rel=1e-4
+    )
