@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "site-check": "fedsynth.common.site_check_cmd",
     "config": "fedsynth.common.config_cmd",
     "pretrain": "fedsynth.server.pretrain_cmd",
+    "bench": "fedsynth.simulations.bench_cmd",
 }
 
 

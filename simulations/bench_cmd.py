@@ -1,0 +1,35 @@
+"""`fedsynth bench`: measured speed and memory ratios as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "Measure speed/memory ratios (e.g. ddim_speedup_over_ddpm) in one run; prints JSON."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
+    )
+    parser.add_argument("--only", metavar="KEY", help="measure one key only")
+    parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from fedsynth.common.config import load_config
+    from fedsynth.common.errors import FedsynthError
+    from fedsynth.simulations.bench import MEASURES
+
+    if args.only is not None and args.only not in MEASURES:
+        raise FedsynthError(f"unknown bench key {args.only!r} (known: {', '.join(MEASURES)})")
+    config = load_config(args.config)
+    keys = [args.only] if args.only else list(MEASURES)
+    results = {}
+    for key in keys:
+        print(f"bench: measuring {key} ...", file=sys.stderr, flush=True)
+        results[key] = round(MEASURES[key](config), 3)
+    print(json.dumps(results, indent=2))
+    return 0
