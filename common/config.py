@@ -198,6 +198,7 @@ class TrainingConfig:
     pretrain_batch_size: int = _checked(positive)
     pretrain_learning_rate: float = _checked(positive)
     finetune_learning_rate: float = _checked(positive)
+    segmenter_steps: int = _checked(non_negative)
 
 
 @dataclass(frozen=True)

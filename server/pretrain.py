@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedsynth.common.anatomy import agreement, load_labelled, meter_path, train_volume_meter
 from fedsynth.common.checkpoint import (
     AUTOENCODER,
     UNET,
@@ -180,9 +181,11 @@ def pretrain(
     )
     save_torch(out / UNET, unet.state_dict())
     _plot_losses(out / "loss_curves.png", ae_losses, unet_losses)
+    meter = _fit_volume_meter(config, manifest, out, show_progress)
     return write_metadata(
         out,
         config,
+        volume_meter=meter,
         data_manifest_sha256=data_hash,
         public_volumes=len(dataset),
         public_subjects=len(dataset.subject_rows),
@@ -194,6 +197,22 @@ def pretrain(
             "unet": unet_losses[-1] if unet_losses else None,
         },
     )
+
+
+def _fit_volume_meter(config: Config, manifest, out: Path, show_progress: bool) -> dict | None:
+    """Train the anatomy meter when the public set has label maps; its fit on public data."""
+    if config.training.segmenter_steps == 0:
+        return None
+    labelled = load_labelled(manifest, config.data, show_progress)
+    if labelled is None:
+        return None
+    volumes, labels, requested = labelled
+    meter = train_volume_meter(
+        volumes, labels, requested, config.training.segmenter_steps, config.seed, show_progress
+    )
+    save_torch(meter_path(out), meter.state())
+    measured = meter.measure(volumes)
+    return {k: agreement(requested[k], measured[k]) for k in measured}
 
 
 def _write_public_attributes(path: Path, records: list, config: Config) -> None:

@@ -36,8 +36,9 @@ def test_pretrain_writes_a_complete_checkpoint(tmp_path, public):
     assert metadata["autoencoder_steps"] == metadata["unet_steps"] == 12
     assert metadata["public_subjects"] == 4 and metadata["public_volumes"] == 8
     assert metadata["versions"]["monai"] and len(metadata["data_manifest_sha256"]) == 64
+    assert metadata["volume_meter"]["lv"]["n"] == 8  # public phantoms carry label maps
     for name in ("autoencoder.pt", "unet.pt", "config.yaml", "loss_curves.png",
-                 "public_attributes.csv"):  # fmt: skip
+                 "public_attributes.csv", "volume_meter.pt"):  # fmt: skip
         assert (tmp_path / "ckpt" / name).stat().st_size > 0
     loaded = load_pretrained(tmp_path / "ckpt")
     assert loaded.config == config
