@@ -132,7 +132,8 @@ def train_volume_meter(
         loss.backward()
         optimizer.step()
     counts = voxel_counts(segmenter, volumes)
-    calibration = {k: tuple(np.polyfit(counts[k], requested[k], 1)) for k in counts}
+    fits = {k: np.polyfit(counts[k], requested[k], 1) for k in counts}
+    calibration = {k: (float(slope), float(offset)) for k, (slope, offset) in fits.items()}
     return VolumeMeter(segmenter.eval(), calibration)
 
 

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "config": "fedsynth.common.config_cmd",
     "pretrain": "fedsynth.server.pretrain_cmd",
     "bench": "fedsynth.simulations.bench_cmd",
+    "sample": "fedsynth.common.sample_cmd",
 }
 
 

@@ -1,0 +1,251 @@
+"""Synthetic cohorts from a pretrained checkpoint: DDIM (or DDPM) with classifier-free guidance.
+
+Attributes come per subject from a CSV, checked cell by cell as a site manifest is, or are
+drawn from the public attribute table the checkpoint carries (public data: no DP claim).
+Volumes are written first and `manifest.csv` last, so a cohort folder with a manifest is
+complete; the manifest has a site manifest's columns, so a cohort can be read back as a site.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from fedsynth.common.anatomy import VolumeMeter, agreement, meter_path
+from fedsynth.common.checkpoint import Pretrained, load_torch
+from fedsynth.common.config import Config
+from fedsynth.common.data import MANIFEST, parse_attribute, scale_attributes
+from fedsynth.common.diffusion import sample_latents, sampling_scheduler
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.models import latent_shape
+from fedsynth.common.progress import progress
+
+COHORT = "cohort"
+MONTAGE = "montage.png"
+PUBLIC_ATTRIBUTES = "public_attributes.csv"  # written by pretraining beside the networks
+SCHEDULERS = ("ddim", "ddpm")
+
+
+def _read_csv(path: Path, config: Config) -> list[dict[str, str]]:
+    """Rows of a CSV that has every configured attribute as a column."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FedsynthError(f"cannot read attributes {path}: {exc}") from None
+    missing = [a.name for a in config.data.attributes if a.name not in reader.fieldnames]
+    if missing:
+        raise FedsynthError(f"attributes {path} lacks column(s) {', '.join(missing)}")
+    return rows
+
+
+def _parse_rows(path: Path, rows: list[dict[str, str]], config: Config) -> list[dict[str, float]]:
+    """Each row checked against the declared ranges; the first bad one is refused by number."""
+    parsed = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            parsed.append({a.name: parse_attribute(row[a.name], a) for a in config.data.attributes})
+        except ValueError as exc:
+            raise FedsynthError(f"attributes {path} row {number}: {exc}") from None
+    return parsed
+
+
+def read_attributes_csv(path: str | Path, config: Config, n: int) -> list[dict[str, float]]:
+    """The first `n` rows of a per-subject attributes CSV (row numbers exclude the header)."""
+    path = Path(path).expanduser()
+    rows = _read_csv(path, config)
+    if len(rows) < n:
+        raise FedsynthError(f"attributes {path} has {len(rows)} rows; {n} subjects were asked for")
+    return _parse_rows(path, rows[:n], config)
+
+
+def draw_public_attributes(
+    checkpoint: str | Path, config: Config, n: int, seed: int
+) -> list[dict[str, float]]:
+    """`n` rows drawn with replacement from the checkpoint's public attribute table."""
+    path = Path(checkpoint).expanduser() / PUBLIC_ATTRIBUTES
+    table = _parse_rows(path, _read_csv(path, config), config)
+    if not table:
+        raise FedsynthError(f"attributes {path} has no rows to draw from")
+    picks = np.random.default_rng(seed).integers(0, len(table), size=n)
+    return [table[i] for i in picks]
+
+
+def _nifti(volume: np.ndarray, spacing: Sequence[float]) -> nib.Nifti1Image:
+    """A float32 image whose affine and header zooms carry the config's spacing in mm."""
+    image = nib.Nifti1Image(volume.astype(np.float32), np.diag([*spacing, 1.0]))
+    image.header.set_xyzt_units("mm", "sec")
+    return image
+
+
+def _cell(value: float) -> str:
+    """A number as written in the manifest: short, yet read back as the same float."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
+def check_arguments(n: int, steps: int, guidance_scale: float, scheduler: str, batch: int) -> None:
+    """Refuse arguments that cannot give a cohort, each with a one-line reason."""
+    if n < 1:
+        raise FedsynthError(f"--n must be at least 1 (got {n})")
+    if steps < 1:
+        raise FedsynthError(f"--steps must be at least 1 (got {steps})")
+    if not guidance_scale >= 0:
+        raise FedsynthError(f"--guidance-scale must be >= 0 (got {guidance_scale:g})")
+    if scheduler not in SCHEDULERS:
+        raise FedsynthError(f"--scheduler must be one of {', '.join(SCHEDULERS)} (got {scheduler})")
+    if batch < 1:
+        raise FedsynthError(f"--batch-size must be at least 1 (got {batch})")
+
+
+def sample_cohort(
+    pretrained: Pretrained,
+    n: int,
+    attributes_rows: list[dict[str, float]],
+    out: str | Path,
+    guidance_scale: float,
+    steps: int,
+    scheduler: str,
+    seed: int,
+    batch_size: int,
+    show_progress: bool = True,
+) -> list[Path]:
+    """Generate `n` volumes on the networks' device into out/cohort; return their paths.
+
+    One generator seeded once drives every batch, so a seed (with the same batch size and
+    device) gives the same cohort. DDPM always runs the full training chain; `steps` is
+    DDIM's.
+    """
+    config = pretrained.config
+    check_arguments(n, steps, guidance_scale, scheduler, batch_size)
+    if len(attributes_rows) != n:
+        raise FedsynthError(f"{len(attributes_rows)} attribute rows for {n} subjects")
+    if scheduler == "ddim" and steps > config.diffusion.train_timesteps:
+        raise FedsynthError(
+            f"--steps {steps} exceeds the {config.diffusion.train_timesteps} training timesteps"
+        )
+    cohort = Path(out).expanduser() / COHORT
+    if cohort.is_dir() and any(cohort.iterdir()):
+        raise FedsynthError(f"{cohort} already holds a cohort; use a new --out folder")
+    device = next(pretrained.unet.parameters()).device
+    chain = sampling_scheduler(config.diffusion, scheduler, steps)
+    batches = [attributes_rows[i : i + batch_size] for i in range(0, n, batch_size)]
+    bar = progress(range(len(batches) * len(chain.timesteps)), "sample", show_progress)
+    generator = torch.Generator(device).manual_seed(seed)
+    paths = []
+    for batch in batches:
+        values = np.stack([scale_attributes(row, config.data.attributes) for row in batch])
+        latents = sample_latents(
+            pretrained.unet,
+            chain,
+            torch.from_numpy(values).to(device),
+            latent_shape(config),
+            guidance_scale,
+            generator,
+            on_step=lambda: next(bar, None),
+        )
+        with torch.no_grad():
+            decoded = pretrained.autoencoder.decode_stage_2_outputs(
+                latents / pretrained.scale_factor
+            )
+        for volume in decoded.clamp(0, 1)[:, 0].cpu().numpy():
+            paths.append(cohort / f"syn-{len(paths) + 1:04d}.nii.gz")
+            with atomic_path(paths[-1]) as tmp:
+                nib.save(_nifti(volume, config.data.spacing), tmp)
+    next(bar, None)  # past the last step: closes the bar
+    _write_manifest(cohort / MANIFEST, paths, attributes_rows, config)
+    write_montage(Path(out).expanduser() / MONTAGE, paths, attributes_rows, config)
+    return paths
+
+
+def _write_manifest(
+    path: Path, images: list[Path], rows: list[dict[str, float]], config: Config
+) -> None:
+    names = [a.name for a in config.data.attributes]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "subject", *names])
+    for image, row in zip(images, rows, strict=True):
+        subject = image.name.removesuffix(".nii.gz")
+        writer.writerow([image.name, subject, *(_cell(row[name]) for name in names)])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _title(image: Path, row: dict[str, float]) -> str:
+    """The volume's name and the requested attributes one can check by eye."""
+    parts = [image.name.removesuffix(".nii.gz")]
+    for name, unit in (("lvedv", "mL"), ("lvesv", "mL")):
+        if name in row:
+            parts.append(f"{name.upper()} {row[name]:g} {unit}")
+    if "phase" in row:
+        parts.append("ES" if row["phase"] else "ED")
+    return "  ".join(parts)
+
+
+def write_montage(
+    path: Path, images: list[Path], rows: list[dict[str, float]], config: Config
+) -> None:
+    """Basal-ish, mid and apical-ish slices (slices run base to apex) of the first 8 volumes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = list(zip(images[:8], rows, strict=False))
+    depth = config.data.shape[2]
+    columns = {"basal": round(0.25 * (depth - 1)), "mid": depth // 2}
+    columns["apical"] = round(0.75 * (depth - 1))
+    sx, sy, _ = config.data.spacing
+    fig = plt.figure(figsize=(7.5, 2.8 * len(shown)), layout="constrained")
+    for subfig, (image, row) in zip(
+        np.atleast_1d(fig.subfigures(len(shown), 1)), shown, strict=True
+    ):
+        volume = np.asanyarray(nib.load(image).dataobj)
+        subfig.suptitle(_title(image, row), fontsize=10)
+        for ax, (label, k) in zip(subfig.subplots(1, 3), columns.items(), strict=True):
+            ax.imshow(
+                volume[:, :, k].T, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=sy / sx
+            )
+            ax.set_title(f"{label} (slice {k + 1}/{depth})", fontsize=8)
+            ax.axis("off")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+
+
+def controllability(
+    checkpoint: str | Path,
+    out: str | Path,
+    paths: list[Path],
+    rows: list[dict[str, float]],
+    guidance_scale: float,
+) -> dict | None:
+    """Measured vs requested LV/RV cavity volumes of a written cohort, saved as
+    out/controllability.json; None when the checkpoint has no anatomy meter."""
+    location = meter_path(Path(checkpoint).expanduser())
+    if not location.is_file():
+        return None
+    meter = VolumeMeter.from_state(load_torch(location))
+    volumes = torch.stack([torch.from_numpy(np.asarray(nib.load(p).dataobj))[None] for p in paths])
+    measured = meter.measure(volumes.float())
+    systole = np.array([row.get("phase", 0) == 1 for row in rows])
+    report: dict = {"guidance_scale": guidance_scale}
+    for side in ("lv", "rv"):
+        edv, esv = (np.array([row[f"{side}{p}"] for row in rows]) for p in ("edv", "esv"))
+        requested = np.where(systole, esv, edv)
+        report[side] = agreement(requested, measured[side]) | {
+            "requested_ml": requested.round(1).tolist(),
+            "measured_ml": measured[side].round(1).tolist(),
+        }
+    atomic_write_text(Path(out).expanduser() / "controllability.json", json.dumps(report, indent=2))
+    return report
