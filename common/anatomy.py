@@ -8,7 +8,6 @@ calibration, fitted on the public set, maps voxel counts to the mL the manifests
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,21 +42,17 @@ def load_labelled(manifest: SiteManifest, data_cfg: DataConfig, show_progress: b
 
     `requested` maps "lv"/"rv" to the volume the row states for its phase (EDV or ESV).
     """
-    with (manifest.root / "manifest.csv").open(newline="", encoding="utf-8-sig") as f:
-        label_of = {
-            i: (row.get("label") or "").strip() for i, row in enumerate(csv.DictReader(f), 1)
-        }
     images, labels, lv, rv = [], [], [], []
     image_tf, label_tf = volume_transform(data_cfg), label_transform(data_cfg)
     for record in progress(manifest.records, "labelled public", show_progress):
-        if not label_of.get(record.row):
+        if record.label is None:
             continue
-        data, affine = read_nifti(manifest.root / label_of[record.row])
+        data, affine = read_nifti(record.label)
         label = MetaTensor(torch.from_numpy(np.rint(data))[None], affine=torch.as_tensor(affine))
         images.append(load_volume(record.image, image_tf))
         labels.append(label_tf(label))
-        es = record.attributes.get("phase", 0) == 1
         a = record.attributes
+        es = a.get("phase", 0) == 1
         lv.append(a["lvesv"] if es else a["lvedv"])
         rv.append(a["rvesv"] if es else a["rvedv"])
     if not images:

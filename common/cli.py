@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from fedsynth.common.config import Config, load_config, parse_assignments
 from fedsynth.common.errors import FedsynthError
 
 COMMANDS: dict[str, str] = {
@@ -23,6 +24,22 @@ COMMANDS: dict[str, str] = {
     "bench": "fedsynth.simulations.bench_cmd",
     "sample": "fedsynth.common.sample_cmd",
 }
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--config` (path or preset) and repeatable `-c key=value` overrides."""
+    parser.add_argument(
+        "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
+    )
+    parser.add_argument(
+        "-c", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config key, e.g. -c privacy.target-epsilon=5 (repeatable)",
+    )  # fmt: skip
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The config named by `add_config_arguments`' options, checked once."""
+    return load_config(args.config, parse_assignments(args.overrides))
 
 
 def build_parser() -> argparse.ArgumentParser:

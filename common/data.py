@@ -53,6 +53,7 @@ class Record:
     image: Path
     subject: str
     attributes: Mapping[str, float]
+    label: Path | None = None  # the optional `label` column: a label map (public phantoms)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,22 @@ def parse_attribute(text: str | None, attribute: Attribute) -> float:
     return value
 
 
+def read_table(path: Path, required: Sequence[str], hint: str = "") -> tuple[list[str], list[dict]]:
+    """Header and rows of a CSV file that must have the `required` columns."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = [h.strip() for h in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise FedsynthError(f"{path}: not a readable CSV file ({_first_line(exc)})") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise FedsynthError(f"{path} lacks required column(s) {', '.join(missing)}{hint}")
+    return header, rows
+
+
 def _read_manifest(root: Path, data_cfg: DataConfig) -> tuple[list[str], list[dict]]:
     """Header and rows of a site's manifest; a FedsynthError if it is unusable as a whole."""
     manifest = root / MANIFEST
@@ -197,22 +214,9 @@ def _read_manifest(root: Path, data_cfg: DataConfig) -> tuple[list[str], list[di
         raise FedsynthError(f"data path {root} is not a folder")
     if not manifest.is_file():
         raise FedsynthError(f"no {MANIFEST} in {root}")
-    try:
-        with manifest.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in reader.fieldnames or []]
-            reader.fieldnames = header
-            rows = list(reader)
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise FedsynthError(f"{manifest}: not a readable CSV file ({_first_line(exc)})") from None
     required = ["image", *(a.name for a in data_cfg.attributes)]
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise FedsynthError(
-            f"{manifest} lacks required column(s) {', '.join(missing)} "
-            f"(needs image and one column per configured attribute)"
-        )
-    return header, rows
+    hint = " (needs image and one column per configured attribute)"
+    return read_table(manifest, required, hint)
 
 
 def check_site(
@@ -261,7 +265,10 @@ def check_site(
         except (ValueError, VolumeError) as exc:
             result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
             continue
-        result.records.append(Record(row=number, image=path, subject=subject, attributes=values))
+        label = (row.get("label") or "").strip()
+        result.records.append(
+            Record(number, path, subject, values, (root / label).resolve() if label else None)
+        )
     return result
 
 

@@ -21,7 +21,7 @@ import torch
 from fedsynth.common.anatomy import VolumeMeter, agreement, meter_path
 from fedsynth.common.checkpoint import Pretrained, load_torch
 from fedsynth.common.config import Config
-from fedsynth.common.data import MANIFEST, parse_attribute, scale_attributes
+from fedsynth.common.data import MANIFEST, parse_attribute, read_table, scale_attributes
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_path, atomic_write_text
@@ -36,17 +36,7 @@ SCHEDULERS = ("ddim", "ddpm")
 
 def _read_csv(path: Path, config: Config) -> list[dict[str, str]]:
     """Rows of a CSV that has every configured attribute as a column."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            reader.fieldnames = [h.strip() for h in reader.fieldnames or []]
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise FedsynthError(f"cannot read attributes {path}: {exc}") from None
-    missing = [a.name for a in config.data.attributes if a.name not in reader.fieldnames]
-    if missing:
-        raise FedsynthError(f"attributes {path} lacks column(s) {', '.join(missing)}")
-    return rows
+    return read_table(path, [a.name for a in config.data.attributes])[1]
 
 
 def _parse_rows(path: Path, rows: list[dict[str, str]], config: Config) -> list[dict[str, float]]:

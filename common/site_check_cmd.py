@@ -5,24 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 
+from fedsynth.common.cli import add_config_arguments, config_from_args
+
 HELP = "Check a site's data folder (manifest.csv + NIfTI) before joining a study; reads only."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", required=True, metavar="DIR", help="the site's data folder")
-    parser.add_argument(
-        "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
-    )
+    add_config_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsynth.common.config import load_config
     from fedsynth.common.data import MANIFEST, check_site
     from fedsynth.common.errors import FedsynthError
 
-    config = load_config(args.config)
+    config = config_from_args(args)
     result = check_site(args.data_path, config.data, show_progress=not (args.quiet or args.json))
     subjects = len(result.subjects())
     if config.privacy.enabled and subjects and config.privacy.delta >= 1 / subjects:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from fedsynth.common.cli import add_config_arguments, config_from_args
+
 HELP = "Pretrain the autoencoder and the conditioned latent UNet on PUBLIC data (resumable)."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
-    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--data", required=True, metavar="DIR", help="public data folder (manifest.csv + NIfTI)"
     )
@@ -20,23 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT_DIR",
         help="checkpoint folder; an interrupted run continues when given the same folder",
     )
-    parser.add_argument(
-        "-c",
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsynth.common.config import load_config, parse_assignments
     from fedsynth.server.pretrain import pretrain
 
-    config = load_config(args.config, parse_assignments(args.overrides))
+    config = config_from_args(args)
     metadata = pretrain(config, args.data, args.out, show_progress=not args.quiet)
     loss = {k: "n/a" if v is None else f"{v:.4g}" for k, v in metadata["final_loss"].items()}
     print(

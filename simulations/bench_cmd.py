@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from fedsynth.common.cli import add_config_arguments, config_from_args
+
 HELP = "Measure speed/memory ratios (e.g. ddim_speedup_over_ddpm) in one run; prints JSON."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
-    )
+    add_config_arguments(parser)
     parser.add_argument("--only", metavar="KEY", help="measure one key only")
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
 
@@ -19,13 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from fedsynth.common.config import load_config
     from fedsynth.common.errors import FedsynthError
     from fedsynth.simulations.bench import MEASURES
 
     if args.only is not None and args.only not in MEASURES:
         raise FedsynthError(f"unknown bench key {args.only!r} (known: {', '.join(MEASURES)})")
-    config = load_config(args.config)
+    config = config_from_args(args)
     keys = [args.only] if args.only else list(MEASURES)
     results = {}
     for key in keys:

@@ -137,7 +137,7 @@ def test_attributes_csv_is_checked_row_by_row(tmp_path, pretrained):
     with pytest.raises(FedsynthError, match=r"row 3: attribute age = 'old' is not a number"):
         read_attributes_csv(write_csv(tmp_path / "bad.csv", bad), config, 3)
     without = [{k: v for k, v in r.items() if k != "bmi"} for r in rows]
-    with pytest.raises(FedsynthError, match="lacks column"):
+    with pytest.raises(FedsynthError, match="lacks required column"):
         read_attributes_csv(write_csv(tmp_path / "cols.csv", without), config, 1)
 
 
