@@ -75,9 +75,11 @@ class AttributeTokens(nn.Module):
 
     def __init__(self, n_attributes: int, dim: int) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.randn(n_attributes, dim) * 0.02)
-        self.offset = nn.Parameter(torch.randn(n_attributes, dim) * 0.02)
-        self.null = nn.Parameter(torch.randn(n_attributes, dim) * 0.02)
+        # unit-scale, like nn.Embedding: with small tokens the cross-attention sees nearly
+        # the same context whatever the attributes, and training learned to ignore them
+        self.scale = nn.Parameter(torch.randn(n_attributes, dim))
+        self.offset = nn.Parameter(torch.randn(n_attributes, dim))
+        self.null = nn.Parameter(torch.randn(n_attributes, dim))
         self.mix = nn.Linear(dim, dim)
 
     def forward(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

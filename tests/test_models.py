@@ -58,7 +58,9 @@ def test_conditioned_unet_predicts_noise_shape_and_depends_on_attributes(tiny_co
         out = unet(z, t, a)
         other = unet(z, t, torch.rand_like(a))
     assert out.shape == z.shape and torch.isfinite(out).all()
-    assert not torch.allclose(out, other)
+    # attributes must move the prediction noticeably from the start: with tokens initialised
+    # near zero (0.03% here) pretraining learned to ignore them and guidance did nothing
+    assert (out - other).abs().mean() / out.abs().mean() > 0.005
 
 
 def test_device_auto_and_refused_cuda():
