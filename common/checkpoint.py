@@ -26,6 +26,7 @@ AUTOENCODER = "autoencoder.pt"
 UNET = "unet.pt"
 CONFIG = "config.yaml"
 METADATA = "metadata.json"
+PUBLIC_ATTRIBUTES = "public_attributes.csv"  # the public set's attributes, for `sample`
 
 
 def save_torch(path: Path, obj: Any) -> None:

@@ -16,6 +16,7 @@ from monai.networks.nets.autoencoderkl import AEKLDownsample
 from torch import nn
 
 from fedsynth.common.config import Config
+from fedsynth.common.errors import FedsynthError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,8 +24,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from fedsynth.common.errors import FedsynthError
-
         raise FedsynthError("device: cuda was asked for, but no CUDA GPU is available")
     return torch.device(name)
 

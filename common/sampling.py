@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedsynth.common.anatomy import VolumeMeter, agreement, meter_path
-from fedsynth.common.checkpoint import Pretrained, load_torch
+from fedsynth.common.checkpoint import PUBLIC_ATTRIBUTES, Pretrained, load_torch
 from fedsynth.common.config import Config
 from fedsynth.common.data import MANIFEST, parse_attribute, read_table, scale_attributes
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
@@ -30,7 +30,6 @@ from fedsynth.common.progress import progress
 
 COHORT = "cohort"
 MONTAGE = "montage.png"
-PUBLIC_ATTRIBUTES = "public_attributes.csv"  # written by pretraining beside the networks
 SCHEDULERS = ("ddim", "ddpm")
 
 

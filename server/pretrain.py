@@ -22,6 +22,7 @@ import torch
 from fedsynth.common.anatomy import agreement, load_labelled, meter_path, train_volume_meter
 from fedsynth.common.checkpoint import (
     AUTOENCODER,
+    PUBLIC_ATTRIBUTES,
     UNET,
     file_sha256,
     load_torch,
@@ -37,7 +38,6 @@ from fedsynth.common.models import ConditionedUNet, build_autoencoder, resolve_d
 from fedsynth.common.progress import progress
 
 STATE = "state"
-PUBLIC_ATTRIBUTES = "public_attributes.csv"
 SAVE_EVERY_SECONDS = 30.0
 
 
