@@ -2,7 +2,7 @@
 
 A folder holds `autoencoder.pt`, `unet.pt` (state dicts), `config.yaml` (the resolved
 config the networks were built from), `metadata.json` (versions, config hash, data
-manifest hash, steps, latent scale factor) and, while training, `state/` with what a
+manifest hash, steps, per-channel latent mean and std) and, while training, `state/` with what a
 killed run needs to continue where it stopped.
 """
 
@@ -60,9 +60,44 @@ class Pretrained:
     unet: ConditionedUNet
     metadata: dict
 
-    @property
-    def scale_factor(self) -> float:
-        return float(self.metadata["scale_factor"])
+    @torch.no_grad()
+    def encode(self, volumes: torch.Tensor) -> torch.Tensor:
+        """Volumes (B, 1, H, W, D) to the normalised latents the UNet is trained on."""
+        return normalise_latents(self.autoencoder.encode(volumes)[0], self.metadata)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents back to volumes (B, 1, H, W, D)."""
+        return self.autoencoder.decode(denormalise_latents(latents, self.metadata))
+
+
+def latent_statistics(latents: torch.Tensor) -> dict[str, list[float]]:
+    """Per-channel mean and std of (N, C, ...) latents, as metadata.
+
+    Per channel, not one scale factor: without a KL term worth the name the channels'
+    means sit far from zero, and diffusion from unit noise then overshoots (samples of
+    twice the data's spread, noise-like after decoding).
+    """
+    dims = [0, *range(2, latents.dim())]
+    return {
+        "latent_mean": latents.mean(dims).tolist(),
+        "latent_std": latents.std(dims).tolist(),
+    }
+
+
+def _per_channel(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    shape = (1, len(values)) + (1,) * (like.dim() - 2)
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+
+
+def normalise_latents(latents: torch.Tensor, stats: dict) -> torch.Tensor:
+    mean, std = stats["latent_mean"], stats["latent_std"]
+    return (latents - _per_channel(mean, latents)) / _per_channel(std, latents)
+
+
+def denormalise_latents(latents: torch.Tensor, stats: dict) -> torch.Tensor:
+    mean, std = stats["latent_mean"], stats["latent_std"]
+    return latents * _per_channel(std, latents) + _per_channel(mean, latents)
 
 
 def write_metadata(folder: Path, config: Config, **facts: Any) -> dict:
@@ -95,8 +130,8 @@ def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> P
     config = config_from_dict(yaml.safe_load((folder / CONFIG).read_text()))
     if config_hash(config) != metadata.get("config_hash"):
         raise FedsynthError(f"checkpoint {folder}: config.yaml does not match metadata.json")
-    if "scale_factor" not in metadata:
-        raise FedsynthError(f"checkpoint {folder} is unfinished (no latent scale factor yet)")
+    if "latent_std" not in metadata:
+        raise FedsynthError(f"checkpoint {folder} is unfinished (no latent statistics yet)")
     autoencoder, unet = build_autoencoder(config), ConditionedUNet(config)
     autoencoder.load_state_dict(load_torch(folder / AUTOENCODER))
     unet.load_state_dict(load_torch(folder / UNET))

@@ -143,10 +143,7 @@ def sample_cohort(
             generator,
             on_step=lambda: next(bar, None),
         )
-        with torch.no_grad():
-            decoded = pretrained.autoencoder.decode_stage_2_outputs(
-                latents / pretrained.scale_factor
-            )
+        decoded = pretrained.decode(latents)
         for volume in decoded.clamp(0, 1)[:, 0].cpu().numpy():
             paths.append(cohort / f"syn-{len(paths) + 1:04d}.nii.gz")
             with atomic_path(paths[-1]) as tmp:

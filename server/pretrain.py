@@ -25,7 +25,9 @@ from fedsynth.common.checkpoint import (
     PUBLIC_ATTRIBUTES,
     UNET,
     file_sha256,
+    latent_statistics,
     load_torch,
+    normalise_latents,
     save_torch,
     write_metadata,
 )
@@ -151,8 +153,8 @@ def pretrain(
 
     with torch.no_grad():
         latents = torch.cat([autoencoder.encode(v[None])[0] for v in volumes])
-    scale_factor = float(1.0 / latents.std())
-    latents = latents * scale_factor
+    latent_stats = latent_statistics(latents)
+    latents = normalise_latents(latents, latent_stats)
 
     unet = ConditionedUNet(config).to(device)
     scheduler = training_scheduler(config.diffusion)
@@ -191,7 +193,7 @@ def pretrain(
         public_subjects=len(dataset.subject_rows),
         autoencoder_steps=len(ae_losses),
         unet_steps=len(unet_losses),
-        scale_factor=scale_factor,
+        **latent_stats,
         final_loss={
             "autoencoder": ae_losses[-1] if ae_losses else None,
             "unet": unet_losses[-1] if unet_losses else None,

@@ -32,6 +32,6 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"checkpoint {args.out}: autoencoder {metadata['autoencoder_steps']} steps "
         f"(loss {loss['autoencoder']}), latent UNet {metadata['unet_steps']} steps "
-        f"(loss {loss['unet']}), latent scale {metadata['scale_factor']:.4g}"
+        f"(loss {loss['unet']})"
     )
     return 0

@@ -15,6 +15,7 @@ import torch
 
 from fedsynth.common.checkpoint import load_pretrained, load_torch
 from fedsynth.common.config import config_hash, load_config
+from fedsynth.common.data import open_site
 from fedsynth.common.errors import FedsynthError
 from fedsynth.server.pretrain import pretrain
 from fedsynth.simulations.phantoms import generate_cohorts
@@ -42,11 +43,15 @@ def test_pretrain_writes_a_complete_checkpoint(tmp_path, public):
         assert (tmp_path / "ckpt" / name).stat().st_size > 0
     loaded = load_pretrained(tmp_path / "ckpt")
     assert loaded.config == config
-    assert loaded.scale_factor == pytest.approx(metadata["scale_factor"])
+    assert loaded.metadata["latent_std"] == pytest.approx(metadata["latent_std"])
     assert all(torch.isfinite(p).all() for p in loaded.unet.parameters())
-    # the scale factor brings the public latents to unit variance
-    volume = torch.stack([torch.rand(1, *config.data.shape)])
-    assert loaded.autoencoder.encode(volume)[0].shape[1:] == (3, 8, 8, 8)
+    # the UNet's latents: the public volumes encoded are zero-mean, unit-std per channel
+    dataset, _ = open_site(public, config.data, show_progress=False)
+    latents = loaded.encode(torch.stack([dataset[i][0] for i in range(len(dataset))]))
+    assert latents.shape[1:] == (3, 8, 8, 8)
+    assert latents.mean((0, 2, 3, 4)).abs().max() < 1e-4
+    assert latents.std((0, 2, 3, 4)) == pytest.approx([1.0] * 3, abs=1e-4)
+    assert loaded.decode(latents).shape[1:] == (1, *config.data.shape)
     # a second run in the same folder with another config is refused, nothing overwritten
     before = (tmp_path / "ckpt" / "unet.pt").read_bytes()
     with pytest.raises(FedsynthError, match="holds pretraining of another config"):
@@ -100,6 +105,6 @@ def test_killed_pretraining_resumes_without_repeating_or_skipping(
         assert len(resumed) == 12
         assert resumed == pytest.approx(expected, rel=1e-4)
     meta = json.loads((killed / "metadata.json").read_text())
-    assert meta["scale_factor"] == pytest.approx(
-        json.loads((reference / "metadata.json").read_text())["scale_factor"], rel=1e-4
+    assert meta["latent_std"] == pytest.approx(
+        json.loads((reference / "metadata.json").read_text())["latent_std"], rel=1e-4
     )
