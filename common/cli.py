@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "pretrain": "fedsynth.server.pretrain_cmd",
     "bench": "fedsynth.simulations.bench_cmd",
     "sample": "fedsynth.common.sample_cmd",
+    "privacy": "fedsynth.common.privacy_cmd",
 }
 
 

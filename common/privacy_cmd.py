@@ -1,0 +1,64 @@
+"""`fedsynth privacy`: privacy planning tools (for now `plan`: the noise for a target epsilon)."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "Privacy tools: `plan` finds the DP-SGD noise multiplier that lands on a target epsilon."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    plan = actions.add_parser(
+        "plan",
+        help="noise multiplier for a target epsilon",
+        description="Smallest noise multiplier whose planned steps spend at most the target "
+        "epsilon (and within 1% of it), for one site with Poisson sampling of subjects.",
+    )
+    plan.add_argument("--epsilon", required=True, type=float, help="target epsilon")
+    plan.add_argument("--delta", required=True, type=float, help="delta, below 1/subjects")
+    plan.add_argument(
+        "--sample-rate", required=True, type=float, metavar="Q",
+        help="Poisson sample rate of subjects per step, in (0, 1]",
+    )  # fmt: skip
+    plan.add_argument(
+        "--steps", required=True, type=int, metavar="N",
+        help="planned DP-SGD steps in total (rounds x local steps)",
+    )  # fmt: skip
+    plan.add_argument(
+        "--accountant", choices=("rdp", "prv"), default="rdp", help="Opacus accountant (rdp)"
+    )
+    plan.add_argument(
+        "--subjects", type=int, metavar="N", help="subjects at the site: refuse delta >= 1/N"
+    )
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsynth.common.accountant import Segment, check_delta, epsilon, plan_noise
+
+    if args.subjects is not None:
+        check_delta(args.delta, args.subjects)
+    sigma = plan_noise(args.epsilon, args.delta, args.sample_rate, args.steps, args.accountant)
+    achieved = epsilon([Segment(sigma, args.sample_rate, args.steps)], args.delta, args.accountant)
+    result = {
+        "noise_multiplier": sigma,
+        "epsilon": achieved,
+        "target_epsilon": args.epsilon,
+        "delta": args.delta,
+        "sample_rate": args.sample_rate,
+        "steps": args.steps,
+        "accountant": args.accountant,
+        "subjects": args.subjects,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"noise multiplier {sigma:.4f} spends epsilon {achieved:.4f} "
+            f"(target {args.epsilon:g}, delta {args.delta:g}, sample rate {args.sample_rate:g}, "
+            f"{args.steps} steps, {args.accountant} accountant)"
+        )
+    return 0
