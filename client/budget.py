@@ -1,0 +1,109 @@
+"""A site's privacy budget: it plans its own noise and refuses rounds past its maximum.
+
+The site, not the server, decides: from its own subject count and the study's target
+(capped by the maximum epsilon in its node config) it picks the noise multiplier that
+lands the study's remaining rounds on the target, given what its ledger says it has spent
+already. Spend is always read back from the ledger in the site's state dir, so a restarted
+site continues from its true spend, never from zero. An exhausted site refuses from the
+ledger alone, before it reads any data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from fedsynth.common.accountant import Segment, check_delta, epsilon, plan_noise
+from fedsynth.common.config import Config, PrivacyConfig
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
+
+LEDGER = "ledger.jsonl"
+
+
+class BudgetRefusal(FedsynthError):
+    """This round would take the site past its maximum epsilon."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round at this site costs, and the site's total epsilon after it."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    epsilon: float
+    subjects: int
+
+
+def sample_rate(privacy: PrivacyConfig, subjects: int) -> float:
+    """Poisson rate of subjects: given directly, or expected batch size over n (at most 1)."""
+    if privacy.sample_rate is not None:
+        return privacy.sample_rate
+    return min(1.0, privacy.batch_size / subjects)
+
+
+@dataclass
+class SiteBudget:
+    """The ledger in `state_dir` and the site's own ceiling `max_epsilon`."""
+
+    site: str
+    state_dir: Path
+    max_epsilon: float
+
+    @property
+    def ledger_path(self) -> Path:
+        return Path(self.state_dir) / LEDGER
+
+    def spent(self) -> list[Segment]:
+        return spent_segments(read_ledger(self.ledger_path), self.site)
+
+    def spent_epsilon(self, privacy: PrivacyConfig) -> float:
+        return epsilon(self.spent(), privacy.delta, privacy.accountant)
+
+    def refuse_if_exhausted(self, privacy: PrivacyConfig) -> None:
+        """Refuse from the ledger alone: no data is read before this check."""
+        target = min(privacy.target_epsilon, self.max_epsilon)
+        spent = self.spent_epsilon(privacy)
+        if spent >= target:
+            raise BudgetRefusal(
+                f"site {self.site} has spent epsilon {spent:.4g} of its {target:.4g} "
+                f"(ledger {self.ledger_path}): no further rounds"
+            )
+
+    def plan_round(self, config: Config, subjects: int, round_number: int) -> RoundPlan:
+        """Noise for this round so that the study's remaining rounds land on the target.
+
+        Raises BudgetRefusal when even this plan would cross the site's maximum.
+        """
+        privacy = config.privacy
+        self.refuse_if_exhausted(privacy)
+        check_delta(privacy.delta, subjects)
+        rate = sample_rate(privacy, subjects)
+        remaining = max(1, config.federation.rounds - round_number + 1)
+        target = min(privacy.target_epsilon, self.max_epsilon)
+        spent = self.spent()
+        sigma = plan_noise(
+            target,
+            privacy.delta,
+            rate,
+            remaining * privacy.local_steps,
+            privacy.accountant,
+            spent=spent,
+        )
+        this_round = Segment(sigma, rate, privacy.local_steps)
+        after = epsilon([*spent, this_round], privacy.delta, privacy.accountant)
+        if after > self.max_epsilon:
+            raise BudgetRefusal(
+                f"site {self.site}: round {round_number} would bring epsilon to {after:.4g}, "
+                f"over its maximum {self.max_epsilon:.4g}"
+            )
+        return RoundPlan(sigma, rate, privacy.local_steps, privacy.delta, after, subjects)
+
+    def record(self, round_number: int, plan: RoundPlan, status: str = "trained") -> None:
+        """Append this round to the ledger (fsync'd) before any update leaves the site."""
+        append_entry(
+            self.ledger_path,
+            {"round": round_number, "site": self.site, "status": status, **asdict(plan)},
+        )

@@ -1,0 +1,86 @@
+"""Privacy ledgers: append-only JSONL, each line fsync'd before the caller goes on.
+
+Both the site (before an update leaves it) and the server (before a round's model is
+saved) keep one. A line is one JSON object with at least `round`, `site`,
+`noise_multiplier`, `sample_rate`, `steps` (this round's), `delta`, `epsilon` (the site's
+total after this round) and `status` (`trained`, `refused` or `no-reply`), so anyone can
+recompute the spend. A crash can only tear the last line, which was never acknowledged:
+readers skip it and the next append cuts it off; any other bad line is an error, because
+silently dropping spend would understate epsilon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from fedsynth.common.accountant import Segment
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import fsync_dir
+
+STATUSES = ("trained", "refused", "no-reply")
+REQUIRED = ("round", "site", "noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
+
+
+def _complete_length(data: bytes) -> int:
+    """Length of the part of the file made of whole (newline-ended) lines."""
+    return data.rfind(b"\n") + 1
+
+
+def read_ledger(path: str | os.PathLike) -> list[dict]:
+    """Every complete entry, oldest first; [] when the ledger does not exist yet."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    entries = []
+    for number, line in enumerate(data[: _complete_length(data)].splitlines(), 1):
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FedsynthError(f"{path}, line {number}: not a JSON ledger entry") from None
+        _check_entry(entry, f"{path}, line {number}")
+        entries.append(entry)
+    return entries
+
+
+def append_entry(path: str | os.PathLike, entry: dict) -> None:
+    """Append one entry and fsync it; returns only once it is on disk."""
+    _check_entry(entry, f"new entry for {path}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    line = (json.dumps(entry, sort_keys=True) + "\n").encode()
+    with open(path, "ab+") as f:
+        f.seek(0)
+        keep = _complete_length(f.read())
+        f.truncate(keep)  # drop a torn last line left by a crash mid-write
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    if created:
+        fsync_dir(path.parent)
+
+
+def _check_entry(entry: object, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise FedsynthError(f"{where}: a ledger entry must be a JSON object")
+    missing = [key for key in REQUIRED if key not in entry]
+    if missing:
+        raise FedsynthError(f"{where}: ledger entry lacks {', '.join(missing)}")
+    if entry.get("status") not in STATUSES:
+        raise FedsynthError(
+            f"{where}: ledger status {entry.get('status')!r} is not one of {', '.join(STATUSES)}"
+        )
+
+
+def spent_segments(entries: Iterable[dict], site: str | None = None) -> list[Segment]:
+    """The (sigma, rate, steps) history that counts: trained rounds and no-reply charges."""
+    return [
+        Segment(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+        for e in entries
+        if e["status"] != "refused" and int(e["steps"]) > 0 and site in (None, e["site"])
+    ]

@@ -1,0 +1,112 @@
+"""Site budgets and ledgers: planned spend lands on the target, survives restarts, refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedsynth.client.budget import BudgetRefusal, SiteBudget, sample_rate
+from fedsynth.common.accountant import Segment, epsilon
+from fedsynth.common.config import load_config
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
+
+ENTRY = {"round": 1, "site": "site-1", "noise_multiplier": 1.1, "sample_rate": 0.2,
+         "steps": 10, "delta": 1e-5, "epsilon": 2.0, "status": "trained"}  # fmt: skip
+
+
+def study(**overrides):
+    base = {"federation.rounds": 3, "privacy.local-steps": 5, "privacy.batch-size": 4,
+            "privacy.target-epsilon": 6.0}  # fmt: skip
+    return load_config("tiny", base | overrides)
+
+
+def run_study(budget: SiteBudget, config, subjects: int, rounds: range) -> list[float]:
+    spent = []
+    for r in rounds:
+        plan = budget.plan_round(config, subjects, r)
+        budget.record(r, plan)
+        spent.append(plan.epsilon)
+    return spent
+
+
+def test_ledger_round_trip_and_torn_last_line(tmp_path):
+    path = tmp_path / "state" / "ledger.jsonl"
+    append_entry(path, ENTRY)
+    append_entry(path, ENTRY | {"round": 2, "status": "refused", "steps": 0})
+    with open(path, "ab") as f:  # a crash mid-write leaves half a line
+        f.write(b'{"round": 3, "site": "si')
+    assert [e["round"] for e in read_ledger(path)] == [1, 2]
+    append_entry(path, ENTRY | {"round": 3})
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [1, 2, 3]
+    assert spent_segments(read_ledger(path)) == [Segment(1.1, 0.2, 10)] * 2
+    assert spent_segments(read_ledger(path), "site-2") == []
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json\n" + json.dumps(ENTRY) + "\n", "line 1: not a JSON ledger entry"),
+        (json.dumps({k: v for k, v in ENTRY.items() if k != "epsilon"}) + "\n", "lacks epsilon"),
+        (json.dumps(ENTRY | {"status": "done"}) + "\n", "status 'done' is not one of"),
+    ],
+)
+def test_damaged_ledger_is_an_error_not_less_spend(tmp_path, content, message):
+    path = tmp_path / "ledger.jsonl"
+    path.write_text(content)
+    with pytest.raises(FedsynthError, match=message):
+        read_ledger(path)
+
+
+def test_planned_rounds_land_on_the_target_and_never_above(tmp_path):
+    config = study()
+    budget = SiteBudget("site-1", tmp_path, max_epsilon=100.0)
+    spent = run_study(budget, config, subjects=20, rounds=range(1, 4))
+    assert spent == sorted(spent)
+    assert 0.99 * 6.0 <= spent[-1] <= 6.0
+    # the ledger alone gives the same total, recomputed with the accountant
+    segments = spent_segments(read_ledger(budget.ledger_path))
+    assert segments[0].sample_rate == pytest.approx(4 / 20)
+    assert epsilon(segments, 1e-5) == pytest.approx(spent[-1])
+
+
+def test_site_maximum_below_the_study_target_caps_the_plan(tmp_path):
+    budget = SiteBudget("site-1", tmp_path, max_epsilon=2.0)
+    spent = run_study(budget, study(), subjects=20, rounds=range(1, 4))
+    assert 0.99 * 2.0 <= spent[-1] <= 2.0
+
+
+def test_restarted_site_continues_its_spend(tmp_path):
+    config = study()
+    whole = run_study(SiteBudget("site-1", tmp_path / "a", 100.0), config, 20, range(1, 4))
+    first = run_study(SiteBudget("site-1", tmp_path / "b", 100.0), config, 20, range(1, 3))
+    # a new process: nothing but the state dir carries over
+    restarted = SiteBudget("site-1", tmp_path / "b", 100.0)
+    assert restarted.spent_epsilon(config.privacy) == pytest.approx(first[-1])
+    rest = run_study(restarted, config, 20, range(3, 4))
+    assert first + rest == pytest.approx(whole, rel=0.02)
+    assert rest[-1] <= 6.0
+
+
+def test_a_round_over_the_maximum_is_refused_before_anything_is_recorded(tmp_path):
+    budget = SiteBudget("site-1", tmp_path, max_epsilon=6.0)
+    append_entry(budget.ledger_path, ENTRY | {"noise_multiplier": 0.7, "steps": 60})
+    before = budget.ledger_path.read_bytes()
+    with pytest.raises(BudgetRefusal, match=r"has spent epsilon .* of its 6"):
+        budget.plan_round(study(), 20, 2)
+    assert budget.ledger_path.read_bytes() == before
+
+
+def test_delta_must_be_below_one_over_the_site_size(tmp_path):
+    budget = SiteBudget("site-1", tmp_path, max_epsilon=10.0)
+    with pytest.raises(FedsynthError, match=r"delta 0\.01 must be below 1/n"):
+        budget.plan_round(study(**{"privacy.delta": 0.01}), 100, 1)
+
+
+def test_sample_rate_from_batch_size_or_given():
+    assert sample_rate(study().privacy, 20) == pytest.approx(0.2)
+    assert sample_rate(study().privacy, 2) == 1.0
+    given = study(**{"privacy.batch-size": None, "privacy.sample-rate": 0.3}).privacy
+    assert sample_rate(given, 20) == 0.3
