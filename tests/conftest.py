@@ -1,12 +1,49 @@
-"""Shared fixtures."""
+"""Shared fixtures: the tiny config, and phantoms with a tiny pretrained checkpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from fedsynth.common.config import Config, load_config
+
+# a few seconds of pretraining: enough for files, shapes and an anatomy meter
+TINY_PRETRAIN = {
+    "autoencoder.steps": 5,
+    "training.pretrain-steps": 5,
+    "training.segmenter-steps": 4,  # an anatomy meter, so sampling reports controllability
+    "diffusion.train-timesteps": 12,  # keeps the full DDPM chain short
+    "sampling.steps": 3,
+}
 
 
 @pytest.fixture(scope="session")
 def tiny_config() -> Config:
     return load_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def phantom_root(tmp_path_factory) -> Path:
+    """One public set (4 subjects) and one site (2 subjects) of tiny phantoms."""
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    root = tmp_path_factory.mktemp("phantoms")
+    generate_cohorts(root, sites=1, subjects=2, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, phantom_root) -> Path:
+    """A checkpoint pretrained for a few steps on the public phantoms (one thread)."""
+    from fedsynth.server.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("tiny-ckpt") / "ckpt"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pretrain(load_config("tiny", TINY_PRETRAIN), phantom_root / "public", out, False)
+    finally:
+        torch.set_num_threads(threads)
+    return out

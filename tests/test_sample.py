@@ -17,22 +17,11 @@ import torch
 
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
 from fedsynth.common.cli import main
-from fedsynth.common.config import load_config
 from fedsynth.common.data import check_site, scale_attributes
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import latent_shape
 from fedsynth.common.sampling import draw_public_attributes, read_attributes_csv, sample_cohort
-from fedsynth.server.pretrain import pretrain
-from fedsynth.simulations.phantoms import generate_cohorts
-
-OVERRIDES = {
-    "autoencoder.steps": 5,
-    "training.pretrain-steps": 5,
-    "training.segmenter-steps": 4,  # an anatomy meter, so sampling reports controllability
-    "diffusion.train-timesteps": 12,  # keeps the full DDPM chain short
-    "sampling.steps": 3,
-}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -45,12 +34,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, one_thread) -> Path:
-    root = tmp_path_factory.mktemp("sample")
-    generate_cohorts(root / "phantoms", sites=1, subjects=2, seed=0, progress=False)
-    config = load_config("tiny", OVERRIDES)
-    pretrain(config, root / "phantoms" / "public", root / "ckpt", show_progress=False)
-    return root / "ckpt"
+def checkpoint(tiny_checkpoint, one_thread) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
