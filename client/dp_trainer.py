@@ -1,0 +1,561 @@
+"""DP-SGD finetuning of the latent UNet on one site's cached latents, with Opacus.
+
+The privacy unit is the subject (DESIGN.md, "Privacy model"): Poisson sampling picks
+subjects, and each sampled subject contributes one clipped gradient per step, however many
+volumes (ED, ES, repeats) it has. Its loss is the mean of its volumes' diffusion losses.
+Opacus computes per-row gradients (`p.grad_sample`, rows = volumes); before
+`DPOptimizer.step()` reads them, the rows of each subject are summed, so clipping and the
+noise calibration act on subjects. Ghost clipping never materialises per-row gradients,
+only their norms; there a subject is clipped by the sum of its rows' norms (a triangle
+bound: exact for one-volume subjects, conservative for two or more).
+
+The noise multiplier is given: the caller plans it with an accountant, this module does
+not account. Everything random (sampling, diffusion noise and timesteps, DP noise) comes
+from generators seeded by `seed`. A site's real rounds pass `seed=None`: the seed is then
+63 bits from the operating system's CSPRNG, never sent anywhere, because whoever knows the
+seed can regenerate the noise and subtract it. Tests and benchmarks pass a seed to be
+reproducible. (torch's generators are not themselves cryptographic; Opacus' secure mode
+would need torchcsprng, which is not installed.)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import secrets
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.networks.blocks import SpatialAttentionBlock
+from monai.networks.nets.diffusion_model_unet import SpatialTransformer
+from opacus.data_loader import wrap_collate_with_empty
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data._utils.collate import default_collate
+
+from fedsynth.common.config import Config
+from fedsynth.common.diffusion import per_sample_loss, training_scheduler
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.models import ConditionedUNet
+
+OptimizerName = Literal["adamw", "sgd"]
+ATTENTION_MODULES = (SpatialTransformer, SpatialAttentionBlock)
+# what DPOptimizer leaves on parameters besides the grad-sample attributes Opacus cleans
+_OPTIMIZER_PARAM_ATTRS = ("summed_grad",)
+
+
+@dataclass(frozen=True)
+class SubjectData:
+    """A site's latents grouped by subject, padded to the most volumes any subject has."""
+
+    latents: torch.Tensor  # (S, V, C, H, W, D)
+    attributes: torch.Tensor  # (S, V, A)
+    mask: torch.Tensor  # (S, V) bool, True where a real volume sits
+
+    @property
+    def n_subjects(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def max_volumes(self) -> int:
+        return self.latents.shape[1]
+
+
+@dataclass(frozen=True)
+class RowBatch:
+    """Sampled subjects flattened to volume rows for the UNet forward."""
+
+    latents: torch.Tensor  # (R, C, H, W, D)
+    attributes: torch.Tensor  # (R, A)
+    subject: torch.Tensor  # (R,) index of the row's subject within the batch, 0..k-1
+    weight: torch.Tensor  # (R,) 1 / volumes of the row's subject: a subject's loss is a mean
+    n_subjects: int
+
+    def subject_losses(self, row_losses: torch.Tensor) -> torch.Tensor:
+        """(k,) mean volume loss per subject."""
+        out = torch.zeros(self.n_subjects, device=row_losses.device, dtype=row_losses.dtype)
+        return out.index_add_(0, self.subject, row_losses.detach() * self.weight)
+
+
+@dataclass
+class PrivateUNet:
+    """A UNet with Opacus attached: the grad-sample module and its DP optimizer."""
+
+    unet: ConditionedUNet
+    module: AbstractGradSampleModule
+    optimizer: DPOptimizer
+    mode: str
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round did; `mean_loss` is computed from private data: keep it at the site."""
+
+    steps: int
+    noise_multiplier: float
+    sample_rate: float
+    mean_loss: float
+    subjects_per_step: tuple[int, ...]
+    empty_steps: int
+    trainable: str
+    grad_sample_mode: str
+    trainable_parameters: int
+    seconds: float
+
+
+def group_by_subject(
+    latents: torch.Tensor, attributes: torch.Tensor, subjects: torch.Tensor
+) -> SubjectData:
+    """Pad each subject's volumes into one record, so Poisson sampling picks subjects.
+
+    Records follow ascending subject id; a subject's volumes keep their input order.
+    """
+    _check_inputs(latents, attributes, subjects)
+    ids, inverse, counts = torch.unique(subjects, return_inverse=True, return_counts=True)
+    n, v = len(ids), int(counts.max())
+    order = torch.argsort(inverse, stable=True)
+    slot = torch.empty_like(inverse)
+    starts = torch.cumsum(counts, 0) - counts
+    slot[order] = torch.arange(len(inverse)) - starts[inverse[order]]
+    padded = latents.new_zeros((n, v, *latents.shape[1:]))
+    padded[inverse, slot] = latents
+    attrs = attributes.new_zeros((n, v, attributes.shape[1]))
+    attrs[inverse, slot] = attributes
+    mask = torch.zeros((n, v), dtype=torch.bool)
+    mask[inverse, slot] = True
+    return SubjectData(padded, attrs, mask)
+
+
+def _check_inputs(latents: torch.Tensor, attributes: torch.Tensor, subjects: torch.Tensor) -> None:
+    """Refuse inputs that would silently train on the wrong rows or units."""
+    rows = latents.shape[0]
+    if latents.dim() != 5:
+        raise FedsynthError(f"latents must be (volumes, C, H, W, D), got {tuple(latents.shape)}")
+    if attributes.dim() != 2 or attributes.shape[0] != rows:
+        raise FedsynthError(f"attributes must be ({rows}, A), got {tuple(attributes.shape)}")
+    if subjects.dim() != 1 or subjects.shape[0] != rows:
+        raise FedsynthError(f"subjects must be ({rows},), got {tuple(subjects.shape)}")
+    if subjects.dtype.is_floating_point or subjects.dtype == torch.bool:
+        raise FedsynthError(f"subject ids must be integers, got {subjects.dtype}")
+    if rows == 0:
+        raise FedsynthError("no volumes to train on")
+    if not torch.isfinite(attributes).all() or attributes.min() < 0 or attributes.max() > 1:
+        raise FedsynthError("attributes must be scaled to [0, 1] by their declared ranges")
+
+
+def rows_of(data: SubjectData, indices: torch.Tensor, device: torch.device) -> RowBatch:
+    """The real (unpadded) volumes of the subjects `indices`, with each row's subject."""
+    mask = data.mask[indices]
+    batch_subject, slot = mask.nonzero(as_tuple=True)
+    counts = mask.sum(dim=1)
+    picked = indices[batch_subject]
+    return RowBatch(
+        latents=data.latents[picked, slot].to(device),
+        attributes=data.attributes[picked, slot].to(device),
+        subject=batch_subject.to(device),
+        weight=(1.0 / counts[batch_subject].float()).to(device),
+        n_subjects=len(indices),
+    )
+
+
+def trainable_parameters(unet: ConditionedUNet, trainable: str) -> list[nn.Parameter]:
+    """Set requires_grad for the config's subset; fewer parameters mean less noise each.
+
+    "attention": MONAI's attention blocks (SpatialTransformer: cross-attention on the
+    attribute tokens, with its norms and projections) plus the AttributeTokens, i.e. every
+    path through which the attributes reach the prediction.
+    """
+    if trainable == "all":
+        chosen = list(unet.parameters())
+    elif trainable == "attention":
+        chosen = list(unet.tokens.parameters())
+        for module in unet.unet.modules():
+            if isinstance(module, ATTENTION_MODULES):
+                chosen += list(module.parameters())
+    else:
+        raise FedsynthError(f"privacy.trainable must be all or attention, got {trainable!r}")
+    ids = {id(p) for p in chosen}  # by identity: tensors compare by value
+    for param in unet.parameters():
+        param.requires_grad_(id(param) in ids)
+    return [p for p in unet.parameters() if id(p) in ids]
+
+
+def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
+    """An independent, reproducible stream per purpose (sampling, diffusion, DP noise)."""
+    state = np.random.SeedSequence([seed, stream]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def _base_optimizer(
+    params: list[nn.Parameter], name: OptimizerName, lr: float
+) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adamw":  # as in public pretraining
+        return torch.optim.AdamW(params, lr=lr)
+    raise FedsynthError(f"optimizer must be adamw or sgd, got {name!r}")
+
+
+def make_private(
+    unet: ConditionedUNet,
+    config: Config,
+    noise_multiplier: float,
+    expected_batch_size: float,
+    noise_generator: torch.Generator | None = None,
+    optimizer: OptimizerName = "adamw",
+    learning_rate: float | None = None,
+) -> PrivateUNet:
+    """Attach Opacus to `unet` in place (hooks on its modules; undo with `release`).
+
+    Rows are weighted and summed by our loss (GSM reduction "sum"), while the optimizer
+    divides the noisy sum by the expected number of subjects per step, as DP-SGD's mean.
+    """
+    privacy = config.privacy
+    params = trainable_parameters(unet, privacy.trainable)
+    mode = privacy.grad_sample_mode
+    extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+    module = prepare_module(unet, mode, loss_reduction="sum", **extra)
+    optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+    base = _base_optimizer(
+        params,
+        optimizer,
+        config.training.finetune_learning_rate if learning_rate is None else learning_rate,
+    )
+    dp_optimizer = optimizer_class(
+        base,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=privacy.max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+    return PrivateUNet(unet, module, dp_optimizer, mode, privacy.max_grad_norm)
+
+
+def release(private: PrivateUNet) -> None:
+    """Remove Opacus' hooks and attributes so the UNet is a plain module again."""
+    private.optimizer.zero_grad(set_to_none=True)
+    private.module.cleanup()
+    for module in private.unet.modules():
+        for attr in ("activations", "max_batch_len", "ft_compute_sample_grad"):
+            if attr in module.__dict__:
+                delattr(module, attr)
+    for param in private.unet.parameters():
+        for attr in _OPTIMIZER_PARAM_ATTRS:
+            if hasattr(param, attr):
+                delattr(param, attr)
+
+
+def _row_losses(
+    model: nn.Module, rows: RowBatch, config: Config, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Per-volume diffusion loss (R,), with the config's condition dropout."""
+    scheduler = training_scheduler(config.diffusion)
+    return per_sample_loss(
+        model,  # type: ignore[arg-type]  # the grad-sample wrapper forwards to the UNet
+        scheduler,
+        rows.latents,
+        rows.attributes,
+        config.diffusion.condition_dropout,
+        generator,
+    )
+
+
+@contextmanager
+def _quiet_first_layer() -> Iterator[None]:
+    """Silence torch's note that the token layer's inputs need no gradient.
+
+    Opacus hooks every layer with a full backward hook; the AttributeTokens layer takes
+    the (constant) attributes, so torch warns on every backward. Opacus only needs the
+    output gradients there, so the warning is noise.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield
+
+
+def _sum_rows_by_subject(param: nn.Parameter, rows: RowBatch) -> None:
+    """Turn Opacus' per-volume gradients into per-subject ones, before clipping reads them."""
+    grad_sample = param.grad_sample
+    if not isinstance(grad_sample, torch.Tensor):  # a list would mean accumulated batches
+        raise RuntimeError(f"expected one per-sample gradient tensor, got {type(grad_sample)}")
+    summed = grad_sample.new_zeros((rows.n_subjects, *grad_sample.shape[1:]))
+    param.grad_sample = summed.index_add_(0, rows.subject, grad_sample[: len(rows.subject)])
+
+
+def subject_backward(
+    private: PrivateUNet, rows: RowBatch, config: Config, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Backward one physical batch so the optimizer sees one gradient per subject.
+
+    Returns each subject's loss (k,). Per-sample modes leave `p.grad_sample` of shape
+    (k, *p.shape); ghost mode leaves `p.grad` = sum of subject-clipped gradients.
+    """
+    params = private.optimizer.params
+    if rows.n_subjects == 0:  # empty Poisson batch: nothing to clip, noise still follows
+        for param in params:
+            if private.mode == "ghost":
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad_sample = param.new_zeros((0, *param.shape))
+        return torch.zeros(0)
+    row_losses = _row_losses(private.module, rows, config, generator)
+    weighted = row_losses * rows.weight
+    if private.mode == "ghost":
+        _ghost_backward(private, rows, weighted)
+    else:
+        with _quiet_first_layer():
+            weighted.sum().backward()
+        for param in params:
+            _sum_rows_by_subject(param, rows)
+    return rows.subject_losses(row_losses)
+
+
+def _ghost_backward(private: PrivateUNet, rows: RowBatch, weighted: torch.Tensor) -> None:
+    """Opacus' two-pass ghost clipping, with the clip factor shared by a subject's rows.
+
+    Ghost clipping gives per-row gradient norms only; a subject's gradient norm is bounded
+    by the sum of its rows' norms, so scaling all its rows by C / that sum keeps the
+    subject's contribution within C (exact for one-volume subjects).
+    """
+    module = private.module
+    assert isinstance(module, GradSampleModuleFastGradientClipping)
+    with _quiet_first_layer():
+        weighted.sum().backward(retain_graph=True)
+    private.optimizer.zero_grad()
+    row_norms = module.get_norm_sample()
+    bound = row_norms.new_zeros(rows.n_subjects).index_add_(0, rows.subject, row_norms)
+    coefficient = (private.max_grad_norm / (bound + 1e-6)).clamp(max=1.0)
+    module.disable_hooks()
+    try:
+        with _quiet_first_layer():
+            (weighted * coefficient[rows.subject].detach()).sum().backward()
+    finally:
+        module.enable_hooks()
+
+
+def _physical_size(config: Config, data: SubjectData) -> int:
+    """Subjects per physical batch: at most max-physical-batch-size volumes per forward, and
+    never less than one whole subject (its rows must share one backward to be summed)."""
+    return max(1, config.privacy.max_physical_batch_size // data.max_volumes)
+
+
+def _poisson_loader(
+    n_subjects: int, sample_rate: float, steps: int, generator: torch.Generator
+) -> DataLoader:
+    """Opacus' Poisson sampler over subject indices, exactly `steps` logical batches."""
+    sampler = UniformWithReplacementSampler(
+        num_samples=n_subjects, sample_rate=sample_rate, generator=generator, steps=steps
+    )
+    collate = wrap_collate_with_empty(
+        collate_fn=default_collate, sample_empty_shapes=[(0,)], dtypes=[torch.long]
+    )
+    return DataLoader(
+        TensorDataset(torch.arange(n_subjects)), batch_sampler=sampler, collate_fn=collate
+    )
+
+
+@contextmanager
+def _training_on(unet: ConditionedUNet, device: torch.device) -> Iterator[None]:
+    """Train on `device` in train mode; give the UNet back where and as it was."""
+    home = next(unet.parameters()).device
+    was_training = unet.training
+    flags = [p.requires_grad for p in unet.parameters()]
+    unet.to(device).train()
+    try:
+        yield
+    finally:
+        for param, flag in zip(unet.parameters(), flags, strict=True):
+            param.requires_grad_(flag)
+        unet.to(home).train(was_training)
+
+
+def train_round(
+    unet: ConditionedUNet,
+    latents: torch.Tensor,
+    attributes: torch.Tensor,
+    subjects: torch.Tensor,
+    config: Config,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    seed: int | None,
+    device: torch.device | str = "cpu",
+    optimizer: OptimizerName = "adamw",
+    learning_rate: float | None = None,
+) -> RoundResult:
+    """Run `steps` DP-SGD steps on one site's data; `unet` is updated in place.
+
+    latents (N, C, H, W, D), attributes (N, A) in [0, 1], subjects (N,) integer ids.
+    The optimizer starts fresh each round (FedAvg sends weights, not optimizer state).
+    """
+    if not 0 < sample_rate <= 1:
+        raise FedsynthError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if noise_multiplier < 0 or steps < 0:
+        raise FedsynthError("noise multiplier and steps must be >= 0")
+    if seed is None:
+        seed = secrets.randbits(63)
+    device = torch.device(device)
+    data = group_by_subject(latents, attributes, subjects)
+    started = time.perf_counter()
+    with _training_on(unet, device):
+        private = make_private(
+            unet,
+            config,
+            noise_multiplier,
+            expected_batch_size=sample_rate * data.n_subjects,
+            noise_generator=_generator(seed, 2, device),
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+        )
+        try:
+            losses, sizes = _run_steps(private, data, config, sample_rate, steps, seed, device)
+        finally:
+            release(private)
+    return RoundResult(
+        steps=len(sizes),
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
+        mean_loss=float(torch.cat(losses).mean()) if sum(sizes) else math.nan,
+        subjects_per_step=tuple(sizes),
+        empty_steps=sizes.count(0),
+        trainable=config.privacy.trainable,
+        grad_sample_mode=private.mode,
+        trainable_parameters=sum(p.numel() for p in private.optimizer.params),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _run_steps(
+    private: PrivateUNet,
+    data: SubjectData,
+    config: Config,
+    sample_rate: float,
+    steps: int,
+    seed: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[int]]:
+    """The Poisson-sampled loop; BatchMemoryManager splits big logical batches."""
+    sampling = _generator(seed, 0, torch.device("cpu"))
+    loader = _poisson_loader(data.n_subjects, sample_rate, steps, sampling)
+    diffusion_generator = _generator(seed, 1, device)
+    losses: list[torch.Tensor] = []
+    counter = _StepCounter()
+    private.optimizer.attach_step_hook(counter.on_step)
+    with BatchMemoryManager(
+        data_loader=loader,
+        max_physical_batch_size=_physical_size(config, data),
+        optimizer=private.optimizer,
+    ) as physical_loader:
+        for (indices,) in physical_loader:
+            rows = rows_of(data, indices, device)
+            losses.append(subject_backward(private, rows, config, diffusion_generator).cpu())
+            counter.pending += rows.n_subjects
+            private.optimizer.step()
+            private.optimizer.zero_grad(set_to_none=True)
+    return losses, counter.sizes
+
+
+class _StepCounter:
+    """Subjects per logical step; DPOptimizer calls `on_step` only when noise was added."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.sizes: list[int] = []
+
+    def on_step(self, _optimizer: DPOptimizer) -> None:
+        self.sizes.append(self.pending)
+        self.pending = 0
+
+
+def nonprivate_step(
+    unet: ConditionedUNet,
+    optimizer: torch.optim.Optimizer,
+    data: SubjectData,
+    indices: torch.Tensor,
+    config: Config,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> float:
+    """The same loss and physical batches as a DP step, with a plain backward: the baseline
+    for DP's cost. Returns the mean subject loss."""
+    chunks = torch.tensor_split(
+        indices, max(1, math.ceil(len(indices) / _physical_size(config, data)))
+    )
+    total = 0.0
+    for chunk in chunks:
+        rows = rows_of(data, chunk, device)
+        row_losses = _row_losses(unet, rows, config, generator)
+        ((row_losses * rows.weight).sum() / len(indices)).backward()
+        total += float(rows.subject_losses(row_losses).sum())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(indices)
+
+
+def step_timings(
+    config: Config,
+    unet: ConditionedUNet,
+    latents: torch.Tensor,
+    attributes: torch.Tensor,
+    subjects: torch.Tensor,
+    repeats: int = 3,
+    noise_multiplier: float = 1.0,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Seconds per step, DP-SGD vs plain, every given subject in the batch each time.
+
+    Both run on copies of `unet` with the config's trainable subset and physical batch
+    size, after one warm-up step; the DP one is `train_round`'s own loop.
+    """
+    device = torch.device(device)
+    data = group_by_subject(latents, attributes, subjects)
+    dp_unet = copy.deepcopy(unet)
+    with _training_on(dp_unet, device):
+        private = make_private(
+            dp_unet, config, noise_multiplier, data.n_subjects, _generator(seed, 2, device)
+        )
+        try:
+            _run_steps(private, data, config, 1.0, 1, seed, device)
+            started = time.perf_counter()
+            _run_steps(private, data, config, 1.0, repeats, seed, device)
+            dp_seconds = (time.perf_counter() - started) / repeats
+            n_params = sum(p.numel() for p in private.optimizer.params)
+        finally:
+            release(private)
+    plain = copy.deepcopy(unet)
+    with _training_on(plain, device):
+        params = trainable_parameters(plain, config.privacy.trainable)
+        optimizer = _base_optimizer(params, "adamw", config.training.finetune_learning_rate)
+        generator = _generator(seed, 1, device)
+        everyone = torch.arange(data.n_subjects)
+        nonprivate_step(plain, optimizer, data, everyone, config, generator, device)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            nonprivate_step(plain, optimizer, data, everyone, config, generator, device)
+        plain_seconds = (time.perf_counter() - started) / repeats
+    return {
+        "dp_step_seconds": dp_seconds,
+        "nonprivate_step_seconds": plain_seconds,
+        "dp_over_nonprivate": dp_seconds / plain_seconds,
+        "subjects": data.n_subjects,
+        "volumes": int(data.mask.sum()),
+        "trainable": config.privacy.trainable,
+        "trainable_parameters": n_params,
+        "grad_sample_mode": config.privacy.grad_sample_mode,
+        "max_physical_batch_size": config.privacy.max_physical_batch_size,
+    }

@@ -1,0 +1,435 @@
+"""DP-SGD site trainer: subjects are the privacy unit, clipping, noise, empty batches, export."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fedsynth.client.dp_trainer import (
+    group_by_subject,
+    make_private,
+    rows_of,
+    step_timings,
+    subject_backward,
+    train_round,
+)
+from fedsynth.common.config import Config
+from fedsynth.common.diffusion import per_sample_loss, training_scheduler
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.models import ConditionedUNet, latent_shape
+
+# volumes 0,1 -> subject 10 (ED and ES); 2 -> 11; 3,4 -> 12; 5 -> 13
+SUBJECTS = torch.tensor([10, 10, 11, 12, 12, 13])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On a shared 2-core machine, torch's thread pool spends more time waiting than
+    working on these tiny tensors (an index_add_ took 58 ms on 2 threads, 25 us on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def with_privacy(config: Config, **changes) -> Config:
+    return dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, **changes))
+
+
+def awake_unet(config: Config, seed: int = 0) -> ConditionedUNet:
+    """MONAI zero-initialises output layers, which would zero every attention gradient."""
+    torch.manual_seed(seed)
+    unet = ConditionedUNet(config)
+    with torch.no_grad():
+        for param in unet.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(std=0.05)
+    return unet
+
+
+def site_data(config: Config, n: int = 6, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn((n, *latent_shape(config)), generator=generator)
+    attributes = torch.rand((n, len(config.data.attributes)), generator=generator)
+    return latents, attributes
+
+
+def flat_params(unet: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in unet.parameters()])
+
+
+def is_attention(name: str) -> bool:
+    return name.startswith("tokens.") or ".attention" in name
+
+
+def mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction - target).pow(2).flatten(1).mean(1)
+
+
+def diffusion_target(scheduler, latents, noise, timesteps) -> torch.Tensor:
+    """What the UNet is trained to predict, as in per_sample_loss."""
+    if scheduler.prediction_type == "epsilon":
+        return noise
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return latents
+
+
+def subject_gradients_alone(
+    unet: ConditionedUNet, rows, config: Config, seed: int
+) -> list[torch.Tensor]:
+    """Each subject's gradient from a plain backward on its own volumes only.
+
+    Replays the draws of per_sample_loss (noise, timesteps, keep) for the whole batch, so
+    each subject sees the noise the trainer drew for it, then runs its rows alone.
+    """
+    scheduler = training_scheduler(config.diffusion)
+    n = len(rows.latents)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(rows.latents.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.num_train_timesteps, (n,), generator=generator)
+    keep = (torch.rand(n, generator=generator) >= config.diffusion.condition_dropout).float()
+    # the replay must match per_sample_loss, or the comparison below means nothing
+    with torch.no_grad():
+        noisy = scheduler.add_noise(rows.latents, noise, timesteps)
+        target = diffusion_target(scheduler, rows.latents, noise, timesteps)
+        replayed = mse(unet(noisy, timesteps, rows.attributes, keep), target)
+        dropout = config.diffusion.condition_dropout
+        again = torch.Generator().manual_seed(seed)
+        drawn = per_sample_loss(unet, scheduler, rows.latents, rows.attributes, dropout, again)
+    torch.testing.assert_close(replayed, drawn)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    grads = []
+    for s in range(rows.n_subjects):
+        idx = (rows.subject == s).nonzero().flatten()
+        noisy = scheduler.add_noise(rows.latents[idx], noise[idx], timesteps[idx])
+        pred = unet(noisy, timesteps[idx], rows.attributes[idx], keep[idx])
+        loss = mse(pred, target[idx]).mean()
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return grads
+
+
+def test_grouping_pads_subjects_and_weights_their_volumes(tiny_config):
+    latents, attributes = site_data(tiny_config)
+    data = group_by_subject(latents, attributes, SUBJECTS)
+    assert data.n_subjects == 4 and data.max_volumes == 2
+    assert data.mask.tolist() == [[True, True], [True, False], [True, True], [True, False]]
+    torch.testing.assert_close(data.latents[2, 1], latents[4])
+    torch.testing.assert_close(data.attributes[3, 0], attributes[5])
+    rows = rows_of(data, torch.tensor([0, 3]), torch.device("cpu"))
+    torch.testing.assert_close(rows.latents, latents[[0, 1, 5]])
+    assert rows.subject.tolist() == [0, 0, 1] and rows.weight.tolist() == [0.5, 0.5, 1.0]
+    shuffled = group_by_subject(latents[:5], attributes[:5], torch.tensor([12, 10, 11, 10, 12]))
+    torch.testing.assert_close(shuffled.latents[0], latents[[1, 3]])
+    torch.testing.assert_close(shuffled.latents[2], latents[[0, 4]])
+    assert shuffled.mask.tolist() == [[True, True], [True, False], [True, True]]
+    empty = rows_of(data, torch.zeros(0, dtype=torch.long), torch.device("cpu"))
+    assert empty.n_subjects == 0 and len(empty.latents) == 0
+
+
+def test_bad_inputs_are_refused(tiny_config):
+    latents, attributes = site_data(tiny_config)
+    with pytest.raises(FedsynthError, match=r"\[0, 1\]"):
+        group_by_subject(latents, attributes * 50, SUBJECTS)
+    with pytest.raises(FedsynthError, match="integers"):
+        group_by_subject(latents, attributes, SUBJECTS.float())
+    with pytest.raises(FedsynthError, match="subjects must be"):
+        group_by_subject(latents, attributes, SUBJECTS[:4])
+
+
+@pytest.mark.parametrize("mode", ["functorch", "hooks"])
+@pytest.mark.parametrize("trainable", ["all", "attention"])
+def test_per_subject_gradients_match_a_loop_over_subjects(tiny_config, mode, trainable):
+    config = with_privacy(tiny_config, grad_sample_mode=mode, trainable=trainable)
+    unet = awake_unet(config)
+    reference = copy.deepcopy(unet)
+    latents, attributes = site_data(config)
+    rows = rows_of(group_by_subject(latents, attributes, SUBJECTS), torch.arange(4), "cpu")
+    assert rows.subject.tolist() == [0, 0, 1, 2, 2, 3]  # the subjects of volumes 0..5
+    private = make_private(unet, config, noise_multiplier=0.0, expected_batch_size=4.0)
+    subject_backward(private, rows, config, torch.Generator().manual_seed(7))
+    per_subject = torch.cat(
+        [p.grad_sample.flatten(1) for p in unet.parameters() if p.requires_grad], dim=1
+    )
+    assert per_subject.shape[0] == 4  # one gradient per subject, not per volume
+
+    names = {n for n, p in unet.named_parameters() if p.requires_grad}
+    for name, p in reference.named_parameters():
+        p.requires_grad_(name in names)
+    expected = subject_gradients_alone(reference, rows, config, seed=7)
+    for s, grad in enumerate(expected):
+        assert grad.norm() > 0
+        torch.testing.assert_close(per_subject[s], grad, rtol=1e-4, atol=1e-6)
+
+
+def one_step_update(config: Config, subjects: torch.Tensor, n_volumes: int = 2, **kwargs):
+    """Weights moved by one SGD step (lr = expected batch, so the update is the noisy sum)."""
+    unet = awake_unet(config)
+    before = flat_params(unet)
+    latents, attributes = site_data(config, n=n_volumes)
+    n_subjects = len(subjects.unique())
+    args = {"noise_multiplier": 0.0, "sample_rate": 1.0, "steps": 1, "seed": 3} | kwargs
+    result = train_round(
+        unet,
+        latents,
+        attributes,
+        subjects,
+        config,
+        optimizer="sgd",
+        learning_rate=args["sample_rate"] * n_subjects,
+        **args,
+    )
+    return before - flat_params(unet), result, unet
+
+
+@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
+def test_a_two_volume_subject_moves_a_step_by_at_most_one_clip(tiny_config, mode):
+    clip = 1e-3  # far below the raw gradient norms, so clipping binds
+    config = with_privacy(tiny_config, grad_sample_mode=mode, trainable="all", max_grad_norm=clip)
+    one_subject, result, _ = one_step_update(config, torch.tensor([5, 5]))
+    assert result.subjects_per_step == (1,)
+    assert one_subject.norm() <= clip * (1 + 1e-4)
+    if mode != "ghost":  # ghost bounds a subject by the sum of its volumes' norms
+        assert one_subject.norm() >= clip * 0.999
+    two_subjects, result, _ = one_step_update(config, torch.tensor([5, 6]))
+    assert result.subjects_per_step == (2,)
+    # the same two volumes as two subjects: two clipped gradients, up to 2 clips
+    assert clip * 1.2 < two_subjects.norm() <= 2 * clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+def test_update_is_the_sum_of_per_subject_gradients_each_clipped_to_the_bound(tiny_config, mode):
+    # ghost is exact only for one-volume subjects, so this uses one volume per subject
+    subjects = SUBJECTS if mode == "functorch" else torch.arange(6)
+    config = with_privacy(tiny_config, grad_sample_mode="functorch", trainable="attention")
+    unet = awake_unet(config)
+    reference = copy.deepcopy(unet)
+    latents, attributes = site_data(config)
+    data = group_by_subject(latents, attributes, subjects)
+    rows = rows_of(data, torch.arange(data.n_subjects), "cpu")
+
+    names = {n for n, p in unet.named_parameters() if is_attention(n)}
+    for name, p in reference.named_parameters():
+        p.requires_grad_(name in names)
+    raw = torch.stack(subject_gradients_alone(reference, rows, config, seed=11))
+    norms = raw.norm(dim=1)
+    clip = float(norms.median())  # some subjects clipped, some left as they are
+    assert (norms > clip * 1.01).any() and (norms < clip * 0.99).any()
+    expected = (raw * (clip / norms).clamp(max=1.0)[:, None]).sum(0)
+
+    config = with_privacy(config, grad_sample_mode=mode, max_grad_norm=clip)
+    private = make_private(
+        unet, config, 0.0, expected_batch_size=1.0, optimizer="sgd", learning_rate=1.0
+    )
+    subject_backward(private, rows, config, torch.Generator().manual_seed(11))
+    private.optimizer.step()
+    # the gradient the optimizer applied (no noise, expected batch 1): the clipped sum
+    applied = torch.cat([p.grad.flatten() for p in private.optimizer.params])
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-5 * scale)
+    clipped = raw * (clip / norms).clamp(max=1.0)[:, None]
+    assert (clipped.norm(dim=1) <= clip * (1 + 1e-5)).all()
+
+
+def test_noise_has_std_sigma_times_clip_over_expected_batch(tiny_config):
+    sigma, clip, expected_batch = 0.8, 0.5, 2.5
+    config = with_privacy(tiny_config, trainable="all", max_grad_norm=clip)
+    unet = awake_unet(config)
+    private = make_private(
+        unet,
+        config,
+        sigma,
+        expected_batch_size=expected_batch,
+        noise_generator=torch.Generator().manual_seed(0),
+        optimizer="sgd",
+        learning_rate=1.0,
+    )
+    latents, attributes = site_data(config)
+    data = group_by_subject(latents, attributes, SUBJECTS)
+    before = flat_params(unet)
+    # a forced empty batch: zero gradient, so the update is the noise alone
+    subject_backward(private, rows_of(data, torch.zeros(0, dtype=torch.long), "cpu"), config, None)
+    private.optimizer.step()
+    noise = before - flat_params(unet)
+    n = noise.numel()
+    assert n > 100_000
+    # n * s^2 / std^2 is chi-square(n): relative sd of s^2 is sqrt(2 / n), ~0.2% here
+    target = sigma * clip / expected_batch
+    chi2 = float((noise.double() ** 2).sum()) / target**2
+    z = (chi2 - n) / math.sqrt(2 * n)
+    assert abs(z) < 4
+    assert abs(float(noise.mean())) < 5 * target / math.sqrt(n)
+    wrong = float((noise.double() ** 2).sum()) / (1.2 * target) ** 2
+    assert abs((wrong - n) / math.sqrt(2 * n)) > 4  # a 1.2x sigma would be caught
+
+
+def test_noise_on_a_real_batch_is_sigma_clip_over_q_n(tiny_config):
+    config = with_privacy(tiny_config, trainable="attention", max_grad_norm=0.3)
+    quiet, _, _ = one_step_update(config, SUBJECTS, n_volumes=6)
+    noisy, result, _ = one_step_update(config, SUBJECTS, n_volumes=6, noise_multiplier=1.5)
+    assert result.subjects_per_step == (4,)
+    noise = (noisy - quiet)[noisy != 0]  # same draws but the noise; lr = q n: std = sigma C
+    assert noise.numel() > 50_000
+    ratio = float(noise.std()) / (1.5 * 0.3)
+    assert abs(ratio - 1) < 0.015 and abs(ratio - 1.2) > 0.1
+
+
+def test_empty_poisson_batches_are_steps_with_noise_only(tiny_config):
+    config = with_privacy(tiny_config, trainable="attention")
+    latents, attributes = site_data(config)
+    unet = awake_unet(config)
+    before = flat_params(unet)
+    result = train_round(
+        unet,
+        latents,
+        attributes,
+        SUBJECTS,
+        config,
+        noise_multiplier=1.0,
+        sample_rate=1e-9,
+        steps=3,
+        seed=0,
+        optimizer="sgd",
+        learning_rate=1e-9,
+    )
+    assert result.steps == 3 and result.empty_steps == 3
+    assert result.subjects_per_step == (0, 0, 0) and math.isnan(result.mean_loss)
+    moved = flat_params(unet) - before
+    assert torch.isfinite(moved).all() and (moved != 0).any()
+    # no noise: an empty step leaves plain SGD weights as they were
+    result = train_round(
+        unet,
+        latents,
+        attributes,
+        SUBJECTS,
+        config,
+        noise_multiplier=0.0,
+        sample_rate=1e-9,
+        steps=2,
+        seed=0,
+        optimizer="sgd",
+    )
+    assert torch.equal(flat_params(unet) - before, moved)
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+def test_big_logical_batches_split_into_physical_ones_with_one_noise_draw(tiny_config, mode):
+    clip, sigma, q = 0.2, 1.0, 0.4
+    config = with_privacy(
+        tiny_config, trainable="attention", max_grad_norm=clip, grad_sample_mode=mode
+    )
+    latents, attributes = site_data(config)
+    kwargs = {"noise_multiplier": sigma, "sample_rate": q, "steps": 4, "seed": 4}
+    updates, results, volumes_seen = [], [], []
+    for physical in (8, 2):  # 2: one subject (up to two volumes) per forward
+        unet = awake_unet(config)
+        hook = unet.unet.register_forward_pre_hook(
+            lambda _, args: volumes_seen.append(len(args[0]))
+        )
+        before = flat_params(unet)
+        results.append(
+            train_round(
+                unet,
+                latents,
+                attributes,
+                SUBJECTS,
+                with_privacy(config, max_physical_batch_size=physical),
+                optimizer="sgd",
+                learning_rate=q * 4,
+                **kwargs,
+            )
+        )
+        hook.remove()
+        updates.append(before - flat_params(unet))
+    assert results[0].subjects_per_step == results[1].subjects_per_step
+    sampled = sum(results[0].subjects_per_step)
+    assert results[0].empty_steps > 0 and sampled >= 3  # both kinds of step happen
+    assert max(volumes_seen[-sampled:]) <= 2 and max(volumes_seen) > 2
+    # the runs differ only by diffusion draws inside each subject's clipped gradient (each
+    # at most one clip); a noise drawn per physical batch would differ by ~ sigma C sqrt(d)
+    difference = (updates[0] - updates[1]).norm()
+    assert difference <= 2 * sampled * clip * (1 + 1e-4)
+    assert updates[0].norm() > 50 * sampled * clip
+
+
+def test_attention_subset_leaves_other_weights_bit_identical(tiny_config):
+    latents, attributes = site_data(tiny_config)
+    changed = {}
+    for trainable in ("attention", "all"):
+        config = with_privacy(tiny_config, trainable=trainable)
+        unet = awake_unet(config)
+        before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+        result = train_round(
+            unet,
+            latents,
+            attributes,
+            SUBJECTS,
+            config,
+            noise_multiplier=1.0,
+            sample_rate=0.5,
+            steps=2,
+            seed=0,
+        )
+        assert all(p.requires_grad for p in unet.parameters())  # flags given back
+        changed[trainable] = {
+            n for n, p in unet.named_parameters() if not torch.equal(p, before[n])
+        }
+        assert result.trainable_parameters == sum(
+            before[n].numel() for n in before if trainable == "all" or is_attention(n)
+        )
+    names = set(before)
+    attention = {n for n in names if is_attention(n)}
+    assert "tokens.scale" in attention and any("attn2.to_k" in n for n in attention)
+    assert changed["attention"] == attention
+    assert changed["all"] == names
+
+
+def test_exported_weights_are_a_plain_unet_and_rounds_are_deterministic(tiny_config):
+    config = with_privacy(tiny_config, trainable="all", grad_sample_mode="hooks")
+    latents, attributes = site_data(config)
+    states = []
+    for seed in (0, 0, 1, None, None):
+        unet = awake_unet(config)
+        train_round(
+            unet,
+            latents,
+            attributes,
+            SUBJECTS,
+            config,
+            noise_multiplier=1.0,
+            sample_rate=0.5,
+            steps=2,
+            seed=seed,
+        )
+        states.append(unet.state_dict())
+    fresh = ConditionedUNet(config)
+    assert list(states[0]) == list(fresh.state_dict())
+    fresh.load_state_dict(states[0], strict=True)
+    for module in unet.modules():
+        assert not module._forward_hooks and not module._backward_hooks
+        assert not hasattr(module, "activations") and not hasattr(
+            module, "autograd_grad_sample_hooks"
+        )
+    for param in unet.parameters():
+        assert param.grad is None
+        for attr in ("grad_sample", "summed_grad", "_forward_counter", "_norm_sample"):
+            assert not hasattr(param, attr)
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
+    # a site's real rounds (seed None) draw a fresh secret seed: the noise cannot be replayed
+    assert any(not torch.equal(states[3][k], states[4][k]) for k in states[3])
+
+
+def test_step_timings_compare_dp_with_a_plain_step(tiny_config):
+    config = with_privacy(tiny_config, trainable="attention")
+    latents, attributes = site_data(config)
+    unet = awake_unet(config)
+    before = flat_params(unet)
+    timings = step_timings(config, unet, latents, attributes, SUBJECTS, repeats=1)
+    assert torch.equal(flat_params(unet), before)  # measured on copies
+    assert timings["dp_step_seconds"] > 0 and timings["nonprivate_step_seconds"] > 0
+    assert timings["subjects"] == 4 and timings["volumes"] == 6
