@@ -29,9 +29,9 @@ def write(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
 def test_presets_load_and_tiny_inherits_default():
     assert {"default", "tiny"} <= set(presets())
     default, tiny = load_config("default"), load_config("tiny")
-    assert default.data.shape == (64, 64, 16)
-    assert tiny.data.shape == (32, 32, 8)
+    assert default.autoencoder.channels == (16, 32) and tiny.autoencoder.channels == (8, 16, 16)
     # what tiny does not list comes from default
+    assert tiny.data.shape == default.data.shape == (32, 32, 8)
     assert tiny.privacy.target_epsilon == default.privacy.target_epsilon == 10.0
     assert tiny.privacy.delta == pytest.approx(1e-5)
     assert [a.name for a in tiny.data.attributes] == [a.name for a in default.data.attributes]
@@ -69,8 +69,8 @@ def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
         ({"unet.attention-levels": "[true]"}, "must have one entry per channels level (3)"),
         ({"unet.num-head-channels": 7}, "must divide channels at attention levels"),
         (
-            {"data.shape": "[30, 32, 8]"},
-            "data.shape = [30, 32, 8]: in-plane size must be divisible",
+            {"data.shape": "[31, 32, 8]"},
+            "data.shape = [31, 32, 8]: in-plane size must be divisible by 2",
         ),
         ({"data.shape": "[32, 32]"}, "data.shape = [32, 32]: must be a list of 3 values"),
         ({"data.intensity-percentiles": "[99, 1]"}, "lower must be below upper"),
