@@ -1,0 +1,76 @@
+"""One training round at a site, in the order the privacy model needs.
+
+1. Refuse from the ledger alone if the site's budget is spent (no data read yet).
+2. Load (or encode once and cache) the site's latents with the frozen public autoencoder.
+3. Plan this round's noise from the site's own subject count and ledger.
+4. Train with DP-SGD from the global weights.
+5. Append the round to the site's ledger, fsync'd, and only then hand the update back.
+
+The Flower ClientApp wraps this; keeping it free of Flower lets a hospital's process be
+killed and restarted at any step without losing or double-counting spend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsynth.client.budget import RoundPlan, SiteBudget
+from fedsynth.client.dp_trainer import RoundResult, train_round
+from fedsynth.client.latents import site_latents
+from fedsynth.client.node_config import SiteSettings
+from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.config import Config
+from fedsynth.common.errors import FedsynthError
+
+
+@dataclass(frozen=True)
+class SiteUpdate:
+    """The trained UNet weights, what the round cost, and how training went (stays here)."""
+
+    weights: dict[str, torch.Tensor]
+    plan: RoundPlan
+    result: RoundResult
+
+
+def run_site_round(
+    settings: SiteSettings,
+    config: Config,
+    checkpoint: str | Path,
+    global_weights: dict[str, torch.Tensor],
+    round_number: int,
+    device: torch.device | str = "cpu",
+    seed: int | None = None,
+    show_progress: bool = False,
+) -> SiteUpdate:
+    """Train one round at this site; raises BudgetRefusal before reading data when spent.
+
+    `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
+    """
+    if not config.privacy.enabled:
+        raise FedsynthError("privacy.enabled is false: sites train only with DP-SGD")
+    budget = SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
+    budget.refuse_if_exhausted(config.privacy)
+    pretrained = load_pretrained(checkpoint, device)
+    site = site_latents(
+        pretrained, checkpoint, settings.data_path, settings.state_dir, show_progress
+    )
+    plan = budget.plan_round(config, site.n_subjects, round_number)
+    unet = pretrained.unet
+    unet.load_state_dict(global_weights)
+    result = train_round(
+        unet,
+        site.latents,
+        site.attributes,
+        site.subjects,
+        config,
+        plan.noise_multiplier,
+        plan.sample_rate,
+        plan.steps,
+        seed=seed,
+        device=device,
+    )
+    budget.record(round_number, plan)
+    return SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)

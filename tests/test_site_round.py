@@ -1,0 +1,115 @@
+"""A site's round: trains and records before the update leaves; refuses when spent; resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from fedsynth.client.budget import LEDGER, BudgetRefusal
+from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.site_round import run_site_round
+from fedsynth.common.accountant import epsilon
+from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.config import load_config
+from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
+
+# 2 subjects at the site: delta must be below 1/2, and a batch of 1 is a rate of 0.5
+STUDY = {
+    "privacy.delta": 0.1,
+    "privacy.batch-size": 1,
+    "privacy.target-epsilon": 8.0,
+    "federation.rounds": 3,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def settings(tmp_path, phantom_root, max_epsilon: float = 100.0) -> SiteSettings:
+    return SiteSettings("site-1", phantom_root / "site-1", tmp_path / "state", max_epsilon)
+
+
+def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
+    tmp_path, phantom_root, tiny_checkpoint
+):
+    config = load_config("tiny", STUDY)
+    weights = load_pretrained(tiny_checkpoint).unet.state_dict()
+    update = run_site_round(
+        settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0
+    )
+    assert update.result.steps == config.privacy.local_steps
+    assert any(not torch.equal(update.weights[k], weights[k]) for k in weights)
+    [entry] = read_ledger(tmp_path / "state" / LEDGER)
+    assert entry["round"] == 1 and entry["status"] == "trained" and entry["subjects"] == 2
+    assert entry["sample_rate"] == 0.5 and entry["noise_multiplier"] > 0
+    # the ledger's numbers give its epsilon back with the accountant
+    assert epsilon(spent_segments([entry]), 0.1) == pytest.approx(entry["epsilon"])
+
+
+def test_an_exhausted_site_refuses_before_reading_data(tmp_path, phantom_root, tiny_checkpoint):
+    config = load_config("tiny", STUDY)
+    site = settings(tmp_path, phantom_root, max_epsilon=3.0)
+    spent = {"round": 1, "site": "site-1", "noise_multiplier": 0.5, "sample_rate": 0.5,
+             "steps": 50, "delta": 0.1, "epsilon": 9.0, "status": "trained"}  # fmt: skip
+    append_entry(site.state_dir / LEDGER, spent)
+    gone = SiteSettings(site.name, tmp_path / "no-such-folder", site.state_dir, 3.0)
+    with pytest.raises(BudgetRefusal, match="site-1 has spent epsilon"):
+        run_site_round(gone, config, tiny_checkpoint, {}, 2)
+    assert len(read_ledger(site.state_dir / LEDGER)) == 1
+
+
+ROUNDS = """
+import sys, torch
+from pathlib import Path
+from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.site_round import run_site_round
+from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.config import load_config
+torch.set_num_threads(1)
+checkpoint, data, state, first = sys.argv[1:5]
+config = load_config("tiny", {STUDY!r})
+site = SiteSettings("site-1", Path(data), Path(state), 100.0)
+weights = load_pretrained(checkpoint).unet.state_dict()
+for r in range(int(first), 4):
+    weights = run_site_round(site, config, checkpoint, weights, r, seed=r).weights
+"""
+
+
+def run_rounds(checkpoint, data, state, first: int) -> subprocess.Popen:
+    script = textwrap.dedent(ROUNDS).replace("{STUDY!r}", repr(STUDY))
+    args = [sys.executable, "-c", script, str(checkpoint), str(data), str(state), str(first)]
+    return subprocess.Popen(args, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def test_a_killed_site_keeps_its_spend(tmp_path, phantom_root, tiny_checkpoint):
+    data = phantom_root / "site-1"
+    assert run_rounds(tiny_checkpoint, data, tmp_path / "whole", 1).wait(timeout=300) == 0
+    whole = read_ledger(tmp_path / "whole" / LEDGER)
+
+    ledger = tmp_path / "killed" / LEDGER
+    proc = run_rounds(tiny_checkpoint, data, tmp_path / "killed", 1)
+    deadline = time.monotonic() + 300
+    while len(read_ledger(ledger)) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # mid-way through round 2 (or 3)
+    proc.wait()
+    done = len(read_ledger(ledger))
+    assert 1 <= done < 3, "killed too late to test a restart"
+    assert run_rounds(tiny_checkpoint, data, tmp_path / "killed", done + 1).wait(timeout=300) == 0
+    resumed = read_ledger(ledger)
+    assert [e["round"] for e in resumed] == [1, 2, 3]  # nothing forgotten, nothing twice
+    assert [e["epsilon"] for e in resumed] == pytest.approx([e["epsilon"] for e in whole])
+    assert json.loads(ledger.read_text().splitlines()[-1])["epsilon"] <= 8.0
