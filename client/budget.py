@@ -64,11 +64,14 @@ class SiteBudget:
 
     def refuse_if_exhausted(self, privacy: PrivacyConfig) -> None:
         """Refuse from the ledger alone: no data is read before this check."""
+        self._refuse_if_spent(self.spent(), privacy)
+
+    def _refuse_if_spent(self, spent: list[Segment], privacy: PrivacyConfig) -> None:
         target = min(privacy.target_epsilon, self.max_epsilon)
-        spent = self.spent_epsilon(privacy)
-        if spent >= target:
+        so_far = epsilon(spent, privacy.delta, privacy.accountant)
+        if so_far >= target:
             raise BudgetRefusal(
-                f"site {self.site} has spent epsilon {spent:.4g} of its {target:.4g} "
+                f"site {self.site} has spent epsilon {so_far:.4g} of its {target:.4g} "
                 f"(ledger {self.ledger_path}): no further rounds"
             )
 
@@ -78,14 +81,13 @@ class SiteBudget:
         Raises BudgetRefusal when even this plan would cross the site's maximum.
         """
         privacy = config.privacy
-        self.refuse_if_exhausted(privacy)
+        spent = self.spent()
+        self._refuse_if_spent(spent, privacy)
         check_delta(privacy.delta, subjects)
         rate = sample_rate(privacy, subjects)
         remaining = max(1, config.federation.rounds - round_number + 1)
-        target = min(privacy.target_epsilon, self.max_epsilon)
-        spent = self.spent()
         sigma = plan_noise(
-            target,
+            min(privacy.target_epsilon, self.max_epsilon),
             privacy.delta,
             rate,
             remaining * privacy.local_steps,
