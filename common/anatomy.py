@@ -37,19 +37,27 @@ def label_transform(data_cfg: DataConfig) -> Compose:
     )
 
 
-def load_labelled(manifest: SiteManifest, data_cfg: DataConfig, show_progress: bool = True):
+def load_labelled(
+    manifest: SiteManifest,
+    data_cfg: DataConfig,
+    show_progress: bool = True,
+    volumes: torch.Tensor | None = None,
+):
     """(volumes, labels, requested) of the usable rows whose manifest names a label map.
 
     `requested` maps "lv"/"rv" to the volume the row states for its phase (EDV or ESV).
+    `volumes`, when the caller has already loaded the records' volumes (in their order),
+    saves reading the images again.
     """
     images, labels, lv, rv = [], [], [], []
     image_tf, label_tf = volume_transform(data_cfg), label_transform(data_cfg)
-    for record in progress(manifest.records, "labelled public", show_progress):
+    records = progress(list(enumerate(manifest.records)), "labelled public", show_progress)
+    for i, record in records:
         if record.label is None:
             continue
         data, affine = read_nifti(record.label)
         label = MetaTensor(torch.from_numpy(np.rint(data))[None], affine=torch.as_tensor(affine))
-        images.append(load_volume(record.image, image_tf))
+        images.append(volumes[i] if volumes is not None else load_volume(record.image, image_tf))
         labels.append(label_tf(label))
         a = record.attributes
         es = a.get("phase", 0) == 1

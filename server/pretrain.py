@@ -183,7 +183,7 @@ def pretrain(
     )
     save_torch(out / UNET, unet.state_dict())
     _plot_losses(out / "loss_curves.png", ae_losses, unet_losses)
-    meter = _fit_volume_meter(config, manifest, out, show_progress)
+    meter = _fit_volume_meter(config, manifest, volumes, out, show_progress)
     return write_metadata(
         out,
         config,
@@ -201,11 +201,13 @@ def pretrain(
     )
 
 
-def _fit_volume_meter(config: Config, manifest, out: Path, show_progress: bool) -> dict | None:
+def _fit_volume_meter(
+    config: Config, manifest, volumes: torch.Tensor, out: Path, show_progress: bool
+) -> dict | None:
     """Train the anatomy meter when the public set has label maps; its fit on public data."""
     if config.training.segmenter_steps == 0:
         return None
-    labelled = load_labelled(manifest, config.data, show_progress)
+    labelled = load_labelled(manifest, config.data, show_progress, volumes.cpu())
     if labelled is None:
         return None
     volumes, labels, requested = labelled

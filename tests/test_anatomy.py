@@ -15,7 +15,7 @@ from fedsynth.common.anatomy import (
     train_volume_meter,
 )
 from fedsynth.common.config import load_config
-from fedsynth.common.data import check_site
+from fedsynth.common.data import SiteDataset, check_site
 from fedsynth.simulations.phantoms import generate_cohorts
 
 
@@ -53,3 +53,17 @@ def test_agreement_numbers():
     result = agreement(requested, requested + np.array([10.0, -10.0, 4.0]))
     assert result["mae_ml"] == pytest.approx(8.0)
     assert result["pearson_r"] == pytest.approx(np.corrcoef(requested, [110, 140, 204])[0, 1])
+
+
+def test_volumes_already_loaded_are_used_as_read(cohort):
+    data = load_config("tiny").data
+    manifest = check_site(cohort / "public", data, show_progress=False)
+    read, labels, requested = load_labelled(manifest, data, False)
+    # what pretraining already holds: the dataset's volumes, in the manifest's order
+    dataset = SiteDataset(manifest, data)
+    held = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    given = load_labelled(manifest, data, False, volumes=held)
+    assert torch.equal(given[0], read) and torch.equal(given[1], labels)
+    assert np.array_equal(given[2]["lv"], requested["lv"])
+    # and they are used, not read again
+    assert torch.equal(load_labelled(manifest, data, False, volumes=held + 1)[0], read + 1)
