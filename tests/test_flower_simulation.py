@@ -1,0 +1,175 @@
+"""A real `flwr run .`: 3 simulated phantom sites, 2 rounds, ledger and summary checked.
+
+Runs against its own FLWR_HOME and stops, by pid, the local simulation SuperLink that
+`flwr run` starts (it outlives the command). `flwr run` exits 0 even when the ServerApp
+fails, so the run's status is read back with `flwr ls --run-id ID --format json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsynth.common.accountant import epsilon
+from fedsynth.common.ledger import read_ledger, spent_segments
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SITES = ("site-1", "site-2", "site-3")
+
+STUDY = """\
+base: tiny
+device: cpu
+autoencoder: {steps: 5}
+training: {pretrain-steps: 5, segmenter-steps: 4}
+diffusion: {train-timesteps: 12}
+sampling: {steps: 3}
+federation: {rounds: 2, sites: 3, sites-per-round: 3, secure-aggregation: false}
+paths: {cache-dir: CACHE}
+"""
+
+
+def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    return subprocess.run(
+        [str(BIN / "flwr"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _superlink_pids(home: Path) -> list[int]:
+    """Pids of flower-superlink processes whose environment names this FLWR_HOME."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(b"flower-superlink" in part for part in cmdline[:2]) and (
+            f"FLWR_HOME={home}".encode() in environ
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _stop(pids: list[int], grace: float = 15.0) -> None:
+    """SIGTERM the given pids, then SIGKILL whatever is left after `grace` seconds."""
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.5)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path):
+    home, run_dir, cache = tmp_path / "flwr-home", tmp_path / "run", tmp_path / "cache"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+    )
+    study = tmp_path / "study.yaml"
+    study.write_text(STUDY.replace("CACHE", str(cache)))
+    try:
+        started = _flwr(
+            home,
+            "run",
+            ".",
+            "--federation-config",
+            "num-supernodes=3",
+            "-c",
+            f'config="{study}" run-dir="{run_dir}" phantom-subjects=6',
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        run_id = re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
+        status = "running"
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            listed = _flwr(home, "ls", "--run-id", run_id, "--format", "json")
+            [run] = json.loads(listed.stdout)["runs"]
+            status = run["status"]
+            if status.startswith("finished"):
+                break
+            time.sleep(3)
+        if status != "finished:completed":
+            log = _flwr(home, "log", run_id, "--show")
+            pytest.fail(f"run {run_id} ended {status}:\n{log.stdout[-4000:]}")
+    finally:
+        _stop(_superlink_pids(home))
+
+    ledger = read_ledger(run_dir / "ledger.jsonl")
+    assert sorted((e["round"], e["site"]) for e in ledger) == [
+        (r, s) for r in (1, 2) for s in SITES
+    ]
+    assert [e["round"] for e in ledger] == sorted(e["round"] for e in ledger)
+    assert all(e["status"] == "trained" and e["steps"] == 2 for e in ledger)
+    assert all(e["noise_multiplier"] > 0 for e in ledger)
+    assert all(e["sample_rate"] == pytest.approx(4 / 6) for e in ledger)  # batch 4 of 6
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_done"] == 2 and summary["secure_aggregation"] is False
+    assert summary["delta"] == 1e-5 and summary["accountant"] == "rdp"
+    for site in SITES:
+        # anyone can recompute each site's spend from the ledger's numbers
+        mine = [e for e in ledger if e["site"] == site]
+        for k, entry in enumerate(mine, 1):
+            assert entry["epsilon"] == pytest.approx(epsilon(spent_segments(mine[:k]), 1e-5))
+        assert summary["site_epsilon"][site] == pytest.approx(mine[-1]["epsilon"])
+        # planned to land on the target at the last round, never above it
+        assert 0 < mine[-1]["epsilon"] <= summary["target_epsilon"] * (1 + 1e-6)
+        # the site's own ledger agrees with the server's
+        own = read_ledger(run_dir / "sites" / site / "ledger.jsonl")
+        assert [e["noise_multiplier"] for e in own] == [e["noise_multiplier"] for e in mine]
+    assert (run_dir / "rounds" / "round-002" / "unet.pt").is_file()
+    assert json.loads((run_dir / "state.json").read_text())["rounds_done"] == 2
+
+
+def test_a_spent_site_replies_refused_without_reading_data(tmp_path):
+    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+    from fedsynth.client.client_app import site_round_reply
+    from fedsynth.common.config import load_config, to_dict
+    from fedsynth.common.ledger import append_entry
+
+    spent = {"round": 1, "site": "site-1", "noise_multiplier": 0.5, "sample_rate": 0.5,
+             "steps": 500, "delta": 1e-5, "epsilon": 99.0, "status": "trained"}  # fmt: skip
+    append_entry(tmp_path / "sites" / "site-1" / "ledger.jsonl", spent)
+    sent = ConfigRecord(
+        {
+            "round": 2,
+            "study": json.dumps(to_dict(load_config("tiny"))),
+            "checkpoint": str(tmp_path / "no-checkpoint"),
+            "phantoms": str(tmp_path / "no-phantoms"),
+            "site-states": str(tmp_path / "sites"),
+        }
+    )
+    reply = site_round_reply(
+        RecordDict({"arrays": ArrayRecord(), "config": sent}), {"partition-id": 0}
+    )
+    metrics = reply["metrics"]
+    assert metrics["refused"] == 1 and metrics["steps"] == 0
+    assert "arrays" not in reply and "site-1 has spent epsilon" in reply["site"]["reason"]
+    assert "loss" not in metrics and "epsilon" not in metrics
