@@ -6,13 +6,28 @@ as dotted overrides), the run dir (run config `run-dir`, else `paths.run-dir`, e
 folder under the cache dir), phantom sites (cached), and the public checkpoint (pretrained
 once per config and cached).
 
-Each round: send the global UNet and the study config to the sites, read back weights
-and (noise_multiplier, sample_rate, steps), append one server ledger line per site with
+Each round (Flower's legacy DefaultWorkflow with one strategy, StudyStrategy): send the
+global UNet and the study config to the sites, read back weight DELTAS and
+(noise_multiplier, sample_rate, steps), append one server ledger line per site with
 epsilon recomputed from that site's whole history (write-ahead), and only then save the
 round's checkpoint (a full checkpoint folder, published by an atomic state.json).
 
-This slice aggregates in the clear (plain FedAvg): summary.json says
-`secure_aggregation: false` whatever the config asked for.
+federation.secure-aggregation true (the default) runs the fit step as Flower SecAgg+
+(SecAggPlusWorkflow; the sites' ClientApp has secaggplus_mod): the server only ever
+unmasks the subject-weighted mean delta, never one site's. num_examples (subjects) and
+the spend metrics travel in clear, so the ledger is the same on both paths.
+SecAgg+ parameters (secagg_settings):
+- clipping_range 4.0 (run config `secagg-clipping-range`): sites send deltas, which are
+  small (AdamW moves a weight about lr per step); a site whose max |delta| exceeds it
+  fails loudly rather than be clipped.
+- quantization_range 2**(32 - bit_length(sites)): as large as the 2**32 modulus allows
+  with no wrap-around of the sum (2**30 for 3 sites): step 2*clip/range ~ 7e-9.
+- max_weight: the largest subject count a site may have (run config `secagg-max-weight`,
+  default `phantom-subjects`): weights are subjects / max_weight, so a tight bound keeps
+  precision; a site with more subjects fails loudly.
+- num_shares: all sampled sites; reconstruction threshold: a majority (2 of 3).
+A refused site (budget spent) still takes part with a zero delta and num_examples 0:
+weight 0 adds nothing to the sum, and the protocol keeps its full set of share holders.
 """
 
 from __future__ import annotations
@@ -26,8 +41,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Context
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import ClientManager, LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.common.accountant import Segment, epsilon
@@ -47,7 +77,10 @@ from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
 LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
 STATE = "state.json"
-RESERVED = ("config", "run-dir", "resume", "phantom-subjects")
+RESERVED = (
+    "config", "run-dir", "resume", "phantom-subjects", "secagg-clipping-range", "secagg-max-weight"
+)  # fmt: skip
+CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
 NODE_WAIT_S = 120.0
 
 app = ServerApp()
@@ -60,6 +93,8 @@ class Study:
     phantoms: Path
     checkpoint: Path
     resume: bool
+    clipping_range: float = CLIPPING_RANGE
+    max_weight: float = 1000.0  # SecAgg+: the largest subject count any site may weigh
 
 
 def _cache_dir(config: Config) -> Path:
@@ -112,32 +147,9 @@ def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
 
         print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
         pretrain(config, phantoms / "public", checkpoint, show_progress=False)
-    return Study(config, run_dir, phantoms, checkpoint, resume)
-
-
-def _wait_for_nodes(grid: Grid, wanted: int) -> list[int]:
-    deadline = time.monotonic() + NODE_WAIT_S
-    while True:
-        nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= wanted or time.monotonic() > deadline:
-            break
-        time.sleep(1.0)
-    if not nodes:
-        raise FedsynthError(f"no site connected within {NODE_WAIT_S:.0f} s")
-    return nodes
-
-
-def fedavg(updates: list[tuple[dict[str, torch.Tensor], int]]) -> dict[str, torch.Tensor]:
-    """Subject-weighted mean of float tensors; other tensors (counters) from the first."""
-    total = sum(n for _, n in updates)
-    first = updates[0][0]
-    out = {}
-    for key, value in first.items():
-        if value.is_floating_point():
-            out[key] = sum(w[key].double() * (n / total) for w, n in updates).to(value.dtype)
-        else:
-            out[key] = value.clone()
-    return out
+    clipping = float(run_config.get("secagg-clipping-range", 0) or CLIPPING_RANGE)
+    max_weight = float(run_config.get("secagg-max-weight", 0) or subjects)
+    return Study(config, run_dir, phantoms, checkpoint, resume, clipping, max_weight)
 
 
 def _round_dir(run_dir: Path, round_number: int) -> Path:
@@ -182,8 +194,7 @@ def write_summary(study: Study, rounds_done: int) -> dict:
         "study_epsilon": max(per_site.values(), default=0.0),
         "delta": study.config.privacy.delta,
         "accountant": study.config.privacy.accountant,
-        "secure_aggregation": False,  # this slice aggregates in the clear
-        "secure_aggregation_requested": study.config.federation.secure_aggregation,
+        "secure_aggregation": bool(study.config.federation.secure_aggregation),
         "checkpoint": str(_round_dir(study.run_dir, rounds_done)) if rounds_done else None,
         "pretrained": str(study.checkpoint),
     }
@@ -226,75 +237,183 @@ def _resume_point(study: Study) -> tuple[int, dict[str, torch.Tensor] | None]:
     return rounds_done, weights
 
 
-def run_federation(grid: Grid, study: Study) -> dict:
-    config = study.config
-    done, weights = _resume_point(study)
-    if weights is None:
-        weights = load_pretrained(study.checkpoint).unet.state_dict()
-    # which site a node is (sites tell us in their replies), and its last plan, for charging
-    # a site that was sent an instruction and did not answer
-    site_of: dict[int, str] = {}
-    last_segment: dict[str, Segment] = {}
-    for e in read_ledger(study.run_dir / LEDGER):
-        if e["status"] == "trained":
-            last_segment[e["site"]] = Segment(
-                float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
-            )
-    study_text = json.dumps(to_dict(config))
-    for round_number in range(done + 1, config.federation.rounds + 1):
-        nodes = _wait_for_nodes(grid, config.federation.sites_per_round)
-        chosen = nodes[: config.federation.sites_per_round]
+def secagg_settings(study: Study) -> dict[str, Any]:
+    """SecAgg+ parameters for this study (see the module docstring for the reasoning)."""
+    sites = study.config.federation.sites_per_round
+    if sites < 2:
+        raise FedsynthError(
+            "secure aggregation needs at least 2 sites per round: set "
+            "federation.sites-per-round >= 2 (3 or more to hide a site from the others) "
+            "or federation.secure-aggregation false"
+        )
+    return {
+        "num_shares": 1.0,  # every sampled site holds a share of every other's secrets
+        "reconstruction_threshold": max(2, sites // 2 + 1),
+        "clipping_range": study.clipping_range,
+        # sites x quantization_range must stay below the 2**32 modulus (no wrap-around)
+        "quantization_range": 2 ** (32 - sites.bit_length()),
+        "max_weight": study.max_weight,
+    }
+
+
+def mean_delta(updates: list[tuple[Parameters, int]]) -> list[np.ndarray]:
+    """Subject-weighted mean of the sites' deltas (float64); sites with weight 0 left out."""
+    updates = [(p, n) for p, n in updates if n > 0]
+    total = sum(n for _, n in updates)
+    out: list[np.ndarray] | None = None
+    for parameters, n in updates:
+        arrays = parameters_to_ndarrays(parameters)
+        scaled = [a.astype(np.float64) * (n / total) for a in arrays]
+        out = scaled if out is None else [o + s for o, s in zip(out, scaled, strict=True)]
+    return out or []
+
+
+class StudyStrategy(FedAvg):
+    """One strategy for both paths: the plain default fit workflow and SecAgg+.
+
+    configure_fit sends the global weights (every state-dict tensor, in `keys` order) and
+    the study config; sites answer DELTAS (trained - global). aggregate_fit writes the
+    ledger lines (epsilon recomputed) and only then the round checkpoint. Under SecAgg+
+    every result's parameters are the same unmasked weighted mean (the workflow replaced
+    them); num_examples and metrics travel in clear, so the ledger is the same.
+    """
+
+    def __init__(self, study: Study, weights: dict[str, torch.Tensor], done: int) -> None:
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1,
+            min_evaluate_clients=1, min_available_clients=1,
+        )  # fmt: skip
+        self.study = study
+        self.secure = bool(study.config.federation.secure_aggregation)
+        self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        self.keys = list(self.weights)
+        self.done = done
+        self.chosen: list[int] = []
+        self.settled = 0  # the last workflow round aggregate_fit has written
+        # which site a node is (sites tell us in their replies), and its last plan, for
+        # charging a site that was sent an instruction and did not answer
+        self.site_of: dict[int, str] = {}
+        self.last_segment: dict[str, Segment] = {}
+        for e in read_ledger(study.run_dir / LEDGER):
+            if e["status"] == "trained":
+                self.last_segment[e["site"]] = Segment(
+                    float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
+                )
+        self.study_text = json.dumps(to_dict(study.config))
+
+    def _parameters(self) -> Parameters:
+        return ndarrays_to_parameters([self.weights[k].numpy() for k in self.keys])
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
+        return self._parameters()
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        wanted = self.study.config.federation.sites_per_round
+        client_manager.wait_for(wanted, timeout=int(NODE_WAIT_S))
+        proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
+        if not proxies:
+            raise FedsynthError(f"no site connected within {NODE_WAIT_S:.0f} s")
+        chosen = proxies[:wanted]
+        self.chosen = [p.node_id for p in chosen]
+        round_number = self.done + server_round
         print(f"[fedsynth] round {round_number}: {len(chosen)} sites", flush=True)
-        arrays = ArrayRecord({k: v.detach().cpu().contiguous() for k, v in weights.items()})
-        instruction = ConfigRecord(
+        instruction = FitIns(
+            self._parameters(),
             {
                 "round": round_number,
-                "study": study_text,
-                "checkpoint": str(study.checkpoint),
-                "phantoms": str(study.phantoms),
-                "site-states": str(study.run_dir / "sites"),
-            }
+                "study": self.study_text,
+                "keys": json.dumps(self.keys),
+                "checkpoint": str(self.study.checkpoint),
+                "phantoms": str(self.study.phantoms),
+                "site-states": str(self.study.run_dir / "sites"),
+                # 0: plain FedAvg; else the site checks its delta fits SecAgg+'s range
+                "clipping-range": self.study.clipping_range if self.secure else 0.0,
+                "max-weight": self.study.max_weight if self.secure else 0.0,
+            },
         )
-        messages = [
-            Message(
-                RecordDict({"arrays": arrays, "config": instruction}),
-                dst_node_id=node,
-                message_type=MessageType.TRAIN,
-                group_id=str(round_number),
-            )
-            for node in chosen
-        ]
-        replies = {r.metadata.src_node_id: r for r in grid.send_and_receive(messages)}
-        updates = []
-        for node in chosen:
-            reply = replies.get(node)
-            if reply is None or reply.has_error():
-                site = site_of.get(node, f"node-{node}")
-                why = reply.error.reason if reply is not None else "no reply"
-                print(f"[fedsynth] round {round_number}: {site} failed: {why}", flush=True)
-                # charged anyway, with its last known plan (its own ledger is authoritative)
-                _ledger_line(study, round_number, site, last_segment.get(site), "no-reply")
-                continue
-            site = str(reply.content["site"]["site"])
-            site_of[node] = site
-            m = reply.content["metrics"]
+        return [(proxy, instruction) for proxy in chosen]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        study, round_number = self.study, self.done + server_round
+        answered: set[int] = set()
+        trained: list[tuple[Parameters, int]] = []
+        for proxy, res in results:
+            node = proxy.node_id
+            answered.add(node)
+            m = res.metrics
+            site = str(m["site"])
+            self.site_of[node] = site
             if int(m["refused"]):
-                reason = reply.content["site"]["reason"]
-                print(f"[fedsynth] round {round_number}: {site} refused: {reason}", flush=True)
+                print(f"[fedsynth] round {round_number}: {site} refused: {m['reason']}")
                 _ledger_line(study, round_number, site, None, "refused")
                 continue
             segment = Segment(
                 float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"])
             )
-            last_segment[site] = segment
+            self.last_segment[site] = segment
             _ledger_line(study, round_number, site, segment, "trained")
-            updates.append((reply.content["arrays"].to_torch_state_dict(), int(m["subjects"])))
-        if updates:
-            weights = fedavg(updates)
+            trained.append((res.parameters, int(res.num_examples)))
+        for failure in failures:
+            print(f"[fedsynth] round {round_number}: failure: {failure}", flush=True)
+        for node in self.chosen:
+            if node not in answered:
+                site = self.site_of.get(node, f"node-{node}")
+                print(f"[fedsynth] round {round_number}: {site} did not answer", flush=True)
+                # charged anyway, with its last known plan (its own ledger is authoritative)
+                _ledger_line(study, round_number, site, self.last_segment.get(site), "no-reply")
+        if trained:
+            # SecAgg+: every result holds the same aggregate, already weighted by subjects
+            delta = parameters_to_ndarrays(trained[0][0]) if self.secure else mean_delta(trained)
+            for key, value in zip(self.keys, delta, strict=True):
+                old = self.weights[key]
+                if old.is_floating_point():
+                    change = torch.from_numpy(np.asarray(value, np.float64).reshape(old.shape))
+                    self.weights[key] = (old.double() + change).to(old.dtype)
         # the ledger lines above are on disk (fsync'd) before the round's model is saved
-        save_round(study, round_number, weights, {"sites_trained": len(updates)})
+        save_round(study, round_number, self.weights, {"sites_trained": len(trained)})
         summary = write_summary(study, round_number)
         print(f"[fedsynth] round {round_number} done: {summary['site_epsilon']}", flush=True)
+        self.settled = server_round
+        return self._parameters(), {}
+
+
+class _SettledFit:
+    """A fit workflow, then aggregate_fit with nothing if it halted (SecAgg+ too few sites)
+    so that the round still gets its ledger lines (no-reply) and its checkpoint."""
+
+    def __init__(self, fit: Any, strategy: StudyStrategy) -> None:
+        self.fit, self.strategy = fit, strategy
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        self.fit(grid, context)
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        if self.strategy.settled != server_round:
+            print(f"[fedsynth] round {self.strategy.done + server_round}: aggregation halted")
+            self.strategy.aggregate_fit(server_round, [], [])
+
+
+def run_federation(grid: Grid, study: Study, context: Context) -> dict:
+    config = study.config
+    done, weights = _resume_point(study)
+    if weights is None:
+        weights = load_pretrained(study.checkpoint).unet.state_dict()
+    strategy = StudyStrategy(study, weights, done)
+    remaining = config.federation.rounds - done
+    if remaining > 0:
+        if config.federation.secure_aggregation:
+            fit = SecAggPlusWorkflow(**secagg_settings(study))
+        else:
+            fit = default_fit_workflow
+        workflow = DefaultWorkflow(fit_workflow=_SettledFit(fit, strategy))
+        legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy)
+        workflow(grid, legacy)
     return write_summary(study, max(done, config.federation.rounds))
 
 
@@ -303,5 +422,5 @@ def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     study = prepare(dict(context.run_config), context.run_id)
     print(f"[fedsynth] run dir {study.run_dir}", flush=True)
-    summary = run_federation(grid, study)
+    summary = run_federation(grid, study, context)
     print(f"[fedsynth] study done: {json.dumps(summary)}", flush=True)

@@ -32,7 +32,7 @@ autoencoder: {steps: 5}
 training: {pretrain-steps: 5, segmenter-steps: 4}
 diffusion: {train-timesteps: 12}
 sampling: {steps: 3}
-federation: {rounds: 2, sites: 3, sites-per-round: 3, secure-aggregation: false}
+federation: {rounds: 2, sites: 3, sites-per-round: 3, secure-aggregation: SECURE}
 paths: {cache-dir: CACHE}
 """
 
@@ -86,14 +86,15 @@ def _stop(pids: list[int], grace: float = 15.0) -> None:
 
 
 @pytest.mark.slow
-def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path):
+@pytest.mark.parametrize("secure", [True, False], ids=["secagg+", "plain"])
+def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
     home, run_dir, cache = tmp_path / "flwr-home", tmp_path / "run", tmp_path / "cache"
     home.mkdir()
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
     )
     study = tmp_path / "study.yaml"
-    study.write_text(STUDY.replace("CACHE", str(cache)))
+    study.write_text(STUDY.replace("CACHE", str(cache)).replace("SECURE", str(secure).lower()))
     try:
         started = _flwr(
             home,
@@ -118,6 +119,9 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path):
         if status != "finished:completed":
             log = _flwr(home, "log", run_id, "--show")
             pytest.fail(f"run {run_id} ended {status}:\n{log.stdout[-4000:]}")
+        if secure:
+            log = _flwr(home, "log", run_id, "--show").stdout
+            assert "Secure aggregation completed" in log, log[-4000:]
     finally:
         _stop(_superlink_pids(home))
 
@@ -130,7 +134,7 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path):
     assert all(e["noise_multiplier"] > 0 for e in ledger)
     assert all(e["sample_rate"] == pytest.approx(4 / 6) for e in ledger)  # batch 4 of 6
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds_done"] == 2 and summary["secure_aggregation"] is False
+    assert summary["rounds_done"] == 2 and summary["secure_aggregation"] is secure
     assert summary["delta"] == 1e-5 and summary["accountant"] == "rdp"
     for site in SITES:
         # anyone can recompute each site's spend from the ledger's numbers
@@ -148,7 +152,7 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path):
 
 
 def test_a_spent_site_replies_refused_without_reading_data(tmp_path):
-    from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+    import torch
 
     from fedsynth.client.client_app import site_round_reply
     from fedsynth.common.config import load_config, to_dict
@@ -157,19 +161,18 @@ def test_a_spent_site_replies_refused_without_reading_data(tmp_path):
     spent = {"round": 1, "site": "site-1", "noise_multiplier": 0.5, "sample_rate": 0.5,
              "steps": 500, "delta": 1e-5, "epsilon": 99.0, "status": "trained"}  # fmt: skip
     append_entry(tmp_path / "sites" / "site-1" / "ledger.jsonl", spent)
-    sent = ConfigRecord(
-        {
-            "round": 2,
-            "study": json.dumps(to_dict(load_config("tiny"))),
-            "checkpoint": str(tmp_path / "no-checkpoint"),
-            "phantoms": str(tmp_path / "no-phantoms"),
-            "site-states": str(tmp_path / "sites"),
-        }
-    )
-    reply = site_round_reply(
-        RecordDict({"arrays": ArrayRecord(), "config": sent}), {"partition-id": 0}
-    )
-    metrics = reply["metrics"]
-    assert metrics["refused"] == 1 and metrics["steps"] == 0
-    assert "arrays" not in reply and "site-1 has spent epsilon" in reply["site"]["reason"]
+    sent = {
+        "round": 2,
+        "study": json.dumps(to_dict(load_config("tiny"))),
+        "checkpoint": str(tmp_path / "no-checkpoint"),
+        "phantoms": str(tmp_path / "no-phantoms"),
+        "site-states": str(tmp_path / "sites"),
+        "clipping-range": 4.0,
+    }
+    weights = {"w": torch.ones(3, 2), "count": torch.tensor(7)}
+    delta, subjects, metrics = site_round_reply(weights, sent, {"partition-id": 0})
+    assert metrics["refused"] == 1 and metrics["steps"] == 0 and subjects == 0
+    # a zero delta with weight 0: it adds nothing to a secure weighted mean
+    assert all(not d.any() and d.shape == tuple(weights[k].shape) for k, d in delta.items())
+    assert "site-1 has spent epsilon" in metrics["reason"] and metrics["site"] == "site-1"
     assert "loss" not in metrics and "epsilon" not in metrics
