@@ -20,6 +20,7 @@ share holders and the sum is unchanged.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -162,8 +163,6 @@ app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_when_asked])
 
 def _threads() -> None:
     """One torch thread per simulated site unless OMP_NUM_THREADS says otherwise."""
-    import os
-
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
 

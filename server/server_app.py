@@ -32,7 +32,6 @@ weight 0 adds nothing to the sum, and the protocol keeps its full set of share h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -64,14 +63,16 @@ from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.checkpoint import (
     AUTOENCODER,
     UNET,
+    file_sha256,
     load_pretrained,
+    load_torch,
     read_metadata,
     save_torch,
     write_metadata,
 )
 from fedsynth.common.config import Config, config_hash, load_config, to_dict
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import atomic_write_text
+from fedsynth.common.io import atomic_path, atomic_write_text
 from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
 
 LEDGER = "ledger.jsonl"
@@ -138,7 +139,7 @@ def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
         print(f"[fedsynth] generating phantoms in {phantoms}", flush=True)
         generate_cohorts(phantoms, sites=sites, subjects=subjects, seed=seed, progress=False)
 
-    data_hash = hashlib.sha256((phantoms / "public" / "manifest.csv").read_bytes()).hexdigest()
+    data_hash = file_sha256(phantoms / "public" / "manifest.csv")
     checkpoint = cache / "pretrained" / f"{config_hash(config)}-{data_hash[:12]}"
     try:
         load_pretrained(checkpoint)
@@ -162,8 +163,9 @@ def save_round(
     """A full checkpoint folder for this round, then state.json pointing to it (atomic)."""
     folder = _round_dir(study.run_dir, round_number)
     folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / AUTOENCODER).is_file():
-        shutil.copyfile(study.checkpoint / AUTOENCODER, folder / AUTOENCODER)
+    if not (folder / AUTOENCODER).is_file():  # atomic: a torn copy must not pass this check
+        with atomic_path(folder / AUTOENCODER) as tmp:
+            shutil.copyfile(study.checkpoint / AUTOENCODER, tmp)
     save_torch(folder / UNET, weights)
     pretrained_meta = read_metadata(study.checkpoint)
     stats = {k: pretrained_meta[k] for k in ("latent_mean", "latent_std") if k in pretrained_meta}
@@ -231,9 +233,7 @@ def _resume_point(study: Study) -> tuple[int, dict[str, torch.Tensor] | None]:
     if not study.resume or not state.is_file():
         return 0, None
     rounds_done = int(json.loads(state.read_text())["rounds_done"])
-    weights = torch.load(
-        _round_dir(study.run_dir, rounds_done) / UNET, map_location="cpu", weights_only=True
-    )
+    weights = load_torch(_round_dir(study.run_dir, rounds_done) / UNET)
     return rounds_done, weights
 
 
