@@ -541,3 +541,16 @@ def config_hash(config: Config) -> str:
     """A stable fingerprint of the config, recorded with checkpoints and releases."""
     blob = json.dumps(to_dict(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+PRETRAINING_SECTIONS = ("seed", "data", "autoencoder", "unet", "diffusion")
+
+
+def pretraining_hash(config: Config) -> str:
+    """A fingerprint of what public pretraining depends on (not privacy, federation, ...),
+    so a study that only changes those reuses a cached public checkpoint."""
+    whole = to_dict(config)
+    part = {k: whole[k] for k in PRETRAINING_SECTIONS}
+    training = whole["training"].items()
+    part["training"] = {k: v for k, v in training if k.startswith(("pretrain", "segmenter"))}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]

@@ -31,7 +31,7 @@ from fedsynth.common.checkpoint import (
     save_torch,
     write_metadata,
 )
-from fedsynth.common.config import Config, config_hash
+from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.data import MANIFEST, open_site
 from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.errors import FedsynthError
@@ -123,7 +123,7 @@ def pretrain(
     device = resolve_device(config.device)
     dataset, manifest = open_site(data_dir, config.data, show_progress=show_progress)
     data_hash = file_sha256(manifest.root / MANIFEST)
-    _check_out_folder(out, {"config_hash": config_hash(config), "data_sha256": data_hash})
+    _check_out_folder(out, {"pretraining_hash": pretraining_hash(config), "data_sha256": data_hash})
     items = [dataset[i] for i in progress(range(len(dataset)), "load public", show_progress)]
     volumes = torch.stack([v for v, _ in items]).to(device)
     attributes = torch.stack([a for _, a in items]).to(device)

@@ -70,7 +70,7 @@ from fedsynth.common.checkpoint import (
     save_torch,
     write_metadata,
 )
-from fedsynth.common.config import Config, config_hash, load_config, to_dict
+from fedsynth.common.config import Config, load_config, pretraining_hash, to_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_path, atomic_write_text
 from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
@@ -79,8 +79,10 @@ LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
 STATE = "state.json"
 RESERVED = (
-    "config", "run-dir", "resume", "phantom-subjects", "secagg-clipping-range", "secagg-max-weight"
+    "config", "run-dir", "resume", "checkpoint", "validation-data", "phantom-subjects",
+    "secagg-clipping-range", "secagg-max-weight",
 )  # fmt: skip
+VALIDATION_SUBJECTS = 4  # public held-out phantom subjects (8 volumes) for validation
 CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
 NODE_WAIT_S = 120.0
 
@@ -91,11 +93,12 @@ app = ServerApp()
 class Study:
     config: Config
     run_dir: Path
-    phantoms: Path
+    phantoms: Path | None  # simulated sites' data; None when real sites join
     checkpoint: Path
     resume: bool
     clipping_range: float = CLIPPING_RANGE
     max_weight: float = 1000.0  # SecAgg+: the largest subject count any site may weigh
+    validation: Path | None = None  # public held-out data for per-round validation
 
 
 def _cache_dir(config: Config) -> Path:
@@ -111,10 +114,48 @@ def _as_bool(value: Any) -> bool:
     return bool(value)
 
 
+def config_overrides(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The config keys this run overrides: declared keys whose value is not "" (unset)."""
+    return {k: v for k, v in run_config.items() if k not in RESERVED and v != ""}
+
+
+def _folder(run_config: dict[str, Any], key: str) -> Path | None:
+    text = str(run_config.get(key, "") or "")
+    if not text:
+        return None
+    folder = Path(text).expanduser().resolve()
+    if not folder.is_dir():
+        raise FedsynthError(f"run config {key}={text!r}: no such folder")
+    return folder
+
+
+def _phantoms(cache: Path, config: Config, subjects: int, held_out: bool = False) -> Path:
+    """Phantom sites and public set (or a public held-out set), generated once and cached."""
+    sites, seed = config.federation.sites, config.seed
+    if held_out:  # another seed: public-profile subjects the checkpoint never saw
+        sites, seed, folder = 1, seed + 1, cache / "phantoms" / f"held-out-seed{seed}"
+    else:
+        folder = cache / "phantoms" / f"sites{sites}-subjects{subjects}-seed{seed}"
+    if not (folder / f"site-{sites}" / "manifest.csv").is_file():
+        from fedsynth.simulations.phantoms import generate_cohorts
+
+        print(f"[fedsynth] generating phantoms in {folder}", flush=True)
+        count = 1 if held_out else subjects
+        public = VALIDATION_SUBJECTS if held_out else None
+        generate_cohorts(folder, sites, count, seed, public_subjects=public, progress=False)
+    return folder
+
+
 def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
-    """Config, run dir, phantoms and public checkpoint, generated/pretrained when missing."""
-    overrides = {k: v for k, v in run_config.items() if k not in RESERVED}
-    config = load_config(str(run_config.get("config", "default") or "default"), overrides)
+    """Config, run dir, data and public checkpoint, generated/pretrained when missing.
+
+    With run config `checkpoint` (a public checkpoint folder) real sites are expected and
+    nothing is generated; `validation-data` names public held-out data for validation.
+    Without them the study is a simulation on phantoms cached under the cache dir.
+    """
+    config = load_config(
+        str(run_config.get("config", "default") or "default"), config_overrides(run_config)
+    )
     cache = _cache_dir(config)
     run_dir_text = str(run_config.get("run-dir", "") or config.paths.run_dir)
     if run_dir_text:
@@ -131,26 +172,23 @@ def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     subjects = int(run_config.get("phantom-subjects", 20))
-    sites, seed = config.federation.sites, config.seed
-    phantoms = cache / "phantoms" / f"sites{sites}-subjects{subjects}-seed{seed}"
-    if not (phantoms / f"site-{sites}" / "manifest.csv").is_file():
-        from fedsynth.simulations.phantoms import generate_cohorts
+    checkpoint = _folder(run_config, "checkpoint")
+    validation = _folder(run_config, "validation-data")
+    phantoms = None
+    if checkpoint is None:
+        phantoms = _phantoms(cache, config, subjects)
+        data_hash = file_sha256(phantoms / "public" / "manifest.csv")
+        checkpoint = cache / "pretrained" / f"{pretraining_hash(config)}-{data_hash[:12]}"
+        if not (checkpoint / "metadata.json").is_file():
+            from fedsynth.server.pretrain import pretrain
 
-        print(f"[fedsynth] generating phantoms in {phantoms}", flush=True)
-        generate_cohorts(phantoms, sites=sites, subjects=subjects, seed=seed, progress=False)
-
-    data_hash = file_sha256(phantoms / "public" / "manifest.csv")
-    checkpoint = cache / "pretrained" / f"{config_hash(config)}-{data_hash[:12]}"
-    try:
-        load_pretrained(checkpoint)
-    except FedsynthError:
-        from fedsynth.server.pretrain import pretrain
-
-        print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
-        pretrain(config, phantoms / "public", checkpoint, show_progress=False)
+            print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
+            pretrain(config, phantoms / "public", checkpoint, show_progress=False)
+        if validation is None:
+            validation = _phantoms(cache, config, subjects, held_out=True) / "public"
     clipping = float(run_config.get("secagg-clipping-range", 0) or CLIPPING_RANGE)
     max_weight = float(run_config.get("secagg-max-weight", 0) or subjects)
-    return Study(config, run_dir, phantoms, checkpoint, resume, clipping, max_weight)
+    return Study(config, run_dir, phantoms, checkpoint, resume, clipping, max_weight, validation)
 
 
 def _round_dir(run_dir: Path, round_number: int) -> Path:
@@ -326,7 +364,7 @@ class StudyStrategy(FedAvg):
                 "study": self.study_text,
                 "keys": json.dumps(self.keys),
                 "checkpoint": str(self.study.checkpoint),
-                "phantoms": str(self.study.phantoms),
+                "phantoms": str(self.study.phantoms or ""),
                 "site-states": str(self.study.run_dir / "sites"),
                 # 0: plain FedAvg; else the site checks its delta fits SecAgg+'s range
                 "clipping-range": self.study.clipping_range if self.secure else 0.0,

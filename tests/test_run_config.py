@@ -1,0 +1,76 @@
+"""`flwr run` run config: declared overrides, reserved keys and the pretraining cache key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
+
+from fedsynth.common.config import config_hash, load_config, pretraining_hash, to_dict
+from fedsynth.common.errors import FedsynthError
+from fedsynth.server.server_app import RESERVED, config_overrides, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def declared() -> dict:
+    """The run config as Flower builds it from pyproject.toml (flattened, dotted keys)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return flatten_dict(pyproject["tool"]["flwr"]["app"]["config"])
+
+
+def _lookup(config_dict: dict, dotted: str):
+    value = config_dict
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def test_every_declared_override_is_a_config_key_and_unset_by_default():
+    overridable = {k: v for k, v in declared().items() if k not in RESERVED}
+    assert "privacy.target-epsilon" in overridable and "federation.rounds" in overridable
+    assert all(v == "" for v in overridable.values()), "a declared default would mask the file"
+    assert config_overrides(declared()) == {}
+    default = to_dict(load_config("default"))
+    for key in overridable:
+        value = _lookup(default, key)
+        # each key is accepted (the value of the default preset round-trips)
+        assert to_dict(load_config("default", {key: value})) == default, key
+
+
+def test_an_override_from_the_command_line_reaches_the_config():
+    # what `flwr run . -c 'privacy.target-epsilon=5 federation.rounds=3'` gives the ServerApp
+    fused = fuse_dicts(
+        declared(), parse_config_args(["privacy.target-epsilon=5 federation.rounds=3"])
+    )
+    config = load_config("tiny", config_overrides(fused))
+    assert config.privacy.target_epsilon == 5.0 and config.federation.rounds == 3
+    # unset keys keep the preset's own values (tiny has 2 rounds, default 5)
+    assert load_config("tiny", config_overrides(declared())).federation.rounds == 2
+    with pytest.raises(ValueError, match="not present"):
+        fuse_dicts(declared(), parse_config_args(["privacy.nonsense=1"]))
+
+
+def test_pretraining_cache_key_ignores_privacy_and_federation():
+    base = load_config("tiny")
+    same = load_config("tiny", {"privacy.target-epsilon": 3, "federation.rounds": 7})
+    assert config_hash(same) != config_hash(base)
+    assert pretraining_hash(same) == pretraining_hash(base)
+    for key, value in (("unet.token-dim", 16), ("training.pretrain-steps", 3), ("seed", 4)):
+        assert pretraining_hash(load_config("tiny", {key: value})) != pretraining_hash(base), key
+
+
+def test_prepare_with_a_public_checkpoint_generates_nothing(tmp_path, tiny_checkpoint):
+    run_config = declared() | {
+        "config": "tiny",
+        "run-dir": str(tmp_path / "run"),
+        "checkpoint": str(tiny_checkpoint),
+        "paths.cache-dir": str(tmp_path / "c"),
+    }
+    study = prepare(run_config)
+    assert study.checkpoint == tiny_checkpoint.resolve() and study.phantoms is None
+    assert study.validation is None and not (tmp_path / "c").exists()
+    with pytest.raises(FedsynthError, match="validation-data='/nowhere': no such folder"):
+        prepare({**run_config, "validation-data": "/nowhere"})
