@@ -59,6 +59,20 @@ class SiteBudget:
     def spent(self) -> list[Segment]:
         return spent_segments(read_ledger(self.ledger_path), self.site)
 
+    def history(self) -> list[list[float]]:
+        """[round, noise_multiplier, sample_rate, steps] of every round this site trained,
+        oldest first: the server charges any the server's own ledger lacks."""
+        return [
+            [
+                int(e["round"]),
+                float(e["noise_multiplier"]),
+                float(e["sample_rate"]),
+                int(e["steps"]),
+            ]
+            for e in read_ledger(self.ledger_path)
+            if e["status"] == "trained" and int(e["steps"]) > 0 and e["site"] == self.site
+        ]
+
     def spent_epsilon(self, privacy: PrivacyConfig) -> float:
         return epsilon(self.spent(), privacy.delta, privacy.accountant)
 

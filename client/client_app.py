@@ -10,7 +10,9 @@ allows come from the node config (client/node_config.py), never from the server.
 
 The reply carries the weight DELTA (trained - global), num_examples = subjects (the
 FedAvg weight) and, as metrics, the site's name, a refusal's reason and only what anyone
-may recompute the spend from: noise_multiplier, sample_rate, steps, subjects and refused.
+may recompute the spend from: noise_multiplier, sample_rate, steps, subjects, refused and
+`history`, the site's own ledger of trained rounds, so the server can charge a round whose
+update it never received (a lost reply, a server killed before its ledger line).
 No loss and no epsilon: the server recomputes epsilon itself from these numbers. Under
 SecAgg+ the delta leaves the site only masked (and widened to float64 first, see
 _widened); a refused site answers a zero delta with weight 0 so the protocol keeps its
@@ -34,8 +36,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedsynth.client.budget import BudgetRefusal
-from fedsynth.client.node_config import site_settings
+from fedsynth.client.budget import BudgetRefusal, SiteBudget
+from fedsynth.client.node_config import SiteSettings, site_settings
 from fedsynth.client.site_round import run_site_round
 from fedsynth.common.config import config_from_dict
 from fedsynth.common.errors import FedsynthError
@@ -74,7 +76,8 @@ def site_round_reply(
     except BudgetRefusal as refusal:
         zeros = {k: np.zeros_like(v.numpy()) for k, v in weights.items()}
         metrics = {"noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0, "subjects": 0,
-                   "refused": 1, "site": settings.name, "reason": str(refusal)}  # fmt: skip
+                   "refused": 1, "site": settings.name, "reason": str(refusal),
+                   "history": _history(settings)}  # fmt: skip
         return zeros, 0, metrics
     plan = update.plan
     delta = {
@@ -91,8 +94,14 @@ def site_round_reply(
         "refused": 0,
         "site": settings.name,
         "reason": "",
+        "history": _history(settings),
     }
     return delta, int(plan.subjects), metrics
+
+
+def _history(settings: SiteSettings) -> str:
+    """The site's own ledger of trained rounds (JSON): spend the server may have missed."""
+    return json.dumps(SiteBudget(settings.name, settings.state_dir, settings.max_epsilon).history())
 
 
 def _check_fits_secure_aggregation(

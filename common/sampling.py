@@ -167,9 +167,9 @@ def _write_manifest(
     atomic_write_text(path, buffer.getvalue())
 
 
-def _title(image: Path, row: dict[str, float]) -> str:
+def volume_title(image: Path | str, row: dict[str, float]) -> str:
     """The volume's name and the requested attributes one can check by eye."""
-    parts = [image.name.removesuffix(".nii.gz")]
+    parts = [image if isinstance(image, str) else image.name.removesuffix(".nii.gz")]
     for name, unit in (("lvedv", "mL"), ("lvesv", "mL")):
         if name in row:
             parts.append(f"{name.upper()} {row[name]:g} {unit}")
@@ -182,22 +182,27 @@ def write_montage(
     path: Path, images: list[Path], rows: list[dict[str, float]], config: Config
 ) -> None:
     """Basal-ish, mid and apical-ish slices (slices run base to apex) of the first 8 volumes."""
+    shown = list(zip(images[:8], rows, strict=False))
+    volumes = [np.asanyarray(nib.load(image).dataobj) for image, _ in shown]
+    montage(path, volumes, [volume_title(image, row) for image, row in shown], config)
+
+
+def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Config) -> None:
+    """One row per (H, W, D) volume in [0, 1]: basal-ish, mid and apical-ish slices."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = list(zip(images[:8], rows, strict=False))
     depth = config.data.shape[2]
     columns = {"basal": round(0.25 * (depth - 1)), "mid": depth // 2}
     columns["apical"] = round(0.75 * (depth - 1))
     sx, sy, _ = config.data.spacing
-    fig = plt.figure(figsize=(7.5, 2.8 * len(shown)), layout="constrained")
-    for subfig, (image, row) in zip(
-        np.atleast_1d(fig.subfigures(len(shown), 1)), shown, strict=True
+    fig = plt.figure(figsize=(7.5, 2.8 * len(volumes)), layout="constrained")
+    for subfig, volume, title in zip(
+        np.atleast_1d(fig.subfigures(len(volumes), 1)), volumes, titles, strict=True
     ):
-        volume = np.asanyarray(nib.load(image).dataobj)
-        subfig.suptitle(_title(image, row), fontsize=10)
+        subfig.suptitle(title, fontsize=10)
         for ax, (label, k) in zip(subfig.subplots(1, 3), columns.items(), strict=True):
             ax.imshow(
                 volume[:, :, k].T, cmap="gray", vmin=0, vmax=1, origin="lower", aspect=sy / sx

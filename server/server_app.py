@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,12 +224,27 @@ def site_epsilons(ledger: list[dict], config: Config) -> dict[str, float]:
     }
 
 
-def write_summary(study: Study, rounds_done: int) -> dict:
+def study_validation_dir(study: Study) -> Path:
+    return study.run_dir / "validation"
+
+
+def _validation_losses(study: Study) -> dict[str, float]:
+    losses = {}
+    for path in sorted(study_validation_dir(study).glob("round-*.json")):
+        entry = json.loads(path.read_text())
+        losses[str(entry["round"])] = float(entry["loss"])
+    return losses
+
+
+def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
+    """summary.json (atomic): per-site and study epsilon recomputed from the ledger."""
     ledger = read_ledger(study.run_dir / LEDGER)
     per_site = site_epsilons(ledger, study.config)
+    montage = study_validation_dir(study) / f"round-{rounds_done:03d}.png"
     summary = {
         "rounds_done": rounds_done,
         "rounds_planned": study.config.federation.rounds,
+        "ended_early": ended or None,
         "target_epsilon": study.config.privacy.target_epsilon,
         "site_epsilon": per_site,
         "study_epsilon": max(per_site.values(), default=0.0),
@@ -237,13 +253,33 @@ def write_summary(study: Study, rounds_done: int) -> dict:
         "secure_aggregation": bool(study.config.federation.secure_aggregation),
         "checkpoint": str(_round_dir(study.run_dir, rounds_done)) if rounds_done else None,
         "pretrained": str(study.checkpoint),
+        "validation_loss": _validation_losses(study),
+        "montage": str(montage) if montage.is_file() else None,
     }
     atomic_write_text(study.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
+def ledger_table(summary: dict) -> str:
+    """The privacy ledger summary a study ends with, as a few aligned lines."""
+    lines = [
+        f"privacy ledger ({summary['accountant']}, delta {summary['delta']:g}, target epsilon "
+        f"{summary['target_epsilon']:g}, secure aggregation "
+        f"{'on' if summary['secure_aggregation'] else 'off'}):"
+    ]
+    for site, value in summary["site_epsilon"].items():
+        lines.append(f"  {site:<16} epsilon {value:.4f}")
+    lines.append(f"  {'study (max)':<16} epsilon {summary['study_epsilon']:.4f}")
+    lines.append(f"rounds {summary['rounds_done']}/{summary['rounds_planned']}")
+    if summary["ended_early"]:
+        lines[-1] += f" (ended {summary['ended_early']})"
+    if summary["montage"]:
+        lines.append(f"samples of the final model: {summary['montage']}")
+    return "\n".join(lines)
+
+
 def _ledger_line(
-    study: Study, round_number: int, site: str, segment: Segment | None, status: str
+    study: Study, round_number: int, site: str, segment: Segment | None, status: str, **extra
 ) -> dict:
     """One server ledger line, epsilon recomputed from the site's history plus this round."""
     privacy = study.config.privacy
@@ -261,9 +297,45 @@ def _ledger_line(
         "epsilon": epsilon(history, privacy.delta, privacy.accountant),
         "accountant": privacy.accountant,
         "status": status,
+        **extra,
     }
     append_entry(path, entry)
     return entry
+
+
+def reconcile(study: Study, site: str, reported: str) -> int:
+    """Charge rounds the site's own ledger holds and the server's does not; return how many.
+
+    A site records a round before its update leaves it, so an update the server never
+    received (a reply lost, a server killed before its ledger line) is still in the site's
+    history. Counted per round: a round the server already charged (trained, or no-reply
+    with the site's last plan) is not charged again.
+    """
+    charged = Counter(
+        int(e["round"]) for e in read_ledger(study.run_dir / LEDGER)
+        if e["site"] == site and e["status"] != "refused" and int(e["steps"]) > 0
+    )  # fmt: skip
+    by_round: dict[int, list[Segment]] = {}
+    for r, sigma, rate, steps in json.loads(reported or "[]"):
+        by_round.setdefault(int(r), []).append(Segment(float(sigma), float(rate), int(steps)))
+    added = 0
+    for r in sorted(by_round):
+        for segment in by_round[r][charged[r] :]:
+            _ledger_line(study, r, site, segment, "no-reply", reported_by_site=True)
+            added += 1
+    return added
+
+
+def site_is_spent(ledger: list[dict], site: str, config: Config) -> bool:
+    """The server's view: the site refused last time, or its epsilon reached the target."""
+    mine = [e for e in ledger if e["site"] == site]
+    if not mine:
+        return False
+    if mine[-1]["status"] == "refused":
+        return True
+    privacy = config.privacy
+    spent = epsilon(spent_segments(mine), privacy.delta, privacy.accountant)
+    return spent >= privacy.target_epsilon
 
 
 def _resume_point(study: Study) -> tuple[int, dict[str, torch.Tensor] | None]:
@@ -309,11 +381,14 @@ def mean_delta(updates: list[tuple[Parameters, int]]) -> list[np.ndarray]:
 class StudyStrategy(FedAvg):
     """One strategy for both paths: the plain default fit workflow and SecAgg+.
 
-    configure_fit sends the global weights (every state-dict tensor, in `keys` order) and
-    the study config; sites answer DELTAS (trained - global). aggregate_fit writes the
-    ledger lines (epsilon recomputed) and only then the round checkpoint. Under SecAgg+
-    every result's parameters are the same unmasked weighted mean (the workflow replaced
-    them); num_examples and metrics travel in clear, so the ledger is the same.
+    configure_fit picks the sites that still have budget (from the server's ledger) and
+    sends them the global weights (every state-dict tensor, in `keys` order) and the study
+    config; when too few are left it ends the study (`over` says why). Sites answer DELTAS
+    (trained - global). aggregate_fit writes the ledger lines (epsilon recomputed, missed
+    rounds charged from the sites' own histories, no-reply sites charged), only then the
+    round checkpoint, then validates on public held-out data. Under SecAgg+ every result's
+    parameters are the same unmasked weighted mean (the workflow replaced them);
+    num_examples and metrics travel in clear, so the ledger is the same.
     """
 
     def __init__(self, study: Study, weights: dict[str, torch.Tensor], done: int) -> None:
@@ -328,16 +403,23 @@ class StudyStrategy(FedAvg):
         self.done = done
         self.chosen: list[int] = []
         self.settled = 0  # the last workflow round aggregate_fit has written
+        self.over = ""  # why the study ended before its planned rounds ("" while it runs)
+        self.started = time.monotonic()
         # which site a node is (sites tell us in their replies), and its last plan, for
         # charging a site that was sent an instruction and did not answer
         self.site_of: dict[int, str] = {}
         self.last_segment: dict[str, Segment] = {}
         for e in read_ledger(study.run_dir / LEDGER):
-            if e["status"] == "trained":
+            if e["status"] != "refused" and int(e["steps"]) > 0:
                 self.last_segment[e["site"]] = Segment(
                     float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
                 )
         self.study_text = json.dumps(to_dict(study.config))
+        self.validator = None
+        if study.validation is not None:
+            from fedsynth.server.validation import Validator
+
+            self.validator = Validator(study.checkpoint, study.validation, study.config)
 
     def _parameters(self) -> Parameters:
         return ndarrays_to_parameters([self.weights[k].numpy() for k in self.keys])
@@ -345,17 +427,41 @@ class StudyStrategy(FedAvg):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
         return self._parameters()
 
+    def select(self, proxies: list[ClientProxy]) -> list[ClientProxy]:
+        """Sites with budget left, those trained least first (they take turns)."""
+        ledger = read_ledger(self.study.run_dir / LEDGER)
+        config = self.study.config
+        usable = [
+            p for p in proxies
+            if p.node_id not in self.site_of
+            or not site_is_spent(ledger, self.site_of[p.node_id], config)
+        ]  # fmt: skip
+        trained = Counter(e["site"] for e in ledger if e["status"] == "trained")
+        usable.sort(key=lambda p: (trained[self.site_of.get(p.node_id, "")], p.node_id))
+        return usable[: config.federation.sites_per_round]
+
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        if self.over:
+            return []
+        round_number = self.done + server_round
         wanted = self.study.config.federation.sites_per_round
         client_manager.wait_for(wanted, timeout=int(NODE_WAIT_S))
         proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
         if not proxies:
             raise FedsynthError(f"no site connected within {NODE_WAIT_S:.0f} s")
-        chosen = proxies[:wanted]
+        chosen = self.select(proxies)
+        need = 2 if self.secure else 1
+        if len(chosen) < need:
+            self.over = (
+                f"before round {round_number}: {len(chosen)} of {len(proxies)} connected sites "
+                f"have budget left ({need} needed"
+                + (" for secure aggregation)" if self.secure else ")")
+            )
+            print(f"[fedsynth] study ends {self.over}", flush=True)
+            return []
         self.chosen = [p.node_id for p in chosen]
-        round_number = self.done + server_round
         print(f"[fedsynth] round {round_number}: {len(chosen)} sites", flush=True)
         instruction = FitIns(
             self._parameters(),
@@ -373,15 +479,12 @@ class StudyStrategy(FedAvg):
         )
         return [(proxy, instruction) for proxy in chosen]
 
-    def aggregate_fit(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, FitRes]],
-        failures: list[tuple[ClientProxy, FitRes] | BaseException],
-    ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        study, round_number = self.study, self.done + server_round
+    def _charge(self, round_number: int, results: list[tuple[ClientProxy, FitRes]]) -> tuple:
+        """Ledger lines for this round: replies, missed history, and silent sites."""
+        study = self.study
         answered: set[int] = set()
         trained: list[tuple[Parameters, int]] = []
+        refused = silent = 0
         for proxy, res in results:
             node = proxy.node_id
             answered.add(node)
@@ -391,21 +494,37 @@ class StudyStrategy(FedAvg):
             if int(m["refused"]):
                 print(f"[fedsynth] round {round_number}: {site} refused: {m['reason']}")
                 _ledger_line(study, round_number, site, None, "refused")
-                continue
-            segment = Segment(
-                float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"])
-            )
-            self.last_segment[site] = segment
-            _ledger_line(study, round_number, site, segment, "trained")
-            trained.append((res.parameters, int(res.num_examples)))
-        for failure in failures:
-            print(f"[fedsynth] round {round_number}: failure: {failure}", flush=True)
+                refused += 1
+            else:
+                segment = Segment(
+                    float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"])
+                )
+                self.last_segment[site] = segment
+                _ledger_line(study, round_number, site, segment, "trained")
+                trained.append((res.parameters, int(res.num_examples)))
+            missed = reconcile(study, site, str(m.get("history", "[]")))
+            if missed:
+                print(f"[fedsynth] {site}: charged {missed} round(s) from its own ledger")
         for node in self.chosen:
             if node not in answered:
                 site = self.site_of.get(node, f"node-{node}")
                 print(f"[fedsynth] round {round_number}: {site} did not answer", flush=True)
-                # charged anyway, with its last known plan (its own ledger is authoritative)
+                # charged with its last known plan; a site never heard from is charged
+                # from its own history (reconcile) when it next answers
                 _ledger_line(study, round_number, site, self.last_segment.get(site), "no-reply")
+                silent += 1
+        return trained, refused, silent
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        study, round_number = self.study, self.done + server_round
+        for failure in failures:
+            print(f"[fedsynth] round {round_number}: failure: {failure}", flush=True)
+        trained, refused, silent = self._charge(round_number, results)
         if trained:
             # SecAgg+: every result holds the same aggregate, already weighted by subjects
             delta = parameters_to_ndarrays(trained[0][0]) if self.secure else mean_delta(trained)
@@ -416,23 +535,46 @@ class StudyStrategy(FedAvg):
                     self.weights[key] = (old.double() + change).to(old.dtype)
         # the ledger lines above are on disk (fsync'd) before the round's model is saved
         save_round(study, round_number, self.weights, {"sites_trained": len(trained)})
+        loss = self._validate(round_number)
         summary = write_summary(study, round_number)
-        print(f"[fedsynth] round {round_number} done: {summary['site_epsilon']}", flush=True)
+        epsilons = ", ".join(f"{k} {v:.3g}" for k, v in summary["site_epsilon"].items())
+        print(
+            f"[fedsynth] round {round_number}/{study.config.federation.rounds}: "
+            f"{len(trained)} trained, {refused} refused, {silent} no reply; "
+            + (f"validation loss {loss:.4f}; " if loss is not None else "")
+            + f"epsilon {epsilons}; {time.monotonic() - self.started:.0f} s",
+            flush=True,
+        )
         self.settled = server_round
         return self._parameters(), {}
+
+    def _validate(self, round_number: int) -> float | None:
+        """Held-out public loss and montage; kept next to the round's checkpoint."""
+        if self.validator is None:
+            return None
+        folder = study_validation_dir(self.study)
+        loss = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
+        atomic_write_text(
+            folder / f"round-{round_number:03d}.json",
+            json.dumps({"round": round_number, "loss": loss}) + "\n",
+        )
+        return loss
 
 
 class _SettledFit:
     """A fit workflow, then aggregate_fit with nothing if it halted (SecAgg+ too few sites)
-    so that the round still gets its ledger lines (no-reply) and its checkpoint."""
+    so that the round still gets its ledger lines (no-reply) and its checkpoint. Once the
+    study is over (no site with budget left), the remaining rounds do nothing."""
 
     def __init__(self, fit: Any, strategy: StudyStrategy) -> None:
         self.fit, self.strategy = fit, strategy
 
     def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        if self.strategy.over:
+            return
         self.fit(grid, context)
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
-        if self.strategy.settled != server_round:
+        if self.strategy.settled != server_round and not self.strategy.over:
             print(f"[fedsynth] round {self.strategy.done + server_round}: aggregation halted")
             self.strategy.aggregate_fit(server_round, [], [])
 
@@ -452,13 +594,18 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
         workflow = DefaultWorkflow(fit_workflow=_SettledFit(fit, strategy))
         legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy)
         workflow(grid, legacy)
-    return write_summary(study, max(done, config.federation.rounds))
+    return write_summary(study, done + strategy.settled, strategy.over)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
-    study = prepare(dict(context.run_config), context.run_id)
-    print(f"[fedsynth] run dir {study.run_dir}", flush=True)
-    summary = run_federation(grid, study, context)
+    try:
+        study = prepare(dict(context.run_config), context.run_id)
+        print(f"[fedsynth] run dir {study.run_dir}", flush=True)
+        summary = run_federation(grid, study, context)
+    except FedsynthError as error:
+        print(f"[fedsynth] error: {error}", flush=True)
+        raise SystemExit(1) from None
+    print(ledger_table(summary), flush=True)
     print(f"[fedsynth] study done: {json.dumps(summary)}", flush=True)
