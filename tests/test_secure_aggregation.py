@@ -1,80 +1,29 @@
 """Flower SecAgg+ in the study's round loop, in process (no Ray, no SuperLink).
 
-A loopback Grid hands each message (a copy, as the wire would) to the real ClientApp mod
-(`secure_aggregation_when_asked`, i.e. Flower's secaggplus_mod) in front of fake sites
-that return fixed deltas, and the server side is the real StudyStrategy with the real
-SecAggPlusWorkflow / default fit workflow, ledger and round checkpoints.
+A loopback Grid (fedsynth.simulations.loopback) hands each message (a copy, as the wire
+would) to the real ClientApp mod (`secure_aggregation_when_asked`, i.e. Flower's
+secaggplus_mod) in front of fake sites that return fixed deltas, and the server side is
+the real StudyStrategy with the real SecAggPlusWorkflow / default fit workflow, ledger and
+round checkpoints.
 """
 
 from __future__ import annotations
 
-import copy
-from types import SimpleNamespace
-from uuid import uuid4
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, RecordDict
 from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid
 
 from fedsynth.client.client_app import secure_aggregation_when_asked
 from fedsynth.common.checkpoint import AUTOENCODER, write_metadata
 from fedsynth.common.config import load_config
 from fedsynth.common.ledger import read_ledger
 from fedsynth.server.server_app import Study, StudyStrategy, run_federation, secagg_settings
+from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
 SUBJECTS = {1: 6, 2: 10, 3: 4}  # node id -> subjects
-
-
-class LoopbackGrid(Grid):
-    """Delivers each message to a ClientApp in process; keeps every reply it received."""
-
-    def __init__(self, app: ClientApp, nodes: list[int]) -> None:
-        self.app = app
-        self.contexts = {
-            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
-            for n in nodes
-        }
-        self.received: list[Message] = []
-
-    def set_run(self, run):  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):
-        return SimpleNamespace(run_id=1)  # the client manager's proxies only read run_id
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(self.contexts)
-
-    def push_messages(self, messages):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover - not used
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for sent in messages:
-            meta = sent.metadata
-            msg = Message(
-                copy.deepcopy(sent.content), meta.dst_node_id, meta.message_type,
-                group_id=meta.group_id,
-            )  # fmt: skip
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            try:
-                reply = self.app(msg, self.contexts[meta.dst_node_id])
-            except Exception as exc:
-                reply = Message(Error(code=0, reason=repr(exc)), reply_to=msg)
-            self.received.append(copy.deepcopy(reply))
-            replies.append(reply)
-        return replies
 
 
 def _deltas(seed: int, keys_shapes: dict[str, tuple[int, ...]]) -> dict[int, list[np.ndarray]]:
@@ -139,14 +88,10 @@ def _federate(tmp_path, monkeypatch, secure: bool, deltas, weights, refuse=()):
         unet = torch.nn.Module()
 
     Pretrained.unet.state_dict = lambda: {k: v.clone() for k, v in weights.items()}
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # what a ServerApp process has set
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     monkeypatch.setattr(server_app, "StudyStrategy", Recording)
     monkeypatch.setattr(server_app, "load_pretrained", lambda _: Pretrained)
-    summary = run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
+    with task_identity():  # what a ServerApp process has set
+        summary = run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
     monkeypatch.undo()
     after = torch.load(study.run_dir / "rounds" / "round-001" / "unet.pt", weights_only=True)
     return after, summary, seen, grid, study
