@@ -12,6 +12,8 @@ killed and restarted at any step without losing or double-counting spend.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,24 @@ class SiteUpdate:
     weights: dict[str, torch.Tensor]
     plan: RoundPlan
     result: RoundResult
+
+
+_OBSERVERS: list[Callable[[SiteUpdate], None]] = []
+
+
+@contextlib.contextmanager
+def observe_site_rounds(observer: Callable[[SiteUpdate], None]) -> Iterator[None]:
+    """Call `observer` with every SiteUpdate this process produces while in the block.
+
+    In process only (the bench reads `update.result.seconds`, the DP-SGD wall time): it
+    sends nothing and changes nothing, and a real site never installs one. The observer
+    runs after the site's ledger line is written; an observer that raises fails the round.
+    """
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
 
 
 def run_site_round(
@@ -73,4 +93,7 @@ def run_site_round(
         device=device,
     )
     budget.record(round_number, plan)
-    return SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
+    update = SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
+    for observer in list(_OBSERVERS):
+        observer(update)
+    return update

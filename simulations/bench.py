@@ -6,11 +6,17 @@ Networks are built from the config with fresh weights: timing does not depend on
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import resource
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 
 import torch
 
@@ -18,6 +24,7 @@ from fedsynth.client.budget import sample_rate
 from fedsynth.client.dp_trainer import step_timings, train_round
 from fedsynth.common.config import Config
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
+from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import ConditionedUNet, build_autoencoder, latent_shape, resolve_device
 
 
@@ -97,8 +104,137 @@ def site_peak_memory_mb(config: Config) -> float:
         return pool.submit(_site_round_peak_mb, config).result()
 
 
+OVERHEAD_SITES = 3
+OVERHEAD_ROUNDS = 3  # round 1 warms up (site latent encoding), round 2 is measured
+
+
+@dataclass
+class RoundOverhead:
+    """One measured round of a study (see `round_overhead`)."""
+
+    secure: bool
+    round_seconds: float  # wall time of the measured round (one full cycle)
+    training_seconds: float  # local DP-SGD time in it, summed over sites
+    stages: frozenset[str]  # SecAgg+ stages the grid delivered during the whole study
+
+    @property
+    def overhead(self) -> float:
+        return max(0.0, 1.0 - self.training_seconds / self.round_seconds)
+
+
+_WORKSPACES: dict[str, tempfile.TemporaryDirectory] = {}
+
+
+def _overhead_workspace(config: Config) -> Path:
+    """Phantom sites and a short public pretraining for `config`, made once per process in
+    a temporary folder (removed at exit): timing does not depend on how well it is trained."""
+    from fedsynth.common.config import config_hash, load_config, to_yaml
+    from fedsynth.server.pretrain import pretrain
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    key = config_hash(config)
+    if key not in _WORKSPACES:
+        workspace = tempfile.TemporaryDirectory(prefix="fedsynth-bench-")
+        root = Path(workspace.name)
+        (root / "config.yaml").write_text(to_yaml(config))
+        generate_cohorts(
+            root / "phantoms", OVERHEAD_SITES, SITE_SUBJECTS, config.seed,
+            public_subjects=SITE_SUBJECTS, progress=False,
+        )  # fmt: skip
+        short = load_config(
+            root / "config.yaml", {"training.pretrain-steps": 1, "autoencoder.steps": 1}
+        )
+        pretrain(short, root / "phantoms" / "public", root / "checkpoint", show_progress=False)
+        _WORKSPACES[key] = workspace
+    return Path(_WORKSPACES[key].name)
+
+
+@contextlib.contextmanager
+def _quiet_flower() -> Iterator[None]:
+    """Flower's per-stage log lines only at WARNING and above while measuring."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def round_overhead(config: Config, secure: bool) -> RoundOverhead:
+    """One study of OVERHEAD_ROUNDS rounds through the real ServerApp loop
+    (`run_federation`) and the real ClientApp, with OVERHEAD_SITES phantom sites of
+    SITE_SUBJECTS subjects delivered in process by a LoopbackGrid (one site after another),
+    validation off; SecAgg+ on or off.
+
+    Measured: round 2, from the grid taking its first message to the grid taking round 3's
+    first message, so it holds exactly one of every per-round step (server: selection,
+    fit instructions, aggregation, ledger, checkpoint; sites: checkpoint load, budget
+    planning, ledger, delta, SecAgg+ masking; and Flower's messages) but not round 1's
+    one-time site latent encoding. Training time: `train_round`'s own wall time (the DP-SGD
+    loop) at each site in that round, summed, read in process (nothing extra is sent).
+    """
+    from flwr.app import Context, RecordDict
+
+    from fedsynth.client.client_app import app
+    from fedsynth.client.site_round import observe_site_rounds
+    from fedsynth.server.server_app import prepare, run_federation
+    from fedsynth.simulations.loopback import LoopbackGrid, task_identity
+
+    root = _overhead_workspace(config)
+    mode = "secagg" if secure else "plain"
+    with tempfile.TemporaryDirectory(prefix=f"fedsynth-bench-{mode}-") as tmp:
+        study = prepare({
+            "config": str(root / "config.yaml"), "run-dir": str(Path(tmp) / "run"),
+            "checkpoint": str(root / "checkpoint"), "validation-data": "",
+            "secagg-max-weight": SITE_SUBJECTS,
+            "federation.secure-aggregation": secure, "federation.rounds": OVERHEAD_ROUNDS,
+            "federation.sites": OVERHEAD_SITES, "federation.sites-per-round": OVERHEAD_SITES,
+        })  # fmt: skip
+        sites = {
+            n: {"data-path": str(root / "phantoms" / f"site-{n}"),
+                "state-dir": str(Path(tmp) / "states" / f"site-{n}")}
+            for n in range(1, OVERHEAD_SITES + 1)
+        }  # fmt: skip
+        grid = LoopbackGrid(app, sites)
+        trained: list[tuple[float, float]] = []  # (when observed, DP-SGD seconds)
+        observe = lambda update: trained.append((time.perf_counter(), update.result.seconds))  # noqa: E731
+        with (
+            task_identity(),
+            observe_site_rounds(observe),
+            contextlib.redirect_stdout(sys.stderr),  # the study's progress lines
+            _quiet_flower(),
+        ):
+            run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
+    # each round opens with one message per site: the plain fit or SecAgg+'s setup
+    opening = [d.started for d in grid.deliveries if d.stage in (None, "setup")]
+    starts = opening[::OVERHEAD_SITES]
+    if len(opening) != OVERHEAD_SITES * OVERHEAD_ROUNDS or len(trained) < len(opening):
+        raise FedsynthError(
+            f"round overhead ({mode}): expected {OVERHEAD_ROUNDS} rounds of "
+            f"{OVERHEAD_SITES} trained sites, the grid saw {len(opening)} opening messages "
+            f"and {len(trained)} trained rounds"
+        )
+    begin, end = starts[1], starts[2]
+    training = sum(seconds for when, seconds in trained if begin <= when < end)
+    stages = frozenset(d.stage for d in grid.deliveries if d.stage is not None)
+    return RoundOverhead(secure, end - begin, training, stages)
+
+
+def round_overhead_plain(config: Config) -> float:
+    """Fraction of a round's wall time not spent in local training, plain FedAvg."""
+    return round_overhead(config, secure=False).overhead
+
+
+def round_overhead_secagg(config: Config) -> float:
+    """Fraction of a round's wall time not spent in local training, with SecAgg+."""
+    return round_overhead(config, secure=True).overhead
+
+
 MEASURES: dict[str, Callable[[Config], float]] = {
     "ddim_speedup_over_ddpm": ddim_speedup_over_ddpm,
     "dp_step_over_nonprivate": dp_step_over_nonprivate,
+    "round_overhead_plain": round_overhead_plain,
+    "round_overhead_secagg": round_overhead_secagg,
     "site_peak_memory_mb": site_peak_memory_mb,
 }

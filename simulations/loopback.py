@@ -41,6 +41,7 @@ class Delivery:
     node_id: int
     message_type: str
     stage: str | None  # the SecAgg+ stage, None for a plain message
+    started: float  # time.perf_counter() when the grid took the message
     seconds: float  # wall time of the ClientApp call (0.0 when it never arrived)
     replied: bool  # False when the grid dropped the reply
 
@@ -150,16 +151,15 @@ class LoopbackGrid(Grid):
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             stage = secagg_stage(msg)
             dropped = self.drop is not None and self.drop(msg)
-            seconds = 0.0
+            start, seconds = time.perf_counter(), 0.0
             if not dropped or self.deliver_dropped:
-                start = time.perf_counter()
                 try:
                     reply = self.app(msg, self.contexts[meta.dst_node_id])
                 except Exception as exc:
                     reply = Message(Error(code=0, reason=repr(exc)), reply_to=msg)
                 seconds = time.perf_counter() - start
             self.deliveries.append(
-                Delivery(meta.dst_node_id, meta.message_type, stage, seconds, not dropped)
+                Delivery(meta.dst_node_id, meta.message_type, stage, start, seconds, not dropped)
             )
             if dropped:
                 continue

@@ -32,10 +32,49 @@ def test_dp_step_ratio_and_site_memory_are_measured():
     assert 100 < bench_tiny("site_peak_memory_mb") < 4000
 
 
+def test_round_overhead_plain_comes_out_of_the_cli():
+    # tiny trains 2 local steps a round: most of the round is Flower and the study loop
+    assert 0 <= bench_tiny("round_overhead_plain") < 1
+
+
+def test_round_overhead_secagg_is_measured_with_secagg_on():
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations.bench import round_overhead
+
+    measured = round_overhead(load_config("tiny"), secure=True)
+    assert measured.stages == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    assert 0 < measured.training_seconds < measured.round_seconds
+    assert 0 <= measured.overhead < 1
+
+
+def test_loopback_grid_leaves_out_a_dropped_sites_reply():
+    from flwr.app import Message, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from fedsynth.simulations.loopback import LoopbackGrid, drop_at, task_identity
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        return Message(RecordDict(), reply_to=msg)
+
+    grid = LoopbackGrid(app, [1, 2, 3], drop=drop_at(2, "train"))
+    with task_identity():
+        sent = [grid.create_message(RecordDict(), "train", n, "1") for n in (1, 2, 3)]
+        replies = grid.send_and_receive(sent)
+        assert sorted(r.metadata.src_node_id for r in replies) == [1, 3]
+        assert [d.replied for d in grid.deliveries] == [True, False, True]
+        # once gone, the site stays gone
+        again = grid.create_message(RecordDict(), "train", 2, "2")
+        assert grid.send_and_receive([again]) == []
+
+
 def test_unknown_key_is_one_line():
     proc = subprocess.run([*CLI, "--only", "nope", "--json"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         "fedsynth bench: error: unknown bench key 'nope' (known: ddim_speedup_over_ddpm, "
-        "dp_step_over_nonprivate, site_peak_memory_mb)"
+        "dp_step_over_nonprivate, round_overhead_plain, round_overhead_secagg, "
+        "site_peak_memory_mb)"
     )
