@@ -308,21 +308,31 @@ def reconcile(study: Study, site: str, reported: str) -> int:
 
     A site records a round before its update leaves it, so an update the server never
     received (a reply lost, a server killed before its ledger line) is still in the site's
-    history. Counted per round: a round the server already charged (trained, or no-reply
-    with the site's last plan) is not charged again.
+    history. Matched round by round on the exact numbers; a server line that charged a
+    silent site with its last plan stands in for whatever that site reports for the round.
     """
-    charged = Counter(
-        int(e["round"]) for e in read_ledger(study.run_dir / LEDGER)
-        if e["site"] == site and e["status"] != "refused" and int(e["steps"]) > 0
-    )  # fmt: skip
-    by_round: dict[int, list[Segment]] = {}
+    server: dict[int, list[Segment]] = {}
+    for e in read_ledger(study.run_dir / LEDGER):
+        if e["site"] == site and e["status"] != "refused" and int(e["steps"]) > 0:
+            segment = Segment(
+                float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
+            )
+            server.setdefault(int(e["round"]), []).append(segment)
+    missing: list[tuple[int, Segment]] = []
     for r, sigma, rate, steps in json.loads(reported or "[]"):
-        by_round.setdefault(int(r), []).append(Segment(float(sigma), float(rate), int(steps)))
+        segment = Segment(float(sigma), float(rate), int(steps))
+        charged = server.get(int(r), [])
+        if segment in charged:
+            charged.remove(segment)
+        else:
+            missing.append((int(r), segment))
     added = 0
-    for r in sorted(by_round):
-        for segment in by_round[r][charged[r] :]:
-            _ledger_line(study, r, site, segment, "no-reply", reported_by_site=True)
-            added += 1
+    for r, segment in missing:
+        if server.get(r):  # a last-plan charge for this round covers it
+            server[r].pop()
+            continue
+        _ledger_line(study, r, site, segment, "no-reply", reported_by_site=True)
+        added += 1
     return added
 
 

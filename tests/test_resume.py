@@ -1,0 +1,116 @@
+"""A study killed with SIGKILL at any point resumes from its run folder: same rounds, the
+ledger continued, no spend lost or counted twice, the same final epsilon.
+
+The study (real ServerApp loop and real ClientApp sites in one process, tests/study_driver.py)
+is killed where a crash hurts most: mid-round after a site recorded its spend but before
+the server heard of it; after the server's ledger lines but before the round's checkpoint;
+after the checkpoint but before the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fedsynth.common.ledger import read_ledger
+
+DRIVER = Path(__file__).with_name("study_driver.py")
+ROUNDS = 3
+SITES = ("site-1", "site-2", "site-3")
+
+
+@pytest.fixture(scope="module")
+def site_phantoms(tmp_path_factory) -> Path:
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    root = tmp_path_factory.mktemp("resume-phantoms")
+    generate_cohorts(root, sites=3, subjects=6, seed=0, public_subjects=1, progress=False)
+    return root
+
+
+def _drive(tmp: Path, checkpoint: Path, phantoms: Path, secure: bool, resume: bool, kill=""):
+    args = [sys.executable, str(DRIVER), str(tmp / "run"), str(checkpoint), str(phantoms),
+            str(tmp / "states"), str(ROUNDS), str(secure).lower(), str(resume).lower()]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run([*args, *([kill] if kill else [])], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+
+
+def _charged(entries: list[dict], site: str) -> Counter:
+    """(round, sigma, rate, steps) of every line that counts toward a site's epsilon."""
+    return Counter(
+        (e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"])
+        for e in entries
+        if e["site"] == site and e["status"] != "refused" and e["steps"] > 0
+    )
+
+
+def _finish(tmp: Path) -> dict:
+    run = tmp / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_done"] == ROUNDS and summary["ended_early"] is None
+    assert json.loads((run / "state.json").read_text())["rounds_done"] == ROUNDS
+    assert (run / "rounds" / f"round-{ROUNDS:03d}" / "unet.pt").is_file()
+    server = read_ledger(run / "ledger.jsonl")
+    for site in SITES:
+        own = read_ledger(tmp / "states" / site / "ledger.jsonl")
+        # every round the site trained (its own ledger, written before its update left
+        # it) is charged by the server exactly once: nothing lost, nothing twice
+        assert _charged(server, site) == _charged(own, site), site
+        # and the server's recomputed total agrees with the site's own
+        assert summary["site_epsilon"][site] == pytest.approx(own[-1]["epsilon"], rel=1e-9)
+    return summary
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_checkpoint, site_phantoms) -> dict:
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    done = _drive(tmp, tiny_checkpoint, site_phantoms, False, False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return _finish(tmp)
+
+
+@pytest.mark.parametrize(
+    ("kill", "secure"),
+    [
+        ("site-ledger:4", False),  # round 2: site-1 trained and recorded, server never heard
+        ("server-ledger:3", True),  # round 1 in the server ledger, no checkpoint yet
+        ("checkpoint:2", False),  # round 2 saved, summary not yet written
+    ],
+)
+def test_a_killed_study_resumes_without_losing_or_double_counting_spend(
+    tmp_path, tiny_checkpoint, site_phantoms, uninterrupted, kill, secure
+):
+    killed = _drive(tmp_path, tiny_checkpoint, site_phantoms, secure, False, kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    before = read_ledger(tmp_path / "run" / "ledger.jsonl")
+    resumed = _drive(tmp_path, tiny_checkpoint, site_phantoms, secure, True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    after = read_ledger(tmp_path / "run" / "ledger.jsonl")
+    assert after[: len(before)] == before  # continued, never rewritten
+    summary = _finish(tmp_path)
+    for site in SITES:
+        # each site plans on what it has spent, so even a round trained twice lands the
+        # study on the target: the same final epsilon as the uninterrupted run
+        want = uninterrupted["site_epsilon"][site]
+        assert summary["site_epsilon"][site] == pytest.approx(want, rel=0.01)
+        assert summary["site_epsilon"][site] <= summary["target_epsilon"]
+    if kill.startswith("site-ledger"):
+        assert "charged 1 round(s) from its own ledger" in resumed.stdout
+        assert any(e.get("reported_by_site") for e in after)
+
+
+def test_a_finished_study_refuses_to_start_again_without_resume(
+    tmp_path, tiny_checkpoint, site_phantoms
+):
+    first = _drive(tmp_path, tiny_checkpoint, site_phantoms, False, False, "checkpoint:1")
+    assert first.returncode == -signal.SIGKILL
+    again = _drive(tmp_path, tiny_checkpoint, site_phantoms, False, False)
+    assert again.returncode != 0
+    assert "already holds a study" in again.stdout + again.stderr
