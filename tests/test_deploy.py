@@ -115,12 +115,14 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def _start(cmd: list[str], home: Path, log: Path) -> subprocess.Popen:
+def _start(
+    cmd: list[str], home: Path, log: Path, extra: dict[str, str] | None = None
+) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(
             cmd,
             cwd=log.parent,
-            env=_env(home),
+            env={**_env(home), **(extra or {})},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -167,11 +169,9 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
     # the coordinator's `flwr` connection: address and the study's root certificate
     port = _free_port()
     cli = tmp_path / "coordinator-cli"
-    cli.mkdir()
-    (cli / "config.toml").write_text(
-        '[superlink]\ndefault = "study"\n\n[superlink.study]\n'
-        f'address = "127.0.0.1:{port}"\nroot-certificates = "{certs / "ca.crt"}"\n'
-    )
+    connected = _script(DEPLOY / "flwr-connection.sh", cli, "study", f"127.0.0.1:{port}",
+                        certs / "ca.crt")  # fmt: skip
+    assert connected.returncode == 0, connected.stderr
     procs: list[subprocess.Popen] = []
     logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "site-1", "site-2", "rogue")}
     try:
@@ -191,26 +191,21 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
                 logs["superlink"],
             )
         )  # fmt: skip
-        node_ids = {}
-        deadline = time.monotonic() + 60
-        for site in ("site-1", "site-2"):
-            while True:  # until the SuperLink answers
-                reg = _flwr(cli, "supernode", "register", str(keys / f"{site}.key.pub"),
-                            "study", "--format", "json")  # fmt: skip
-                # `flwr` may exit 0 with {"success": false} while the SuperLink starts
-                answer = json.loads(reg.stdout) if reg.stdout.strip().startswith("{") else {}
-                if answer.get("success") or time.monotonic() > deadline:
-                    break
-                time.sleep(1)
-            assert answer.get("success"), reg.stdout + reg.stderr + logs["superlink"].read_text()
-            node_ids[site] = str(answer["node-id"])
+        registered = subprocess.run(
+            ["bash", str(DEPLOY / "register-sites.sh"), "study",
+             str(keys / "site-1.key.pub"), str(keys / "site-2.key.pub")],
+            env=_env(cli), capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert registered.returncode == 0, registered.stderr + logs["superlink"].read_text()
+        node_ids = dict(line.split() for line in registered.stdout.splitlines())
+        assert sorted(node_ids) == ["site-1", "site-2"], registered.stdout
 
-        for name in ("site-1", "site-2", "rogue"):
-            data = tmp_path / "data" / ("site-2" if name == "site-2" else "site-1")
+        for name in ("site-1", "rogue"):  # the runbook's flower-supernode command
             home = tmp_path / f"{name}-home"
             home.mkdir()
             node_config = (
-                f'data-path="{data}" state-dir="{tmp_path / "state" / name}" '
+                f'data-path="{tmp_path / "data" / "site-1"}" '
+                f'state-dir="{tmp_path / "state" / name}" '
                 f'max-epsilon=10 site-name="{name}" checkpoint="{tiny_checkpoint}"'
             )
             procs.append(
@@ -226,16 +221,30 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
                     logs[name],
                 )
             )  # fmt: skip
+        # site-2 through the site container's entrypoint: site-check, then the SuperNode
+        (tmp_path / "site-2-home").mkdir()
+        site_2 = {
+            "SUPERLINK": f"127.0.0.1:{port}", "SITE_NAME": "site-2", "MAX_EPSILON": "10",
+            "DATA_PATH": str(tmp_path / "data" / "site-2"),
+            "STATE_DIR": str(tmp_path / "state" / "site-2"),
+            "CHECKPOINT": str(tiny_checkpoint), "ROOT_CERT": str(certs / "ca.crt"),
+            "NODE_KEY": str(keys / "site-2.key"),
+        }  # fmt: skip
+        procs.append(
+            _start(
+                ["bash", str(DEPLOY / "site-entrypoint.sh"), "--port", str(_free_port()),
+                 "--max-retries", "1", "--max-wait-time", "15"],
+                tmp_path / "site-2-home",
+                logs["site-2"],
+                site_2,
+            )
+        )  # fmt: skip
+        rogue = procs[-2]
 
         def nodes() -> dict[str, str]:
             listed = _flwr(cli, "supernode", "list", "study", "--format", "json")
             assert listed.returncode == 0, listed.stdout + listed.stderr
             return {n["node-id"]: n["status"] for n in json.loads(listed.stdout)["nodes"]}
-
-        deadline = time.monotonic() + 60
-        while set(nodes().values()) != {"online"} and time.monotonic() < deadline:
-            time.sleep(1)
-        assert nodes() == {node_ids["site-1"]: "online", node_ids["site-2"]: "online"}
 
         started = _flwr(
             cli, "run", ".", "study", "-c",
@@ -246,9 +255,14 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
         )  # fmt: skip
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
+        # (the ServerApp waits for its sites; meanwhile: registering again is harmless)
+        again = subprocess.run(
+            ["bash", str(DEPLOY / "register-sites.sh"), "study", str(keys / "site-1.key.pub")],
+            env=_env(cli), capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert again.returncode == 0 and again.stdout.split() == ["site-1", "already-registered"]
 
         # the unregistered key: the SuperLink refuses to activate it and it gives up
-        rogue = procs[-1]
         rogue.wait(timeout=60)
         assert rogue.returncode != 0
         assert "Failed to activate SuperNode" in logs["rogue"].read_text()
@@ -265,8 +279,8 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
         log = _flwr(cli, "log", run_id, "study", "--show").stdout
         assert status == "finished:completed", f"run {run_id} ended {status}:\n{log[-4000:]}"
         assert "Secure aggregation completed" in log, log[-4000:]
-        # the rogue never joined: only the two registered nodes exist
-        assert set(nodes()) == {node_ids["site-1"], node_ids["site-2"]}
+        # the rogue never joined: only the two registered nodes exist, both came online
+        assert nodes() == {node_ids["site-1"]: "online", node_ids["site-2"]: "online"}
     finally:
         _stop(procs)
 
@@ -278,10 +292,12 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
     for site in ("site-1", "site-2"):  # each site's own ledger, in its own state dir
         assert len(read_ledger(tmp_path / "state" / site / "ledger.jsonl")) == 1
     assert not (tmp_path / "state" / "rogue").exists()
+    assert '"usable": 4' in logs["site-2"].read_text()  # site-check ran before joining
 
 
-@pytest.mark.parametrize("script", ["make-certs.sh", "make-node-key.sh"])
-def test_scripts_are_strict_bash(script):
+@pytest.mark.parametrize("script", sorted(p.name for p in DEPLOY.glob("*.sh")))
+def test_scripts_are_strict_bash_with_usage(script):
     text = (DEPLOY / script).read_text()
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
-    assert os.access(DEPLOY / script, os.X_OK)
+    assert "Usage" in text and os.access(DEPLOY / script, os.X_OK)
+    assert subprocess.run(["bash", "-n", DEPLOY / script], check=False).returncode == 0
