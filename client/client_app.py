@@ -25,9 +25,9 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
@@ -38,10 +38,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
 from fedsynth.client.node_config import SiteSettings, site_settings
-from fedsynth.client.site_round import run_site_round
 from fedsynth.common.config import config_from_dict
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.models import resolve_device
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _optional_path(sent: Mapping[str, object], key: str) -> Path | None:
@@ -59,6 +60,11 @@ def site_round_reply(
     With `clipping-range` > 0 (SecAgg+), a delta or a weight outside what SecAgg+ can
     carry unclipped is an error, never silently clipped.
     """
+    # torch, MONAI and Opacus load only here: Flower starts a ClientApp process per
+    # message, and the SecAgg+ stages other than training need none of them
+    from fedsynth.client.site_round import run_site_round
+    from fedsynth.common.models import resolve_device
+
     round_number = int(sent["round"])
     config = config_from_dict(json.loads(str(sent["study"])))
     settings = site_settings(
@@ -132,6 +138,10 @@ class SiteClient(NumPyClient):
         self.node_config = node_config
 
     def fit(self, parameters, config):  # type: ignore[override]
+        import torch
+
+        if "OMP_NUM_THREADS" not in os.environ:  # simulated sites share the machine's cores
+            torch.set_num_threads(1)
         keys = json.loads(str(config["keys"]))
         weights = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, parameters, strict=True)}
         delta, subjects, metrics = site_round_reply(weights, config, self.node_config)
@@ -168,12 +178,3 @@ def client_fn(context: Context):
 
 
 app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_when_asked])
-
-
-def _threads() -> None:
-    """One torch thread per simulated site unless OMP_NUM_THREADS says otherwise."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-
-
-_threads()

@@ -609,7 +609,7 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
+    # all cores: pretraining and validation run while the sites are idle
     try:
         study = prepare(dict(context.run_config), context.run_id)
         print(f"[fedsynth] run dir {study.run_dir}", flush=True)

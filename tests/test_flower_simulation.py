@@ -8,6 +8,7 @@ fails, so the run's status is read back with `flwr ls --run-id ID --format json`
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -103,7 +104,7 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
             "--federation-config",
             "num-supernodes=3",
             "-c",
-            f'config="{study}" run-dir="{run_dir}" phantom-subjects=6',
+            f'config="{study}" run-dir="{run_dir}" phantom-subjects=6 privacy.target-epsilon=8',
         )
         assert started.returncode == 0, started.stdout + started.stderr
         run_id = re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
@@ -134,6 +135,7 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
     assert all(e["noise_multiplier"] > 0 for e in ledger)
     assert all(e["sample_rate"] == pytest.approx(4 / 6) for e in ledger)  # batch 4 of 6
     summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["target_epsilon"] == 8.0  # the -c override reached the study
     assert summary["rounds_done"] == 2 and summary["secure_aggregation"] is secure
     assert summary["delta"] == 1e-5 and summary["accountant"] == "rdp"
     for site in SITES:
@@ -149,6 +151,12 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
         assert [e["noise_multiplier"] for e in own] == [e["noise_multiplier"] for e in mine]
     assert (run_dir / "rounds" / "round-002" / "unet.pt").is_file()
     assert json.loads((run_dir / "state.json").read_text())["rounds_done"] == 2
+    # validated each round on public held-out phantoms: a loss and a montage
+    assert sorted(summary["validation_loss"]) == ["1", "2"]
+    assert all(math.isfinite(v) for v in summary["validation_loss"].values())
+    for r in (1, 2):
+        assert (run_dir / "validation" / f"round-00{r}.png").stat().st_size > 10_000
+    assert summary["montage"] == str(run_dir / "validation" / "round-002.png")
 
 
 def test_a_spent_site_replies_refused_without_reading_data(tmp_path):
