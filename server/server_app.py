@@ -184,7 +184,7 @@ def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
             from fedsynth.server.pretrain import pretrain
 
             print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
-            pretrain(config, phantoms / "public", checkpoint, show_progress=False)
+            pretrain(config, phantoms / "public", checkpoint, show_progress=True)
         if validation is None:
             validation = _phantoms(cache, config, subjects, held_out=True) / "public"
     clipping = float(run_config.get("secagg-clipping-range", 0) or CLIPPING_RANGE)
@@ -595,6 +595,9 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
     if weights is None:
         weights = load_pretrained(study.checkpoint).unet.state_dict()
     strategy = StudyStrategy(study, weights, done)
+    if done == 0 and strategy.validator is not None:  # the public checkpoint: a baseline
+        loss = strategy._validate(0)
+        print(f"[fedsynth] round 0 (public checkpoint): validation loss {loss:.4f}", flush=True)
     remaining = config.federation.rounds - done
     if remaining > 0:
         if config.federation.secure_aggregation:

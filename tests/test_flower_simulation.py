@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_package import main_job_federation_config
 
 from fedsynth.common.accountant import epsilon
 from fedsynth.common.ledger import read_ledger, spent_segments
@@ -102,7 +103,7 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
             "run",
             ".",
             "--federation-config",
-            "num-supernodes=3",
+            main_job_federation_config(),  # the README's main job's
             "-c",
             f'config="{study}" run-dir="{run_dir}" phantom-subjects=6 privacy.target-epsilon=8',
         )

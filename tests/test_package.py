@@ -52,8 +52,23 @@ def test_readme_quick_start_is_two_pinned_commands_and_ci_runs_the_second():
     assert 'if [ "$rc" -eq 5 ]' in ci
 
 
-def test_main_job_phantoms_pass_site_check_with_the_default_config(tmp_path):
-    """The README's main job at small size: every generated row is usable, grouped by subject."""
+def main_job_federation_config() -> str:
+    """The --federation-config of the README's main job (the slow flwr run test uses it)."""
+    main_job = quick_start_blocks()[0]
+    return re.search(r'--federation-config "([^"]+)"', main_job).group(1)
+
+
+def test_main_job_is_the_default_flwr_study_with_runtime_installs_off():
+    main_job = quick_start_blocks()[0]
+    install, run = main_job.split(" && . .venv/bin/activate && ")
+    assert install == "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ."
+    assert run.startswith("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . ")
+    assert "num-supernodes=3" in main_job_federation_config()  # the default study's 3 sites
+    assert " -c " not in run  # no preparation or overrides: the default config
+
+
+def test_generated_phantoms_pass_site_check_with_the_default_config(tmp_path):
+    """Phantoms at small size: every generated row is usable, grouped by subject."""
     from fedsynth.common.config import load_config
     from fedsynth.simulations.phantoms import RANGES
 
