@@ -87,6 +87,28 @@ def _stop(pids: list[int], grace: float = 15.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def _run_study(home: Path, overrides: str) -> str:
+    """`flwr run .` with the README's federation config; waits for the end; the run's log."""
+    started = _flwr(
+        home, "run", ".", "--federation-config", main_job_federation_config(), "-c", overrides
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
+    status = "running"
+    deadline = time.monotonic() + 420
+    while time.monotonic() < deadline:
+        listed = _flwr(home, "ls", "--run-id", run_id, "--format", "json")
+        [run] = json.loads(listed.stdout)["runs"]
+        status = run["status"]
+        if status.startswith("finished"):
+            break
+        time.sleep(3)
+    log = _flwr(home, "log", run_id, "--show").stdout
+    if status != "finished:completed":
+        pytest.fail(f"run {run_id} ended {status}:\n{log[-4000:]}")
+    return log
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [True, False], ids=["secagg+", "plain"])
 def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
@@ -97,37 +119,24 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
     )
     study = tmp_path / "study.yaml"
     study.write_text(STUDY.replace("CACHE", str(cache)).replace("SECURE", str(secure).lower()))
+    overrides = f'config="{study}" run-dir="{run_dir}" phantom-subjects=6 privacy.target-epsilon=8'
     try:
-        started = _flwr(
-            home,
-            "run",
-            ".",
-            "--federation-config",
-            main_job_federation_config(),  # the README's main job's
-            "-c",
-            f'config="{study}" run-dir="{run_dir}" phantom-subjects=6 privacy.target-epsilon=8',
-        )
-        assert started.returncode == 0, started.stdout + started.stderr
-        run_id = re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
-        status = "running"
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
-            listed = _flwr(home, "ls", "--run-id", run_id, "--format", "json")
-            [run] = json.loads(listed.stdout)["runs"]
-            status = run["status"]
-            if status.startswith("finished"):
-                break
-            time.sleep(3)
-        if status != "finished:completed":
-            log = _flwr(home, "log", run_id, "--show")
-            pytest.fail(f"run {run_id} ended {status}:\n{log.stdout[-4000:]}")
+        log = _run_study(home, overrides)
         if secure:
-            log = _flwr(home, "log", run_id, "--show").stdout
             assert "Secure aggregation completed" in log, log[-4000:]
+        first = read_ledger(run_dir / "ledger.jsonl")
+        summary = json.loads((run_dir / "summary.json").read_text())
+        state = json.loads((run_dir / "state.json").read_text())
+        if not secure:  # resume through the run config: one more round, ledger continued
+            _run_study(home, overrides + " resume=true federation.rounds=3")
+            resumed = read_ledger(run_dir / "ledger.jsonl")
+            assert resumed[: len(first)] == first
+            assert {e["round"] for e in resumed[len(first) :]} == {3}
+            assert json.loads((run_dir / "summary.json").read_text())["rounds_done"] == 3
     finally:
         _stop(_superlink_pids(home))
 
-    ledger = read_ledger(run_dir / "ledger.jsonl")
+    ledger = first
     assert sorted((e["round"], e["site"]) for e in ledger) == [
         (r, s) for r in (1, 2) for s in SITES
     ]
@@ -135,7 +144,6 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
     assert all(e["status"] == "trained" and e["steps"] == 2 for e in ledger)
     assert all(e["noise_multiplier"] > 0 for e in ledger)
     assert all(e["sample_rate"] == pytest.approx(4 / 6) for e in ledger)  # batch 4 of 6
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["target_epsilon"] == 8.0  # the -c override reached the study
     assert summary["rounds_done"] == 2 and summary["secure_aggregation"] is secure
     assert summary["delta"] == 1e-5 and summary["accountant"] == "rdp"
@@ -148,12 +156,12 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
         # planned to land on the target at the last round, never above it
         assert 0 < mine[-1]["epsilon"] <= summary["target_epsilon"] * (1 + 1e-6)
         # the site's own ledger agrees with the server's
-        own = read_ledger(run_dir / "sites" / site / "ledger.jsonl")
+        own = read_ledger(run_dir / "sites" / site / "ledger.jsonl")[: len(mine)]
         assert [e["noise_multiplier"] for e in own] == [e["noise_multiplier"] for e in mine]
     assert (run_dir / "rounds" / "round-002" / "unet.pt").is_file()
-    assert json.loads((run_dir / "state.json").read_text())["rounds_done"] == 2
+    assert state["rounds_done"] == 2
     # validated each round on public held-out phantoms: a loss and a montage
-    assert sorted(summary["validation_loss"]) == ["1", "2"]
+    assert sorted(summary["validation_loss"]) == ["0", "1", "2"]  # 0: the public checkpoint
     assert all(math.isfinite(v) for v in summary["validation_loss"].values())
     for r in (1, 2):
         assert (run_dir / "validation" / f"round-00{r}.png").stat().st_size > 10_000
