@@ -10,10 +10,11 @@ allows come from the node config (client/node_config.py), never from the server.
 
 The reply carries the weight DELTA (trained - global), num_examples = subjects (the
 FedAvg weight) and, as metrics, the site's name, a refusal's reason and only what anyone
-may recompute the spend from: noise_multiplier, sample_rate, steps, subjects, refused and
-`history`, the site's own ledger of trained rounds, so the server can charge a round whose
-update it never received (a lost reply, a server killed before its ledger line).
-No loss and no epsilon: the server recomputes epsilon itself from these numbers. Under
+may recompute the spend from: noise_multiplier, sample_rate, steps, subjects, refused,
+`history` (the site's own ledger of trained rounds, so the server can charge a round whose
+update it never received: a lost reply, a server killed before its ledger line) and
+`epsilon`, the site's own total so far, which the server only compares with its own
+recomputation (a mismatch means the two ledgers diverged) and never uses. No loss. Under
 SecAgg+ the delta leaves the site only masked (and widened to float64 first, see
 _widened); a refused site answers a zero delta with weight 0 so the protocol keeps its
 share holders and the sum is unchanged.
@@ -38,7 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
 from fedsynth.client.node_config import SiteSettings, site_settings
-from fedsynth.common.config import config_from_dict
+from fedsynth.common.config import Config, config_from_dict
 from fedsynth.common.errors import FedsynthError
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def site_round_reply(
         zeros = {k: np.zeros_like(v.numpy()) for k, v in weights.items()}
         metrics = {"noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0, "subjects": 0,
                    "refused": 1, "site": settings.name, "reason": str(refusal),
-                   "history": _history(settings)}  # fmt: skip
+                   "history": _history(settings), "epsilon": _spent(settings, config)}  # fmt: skip
         return zeros, 0, metrics
     plan = update.plan
     delta = {
@@ -101,13 +102,22 @@ def site_round_reply(
         "site": settings.name,
         "reason": "",
         "history": _history(settings),
+        "epsilon": float(plan.epsilon),
     }
     return delta, int(plan.subjects), metrics
 
 
+def _budget(settings: SiteSettings) -> SiteBudget:
+    return SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
+
+
 def _history(settings: SiteSettings) -> str:
     """The site's own ledger of trained rounds (JSON): spend the server may have missed."""
-    return json.dumps(SiteBudget(settings.name, settings.state_dir, settings.max_epsilon).history())
+    return json.dumps(_budget(settings).history())
+
+
+def _spent(settings: SiteSettings, config: Config) -> float:
+    return float(_budget(settings).spent_epsilon(config.privacy))
 
 
 def _check_fits_secure_aggregation(

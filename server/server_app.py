@@ -33,6 +33,7 @@ weight 0 adds nothing to the sum, and the protocol keeps its full set of share h
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -336,6 +337,24 @@ def reconcile(study: Study, site: str, reported: str) -> int:
     return added
 
 
+def _compare_reported(study: Study, site: str, reported: Any) -> None:
+    """Warn when a site's own epsilon differs from the server's recomputation: the ledgers
+    diverged (e.g. a site whose replies were lost and never answered again). The server's
+    figure, from its own ledger, is the one that counts."""
+    if reported is None:
+        return
+    privacy = study.config.privacy
+    ours = epsilon(
+        spent_segments(read_ledger(study.run_dir / LEDGER), site), privacy.delta, privacy.accountant
+    )
+    if not math.isclose(float(reported), ours, rel_tol=1e-6, abs_tol=1e-9):
+        print(
+            f"[fedsynth] warning: {site} reports epsilon {float(reported):.6g}, the server's "
+            f"ledger gives {ours:.6g}; the server's figure counts",
+            flush=True,
+        )
+
+
 def site_is_spent(ledger: list[dict], site: str, config: Config) -> bool:
     """The server's view: the site refused last time, or its epsilon reached the target."""
     mine = [e for e in ledger if e["site"] == site]
@@ -515,6 +534,7 @@ class StudyStrategy(FedAvg):
             missed = reconcile(study, site, str(m.get("history", "[]")))
             if missed:
                 print(f"[fedsynth] {site}: charged {missed} round(s) from its own ledger")
+            _compare_reported(study, site, m.get("epsilon"))
         for node in self.chosen:
             if node not in answered:
                 site = self.site_of.get(node, f"node-{node}")

@@ -192,4 +192,5 @@ def test_a_spent_site_replies_refused_without_reading_data(tmp_path):
     # a zero delta with weight 0: it adds nothing to a secure weighted mean
     assert all(not d.any() and d.shape == tuple(weights[k].shape) for k, d in delta.items())
     assert "site-1 has spent epsilon" in metrics["reason"] and metrics["site"] == "site-1"
-    assert "loss" not in metrics and "epsilon" not in metrics
+    assert "loss" not in metrics
+    assert metrics["epsilon"] == pytest.approx(epsilon(spent_segments([spent]), 1e-5))

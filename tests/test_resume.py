@@ -94,6 +94,8 @@ def test_a_killed_study_resumes_without_losing_or_double_counting_spend(
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = read_ledger(tmp_path / "run" / "ledger.jsonl")
     assert after[: len(before)] == before  # continued, never rewritten
+    # each site's own epsilon, reported with every reply, agrees with the server's ledger
+    assert "warning" not in resumed.stdout
     summary = _finish(tmp_path)
     for site in SITES:
         # each site plans on what it has spent, so even a round trained twice lands the

@@ -168,3 +168,19 @@ def test_all_sites_spent_ends_the_study_with_no_empty_rounds(tmp_path, monkeypat
     assert max(e["round"] for e in ledger) == 2
     assert not (study.run_dir / "rounds" / "round-003").exists()
     assert json.loads((study.run_dir / "state.json").read_text())["rounds_done"] == 2
+
+
+def test_a_site_epsilon_that_disagrees_with_the_server_ledger_is_flagged(tmp_path, capsys):
+    from fedsynth.common.accountant import Segment, epsilon
+    from fedsynth.server.server_app import _compare_reported, _ledger_line
+
+    config = load_config("tiny")
+    (tmp_path / "run").mkdir()
+    study = Study(config, tmp_path / "run", None, tmp_path, False)
+    _ledger_line(study, 1, "site-1", Segment(1.1, 0.5, 2), "trained")
+    ours = epsilon([Segment(1.1, 0.5, 2)], config.privacy.delta)
+    _compare_reported(study, "site-1", ours)
+    assert capsys.readouterr().out == ""
+    _compare_reported(study, "site-1", 2 * ours)
+    out = capsys.readouterr().out
+    assert "warning: site-1 reports epsilon" in out and "the server's figure counts" in out
