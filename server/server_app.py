@@ -64,6 +64,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.checkpoint import (
     AUTOENCODER,
+    METADATA,
     UNET,
     file_sha256,
     load_pretrained,
@@ -181,7 +182,7 @@ def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
         phantoms = _phantoms(cache, config, subjects)
         data_hash = file_sha256(phantoms / "public" / "manifest.csv")
         checkpoint = cache / "pretrained" / f"{pretraining_hash(config)}-{data_hash[:12]}"
-        if not (checkpoint / "metadata.json").is_file():
+        if not (checkpoint / METADATA).is_file():  # written last: the checkpoint is whole
             from fedsynth.server.pretrain import pretrain
 
             print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
