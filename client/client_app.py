@@ -78,7 +78,13 @@ def site_round_reply(
     checkpoint = str(node_config.get("checkpoint", "") or sent["checkpoint"])
     try:
         update = run_site_round(
-            settings, config, checkpoint, weights, round_number, resolve_device(config.device)
+            settings,
+            config,
+            checkpoint,
+            weights,
+            round_number,
+            resolve_device(config.device),
+            max_subjects=float(sent.get("max-weight", 0.0) or 0.0),
         )
     except BudgetRefusal as refusal:
         zeros = {k: np.zeros_like(v.numpy()) for k, v in weights.items()}
@@ -92,7 +98,7 @@ def site_round_reply(
         else np.zeros_like(v.numpy())
         for k, v in weights.items()
     }  # fmt: skip
-    _check_fits_secure_aggregation(delta, int(plan.subjects), sent, settings.name)
+    _check_fits_clipping_range(delta, sent, settings.name)
     metrics = {
         "noise_multiplier": float(plan.noise_multiplier),
         "sample_rate": float(plan.sample_rate),
@@ -120,9 +126,10 @@ def _spent(settings: SiteSettings, config: Config) -> float:
     return float(_budget(settings).spent_epsilon(config.privacy))
 
 
-def _check_fits_secure_aggregation(
-    delta: dict[str, np.ndarray], subjects: int, sent: Mapping[str, object], site: str
+def _check_fits_clipping_range(
+    delta: dict[str, np.ndarray], sent: Mapping[str, object], site: str
 ) -> None:
+    """Under SecAgg+ a delta beyond the clipping range would be clipped: fail instead."""
     clip = float(sent.get("clipping-range", 0.0) or 0.0)
     if clip <= 0:
         return
@@ -132,12 +139,6 @@ def _check_fits_secure_aggregation(
             f"{site}: largest |weight delta| {largest:.4g} exceeds the secure aggregation "
             f"clipping range {clip:g}; it would be clipped: raise the server's run config "
             "secagg-clipping-range"
-        )
-    max_weight = float(sent.get("max-weight", 0.0) or 0.0)
-    if max_weight and subjects > max_weight:
-        raise FedsynthError(
-            f"{site}: {subjects} subjects exceed the secure aggregation max weight "
-            f"{max_weight:g}: raise the server's run config secagg-max-weight"
         )
 
 

@@ -64,10 +64,13 @@ def run_site_round(
     device: torch.device | str = "cpu",
     seed: int | None = None,
     show_progress: bool = False,
+    max_subjects: float = 0.0,
 ) -> SiteUpdate:
     """Train one round at this site; raises BudgetRefusal before reading data when spent.
 
     `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
+    `max_subjects` > 0 (SecAgg+'s max weight) refuses a larger site before it trains or
+    spends anything: its weight could not be carried.
     """
     if not config.privacy.enabled:
         raise FedsynthError("privacy.enabled is false: sites train only with DP-SGD")
@@ -77,6 +80,12 @@ def run_site_round(
     site = site_latents(
         pretrained, checkpoint, settings.data_path, settings.state_dir, show_progress
     )
+    if max_subjects and site.n_subjects > max_subjects:
+        raise FedsynthError(
+            f"{settings.name}: {site.n_subjects} subjects exceed the secure aggregation max "
+            f"weight {max_subjects:g}: raise the server's run config secagg-max-weight "
+            "(nothing was trained or spent)"
+        )
     plan = budget.plan_round(config, site.n_subjects, round_number)
     unet = pretrained.unet
     unet.load_state_dict(global_weights)

@@ -113,3 +113,21 @@ def test_a_killed_site_keeps_its_spend(tmp_path, phantom_root, tiny_checkpoint):
     assert [e["round"] for e in resumed] == [1, 2, 3]  # nothing forgotten, nothing twice
     assert [e["epsilon"] for e in resumed] == pytest.approx([e["epsilon"] for e in whole])
     assert json.loads(ledger.read_text().splitlines()[-1])["epsilon"] <= 8.0
+
+
+def test_a_site_too_large_for_secure_aggregation_stops_before_training_or_spending(
+    tmp_path, phantom_root, tiny_checkpoint
+):
+    from fedsynth.common.errors import FedsynthError
+
+    config = load_config("tiny", STUDY)
+    weights = load_pretrained(tiny_checkpoint).unet.state_dict()
+    with pytest.raises(FedsynthError, match=r"2 subjects exceed .* max weight 1: raise"):
+        run_site_round(
+            settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
+            max_subjects=1,
+        )  # fmt: skip
+    assert read_ledger(tmp_path / "state" / LEDGER) == []  # nothing spent
+    run_site_round(settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
+                   max_subjects=2)  # fmt: skip
+    assert len(read_ledger(tmp_path / "state" / LEDGER)) == 1
