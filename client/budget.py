@@ -10,13 +10,13 @@ ledger alone, before it reads any data.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 from fedsynth.common.accountant import Segment, check_delta, epsilon, plan_noise
 from fedsynth.common.config import Config, PrivacyConfig
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
+from fedsynth.common.ledger import append_entry, read_ledger, segment_of, spending, spent_segments
 
 LEDGER = "ledger.jsonl"
 
@@ -63,14 +63,8 @@ class SiteBudget:
         """[round, noise_multiplier, sample_rate, steps] of every round this site trained,
         oldest first: the server charges any the server's own ledger lacks."""
         return [
-            [
-                int(e["round"]),
-                float(e["noise_multiplier"]),
-                float(e["sample_rate"]),
-                int(e["steps"]),
-            ]
-            for e in read_ledger(self.ledger_path)
-            if e["status"] == "trained" and int(e["steps"]) > 0 and e["site"] == self.site
+            [int(e["round"]), *astuple(segment_of(e))]
+            for e in spending(read_ledger(self.ledger_path), self.site)
         ]
 
     def spent_epsilon(self, privacy: PrivacyConfig) -> float:

@@ -77,10 +77,20 @@ def _check_entry(entry: object, where: str) -> None:
         )
 
 
+def spending(entries: Iterable[dict], site: str | None = None) -> list[dict]:
+    """The entries that count toward epsilon: trained rounds and no-reply charges."""
+    return [
+        e for e in entries
+        if e["status"] != "refused" and int(e["steps"]) > 0 and site in (None, e["site"])
+    ]  # fmt: skip
+
+
+def segment_of(entry: dict) -> Segment:
+    """The (sigma, rate, steps) of one ledger entry (or a site's reply metrics)."""
+    sigma, rate = float(entry["noise_multiplier"]), float(entry["sample_rate"])
+    return Segment(sigma, rate, int(entry["steps"]))
+
+
 def spent_segments(entries: Iterable[dict], site: str | None = None) -> list[Segment]:
     """The (sigma, rate, steps) history that counts: trained rounds and no-reply charges."""
-    return [
-        Segment(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-        for e in entries
-        if e["status"] != "refused" and int(e["steps"]) > 0 and site in (None, e["site"])
-    ]
+    return [segment_of(e) for e in spending(entries, site)]

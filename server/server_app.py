@@ -76,7 +76,13 @@ from fedsynth.common.checkpoint import (
 from fedsynth.common.config import Config, load_config, pretraining_hash, to_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_path, atomic_write_text
-from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
+from fedsynth.common.ledger import (
+    append_entry,
+    read_ledger,
+    segment_of,
+    spending,
+    spent_segments,
+)
 
 LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
@@ -314,12 +320,8 @@ def reconcile(study: Study, site: str, reported: str) -> int:
     silent site with its last plan stands in for whatever that site reports for the round.
     """
     server: dict[int, list[Segment]] = {}
-    for e in read_ledger(study.run_dir / LEDGER):
-        if e["site"] == site and e["status"] != "refused" and int(e["steps"]) > 0:
-            segment = Segment(
-                float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
-            )
-            server.setdefault(int(e["round"]), []).append(segment)
+    for e in spending(read_ledger(study.run_dir / LEDGER), site):
+        server.setdefault(int(e["round"]), []).append(segment_of(e))
     missing: list[tuple[int, Segment]] = []
     for r, sigma, rate, steps in json.loads(reported or "[]"):
         segment = Segment(float(sigma), float(rate), int(steps))
@@ -439,11 +441,8 @@ class StudyStrategy(FedAvg):
         # charging a site that was sent an instruction and did not answer
         self.site_of: dict[int, str] = {}
         self.last_segment: dict[str, Segment] = {}
-        for e in read_ledger(study.run_dir / LEDGER):
-            if e["status"] != "refused" and int(e["steps"]) > 0:
-                self.last_segment[e["site"]] = Segment(
-                    float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"])
-                )
+        for e in spending(read_ledger(study.run_dir / LEDGER)):
+            self.last_segment[e["site"]] = segment_of(e)
         self.study_text = json.dumps(to_dict(study.config))
         self.validator = None
         if study.validation is not None:
@@ -526,9 +525,7 @@ class StudyStrategy(FedAvg):
                 _ledger_line(study, round_number, site, None, "refused")
                 refused += 1
             else:
-                segment = Segment(
-                    float(m["noise_multiplier"]), float(m["sample_rate"]), int(m["steps"])
-                )
+                segment = segment_of(m)
                 self.last_segment[site] = segment
                 _ledger_line(study, round_number, site, segment, "trained")
                 trained.append((res.parameters, int(res.num_examples)))
