@@ -13,10 +13,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import nibabel as nib
 import numpy as np
@@ -252,7 +253,9 @@ def check_site(
             if not subject:
                 raise ValueError("no subject id")
             values = {a.name: parse_attribute(row.get(a.name), a) for a in data_cfg.attributes}
-            path = (root / file).resolve()
+            path = site_path(root, file)
+            label = (row.get("label") or "").strip()
+            label_path = site_path(root, label, "label") if label else None
             if path in seen_paths:
                 raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
             seen_paths[path] = number
@@ -265,11 +268,26 @@ def check_site(
         except (ValueError, VolumeError) as exc:
             result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
             continue
-        label = (row.get("label") or "").strip()
-        result.records.append(
-            Record(number, path, subject, values, (root / label).resolve() if label else None)
-        )
+        result.records.append(Record(number, path, subject, values, label_path))
     return result
+
+
+def site_path(root: Path, text: str, column: str = "image") -> Path:
+    """A manifest path -> the file it names, which must lie inside the site folder `root`.
+
+    `root` is already resolved. Refuses (ValueError) an absolute path, a path that climbs
+    out with `..`, and one that a symlink (the file or a folder on the way) leads out of:
+    training must read only what the site put in its folder. A symlink that stays inside
+    is followed.
+    """
+    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute():
+        raise ValueError(f"{column} path is absolute: give it relative to the site folder")
+    if os.path.normpath(text.replace("\\", "/")).split("/")[0] == "..":
+        raise ValueError(f"{column} path leads out of the site folder (..)")
+    path = (root / text).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"{column} path leads out of the site folder through a symlink")
+    return path
 
 
 def _file_digest(path: Path) -> str:

@@ -249,3 +249,43 @@ def test_site_check_cli_no_usable_rows_is_one_line_and_nonzero(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run_cli("site-check", "--data-path", str(tmp_path / "none"))
     assert proc.returncode == 1 and proc.stderr.strip().endswith("is not a folder")
+
+
+def test_manifest_paths_must_stay_inside_the_site_folder(tmp_path, tiny_config):
+    """`..`, absolute paths and symlinks (file or folder) that leave the site are refused;
+    a symlink that stays inside is followed. Each bad row is its own rejection."""
+    site, other = tmp_path / "site", tmp_path / "other"
+    for i, folder in enumerate((site / "img", other)):
+        save_nifti(folder / "x.nii.gz", blob_volume(seed=i))
+    save_nifti(other / "y.nii.gz", blob_volume(seed=5))
+    (site / "out.nii.gz").symlink_to(other / "y.nii.gz")
+    (site / "outdir").symlink_to(other, target_is_directory=True)
+    (site / "alias.nii.gz").symlink_to(site / "img" / "x.nii.gz")
+    (site / "imgdir").symlink_to(site / "img", target_is_directory=True)
+    save_nifti(site / "img" / "z.nii.gz", blob_volume(seed=7))
+    write_site(site, [
+        {"image": "img/x.nii.gz", "subject": "s1"},
+        {"image": "../other/x.nii.gz", "subject": "s2"},
+        {"image": str(other / "x.nii.gz"), "subject": "s3"},
+        {"image": str(site / "img" / "z.nii.gz"), "subject": "s4"},
+        {"image": "out.nii.gz", "subject": "s5"},
+        {"image": "outdir/y.nii.gz", "subject": "s6"},
+        {"image": "img/../../other/x.nii.gz", "subject": "s7"},
+        {"image": "imgdir/z.nii.gz", "subject": "s8"},
+        {"image": "alias.nii.gz", "subject": "s9"},
+        {"image": "img/x.nii.gz", "label": "../other/x.nii.gz", "subject": "s10"},
+    ], columns=["image", "label", "subject", *GOOD_ATTRIBUTES])  # fmt: skip
+    result = check_site(site, tiny_config.data, show_progress=False)
+    reasons = {r.row: r.reason for r in result.rejected}
+    assert [r.row for r in result.records] == [1, 8]
+    assert result.records[1].image == site / "img" / "z.nii.gz"
+    assert reasons == {
+        2: "image path leads out of the site folder (..)",
+        3: "image path is absolute: give it relative to the site folder",
+        4: "image path is absolute: give it relative to the site folder",
+        5: "image path leads out of the site folder through a symlink",
+        6: "image path leads out of the site folder through a symlink",
+        7: "image path leads out of the site folder (..)",
+        9: "duplicate of row 1 (same image)",  # inside the folder: followed, then deduplicated
+        10: "label path leads out of the site folder (..)",
+    }
