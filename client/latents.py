@@ -4,7 +4,8 @@ DP-SGD then trains on the cached latents only: encoding is the slow part of read
 and the autoencoder never changes during a study. The cache is keyed by the checkpoint
 (autoencoder weights and latent statistics), the data config, and the name, size and
 modification time of every file in the site folder, so any change to the data or the
-model encodes again instead of training on stale latents.
+model encodes again instead of training on stale latents. The state dir is owner-only
+(0700) and so is the cache (0600): the public autoencoder decodes latents to volumes.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from fedsynth.common.checkpoint import AUTOENCODER, Pretrained, file_sha256, load_torch, save_torch
+from fedsynth.common.checkpoint import AUTOENCODER, Pretrained, file_sha256, load_torch
 from fedsynth.common.data import open_site
+from fedsynth.common.io import atomic_path, private_dir
 from fedsynth.common.progress import progress
 
 
@@ -68,7 +70,7 @@ def site_latents(
 ) -> SiteLatents:
     """The site's latents from the cache, or encoded now (checked first) and cached."""
     checkpoint, data_path = Path(checkpoint).expanduser(), Path(data_path).expanduser()
-    state_dir = Path(state_dir).expanduser()
+    state_dir = private_dir(state_dir)
     path = state_dir / f"latents-{cache_key(pretrained, checkpoint, data_path)}.pt"
     if path.is_file():
         return SiteLatents(**load_torch(path))
@@ -85,7 +87,8 @@ def site_latents(
         torch.stack(attributes),
         torch.tensor([subject_of[i] for i in range(len(dataset))]),
     )
-    save_torch(path, asdict(cached))
+    with atomic_path(path) as tmp:  # owner-only: latents decode to the site's volumes
+        torch.save(asdict(cached), tmp)
     for stale in state_dir.glob("latents-*.pt"):  # of older data or another checkpoint
         if stale != path:
             stale.unlink()

@@ -26,6 +26,7 @@ from fedsynth.client.node_config import SiteSettings
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import private_dir
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ def run_site_round(
     """
     if not config.privacy.enabled:
         raise FedsynthError("privacy.enabled is false: sites train only with DP-SGD")
+    private_dir(settings.state_dir)  # owner-only, tightened if it was not
     budget = SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
     budget.refuse_if_exhausted(config.privacy)
     pretrained = load_pretrained(checkpoint, device)

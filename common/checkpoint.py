@@ -19,7 +19,7 @@ import torch
 
 from fedsynth.common.config import Config, config_from_dict, config_hash, to_yaml
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
 from fedsynth.common.models import ConditionedUNet, build_autoencoder
 
 AUTOENCODER = "autoencoder.pt"
@@ -30,8 +30,8 @@ PUBLIC_ATTRIBUTES = "public_attributes.csv"  # the public set's attributes, for 
 
 
 def save_torch(path: Path, obj: Any) -> None:
-    """torch.save, atomically."""
-    with atomic_path(path) as tmp:
+    """torch.save, atomically, readable by all (0644): checkpoints are shared artefacts."""
+    with atomic_path(path, mode=PUBLIC_MODE) as tmp:
         torch.save(obj, tmp)
 
 
@@ -103,8 +103,8 @@ def denormalise_latents(latents: torch.Tensor, stats: dict) -> torch.Tensor:
 def write_metadata(folder: Path, config: Config, **facts: Any) -> dict:
     """Write config.yaml and metadata.json (versions, config hash and the given facts)."""
     metadata = {"versions": versions(), "config_hash": config_hash(config), **facts}
-    atomic_write_text(folder / CONFIG, to_yaml(config))
-    atomic_write_text(folder / METADATA, json.dumps(metadata, indent=2) + "\n")
+    atomic_write_text(folder / CONFIG, to_yaml(config), PUBLIC_MODE)
+    atomic_write_text(folder / METADATA, json.dumps(metadata, indent=2) + "\n", PUBLIC_MODE)
     return metadata
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedsynth.common.accountant import Segment
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import fsync_dir
+from fedsynth.common.io import PRIVATE_MODE, folder_mode, fsync_dir
 
 STATUSES = ("trained", "refused", "no-reply")
 REQUIRED = ("round", "site", "noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
@@ -48,13 +48,17 @@ def read_ledger(path: str | os.PathLike) -> list[dict]:
 
 
 def append_entry(path: str | os.PathLike, entry: dict) -> None:
-    """Append one entry and fsync it; returns only once it is on disk."""
+    """Append one entry and fsync it; returns only once it is on disk.
+
+    A new ledger is created owner-only (0600; a new folder 0700): it names every round
+    a site trained.
+    """
     _check_entry(entry, f"new entry for {path}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=folder_mode(PRIVATE_MODE), parents=True, exist_ok=True)
     created = not path.exists()
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
-    with open(path, "ab+") as f:
+    with open(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE_MODE), "rb+") as f:
         f.seek(0)
         keep = _complete_length(f.read())
         f.truncate(keep)  # drop a torn last line left by a crash mid-write

@@ -24,7 +24,7 @@ from fedsynth.common.config import Config
 from fedsynth.common.data import MANIFEST, parse_attribute, read_table, scale_attributes
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
 from fedsynth.common.models import latent_shape
 from fedsynth.common.progress import progress
 
@@ -146,7 +146,7 @@ def sample_cohort(
         decoded = pretrained.decode(latents)
         for volume in decoded.clamp(0, 1)[:, 0].cpu().numpy():
             paths.append(cohort / f"syn-{len(paths) + 1:04d}.nii.gz")
-            with atomic_path(paths[-1]) as tmp:
+            with atomic_path(paths[-1], mode=PUBLIC_MODE) as tmp:
                 nib.save(_nifti(volume, config.data.spacing), tmp)
     next(bar, None)  # past the last step: closes the bar
     _write_manifest(cohort / MANIFEST, paths, attributes_rows, config)
@@ -164,7 +164,7 @@ def _write_manifest(
     for image, row in zip(images, rows, strict=True):
         subject = image.name.removesuffix(".nii.gz")
         writer.writerow([image.name, subject, *(_cell(row[name]) for name in names)])
-    atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue(), PUBLIC_MODE)
 
 
 def volume_title(image: Path | str, row: dict[str, float]) -> str:
@@ -209,7 +209,7 @@ def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Co
             )
             ax.set_title(f"{label} (slice {k + 1}/{depth})", fontsize=8)
             ax.axis("off")
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=PUBLIC_MODE) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
@@ -238,5 +238,6 @@ def controllability(
             "requested_ml": requested.round(1).tolist(),
             "measured_ml": measured[side].round(1).tolist(),
         }
-    atomic_write_text(Path(out).expanduser() / "controllability.json", json.dumps(report, indent=2))
+    report_path = Path(out).expanduser() / "controllability.json"
+    atomic_write_text(report_path, json.dumps(report, indent=2), PUBLIC_MODE)
     return report

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import ndimage
 
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
 from fedsynth.common.progress import progress as progress_bar
 
 ATTRIBUTES = (
@@ -691,7 +691,7 @@ def write_subject(folder: Path, name: str, subject_id: str, subject: Subject) ->
     for phase, tag in enumerate(("ed", "es")):
         row = {"image": f"images/{name}_{tag}.nii.gz", "label": f"labels/{name}_{tag}.nii.gz"}
         for key, array in (("image", subject.images[phase]), ("label", subject.labels[phase])):
-            with atomic_path(folder / row[key]) as tmp:
+            with atomic_path(folder / row[key], mode=PUBLIC_MODE) as tmp:
                 nib.save(to_nifti(array, subject.spacing), tmp)
         rows.append({**row, "subject": subject_id, **subject.attributes, "phase": phase})
     return rows
@@ -753,7 +753,7 @@ def generate_cohorts(
             shown.setdefault(profile.name, []).append((subject_id, subject))
         if i == n:
             manifests.append(out / profile.name / "manifest.csv")
-            atomic_write_text(manifests[-1], manifest_text(rows))
+            atomic_write_text(manifests[-1], manifest_text(rows), PUBLIC_MODE)
             rows = []
     order = sorted(shown, key=lambda name: name == PUBLIC.name)  # sites first, public last
     write_montage(out / "montage.png", [item for name in order for item in shown[name]])
@@ -822,5 +822,5 @@ def write_montage(path: Path, shown: list[tuple[str, Subject]]) -> None:
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     rgb = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3])
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode=PUBLIC_MODE) as tmp:
         rgb.quantize(64).save(tmp, format="PNG", optimize=True)

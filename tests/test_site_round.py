@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -47,10 +48,17 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
 ):
     config = load_config("tiny", STUDY)
     weights = load_pretrained(tiny_checkpoint).unet.state_dict()
+    (tmp_path / "state").mkdir(mode=0o755)  # made by hand, open to others
+    os.chmod(tmp_path / "state", 0o755)
     update = run_site_round(
         settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0
     )
     assert update.result.steps == config.privacy.local_steps
+    # the state dir is owner-only, and so is all it holds (latents decode to volumes)
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    held = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "state").iterdir()}
+    assert LEDGER in held and any(name.startswith("latents-") for name in held)
+    assert set(held.values()) == {0o600}
     assert any(not torch.equal(update.weights[k], weights[k]) for k in weights)
     [entry] = read_ledger(tmp_path / "state" / LEDGER)
     assert entry["round"] == 1 and entry["status"] == "trained" and entry["subjects"] == 2

@@ -1,0 +1,82 @@
+"""File writes: private unless asked otherwise, and no umask games."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text, private_dir
+from fedsynth.common.ledger import append_entry
+
+ENTRY = {"round": 1, "site": "site-1", "noise_multiplier": 1.1, "sample_rate": 0.2,
+         "steps": 10, "delta": 1e-5, "epsilon": 2.0, "status": "trained"}  # fmt: skip
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def process_umask() -> int:
+    """The umask, read without setting it (Linux /proc)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        pytest.skip("no /proc/self/status to read the umask from")
+    return int(
+        next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_umask_calls(monkeypatch):
+    """os.umask is process-wide (a race with other threads): nothing may call it."""
+
+    def refuse(*_):
+        raise AssertionError("os.umask called")
+
+    monkeypatch.setattr(os, "umask", refuse)
+
+
+def test_atomic_writes_are_private_by_default_and_public_only_when_asked(tmp_path):
+    umask = process_umask()
+    private = tmp_path / "new" / "latents.pt"
+    atomic_write_text(private, "x")
+    assert mode(private) == 0o600 & ~umask and mode(private.parent) == 0o700 & ~umask
+
+    public = tmp_path / "out" / "cohort" / "syn-0001.nii.gz"
+    with atomic_path(public, mode=PUBLIC_MODE) as tmp:
+        assert tmp.name.endswith(".nii.gz")  # writers that pick a format by name still can
+        tmp.write_bytes(b"volume")
+    assert mode(public) == 0o644 & ~umask and mode(public.parent) == 0o755 & ~umask
+    assert public.read_bytes() == b"volume"
+
+    # replacing a file gives it the writer's mode, not the old file's
+    os.chmod(public, 0o666)
+    atomic_write_text(public, "again")
+    assert mode(public) == 0o600
+    assert [p.name for p in public.parent.iterdir()] == [public.name]  # no temporary left
+
+
+def test_a_new_ledger_is_owner_only(tmp_path):
+    ledger = tmp_path / "state" / "ledger.jsonl"
+    append_entry(ledger, ENTRY)
+    assert mode(ledger) == 0o600 and mode(ledger.parent) == 0o700
+    append_entry(ledger, ENTRY | {"round": 2})
+    assert mode(ledger) == 0o600
+
+
+def test_private_dir_creates_or_tightens_an_open_folder(tmp_path, caplog):
+    created = private_dir(tmp_path / "a" / "state")
+    assert mode(created) == 0o700
+
+    opened = tmp_path / "opened"
+    opened.mkdir()
+    os.chmod(opened, 0o755)
+    with caplog.at_level(logging.WARNING, logger="fedsynth.common.io"):
+        private_dir(opened)
+    assert mode(opened) == 0o700
+    assert "was open to other users (mode 755): now 700" in caplog.text
