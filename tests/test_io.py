@@ -1,7 +1,8 @@
-"""File writes: private unless asked otherwise, and no umask games."""
+"""File writes: private unless asked otherwise, no umask games, on disk before they return."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -80,3 +81,53 @@ def test_private_dir_creates_or_tightens_an_open_folder(tmp_path, caplog):
         private_dir(opened)
     assert mode(opened) == 0o700
     assert "was open to other users (mode 755): now 700" in caplog.text
+
+
+class FsyncLog:
+    """Records, at each os.fsync, what the descriptor is and what the file holds then."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.calls: list[tuple[str, int, object]] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                names = sorted(os.listdir(f"/proc/self/fd/{fd}"))
+                self.calls.append(("dir", info.st_ino, names))
+            else:
+                self.calls.append(("file", info.st_ino, Path(f"/proc/self/fd/{fd}").read_bytes()))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_append_entry_fsyncs_the_line_and_a_new_folder_entry_before_returning(
+    tmp_path, monkeypatch
+):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc/self/fd to read a descriptor's content")
+    log = FsyncLog(monkeypatch)
+    ledger = tmp_path / "ledger.jsonl"
+    append_entry(ledger, ENTRY)
+    content = ledger.read_bytes()
+    # the file, holding the whole new line, then the folder that now names it
+    folder = ("dir", tmp_path.stat().st_ino, [ledger.name])
+    assert log.calls == [("file", ledger.stat().st_ino, content), folder]
+
+    log.calls.clear()
+    append_entry(ledger, ENTRY | {"round": 2})
+    assert [json.loads(line)["round"] for line in ledger.read_bytes().splitlines()] == [1, 2]
+    assert log.calls == [("file", ledger.stat().st_ino, ledger.read_bytes())]  # no new name
+
+
+def test_atomic_write_fsyncs_the_content_then_the_rename(tmp_path, monkeypatch):
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("no /proc/self/fd to read a descriptor's content")
+    log = FsyncLog(monkeypatch)
+    target = tmp_path / "summary.json"
+    atomic_write_text(target, "final")
+    [(kind, _, content), folder] = log.calls
+    assert (kind, content) == ("file", b"final")  # the temporary, complete, before the rename
+    assert folder == ("dir", tmp_path.stat().st_ino, [target.name])  # after it
+    assert target.read_text() == "final"
