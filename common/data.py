@@ -93,31 +93,16 @@ class SiteManifest:
 
 
 def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI volume fully; raise VolumeError with the reason it is unusable."""
-    if not path.exists():
-        raise VolumeError("file not found")
-    if not path.is_file():
-        raise VolumeError("not a file")
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
+    """Read a 3D NIfTI volume fully; raise VolumeError with the reason it is unusable.
+
+    Returns the voxels as float32 of shape (X, Y, Z) and the 4x4 voxel-to-world affine
+    (mm) that nibabel picks (see `open_nifti`).
+    """
+    image, _ = open_nifti(path)
     try:
-        image = nib.load(path)
-        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-            raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
-        data = np.asanyarray(image.dataobj)
-    except VolumeError:
-        raise
-    except (ImageFileError, HeaderDataError) as exc:
-        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc, path)})") from None
+        data = np.asanyarray(image.dataobj).reshape(image.shape[:3])
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        dims = "x".join(map(str, data.shape))
-        raise VolumeError(f"has {data.ndim} dimensions ({dims}); expected a 3D volume")
-    if min(data.shape) < 2:
-        raise VolumeError(f"too small ({'x'.join(map(str, data.shape))}); need 2+ voxels per axis")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise VolumeError(f"voxel type {data.dtype} is not real-valued")
     data = data.astype(np.float32)
@@ -126,10 +111,74 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise VolumeError(f"contains {bad} NaN/Inf voxels")
     if float(data.max()) == float(data.min()):
         raise VolumeError(f"constant image (every voxel is {float(data.min()):g})")
-    zooms = _stored_spacing(path, image)
+    return data, image.affine
+
+
+def open_nifti(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
+    """Check a NIfTI file from its header alone, before any voxel is read.
+
+    Returns the image (voxels not loaded; trailing axes of length 1 aside, 3D) and notes
+    worth a warning, e.g. that qform and sform disagree. Raises VolumeError naming why the
+    file is unusable: not NIfTI, not 3D, too small, invalid spacing, no valid orientation.
+    """
+    if not path.exists():
+        raise VolumeError("file not found")
+    if not path.is_file():
+        raise VolumeError("not a file")
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
+    try:
+        image = nib.load(path)
+        zooms = _stored_spacing(path, image)
+    except (ImageFileError, HeaderDataError) as exc:
+        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc, path)})") from None
+    except (EOFError, zlib.error, OSError, ValueError) as exc:
+        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+        raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
+    shape = image.shape
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    dims = "x".join(map(str, shape))
+    if len(shape) != 3:
+        raise VolumeError(f"has {len(shape)} dimensions ({dims}); expected a 3D volume")
+    if min(shape) < 2:
+        raise VolumeError(f"too small ({dims}); need 2+ voxels per axis")
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
-    return data, image.affine
+    note = _orientation_note(image.header)
+    return image, [note] if note else []
+
+
+def _orientation_note(header: nib.Nifti1Header) -> str | None:
+    """Refuse a coded qform/sform that gives no orientation; say when the choice is doubtful.
+
+    nibabel's rule (NIfTI-1 standard, method 3 before 2 before 1): a coded sform orients
+    the volume, else a coded qform, else the bare voxel grid.
+    """
+    sform, sform_code = header.get_sform(coded=True)
+    try:
+        qform, qform_code = header.get_qform(coded=True)
+    except ValueError:  # a quaternion that is no rotation
+        qform, qform_code = np.full((4, 4), np.nan), int(header["qform_code"])
+    if sform_code:
+        _check_affine(sform, "sform")
+        if qform_code and not np.allclose(qform, sform, rtol=0, atol=1e-3):
+            return "qform and sform disagree; the sform is used (as nibabel does)"
+        return None
+    if qform_code:
+        _check_affine(qform, "qform")
+        return None
+    return "no qform or sform code: orientation taken from the voxel grid"
+
+
+def _check_affine(affine: np.ndarray, name: str) -> None:
+    """A coded qform/sform must be finite and invertible, or no orientation exists."""
+    if not np.all(np.isfinite(affine)):
+        raise VolumeError(f"{name} is coded but not finite: no valid orientation")
+    singular = np.linalg.svd(affine[:3, :3], compute_uv=False)
+    if singular[-1] <= 1e-8 * singular[0]:
+        raise VolumeError(f"{name} is coded but singular: no valid orientation")
 
 
 def _stored_spacing(path: Path, image: nib.Nifti1Image) -> np.ndarray:
@@ -137,6 +186,13 @@ def _stored_spacing(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     with ImageOpener(path) as f:
         header = type(image.header).from_fileobj(f, check=False)
     return np.asarray(header["pixdim"][1:4], dtype=float)
+
+
+def _root_cause(exc: BaseException, path: Path) -> str:
+    """Type and first line of the innermost error (MONAI wraps errors in RuntimeError)."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {_first_line(exc, path)}"
 
 
 def _first_line(exc: BaseException, path: Path | None = None) -> str:
@@ -242,6 +298,7 @@ def check_site(
     seen_content: dict[str, int] = {}
     for number, row in enumerate(progress(rows, "site-check", show_progress), start=1):
         file = (row.get("image") or "").strip()
+        path, notes = root, []
         try:
             if None in row or any(v is None for v in row.values()):
                 raise ValueError(
@@ -260,6 +317,7 @@ def check_site(
                 raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
             seen_paths[path] = number
             if read_images:
+                _, notes = open_nifti(path)
                 load_volume(path, transform)
                 digest = _file_digest(path)
                 if digest in seen_content:
@@ -268,7 +326,12 @@ def check_site(
         except (ValueError, VolumeError) as exc:
             result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
             continue
+        except Exception as exc:  # one odd file must never stop the check of the others
+            reason = f"could not be read ({_root_cause(exc, path)})"
+            result.rejected.append(Rejection(row=number, file=file, reason=reason))
+            continue
         result.records.append(Record(number, path, subject, values, label_path))
+        result.warnings += [f"row {number} ({file}): {note}" for note in notes]
     return result
 
 
