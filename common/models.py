@@ -68,8 +68,13 @@ def latent_shape(config: Config) -> tuple[int, int, int, int]:
 class AttributeTokens(nn.Module):
     """One token per attribute: value * direction + offset, each attribute its own.
 
-    A dropped attribute (mask 0) is replaced by that attribute's learned null token, so the
+    A dropped attribute (keep 0) is replaced by that attribute's learned null token, so the
     UNet learns an unconditional model alongside the conditional one.
+
+    Values and keep-mask arrive as ONE tensor (`pack`): Opacus recomputes a layer it has no
+    grad sampler for from the layer's first forward input alone (its functorch path, used in
+    hooks, functorch and ghost modes alike), so a mask passed as a second input was lost and
+    a dropped row got a kept row's per-sample gradient.
     """
 
     def __init__(self, n_attributes: int, dim: int) -> None:
@@ -81,15 +86,25 @@ class AttributeTokens(nn.Module):
         self.null = nn.Parameter(torch.randn(n_attributes, dim))
         self.mix = nn.Linear(dim, dim)
 
-    def forward(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """values (B, A) in [0, 1]; keep (B,) or (B, A), 1 = use, 0 = null token."""
+    @staticmethod
+    def pack(values: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, A, 2): values (B, A) in [0, 1] beside keep (B,) or (B, A), 1 = use, 0 = null.
+
+        No keep means every attribute is used.
+        """
+        if keep is None:
+            keep = torch.ones_like(values)
+        else:
+            keep = keep.to(values.dtype)
+            keep = (keep[:, None] if keep.dim() == 1 else keep).expand_as(values)
+        return torch.stack([values, keep], dim=-1)
+
+    def forward(self, conditions: torch.Tensor) -> torch.Tensor:
+        """conditions (B, A, 2) from `pack` -> tokens (B, A, dim)."""
+        values, keep = conditions.unbind(-1)
+        keep = keep.unsqueeze(-1)
         tokens = values.unsqueeze(-1) * self.scale + self.offset
-        if keep is not None:
-            keep = keep.to(tokens.dtype)
-            if keep.dim() == 1:
-                keep = keep[:, None]
-            keep = keep.unsqueeze(-1)
-            tokens = keep * tokens + (1 - keep) * self.null
+        tokens = keep * tokens + (1 - keep) * self.null
         return self.mix(torch.nn.functional.silu(tokens)) + tokens
 
 
@@ -121,4 +136,6 @@ class ConditionedUNet(nn.Module):
         attributes: torch.Tensor,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.unet(x, timesteps, context=self.tokens(attributes, keep))
+        """x (B, C, H, W, D), timesteps (B,), attributes (B, A), keep (B,) or (B, A) or None."""
+        context = self.tokens(AttributeTokens.pack(attributes, keep))
+        return self.unet(x, timesteps, context=context)

@@ -40,6 +40,17 @@ def with_privacy(config: Config, **changes) -> Config:
     return dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, **changes))
 
 
+def with_dropout(config: Config, rate: float = 0.5) -> Config:
+    """Classifier-free guidance dropout high enough that a few rows hold both cases."""
+    return dataclasses.replace(
+        config, diffusion=dataclasses.replace(config.diffusion, condition_dropout=rate)
+    )
+
+
+def both_values(keep: torch.Tensor) -> bool:
+    return bool((keep == 0).any() and (keep == 1).any())
+
+
 def awake_unet(config: Config, seed: int = 0) -> ConditionedUNet:
     """MONAI zero-initialises output layers, which would zero every attention gradient."""
     torch.manual_seed(seed)
@@ -102,6 +113,7 @@ def subject_gradients_alone(
         again = torch.Generator().manual_seed(seed)
         drawn = per_sample_loss(unet, scheduler, rows.latents, rows.attributes, dropout, again)
     torch.testing.assert_close(replayed, drawn)
+    assert both_values(keep)  # kept and dropped attributes: the case the comparison is for
     params = [p for p in unet.parameters() if p.requires_grad]
     grads = []
     for s in range(rows.n_subjects):
@@ -144,7 +156,7 @@ def test_bad_inputs_are_refused(tiny_config):
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
 @pytest.mark.parametrize("trainable", ["all", "attention"])
 def test_per_subject_gradients_match_a_loop_over_subjects(tiny_config, mode, trainable):
-    config = with_privacy(tiny_config, grad_sample_mode=mode, trainable=trainable)
+    config = with_privacy(with_dropout(tiny_config), grad_sample_mode=mode, trainable=trainable)
     unet = awake_unet(config)
     reference = copy.deepcopy(unet)
     latents, attributes = site_data(config)
@@ -167,11 +179,14 @@ def test_per_subject_gradients_match_a_loop_over_subjects(tiny_config, mode, tra
 
 
 def one_step_update(config: Config, subjects: torch.Tensor, n_volumes: int = 2, **kwargs):
-    """Weights moved by one SGD step (lr = expected batch, so the update is the noisy sum)."""
+    """Weights moved by one SGD step (lr = expected batch, so the update is the noisy sum),
+    the round's result, the UNet and the keep-mask its forwards drew."""
     unet = awake_unet(config)
     before = flat_params(unet)
     latents, attributes = site_data(config, n=n_volumes)
     n_subjects = len(subjects.unique())
+    kept = []  # the guidance keep-mask of each forward
+    unet.register_forward_pre_hook(lambda _, inputs: kept.append(inputs[3]))
     args = {"noise_multiplier": 0.0, "sample_rate": 1.0, "steps": 1, "seed": 3} | kwargs
     result = train_round(
         unet,
@@ -183,29 +198,59 @@ def one_step_update(config: Config, subjects: torch.Tensor, n_volumes: int = 2, 
         learning_rate=args["sample_rate"] * n_subjects,
         **args,
     )
-    return before - flat_params(unet), result, unet
+    return before - flat_params(unet), result, unet, torch.cat(kept)
 
 
 @pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
 def test_a_two_volume_subject_moves_a_step_by_at_most_one_clip(tiny_config, mode):
     clip = 1e-3  # far below the raw gradient norms, so clipping binds
-    config = with_privacy(tiny_config, grad_sample_mode=mode, trainable="all", max_grad_norm=clip)
-    one_subject, result, _ = one_step_update(config, torch.tensor([5, 5]))
+    config = with_privacy(
+        with_dropout(tiny_config), grad_sample_mode=mode, trainable="all", max_grad_norm=clip
+    )
+    one_subject, result, _, keep = one_step_update(config, torch.tensor([5, 5]), seed=1)
     assert result.subjects_per_step == (1,)
+    assert both_values(keep)  # one volume with its attributes, one with the null tokens
     assert one_subject.norm() <= clip * (1 + 1e-4)
     if mode != "ghost":  # ghost bounds a subject by the sum of its volumes' norms
         assert one_subject.norm() >= clip * 0.999
-    two_subjects, result, _ = one_step_update(config, torch.tensor([5, 6]))
-    assert result.subjects_per_step == (2,)
+    two_subjects, result, _, keep = one_step_update(config, torch.tensor([5, 6]), seed=1)
+    assert result.subjects_per_step == (2,) and both_values(keep)
     # the same two volumes as two subjects: two clipped gradients, up to 2 clips
     assert clip * 1.2 < two_subjects.norm() <= 2 * clip * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
+def test_a_subject_whose_attributes_are_dropped_moves_a_step_by_one_clip(tiny_config, mode):
+    # a learned null token away from zero: its gradient weighs in the subject's norm, so
+    # clipping by the norm of a kept row's gradient (the old tokens) moved it 1.001-1.003 clips
+    clip = 1e-3
+    config = with_privacy(
+        with_dropout(tiny_config), grad_sample_mode=mode, trainable="attention", max_grad_norm=clip
+    )
+    unet = awake_unet(config)
+    with torch.no_grad():
+        unet.tokens.null.fill_(3.0)
+    kept = []
+    unet.register_forward_pre_hook(lambda _, inputs: kept.append(inputs[3]))
+    before = flat_params(unet)
+    latents, attributes = site_data(config, n=1)
+    result = train_round(
+        unet, latents, attributes, torch.tensor([5]), config, 0.0, 1.0, 1, seed=0,
+        optimizer="sgd", learning_rate=1.0,
+    )  # fmt: skip
+    assert result.subjects_per_step == (1,) and torch.cat(kept).tolist() == [0.0]
+    moved = (before - flat_params(unet)).norm()
+    # one volume: every mode clips it exactly (ghost too), by its true gradient's norm
+    assert clip * 0.999 <= moved <= clip * (1 + 1e-4)
 
 
 @pytest.mark.parametrize("mode", ["functorch", "ghost"])
 def test_update_is_the_sum_of_per_subject_gradients_each_clipped_to_the_bound(tiny_config, mode):
     # ghost is exact only for one-volume subjects, so this uses one volume per subject
     subjects = SUBJECTS if mode == "functorch" else torch.arange(6)
-    config = with_privacy(tiny_config, grad_sample_mode="functorch", trainable="attention")
+    config = with_privacy(
+        with_dropout(tiny_config), grad_sample_mode="functorch", trainable="attention"
+    )
     unet = awake_unet(config)
     reference = copy.deepcopy(unet)
     latents, attributes = site_data(config)
@@ -269,8 +314,8 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch(tiny_config):
 
 def test_noise_on_a_real_batch_is_sigma_clip_over_q_n(tiny_config):
     config = with_privacy(tiny_config, trainable="attention", max_grad_norm=0.3)
-    quiet, _, _ = one_step_update(config, SUBJECTS, n_volumes=6)
-    noisy, result, _ = one_step_update(config, SUBJECTS, n_volumes=6, noise_multiplier=1.5)
+    quiet, *_ = one_step_update(config, SUBJECTS, n_volumes=6)
+    noisy, result, *_ = one_step_update(config, SUBJECTS, n_volumes=6, noise_multiplier=1.5)
     assert result.subjects_per_step == (4,)
     noise = (noisy - quiet)[noisy != 0]  # same draws but the noise; lr = q n: std = sigma C
     assert noise.numel() > 50_000

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from opacus.grad_sample.utils import prepare_module
 
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import (
@@ -29,17 +30,19 @@ def test_autoencoder_compresses_in_plane_and_keeps_slices(tiny_config):
 
 def test_each_attribute_is_its_own_token_and_null_tokens_replace_dropped_ones():
     tokens = AttributeTokens(n_attributes=4, dim=8)
+    # the names checkpoints store
+    assert list(tokens.state_dict()) == ["scale", "offset", "null", "mix.weight", "mix.bias"]
     values = torch.rand(3, 4)
-    out = tokens(values)
+    out = tokens(AttributeTokens.pack(values))
     assert out.shape == (3, 4, 8)
     # changing one attribute changes only its own token
     changed = values.clone()
     changed[:, 2] += 0.5
-    diff = (tokens(changed) - out).abs().sum(dim=(0, 2))
+    diff = (tokens(AttributeTokens.pack(changed)) - out).abs().sum(dim=(0, 2))
     assert diff[2] > 0 and torch.all(diff[[0, 1, 3]] == 0)
     # dropped samples get the same (null) tokens whatever their values
     keep = torch.tensor([1.0, 0.0, 0.0])
-    dropped = tokens(values, keep)
+    dropped = tokens(AttributeTokens.pack(values, keep))
     torch.testing.assert_close(dropped[1], dropped[2])
     torch.testing.assert_close(dropped[0], out[0])
 
@@ -70,3 +73,56 @@ def test_device_auto_and_refused_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(FedsynthError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (prediction - target).pow(2).flatten(1).mean(1)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ghost"])
+@pytest.mark.parametrize("per", ["row", "attribute"])
+def test_token_gradients_per_sample_equal_a_loop_whatever_is_dropped(tiny_config, mode, per):
+    """Opacus' per-sample gradient (in ghost mode, its norm) of the attribute tokens equals
+    one backward per row, for kept and dropped attributes alike (the null token learns)."""
+    torch.manual_seed(0)
+    unet = ConditionedUNet(tiny_config)
+    with torch.no_grad():  # MONAI zero-initialises output layers; wake them up
+        for param in unet.parameters():
+            if param.dim() > 1 and not param.any():
+                param.normal_(std=0.05)
+    for name, param in unet.named_parameters():
+        param.requires_grad_(name.startswith("tokens."))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    n, n_attr = 6, len(tiny_config.data.attributes)
+    z, target = torch.randn(2, n, *latent_shape(tiny_config))
+    t, a = torch.randint(0, 100, (n,)), torch.rand(n, n_attr)
+    if per == "row":
+        keep = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+        dropped = keep == 0
+    else:
+        keep = (torch.arange(n * n_attr).reshape(n, n_attr) % 3 != 0).float()
+        keep[0] = 1.0  # one row keeps every attribute, the others keep some, drop others
+        dropped = (keep == 0).any(1)
+        assert (keep == 1).any(1).all()
+    assert dropped.any() and not dropped.all()
+
+    def row_gradient(i: int) -> torch.Tensor:
+        loss = _mse(unet(z[[i]], t[[i]], a[[i]], keep[[i]]), target[[i]]).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+
+    loop = torch.stack([row_gradient(i) for i in range(n)])
+    names = [name for name, p in unet.named_parameters() if p.requires_grad]
+    sizes = [p.numel() for p in params]
+    null = loop.split(sizes, dim=1)[names.index("tokens.null")]
+    assert (null[dropped].abs().sum(1) > 0).all() and not null[~dropped].any()
+
+    extra = {"max_grad_norm": 1.0} if mode == "ghost" else {}
+    module = prepare_module(unet, mode, loss_reduction="sum", **extra)
+    _mse(module(z, t, a, keep), target).sum().backward()
+    if mode == "ghost":
+        torch.testing.assert_close(module.get_norm_sample(), loop.norm(dim=1), rtol=1e-4, atol=0)
+    else:
+        per_sample = torch.cat([p.grad_sample.flatten(1) for p in params], dim=1)
+        torch.testing.assert_close(per_sample, loop, rtol=1e-4, atol=1e-6)
+    module.cleanup()
