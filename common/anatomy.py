@@ -16,10 +16,11 @@ import torch
 from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import Compose, EnsureType, Orientation, Resize
+from monai.transforms import Compose, EnsureType, Resize
 
 from fedsynth.common.config import DataConfig
 from fedsynth.common.data import SiteManifest, load_volume, read_nifti, volume_transform
+from fedsynth.common.orientation import to_short_axis
 from fedsynth.common.progress import progress
 
 CLASSES = 6  # background, RV blood, LV myocardium, LV blood, other tissue, lungs
@@ -27,10 +28,10 @@ RV_BLOOD, LV_BLOOD = 1, 3
 
 
 def label_transform(data_cfg: DataConfig) -> Compose:
-    """Label maps follow their volumes: same orientation, resized without blending classes."""
+    """Label maps follow their volumes: already in the short-axis frame (`to_short_axis`),
+    resized without blending classes."""
     return Compose(
         [
-            Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Resize(spatial_size=data_cfg.shape, mode="nearest"),
             EnsureType(data_type="tensor", dtype=torch.long, track_meta=False),
         ]
@@ -55,7 +56,7 @@ def load_labelled(
     for i, record in records:
         if record.label is None:
             continue
-        data, affine = read_nifti(record.label)
+        data, affine = to_short_axis(*read_nifti(record.label))
         label = MetaTensor(torch.from_numpy(np.rint(data))[None], affine=torch.as_tensor(affine))
         images.append(volumes[i] if volumes is not None else load_volume(record.image, image_tf))
         labels.append(label_tf(label))

@@ -3,7 +3,8 @@
 Every reason a row cannot be used becomes a `Rejection` naming the row, the file and why;
 nothing here raises in the middle of a pass over a site, and nothing writes into the
 site folder. Volumes are read with nibabel (whose errors say what is wrong with a file)
-and then go through a MONAI transform pipeline: orientation to RAS, resize to the model's
+and brought into the short-axis frame (common/orientation.py: slices last, base to apex,
+in-plane normalised), then go through a MONAI transform pipeline: resize to the model's
 shape, per-volume intensity scaling. Attributes are scaled by the config's declared
 ranges, never by statistics of the site's data, which would leak.
 """
@@ -26,7 +27,6 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     EnsureType,
-    Orientation,
     Resize,
     ScaleIntensityRangePercentiles,
 )
@@ -36,6 +36,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.orientation import OrientationError, to_short_axis
 from fedsynth.common.progress import progress
 
 MANIFEST = "manifest.csv"
@@ -203,11 +204,11 @@ def _first_line(exc: BaseException, path: Path | None = None) -> str:
 
 
 def volume_transform(data_cfg: DataConfig) -> Compose:
-    """The MONAI pipeline from a channel-first MetaTensor to the model's input."""
+    """The MONAI pipeline from a channel-first MetaTensor, already in the short-axis frame
+    (see `load_volume`), to the model's input: (1, H, W, slices) in [0, 1]."""
     low, high = data_cfg.intensity_percentiles
     return Compose(
         [
-            Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Resize(spatial_size=data_cfg.shape, mode="trilinear", anti_aliasing=True),
             ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
@@ -216,8 +217,16 @@ def volume_transform(data_cfg: DataConfig) -> Compose:
 
 
 def load_volume(path: Path, transform: Compose) -> torch.Tensor:
-    """A checked volume as a (1, H, W, slices) tensor in [0, 1]."""
+    """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex.
+
+    The volume is first permuted/flipped into the short-axis frame (orientation.py), so any
+    oblique stack, stored in any axis order, reaches the model in the same layout.
+    """
     data, affine = read_nifti(path)
+    try:
+        data, affine = to_short_axis(data, affine)
+    except OrientationError as exc:
+        raise VolumeError(str(exc)) from None
     image = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(affine))
     return transform(image)
 

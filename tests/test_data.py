@@ -43,7 +43,8 @@ def make_bad_files(root):
         "missing.nii.gz": "file not found",
         "truncated.nii.gz": "truncated or corrupt file",
         "text.nii.gz": "not a readable NIfTI file",
-        "plain.nii": "truncated or corrupt file (Expected 11520 bytes, got 48 bytes from plain",
+        "plain.nii": "truncated or corrupt file (the header claims 24x20x6 voxels, 11520 bytes; "
+        "the file holds 48)",
         "random.nii": "not a readable NIfTI file",
         "scan.png": "not a NIfTI file name",
         "four_d.nii.gz": "has 4 dimensions (24x20x6x3); expected a 3D volume",
@@ -144,9 +145,10 @@ def test_other_size_and_orientation_resample_to_the_same_volume(tmp_path, tiny_c
     assert a.shape == b.shape == (1, *tiny_config.data.shape)
     assert a.dtype == torch.float32 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     torch.testing.assert_close(a, b)
-    # and the marker stays in its corner (low x, low y, low z) after resizing
+    # the marker (left, posterior, inferior) lands in the short-axis frame's corner: last rows
+    # (posterior), last columns (patient's left), apical half (inferior); orientation.py
     h, w, d = tiny_config.data.shape
-    assert a[0, : h // 3, : w // 3, : d // 2].mean() > a[0, -h // 3 :, -w // 3 :, : d // 2].mean()
+    assert a[0, -h // 3 :, -w // 3 :, d // 2 :].mean() > a[0, : h // 3, : w // 3, d // 2 :].mean()
 
 
 def test_dataset_groups_subjects_and_scales_attributes_by_declared_range(tmp_path, tiny_config):
