@@ -11,11 +11,18 @@ bound: exact for one-volume subjects, conservative for two or more).
 
 The noise multiplier is given: the caller plans it with an accountant, this module does
 not account. Everything random (sampling, diffusion noise and timesteps, DP noise) comes
-from generators seeded by `seed`. A site's real rounds pass `seed=None`: the seed is then
-63 bits from the operating system's CSPRNG, never sent anywhere, because whoever knows the
-seed can regenerate the noise and subtract it. Tests and benchmarks pass a seed to be
-reproducible. (torch's generators are not themselves cryptographic; Opacus' secure mode
-would need torchcsprng, which is not installed.)
+from torch generators seeded by `seed`. A site's real rounds pass `seed=None`: the seed is
+then 63 bits from the operating system's CSPRNG (`secrets`), never stored or sent, because
+whoever knows the seed can regenerate the noise and subtract it. Tests and benchmarks pass
+a seed to be reproducible. The generators themselves (Mersenne Twister on CPU, Philox on
+CUDA) are not cryptographic: the noise is as unpredictable as that secret seed.
+
+The DP optimizer always runs Opacus' `secure_mode` noise path: each Gaussian is drawn as
+the sum of four draws halved (Holohan & Braghin, arXiv:2107.10138, section 5.1), which
+defeats the floating-point attacks on the Gaussian mechanism (arXiv:2112.05307). That path
+needs no torchcsprng: the package would only give Opacus' PrivacyEngine a /dev/urandom
+generator, which this module does not use (and Opacus 1.6 skips its own torchcsprng tests
+as incompatible with current PyTorch). Seeded runs take the same path, reproducibly.
 """
 
 from __future__ import annotations
@@ -241,6 +248,7 @@ def make_private(
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=noise_generator,
+        secure_mode=True,  # the floating-point-attack-safe noise (see the module docstring)
     )
     return PrivateUNet(unet, module, dp_optimizer, mode, privacy.max_grad_norm)
 

@@ -6,9 +6,12 @@ import copy
 import dataclasses
 import math
 
+import opacus.optimizers.optimizer as opacus_optimizer
+import opacus.optimizers.optimizer_fast_gradient_clipping as opacus_ghost_optimizer
 import pytest
 import torch
 
+from fedsynth.client import dp_trainer
 from fedsynth.client.dp_trainer import (
     group_by_subject,
     make_private,
@@ -278,6 +281,54 @@ def test_update_is_the_sum_of_per_subject_gradients_each_clipped_to_the_bound(ti
     torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-5 * scale)
     clipped = raw * (clip / norms).clamp(max=1.0)[:, None]
     assert (clipped.norm(dim=1) <= clip * (1 + 1e-5)).all()
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseDraw:
+    """One call of Opacus' noise function, as the DP optimizer made it."""
+
+    std: float
+    generator: torch.Generator | None
+    secure_mode: bool
+
+
+@pytest.fixture
+def noise_draws(monkeypatch) -> list[NoiseDraw]:
+    """Every Gaussian noise draw Opacus' optimizers make (one per parameter per step)."""
+    draws: list[NoiseDraw] = []
+    real = opacus_optimizer._generate_noise
+
+    def spy(std, reference, generator=None, secure_mode=False):
+        draws.append(NoiseDraw(std, generator, secure_mode))
+        return real(std, reference, generator=generator, secure_mode=secure_mode)
+
+    for module in (opacus_optimizer, opacus_ghost_optimizer):
+        monkeypatch.setattr(module, "_generate_noise", spy)
+    return draws
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_real_round_draws_its_noise_on_the_secure_path_from_a_secret_seed(
+    tiny_config, monkeypatch, noise_draws, mode
+):
+    secret_seeds = []
+    randbits = dp_trainer.secrets.randbits
+    monkeypatch.setattr(
+        dp_trainer.secrets,
+        "randbits",
+        lambda k: secret_seeds.append(randbits(k)) or secret_seeds[-1],
+    )
+    config = with_privacy(tiny_config, trainable="attention", grad_sample_mode=mode)
+    latents, attributes = site_data(config)
+    unet = awake_unet(config)
+    result = train_round(unet, latents, attributes, SUBJECTS, config, 1.0, 0.5, 2, seed=None)
+    tensors = sum(is_attention(name) for name, _ in unet.named_parameters())
+    assert result.steps == 2 and len(noise_draws) == 2 * tensors
+    assert all(draw.secure_mode for draw in noise_draws)  # the floating-point-safe draws
+    [seed] = secret_seeds  # 63 bits from the OS CSPRNG, drawn once for the round
+    [generator] = {draw.generator for draw in noise_draws}
+    assert generator is not None and generator is not torch.default_generator
+    assert generator.initial_seed() == dp_trainer._generator(seed, 2, "cpu").initial_seed()
 
 
 def test_noise_has_std_sigma_times_clip_over_expected_batch(tiny_config):
