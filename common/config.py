@@ -109,6 +109,7 @@ class DataConfig:
     shape: tuple[int, int, int] = _checked(each(between(4, 1024)))
     spacing: tuple[float, float, float] = _checked(each(positive))
     intensity_percentiles: tuple[float, float] = _checked(each(between(0, 100)))
+    max_voxels: int = _checked(positive)  # a site's volume with more is refused unread
     attributes: tuple[Attribute, ...] = _checked(non_empty)
 
     def validate(self) -> list[tuple[str, str]]:

@@ -115,12 +115,14 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, image.affine
 
 
-def open_nifti(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
+def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Image, list[str]]:
     """Check a NIfTI file from its header alone, before any voxel is read.
 
     Returns the image (voxels not loaded; trailing axes of length 1 aside, 3D) and notes
     worth a warning, e.g. that qform and sform disagree. Raises VolumeError naming why the
-    file is unusable: not NIfTI, not 3D, too small, invalid spacing, no valid orientation.
+    file is unusable: not NIfTI, not 3D, too small, fewer bytes than the header claims,
+    more than `max_voxels` voxels (config data.max-voxels), invalid spacing, no valid
+    orientation. Without `max_voxels`, what is read is still bounded by the file's content.
     """
     if not path.exists():
         raise VolumeError("file not found")
@@ -143,12 +145,50 @@ def open_nifti(path: Path) -> tuple[nib.Nifti1Image, list[str]]:
     dims = "x".join(map(str, shape))
     if len(shape) != 3:
         raise VolumeError(f"has {len(shape)} dimensions ({dims}); expected a 3D volume")
+    if min(shape) < 1:
+        raise VolumeError(f"invalid size in the header ({dims})")
     if min(shape) < 2:
         raise VolumeError(f"too small ({dims}); need 2+ voxels per axis")
+    try:
+        _check_size(path, image, max_voxels)
+    except (EOFError, zlib.error, OSError) as exc:
+        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
     note = _orientation_note(image.header)
     return image, [note] if note else []
+
+
+def _check_size(path: Path, image: nib.Nifti1Image, max_voxels: int | None) -> None:
+    """Refuse a header that claims more voxel bytes than the file holds, or more voxels than
+    `max_voxels`, before an array of the claimed size is allocated (a 300-byte header can
+    claim 32767^3 voxels). A .nii.gz is decompressed as a stream, counting bytes only."""
+    voxels = math.prod(image.shape)
+    offset, itemsize = image.dataobj.offset, image.get_data_dtype().itemsize
+    claimed = offset + voxels * itemsize
+    enough = claimed if max_voxels is None else min(claimed, offset + max_voxels * itemsize + 1)
+    held = _bytes_held(path, enough)
+    dims = "x".join(map(str, image.shape))
+    if held < enough:
+        raise VolumeError(
+            f"truncated or corrupt file (the header claims {dims} voxels, {claimed - offset} "
+            f"bytes; the file holds {max(held - offset, 0)})"
+        )
+    if max_voxels is not None and voxels > max_voxels:
+        raise VolumeError(
+            f"implausible size {dims} ({voxels} voxels, above data.max-voxels {max_voxels})"
+        )
+
+
+def _bytes_held(path: Path, limit: int) -> int:
+    """How many bytes the (decompressed) file holds, counting no further than `limit`."""
+    if not path.name.lower().endswith(".gz"):
+        return min(path.stat().st_size, limit)
+    held = 0
+    with ImageOpener(path) as f:
+        while held < limit and (block := f.read(min(1 << 20, limit - held))):
+            held += len(block)
+    return held
 
 
 def _orientation_note(header: nib.Nifti1Header) -> str | None:
@@ -326,7 +366,7 @@ def check_site(
                 raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
             seen_paths[path] = number
             if read_images:
-                _, notes = open_nifti(path)
+                _, notes = open_nifti(path, data_cfg.max_voxels)
                 load_volume(path, transform)
                 digest = _file_digest(path)
                 if digest in seen_content:

@@ -4,16 +4,19 @@ traceback that stops the check of the other rows."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import subprocess
 import sys
+import tracemalloc
 
 import nibabel as nib
 import numpy as np
 import pytest
-from sitefiles import blob_volume, write_site
+from sitefiles import blob_volume, save_nifti, write_site
 
 from fedsynth.common import data
+from fedsynth.common.config import ConfigError, load_config
 from fedsynth.common.data import check_site, read_nifti
 
 OBLIQUE = np.array([[-2.0, 0, 0, 90], [0, 0, 8, -40], [0, -2, 0, 100], [0, 0, 0, 1]])
@@ -119,3 +122,81 @@ def test_site_check_cli_finishes_a_site_with_bad_headers_without_traceback(tmp_p
     report = json.loads(proc.stdout)
     assert report["usable"] == sum(reason is None for reason in expected.values())
     assert len(report["rejected"]) == sum(reason is not None for reason in expected.values())
+
+
+def claim_dims(path, dims):
+    """Rewrite a saved .nii/.nii.gz header so that it claims `dims`; the voxels stay."""
+    raw = path.read_bytes()
+    gz = path.name.endswith(".gz")
+    header = bytearray(gzip.decompress(raw) if gz else raw)
+    header[40:56] = np.array([len(dims), *dims, *[1] * (7 - len(dims))], "<i2").tobytes()
+    path.write_bytes(gzip.compress(bytes(header)) if gz else bytes(header))
+    return path
+
+
+def huge_dims_site(root):
+    """One row per kind of header that claims what the file does not hold."""
+    for name, dims in [
+        ("huge.nii.gz", (32767, 32767, 32767)),
+        ("huge.nii", (32767, 32767, 32767)),
+        ("negative.nii.gz", (-1, 20, 6)),
+        ("half_gb.nii.gz", (1024, 1024, 128)),  # 512 MiB of float32 claimed, 11 KiB held
+        ("half_gb.nii", (1024, 1024, 128)),
+        ("control.nii.gz", (24, 20, 6)),
+    ]:
+        save_nifti(root / name, blob_volume(seed=len(name)))
+        claim_dims(root / name, dims)
+    held = "the file holds 11520)"
+    expected = {
+        "huge.nii.gz": f"truncated or corrupt file (the header claims 32767x32767x32767 "
+        f"voxels, {4 * 32767**3} bytes; {held}",
+        "huge.nii": f"truncated or corrupt file (the header claims 32767x32767x32767 "
+        f"voxels, {4 * 32767**3} bytes; {held}",
+        "negative.nii.gz": "invalid size in the header (-1x20x6)",
+        "half_gb.nii.gz": f"truncated or corrupt file (the header claims 1024x1024x128 voxels, "
+        f"{2**29} bytes; {held}",
+        "half_gb.nii": f"truncated or corrupt file (the header claims 1024x1024x128 voxels, "
+        f"{2**29} bytes; {held}",
+        "control.nii.gz": None,
+    }
+    write_site(root, [{"image": name, "subject": f"s{i}"} for i, name in enumerate(expected)])
+    return expected
+
+
+def test_a_header_claiming_more_than_the_file_holds_is_refused_unread(tmp_path, tiny_config):
+    """Nothing of the claimed size is allocated: peak Python/numpy memory stays far below
+    the 512 MiB one header claims."""
+    expected = huge_dims_site(tmp_path / "site")
+    tracemalloc.start()
+    try:
+        result = check_site(tmp_path / "site", tiny_config.data, show_progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+    assert [r.image.name for r in result.records] == ["control.nii.gz"]
+    assert {r.file: r.reason for r in result.rejected} == {
+        name: reason for name, reason in expected.items() if reason is not None
+    }
+
+
+@pytest.mark.parametrize("name", ["big.nii", "big.nii.gz"])
+def test_a_volume_above_data_max_voxels_is_refused_before_it_is_read(tmp_path, name):
+    config = load_config("tiny", {"data.max-voxels": 24 * 20 * 6 - 1})
+    site = tmp_path / "site"
+    save_nifti(site / name, blob_volume((24, 20, 6)))
+    save_nifti(site / "small.nii.gz", blob_volume((24, 20, 5)))
+    write_site(site, [{"image": name, "subject": "s1"}, {"image": "small.nii.gz", "subject": "s2"}])
+    result = check_site(site, config.data, show_progress=False)
+    assert [r.image.name for r in result.records] == ["small.nii.gz"]
+    assert [r.reason for r in result.rejected] == [
+        "implausible size 24x20x6 (2880 voxels, above data.max-voxels 2879)"
+    ]
+    # the reader used in training is bounded by the file alone, not by the site's limit
+    assert read_nifti(site / name)[0].shape == (24, 20, 6)
+
+
+def test_data_max_voxels_must_be_positive():
+    assert load_config("default").data.max_voxels >= 96 * 96 * 13  # the paper's volumes
+    with pytest.raises(ConfigError, match=r"data\.max-voxels = 0: must be > 0"):
+        load_config("tiny", {"data.max-voxels": 0})
