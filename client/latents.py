@@ -2,9 +2,13 @@
 
 DP-SGD then trains on the cached latents only: encoding is the slow part of reading a site
 and the autoencoder never changes during a study. The cache is keyed by the checkpoint
-(autoencoder weights and latent statistics), the data config, and the name, size and
-modification time of every file in the site folder, so any change to the data or the
-model encodes again instead of training on stale latents. The state dir is owner-only
+(autoencoder weights and latent statistics), the data config, and the content (SHA-256) of
+exactly the files the manifest uses: the manifest itself and every image it names, read
+through symlinks. A replaced volume (whatever its size and modification time) or a
+withdrawn row (consent withdrawal) therefore encodes again, and the old cache is deleted
+before that, so a withdrawn subject's latents leave the state dir at the next round; a
+file the manifest does not name changes nothing. Hashing reads every used image once per
+round (about as fast as the disk; encoding costs far more). The state dir is owner-only
 (0700) and so is the cache (0600): the public autoencoder decodes latents to volumes.
 """
 
@@ -12,14 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from fedsynth.common.checkpoint import AUTOENCODER, Pretrained, file_sha256, load_torch
-from fedsynth.common.data import open_site
+from fedsynth.common.config import DataConfig
+from fedsynth.common.data import MANIFEST, check_site, open_site
 from fedsynth.common.io import atomic_path, private_dir
 from fedsynth.common.progress import progress
 
@@ -37,25 +41,35 @@ class SiteLatents:
         return int(self.subjects.max()) + 1 if len(self.subjects) else 0
 
 
-def _folder_fingerprint(root: Path) -> list[tuple[str, int, int]]:
-    entries = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            stat = (Path(folder) / name).stat()
-            entries.append(
-                (str(Path(folder, name).relative_to(root)), stat.st_size, stat.st_mtime_ns)
-            )
-    return sorted(entries)
+def _content_sha256(path: Path) -> str:
+    """SHA-256 of a file's content; a file that cannot be read is keyed as such (training
+    then rejects its row with the reason)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+
+
+def _data_fingerprint(data_path: Path, data_cfg: DataConfig) -> dict:
+    """The content of the manifest and of each image its rows name (rows not yet checked
+    for readable volumes, so a row fixed later also changes the key)."""
+    manifest = check_site(data_path, data_cfg, read_images=False, show_progress=False)
+    return {
+        "manifest": _content_sha256(manifest.root / MANIFEST),
+        "images": [(r.row, _content_sha256(r.image)) for r in manifest.records],
+    }
 
 
 def cache_key(pretrained: Pretrained, checkpoint: Path, data_path: Path) -> str:
-    """Changes whenever the autoencoder, its latent statistics, the data config or data do."""
+    """Changes whenever the autoencoder, its latent statistics, the data config or the
+    content of the manifest or of an image it uses do (16 hex digits of a SHA-256)."""
     facts = {
         "autoencoder": file_sha256(checkpoint / AUTOENCODER),
         "latent_mean": pretrained.metadata["latent_mean"],
         "latent_std": pretrained.metadata["latent_std"],
         "data": asdict(pretrained.config.data),
-        "files": _folder_fingerprint(data_path),
+        "files": _data_fingerprint(data_path, pretrained.config.data),
     }
     blob = json.dumps(facts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -74,6 +88,8 @@ def site_latents(
     path = state_dir / f"latents-{cache_key(pretrained, checkpoint, data_path)}.pt"
     if path.is_file():
         return SiteLatents(**load_torch(path))
+    for stale in state_dir.glob("latents-*.pt"):  # of older data or another checkpoint
+        stale.unlink()  # first: a withdrawn subject's latents go even if encoding fails
     dataset, _ = open_site(data_path, pretrained.config.data, show_progress=show_progress)
     subject_of = {row: s for s, rows in enumerate(dataset.subject_rows) for row in rows}
     device = next(pretrained.autoencoder.parameters()).device
@@ -89,7 +105,4 @@ def site_latents(
     )
     with atomic_path(path) as tmp:  # owner-only: latents decode to the site's volumes
         torch.save(asdict(cached), tmp)
-    for stale in state_dir.glob("latents-*.pt"):  # of older data or another checkpoint
-        if stale != path:
-            stale.unlink()
     return cached
