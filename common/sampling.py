@@ -26,6 +26,7 @@ from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
 from fedsynth.common.models import latent_shape
+from fedsynth.common.orientation import short_axis_affine
 from fedsynth.common.progress import progress
 
 COHORT = "cohort"
@@ -71,8 +72,10 @@ def draw_public_attributes(
 
 
 def _nifti(volume: np.ndarray, spacing: Sequence[float]) -> nib.Nifti1Image:
-    """A float32 image whose affine and header zooms carry the config's spacing in mm."""
-    image = nib.Nifti1Image(volume.astype(np.float32), np.diag([*spacing, 1.0]))
+    """A float32 image whose affine and header zooms carry the config's spacing in mm; the
+    affine is the short-axis frame's, so the reader gives the volume back as generated."""
+    affine = short_axis_affine(tuple(spacing), volume.shape)
+    image = nib.Nifti1Image(volume.astype(np.float32), affine)
     image.header.set_xyzt_units("mm", "sec")
     return image
 

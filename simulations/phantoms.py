@@ -7,9 +7,13 @@ grid, so the label map measures what the manifest states. Sites differ in scanne
 contrast, gain, noise, bias field, matrix, slice count and demographics (non-IID); the
 public set differs again (domain shift), as public data does.
 
-Geometry (mm, slice 0 at the base, higher slices towards the apex): the LV cavity is a half
-prolate ellipsoid below the mitral valve plane, the myocardium a shell around it with an
-apical cap, the RV an offset half ellipsoid minus the LV epicardium (a crescent on the
+Geometry follows the short-axis frame of common/orientation.py: arrays are (rows, columns,
+slices) with slice 0 at the base and higher slices towards the apex; each subject's LV long
+axis points left, anterior and inferior (orientation.APEX, tilted by up to 25 degrees), and
+the NIfTI affine places the stack along it, so every stack is oblique and the reader brings
+it back to the stored array. In mm, in that frame: the LV cavity is a half prolate
+ellipsoid below the mitral valve plane, the myocardium a shell around it with an apical
+cap, the RV an offset half ellipsoid minus the LV epicardium (a crescent on the
 septal side), inside a chest with a fat rim, muscle, lungs, spine, aorta and liver.
 Every shape is stored as per-slice thresholds so that counting a volume and drawing it
 use exactly the same numbers. Labels (LABELS): 0 air, 1 RV blood pool, 2 LV myocardium,
@@ -32,6 +36,7 @@ from scipy import ndimage
 
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
+from fedsynth.common.orientation import APEX, short_axis_affine
 from fedsynth.common.progress import progress as progress_bar
 
 ATTRIBUTES = (
@@ -68,6 +73,9 @@ MANIFEST_COLUMNS = ("image", "label", "subject", *ATTRIBUTES)
 LABELS = {"background": 0, "rv_blood": 1, "lv_myocardium": 2, "lv_blood": 3, "tissue": 4, "lung": 5}
 MYOCARDIAL_DENSITY = 1.05  # g/mL
 SLICE_SPACING_MM = (8.0, 11.0)
+LONG_AXIS_TILT_DEG = 25.0  # spread of the LV long axis around orientation.APEX
+# Bump when generated files change: part of the phantom cache folder name (server).
+PHANTOM_VERSION = 2  # 2: oblique short-axis affines, apex inferior (1: apex superior)
 CALIBRATION_TOLERANCE = 0.02  # relative; a subject whose anatomy misses it is drawn again
 
 # Tissue classes of the intensity model; a profile's contrast gives one intensity for each.
@@ -215,7 +223,9 @@ def draw_clinical(rng: np.random.Generator, profile: SiteProfile) -> Clinical:
 
 @dataclass(frozen=True)
 class Grid:
-    """Pixel centres in mm (rows y run anterior to posterior, columns x to the patient's left)."""
+    """Pixel centres in mm in the short-axis frame: rows y run from the anterior to the
+    inferior wall, columns x from the right ventricle's side to the lateral wall (patient's
+    left), slices z from base to apex (orientation.py)."""
 
     y: np.ndarray  # (n, n)
     x: np.ndarray  # (n, n)
@@ -629,6 +639,7 @@ class Subject:
     labels: tuple[np.ndarray, np.ndarray]  # ED, ES (uint8)
     spacing: tuple[float, float, float]  # mm
     shown_slices: tuple[int, int, int]  # basal, mid-ventricular and apical slice (montage)
+    long_axis: tuple[float, float, float]  # LV long axis, base to apex (RAS+ unit vector)
 
 
 def make_subject(profile: SiteProfile, rng: np.random.Generator) -> Subject:
@@ -666,7 +677,18 @@ def make_subject(profile: SiteProfile, rng: np.random.Generator) -> Subject:
         labels.append(lab)
     cavity = np.flatnonzero(heart.es.lv_r2 > 0)  # within the ED cavity's slices too
     shown = (int(cavity[0]), int(cavity[(len(cavity) - 1) // 2]), int(cavity[-1]))
-    return Subject(attributes, tuple(images), tuple(labels), grid.spacing, shown)
+    axis = draw_long_axis(rng)  # drawn last: the anatomy's random stream is unchanged
+    return Subject(attributes, tuple(images), tuple(labels), grid.spacing, shown, axis)
+
+
+def draw_long_axis(rng: np.random.Generator) -> tuple[float, float, float]:
+    """A LV long axis (RAS+ unit vector, base to apex): `APEX` tilted by up to
+    LONG_AXIS_TILT_DEG in a random direction, as hearts and scan planning differ."""
+    across = rng.standard_normal(3)
+    across -= (across @ APEX) * APEX
+    across /= np.linalg.norm(across)
+    tilt = math.radians(rng.uniform(0.0, LONG_AXIS_TILT_DEG))
+    return tuple(float(c) for c in math.cos(tilt) * APEX + math.sin(tilt) * across)
 
 
 def subject_rng(seed: int, folder: int, index: int) -> np.random.Generator:
@@ -674,10 +696,12 @@ def subject_rng(seed: int, folder: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(folder, index)))
 
 
-def to_nifti(array: np.ndarray, spacing: tuple[float, float, float]) -> nib.Nifti1Image:
-    """A NIfTI with a diagonal affine (mm) centred on the volume, slice 0 the base."""
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -(np.asarray(array.shape) - 1) / 2 * np.asarray(spacing)
+def to_nifti(
+    array: np.ndarray, spacing: tuple[float, float, float], long_axis: tuple[float, float, float]
+) -> nib.Nifti1Image:
+    """A NIfTI of an array in the short-axis frame, its stack along `long_axis` (RAS+, base
+    to apex), centred on the volume (mm): the reader gives the array back unchanged."""
+    affine = short_axis_affine(spacing, array.shape, np.asarray(long_axis))
     image = nib.Nifti1Image(array, affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
@@ -692,7 +716,7 @@ def write_subject(folder: Path, name: str, subject_id: str, subject: Subject) ->
         row = {"image": f"images/{name}_{tag}.nii.gz", "label": f"labels/{name}_{tag}.nii.gz"}
         for key, array in (("image", subject.images[phase]), ("label", subject.labels[phase])):
             with atomic_path(folder / row[key], mode=PUBLIC_MODE) as tmp:
-                nib.save(to_nifti(array, subject.spacing), tmp)
+                nib.save(to_nifti(array, subject.spacing, subject.long_axis), tmp)
         rows.append({**row, "subject": subject_id, **subject.attributes, "phase": phase})
     return rows
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.orientation import short_axis_ornt
 from fedsynth.simulations import phantoms, phantoms_cmd
 from fedsynth.simulations.phantoms import generate_cohorts
 
@@ -28,6 +29,7 @@ RANGES = {
 }  # fmt: skip
 SUBJECT_LEVEL = [c for c in COLUMNS[2:] if c != "phase"]
 FOLDERS = ["public", "site-1", "site-2", "site-3"]
+IDENTITY = np.array([[0, 1], [1, 1], [2, 1]], float)  # nibabel orientation: no change
 
 
 @pytest.fixture(scope="module")
@@ -113,13 +115,28 @@ def test_nifti_geometry(cohort: Path) -> None:
         zooms = image.header.get_zooms()
         assert zooms[:2] == pytest.approx((profile.pixel_mm, profile.pixel_mm))
         assert 8.0 <= zooms[2] <= 11.0
-        assert np.allclose(image.affine[:3, :3], np.diag(zooms), atol=1e-5)
+        assert np.allclose(np.linalg.norm(image.affine[:3, :3], axis=0), zooms, atol=1e-5)
+        # stored in the short-axis frame: the reader returns the array as it is
+        assert np.array_equal(short_axis_ornt(image.affine, volume.shape), IDENTITY)
         centre = image.affine @ [*((np.asarray(volume.shape) - 1) / 2), 1]
         assert np.allclose(centre[:3], 0, atol=1e-3)
         assert image.header.get_xyzt_units()[0] == "mm"
         assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
         assert set(np.unique(labels)) <= {0, 1, 2, 3, 4, 5}
         assert np.isfinite(volume).all() and volume.min() >= 0
+
+
+def test_apex_lies_left_anterior_inferior_of_the_base(cohort: Path) -> None:
+    """In world (RAS+) coordinates, from the basal to the apical LV cavity slice."""
+    for folder, row in all_rows(cohort):
+        labels, image = load(folder / row["label"])
+        cavity = np.flatnonzero((labels == 3).any(axis=(0, 1)))
+        centres = [
+            image.affine @ [*np.argwhere(labels[:, :, k] == 3).mean(axis=0), k, 1]
+            for k in (cavity[0], cavity[-1])
+        ]
+        to_apex = (centres[1] - centres[0])[:3]
+        assert to_apex[0] < 0 and to_apex[1] > 0 and to_apex[2] < 0, (row["label"], to_apex)
 
 
 def test_anatomy_is_a_heart(cohort: Path) -> None:

@@ -21,6 +21,7 @@ from fedsynth.common.data import check_site, scale_attributes
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import latent_shape
+from fedsynth.common.orientation import short_axis_affine
 from fedsynth.common.sampling import draw_public_attributes, read_attributes_csv, sample_cohort
 
 
@@ -89,7 +90,7 @@ def test_cohort_files_values_and_manifest(tmp_path, pretrained):
         assert data.shape == config.data.shape and data.dtype == np.float32
         assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1 and data.std() > 0
         assert image.header.get_zooms() == pytest.approx(config.data.spacing)
-        assert np.allclose(image.affine, np.diag([*config.data.spacing, 1.0]))
+        assert np.allclose(image.affine, short_axis_affine(config.data.spacing, data.shape))
         assert image.header.get_xyzt_units()[0] == "mm"
     with (cohort / "manifest.csv").open(newline="") as f:
         reader = csv.DictReader(f)
