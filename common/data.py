@@ -298,7 +298,12 @@ def parse_attribute(text: str | None, attribute: Attribute) -> float:
 
 
 def read_table(path: Path, required: Sequence[str], hint: str = "") -> tuple[list[str], list[dict]]:
-    """Header and rows of a CSV file that must have the `required` columns."""
+    """Header and rows of a CSV file that must have the `required` columns.
+
+    Refuses (FedsynthError) a header that names a column twice, even in another case: which
+    copy holds the attribute cannot be known (csv.DictReader would silently keep the last).
+    A missing column's error says what is likely wrong (case, `;` or tab separators).
+    """
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -307,10 +312,33 @@ def read_table(path: Path, required: Sequence[str], hint: str = "") -> tuple[lis
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FedsynthError(f"{path}: not a readable CSV file ({_first_line(exc)})") from None
+    seen: dict[str, str] = {}
+    for name in filter(None, header):
+        first = seen.setdefault(name.casefold(), name)
+        if first == name and header.count(name) > 1:
+            raise FedsynthError(f"{path}: column '{name}' appears twice; keep one")
+        if first != name:
+            raise FedsynthError(f"{path}: columns '{first}' and '{name}' differ only in case")
     missing = [c for c in required if c not in header]
     if missing:
-        raise FedsynthError(f"{path} lacks required column(s) {', '.join(missing)}{hint}")
+        cause = _likely_cause(header, missing)
+        raise FedsynthError(f"{path} lacks required column(s) {', '.join(missing)}{hint}{cause}")
     return header, rows
+
+
+def _likely_cause(header: Sequence[str], missing: Sequence[str]) -> str:
+    """Why columns a table has seem missing: another separator, or another case."""
+    if len(header) == 1:
+        for separator, name in ((";", ";"), ("\t", "tab"), ("|", "|")):
+            if separator in header[0]:
+                return f"; the file looks {name}-separated: save it with commas"
+    by_case = {name.casefold(): name for name in header}
+    near = [
+        f"column '{by_case[m.casefold()]}' differs only in case from '{m}'"
+        for m in missing
+        if m.casefold() in by_case
+    ]
+    return f"; {', '.join(near)}" if near else ""
 
 
 def _read_manifest(root: Path, data_cfg: DataConfig) -> tuple[list[str], list[dict]]:
@@ -390,7 +418,7 @@ def site_path(root: Path, text: str, column: str = "image") -> Path:
     `root` is already resolved. Refuses (ValueError) an absolute path, a path that climbs
     out with `..`, and one that a symlink (the file or a folder on the way) leads out of:
     training must read only what the site put in its folder. A symlink that stays inside
-    is followed.
+    is followed. A Windows path (backslashes) that names no file is refused saying so.
     """
     if PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute():
         raise ValueError(f"{column} path is absolute: give it relative to the site folder")
@@ -399,6 +427,8 @@ def site_path(root: Path, text: str, column: str = "image") -> Path:
     path = (root / text).resolve()
     if not path.is_relative_to(root):
         raise ValueError(f"{column} path leads out of the site folder through a symlink")
+    if "\\" in text and not path.exists():
+        raise ValueError(f"{column} file not found: the path uses backslashes (use /)")
     return path
 
 

@@ -291,3 +291,74 @@ def test_manifest_paths_must_stay_inside_the_site_folder(tmp_path, tiny_config):
         9: "duplicate of row 1 (same image)",  # inside the folder: followed, then deduplicated
         10: "label path leads out of the site folder (..)",
     }
+
+
+def write_manifest(site, header, row):
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "manifest.csv").write_text(f"{header}\n{row}\n")
+    return site
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda h, r: (f"{h},phase", f"{r},0"), r"column 'phase' appears twice; keep one"),
+        (lambda h, r: (f"{h},LVEF", f"{r},60"), r"columns 'lvef' and 'LVEF' differ only in case"),
+        (
+            lambda h, r: (h.replace("lvedv", "LVEDV").replace(",age,", ",Age,"), r),
+            r"lacks required column\(s\) lvedv, age \(.*\); column 'LVEDV' differs only in case "
+            r"from 'lvedv', column 'Age' differs only in case from 'age'$",
+        ),
+        (
+            lambda h, r: (h.replace(",", ";"), r.replace(",", ";")),
+            r"lacks required column\(s\) image, .*; the file looks ;-separated: save it with "
+            r"commas$",
+        ),
+        (
+            lambda h, r: (h.replace(",", "\t"), r.replace(",", "\t")),
+            r"the file looks tab-separated: save it with commas$",
+        ),
+    ],
+    ids=["twice", "case-twice", "case-missing", "semicolons", "tabs"],
+)
+def test_a_header_that_cannot_be_read_right_is_refused_saying_why(
+    tmp_path, tiny_config, change, message
+):
+    """A column named twice (even in another case) is refused as a whole, never resolved by
+    taking one copy; a missing column says what is likely wrong."""
+    columns = ["image", "subject", *GOOD_ATTRIBUTES]
+    values = ["a.nii.gz", "s1", *map(str, GOOD_ATTRIBUTES.values())]
+    site = write_manifest(tmp_path / "site", *change(",".join(columns), ",".join(values)))
+    with pytest.raises(FedsynthError, match=message):
+        check_site(site, tiny_config.data, show_progress=False)
+
+
+def test_a_windows_path_is_rejected_saying_so(tmp_path, tiny_config):
+    site = tmp_path / "site"
+    save_nifti(site / "img" / "a.nii.gz", blob_volume())
+    write_site(site, [
+        {"image": "img\\a.nii.gz", "subject": "s1"},
+        {"image": "..\\other\\a.nii.gz", "subject": "s2"},
+        {"image": "img/a.nii.gz", "subject": "s3"},
+    ])  # fmt: skip
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.row for r in result.records] == [3]
+    assert [r.reason for r in result.rejected] == [
+        "image file not found: the path uses backslashes (use /)",
+        "image path leads out of the site folder (..)",
+    ]
+
+
+def test_site_check_cli_refuses_a_duplicated_column_in_one_line(tmp_path):
+    """The phase column twice: the last copy used to win silently (every row trained as ED)."""
+    site = tmp_path / "site"
+    rows = []
+    for i in range(2):
+        save_nifti(site / f"{i}.nii.gz", blob_volume(seed=i))
+        rows.append(",".join([f"{i}.nii.gz", "s1", *map(str, GOOD_ATTRIBUTES.values())]))
+    header = ",".join(["image", "subject", *GOOD_ATTRIBUTES, "phase"])
+    (site / "manifest.csv").write_text("\n".join([header, f"{rows[0]},0", f"{rows[1]},0"]) + "\n")
+    proc = run_cli("site-check", "--data-path", str(site), "--config", "tiny", "--json")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.strip().endswith("column 'phase' appears twice; keep one")
