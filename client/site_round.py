@@ -5,6 +5,9 @@
 3. Plan this round's noise from the site's own subject count and ledger.
 4. Train with DP-SGD from the global weights.
 5. Append the round to the site's ledger, fsync'd, and only then hand the update back.
+Steps 3 to 5 hold the site's ledger lock, so two ClientApps sharing a state dir (two
+studies on one SuperNode) see each other's spend: the second plans after the first's
+round is on the ledger.
 
 The Flower ClientApp wraps this; keeping it free of Flower lets a hospital's process be
 killed and restarted at any step without losing or double-counting spend.
@@ -27,6 +30,7 @@ from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import private_dir
+from fedsynth.common.ledger import ledger_lock
 
 
 @dataclass(frozen=True)
@@ -88,22 +92,25 @@ def run_site_round(
             f"weight {max_subjects:g}: raise the server's run config secagg-max-weight "
             "(nothing was trained or spent)"
         )
-    plan = budget.plan_round(config, site.n_subjects, round_number)
-    unet = pretrained.unet
-    unet.load_state_dict(global_weights)
-    result = train_round(
-        unet,
-        site.latents,
-        site.attributes,
-        site.subjects,
-        config,
-        plan.noise_multiplier,
-        plan.sample_rate,
-        plan.steps,
-        seed=seed,
-        device=device,
-    )
-    budget.record(round_number, plan)
+    # plan to append under one lock: another ClientApp sharing this state dir (a
+    # second study) must not plan against the same spend before this round is on it
+    with ledger_lock(budget.ledger_path):
+        plan = budget.plan_round(config, site.n_subjects, round_number)
+        unet = pretrained.unet
+        unet.load_state_dict(global_weights)
+        result = train_round(
+            unet,
+            site.latents,
+            site.attributes,
+            site.subjects,
+            config,
+            plan.noise_multiplier,
+            plan.sample_rate,
+            plan.steps,
+            seed=seed,
+            device=device,
+        )
+        budget.record(round_number, plan)
     update = SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
     for observer in list(_OBSERVERS):
         observer(update)

@@ -7,13 +7,21 @@ total after this round) and `status` (`trained`, `refused` or `no-reply`), so an
 recompute the spend. A crash can only tear the last line, which was never acknowledged:
 readers skip it and the next append cuts it off; any other bad line is an error, because
 silently dropping spend would understate epsilon.
+
+Several processes may share a ledger (two studies' ClientApps on one SuperNode share the
+site's state dir). Each append holds an exclusive flock on the ledger file while it cuts a
+torn line and writes its own, so it can never cut a line another process is writing; a
+read-plan-append sequence holds `ledger_lock` throughout, so that no other process plans
+against the same spend in between.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from fedsynth.common.accountant import Segment
@@ -59,6 +67,7 @@ def append_entry(path: str | os.PathLike, entry: dict) -> None:
     created = not path.exists()
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
     with open(os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, PRIVATE_MODE), "rb+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released on close; a torn line is then a crash's
         f.seek(0)
         keep = _complete_length(f.read())
         f.truncate(keep)  # drop a torn last line left by a crash mid-write
@@ -67,6 +76,26 @@ def append_entry(path: str | os.PathLike, entry: dict) -> None:
         os.fsync(f.fileno())
     if created:
         fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def ledger_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ledger `path` until the block ends (blocks while another
+    process holds it).
+
+    The lock is a flock on `<path>.lock` beside the ledger (created 0600), not on the
+    ledger, so appends inside the block do not wait on it. Every process that plans from a
+    ledger and then appends to it must hold it from the read to the append.
+    """
+    path = Path(path)
+    path.parent.mkdir(mode=folder_mode(PRIVATE_MODE), parents=True, exist_ok=True)
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, PRIVATE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _check_entry(entry: object, where: str) -> None:
