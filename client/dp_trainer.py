@@ -109,7 +109,8 @@ class PrivateUNet:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one round did; `mean_loss` is computed from private data: keep it at the site."""
+    """What one round did, its noise multiplier, sample rate and steps as Opacus ran them;
+    `mean_loss` is computed from private data: keep it at the site."""
 
     steps: int
     noise_multiplier: float
@@ -430,13 +431,15 @@ def train_round(
             learning_rate=learning_rate,
         )
         try:
-            losses, sizes = _run_steps(private, data, config, sample_rate, steps, seed, device)
+            losses, sizes, used_rate = _run_steps(
+                private, data, config, sample_rate, steps, seed, device
+            )
         finally:
             release(private)
-    return RoundResult(
+    return RoundResult(  # what Opacus' sampler and optimizer really ran with
         steps=len(sizes),
-        noise_multiplier=noise_multiplier,
-        sample_rate=sample_rate,
+        noise_multiplier=private.optimizer.noise_multiplier,
+        sample_rate=used_rate,
         mean_loss=float(torch.cat(losses).mean()) if sum(sizes) else math.nan,
         subjects_per_step=tuple(sizes),
         empty_steps=sizes.count(0),
@@ -455,8 +458,11 @@ def _run_steps(
     steps: int,
     seed: int,
     device: torch.device,
-) -> tuple[list[torch.Tensor], list[int]]:
-    """The Poisson-sampled loop; BatchMemoryManager splits big logical batches."""
+) -> tuple[list[torch.Tensor], list[int], float]:
+    """The Poisson-sampled loop; BatchMemoryManager splits big logical batches.
+
+    Returns the subject losses, the subjects of each noised step and the sampler's rate.
+    """
     sampling = _generator(seed, 0, torch.device("cpu"))
     loader = _poisson_loader(data.n_subjects, sample_rate, steps, sampling)
     diffusion_generator = _generator(seed, 1, device)
@@ -474,7 +480,7 @@ def _run_steps(
             counter.pending += rows.n_subjects
             private.optimizer.step()
             private.optimizer.zero_grad(set_to_none=True)
-    return losses, counter.sizes
+    return losses, counter.sizes, loader.batch_sampler.sample_rate
 
 
 class _StepCounter:

@@ -331,9 +331,10 @@ def test_a_real_round_draws_its_noise_on_the_secure_path_from_a_secret_seed(
     assert generator.initial_seed() == dp_trainer._generator(seed, 2, "cpu").initial_seed()
 
 
-def test_noise_has_std_sigma_times_clip_over_expected_batch(tiny_config):
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+def test_noise_has_std_sigma_times_clip_over_expected_batch(tiny_config, mode):
     sigma, clip, expected_batch = 0.8, 0.5, 2.5
-    config = with_privacy(tiny_config, trainable="all", max_grad_norm=clip)
+    config = with_privacy(tiny_config, trainable="all", max_grad_norm=clip, grad_sample_mode=mode)
     unet = awake_unet(config)
     private = make_private(
         unet,
@@ -365,13 +366,67 @@ def test_noise_has_std_sigma_times_clip_over_expected_batch(tiny_config):
 
 def test_noise_on_a_real_batch_is_sigma_clip_over_q_n(tiny_config):
     config = with_privacy(tiny_config, trainable="attention", max_grad_norm=0.3)
-    quiet, *_ = one_step_update(config, SUBJECTS, n_volumes=6)
-    noisy, result, *_ = one_step_update(config, SUBJECTS, n_volumes=6, noise_multiplier=1.5)
-    assert result.subjects_per_step == (4,)
+    run = {"n_volumes": 6, "sample_rate": 0.5, "seed": 0}  # 4 subjects: q n = 2
+    quiet, *_ = one_step_update(config, SUBJECTS, **run)
+    noisy, result, *_ = one_step_update(config, SUBJECTS, noise_multiplier=1.5, **run)
+    # 3 subjects drawn, not q n = 2: noise over the real batch would have std 2/3 sigma C
+    assert result.subjects_per_step == (3,)
     noise = (noisy - quiet)[noisy != 0]  # same draws but the noise; lr = q n: std = sigma C
     assert noise.numel() > 50_000
     ratio = float(noise.std()) / (1.5 * 0.3)
     assert abs(ratio - 1) < 0.015 and abs(ratio - 1.2) > 0.1
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_dp_sgd_runs_with_the_planned_sigma_rate_and_steps(
+    tiny_config, monkeypatch, noise_draws, mode
+):
+    """What Opacus was really given, read from its sampler and optimizer, is the plan (the
+    ledger line a site writes) and what the round reports."""
+    samplers = []
+
+    class RecordingSampler(dp_trainer.UniformWithReplacementSampler):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            samplers.append(self)
+
+    monkeypatch.setattr(dp_trainer, "UniformWithReplacementSampler", RecordingSampler)
+    divisors = []
+    scale_grad = opacus_optimizer.DPOptimizer.scale_grad
+
+    def spy_scale_grad(self) -> None:
+        divisors.append(self.expected_batch_size)
+        scale_grad(self)
+
+    monkeypatch.setattr(opacus_optimizer.DPOptimizer, "scale_grad", spy_scale_grad)
+    sigma, q, steps, clip = 1.37, 0.5, 3, 0.25
+    config = with_privacy(
+        tiny_config, trainable="attention", grad_sample_mode=mode, max_grad_norm=clip
+    )
+    latents, attributes = site_data(config)
+    unet = awake_unet(config)
+    result = train_round(unet, latents, attributes, SUBJECTS, config, sigma, q, steps, seed=5)
+    [sampler] = samplers
+    assert (sampler.num_samples, sampler.sample_rate, sampler.steps) == (4, q, steps)
+    tensors = sum(is_attention(name) for name, _ in unet.named_parameters())
+    assert len(noise_draws) == steps * tensors  # every step drew noise, once per tensor
+    assert all(draw.std == pytest.approx(sigma * clip) for draw in noise_draws)
+    assert divisors == [q * 4] * steps  # the noisy sum is divided by q n, not the batch
+    assert (result.noise_multiplier, result.sample_rate, result.steps) == (sigma, q, steps)
+
+
+def test_poisson_sampling_over_many_steps_has_the_planned_rate():
+    n, q, steps = 10, 0.3, 4000
+    loader = dp_trainer._poisson_loader(n, q, steps, torch.Generator().manual_seed(0))
+    batches = [indices for (indices,) in loader]
+    assert len(batches) == steps and any(len(b) == 0 for b in batches)
+    counts = torch.bincount(torch.cat(batches), minlength=n)
+    trials = n * steps
+    sd = math.sqrt(trials * q * (1 - q))  # the total is Binomial(n * steps, q)
+    assert abs(int(counts.sum()) - trials * q) < 4 * sd
+    assert 0.05 * trials * q > 6 * sd  # so a rate 5% off would be caught
+    per_subject_sd = math.sqrt(steps * q * (1 - q))  # each subject alike
+    assert (counts - steps * q).abs().max() < 4.5 * per_subject_sd
 
 
 def test_empty_poisson_batches_are_steps_with_noise_only(tiny_config):

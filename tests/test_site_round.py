@@ -63,6 +63,11 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
     [entry] = read_ledger(tmp_path / "state" / LEDGER)
     assert entry["round"] == 1 and entry["status"] == "trained" and entry["subjects"] == 2
     assert entry["sample_rate"] == 0.5 and entry["noise_multiplier"] > 0
+    # the ledger line is what DP-SGD ran with (RoundResult reads Opacus' sampler/optimizer)
+    used = update.result
+    assert (used.noise_multiplier, used.sample_rate, used.steps) == (
+        entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
+    )  # fmt: skip
     # the ledger's numbers give its epsilon back with the accountant
     assert epsilon(spent_segments([entry]), 0.1) == pytest.approx(entry["epsilon"])
 
