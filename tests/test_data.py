@@ -349,6 +349,7 @@ def test_a_windows_path_is_rejected_saying_so(tmp_path, tiny_config):
     ]
 
 
+@pytest.mark.slow  # a CLI subprocess (10 s on 2 shared cores); the in-process tests cover it
 def test_site_check_cli_refuses_a_duplicated_column_in_one_line(tmp_path):
     """The phase column twice: the last copy used to win silently (every row trained as ED)."""
     site = tmp_path / "site"

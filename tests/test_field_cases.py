@@ -115,6 +115,7 @@ def site_check_cli(site):
     )  # fmt: skip
 
 
+@pytest.mark.slow  # a CLI subprocess (10 s on 2 shared cores); the in-process tests cover it
 def test_site_check_cli_finishes_a_site_with_bad_headers_without_traceback(tmp_path):
     expected = qform_sform_site(tmp_path / "site")
     proc = site_check_cli(tmp_path / "site")
