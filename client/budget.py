@@ -5,7 +5,9 @@ The site, not the server, decides: from its own subject count and the study's ta
 lands the study's remaining rounds on the target, given what its ledger says it has spent
 already. Spend is always read back from the ledger in the site's state dir, so a restarted
 site continues from its true spend, never from zero. An exhausted site refuses from the
-ledger alone, before it reads any data.
+ledger alone, before it reads any data; a site with too little left for another round
+refuses once it knows its subject count (its sample rate depends on it), before it trains
+or records anything.
 """
 
 from __future__ import annotations
@@ -13,7 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
-from fedsynth.common.accountant import Segment, check_delta, epsilon, plan_noise
+from fedsynth.common.accountant import (
+    MAX_SIGMA,
+    Segment,
+    check_delta,
+    epsilon,
+    plan_noise,
+)
 from fedsynth.common.config import Config, PrivacyConfig
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import append_entry, read_ledger, segment_of, spending, spent_segments
@@ -86,7 +94,11 @@ class SiteBudget:
     def plan_round(self, config: Config, subjects: int, round_number: int) -> RoundPlan:
         """Noise for this round so that the study's remaining rounds land on the target.
 
-        Raises BudgetRefusal when even this plan would cross the site's maximum.
+        The ceiling is the study's target capped by the site's maximum. Raises
+        BudgetRefusal when the ledger already reaches it, or when too little is left for
+        the remaining rounds even at the largest noise multiplier the planner tries
+        (accountant.MAX_SIGMA): a round would cross it. A planned round never crosses it:
+        the planner lands the remaining rounds, this one first, at or below the ceiling.
         """
         privacy = config.privacy
         spent = self.spent()
@@ -94,8 +106,16 @@ class SiteBudget:
         check_delta(privacy.delta, subjects)
         rate = sample_rate(privacy, subjects)
         remaining = max(1, config.federation.rounds - round_number + 1)
+        ceiling = min(privacy.target_epsilon, self.max_epsilon)
+        least = Segment(MAX_SIGMA, rate, remaining * privacy.local_steps)
+        least_after = epsilon([*spent, least], privacy.delta, privacy.accountant)
+        if least_after > ceiling:
+            raise BudgetRefusal(
+                f"site {self.site}: round {round_number} would cross its epsilon {ceiling:.4g} "
+                f"even at noise multiplier {MAX_SIGMA:g} ({least_after:.4g}): no further rounds"
+            )
         sigma = plan_noise(
-            min(privacy.target_epsilon, self.max_epsilon),
+            ceiling,
             privacy.delta,
             rate,
             remaining * privacy.local_steps,
@@ -104,11 +124,6 @@ class SiteBudget:
         )
         this_round = Segment(sigma, rate, privacy.local_steps)
         after = epsilon([*spent, this_round], privacy.delta, privacy.accountant)
-        if after > self.max_epsilon:
-            raise BudgetRefusal(
-                f"site {self.site}: round {round_number} would bring epsilon to {after:.4g}, "
-                f"over its maximum {self.max_epsilon:.4g}"
-            )
         return RoundPlan(sigma, rate, privacy.local_steps, privacy.delta, after, subjects)
 
     def record(self, round_number: int, plan: RoundPlan, status: str = "trained") -> None:

@@ -90,13 +90,38 @@ def test_restarted_site_continues_its_spend(tmp_path):
     assert rest[-1] <= 6.0
 
 
-def test_a_round_over_the_maximum_is_refused_before_anything_is_recorded(tmp_path):
+SPENT = ENTRY | {"noise_multiplier": 0.7, "steps": 60}  # epsilon 23.9 at delta 1e-5
+
+
+def test_an_exhausted_site_is_refused_from_its_ledger_before_anything_is_recorded(tmp_path):
     budget = SiteBudget("site-1", tmp_path, max_epsilon=6.0)
-    append_entry(budget.ledger_path, ENTRY | {"noise_multiplier": 0.7, "steps": 60})
+    append_entry(budget.ledger_path, SPENT)
     before = budget.ledger_path.read_bytes()
-    with pytest.raises(BudgetRefusal, match=r"has spent epsilon .* of its 6"):
+    with pytest.raises(BudgetRefusal, match=r"has spent epsilon 23\.9 of its 6"):
+        budget.refuse_if_exhausted(study().privacy)  # what a site checks before its data
+    with pytest.raises(BudgetRefusal, match=r"has spent epsilon 23\.9 of its 6"):
         budget.plan_round(study(), 20, 2)
     assert budget.ledger_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("spent", [False, True], ids=["below-what-rdp-certifies", "nearly-spent"])
+def test_a_round_that_would_cross_even_at_the_largest_noise_is_refused_unrecorded(tmp_path, spent):
+    """Budget left, but not enough for the remaining rounds at any noise the planner tries.
+
+    Not exhausted, so this refusal comes only once the subject count (the sample rate) is
+    known: after the site's data is read, before it trains or records anything.
+    """
+    config = study(**{"privacy.target-epsilon": 50.0})  # the site's maximum is the ceiling
+    budget = SiteBudget("site-1", tmp_path, max_epsilon=0.05)  # RDP certifies ~0.1 at best
+    if spent:  # or spent to within a hair of its maximum (noise 1e4 adds 1.9e-9)
+        append_entry(budget.ledger_path, SPENT)
+        budget.max_epsilon = epsilon(spent_segments([SPENT]), 1e-5) + 1e-9
+    before = budget.ledger_path.read_bytes() if spent else b""
+    budget.refuse_if_exhausted(config.privacy)  # not exhausted: the data is read
+    with pytest.raises(BudgetRefusal, match=r"would cross its epsilon .* multiplier 10000 \("):
+        budget.plan_round(config, 20, 2)
+    assert (budget.ledger_path.read_bytes() if spent else b"") == before
+    assert budget.ledger_path.exists() == spent  # nothing recorded
 
 
 def test_delta_must_be_below_one_over_the_site_size(tmp_path):
