@@ -20,6 +20,7 @@ from monai.transforms import Compose, EnsureType, Resize
 
 from fedsynth.common.config import DataConfig
 from fedsynth.common.data import SiteManifest, load_volume, read_nifti, volume_transform
+from fedsynth.common.models import padded_call
 from fedsynth.common.orientation import to_short_axis
 from fedsynth.common.progress import progress
 
@@ -80,13 +81,18 @@ def build_segmenter() -> UNet:
     )
 
 
+def _segment(segmenter: UNet, volumes: torch.Tensor) -> torch.Tensor:
+    """Class logits for volumes of any shape (the UNet needs multiples of its strides)."""
+    return padded_call(segmenter, volumes, int(np.prod(segmenter.strides)))
+
+
 @torch.no_grad()
 def voxel_counts(segmenter: UNet, volumes: torch.Tensor, batch: int = 4) -> dict[str, np.ndarray]:
     """LV and RV blood-pool voxel counts per volume at the model's resolution."""
     segmenter.eval()
     lv, rv = [], []
     for start in range(0, len(volumes), batch):
-        classes = segmenter(volumes[start : start + batch]).argmax(dim=1)
+        classes = _segment(segmenter, volumes[start : start + batch]).argmax(dim=1)
         lv.append((classes == LV_BLOOD).flatten(1).sum(1))
         rv.append((classes == RV_BLOOD).flatten(1).sum(1))
     return {"lv": torch.cat(lv).cpu().numpy(), "rv": torch.cat(rv).cpu().numpy()}
@@ -131,7 +137,7 @@ def train_volume_meter(
     segmenter.train()
     for _ in progress(range(steps), "segmenter", show_progress):
         index = torch.randint(0, len(volumes), (min(4, len(volumes)),), generator=generator)
-        loss = loss_fn(segmenter(volumes[index]), labels[index])
+        loss = loss_fn(_segment(segmenter, volumes[index]), labels[index])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -277,7 +277,14 @@ class Config:
         errors = []
         levels = len(self.autoencoder.channels) - 1
         if any(s % 2**levels for s in self.data.shape[:2]):
-            errors.append(("data.shape", f"in-plane size must be divisible by {2**levels}"))
+            errors.append(
+                (
+                    "data.shape",
+                    f"in-plane size must be divisible by {2**levels}, the autoencoder's "
+                    f"compression ({levels} halvings: autoencoder.channels has {levels + 1} "
+                    "levels); any slice count runs",
+                )
+            )
         if self.sampling.steps > self.diffusion.train_timesteps:
             errors.append(("sampling.steps", "must be <= diffusion.train-timesteps"))
         return errors

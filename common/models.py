@@ -6,9 +6,18 @@ level; `_keep_slices` turns its strided convolutions and upsamplers into in-plan
 Conditioning follows Daum et al.: each clinical attribute becomes its own token for the
 UNet's cross-attention, and a learned null token per attribute stands in for dropped
 attributes (classifier-free guidance).
+
+MONAI's UNets halve every axis per level and concatenate skips, so an axis must be a
+multiple of 2^(levels-1); short-axis stacks have any slice count (UK Biobank: 13).
+`padded_call` zero-pads a network's input up to that multiple and crops its output back,
+so the latent UNet (and the anatomy segmenter) run on any shape. The autoencoder's
+in-plane compression cannot be padded away; the config refuses in-plane sizes it cannot
+halve evenly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
@@ -65,6 +74,25 @@ def latent_shape(config: Config) -> tuple[int, int, int, int]:
     return (config.autoencoder.latent_channels, h // factor, w // factor, d)
 
 
+def padded_call(
+    net: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, multiple: int
+) -> torch.Tensor:
+    """net(x) for x (B, C, *spatial) of any size: each spatial axis is zero-padded evenly on
+    both sides up to a multiple of `multiple`, and the output cropped back to x's size.
+
+    An input already of such a size runs unpadded (bit-identical to calling net).
+    """
+    spatial = x.shape[2:]
+    extra = [-size % multiple for size in spatial]
+    if not any(extra):
+        return net(x)
+    before = [e // 2 for e in extra]
+    pad = [n for e, b in zip(reversed(extra), reversed(before), strict=True) for n in (b, e - b)]
+    out = net(nn.functional.pad(x, pad))
+    crop = [slice(b, b + size) for b, size in zip(before, spatial, strict=True)]
+    return out[(slice(None), slice(None), *crop)]
+
+
 class AttributeTokens(nn.Module):
     """One token per attribute: value * direction + offset, each attribute its own.
 
@@ -116,6 +144,7 @@ class ConditionedUNet(nn.Module):
         cfg = config.unet
         channels = config.autoencoder.latent_channels
         self.tokens = AttributeTokens(len(config.data.attributes), cfg.token_dim)
+        self.multiple = 2 ** (len(cfg.channels) - 1)  # every axis halves at each level
         self.unet = DiffusionModelUNet(
             spatial_dims=3,
             in_channels=channels,
@@ -136,6 +165,9 @@ class ConditionedUNet(nn.Module):
         attributes: torch.Tensor,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, C, H, W, D), timesteps (B,), attributes (B, A), keep (B,) or (B, A) or None."""
+        """x (B, C, H, W, D) of any size, timesteps (B,), attributes (B, A), keep (B,) or
+        (B, A) or None -> prediction shaped like x (padded for the UNet, cropped back)."""
         context = self.tokens(AttributeTokens.pack(attributes, keep))
-        return self.unet(x, timesteps, context=context)
+        return padded_call(
+            lambda padded: self.unet(padded, timesteps, context=context), x, self.multiple
+        )
