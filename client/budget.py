@@ -67,12 +67,15 @@ class SiteBudget:
     def spent(self) -> list[Segment]:
         return spent_segments(read_ledger(self.ledger_path), self.site)
 
-    def history(self) -> list[list[float]]:
-        """[round, noise_multiplier, sample_rate, steps] of every round this site trained,
-        oldest first: the server charges any the server's own ledger lacks."""
+    def history(self, study: str | None = None) -> list[list[float]]:
+        """[round, noise_multiplier, sample_rate, steps] of every round this site trained
+        (in study `study` only, when given), oldest first: the server charges any its own
+        ledger lacks. Spend in other studies counts toward the site's own maximum but
+        belongs to those studies' ledgers."""
         return [
             [int(e["round"]), *astuple(segment_of(e))]
             for e in spending(read_ledger(self.ledger_path), self.site)
+            if study is None or e.get("study") == study
         ]
 
     def spent_epsilon(self, privacy: PrivacyConfig) -> float:
@@ -126,9 +129,13 @@ class SiteBudget:
         after = epsilon([*spent, this_round], privacy.delta, privacy.accountant)
         return RoundPlan(sigma, rate, privacy.local_steps, privacy.delta, after, subjects)
 
-    def record(self, round_number: int, plan: RoundPlan, status: str = "trained") -> None:
-        """Append this round to the ledger (fsync'd) before any update leaves the site."""
+    def record(
+        self, round_number: int, plan: RoundPlan, status: str = "trained", **extra: object
+    ) -> None:
+        """Append this round to the ledger (fsync'd) before any update leaves the site.
+
+        `extra`: facts the line also carries (the study's id and accountant)."""
         append_entry(
             self.ledger_path,
-            {"round": round_number, "site": self.site, "status": status, **asdict(plan)},
+            {"round": round_number, "site": self.site, "status": status, **asdict(plan), **extra},
         )

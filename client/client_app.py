@@ -1,35 +1,39 @@
-"""The hospital side of a Flower round: DP-SGD on the global UNet, then the update back.
+"""The hospital side of a Flower round: READY, then DP-SGD on the global UNet, delta back.
 
 A legacy Flower client (NumPyClient via client_fn) so that Flower SecAgg+ (secaggplus_mod,
-used when the server runs SecAggPlusWorkflow) can mask the reply. The server's fit
-instruction carries the global UNet tensors (in the order of the config's `keys`) and a
-config with the round number, the study's training config (JSON text, so
-every site trains the same thing), the public checkpoint folder and, for a simulation,
-the phantom and run folders. Where a site's data and state live and how much epsilon it
-allows come from the node config (client/node_config.py), never from the server.
+used when the server runs SecAggPlusWorkflow) can mask the reply. Mods, outermost first:
+- `site_guard`: no exception text leaves the site except a SiteStop's fixed
+  `fedsynth:<code>: ...` (Flower sends a ClientApp exception's text to the server); the
+  details go to the site's own log (client/site_terms.py).
+- `answer_ready`: the READY query (common/protocol.py), answered from the node config and
+  the site's own ledger, without reading data or loading torch.
+- `secure_aggregation_when_asked`: SecAgg+ for SecAgg+ messages; plain ones pass through.
+
+The server's fit instruction carries the global UNet tensors (in the order of the
+config's `keys`) and a config with the round number, the study's training config (JSON,
+so every site trains the same thing), the public checkpoint folder and, for a simulation,
+the phantom and run folders. Where a site's data and state live, and its privacy terms,
+come from the node config (client/node_config.py), never from the server.
 
 The reply carries the weight DELTA (trained - global), num_examples = subjects (the
-FedAvg weight) and, as metrics, the site's name, a refusal's reason and only what anyone
-may recompute the spend from: noise_multiplier, sample_rate, steps, subjects, refused,
-`history` (the site's own ledger of trained rounds, so the server can charge a round whose
-update it never received: a lost reply, a server killed before its ledger line) and
-`epsilon`, the site's own total so far, which the server only compares with its own
-recomputation (a mismatch means the two ledgers diverged) and never uses. No loss. Under
-SecAgg+ the delta leaves the site only masked (and widened to float64 first, see
-_widened); a refused site answers a zero delta with weight 0 so the protocol keeps its
-share holders and the sum is unchanged.
+FedAvg weight) and exactly the metrics in protocol.REPLY_METRICS. A site that will not
+train raises SiteStop, so it sends nothing: under SecAgg+ it never adds a zero update to
+a masked sum. A site that fails after it recorded its spend writes `failed.json` in its
+state dir and answers READY with `failed-before` until an operator removes the file.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Array, Context, Message
+from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -39,11 +43,22 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
 from fedsynth.client.node_config import SiteSettings, site_settings
+from fedsynth.client.site_terms import (
+    check_delta_for_subjects,
+    check_terms,
+    log_locally,
+    refuse,
+)
 from fedsynth.common.config import Config, config_from_dict
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.protocol import READY_RECORD, SiteStop
 
 if TYPE_CHECKING:
     import torch
+
+FAILED = "failed.json"
+_MASKED = contextvars.ContextVar("fedsynth_masked", default=False)
 
 
 def _optional_path(sent: Mapping[str, object], key: str) -> Path | None:
@@ -51,29 +66,95 @@ def _optional_path(sent: Mapping[str, object], key: str) -> Path | None:
     return Path(value) if value else None
 
 
+def _study(sent: Mapping[str, object]) -> tuple[Config, int]:
+    try:
+        return config_from_dict(json.loads(str(sent["study"]))), int(sent["round"])  # type: ignore[arg-type]
+    except (KeyError, ValueError, TypeError, FedsynthError) as error:
+        raise refuse(None, "config", f"the server's study config is unusable: {error}") from None
+
+
+def _settings(
+    sent: Mapping[str, object], node_config: Mapping[str, object], config: Config
+) -> SiteSettings:
+    try:
+        return site_settings(
+            node_config,
+            config.privacy.target_epsilon,
+            simulation_data=_optional_path(sent, "phantoms"),
+            simulation_state=_optional_path(sent, "site-states"),
+            secure_aggregation=config.federation.secure_aggregation,
+        )
+    except FedsynthError as error:
+        raise refuse(None, "config", str(error)) from None
+
+
+def _budget(settings: SiteSettings) -> SiteBudget:
+    return SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
+
+
+def _study_epsilon(budget: SiteBudget, study_id: str, config: Config) -> float:
+    """The site's epsilon in this study alone (what the server's ledger should say); its
+    spend in other studies counts toward its own maximum, not this study's ledger."""
+    from fedsynth.common.accountant import Segment, epsilon
+
+    segments = [Segment(s, q, int(n)) for _, s, q, n in budget.history(study_id)]
+    return float(epsilon(segments, config.privacy.delta, config.privacy.accountant))
+
+
+def ready_answer(
+    sent: Mapping[str, object], node_config: Mapping[str, object]
+) -> dict[str, int | float | str]:
+    """The READY reply (protocol.READY_METRICS) from node config and ledger; no data read."""
+    config, round_number = _study(sent)
+    settings = _settings(sent, node_config, config)
+    budget = _budget(settings)
+    privacy = config.privacy
+    spent = float(budget.spent_epsilon(privacy))
+    code = "ready"
+    if (settings.state_dir / FAILED).is_file():
+        code = "failed-before"
+    elif spent >= min(privacy.target_epsilon, settings.max_epsilon):
+        code = "budget-spent"
+    else:
+        try:
+            check_terms(settings, config, config.federation.secure_aggregation)
+        except SiteStop as stop:
+            code = stop.code
+    if code != "ready":
+        log_locally(settings.state_dir, f"round {round_number}: not ready ({code})")
+    return {
+        "site": settings.name,
+        "ready": int(code == "ready"),
+        "code": code,
+        "history": json.dumps(budget.history(str(sent.get("study-id", "")))),
+        "epsilon": _study_epsilon(budget, str(sent.get("study-id", "")), config),
+    }
+
+
 def site_round_reply(
-    weights: dict[str, torch.Tensor], sent: Mapping[str, object], node_config: Mapping[str, object]
-) -> tuple[dict[str, np.ndarray], int, dict[str, bool | bytes | float | int | str]]:
+    weights: dict[str, torch.Tensor],
+    sent: Mapping[str, object],
+    node_config: Mapping[str, object],
+    secure: bool = False,
+) -> tuple[dict[str, np.ndarray], int, dict[str, float | int | str]]:
     """(delta per key, subjects, metrics) for the server's instruction (Flower-free to test).
 
-    The delta is trained - global for every key of `weights`; a refusal (spent budget) is
-    an all-zero delta with weight 0, so it adds nothing to a (secure) weighted mean.
-    With `clipping-range` > 0 (SecAgg+), a delta or a weight outside what SecAgg+ can
-    carry unclipped is an error, never silently clipped.
+    `secure`: the instruction came through SecAgg+. Raises SiteStop (a fixed reason code)
+    whenever the site does not send an update; details go to the site's log only.
     """
     # torch, MONAI and Opacus load only here: Flower starts a ClientApp process per
-    # message, and the SecAgg+ stages other than training need none of them
+    # message, and READY and the SecAgg+ stages other than training need none of them
     from fedsynth.client.site_round import run_site_round
     from fedsynth.common.models import resolve_device
 
-    round_number = int(sent["round"])
-    config = config_from_dict(json.loads(str(sent["study"])))
-    settings = site_settings(
-        node_config,
-        config.privacy.target_epsilon,
-        simulation_data=_optional_path(sent, "phantoms"),
-        simulation_state=_optional_path(sent, "site-states"),
-    )
+    config, round_number = _study(sent)
+    settings = _settings(sent, node_config, config)
+    if (settings.state_dir / FAILED).is_file():
+        raise refuse(settings, "failed-before", f"{settings.state_dir / FAILED} exists")
+    check_terms(settings, config, secure)
+    budget = _budget(settings)
+    study_id = str(sent.get("study-id", ""))
+    rounds_before = len(budget.history())
     # a hospital names its own copy of the public checkpoint; a simulation uses the server's
     checkpoint = str(node_config.get("checkpoint", "") or sent["checkpoint"])
     try:
@@ -84,62 +165,68 @@ def site_round_reply(
             weights,
             round_number,
             resolve_device(config.device),
-            max_subjects=float(sent.get("max-weight", 0.0) or 0.0),
+            max_subjects=float(sent.get("max-weight", 0.0) or 0.0),  # type: ignore[arg-type]
+            check_subjects=lambda n: check_delta_for_subjects(settings, config.privacy.delta, n),
+            study_id=study_id,
         )
+    except SiteStop:
+        raise
     except BudgetRefusal as refusal:
-        zeros = {k: np.zeros_like(v.numpy()) for k, v in weights.items()}
-        metrics = {"noise_multiplier": 0.0, "sample_rate": 0.0, "steps": 0, "subjects": 0,
-                   "refused": 1, "site": settings.name, "reason": str(refusal),
-                   "history": _history(settings), "epsilon": _spent(settings, config)}  # fmt: skip
-        return zeros, 0, metrics
+        raise refuse(settings, "budget-spent", str(refusal)) from None
+    except Exception as error:  # every failure becomes a code; details stay here
+        spent = len(budget.history()) > rounds_before
+        code = "internal" if spent or not isinstance(error, FedsynthError) else "data"
+        detail = str(error) if isinstance(error, FedsynthError) else traceback.format_exc()
+        _fail(settings, round_number, code, detail, spent)
     plan = update.plan
     delta = {
         k: (update.weights[k].detach().cpu() - v).numpy() if v.is_floating_point()
         else np.zeros_like(v.numpy())
         for k, v in weights.items()
     }  # fmt: skip
-    _check_fits_clipping_range(delta, sent, settings.name)
+    problem = _unsendable(delta, float(sent.get("clipping-range", 0.0) or 0.0))  # type: ignore[arg-type]
+    if problem:
+        _fail(settings, round_number, "update", problem, spent=True)
     metrics = {
+        "site": settings.name,
         "noise_multiplier": float(plan.noise_multiplier),
         "sample_rate": float(plan.sample_rate),
         "steps": int(plan.steps),
         "subjects": int(plan.subjects),
-        "refused": 0,
-        "site": settings.name,
-        "reason": "",
-        "history": _history(settings),
-        "epsilon": float(plan.epsilon),
+        "delta": float(plan.delta),
+        "accountant": config.privacy.accountant,
+        "history": json.dumps(budget.history(study_id)),
+        "epsilon": _study_epsilon(budget, study_id, config),
     }
     return delta, int(plan.subjects), metrics
 
 
-def _budget(settings: SiteSettings) -> SiteBudget:
-    return SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
-
-
-def _history(settings: SiteSettings) -> str:
-    """The site's own ledger of trained rounds (JSON): spend the server may have missed."""
-    return json.dumps(_budget(settings).history())
-
-
-def _spent(settings: SiteSettings, config: Config) -> float:
-    return float(_budget(settings).spent_epsilon(config.privacy))
-
-
-def _check_fits_clipping_range(
-    delta: dict[str, np.ndarray], sent: Mapping[str, object], site: str
-) -> None:
-    """Under SecAgg+ a delta beyond the clipping range would be clipped: fail instead."""
-    clip = float(sent.get("clipping-range", 0.0) or 0.0)
-    if clip <= 0:
-        return
-    largest = max((float(np.abs(d).max()) for d in delta.values() if d.size), default=0.0)
-    if largest > clip:
-        raise FedsynthError(
-            f"{site}: largest |weight delta| {largest:.4g} exceeds the secure aggregation "
-            f"clipping range {clip:g}; it would be clipped: raise the server's run config "
-            "secagg-clipping-range"
+def _fail(settings: SiteSettings, round_number: int, code: str, detail: str, spent: bool):
+    """Stop the round; after a spend, mark the site failed so it is not selected again."""
+    if spent:
+        atomic_write_text(
+            settings.state_dir / FAILED,
+            json.dumps({"round": round_number, "code": code, "detail": detail}) + "\n",
         )
+        detail += f" (spend recorded: {FAILED} written; remove it once the cause is fixed)"
+    raise refuse(settings, code, f"round {round_number}: {detail}") from None
+
+
+def _unsendable(delta: dict[str, np.ndarray], clip: float) -> str:
+    """Why the update cannot leave the site ('' when it can): a non-finite value anywhere
+    (`nan > clip` is false, so it is checked first), or, under SecAgg+ (clip > 0), a value
+    beyond the clipping range, which SecAgg+ would silently clip."""
+    for key, d in delta.items():
+        if d.size and not np.isfinite(d).all():
+            return f"non-finite values in the update of {key}"
+    if clip > 0:
+        largest = max((float(np.abs(d).max()) for d in delta.values() if d.size), default=0.0)
+        if largest > clip:
+            return (
+                f"largest |weight delta| {largest:.4g} exceeds the secure aggregation clipping "
+                f"range {clip:g}: raise the server's run config secagg-clipping-range"
+            )
+    return ""
 
 
 class SiteClient(NumPyClient):
@@ -155,8 +242,33 @@ class SiteClient(NumPyClient):
             torch.set_num_threads(1)
         keys = json.loads(str(config["keys"]))
         weights = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, parameters, strict=True)}
-        delta, subjects, metrics = site_round_reply(weights, config, self.node_config)
+        delta, subjects, metrics = site_round_reply(
+            weights, config, self.node_config, secure=_MASKED.get()
+        )
         return [delta[k] for k in keys], subjects, metrics
+
+
+def site_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Let no exception text leave the site but a SiteStop's fixed one."""
+    try:
+        return call_next(msg, ctxt)
+    except SiteStop:
+        raise
+    except Exception:  # the text may carry site data: log it here only
+        log_locally(None, traceback.format_exc())
+        raise SiteStop("internal") from None
+
+
+def answer_ready(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Answer the server's READY query; pass every other message on."""
+    if (
+        msg.metadata.message_type == MessageType.QUERY
+        and READY_RECORD in msg.content.config_records
+    ):
+        sent = dict(msg.content.config_records[READY_RECORD])
+        answer = ready_answer(sent, ctxt.node_config)
+        return Message(RecordDict({READY_RECORD: ConfigRecord(answer)}), reply_to=msg)
+    return call_next(msg, ctxt)
 
 
 def secure_aggregation_when_asked(msg: Message, ctxt: Context, call_next: ClientAppCallable):
@@ -165,7 +277,15 @@ def secure_aggregation_when_asked(msg: Message, ctxt: Context, call_next: Client
         msg.metadata.message_type == MessageType.TRAIN
         and RECORD_KEY_CONFIGS in msg.content.config_records
     ):
-        return secaggplus_mod(msg, ctxt, lambda m, c: _widened(call_next(m, c)))
+
+        def masked_fit(m: Message, c: Context) -> Message:
+            token = _MASKED.set(True)
+            try:
+                return _widened(call_next(m, c))
+            finally:
+                _MASKED.reset(token)
+
+        return secaggplus_mod(msg, ctxt, masked_fit)
     return call_next(msg, ctxt)
 
 
@@ -188,4 +308,4 @@ def client_fn(context: Context):
     return SiteClient(context.node_config).to_client()
 
 
-app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_when_asked])
+app = ClientApp(client_fn=client_fn, mods=[site_guard, answer_ready, secure_aggregation_when_asked])

@@ -1,11 +1,17 @@
-"""Where a site's data and state live and how much epsilon it allows: from the node config.
+"""A site's own settings and privacy terms, from its node config: never from the server.
 
-A hospital starts its SuperNode with `--node-config 'data-path=... state-dir=...
-max-epsilon=...'` (and optionally `site-name=...`); these are the site's own decisions and
-never come from the server. In a `flwr run` simulation Flower gives each node only its
-`partition-id`, so the site is the phantom site of that number, with its state inside the
-study's run dir (a new simulated study starts with fresh phantom hospitals), and its
-maximum epsilon is the study's target.
+A hospital starts its SuperNode with
+`--node-config 'data-path=DIR state-dir=DIR max-epsilon=E'` and may add:
+- `site-name` (default: the data folder's name): the name its spend is recorded under;
+- `max-delta`: the largest delta it accepts (default: below 1/(10 n), n its subjects);
+- `require-secure-aggregation` (default true): refuse rounds not under SecAgg+;
+- `accountant` (`rdp` or `prv`): refuse studies that account with another one.
+`max-epsilon` is required for a real site: a hospital states its own ceiling.
+
+In a `flwr run` simulation Flower gives each node only its `partition-id`, so the site is
+the phantom site of that number, with its state inside the study's run dir (a new
+simulated study starts with fresh phantom hospitals), its maximum epsilon the study's
+target and secure aggregation required only when the study uses it.
 """
 
 from __future__ import annotations
@@ -17,19 +23,29 @@ from pathlib import Path
 
 from fedsynth.common.errors import FedsynthError
 
+ACCOUNTANTS = ("rdp", "prv")
+
 
 @dataclass(frozen=True)
 class SiteSettings:
-    """One site's name, data folder, state dir and ceiling on epsilon."""
+    """One site's name, data folder, state dir and privacy terms."""
 
     name: str
     data_path: Path
     state_dir: Path
     max_epsilon: float
+    max_delta: float | None = None  # None: below 1/(10 n)
+    require_secure_aggregation: bool = True
+    accountant: str | None = None  # None: either
 
 
-def _positive(node_config: Mapping[str, object], key: str, default: float) -> float:
+def _positive(node_config: Mapping[str, object], key: str, default: float | None) -> float:
     raw = node_config.get(key, default)
+    if raw is None:
+        raise FedsynthError(
+            f"node config lacks {key}: a site states its own ceiling, e.g. "
+            f"--node-config '... {key}=8'"
+        )
     try:
         value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -39,13 +55,27 @@ def _positive(node_config: Mapping[str, object], key: str, default: float) -> fl
     return value
 
 
+def _flag(node_config: Mapping[str, object], key: str, default: bool) -> bool:
+    raw = node_config.get(key, default)
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise FedsynthError(f"node config {key}={raw!r}: must be true or false")
+
+
 def site_settings(
     node_config: Mapping[str, object],
     target_epsilon: float,
     simulation_data: Path | None = None,
     simulation_state: Path | None = None,
+    secure_aggregation: bool = True,
 ) -> SiteSettings:
-    """The site's settings; simulation folders fill in only what a simulated node lacks."""
+    """The site's settings; simulation folders and terms fill in only what a simulated node
+    lacks. Raises FedsynthError naming the node config key that is missing or invalid."""
     simulated = "partition-id" in node_config and "data-path" not in node_config
     if simulated:
         if simulation_data is None or simulation_state is None:
@@ -62,5 +92,19 @@ def site_settings(
         data_path = Path(str(node_config["data-path"])).expanduser()
         state_dir = Path(str(node_config["state-dir"])).expanduser()
         name = str(node_config.get("site-name", data_path.name))
-    max_epsilon = _positive(node_config, "max-epsilon", target_epsilon)
-    return SiteSettings(name, data_path, state_dir, max_epsilon)
+    max_epsilon = _positive(node_config, "max-epsilon", target_epsilon if simulated else None)
+    max_delta = None
+    if "max-delta" in node_config:
+        max_delta = _positive(node_config, "max-delta", None)
+        if max_delta >= 1:
+            raise FedsynthError(f"node config max-delta={max_delta:g}: must be below 1")
+    accountant = node_config.get("accountant")
+    if accountant is not None and str(accountant) not in ACCOUNTANTS:
+        raise FedsynthError(f"node config accountant={accountant!r}: one of rdp, prv")
+    require = _flag(
+        node_config, "require-secure-aggregation", secure_aggregation if simulated else True
+    )
+    return SiteSettings(
+        name, data_path, state_dir, max_epsilon, max_delta, require,
+        str(accountant) if accountant is not None else None,
+    )  # fmt: skip

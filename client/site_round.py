@@ -70,12 +70,16 @@ def run_site_round(
     seed: int | None = None,
     show_progress: bool = False,
     max_subjects: float = 0.0,
+    check_subjects: Callable[[int], None] | None = None,
+    study_id: str = "",
 ) -> SiteUpdate:
     """Train one round at this site; raises BudgetRefusal before reading data when spent.
 
     `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
     `max_subjects` > 0 (SecAgg+'s max weight) refuses a larger site before it trains or
-    spends anything: its weight could not be carried.
+    spends anything: its weight could not be carried. `check_subjects(n)` (the site's own
+    terms that need its subject count) runs before the round is planned. `study_id` is
+    recorded with the round: a site reports each study's rounds to that study only.
     """
     if not config.privacy.enabled:
         raise FedsynthError("privacy.enabled is false: sites train only with DP-SGD")
@@ -92,6 +96,8 @@ def run_site_round(
             f"weight {max_subjects:g}: raise the server's run config secagg-max-weight "
             "(nothing was trained or spent)"
         )
+    if check_subjects is not None:  # the site's own terms that depend on its size
+        check_subjects(site.n_subjects)
     # plan to append under one lock: another ClientApp sharing this state dir (a
     # second study) must not plan against the same spend before this round is on it
     with ledger_lock(budget.ledger_path):
@@ -110,7 +116,7 @@ def run_site_round(
             seed=seed,
             device=device,
         )
-        budget.record(round_number, plan)
+        budget.record(round_number, plan, study=study_id, accountant=config.privacy.accountant)
     update = SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
     for observer in list(_OBSERVERS):
         observer(update)

@@ -231,11 +231,17 @@ class FederationConfig:
     rounds: int = _checked(positive)
     sites: int = _checked(positive)
     sites_per_round: int = _checked(positive)
+    min_sites: int = _checked(positive)
     secure_aggregation: bool = _checked()
 
     def validate(self) -> list[tuple[str, str]]:
         if self.sites_per_round > self.sites:
             return [("sites-per-round", f"must be <= sites ({self.sites})")]
+        if self.min_sites > self.sites_per_round:
+            return [("min-sites", f"must be <= sites-per-round ({self.sites_per_round})")]
+        if self.secure_aggregation and self.min_sites < 2:
+            return [("min-sites", "must be at least 2 with secure aggregation (the unmasked "
+                     "sum of one site is that site's update)")]
         return []
 
 

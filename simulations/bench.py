@@ -178,7 +178,8 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
 
     from fedsynth.client.client_app import app
     from fedsynth.client.site_round import observe_site_rounds
-    from fedsynth.server.server_app import prepare, run_federation
+    from fedsynth.server.server_app import run_federation
+    from fedsynth.server.study import prepare
     from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
     root = _overhead_workspace(config)
@@ -193,7 +194,9 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
         })  # fmt: skip
         sites = {
             n: {"data-path": str(root / "phantoms" / f"site-{n}"),
-                "state-dir": str(Path(tmp) / "states" / f"site-{n}")}
+                "state-dir": str(Path(tmp) / "states" / f"site-{n}"),
+                "max-epsilon": config.privacy.target_epsilon,
+                "require-secure-aggregation": secure}
             for n in range(1, OVERHEAD_SITES + 1)
         }  # fmt: skip
         grid = LoopbackGrid(app, sites)
@@ -206,8 +209,8 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
             _quiet_flower(),
         ):
             run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
-    # each round opens with one message per site: the plain fit or SecAgg+'s setup
-    opening = [d.started for d in grid.deliveries if d.stage in (None, "setup")]
+    # each round opens with one READY query per site
+    opening = [d.started for d in grid.deliveries if d.message_type == "query"]
     starts = opening[::OVERHEAD_SITES]
     if len(opening) != OVERHEAD_SITES * OVERHEAD_ROUNDS or len(trained) < len(opening):
         raise FedsynthError(

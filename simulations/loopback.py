@@ -155,8 +155,9 @@ class LoopbackGrid(Grid):
             if not dropped or self.deliver_dropped:
                 try:
                     reply = self.app(msg, self.contexts[meta.dst_node_id])
-                except Exception as exc:
-                    reply = Message(Error(code=0, reason=repr(exc)), reply_to=msg)
+                except Exception as exc:  # Flower's own format for a ClientApp's exception
+                    reason = str(type(exc)) + ":<'" + str(exc) + "'>"
+                    reply = Message(Error(code=0, reason=reason), reply_to=msg)
                 seconds = time.perf_counter() - start
             self.deliveries.append(
                 Delivery(meta.dst_node_id, meta.message_type, stage, start, seconds, not dropped)

@@ -22,8 +22,12 @@ import torch
 from flwr.app import Context, RecordDict
 
 import fedsynth.client.budget as budget
+import fedsynth.server.privacy_ledger as privacy_ledger
 import fedsynth.server.server_app as server_app
+import fedsynth.server.strategy as strategy
 from fedsynth.client.client_app import app
+from fedsynth.server.run_dir import ledger_table
+from fedsynth.server.study import prepare
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
 SITES = 3
@@ -53,11 +57,11 @@ def main(argv: list[str]) -> None:
         where, n = kill.split(":")
         n = int(n)
         if where == "server-ledger":
-            _kill_after(server_app, "append_entry", lambda calls, _: calls == n)
+            _kill_after(privacy_ledger, "append_entry", lambda calls, _: calls == n)
         elif where == "site-ledger":
             _kill_after(budget, "append_entry", lambda calls, _: calls == n)
         elif where == "checkpoint":
-            _kill_after(server_app, "save_round", lambda _, args: args[1] == n)
+            _kill_after(strategy, "save_round", lambda _, args: args[1] == n)
         else:
             raise SystemExit(f"unknown kill point {kill}")
     run_config = {
@@ -72,15 +76,16 @@ def main(argv: list[str]) -> None:
         "federation.secure-aggregation": secure == "true",
     }
     nodes = {
-        k: {"data-path": f"{phantoms}/site-{k}", "state-dir": f"{states}/site-{k}"}
+        k: {"data-path": f"{phantoms}/site-{k}", "state-dir": f"{states}/site-{k}",
+            "max-epsilon": 10.0, "require-secure-aggregation": secure == "true"}
         for k in range(1, SITES + 1)
     }
-    study = server_app.prepare(run_config)
+    study = prepare(run_config)
     with task_identity():
         summary = server_app.run_federation(
             LoopbackGrid(app, nodes), study, Context(1, 0, {}, RecordDict(), {})
         )
-    print(server_app.ledger_table(summary), flush=True)
+    print(ledger_table(summary), flush=True)
 
 
 if __name__ == "__main__":

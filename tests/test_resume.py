@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from fedsynth.common.ledger import read_ledger
+from fedsynth.server.privacy_ledger import charged
 
 DRIVER = Path(__file__).with_name("study_driver.py")
 ROUNDS = 3
@@ -46,8 +47,7 @@ def _charged(entries: list[dict], site: str) -> Counter:
     """(round, sigma, rate, steps) of every line that counts toward a site's epsilon."""
     return Counter(
         (e["round"], e["noise_multiplier"], e["sample_rate"], e["steps"])
-        for e in entries
-        if e["site"] == site and e["status"] != "refused" and e["steps"] > 0
+        for e in charged(entries, site)
     )
 
 
@@ -90,6 +90,7 @@ def test_a_killed_study_resumes_without_losing_or_double_counting_spend(
     killed = _drive(tmp_path, tiny_checkpoint, site_phantoms, secure, False, kill)
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     before = read_ledger(tmp_path / "run" / "ledger.jsonl")
+    _check_write_order(tmp_path / "run", before, kill)
     resumed = _drive(tmp_path, tiny_checkpoint, site_phantoms, secure, True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = read_ledger(tmp_path / "run" / "ledger.jsonl")
@@ -106,6 +107,20 @@ def test_a_killed_study_resumes_without_losing_or_double_counting_spend(
     if kill.startswith("site-ledger"):
         assert "charged 1 round(s) from its own ledger" in resumed.stdout
         assert any(e.get("reported_by_site") for e in after)
+
+
+def _check_write_order(run: Path, ledger: list[dict], kill: str) -> None:
+    """At the kill point the ledger is ahead of the checkpoint, never behind (issue 16,
+    item 3: resume's reconcile would hide a checkpoint written before its ledger lines)."""
+    state = run / "state.json"
+    saved = json.loads(state.read_text())["rounds_done"] if state.is_file() else 0
+    where, n = kill.split(":")
+    if where == "checkpoint":  # killed right after round n's checkpoint
+        assert saved == int(n)
+    if where == "server-ledger":  # killed right after the server's nth line: no checkpoint
+        assert saved < max(e["round"] for e in ledger)
+    for r in range(1, saved + 1):  # every saved round has its lines for every site
+        assert {e["site"] for e in ledger if e["round"] == r} == set(SITES), r
 
 
 def test_a_finished_study_refuses_to_start_again_without_resume(

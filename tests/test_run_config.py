@@ -10,7 +10,7 @@ from flwr.common.config import flatten_dict, fuse_dicts, parse_config_args
 
 from fedsynth.common.config import config_hash, load_config, pretraining_hash, to_dict
 from fedsynth.common.errors import FedsynthError
-from fedsynth.server.server_app import RESERVED, config_overrides, prepare
+from fedsynth.server.study import RESERVED, config_overrides, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 

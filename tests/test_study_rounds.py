@@ -1,186 +1,282 @@
-"""The server's round loop with sites that drop out, run out of budget, or go quiet.
+"""The server's round loop with sites that drop out, go quiet, fail, or run out of budget.
 
-In process: the real StudyStrategy, SecAgg+/plain workflows, ledger and checkpoints over a
-LoopbackGrid; the sites are small fakes that keep their own ledger history (as real sites
-do, and report it) and answer fixed deltas, so aggregates can be checked exactly.
+In process: the real StudyStrategy, READY query, SecAgg+/plain workflows, ledger and
+checkpoints over a LoopbackGrid; the sites (tests/fake_sites.py) keep real site ledgers
+and re-plan their noise every round as real sites do. The invariant checked after every
+scenario: the server's epsilon for each site is never below the site's own.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
+from fake_sites import FakeSite, fake_weights, site_app, study_epsilon
 from flwr.app import Context, Message, RecordDict
-from flwr.client import NumPyClient
-from flwr.clientapp import ClientApp
 
 import fedsynth.server.server_app as server_app
-from fedsynth.client.client_app import secure_aggregation_when_asked
 from fedsynth.common.checkpoint import AUTOENCODER, write_metadata
 from fedsynth.common.config import load_config
+from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import read_ledger
-from fedsynth.server.server_app import Study
+from fedsynth.server.privacy_ledger import charged_epsilon
+from fedsynth.server.study import Study
 from fedsynth.simulations.loopback import LoopbackGrid, secagg_stage, task_identity
 
-SUBJECTS = {1: 6, 2: 10, 3: 4}
-WEIGHTS = {"w": torch.zeros(3, 4), "b": torch.ones(2)}
-PLAN = {1: (1.1, 0.5, 2), 2: (0.9, 0.3, 2), 3: (1.3, 0.75, 2)}  # node -> sigma, rate, steps
+SUBJECTS = {1: 20, 2: 20, 3: 20}  # the default study's phantom sites: q = 16/20 = 0.8
+SHAPES = {"w": (3, 4), "b": (2,)}
 
 
-class Site(NumPyClient):
-    """Trains (a fixed delta), records the round in its own history, then replies."""
-
-    def __init__(self, node: int, refuse_from: int | None) -> None:
-        self.node, self.refuse_from = node, refuse_from
-        rng = np.random.default_rng(node)
-        self.delta = [rng.normal(0, 0.01, tuple(v.shape)) for v in WEIGHTS.values()]
-        self.history: list[list] = []
-
-    def fit(self, parameters, config):
-        round_number = int(config["round"])
-        metrics = {"site": f"site-{self.node}", "reason": "", "refused": 0, "subjects": 0}
-        if self.refuse_from is not None and round_number >= self.refuse_from:
-            metrics.update(refused=1, reason="spent", noise_multiplier=0.0, sample_rate=0.0,
-                           steps=0, history=json.dumps(self.history))  # fmt: skip
-            return [np.zeros_like(d) for d in self.delta], 0, metrics
-        sigma, rate, steps = PLAN[self.node]
-        self.history.append([round_number, sigma, rate, steps])
-        metrics.update(noise_multiplier=sigma, sample_rate=rate, steps=steps,
-                       history=json.dumps(self.history))  # fmt: skip
-        return self.delta, SUBJECTS[self.node], metrics
-
-
-def _federate(tmp_path, monkeypatch, secure, rounds, refuse_from=None, drop=None):
-    overrides = {"federation.sites": 3, "federation.sites-per-round": 3,
-                 "federation.rounds": rounds, "federation.secure-aggregation": secure}  # fmt: skip
-    config = load_config("tiny", overrides)
+def _study(tmp_path, rounds, secure, per_round=3, resume=False, **extra) -> Study:
+    overrides = {"federation.sites": 3, "federation.sites-per-round": per_round,
+                 "federation.rounds": rounds, "federation.secure-aggregation": secure,
+                 "federation.min-sites": 2, **extra}  # fmt: skip
+    config = load_config("default", overrides)
     checkpoint = tmp_path / "pretrained"
-    checkpoint.mkdir()
-    (checkpoint / AUTOENCODER).write_bytes(b"not a model")
-    write_metadata(checkpoint, config, latent_mean=0.0, latent_std=1.0)
-    (tmp_path / "run").mkdir()
-    study = Study(config, tmp_path / "run", None, checkpoint, False, 4.0, 10.0)
-    sites = {n: Site(n, (refuse_from or {}).get(n)) for n in SUBJECTS}
-    app = ClientApp(
-        client_fn=lambda ctx: sites[ctx.node_id].to_client(), mods=[secure_aggregation_when_asked]
-    )
-    grid = LoopbackGrid(app, list(SUBJECTS), drop=drop)
+    if not checkpoint.is_dir():
+        checkpoint.mkdir()
+        (checkpoint / AUTOENCODER).write_bytes(b"not a model")
+        write_metadata(checkpoint, config, latent_mean=0.0, latent_std=1.0)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return Study(config, tmp_path / "run", None, checkpoint, resume, 4.0, 20.0)
+
+
+def _sites(tmp_path) -> dict[int, FakeSite]:
+    return {
+        n: FakeSite(n, s, SHAPES, tmp_path / "sites" / f"site-{n}") for n, s in SUBJECTS.items()
+    }
+
+
+def _federate(study, sites, monkeypatch, drop=None, nodes=None):
+    grid = LoopbackGrid(site_app(sites), nodes or list(sites), drop=drop)
 
     class Pretrained:
         unet = torch.nn.Module()
 
-    Pretrained.unet.state_dict = lambda: {k: v.clone() for k, v in WEIGHTS.items()}
+    Pretrained.unet.state_dict = lambda: fake_weights(SHAPES)
     monkeypatch.setattr(server_app, "load_pretrained", lambda _: Pretrained)
     with task_identity():
         summary = server_app.run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
-    return summary, read_ledger(study.run_dir / "ledger.jsonl"), sites, grid, study
+    return summary, read_ledger(study.run_dir / "ledger.jsonl"), grid
 
 
-def _weights(study: Study, r: int) -> dict[str, torch.Tensor]:
-    return torch.load(study.run_dir / "rounds" / f"round-{r:03d}" / "unet.pt", weights_only=True)
+def _never_below(study, sites, ledger) -> dict[str, tuple[float, float]]:
+    """(server, site) epsilon per site; asserts the server's is never below the site's."""
+    out = {}
+    for site in sites.values():
+        ours = charged_epsilon(ledger, site.name, study.config.privacy)
+        theirs = study_epsilon(site.history(study.study_id), study.config)
+        assert ours >= theirs * (1 - 1e-12), (site.name, ours, theirs)
+        out[site.name] = (ours, theirs)
+    return out
 
 
-def _line(ledger, r, site):
-    [entry] = [e for e in ledger if e["round"] == r and e["site"] == site]
-    return entry
+def _lose_train_reply(node: int, rounds: set[int], then_silent: bool = False):
+    """Node's train reply is lost in `rounds` (it trained); with then_silent it answers
+    nothing at all after the first of them (READY included)."""
+    first = min(rounds)
+
+    def drop(message: Message) -> bool:
+        if message.metadata.dst_node_id != node:
+            return False
+        r = int(message.metadata.group_id)
+        is_train = message.metadata.message_type.startswith("train") and secagg_stage(message) in (
+            None,
+            "collect_masked_vectors",
+        )
+        if then_silent and r > first:
+            return True
+        return r in rounds and is_train
+
+    return drop
+
+
+def _lines(ledger, site):
+    return [(e["round"], e["status"], bool(e.get("estimate")), bool(e.get("replaces_estimate")))
+            for e in ledger if e["site"] == site]  # fmt: skip
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_a_lost_reply_after_a_skipped_round_is_never_undercharged(tmp_path, monkeypatch, secure):
+    """Issue 12, item 1: site-2 trains round 1, sits out round 2 (2 of 3 per round), so it
+    re-plans with less noise; its round-3 reply is lost. The server's estimate covers what
+    it spent, and its true line replaces the estimate when it reports."""
+    study, sites = _study(tmp_path, 4, secure, per_round=2), _sites(tmp_path)
+    summary, ledger, _ = _federate(study, sites, monkeypatch, _lose_train_reply(2, {3}))
+    rounds_of_2 = [h[0] for h in sites[2].budget.history()]
+    assert rounds_of_2 == [1, 3, 4]  # the scenario happened: skipped 2, lost 3
+    sigmas = [h[1] for h in sites[2].budget.history()]
+    assert sigmas[1] < sigmas[0] - 0.2  # it re-planned with less noise after sitting out
+    assert (3, "no-reply", True, False) in _lines(ledger, "site-2")
+    assert (3, "trained", False, True) in _lines(ledger, "site-2")  # the truth replaced it
+    both = _never_below(study, sites, ledger)
+    ours, theirs = both["site-2"]
+    assert ours == pytest.approx(theirs, rel=1e-9)  # exact once the site reported
+    assert summary["site_epsilon"]["site-2"] == pytest.approx(ours)
+
+
+def test_the_estimate_alone_covers_a_site_that_never_answers_again(tmp_path, monkeypatch):
+    study, sites = _study(tmp_path, 4, False, per_round=2), _sites(tmp_path)
+    _, ledger, _ = _federate(study, sites, monkeypatch, _lose_train_reply(2, {3}, then_silent=True))
+    assert [h[0] for h in sites[2].budget.history()] == [1, 3]
+    estimate = [e for e in ledger if e["site"] == "site-2" and e.get("estimate")]
+    assert len(estimate) == 1 and estimate[0]["epsilon"] >= study.config.privacy.target_epsilon
+    ours, theirs = _never_below(study, sites, ledger)["site-2"]
+    assert ours > theirs  # conservative: the most it could have spent
+
+
+def test_two_lost_replies_in_a_row(tmp_path, monkeypatch):
+    study, sites = _study(tmp_path, 5, False, per_round=2), _sites(tmp_path)
+    _, ledger, _ = _federate(study, sites, monkeypatch, _lose_train_reply(2, {3, 4}))
+    assert [h[0] for h in sites[2].budget.history()][:3] == [1, 3, 4]
+    lines = _lines(ledger, "site-2")
+    assert (3, "no-reply", True, False) in lines and (4, "no-reply", True, False) in lines
+    assert (3, "trained", False, True) in lines and (4, "trained", False, True) in lines
+    ours, theirs = _never_below(study, sites, ledger)["site-2"]
+    assert ours == pytest.approx(theirs, rel=1e-9)
+
+
+def test_a_lost_reply_then_a_resume_replaces_the_estimate(tmp_path, monkeypatch):
+    study, sites = _study(tmp_path, 3, False, per_round=2), _sites(tmp_path)
+    _federate(study, sites, monkeypatch, _lose_train_reply(2, {3}))
+    ledger = read_ledger(study.run_dir / "ledger.jsonl")
+    assert (3, "no-reply", True, False) in _lines(ledger, "site-2")
+    # the server stops; the study resumes for two more rounds with the same sites
+    resumed = _study(tmp_path, 5, False, per_round=2, resume=True)
+    summary, ledger, _ = _federate(resumed, sites, monkeypatch)
+    assert summary["rounds_done"] == 5
+    assert (3, "trained", False, True) in _lines(ledger, "site-2")
+    for ours, theirs in _never_below(resumed, sites, ledger).values():
+        assert ours == pytest.approx(theirs, rel=1e-9)
 
 
 def test_a_site_dropping_mid_secagg_round_is_charged_and_the_rest_aggregate(tmp_path, monkeypatch):
-    sent = {"n": 0}
+    study, sites = _study(tmp_path, 2, True), _sites(tmp_path)
+    seen = {"n": 0}
 
     def drop(message: Message) -> bool:
         """Node 2 vanishes in round 2 after training, before sending its masked vector."""
         if message.metadata.dst_node_id != 2:
             return False
         if secagg_stage(message) == "collect_masked_vectors":
-            sent["n"] += 1
-        return sent["n"] >= 2
+            seen["n"] += 1
+        return seen["n"] >= 2 and int(message.metadata.group_id) == 2
 
-    summary, ledger, sites, _, study = _federate(tmp_path, monkeypatch, True, 2, drop=drop)
+    summary, ledger, _ = _federate(study, sites, monkeypatch, drop)
     assert summary["rounds_done"] == 2
     assert {e["site"]: e["status"] for e in ledger if e["round"] == 2} == {
         "site-1": "trained", "site-2": "no-reply", "site-3": "trained"
     }  # fmt: skip
-    # the silent site is charged with its last plan, and that matches what it really spent
-    silent = _line(ledger, 2, "site-2")
-    assert (silent["noise_multiplier"], silent["sample_rate"], silent["steps"]) == PLAN[2]
-    assert [h[0] for h in sites[2].history] == [1, 2]
-    assert silent["epsilon"] > _line(ledger, 1, "site-2")["epsilon"]
-    # round 2's aggregate is the subject-weighted mean of the two that answered
-    before, after = _weights(study, 1), _weights(study, 2)
-    total = SUBJECTS[1] + SUBJECTS[3]
-    for i, key in enumerate(WEIGHTS):
-        want = (sites[1].delta[i] * SUBJECTS[1] + sites[3].delta[i] * SUBJECTS[3]) / total
+    _never_below(study, sites, ledger)
+    before = torch.load(study.run_dir / "rounds" / "round-001" / "unet.pt", weights_only=True)
+    after = torch.load(study.run_dir / "rounds" / "round-002" / "unet.pt", weights_only=True)
+    for i, key in enumerate(SHAPES):  # the two that answered, subject-weighted
+        want = (sites[1].delta[i] + sites[3].delta[i]) / 2
         got = (after[key].double() - before[key].double()).numpy()
         assert np.abs(got - want).max() < 1e-6, key
 
 
-def test_a_site_never_heard_from_is_charged_from_its_own_ledger_when_it_answers(
-    tmp_path, monkeypatch
-):
-    lost = {"n": 0}
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
+def test_one_ready_site_is_never_aggregated_alone(tmp_path, monkeypatch, capsys, secure):
+    """Issue 12, item 5: when the other sites will not train, no round runs and nothing is
+    unmasked; the study ends saying why (federation.min-sites 2)."""
+    study, sites = _study(tmp_path, 3, secure), _sites(tmp_path)
+    for n in (2, 3):  # spent in an earlier study: they refuse from the first round
+        sites[n].budget.record(1, _full_spend(study, SUBJECTS[n]), study="an earlier study")
+    summary, ledger, grid = _federate(study, sites, monkeypatch)
+    assert summary["rounds_done"] == 0 and "min-sites 2" in summary["ended_early"]
+    out = capsys.readouterr().out
+    assert out.count("will not train: the site's privacy budget is spent") == 2
+    assert not [d for d in grid.deliveries if d.message_type.startswith("train")]
+    assert not ledger and not (study.run_dir / "rounds").exists()
 
-    def drop(message: Message) -> bool:
-        """Node 3's first reply is lost (it trained); it answers from round 2 on."""
-        if message.metadata.dst_node_id != 3 or not message.metadata.message_type.startswith(
-            "train"
-        ):
-            return False
-        lost["n"] += 1
-        return lost["n"] == 1
 
-    summary, ledger, _, _, _ = _federate(tmp_path, monkeypatch, False, 2, drop=drop)
-    unknown = [e for e in ledger if e["round"] == 1 and e["site"].startswith("node-")]
-    assert len(unknown) == 1 and unknown[0]["status"] == "no-reply" and unknown[0]["steps"] == 0
-    # in round 2 site-3 reports round 1 from its own ledger: charged then, exactly once
-    mine = [e for e in ledger if e["site"] == "site-3"]
-    assert [(e["round"], e["status"]) for e in mine] == [(2, "trained"), (1, "no-reply")]
-    assert mine[1]["reported_by_site"] is True
-    assert summary["site_epsilon"]["site-3"] == pytest.approx(mine[-1]["epsilon"])
-    assert mine[-1]["epsilon"] > mine[0]["epsilon"]  # two rounds' spend, not one
+def _full_spend(study, subjects):
+    from fedsynth.client.budget import RoundPlan
+    from fedsynth.common.accountant import epsilon, plan_noise
+
+    privacy = study.config.privacy
+    rate = privacy.batch_size / subjects
+    sigma = plan_noise(privacy.target_epsilon, privacy.delta, rate, 50)
+    from fedsynth.common.accountant import Segment
+
+    spent = epsilon([Segment(sigma * 0.5, rate, 50)], privacy.delta)
+    return RoundPlan(sigma * 0.5, rate, 50, privacy.delta, spent, subjects)
+
+
+def test_a_round_with_fewer_than_min_sites_trained_is_not_aggregated(tmp_path, monkeypatch):
+    """Plain FedAvg: two were sent the round, one reply lost: nothing is applied."""
+    study, sites = _study(tmp_path, 1, False, per_round=2), _sites(tmp_path)
+    summary, ledger, _ = _federate(study, sites, monkeypatch, _lose_train_reply(2, {1}))
+    assert summary["rounds_done"] == 1
+    after = torch.load(study.run_dir / "rounds" / "round-001" / "unet.pt", weights_only=True)
+    assert all(float(v.abs().max()) == 0.0 for v in after.values())  # unchanged
+    assert {e["site"] for e in ledger} == {"site-1", "site-2"}
+    _never_below(study, sites, ledger)
+
+
+def test_a_malformed_reply_does_not_break_the_round_ledger(tmp_path, monkeypatch, capsys):
+    """Issue 12, item 6: one reply with an unparsable history and one with an extra metric
+    are both refused before any line is written; the good site's line and the estimates
+    are all there, and the round is not aggregated (1 < min-sites)."""
+    study, sites = _study(tmp_path, 1, False), _sites(tmp_path)
+    sites[2].metrics_override = {"history": "[[1, 2.0,"}
+    sites[3].metrics_override = {"loss": 0.123}
+    _, ledger, _ = _federate(study, sites, monkeypatch)
+    statuses = {e["site"]: (e["status"], bool(e.get("estimate"))) for e in ledger}
+    assert statuses == {"site-1": ("trained", False), "site-2": ("no-reply", True),
+                        "site-3": ("no-reply", True)}  # fmt: skip
+    out = capsys.readouterr().out
+    assert "site-2 sent a reply the server cannot use: history" in out
+    assert "site-3 sent a reply the server cannot use: metric keys differ" in out
+    _never_below(study, sites, ledger)
+
+
+def test_a_site_that_fails_after_spending_is_not_selected_again(tmp_path, monkeypatch, capsys):
+    """Issue 12, item 7."""
+    study, sites = _study(tmp_path, 3, False), _sites(tmp_path)
+    sites[3].fail_after_spend = True
+    _, ledger, grid = _federate(study, sites, monkeypatch)
+    trained_at_3 = [d for d in grid.deliveries if d.node_id == 3 and d.message_type == "train"]
+    assert len(trained_at_3) == 1  # round 1 only
+    assert "site-3 will not train: the site failed in an earlier round" in capsys.readouterr().out
+    assert [h[0] for h in sites[3].budget.history()] == [1]
+    _never_below(study, sites, ledger)
+
+
+def test_two_nodes_claiming_one_site_name_end_the_study(tmp_path, monkeypatch):
+    """Issue 12, item 18: one server ledger per site, bound to its node."""
+    study, sites = _study(tmp_path, 2, False), _sites(tmp_path)
+    sites[3].name = "site-1"
+    with pytest.raises(FedsynthError, match="claim the site name 'site-1'"):
+        _federate(study, sites, monkeypatch)
+    assert not (study.run_dir / "ledger.jsonl").exists()
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_spent_sites_are_not_selected_and_the_study_ends_when_too_few_are_left(
     tmp_path, monkeypatch, secure
 ):
-    # site-3 is out of budget from round 2; site-2 from round 3
-    summary, ledger, _, _, _ = _federate(tmp_path, monkeypatch, secure, 5, refuse_from={3: 2, 2: 3})
-    statuses = [(e["round"], e["site"], e["status"]) for e in ledger]
-    assert (2, "site-3", "refused") in statuses and (3, "site-2", "refused") in statuses
-    # a site that refused is never sent work again (every site sent work gets a line)
-    assert not any(r > 2 and s == "site-3" for r, s, _ in statuses)
-    assert not any(r > 3 and s == "site-2" for r, s, _ in statuses)
-    if secure:  # SecAgg+ needs 2 sites: after round 3 only site-1 is left
-        assert summary["rounds_done"] == 3 and "1 of 3 connected sites" in summary["ended_early"]
-    else:  # site-1 trains on alone to the planned rounds
-        assert summary["rounds_done"] == 5 and summary["ended_early"] is None
-        assert [r for r, s, st in statuses if s == "site-1"] == [1, 2, 3, 4, 5]
-
-
-def test_all_sites_spent_ends_the_study_with_no_empty_rounds(tmp_path, monkeypatch):
-    summary, ledger, _, _, study = _federate(
-        tmp_path, monkeypatch, False, 4, refuse_from={1: 2, 2: 2, 3: 2}
-    )
-    assert summary["rounds_done"] == 2 and summary["ended_early"].startswith("before round 3")
-    assert max(e["round"] for e in ledger) == 2
-    assert not (study.run_dir / "rounds" / "round-003").exists()
-    assert json.loads((study.run_dir / "state.json").read_text())["rounds_done"] == 2
+    study, sites = _study(tmp_path, 5, secure), _sites(tmp_path)
+    sites[3].budget.record(1, _full_spend(study, SUBJECTS[3]), study="an earlier study")
+    summary, ledger, _ = _federate(study, sites, monkeypatch)
+    assert not [e for e in ledger if e["site"] == "site-3"]  # never sent work
+    assert summary["rounds_done"] == 5  # two sites are enough for min-sites 2
+    _never_below(study, sites, ledger)
+    for site in ("site-1", "site-2"):
+        assert summary["site_epsilon"][site] <= study.config.privacy.target_epsilon
+        assert summary["site_epsilon"][site] >= 0.99 * study.config.privacy.target_epsilon
 
 
 def test_a_site_epsilon_that_disagrees_with_the_server_ledger_is_flagged(tmp_path, capsys):
     from fedsynth.common.accountant import Segment, epsilon
-    from fedsynth.server.server_app import _compare_reported, _ledger_line
+    from fedsynth.server.privacy_ledger import append_line, compare_reported
 
-    config = load_config("tiny")
-    (tmp_path / "run").mkdir()
-    study = Study(config, tmp_path / "run", None, tmp_path, False)
-    _ledger_line(study, 1, "site-1", Segment(1.1, 0.5, 2), "trained")
-    ours = epsilon([Segment(1.1, 0.5, 2)], config.privacy.delta)
-    _compare_reported(study, "site-1", ours)
+    study = _study(tmp_path, 1, False)
+    append_line(study, 1, "site-1", Segment(1.1, 0.5, 2), "trained")
+    ours = epsilon([Segment(1.1, 0.5, 2)], study.config.privacy.delta)
+    compare_reported(study, "site-1", ours)
     assert capsys.readouterr().out == ""
-    _compare_reported(study, "site-1", 2 * ours)
+    compare_reported(study, "site-1", 2 * ours)
     out = capsys.readouterr().out
     assert "warning: site-1 reports epsilon" in out and "the server's figure counts" in out

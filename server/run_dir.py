@@ -1,0 +1,126 @@
+"""A study's run dir: round checkpoints, state.json, summary.json and the ledger table.
+
+run-dir/ledger.jsonl          the server's privacy ledger (server/privacy_ledger.py)
+run-dir/terms.json            delta and accountant, fixed when the study started
+run-dir/rounds/round-NNN/     a full checkpoint folder per round
+run-dir/state.json            the last whole round (written last, atomically)
+run-dir/validation/           per-round public validation loss and montage
+run-dir/summary.json          epsilon per site and for the study, recomputed
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedsynth.common.checkpoint import (
+    AUTOENCODER,
+    UNET,
+    load_torch,
+    read_metadata,
+    save_torch,
+    write_metadata,
+)
+from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.ledger import read_ledger
+
+if TYPE_CHECKING:
+    from fedsynth.server.study import Study
+
+LEDGER = "ledger.jsonl"
+SUMMARY = "summary.json"
+STATE = "state.json"
+
+
+def round_dir(run_dir: Path, round_number: int) -> Path:
+    return run_dir / "rounds" / f"round-{round_number:03d}"
+
+
+def validation_dir(study: Study) -> Path:
+    return study.run_dir / "validation"
+
+
+def save_round(
+    study: Study, round_number: int, weights: dict[str, torch.Tensor], facts: dict
+) -> Path:
+    """A full checkpoint folder for this round, then state.json pointing to it (atomic)."""
+    folder = round_dir(study.run_dir, round_number)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / AUTOENCODER).is_file():  # atomic: a torn copy must not pass this check
+        with atomic_path(folder / AUTOENCODER) as tmp:
+            shutil.copyfile(study.checkpoint / AUTOENCODER, tmp)
+    save_torch(folder / UNET, weights)
+    pretrained_meta = read_metadata(study.checkpoint)
+    stats = {k: pretrained_meta[k] for k in ("latent_mean", "latent_std") if k in pretrained_meta}
+    write_metadata(folder, study.config, round=round_number, **stats, **facts)
+    atomic_write_text(
+        study.run_dir / STATE,
+        json.dumps({"rounds_done": round_number, "checkpoint": str(folder)}) + "\n",
+    )
+    return folder
+
+
+def resume_point(study: Study) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """(rounds done, their weights) of a resumed study; (0, None) for a new one."""
+    state = study.run_dir / STATE
+    if not study.resume or not state.is_file():
+        return 0, None
+    rounds_done = int(json.loads(state.read_text())["rounds_done"])
+    return rounds_done, load_torch(round_dir(study.run_dir, rounds_done) / UNET)
+
+
+def _validation_losses(study: Study) -> dict[str, float]:
+    losses = {}
+    for path in sorted(validation_dir(study).glob("round-*.json")):
+        entry = json.loads(path.read_text())
+        losses[str(entry["round"])] = float(entry["loss"])
+    return losses
+
+
+def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
+    """summary.json (atomic): per-site and study epsilon recomputed from the ledger."""
+    from fedsynth.server.privacy_ledger import site_epsilons
+
+    ledger = read_ledger(study.run_dir / LEDGER)
+    per_site = site_epsilons(ledger, study.config)
+    montage = validation_dir(study) / f"round-{rounds_done:03d}.png"
+    summary = {
+        "rounds_done": rounds_done,
+        "rounds_planned": study.config.federation.rounds,
+        "ended_early": ended or None,
+        "target_epsilon": study.config.privacy.target_epsilon,
+        "site_epsilon": per_site,
+        "study_epsilon": max(per_site.values(), default=0.0),
+        "delta": study.config.privacy.delta,
+        "accountant": study.config.privacy.accountant,
+        "secure_aggregation": bool(study.config.federation.secure_aggregation),
+        "min_sites": study.config.federation.min_sites,
+        "checkpoint": str(round_dir(study.run_dir, rounds_done)) if rounds_done else None,
+        "pretrained": str(study.checkpoint),
+        "validation_loss": _validation_losses(study),
+        "montage": str(montage) if montage.is_file() else None,
+    }
+    atomic_write_text(study.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def ledger_table(summary: dict) -> str:
+    """The privacy ledger summary a study ends with, as a few aligned lines."""
+    lines = [
+        f"privacy ledger ({summary['accountant']}, delta {summary['delta']:g}, target epsilon "
+        f"{summary['target_epsilon']:g}, secure aggregation "
+        f"{'on' if summary['secure_aggregation'] else 'off'}):"
+    ]
+    for site, value in summary["site_epsilon"].items():
+        lines.append(f"  {site:<16} epsilon {value:.4f}")
+    lines.append(f"  {'study (max)':<16} epsilon {summary['study_epsilon']:.4f}")
+    lines.append(f"rounds {summary['rounds_done']}/{summary['rounds_planned']}")
+    if summary["ended_early"]:
+        lines[-1] += f" (ended {summary['ended_early']})"
+    if summary["montage"]:
+        lines.append(f"samples of the final model: {summary['montage']}")
+    return "\n".join(lines)

@@ -1,0 +1,352 @@
+"""The round loop: READY query, then FedAvg of deltas (plain or SecAgg+), ledger first.
+
+Each round (Flower's legacy DefaultWorkflow; `RoundFit` wraps its fit step):
+1. READY: every connected site is asked (a Flower query message, no data touched at the
+   site) whether it will train this round under the study's terms; it answers with its
+   name, a reason code and its own ledger history. The server binds each name to its
+   node (two nodes claiming one name end the study), charges rounds it never heard of
+   from the histories (server/privacy_ledger.py) and keeps the sites that are ready and,
+   by its own ledger, have budget left. Fewer than `federation.min-sites`: the study ends.
+2. Train (StudyStrategy.configure_fit / aggregate_fit): the global weights (every
+   state-dict tensor, in `keys` order) and the study config go to the ready sites, least
+   trained first; sites answer DELTAS (trained - global). All replies are checked first
+   (server/site_replies.py), then the ledger lines are written (trained, reported history,
+   and an estimate for every site that was sent the round without a valid reply), then
+   the round is aggregated only if at least min-sites sites trained (else skipped with a
+   line saying why), then the round checkpoint, then public validation.
+Under SecAgg+ every result's parameters are the same unmasked weighted mean (the workflow
+replaced them); num_examples and metrics travel in clear, so the ledger is the same.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server import ClientManager, LegacyContext
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.serverapp import Grid
+
+from fedsynth.common.config import to_dict
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.ledger import read_ledger
+from fedsynth.common.protocol import READY_RECORD, REASONS, code_of
+from fedsynth.server.privacy_ledger import (
+    append_line,
+    charge_estimate,
+    compare_reported,
+    reconcile,
+    site_is_spent,
+)
+from fedsynth.server.run_dir import LEDGER, save_round, validation_dir, write_summary
+from fedsynth.server.site_replies import BadReply, TrainedReply, ready_reply, trained_reply
+from fedsynth.server.study import Study
+
+NODE_WAIT_S = 120.0
+READY_TIMEOUT_S = 120.0
+
+
+def mean_delta(updates: list[tuple[Parameters, int]]) -> list[np.ndarray]:
+    """Subject-weighted mean of the sites' deltas (float64); sites with weight 0 left out."""
+    updates = [(p, n) for p, n in updates if n > 0]
+    total = sum(n for _, n in updates)
+    out: list[np.ndarray] | None = None
+    for parameters, n in updates:
+        arrays = parameters_to_ndarrays(parameters)
+        scaled = [a.astype(np.float64) * (n / total) for a in arrays]
+        out = scaled if out is None else [o + s for o, s in zip(out, scaled, strict=True)]
+    return out or []
+
+
+def _say(text: str) -> None:
+    print(f"[fedsynth] {text}", flush=True)
+
+
+class StudyStrategy(FedAvg):
+    """One strategy for both paths: the plain default fit workflow and SecAgg+."""
+
+    def __init__(self, study: Study, weights: dict[str, torch.Tensor], done: int) -> None:
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1,
+            min_evaluate_clients=1, min_available_clients=1,
+        )  # fmt: skip
+        self.study = study
+        self.secure = bool(study.config.federation.secure_aggregation)
+        self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+        self.keys = list(self.weights)
+        self.done = done
+        self.ready: list[int] = []  # nodes that answered READY this round, in node order
+        self.chosen: list[int] = []
+        self.settled = 0  # the last workflow round aggregate_fit has written
+        self.over = ""  # why the study ended before its planned rounds ("" while it runs)
+        self.started = time.monotonic()
+        self.site_of: dict[int, str] = {}  # node id -> site name, bound at READY
+        self.study_text = json.dumps(to_dict(study.config))
+        self.validator = None
+        if study.validation is not None:
+            from fedsynth.server.validation import Validator
+
+            self.validator = Validator(study.checkpoint, study.validation, study.config)
+
+    def _parameters(self) -> Parameters:
+        return ndarrays_to_parameters([self.weights[k].numpy() for k in self.keys])
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters:
+        return self._parameters()
+
+    # -- READY -------------------------------------------------------------------------
+    def bind(self, node: int, site: str) -> None:
+        """Bind a site name to its (authenticated) node; two nodes with one name end it."""
+        for other, name in self.site_of.items():
+            if name == site and other != node:
+                raise FedsynthError(
+                    f"two nodes ({other} and {node}) claim the site name {site!r}: each "
+                    "SuperNode needs its own site-name in its node config (one server "
+                    "ledger per site)"
+                )
+        self.site_of[node] = site
+
+    def ask_ready(self, grid: Grid, round_number: int) -> None:
+        """Send READY to every connected site; keep those that will train (see module)."""
+        nodes = sorted(grid.get_node_ids())
+        content = {
+            "round": round_number,
+            "study": self.study_text,
+            "study-id": self.study.study_id,
+            "phantoms": str(self.study.phantoms or ""),
+            "site-states": str(self.study.run_dir / "sites"),
+        }
+        messages = [
+            Message(
+                RecordDict({READY_RECORD: ConfigRecord(dict(content))}),
+                dst_node_id=node,
+                message_type=MessageType.QUERY,
+                group_id=str(round_number),
+            )
+            for node in nodes
+        ]
+        replies = list(grid.send_and_receive(messages, timeout=READY_TIMEOUT_S))
+        checked = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                reason = REASONS[code_of(reply.error.reason)]
+                _say(f"round {round_number}: node {node} did not answer READY: {reason}")
+                continue
+            try:
+                record = reply.content.config_records[READY_RECORD]
+                checked.append((node, ready_reply(dict(record), self.site_of.get(node))))
+            except (KeyError, BadReply) as error:
+                _say(f"round {round_number}: node {node} sent a malformed READY ({error})")
+        for node, answer in checked:  # all checked before anything is written
+            self.bind(node, answer.site)
+        ready = []
+        for node, answer in checked:
+            missed = reconcile(self.study, answer.site, answer.history)
+            if missed:
+                _say(f"{answer.site}: charged {missed} round(s) from its own ledger")
+            compare_reported(self.study, answer.site, answer.epsilon)
+            if answer.ready:
+                ready.append(node)
+            else:
+                _say(f"round {round_number}: {answer.site} will not train: {REASONS[answer.code]}")
+        self.ready = sorted(ready)
+
+    def select(self, proxies: list[ClientProxy]) -> list[ClientProxy]:
+        """Ready sites with budget left (server's ledger), those trained least first."""
+        ledger = read_ledger(self.study.run_dir / LEDGER)
+        config = self.study.config
+        usable = [
+            p
+            for p in proxies
+            if p.node_id in self.ready
+            and not site_is_spent(ledger, self.site_of[p.node_id], config)
+        ]
+        trained = Counter(e["site"] for e in ledger if e["status"] == "trained")
+        usable.sort(key=lambda p: (trained[self.site_of[p.node_id]], p.node_id))
+        return usable[: config.federation.sites_per_round]
+
+    # -- train -------------------------------------------------------------------------
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        if self.over:
+            return []
+        round_number = self.done + server_round
+        if self.ready:  # the legacy client manager learns of the grid's nodes in a thread
+            client_manager.wait_for(len(self.ready), timeout=int(NODE_WAIT_S))
+        proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
+        chosen = self.select(proxies)
+        need = self.study.config.federation.min_sites
+        if len(chosen) < need:
+            self.over = (
+                f"before round {round_number}: {len(chosen)} of {len(proxies)} connected sites "
+                f"are ready with budget left (federation.min-sites {need})"
+            )
+            _say(f"study ends {self.over}")
+            return []
+        self.chosen = [p.node_id for p in chosen]
+        _say(f"round {round_number}: {len(chosen)} sites")
+        instruction = FitIns(
+            self._parameters(),
+            {
+                "round": round_number,
+                "study": self.study_text,
+                "study-id": self.study.study_id,
+                "keys": json.dumps(self.keys),
+                "checkpoint": str(self.study.checkpoint),
+                "phantoms": str(self.study.phantoms or ""),
+                "site-states": str(self.study.run_dir / "sites"),
+                # 0: plain FedAvg; else the site checks its delta fits SecAgg+'s range
+                "clipping-range": self.study.clipping_range if self.secure else 0.0,
+                "max-weight": self.study.max_weight if self.secure else 0.0,
+            },
+        )
+        return [(proxy, instruction) for proxy in chosen]
+
+    def _check_replies(
+        self, round_number: int, results: list[tuple[ClientProxy, FitRes]]
+    ) -> dict[int, tuple[TrainedReply, FitRes]]:
+        """Every reply checked before any ledger line: node -> (reply, result)."""
+        privacy = self.study.config.privacy
+        good: dict[int, tuple[TrainedReply, FitRes]] = {}
+        for proxy, res in results:
+            node = proxy.node_id
+            try:
+                if node not in self.chosen or node in good:
+                    raise BadReply("a reply from a node that was not sent this round")
+                reply = trained_reply(
+                    res.metrics, res.num_examples, self.site_of[node],
+                    privacy.delta, privacy.accountant,
+                )  # fmt: skip
+            except BadReply as error:
+                site = self.site_of.get(node, f"node {node}")
+                _say(f"round {round_number}: {site} sent a reply the server cannot use: {error}")
+                continue
+            good[node] = (reply, res)
+        return good
+
+    def _charge(self, round_number: int, good: dict[int, tuple[TrainedReply, FitRes]]) -> int:
+        """Ledger lines for this round: replies, missed history, estimates for the rest."""
+        for reply, _ in good.values():
+            append_line(self.study, round_number, reply.site, reply.segment, "trained")
+            missed = reconcile(self.study, reply.site, reply.history)
+            if missed:
+                _say(f"{reply.site}: charged {missed} round(s) from its own ledger")
+            compare_reported(self.study, reply.site, reply.epsilon)
+        silent = 0
+        for node in self.chosen:
+            if node not in good:
+                site = self.site_of[node]
+                _say(
+                    f"round {round_number}: no valid reply from {site}: charged the most it "
+                    "could have spent (replaced by its own ledger's line when it reports)"
+                )
+                charge_estimate(self.study, round_number, site)
+                silent += 1
+        return silent
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        study, round_number = self.study, self.done + server_round
+        for failure in failures:  # only the reason code: a site's error text stays there
+            code = code_of(str(failure if isinstance(failure, BaseException) else failure[1]))
+            _say(f"round {round_number}: a site failed: {REASONS[code]}")
+        good = self._check_replies(round_number, results)
+        silent = self._charge(round_number, good)
+        trained = len(good)
+        need = study.config.federation.min_sites
+        skipped = ""
+        if trained >= need:
+            self._apply(good)
+        else:
+            skipped = f"only {trained} site(s) trained, federation.min-sites is {need}"
+            _say(f"round {round_number} not aggregated: {skipped}; the model is unchanged")
+        # the ledger lines above are on disk (fsync'd) before the round's model is saved
+        save_round(study, round_number, self.weights, {"sites_trained": trained,
+                                                       "skipped": skipped or None})  # fmt: skip
+        loss = self._validate(round_number)
+        summary = write_summary(study, round_number)
+        epsilons = ", ".join(f"{k} {v:.3g}" for k, v in summary["site_epsilon"].items())
+        _say(
+            f"round {round_number}/{study.config.federation.rounds}: {trained} trained, "
+            f"{silent} no valid reply; "
+            + (f"validation loss {loss:.4f}; " if loss is not None else "")
+            + f"epsilon {epsilons}; {time.monotonic() - self.started:.0f} s"
+        )
+        self.settled = server_round
+        return self._parameters(), {}
+
+    def _apply(self, good: dict[int, tuple[TrainedReply, FitRes]]) -> None:
+        """Add the round's mean delta (SecAgg+: the unmasked one every result carries)."""
+        updates = [(res.parameters, reply.subjects) for reply, res in good.values()]
+        delta = parameters_to_ndarrays(updates[0][0]) if self.secure else mean_delta(updates)
+        for key, value in zip(self.keys, delta, strict=True):
+            old = self.weights[key]
+            if old.is_floating_point():
+                change = torch.from_numpy(np.asarray(value, np.float64).reshape(old.shape))
+                self.weights[key] = (old.double() + change).to(old.dtype)
+
+    def _validate(self, round_number: int) -> float | None:
+        """Held-out public loss and montage; kept next to the round's checkpoint."""
+        if self.validator is None:
+            return None
+        folder = validation_dir(self.study)
+        loss = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
+        atomic_write_text(
+            folder / f"round-{round_number:03d}.json",
+            json.dumps({"round": round_number, "loss": loss}) + "\n",
+        )
+        return loss
+
+
+class RoundFit:
+    """READY, then a fit workflow (plain or SecAgg+), then aggregate_fit with nothing if
+    the workflow halted (SecAgg+ too few sites left) so that the round still gets its
+    ledger lines (estimates) and its checkpoint. Once the study is over, rounds do nothing."""
+
+    def __init__(self, fit: Any, strategy: StudyStrategy) -> None:
+        self.fit, self.strategy = fit, strategy
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        strategy = self.strategy
+        if strategy.over:
+            return
+        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        round_number = strategy.done + server_round
+        _wait_for_nodes(grid, strategy.study.config.federation.sites_per_round)
+        strategy.ask_ready(grid, round_number)
+        self.fit(grid, context)
+        if strategy.settled != server_round and not strategy.over:
+            _say(f"round {round_number}: aggregation halted")
+            strategy.aggregate_fit(server_round, [], [])
+
+
+def _wait_for_nodes(grid: Grid, wanted: int) -> None:
+    """Wait up to NODE_WAIT_S for `wanted` connected nodes (fewer: go on with those)."""
+    deadline = time.monotonic() + NODE_WAIT_S
+    while len(list(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if not list(grid.get_node_ids()):
+        raise FedsynthError(f"no site connected within {NODE_WAIT_S:.0f} s")
