@@ -1,17 +1,24 @@
-"""Hospital deployment on loopback: TLS, node authentication, one SecAgg+ round, a refusal.
+"""Hospital deployment on loopback: TLS, node authentication, signed apps, one SecAgg+ round.
 
 Everything is a real process, as in deploy/README.md: certificates and node keys from the
 deploy/ scripts; a `flower-superlink` with TLS and `--enable-supernode-auth`; two site keys
 registered with `flwr supernode register`; two `flower-supernode`s with the root
-certificate, their private keys and a node config (phantom sites, the tiny public
-checkpoint); `flwr run .` in deployment mode (a `checkpoint` run config). A third
-SuperNode whose key was never registered must be refused and never join. Only 127.0.0.1
-and ports picked at run time; every process started here is stopped in `finally`.
+certificate, their private keys, the coordinator's app-signing key as their only trusted
+entity and a node config (phantom sites, the tiny public checkpoint). The study runs as the
+coordinator-signed app in deployment mode (a `checkpoint` run config). A third SuperNode
+whose key was never registered must be refused and never join; a rogue app (unsigned
+`flwr run DIR`, or signed by another key) must get an error reply from every site and none
+of its code may run there. Flower 1.41 attaches app signatures only to apps fetched from
+Flower Hub, so a Hub stand-in on 127.0.0.1 (`FLWR_SUPERGRID_API_URL`) serves the FABs and
+their signatures, made as `flwr app review` makes them. Only 127.0.0.1 and ports picked at
+run time; every process started here is stopped in `finally`.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -20,7 +27,11 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -129,6 +140,127 @@ def _start(
         )
 
 
+@contextlib.contextmanager
+def _hub(apps: dict[str, tuple[bytes, list[dict]]]) -> Iterator[str]:
+    """A Flower Hub stand-in on 127.0.0.1: app spec -> (FAB, verification records).
+
+    It answers the two requests a SuperLink makes for `flwr run @publisher/app==x.y.z`
+    (POST /hub/fetch-fab, then GET of the returned fab_url); yields the base URL to put in
+    the SuperLink's FLWR_SUPERGRID_API_URL.
+    """
+
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, body: bytes, kind: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            spec = f"{asked.get('app_id')}=={asked.get('app_version')}"
+            if self.path != "/hub/fetch-fab" or spec not in apps:  # e.g. the update check
+                self.send_error(404)
+                return
+            url = f"http://127.0.0.1:{self.server.server_port}/fab/{spec}"
+            body = {"fab_url": url, "verifications": apps[spec][1]}
+            self._send(json.dumps(body).encode(), "application/json")
+
+        def do_GET(self) -> None:
+            self._send(apps[self.path.removeprefix("/fab/")][0], "application/octet-stream")
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _signature(fab: bytes, key_id: str, private_key: Path) -> dict:
+    """A verification record for `fab`, signed as `flwr app review` signs (Ed25519 over
+    the signing time and the FAB's SHA-256)."""
+    from flwr.supercore.primitives.asymmetric_ed25519 import (
+        create_message_to_sign,
+        load_private_key,
+        sign_message,
+    )
+
+    signed_at = int(time.time())
+    message = create_message_to_sign(hashlib.sha256(fab).digest(), signed_at)
+    signature = sign_message(load_private_key(private_key), message)
+    encoded = base64.urlsafe_b64encode(signature).rstrip(b"=").decode()
+    return {"public_key_id": key_id, "signature": encoded, "signed_at": signed_at}
+
+
+ROGUE_APP = """
+import json, os, time
+from pathlib import Path
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+OUT = Path({out!r})
+server = ServerApp()
+client = ClientApp()
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    deadline = time.monotonic() + 60
+    while len(nodes := list(grid.get_node_ids())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    asks = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes]
+    replies = grid.send_and_receive(asks, timeout=60)
+    errors = {{str(r.metadata.src_node_id): r.has_error() for r in replies}}
+    (OUT / f"replies-{{context.run_id}}.json").write_text(json.dumps(errors))
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    # what any code run at a hospital could do: read the site's data folder
+    listing = sorted(os.listdir(context.node_config["data-path"]))
+    (OUT / f"ran-at-{{context.node_id}}").write_text(json.dumps(listing))
+    return Message(RecordDict(), reply_to=msg)
+"""
+
+
+def _rogue_app(folder: Path, out: Path, version: str) -> Path:
+    """An app that would list each site's data folder if a SuperNode ran its ClientApp."""
+    folder.mkdir()
+    (folder / "rogue_app.py").write_text(ROGUE_APP.format(out=str(out)))
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        f'[project]\nname = "rogue"\nversion = "{version}"\ndependencies = []\n'
+        '[tool.flwr.app]\npublisher = "rogue"\n'
+        '[tool.flwr.app.components]\nserverapp = "rogue_app:server"\n'
+        'clientapp = "rogue_app:client"\n'
+    )
+    return folder
+
+
+def _wait_run(home: Path, run_id: str, timeout: float) -> str:
+    """The run's status once it has finished (or the last one seen at the timeout)."""
+    status, deadline = "running", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        listed = _flwr(home, "ls", "--run-id", run_id, "study", "--format", "json")
+        [run] = json.loads(listed.stdout)["runs"]
+        status = run["status"]
+        if status.startswith("finished"):
+            break
+        time.sleep(2)
+    return status
+
+
+def _run_id(started: subprocess.CompletedProcess) -> str:
+    assert started.returncode == 0, started.stdout + started.stderr
+    return re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
+
+
 def test_scripts_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     made = _script(DEPLOY / "make-certs.sh", certs, "superlink", "127.0.0.1")
@@ -155,9 +287,11 @@ def test_scripts_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
     assert "Usage" in _script(DEPLOY / "make-certs.sh").stdout
 
 
-def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
+def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused(
     tmp_path, tiny_checkpoint
 ):
+    from flwr.cli.build import build_fab_from_disk
+
     from fedsynth.simulations.phantoms import generate_cohorts
 
     generate_cohorts(tmp_path / "data", sites=2, subjects=SUBJECTS, seed=3, progress=False)
@@ -165,6 +299,31 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
     assert _script(DEPLOY / "make-certs.sh", certs, "127.0.0.1", "localhost").returncode == 0
     for name in ("site-1", "site-2", "rogue"):
         assert _script(DEPLOY / "make-node-key.sh", keys, name).returncode == 0
+
+    # app signing: the coordinator's Ed25519 key is every site's only trusted entity
+    signers = {name: f"fpk_{uuid.uuid4()}" for name in ("coordinator", "intruder")}
+    for name in signers:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
+                        "-f", keys / f"{name}-signing"], check=True)  # fmt: skip
+    trusted = tmp_path / "trusted-entities.yaml"
+    made = _script(DEPLOY / "trusted-entities.sh", trusted, signers["coordinator"],
+                   keys / "coordinator-signing.pub")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    fab = build_fab_from_disk(ROOT)
+    rogue_out = tmp_path / "rogue-out"
+    rogue_out.mkdir()
+    # (two versions: a SuperLink keeps one verification record per FAB content)
+    rogue_app = _rogue_app(tmp_path / "rogue-app", rogue_out, "1.0.0")
+    rogue_fab = build_fab_from_disk(_rogue_app(tmp_path / "rogue-hub", rogue_out, "1.0.1"))
+    apps = {
+        "@fedsynth/fedsynth==0.1.0": (
+            fab, [_signature(fab, signers["coordinator"], keys / "coordinator-signing")]),
+        # signed by a key no site trusts, plus the coordinator's signature of another FAB
+        "@rogue/rogue==1.0.1": (rogue_fab, [
+            _signature(rogue_fab, signers["intruder"], keys / "intruder-signing"),
+            {**_signature(fab, signers["coordinator"], keys / "coordinator-signing"),
+             "public_key_id": signers["coordinator"]}]),
+    }  # fmt: skip
 
     # the coordinator's `flwr` connection: address and the study's root certificate
     port = _free_port()
@@ -174,7 +333,9 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
     assert connected.returncode == 0, connected.stderr
     procs: list[subprocess.Popen] = []
     logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "site-1", "site-2", "rogue")}
-    try:
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(_hub(apps))
+        stack.callback(_stop, procs)
         link_home = tmp_path / "superlink-home"
         link_home.mkdir()
         procs.append(
@@ -189,6 +350,7 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
                  "--database", str(tmp_path / "superlink.db")],
                 link_home,
                 logs["superlink"],
+                {"FLWR_SUPERGRID_API_URL": hub},
             )
         )  # fmt: skip
         registered = subprocess.run(
@@ -214,6 +376,7 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
                      "--superlink", f"127.0.0.1:{port}",
                      "--root-certificates", str(certs / "ca.crt"),
                      "--auth-supernode-private-key", str(keys / f"{name}.key"),
+                     "--trusted-entities", str(trusted),
                      "--port", str(_free_port()),
                      "--max-retries", "1", "--max-wait-time", "15",
                      "--node-config", node_config],
@@ -228,7 +391,7 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
             "DATA_PATH": str(tmp_path / "data" / "site-2"),
             "STATE_DIR": str(tmp_path / "state" / "site-2"),
             "CHECKPOINT": str(tiny_checkpoint), "ROOT_CERT": str(certs / "ca.crt"),
-            "NODE_KEY": str(keys / "site-2.key"),
+            "NODE_KEY": str(keys / "site-2.key"), "TRUSTED_ENTITIES": str(trusted),
         }  # fmt: skip
         procs.append(
             _start(
@@ -246,15 +409,14 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
             assert listed.returncode == 0, listed.stdout + listed.stderr
             return {n["node-id"]: n["status"] for n in json.loads(listed.stdout)["nodes"]}
 
-        started = _flwr(
-            cli, "run", ".", "study", "-c",
+        # the study: the coordinator-signed app, as `flwr run @fedsynth/fedsynth==0.1.0`
+        run_id = _run_id(_flwr(
+            cli, "run", "@fedsynth/fedsynth==0.1.0", "study", "-c",
             f'config="tiny" federation.rounds=1 federation.sites=2 '
             f'federation.sites-per-round=2 checkpoint="{tiny_checkpoint}" '
             f'run-dir="{run_dir}" secagg-max-weight={SUBJECTS}',
             timeout=120,
-        )  # fmt: skip
-        assert started.returncode == 0, started.stdout + started.stderr
-        run_id = re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
+        ))  # fmt: skip
         # (the ServerApp waits for its sites; meanwhile: registering again is harmless)
         again = subprocess.run(
             ["bash", str(DEPLOY / "register-sites.sh"), "study", str(keys / "site-1.key.pub")],
@@ -268,21 +430,28 @@ def test_tls_node_auth_deployment_one_round_and_an_unregistered_node_refused(
         assert "Failed to activate SuperNode" in logs["rogue"].read_text()
         assert "No SuperNode found with the given public key" in logs["superlink"].read_text()
 
-        status, deadline = "running", time.monotonic() + 240
-        while time.monotonic() < deadline:
-            listed = _flwr(cli, "ls", "--run-id", run_id, "study", "--format", "json")
-            [run] = json.loads(listed.stdout)["runs"]
-            status = run["status"]
-            if status.startswith("finished"):
-                break
-            time.sleep(2)
+        status = _wait_run(cli, run_id, 240)
         log = _flwr(cli, "log", run_id, "study", "--show").stdout
         assert status == "finished:completed", f"run {run_id} ended {status}:\n{log[-4000:]}"
         assert "Secure aggregation completed" in log, log[-4000:]
         # the rogue never joined: only the two registered nodes exist, both came online
         assert nodes() == {node_ids["site-1"]: "online", node_ids["site-2"]: "online"}
-    finally:
-        _stop(procs)
+
+        # whoever reaches the SuperLink's Control API starts their own app: unsigned (a
+        # local FAB), then from the "Hub" signed by a key no site trusts
+        rogue_runs = [
+            _run_id(_flwr(cli, "run", str(rogue_app), "study")),
+            _run_id(_flwr(cli, "run", "@rogue/rogue==1.0.1", "study")),
+        ]
+        for rogue_run in rogue_runs:
+            assert _wait_run(cli, rogue_run, 120).startswith("finished")
+            replies = json.loads((rogue_out / f"replies-{rogue_run}.json").read_text())
+            assert replies == {node_ids["site-1"]: True, node_ids["site-2"]: True}, replies
+        assert not list(rogue_out.glob("ran-at-*"))  # no site ran the rogue ClientApp
+        for site in ("site-1", "site-2"):  # unsigned, then signed by the wrong key
+            text = logs[site].read_text()
+            assert text.count("App verification is not supported by the connected") == 1
+            assert text.count("FAB verification failed") == 1
 
     ledger = read_ledger(run_dir / "ledger.jsonl")
     assert sorted(e["site"] for e in ledger) == ["site-1", "site-2"]
