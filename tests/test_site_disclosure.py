@@ -1,0 +1,124 @@
+"""Nothing computed from site data reaches the server but the DP-SGD update and the spend.
+
+A study in process (real ServerApp loop, real ClientApp, real sites over a LoopbackGrid):
+site-1 and site-2 are healthy; site-3's data folder and files carry a patient-like id and
+its round fails in three ways (its data unreadable; an exception whose text holds a path
+and a value; an update that cannot be sent). Every message the server received and every
+line it printed is searched for the id, the path, the value and site-3's subject count.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+import fedsynth.client.site_round as site_round
+from fedsynth.client.client_app import app, site_round_reply
+from fedsynth.common.protocol import REPLY_METRICS
+from fedsynth.server.server_app import run_federation
+from fedsynth.server.study import prepare
+from fedsynth.simulations.loopback import LoopbackGrid, task_identity
+
+SECRET = "patient-ZZ93"
+VALUE = "123.4567"
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory):
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    root = tmp_path_factory.mktemp("disclosure")
+    generate_cohorts(root, sites=3, subjects=3, seed=3, public_subjects=1, progress=False)
+    secret = root / f"{SECRET}-site"
+    shutil.copytree(root / "site-3", secret)
+    return root, secret
+
+
+def _study(tmp_path, root, secret, checkpoint, monkeypatch, fault):
+    run_config = {"config": "tiny", "run-dir": str(tmp_path / "run"),
+                  "checkpoint": str(checkpoint), "secagg-max-weight": 10,
+                  "federation.rounds": 1, "federation.sites": 3, "federation.sites-per-round": 3,
+                  "federation.secure-aggregation": True}  # fmt: skip
+    nodes = {
+        n: {"data-path": str(root / f"site-{n}") if n < 3 else str(secret),
+            "state-dir": str(tmp_path / "states" / f"site-{n}"), "max-epsilon": 10,
+            "site-name": f"site-{n}"}
+        for n in (1, 2, 3)
+    }  # fmt: skip
+    if fault == "data":  # every volume of the site unreadable
+        for image in secret.glob("**/*.nii*"):
+            image.write_bytes(b"not a NIfTI " + SECRET.encode())
+    real_train = site_round.train_round
+
+    def train(unet, *args, **kwargs):
+        if fault == "exception" and kwargs.get("seed") is None and _is_secret(unet):
+            raise RuntimeError(f"value {VALUE} in {secret}/{SECRET}.nii.gz")
+        result = real_train(unet, *args, **kwargs)
+        if fault == "update" and _is_secret(unet):
+            with torch.no_grad():
+                next(unet.parameters()).fill_(float("nan"))
+        return result
+
+    current = {}
+
+    def _is_secret(_unet) -> bool:
+        return current.get("node") == 3
+
+    monkeypatch.setattr(site_round, "train_round", train)
+    study = prepare(run_config)
+    grid = LoopbackGrid(app, nodes)
+    deliver = grid.app
+
+    def tracking(message, context):
+        current["node"] = context.node_id
+        return deliver(message, context)
+
+    grid.app = tracking
+    torch.set_num_threads(1)
+    with task_identity():
+        summary = run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
+    return summary, grid
+
+
+@pytest.mark.parametrize("fault", ["data", "exception", "update"])
+def test_a_failing_site_discloses_no_path_value_or_count(
+    tmp_path, monkeypatch, capfd, three_sites, tiny_checkpoint, fault
+):
+    root, secret = three_sites
+    secret = shutil.copytree(secret, tmp_path / secret.name)
+    summary, grid = _study(tmp_path, root, secret, tiny_checkpoint, monkeypatch, fault)
+    assert summary["rounds_done"] == 1
+    assert set(summary["site_epsilon"]) >= {"site-1", "site-2"}
+    seen = capfd.readouterr()
+    server_side = [repr(m.content) if m.has_content() else repr(m.error) for m in grid.received]
+    server_side.append(seen.out)
+    text = "\n".join(server_side)
+    assert "fedsynth:" in text or "site-3" in text  # the failure did reach the server...
+    for leak in (SECRET, VALUE, str(secret), "NIfTI", "Traceback"):
+        assert leak not in text, leak  # ...as a reason code only
+    # the site's own log holds the details
+    log = (tmp_path / "states" / "site-3" / "site.log").read_text()
+    assert {"data": "data: ", "exception": SECRET, "update": "non-finite values"}[fault] in log
+
+
+def test_a_trained_reply_carries_exactly_the_allowed_metrics(
+    tmp_path, tiny_checkpoint, three_sites
+):
+    """Issue 16, item 7: the metrics travel in clear under SecAgg+ too."""
+    import json
+
+    from fedsynth.common.checkpoint import load_pretrained
+    from fedsynth.common.config import load_config, to_dict
+
+    root, _ = three_sites
+    weights = dict(load_pretrained(tiny_checkpoint).unet.state_dict())
+    sent = {"round": 1, "study": json.dumps(to_dict(load_config("tiny"))), "study-id": "s",
+            "checkpoint": str(tiny_checkpoint)}  # fmt: skip
+    node = {"data-path": str(root / "site-1"), "state-dir": str(tmp_path / "s"), "max-epsilon": 10}
+    torch.set_num_threads(1)
+    _, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
+    assert set(metrics) == REPLY_METRICS
+    assert subjects == metrics["subjects"] == 3

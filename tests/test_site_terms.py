@@ -1,0 +1,124 @@
+"""A site's own privacy terms (its node config), checked before it touches data.
+
+The data folder in these tests does not exist: a refusal that reached the data would
+fail differently (code `data`), so each test also shows nothing was read.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedsynth.client.budget import RoundPlan, SiteBudget
+from fedsynth.client.client_app import FAILED, ready_answer, site_round_reply
+from fedsynth.client.node_config import site_settings
+from fedsynth.client.site_terms import check_delta_for_subjects
+from fedsynth.common.config import load_config, to_dict
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.protocol import READY_METRICS, SiteStop
+
+
+def _node(tmp_path, **terms):
+    return {"data-path": str(tmp_path / "no-such-data"), "state-dir": str(tmp_path / "state"),
+            "max-epsilon": 10, **terms}  # fmt: skip
+
+
+def _sent(**overrides):
+    config = load_config("tiny", {"federation.secure-aggregation": True, **overrides})
+    return {"round": 1, "study": json.dumps(to_dict(config)), "study-id": "s1",
+            "checkpoint": "/nowhere"}  # fmt: skip
+
+
+def test_a_real_site_must_state_its_own_maximum_epsilon(tmp_path):
+    node = _node(tmp_path)
+    del node["max-epsilon"]
+    with pytest.raises(FedsynthError, match="node config lacks max-epsilon"):
+        site_settings(node, target_epsilon=10.0)
+    with pytest.raises(SiteStop, match="fedsynth:config:"):
+        ready_answer(_sent(), node)
+
+
+@pytest.mark.parametrize(
+    ("terms", "study"),
+    [
+        ({}, {"federation.secure-aggregation": False}),  # SecAgg+ required by default
+        ({"accountant": "rdp"}, {"privacy.accountant": "prv"}),
+        ({"max-delta": 1e-6}, {"privacy.delta": 1e-5}),
+    ],
+    ids=["secure-aggregation", "accountant", "max-delta"],
+)
+def test_a_plan_that_breaks_the_sites_terms_is_refused_before_data(tmp_path, terms, study):
+    node = _node(tmp_path, **terms)
+    answer = ready_answer(_sent(**study), node)
+    assert set(answer) == READY_METRICS
+    assert (answer["ready"], answer["code"]) == (0, "terms")
+    assert ready_answer(_sent(), _node(tmp_path))["code"] == "ready"  # the same site, fine
+    log = (tmp_path / "state" / "site.log").read_text()
+    assert "terms:" in log  # the details stay at the site
+
+
+def test_a_plain_round_sent_to_a_site_that_requires_secure_aggregation_is_refused(tmp_path):
+    """The server's claim is not trusted: the fit itself must arrive through SecAgg+."""
+    with pytest.raises(SiteStop, match="fedsynth:terms:"):
+        site_round_reply({}, _sent(), _node(tmp_path), secure=False)
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()
+
+
+def test_a_study_at_another_delta_than_the_sites_ledger_is_refused(tmp_path):
+    """Issue 16, item 9: epsilon cannot be composed across deltas or accountants."""
+    budget = SiteBudget("no-such-data", tmp_path / "state", 10.0)
+    budget.record(1, RoundPlan(2.0, 0.5, 10, 1e-6, 3.0, 20), study="s0", accountant="rdp")
+    assert ready_answer(_sent(), _node(tmp_path))["code"] == "terms"
+    assert ready_answer(_sent(**{"privacy.delta": 1e-6}), _node(tmp_path))["code"] == "ready"
+    assert ready_answer(_sent(**{"privacy.delta": 1e-6, "privacy.accountant": "prv"}),
+                        _node(tmp_path))["code"] == "terms"  # fmt: skip
+
+
+def test_ready_says_spent_or_failed_from_the_ledger_alone(tmp_path):
+    budget = SiteBudget("no-such-data", tmp_path / "state", 10.0)
+    budget.record(1, RoundPlan(0.3, 0.5, 50, 1e-5, 99.0, 20), study="s0", accountant="rdp")
+    answer = ready_answer(_sent(), _node(tmp_path))
+    assert (answer["ready"], answer["code"]) == (0, "budget-spent")
+    assert json.loads(answer["history"]) == []  # another study's rounds are not this one's
+    assert answer["epsilon"] == 0.0
+    (tmp_path / "state" / "ledger.jsonl").unlink()
+    (tmp_path / "state" / FAILED).write_text("{}")
+    assert ready_answer(_sent(), _node(tmp_path))["code"] == "failed-before"
+    with pytest.raises(SiteStop, match="fedsynth:failed-before:"):
+        site_round_reply({}, _sent(), _node(tmp_path), secure=True)
+
+
+@pytest.mark.parametrize(
+    ("delta", "max_delta", "refused"),
+    [(0.04, None, False), (0.05, None, True), (0.3, 0.4, False), (0.5, 0.9, True)],
+)
+def test_delta_must_be_below_one_over_ten_n_unless_the_site_allows_more(
+    tmp_path, delta, max_delta, refused
+):
+    terms = {} if max_delta is None else {"max-delta": max_delta}
+    settings = site_settings(_node(tmp_path, **terms), target_epsilon=10.0)
+    if refused:  # n = 2: 1/(10 n) = 0.05 by default; with max-delta set, 1/n = 0.5
+        with pytest.raises(SiteStop, match="fedsynth:terms:"):
+            check_delta_for_subjects(settings, delta, 2)
+    else:
+        check_delta_for_subjects(settings, delta, 2)
+
+
+def test_the_one_over_ten_n_check_runs_before_the_round_spends(
+    tmp_path, tiny_checkpoint, phantom_root
+):
+    """Wired into the real round: site-1 has 2 subjects, so delta 0.06 > 1/(10 n)."""
+    import torch
+
+    from fedsynth.common.checkpoint import load_pretrained
+
+    node = {"data-path": str(phantom_root / "site-1"), "state-dir": str(tmp_path / "state"),
+            "max-epsilon": 10}  # fmt: skip
+    sent = {**_sent(**{"privacy.delta": 0.06}), "checkpoint": str(tiny_checkpoint)}
+    weights = {k: v.clone() for k, v in load_pretrained(tiny_checkpoint).unet.state_dict().items()}
+    torch.set_num_threads(1)
+    with pytest.raises(SiteStop, match="fedsynth:terms:"):
+        site_round_reply(weights, sent, node, secure=True)
+    assert not (tmp_path / "state" / "ledger.jsonl").exists()  # nothing spent
+    assert "for 2 subjects" in (tmp_path / "state" / "site.log").read_text()
