@@ -74,3 +74,22 @@ def test_prepare_with_a_public_checkpoint_generates_nothing(tmp_path, tiny_check
     assert study.validation is None and not (tmp_path / "c").exists()
     with pytest.raises(FedsynthError, match="validation-data='/nowhere': no such folder"):
         prepare({**run_config, "validation-data": "/nowhere"})
+
+
+def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_checkpoint):
+    """Issue 16, item 9: the same spend is epsilon 9.95 at delta 1e-5 and 5.23 at 0.04, so
+    a study's delta and accountant are fixed when it starts (terms.json)."""
+    import json
+
+    run_config = declared() | {"config": "tiny", "run-dir": str(tmp_path / "run"),
+                               "checkpoint": str(tiny_checkpoint)}  # fmt: skip
+    first = prepare(run_config)
+    terms = json.loads((tmp_path / "run" / "terms.json").read_text())
+    assert terms == {"delta": 1e-5, "accountant": "rdp", "study_id": first.study_id}
+    (tmp_path / "run" / "ledger.jsonl").write_text("")  # the study has started
+    resume = {**run_config, "resume": "true"}
+    assert prepare(resume).study_id == first.study_id  # a resume keeps the study's id
+    for key, value in (("privacy.delta", "0.04"), ("privacy.accountant", "prv")):
+        with pytest.raises(FedsynthError, match=f"this study's {key} is .* fixed when it started"):
+            prepare({**resume, key: value})
+    assert prepare({**run_config, "run-dir": str(tmp_path / "new"), "privacy.delta": "0.04"})
