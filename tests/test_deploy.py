@@ -392,6 +392,7 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
             "STATE_DIR": str(tmp_path / "state" / "site-2"),
             "CHECKPOINT": str(tiny_checkpoint), "ROOT_CERT": str(certs / "ca.crt"),
             "NODE_KEY": str(keys / "site-2.key"), "TRUSTED_ENTITIES": str(trusted),
+            "STUDY_CONFIG": "tiny",
         }  # fmt: skip
         procs.append(
             _start(
@@ -470,3 +471,208 @@ def test_scripts_are_strict_bash_with_usage(script):
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
     assert "Usage" in text and os.access(DEPLOY / script, os.X_OK)
     assert subprocess.run(["bash", "-n", DEPLOY / script], check=False).returncode == 0
+
+
+def _entrypoint(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list, list]:
+    """Run site-entrypoint.sh with fake `fedsynth` and `flower-supernode` on PATH.
+
+    Returns the process and the argv each fake was called with (empty: not called).
+    """
+    fakes = tmp_path / "bin"
+    fakes.mkdir(exist_ok=True)
+    for name in ("fedsynth", "flower-supernode"):
+        fake = fakes / name
+        fake.write_text(
+            f"#!{sys.executable}\n"
+            "import json, sys\n"
+            f"open({str(tmp_path / (name + '.argv'))!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+        )
+        fake.chmod(0o755)
+    site = tmp_path / "site"
+    for f in ("ca.crt", "site.key", "trusted.yaml", "ckpt/autoencoder.pt", "data/manifest.csv"):
+        (site / f).parent.mkdir(parents=True, exist_ok=True)
+        (site / f).write_text("x")
+    base = {
+        "PATH": f"{fakes}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "STUDY_CONFIG": "/study/config.yaml", "SUPERLINK": "link:9093",
+        "SITE_NAME": "site-1", "MAX_EPSILON": "7.5",
+        "DATA_PATH": str(site / "data"), "STATE_DIR": str(site / "state"),
+        "CHECKPOINT": str(site / "ckpt"), "ROOT_CERT": str(site / "ca.crt"),
+        "NODE_KEY": str(site / "site.key"), "TRUSTED_ENTITIES": str(site / "trusted.yaml"),
+    }  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(DEPLOY / "site-entrypoint.sh"), "--max-retries", "3"],
+        env={**base, **env}, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    argv = [
+        json.loads(p.read_text()) if (p := tmp_path / f"{name}.argv").exists() else []
+        for name in ("fedsynth", "flower-supernode")
+    ]
+    return done, *argv
+
+
+def test_site_entrypoint_checks_the_study_config_and_passes_the_node_config_intact(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    done, check, supernode = _entrypoint(tmp_path)
+    assert done.returncode == 0, done.stderr
+    site = tmp_path / "site"
+    assert check == ["site-check", "--config", "/study/config.yaml",
+                     "--data-path", str(site / "data"), "--json"]  # fmt: skip
+    flags = dict(zip(supernode[:-2:2], supernode[1:-2:2], strict=True))
+    assert supernode[-2:] == ["--max-retries", "3"]
+    assert flags["--trusted-entities"] == str(site / "trusted.yaml")
+    assert flags["--superlink"] == "link:9093"
+    # Flower reads the node config back to exactly these values and types
+    assert parse_config_args([flags["--node-config"]]) == {
+        "data-path": str(site / "data"), "state-dir": str(site / "state"),
+        "site-name": "site-1", "checkpoint": str(site / "ckpt"), "max-epsilon": 7.5,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [("SITE_NAME", "a b"), ("SITE_NAME", 'x" max-epsilon=1000 y="'), ("SITE_NAME", "a=b"),
+     ("DATA_PATH", "/data/my study"), ("STATE_DIR", "/s'x"), ("CHECKPOINT", "C:\\ckpt"),
+     ("SITE_NAME", "a\nb"), ("SITE_NAME", ""), ("MAX_EPSILON", "10 checkpoint=/x"),
+     ("MAX_EPSILON", "inf"), ("STUDY_CONFIG", "")],
+)  # fmt: skip
+def test_site_entrypoint_refuses_unsafe_values_in_one_line(tmp_path, var, value):
+    done, check, supernode = _entrypoint(tmp_path, **{var: value})
+    assert done.returncode == 2 and check == [] and supernode == []
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"site: {var}")
+
+
+def test_site_entrypoint_needs_trusted_signers_unless_explicitly_off(tmp_path):
+    done, _, supernode = _entrypoint(tmp_path, TRUSTED_ENTITIES=str(tmp_path / "missing.yaml"))
+    assert done.returncode == 1 and "missing.yaml is missing" in done.stderr and not supernode
+    done, _, supernode = _entrypoint(tmp_path, TRUSTED_ENTITIES="none")
+    assert done.returncode == 0 and "ANY app" in done.stderr
+    assert "--trusted-entities" not in supernode
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (word.upper(), rest.strip())
+        for line in lines
+        if line and not line.startswith("#")
+        for word, _, rest in [line.partition(" ")]
+    ]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.site", "Dockerfile.superlink"])
+def test_dockerfiles_pin_the_base_and_dependencies_and_run_unprivileged(dockerfile):
+    steps = _instructions(DEPLOY / dockerfile)
+    [base] = [args for op, args in steps if op == "FROM"]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
+    assert "latest" not in (DEPLOY / dockerfile).read_text()
+    installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert installs and all("PIP_CONSTRAINT=" in args for args in installs)
+    users = [args for op, args in steps if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    # the last USER comes after every RUN: nothing the image runs later is root
+    last_user = max(i for i, (op, _) in enumerate(steps) if op == "USER")
+    assert all(op != "RUN" for op, _ in steps[last_user:])
+
+
+def test_site_image_ships_no_server_code():
+    steps = _instructions(DEPLOY / "Dockerfile.site")
+    copied = {args.split()[-2] for op, args in steps if op == "COPY"}
+    assert not {"server", "simulations", "."} & copied, copied
+    ignore = (DEPLOY / "Dockerfile.site.dockerignore").read_text().split()
+    assert "*" in ignore and not {"!server", "!simulations"} & set(ignore)
+
+
+def test_site_image_install_step_builds_a_package_without_server_code(tmp_path):
+    """Dockerfile.site's COPY + `mkdir server simulations && pip install .`, as a wheel."""
+    import shutil
+    import zipfile
+
+    steps = _instructions(DEPLOY / "Dockerfile.site")
+    build = tmp_path / "build"
+    for op, args in steps:
+        *sources, target = args.split()
+        if op != "COPY" or args.startswith("--") or target.startswith("/"):
+            continue  # the build context's files only (not the entrypoint)
+        for source in sources:
+            dest = build / target / Path(source).name if target.endswith("/") else build / target
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if (ROOT / source).is_dir() else shutil.copyfile)(ROOT / source, dest)
+    [install] = [args for op, args in steps if op == "RUN" and "pip install" in args]
+    assert install.startswith("mkdir server simulations ")
+    (build / "server").mkdir()
+    (build / "simulations").mkdir()
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "wheel"), str(build)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    [wheel] = (tmp_path / "wheel").glob("fedsynth-*.whl")
+    packages = {
+        name.rsplit("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")
+    }
+    assert packages == {"fedsynth/common", "fedsynth/client"}, packages
+
+
+def test_site_package_runs_without_server_and_simulations():
+    """What the site image installs: site-check and the ClientApp, with no server/ code."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.startswith(('fedsynth.server', 'fedsynth.simulations')):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import fedsynth.client.client_app\n"
+        "from fedsynth.common.cli import main\n"
+        "sys.exit(main(['site-check', '--help']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--data-path" in done.stdout
+
+
+def _runtime_requirements() -> dict[str, str]:
+    """Every distribution `pip install .` pulls for fedsynth (Linux x86_64, Python 3.11),
+    at its installed version."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    env = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+           "python_version": "3.11", "os_name": "posix", "implementation_name": "cpython",
+           "platform_python_implementation": "CPython"}  # fmt: skip
+    found: dict[str, tuple[str, frozenset]] = {}
+    todo = [("fedsynth", frozenset[str]())]
+    while todo:
+        name, extras = todo.pop()
+        dist = metadata.distribution(name)
+        key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if key in found and extras <= found[key][1]:
+            continue
+        extras |= found.get(key, ("", frozenset()))[1]
+        found[key] = (dist.version, extras)
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or any(
+                req.marker.evaluate({**env, "extra": e}) for e in ("", *extras)
+            ):
+                todo.append((req.name, frozenset(req.extras)))
+    found.pop("fedsynth")
+    return {name: version.split("+")[0] for name, (version, _) in found.items()}
+
+
+def test_image_constraints_pin_every_runtime_dependency_at_the_tested_version():
+    pinned = dict(
+        line.split("==")
+        for line in (DEPLOY / "constraints.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    wanted = _runtime_requirements()
+    listing = "\n".join(f"{k}=={v}" for k, v in sorted(wanted.items()))
+    assert pinned == wanted, f"deploy/constraints.txt should list:\n{listing}"
