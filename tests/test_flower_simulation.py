@@ -168,29 +168,34 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
     assert summary["montage"] == str(run_dir / "validation" / "round-002.png")
 
 
-def test_a_spent_site_replies_refused_without_reading_data(tmp_path):
+def test_a_spent_site_refuses_without_reading_data(tmp_path):
+    """READY says so before the round, and a round sent anyway stops before any data is
+    read (the phantom and checkpoint folders do not exist): nothing is sent, no zero
+    update joins a secure sum."""
     import torch
 
-    from fedsynth.client.client_app import site_round_reply
+    from fedsynth.client.client_app import ready_answer, site_round_reply
     from fedsynth.common.config import load_config, to_dict
     from fedsynth.common.ledger import append_entry
+    from fedsynth.common.protocol import SiteStop
 
     spent = {"round": 1, "site": "site-1", "noise_multiplier": 0.5, "sample_rate": 0.5,
-             "steps": 500, "delta": 1e-5, "epsilon": 99.0, "status": "trained"}  # fmt: skip
+             "steps": 500, "delta": 1e-5, "epsilon": 99.0, "status": "trained",
+             "study": "s1"}  # fmt: skip
     append_entry(tmp_path / "sites" / "site-1" / "ledger.jsonl", spent)
     sent = {
         "round": 2,
         "study": json.dumps(to_dict(load_config("tiny"))),
+        "study-id": "s1",
         "checkpoint": str(tmp_path / "no-checkpoint"),
         "phantoms": str(tmp_path / "no-phantoms"),
         "site-states": str(tmp_path / "sites"),
         "clipping-range": 4.0,
     }
+    answer = ready_answer(sent, {"partition-id": 0})
+    assert (answer["ready"], answer["code"], answer["site"]) == (0, "budget-spent", "site-1")
+    assert answer["epsilon"] == pytest.approx(epsilon(spent_segments([spent]), 1e-5))
+    assert json.loads(answer["history"]) == [[1, 0.5, 0.5, 500]]
     weights = {"w": torch.ones(3, 2), "count": torch.tensor(7)}
-    delta, subjects, metrics = site_round_reply(weights, sent, {"partition-id": 0})
-    assert metrics["refused"] == 1 and metrics["steps"] == 0 and subjects == 0
-    # a zero delta with weight 0: it adds nothing to a secure weighted mean
-    assert all(not d.any() and d.shape == tuple(weights[k].shape) for k, d in delta.items())
-    assert "site-1 has spent epsilon" in metrics["reason"] and metrics["site"] == "site-1"
-    assert "loss" not in metrics
-    assert metrics["epsilon"] == pytest.approx(epsilon(spent_segments([spent]), 1e-5))
+    with pytest.raises(SiteStop, match=r"^fedsynth:budget-spent: "):
+        site_round_reply(weights, sent, {"partition-id": 0}, secure=True)
