@@ -65,7 +65,9 @@ class SiteBudget:
         return Path(self.state_dir) / LEDGER
 
     def spent(self) -> list[Segment]:
-        return spent_segments(read_ledger(self.ledger_path), self.site)
+        """Every spending line of the ledger in this state dir, whatever site name it was
+        written under: a renamed site (or data folder) keeps its subjects' spend."""
+        return spent_segments(read_ledger(self.ledger_path))
 
     def history(self, study: str | None = None) -> list[list[float]]:
         """[round, noise_multiplier, sample_rate, steps] of every round this site trained
@@ -74,7 +76,7 @@ class SiteBudget:
         belongs to those studies' ledgers."""
         return [
             [int(e["round"]), *astuple(segment_of(e))]
-            for e in spending(read_ledger(self.ledger_path), self.site)
+            for e in spending(read_ledger(self.ledger_path))
             if study is None or e.get("study") == study
         ]
 

@@ -39,7 +39,8 @@ from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
 from fedsynth.client.node_config import SiteSettings, site_settings
@@ -277,6 +278,7 @@ def secure_aggregation_when_asked(msg: Message, ctxt: Context, call_next: Client
         msg.metadata.message_type == MessageType.TRAIN
         and RECORD_KEY_CONFIGS in msg.content.config_records
     ):
+        check_secagg_setup(msg.content.config_records[RECORD_KEY_CONFIGS])
 
         def masked_fit(m: Message, c: Context) -> Message:
             token = _MASKED.set(True)
@@ -287,6 +289,19 @@ def secure_aggregation_when_asked(msg: Message, ctxt: Context, call_next: Client
 
         return secaggplus_mod(msg, ctxt, masked_fit)
     return call_next(msg, ctxt)
+
+
+def check_secagg_setup(configs: Mapping[str, object]) -> None:
+    """At SecAgg+'s setup stage, refuse (SiteStop "terms") parameters under which the
+    server could unmask one site: fewer than 2 sites sampled or a threshold below 2
+    (Flower's secaggplus_mod accepts both)."""
+    if configs.get(SecAggKey.STAGE) != Stage.SETUP:
+        return
+    sampled, threshold = configs.get(SecAggKey.SAMPLE_NUMBER), configs.get(SecAggKey.THRESHOLD)
+    if not isinstance(sampled, int) or not isinstance(threshold, int):
+        raise refuse(None, "terms", "SecAgg+ setup without sample number or threshold")
+    if sampled < 2 or threshold < 2:
+        raise refuse(None, "terms", f"SecAgg+ setup with {sampled} sites and threshold {threshold}")
 
 
 def _widened(reply: Message) -> Message:

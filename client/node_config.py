@@ -1,12 +1,13 @@
 """A site's own settings and privacy terms, from its node config: never from the server.
 
 A hospital starts its SuperNode with
-`--node-config 'data-path=DIR state-dir=DIR max-epsilon=E'` and may add:
-- `site-name` (default: the data folder's name): the name its spend is recorded under;
+`--node-config 'data-path=DIR state-dir=DIR site-name=NAME max-epsilon=E'` and may add:
+- `site-name` (required): the name its spend is recorded under, sent in clear;
 - `max-delta`: the largest delta it accepts (default: below 1/(10 n), n its subjects);
 - `require-secure-aggregation` (default true): refuse rounds not under SecAgg+;
 - `accountant` (`rdp` or `prv`): refuse studies that account with another one.
-`max-epsilon` is required for a real site: a hospital states its own ceiling.
+`site-name` and `max-epsilon` are required for a real site: a hospital names itself (the
+data folder's name may be a patient or study id) and states its own ceiling.
 
 In a `flwr run` simulation Flower gives each node only its `partition-id`, so the site is
 the phantom site of that number, with its state inside the study's run dir (a new
@@ -87,11 +88,16 @@ def site_settings(
             if not str(node_config.get(key, "")).strip():
                 raise FedsynthError(
                     f"node config lacks {key}: start the SuperNode with --node-config "
-                    "'data-path=DIR state-dir=DIR max-epsilon=E'"
+                    "'data-path=DIR state-dir=DIR site-name=NAME max-epsilon=E'"
                 )
         data_path = Path(str(node_config["data-path"])).expanduser()
         state_dir = Path(str(node_config["state-dir"])).expanduser()
-        name = str(node_config.get("site-name", data_path.name))
+        name = str(node_config.get("site-name", "")).strip()
+        if not name:  # the data folder's name may be a patient or study id: never sent
+            raise FedsynthError(
+                "node config lacks site-name: the name the site's spend is recorded under, "
+                "sent to the server in clear (e.g. site-name=hospital-a)"
+            )
     max_epsilon = _positive(node_config, "max-epsilon", target_epsilon if simulated else None)
     max_delta = None
     if "max-delta" in node_config:

@@ -48,6 +48,8 @@ def check_terms(settings: SiteSettings, config: Config, secure: bool) -> None:
     READY, will be) under secure aggregation."""
     privacy = config.privacy
     problems = []
+    if not privacy.enabled:
+        problems.append("the study does not train with DP-SGD (privacy.enabled false)")
     if settings.require_secure_aggregation and not secure:
         problems.append("the study does not use secure aggregation, which this site requires")
     if settings.accountant and privacy.accountant != settings.accountant:

@@ -2,7 +2,7 @@
 
 Lines (common/ledger.py format) the server writes for a site in a round:
 - `trained`: the site's reply, with the (noise multiplier, sample rate, steps) it used.
-- `no-reply` with `estimate: true`: the site was sent the round and no valid reply came
+- `no-reply` with `estimate: <id>`: the site was sent the round and no valid reply came
   back (lost, failed, malformed). The server cannot know what it spent, so it charges the
   most it could have: a segment that takes the site's epsilon to the study's target
   (`worst_case_segment`). A site never goes past the target (it refuses before), so the
@@ -10,7 +10,8 @@ Lines (common/ledger.py format) the server writes for a site in a round:
 - a line with `reported_by_site: true`: a round from the site's own ledger (sites record a
   round before its update leaves them, and report their history with every message) that
   the server had not charged; when the server holds an estimate for that round, the line
-  carries `replaces_estimate: true` and the site's true spend takes the estimate's place.
+  carries `replaces_estimate: <id>` and the site's true spend takes that one estimate's
+  place (an estimate written later for a retried round still counts).
 
 `charged` is the one reading of which lines count; everyone who recomputes epsilon from a
 server ledger (summary, selection, release) uses it.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections.abc import Iterable
 
 from fedsynth.common.accountant import Segment, epsilon
@@ -30,13 +32,11 @@ from fedsynth.server.study import Study
 
 
 def charged(entries: Iterable[dict], site: str) -> list[dict]:
-    """The lines that count toward `site`'s epsilon: spending lines, less any estimate
-    whose round the site's own report has since replaced."""
+    """The lines that count toward `site`'s epsilon: spending lines, less each estimate
+    that a line of the site's own report has since replaced (by the estimate's id)."""
     mine = [e for e in entries if e["site"] == site]
-    replaced = {int(e["round"]) for e in mine if e.get("replaces_estimate")}
-    return [
-        e for e in spending(mine, site) if not (e.get("estimate") and int(e["round"]) in replaced)
-    ]
+    replaced = {str(e["replaces_estimate"]) for e in mine if e.get("replaces_estimate")}
+    return [e for e in spending(mine, site) if str(e.get("estimate") or "") not in replaced]
 
 
 def charged_epsilon(entries: Iterable[dict], site: str, privacy: PrivacyConfig) -> float:
@@ -54,30 +54,33 @@ def site_is_spent(ledger: list[dict], site: str, config: Config) -> bool:
     return charged_epsilon(ledger, site, config.privacy) >= config.privacy.target_epsilon
 
 
-def worst_case_segment(history: list[Segment], privacy: PrivacyConfig, rate: float, steps: int):
-    """The least-noise round at `rate` x `steps` that lifts `history` to the target epsilon.
+WORST_CASE_SIGMA = 1.0  # a noise multiplier every accountant handles cheaply (PRV included)
 
-    Bisection on the noise multiplier for the largest sigma whose epsilon (same accountant
-    and delta) is still at or above the target; when the history alone is already there,
-    sigma = 1e3 (the round then adds next to nothing, and the total is at the target).
+
+def worst_case_segment(history: list[Segment], privacy: PrivacyConfig) -> Segment:
+    """The fewest full-batch steps (sample rate 1, noise multiplier 1) that lift `history`
+    to the study's target epsilon (same accountant and delta): a charge at least as large
+    as any round a site following the protocol can have spent, since it never goes past
+    the target. Doubling, then bisection on the step count; 1 step when the history is
+    already there. (A bisection on sigma would reach sigmas where PRV needs gigabytes.)
     """
 
-    def eps(sigma: float) -> float:
-        return epsilon([*history, Segment(sigma, rate, steps)], privacy.delta, privacy.accountant)
+    def eps(steps: int) -> float:
+        segment = Segment(WORST_CASE_SIGMA, 1.0, steps)
+        return epsilon([*history, segment], privacy.delta, privacy.accountant)
 
     target = privacy.target_epsilon
-    low, high = 1e-2, 1e3  # eps(low) >= target > eps(high), unless the history is there
-    if eps(high) >= target:
-        return Segment(high, rate, steps)
-    if eps(low) < target:  # cannot happen for sane targets; charge the smallest sigma
-        return Segment(low, rate, steps)
-    for _ in range(40):
-        mid = math.sqrt(low * high)
+    high = 1
+    while eps(high) < target:
+        high *= 2
+    low = high // 2  # eps(low) < target <= eps(high), or high == 1
+    while high - low > 1:
+        mid = (low + high) // 2
         if eps(mid) >= target:
-            low = mid
-        else:
             high = mid
-    return Segment(low, rate, steps)
+        else:
+            low = mid
+    return Segment(WORST_CASE_SIGMA, 1.0, high)
 
 
 def append_line(
@@ -103,58 +106,71 @@ def append_line(
     return entry
 
 
-def last_rate(ledger: list[dict], site: str) -> float:
-    """The site's last sample rate the server knows of (1.0, the worst case, if none)."""
-    rates = [float(e["sample_rate"]) for e in charged(ledger, site) if not e.get("estimate")]
-    return rates[-1] if rates else 1.0
-
-
 def charge_estimate(study: Study, round_number: int, site: str, **extra) -> dict:
     """Charge a site that was sent the round and gave no valid reply (see module doc)."""
     ledger = read_ledger(study.run_dir / LEDGER)
-    privacy = study.config.privacy
     history = [segment_of(e) for e in charged(ledger, site)]
-    rate = privacy.sample_rate or last_rate(ledger, site)
-    segment = worst_case_segment(history, privacy, rate, privacy.local_steps)
-    return append_line(study, round_number, site, segment, "no-reply", estimate=True, **extra)
+    segment = worst_case_segment(history, study.config.privacy)
+    estimate = f"{round_number}-{uuid.uuid4().hex[:12]}"
+    return append_line(study, round_number, site, segment, "no-reply", estimate=estimate, **extra)
+
+
+# what a site can really have used: below MIN_REPLY_SIGMA epsilon is in the thousands (and
+# PRV needs gigabytes to say so); more steps or rounds than these is no real study
+MIN_REPLY_SIGMA, MAX_REPLY_SIGMA = 0.1, 1e4
+MAX_STEPS = MAX_ROUND = 10**6
 
 
 def parse_history(text: str) -> list[tuple[int, Segment]]:
     """A site's reported history ([[round, sigma, rate, steps], ...]) checked strictly.
 
-    Raises ValueError on anything but a list of 4 finite numbers with round >= 1,
-    sigma > 0, 0 < rate <= 1 and steps >= 1 (a malformed report counts as no report).
+    Raises ValueError on anything but a list of 4 finite numbers with 1 <= round <= 1e6,
+    0.1 <= sigma <= 1e4, 0 < rate <= 1 and 1 <= steps <= 1e6, whole round and steps (a
+    malformed report counts as no report).
     """
-    rows = json.loads(text)
+    try:
+        rows = json.loads(text)
+    except RecursionError:
+        raise ValueError("history nested too deeply") from None
     if not isinstance(rows, list):
         raise ValueError("history is not a list")
     out = []
     for row in rows:
         if not (isinstance(row, list) and len(row) == 4):
             raise ValueError("history row is not [round, sigma, rate, steps]")
-        if not all(isinstance(v, int | float) and math.isfinite(v) for v in row):
+        if not all(finite_number(v) for v in row):
             raise ValueError("history row holds a non-number")
         r, sigma, rate, steps = row
-        if r < 1 or r != int(r) or sigma <= 0 or not 0 < rate <= 1 or steps < 1:
+        if not (1 <= r <= MAX_ROUND and 1 <= steps <= MAX_STEPS and 0 < rate <= 1):
             raise ValueError("history row out of range")
-        if steps != int(steps):
-            raise ValueError("history steps not whole")
+        if not MIN_REPLY_SIGMA <= sigma <= MAX_REPLY_SIGMA or r != int(r) or steps != int(steps):
+            raise ValueError("history row out of range")
         out.append((int(r), Segment(float(sigma), float(rate), int(steps))))
     return out
+
+
+def finite_number(value: object) -> bool:
+    """A JSON number that is finite and not absurdly large (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**53
+    return math.isfinite(value)
 
 
 def reconcile(study: Study, site: str, reported: list[tuple[int, Segment]]) -> int:
     """Charge rounds the site's own ledger holds and the server's does not; return how many.
 
-    Matched round by round on the exact numbers. A round the server only estimated gets
-    the site's true line, which replaces the estimate (`charged`).
+    Matched round by round on the exact numbers (as multisets: a retried round may appear
+    twice). A reported round the server only estimated gets the site's true line, which
+    replaces one estimate of that round, oldest first (`charged`).
     """
     ledger = read_ledger(study.run_dir / LEDGER)
     known: dict[int, list[Segment]] = {}
-    estimated: set[int] = set()
+    estimates: dict[int, list[str]] = {}
     for e in charged(ledger, site):
         if e.get("estimate"):
-            estimated.add(int(e["round"]))
+            estimates.setdefault(int(e["round"]), []).append(str(e["estimate"]))
         else:
             known.setdefault(int(e["round"]), []).append(segment_of(e))
     added = 0
@@ -162,8 +178,8 @@ def reconcile(study: Study, site: str, reported: list[tuple[int, Segment]]) -> i
         if segment in known.get(r, []):
             known[r].remove(segment)
             continue
-        extra = {"replaces_estimate": True} if r in estimated else {}
-        estimated.discard(r)
+        pending = estimates.get(r, [])
+        extra = {"replaces_estimate": pending.pop(0)} if pending else {}
         append_line(study, r, site, segment, "trained", reported_by_site=True, **extra)
         added += 1
     return added

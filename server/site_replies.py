@@ -7,14 +7,18 @@ counts as no reply (the site is charged an estimate, server/privacy_ledger.py).
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fedsynth.common.accountant import Segment
+from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.protocol import READY_METRICS, REASONS, REPLY_METRICS
-from fedsynth.server.privacy_ledger import parse_history
+from fedsynth.server.privacy_ledger import (
+    MAX_REPLY_SIGMA,
+    MAX_STEPS,
+    MIN_REPLY_SIGMA,
+    finite_number,
+    parse_history,
+)
 
 
 class BadReply(ValueError):
@@ -45,7 +49,7 @@ class TrainedReply:
 
 def _number(metrics: Mapping[str, object], key: str) -> float:
     value = metrics[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not finite_number(value):
         raise BadReply(f"{key} is not a finite number")
     return float(value)
 
@@ -62,8 +66,17 @@ def _site(metrics: Mapping[str, object], expected: str | None) -> str:
 def _history(metrics: Mapping[str, object]) -> list[tuple[int, Segment]]:
     try:
         return parse_history(str(metrics["history"]))
-    except (ValueError, json.JSONDecodeError) as error:
+    except ValueError as error:  # json.JSONDecodeError is one
         raise BadReply(f"history: {error}") from None
+
+
+def accountable(segments: list[Segment], delta: float, accountant: str) -> None:
+    """Raise BadReply unless the accountant computes these segments' epsilon: checked
+    before a round writes its first ledger line, so none of its lines can fail later."""
+    try:
+        epsilon(segments, delta, accountant)
+    except Exception as error:  # any accountant failure makes the reply unusable
+        raise BadReply(f"the spend cannot be accounted ({type(error).__name__})") from None
 
 
 def _keys(metrics: Mapping[str, object], allowed: frozenset[str]) -> None:
@@ -94,8 +107,13 @@ def trained_reply(
     _keys(metrics, REPLY_METRICS)
     sigma, rate = _number(metrics, "noise_multiplier"), _number(metrics, "sample_rate")
     steps, subjects = _number(metrics, "steps"), _number(metrics, "subjects")
-    if sigma <= 0 or not 0 < rate <= 1 or steps < 1 or steps != int(steps):
-        raise BadReply("spend out of range (sigma > 0, 0 < rate <= 1, whole steps >= 1)")
+    if (
+        not MIN_REPLY_SIGMA <= sigma <= MAX_REPLY_SIGMA
+        or not 0 < rate <= 1
+        or not 1 <= steps <= MAX_STEPS
+        or steps != int(steps)
+    ):
+        raise BadReply("spend out of range (0.1 <= sigma <= 1e4, 0 < rate <= 1, whole steps)")
     if subjects < 1 or subjects != int(subjects) or int(subjects) != int(num_examples):
         raise BadReply("subjects is not the reply's whole, positive weight")
     if _number(metrics, "delta") != delta or metrics["accountant"] != accountant:

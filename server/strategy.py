@@ -40,6 +40,7 @@ from flwr.common import (
 from flwr.server import ClientManager, LegacyContext
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
@@ -56,7 +57,14 @@ from fedsynth.server.privacy_ledger import (
     site_is_spent,
 )
 from fedsynth.server.run_dir import LEDGER, save_round, validation_dir, write_summary
-from fedsynth.server.site_replies import BadReply, TrainedReply, ready_reply, trained_reply
+from fedsynth.server.secure_aggregation import secagg_settings
+from fedsynth.server.site_replies import (
+    BadReply,
+    TrainedReply,
+    accountable,
+    ready_reply,
+    trained_reply,
+)
 from fedsynth.server.study import Study
 
 NODE_WAIT_S = 120.0
@@ -112,15 +120,20 @@ class StudyStrategy(FedAvg):
         return self._parameters()
 
     # -- READY -------------------------------------------------------------------------
-    def bind(self, node: int, site: str) -> None:
-        """Bind a site name to its (authenticated) node; two nodes with one name end it."""
-        for other, name in self.site_of.items():
+    def bind(self, node: int, site: str, connected: set[int]) -> None:
+        """Bind a site name to its (authenticated) node: two connected nodes with one name
+        end the study; a node that is gone (a restarted SuperNode gets a new id) hands its
+        name over."""
+        for other, name in list(self.site_of.items()):
             if name == site and other != node:
-                raise FedsynthError(
-                    f"two nodes ({other} and {node}) claim the site name {site!r}: each "
-                    "SuperNode needs its own site-name in its node config (one server "
-                    "ledger per site)"
-                )
+                if other in connected:
+                    raise FedsynthError(
+                        f"two nodes ({other} and {node}) claim the site name {site!r}: each "
+                        "SuperNode needs its own site-name in its node config (one server "
+                        "ledger per site)"
+                    )
+                _say(f"{site} is now node {node} (node {other} is gone)")
+                del self.site_of[other]
         self.site_of[node] = site
 
     def ask_ready(self, grid: Grid, round_number: int) -> None:
@@ -152,11 +165,14 @@ class StudyStrategy(FedAvg):
                 continue
             try:
                 record = reply.content.config_records[READY_RECORD]
-                checked.append((node, ready_reply(dict(record), self.site_of.get(node))))
-            except (KeyError, BadReply) as error:
+                answer = ready_reply(dict(record), self.site_of.get(node))
+                privacy = self.study.config.privacy
+                accountable([s for _, s in answer.history], privacy.delta, privacy.accountant)
+                checked.append((node, answer))
+            except (KeyError, TypeError, ValueError) as error:  # BadReply is a ValueError
                 _say(f"round {round_number}: node {node} sent a malformed READY ({error})")
         for node, answer in checked:  # all checked before anything is written
-            self.bind(node, answer.site)
+            self.bind(node, answer.site, set(nodes))
         ready = []
         for node, answer in checked:
             missed = reconcile(self.study, answer.site, answer.history)
@@ -168,6 +184,13 @@ class StudyStrategy(FedAvg):
             else:
                 _say(f"round {round_number}: {answer.site} will not train: {REASONS[answer.code]}")
         self.ready = sorted(ready)
+
+    def planned_sites(self) -> int:
+        """How many sites `select` will pick this round (ready, with budget left, capped)."""
+        ledger = read_ledger(self.study.run_dir / LEDGER)
+        config = self.study.config
+        usable = [n for n in self.ready if not site_is_spent(ledger, self.site_of[n], config)]
+        return min(len(usable), config.federation.sites_per_round)
 
     def select(self, proxies: list[ClientProxy]) -> list[ClientProxy]:
         """Ready sites with budget left (server's ledger), those trained least first."""
@@ -236,7 +259,9 @@ class StudyStrategy(FedAvg):
                     res.metrics, res.num_examples, self.site_of[node],
                     privacy.delta, privacy.accountant,
                 )  # fmt: skip
-            except BadReply as error:
+                segments = [reply.segment, *(s for _, s in reply.history)]
+                accountable(segments, privacy.delta, privacy.accountant)
+            except (KeyError, TypeError, ValueError) as error:  # BadReply is a ValueError
                 site = self.site_of.get(node, f"node {node}")
                 _say(f"round {round_number}: {site} sent a reply the server cannot use: {error}")
                 continue
@@ -337,6 +362,12 @@ class RoundFit:
         round_number = strategy.done + server_round
         _wait_for_nodes(grid, strategy.study.config.federation.sites_per_round)
         strategy.ask_ready(grid, round_number)
+        sites = strategy.planned_sites()
+        if isinstance(self.fit, SecAggPlusWorkflow) and sites >= 2:
+            # the threshold of this round's sites, never below min-sites: a threshold set
+            # for more sites than are ready would halt the round after they spent
+            settings = secagg_settings(strategy.study, sites)
+            self.fit.reconstruction_threshold = settings["reconstruction_threshold"]
         self.fit(grid, context)
         if strategy.settled != server_round and not strategy.over:
             _say(f"round {round_number}: aggregation halted")

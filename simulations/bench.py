@@ -195,7 +195,7 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
         sites = {
             n: {"data-path": str(root / "phantoms" / f"site-{n}"),
                 "state-dir": str(Path(tmp) / "states" / f"site-{n}"),
-                "max-epsilon": config.privacy.target_epsilon,
+                "max-epsilon": config.privacy.target_epsilon, "site-name": f"site-{n}",
                 "require-secure-aggregation": secure}
             for n in range(1, OVERHEAD_SITES + 1)
         }  # fmt: skip

@@ -76,8 +76,13 @@ def main(argv: list[str]) -> None:
         "federation.secure-aggregation": secure == "true",
     }
     nodes = {
-        k: {"data-path": f"{phantoms}/site-{k}", "state-dir": f"{states}/site-{k}",
-            "max-epsilon": 10.0, "require-secure-aggregation": secure == "true"}
+        k: {
+            "data-path": f"{phantoms}/site-{k}",
+            "state-dir": f"{states}/site-{k}",
+            "max-epsilon": 10.0,
+            "require-secure-aggregation": secure == "true",
+            "site-name": f"site-{k}",
+        }
         for k in range(1, SITES + 1)
     }
     study = prepare(run_config)

@@ -12,12 +12,17 @@ from fedsynth.common.errors import FedsynthError
 
 def test_a_hospital_node_config_is_taken_as_given():
     settings = site_settings(
-        {"data-path": "/data/cardiac", "state-dir": "/var/fedsynth", "max-epsilon": "4.5"},
+        {
+            "data-path": "/data/cardiac",
+            "state-dir": "/var/fedsynth",
+            "max-epsilon": "4.5",
+            "site-name": "hospital-a",
+        },
         target_epsilon=10.0,
     )
     assert settings.data_path == Path("/data/cardiac")
     assert settings.state_dir == Path("/var/fedsynth")
-    assert settings.max_epsilon == 4.5 and settings.name == "cardiac"
+    assert settings.max_epsilon == 4.5 and settings.name == "hospital-a"
 
 
 def test_a_simulated_node_is_its_phantom_site_with_state_in_the_run(tmp_path):
@@ -38,8 +43,46 @@ def test_a_simulated_node_is_its_phantom_site_with_state_in_the_run(tmp_path):
     [
         ({"state-dir": "/s"}, "node config lacks data-path"),
         ({"data-path": "/d", "state-dir": " "}, "node config lacks state-dir"),
-        ({"data-path": "/d", "state-dir": "/s", "max-epsilon": "lots"}, "'lots': not a number"),
-        ({"data-path": "/d", "state-dir": "/s", "max-epsilon": 0}, "must be a positive number"),
+        ({"data-path": "/d", "state-dir": "/s", "max-epsilon": 5}, "node config lacks site-name"),
+        ({"data-path": "/d", "state-dir": "/s", "site-name": "a"}, "node config lacks max-epsilon"),
+        (
+            {"data-path": "/d", "state-dir": "/s", "site-name": "a", "max-epsilon": "lots"},
+            "'lots': not a number",
+        ),
+        (
+            {"data-path": "/d", "state-dir": "/s", "site-name": "a", "max-epsilon": 0},
+            "must be a positive number",
+        ),
+        (
+            {
+                "data-path": "/d",
+                "state-dir": "/s",
+                "site-name": "a",
+                "max-epsilon": 5,
+                "max-delta": 1.5,
+            },
+            "max-delta=1.5: must be below 1",
+        ),
+        (
+            {
+                "data-path": "/d",
+                "state-dir": "/s",
+                "site-name": "a",
+                "max-epsilon": 5,
+                "require-secure-aggregation": "maybe",
+            },
+            "must be true or false",
+        ),
+        (
+            {
+                "data-path": "/d",
+                "state-dir": "/s",
+                "site-name": "a",
+                "max-epsilon": 5,
+                "accountant": "gdp",
+            },
+            "accountant='gdp': one of rdp, prv",
+        ),
         ({"partition-id": 0}, "a simulated node needs the phantom and run folders"),
     ],
 )

@@ -117,7 +117,8 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     weights = dict(load_pretrained(tiny_checkpoint).unet.state_dict())
     sent = {"round": 1, "study": json.dumps(to_dict(load_config("tiny"))), "study-id": "s",
             "checkpoint": str(tiny_checkpoint)}  # fmt: skip
-    node = {"data-path": str(root / "site-1"), "state-dir": str(tmp_path / "s"), "max-epsilon": 10}
+    node = {"data-path": str(root / "site-1"), "state-dir": str(tmp_path / "s"), "max-epsilon": 10,
+            "site-name": "site-1"}
     torch.set_num_threads(1)
     _, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
     assert set(metrics) == REPLY_METRICS

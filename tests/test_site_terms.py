@@ -21,7 +21,7 @@ from fedsynth.common.protocol import READY_METRICS, SiteStop
 
 def _node(tmp_path, **terms):
     return {"data-path": str(tmp_path / "no-such-data"), "state-dir": str(tmp_path / "state"),
-            "max-epsilon": 10, **terms}  # fmt: skip
+            "max-epsilon": 10, "site-name": "hospital-a", **terms}  # fmt: skip
 
 
 def _sent(**overrides):
@@ -67,7 +67,7 @@ def test_a_plain_round_sent_to_a_site_that_requires_secure_aggregation_is_refuse
 
 def test_a_study_at_another_delta_than_the_sites_ledger_is_refused(tmp_path):
     """Issue 16, item 9: epsilon cannot be composed across deltas or accountants."""
-    budget = SiteBudget("no-such-data", tmp_path / "state", 10.0)
+    budget = SiteBudget("hospital-a", tmp_path / "state", 10.0)
     budget.record(1, RoundPlan(2.0, 0.5, 10, 1e-6, 3.0, 20), study="s0", accountant="rdp")
     assert ready_answer(_sent(), _node(tmp_path))["code"] == "terms"
     assert ready_answer(_sent(**{"privacy.delta": 1e-6}), _node(tmp_path))["code"] == "ready"
@@ -76,7 +76,7 @@ def test_a_study_at_another_delta_than_the_sites_ledger_is_refused(tmp_path):
 
 
 def test_ready_says_spent_or_failed_from_the_ledger_alone(tmp_path):
-    budget = SiteBudget("no-such-data", tmp_path / "state", 10.0)
+    budget = SiteBudget("an old name", tmp_path / "state", 10.0)  # renamed since: still its spend
     budget.record(1, RoundPlan(0.3, 0.5, 50, 1e-5, 99.0, 20), study="s0", accountant="rdp")
     answer = ready_answer(_sent(), _node(tmp_path))
     assert (answer["ready"], answer["code"]) == (0, "budget-spent")
@@ -114,7 +114,7 @@ def test_the_one_over_ten_n_check_runs_before_the_round_spends(
     from fedsynth.common.checkpoint import load_pretrained
 
     node = {"data-path": str(phantom_root / "site-1"), "state-dir": str(tmp_path / "state"),
-            "max-epsilon": 10}  # fmt: skip
+            "max-epsilon": 10, "site-name": "site-1"}  # fmt: skip
     sent = {**_sent(**{"privacy.delta": 0.06}), "checkpoint": str(tiny_checkpoint)}
     weights = {k: v.clone() for k, v in load_pretrained(tiny_checkpoint).unet.state_dict().items()}
     torch.set_num_threads(1)
