@@ -45,8 +45,9 @@ def test_a_real_site_must_state_its_own_maximum_epsilon(tmp_path):
         ({}, {"federation.secure-aggregation": False}),  # SecAgg+ required by default
         ({"accountant": "rdp"}, {"privacy.accountant": "prv"}),
         ({"max-delta": 1e-6}, {"privacy.delta": 1e-5}),
+        ({}, {"privacy.enabled": False}),  # no DP-SGD at all
     ],
-    ids=["secure-aggregation", "accountant", "max-delta"],
+    ids=["secure-aggregation", "accountant", "max-delta", "no-dp"],
 )
 def test_a_plan_that_breaks_the_sites_terms_is_refused_before_data(tmp_path, terms, study):
     node = _node(tmp_path, **terms)
@@ -122,3 +123,21 @@ def test_the_one_over_ten_n_check_runs_before_the_round_spends(
         site_round_reply(weights, sent, node, secure=True)
     assert not (tmp_path / "state" / "ledger.jsonl").exists()  # nothing spent
     assert "for 2 subjects" in (tmp_path / "state" / "site.log").read_text()
+
+
+@pytest.mark.parametrize(
+    ("sampled", "threshold", "refused"), [(3, 2, False), (3, 1, True), (1, 1, True), (2, 2, False)]
+)
+def test_a_secagg_setup_that_could_unmask_one_site_is_refused(sampled, threshold, refused):
+    """Flower's secaggplus_mod accepts a threshold of 1; the site does not."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from fedsynth.client.client_app import check_secagg_setup
+
+    configs = {Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: sampled, Key.THRESHOLD: threshold}
+    if refused:
+        with pytest.raises(SiteStop, match="fedsynth:terms:"):
+            check_secagg_setup(configs)
+    else:
+        check_secagg_setup(configs)
+    check_secagg_setup({Key.STAGE: Stage.UNMASK})  # only the setup stage carries them

@@ -280,3 +280,100 @@ def test_a_site_epsilon_that_disagrees_with_the_server_ledger_is_flagged(tmp_pat
     compare_reported(study, "site-1", 2 * ours)
     out = capsys.readouterr().out
     assert "warning: site-1 reports epsilon" in out and "the server's figure counts" in out
+
+
+def test_an_estimate_written_after_a_replaced_one_still_counts(tmp_path):
+    """A round retried after a resume: its first estimate was replaced by the site's line,
+    its second estimate (a new lost reply) must still count (review finding)."""
+    from fedsynth.common.accountant import Segment
+    from fedsynth.server.privacy_ledger import charge_estimate, charged, reconcile
+
+    study = _study(tmp_path, 5, False)
+    first = charge_estimate(study, 3, "site-2")
+    assert reconcile(study, "site-2", [(3, Segment(2.7, 0.8, 10))]) == 1
+    second = charge_estimate(study, 3, "site-2")
+    ledger = read_ledger(study.run_dir / "ledger.jsonl")
+    kept = [e.get("estimate") for e in charged(ledger, "site-2")]
+    assert first["estimate"] not in kept and second["estimate"] in kept
+    assert second["epsilon"] >= study.config.privacy.target_epsilon
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_the_worst_case_estimate_reaches_the_target_cheaply(accountant):
+    """At least the target, whatever the history, without the accountant blowing up (PRV
+    at sigma 0.01 needed gigabytes)."""
+    import time
+
+    from fedsynth.common.accountant import Segment, epsilon
+    from fedsynth.server.privacy_ledger import worst_case_segment
+
+    privacy = load_config("default", {"privacy.accountant": accountant}).privacy
+    for history in ([], [Segment(3.07, 0.8, 10)] * 4, [Segment(1.0, 1.0, 40)]):
+        start = time.monotonic()
+        segment = worst_case_segment(history, privacy)
+        total = epsilon([*history, segment], privacy.delta, accountant)
+        assert total >= privacy.target_epsilon and time.monotonic() - start < 30
+        if segment.steps > 1:  # the fewest such steps
+            fewer = Segment(segment.noise_multiplier, segment.sample_rate, segment.steps - 1)
+            assert epsilon([*history, fewer], privacy.delta, accountant) < privacy.target_epsilon
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"noise_multiplier": 1e-300},
+        {"history": "[[" + "9" * 400 + ", 1.0, 0.5, 2]]"},
+        {"history": "[" * 5000 + "]" * 5000},
+        {"steps": 10**9},
+    ],
+    ids=["tiny-sigma", "huge-int", "deep-nesting", "absurd-steps"],
+)
+def test_a_hostile_reply_is_refused_before_any_line(tmp_path, monkeypatch, capsys, override):
+    study, sites = _study(tmp_path, 1, False), _sites(tmp_path)
+    sites[2].metrics_override = override
+    _, ledger, _ = _federate(study, sites, monkeypatch)
+    statuses = {e["site"]: (e["status"], bool(e.get("estimate"))) for e in ledger}
+    assert statuses == {"site-1": ("trained", False), "site-2": ("no-reply", True),
+                        "site-3": ("trained", False)}  # fmt: skip
+    assert "site-2 sent a reply the server cannot use" in capsys.readouterr().out
+    _never_below(study, sites, ledger)
+
+
+def test_the_secagg_threshold_follows_the_ready_sites(tmp_path, monkeypatch):
+    """sites-per-round 3 with only 2 ready: a threshold of 3 would halt the round after
+    both trained; it is 2 (min-sites) and the round aggregates (review finding)."""
+    study = _study(tmp_path, 1, True, per_round=3)
+    config = load_config("default", {"federation.sites": 3, "federation.sites-per-round": 3,
+                                     "federation.rounds": 1, "federation.min-sites": 2,
+                                     "federation.secure-aggregation": True})  # fmt: skip
+    assert config.federation.sites_per_round // 2 + 1 == 2  # majority of 3 is 2: force 3
+    study = Study(config, study.run_dir, None, study.checkpoint, False, 4.0, 20.0)
+    sites = _sites(tmp_path)
+    sites[3].budget.record(1, _full_spend(study, SUBJECTS[3]), study="an earlier study")
+    import fedsynth.server.strategy as strategy
+
+    real = strategy.secagg_settings
+
+    def majority_of_all(study_, sites_=None):  # what a fixed, sites-per-round threshold was
+        settings = real(study_, sites_)
+        if sites_ is None:
+            settings["reconstruction_threshold"] = 3
+        return settings
+
+    monkeypatch.setattr(server_app, "secagg_settings", majority_of_all)
+    _, ledger, _ = _federate(study, sites, monkeypatch)
+    assert {e["site"]: e["status"] for e in ledger} == {"site-1": "trained", "site-2": "trained"}
+    after = torch.load(study.run_dir / "rounds" / "round-001" / "unet.pt", weights_only=True)
+    assert any(float(v.abs().max()) > 0 for v in after.values())  # aggregated
+    _never_below(study, sites, ledger)
+
+
+def test_a_restarted_node_takes_over_its_name_but_two_connected_nodes_cannot(tmp_path):
+    from fedsynth.server.strategy import StudyStrategy
+
+    strategy = StudyStrategy(_study(tmp_path, 1, False), fake_weights(SHAPES), 0)
+    strategy.bind(3, "site-3", {1, 2, 3})
+    strategy.bind(33, "site-3", {1, 2, 33})  # node 3 is gone: a restart
+    assert strategy.site_of == {33: "site-3"}
+    with pytest.raises(FedsynthError, match=r"two nodes \(33 and 34\) claim"):
+        strategy.bind(34, "site-3", {33, 34})
