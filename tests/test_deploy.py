@@ -6,11 +6,13 @@ registered with `flwr supernode register`; two `flower-supernode`s with the root
 certificate, their private keys, the coordinator's app-signing key as their only trusted
 entity and a node config (phantom sites, the tiny public checkpoint). The study runs as the
 coordinator-signed app in deployment mode (a `checkpoint` run config). A third SuperNode
-whose key was never registered must be refused and never join; a rogue app (unsigned
-`flwr run DIR`, or signed by another key) must get an error reply from every site and none
-of its code may run there. Flower 1.41 attaches app signatures only to apps fetched from
-Flower Hub, so a Hub stand-in on 127.0.0.1 (`FLWR_SUPERGRID_API_URL`) serves the FABs and
-their signatures, made as `flwr app review` makes them. Only 127.0.0.1 and ports picked at
+whose key was never registered must be refused and never join; so must a SuperNode with a
+registered key that trusts another study's CA, and a plaintext (`--insecure`) one, while the
+same key with the study's CA gets in. A rogue app (unsigned `flwr run DIR`, or signed by
+another key) must get an error reply from every site and none of its code may run there.
+Flower 1.41 attaches app signatures only to apps fetched from Flower Hub, so a Hub stand-in
+on 127.0.0.1 (`FLWR_SUPERGRID_API_URL`) serves the FABs and their signatures, made as
+`flwr app review` makes them. Only 127.0.0.1 and ports picked at
 run time; every process started here is stopped in `finally`.
 """
 
@@ -97,10 +99,13 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM each process and all it spawned (SuperExec, app processes), then SIGKILL."""
+    """SIGTERM each process and all it spawned (SuperExec, app processes), then SIGKILL.
+
+    A process already reaped is skipped: its pid may belong to someone else by now."""
     pids = []
     for proc in procs:
-        pids += [proc.pid, *_descendants(proc.pid)]
+        if proc.poll() is None:
+            pids += [proc.pid, *_descendants(proc.pid)]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -111,7 +116,8 @@ def _stop(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
         if not any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in pids):
             break
         time.sleep(0.3)
-    for pid in pids:
+    reaped = {proc.pid for proc in procs if proc.poll() is not None}
+    for pid in set(pids) - reaped:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     for proc in procs:
@@ -261,6 +267,30 @@ def _run_id(started: subprocess.CompletedProcess) -> str:
     return re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
 
 
+def _probe(
+    tmp_path: Path, name: str, port: int, tls: list[str], key: Path | None, trusted: Path
+) -> subprocess.Popen:
+    """The runbook's `flower-supernode` with `tls` in place of `--root-certificates ca.crt`
+    (and `key`, if any, as its node key); it gives up after one retry. Logs to NAME.log."""
+    home = tmp_path / f"{name}-home"
+    home.mkdir()
+    auth = ["--auth-supernode-private-key", str(key)] if key else []
+    return _start(
+        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", *tls, *auth,
+         "--trusted-entities", str(trusted), "--port", str(_free_port()),
+         "--max-retries", "1", "--max-wait-time", "15"],
+        home,
+        tmp_path / f"{name}.log",
+    )  # fmt: skip
+
+
+def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The process's exit status, or None if it still runs after `timeout` seconds."""
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return proc.wait(timeout=timeout)
+    return None
+
+
 def test_scripts_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
     certs, keys = tmp_path / "certs", tmp_path / "keys"
     made = _script(DEPLOY / "make-certs.sh", certs, "superlink", "127.0.0.1")
@@ -297,7 +327,10 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
     generate_cohorts(tmp_path / "data", sites=2, subjects=SUBJECTS, seed=3, progress=False)
     certs, keys, run_dir = tmp_path / "certs", tmp_path / "keys", tmp_path / "run"
     assert _script(DEPLOY / "make-certs.sh", certs, "127.0.0.1", "localhost").returncode == 0
-    for name in ("site-1", "site-2", "rogue"):
+    # another study's CA, with a server certificate for the same names
+    other = _script(DEPLOY / "make-certs.sh", tmp_path / "other-certs", "127.0.0.1", "localhost")
+    assert other.returncode == 0, other.stderr
+    for name in ("site-1", "site-2", "rogue", "probe"):
         assert _script(DEPLOY / "make-node-key.sh", keys, name).returncode == 0
 
     # app signing: the coordinator's Ed25519 key is every site's only trusted entity
@@ -355,12 +388,13 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
         )  # fmt: skip
         registered = subprocess.run(
             ["bash", str(DEPLOY / "register-sites.sh"), "study",
-             str(keys / "site-1.key.pub"), str(keys / "site-2.key.pub")],
+             str(keys / "site-1.key.pub"), str(keys / "site-2.key.pub"),
+             str(keys / "probe.key.pub")],
             env=_env(cli), capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert registered.returncode == 0, registered.stderr + logs["superlink"].read_text()
         node_ids = dict(line.split() for line in registered.stdout.splitlines())
-        assert sorted(node_ids) == ["site-1", "site-2"], registered.stdout
+        assert sorted(node_ids) == ["probe", "site-1", "site-2"], registered.stdout
 
         for name in ("site-1", "rogue"):  # the runbook's flower-supernode command
             home = tmp_path / f"{name}-home"
@@ -404,6 +438,22 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
             )
         )  # fmt: skip
         rogue = procs[-2]
+        # TLS: the registered probe key trusting another study's CA, and plaintext
+        # SuperNodes; none may reach the SuperLink (flower-supernode 1.41 exits at once on a
+        # failed certificate check; a plaintext one retries, then gives up)
+        probes = {  # name -> (TLS flags, node key, what the SuperNode logs when refused)
+            "wrong-ca": (["--root-certificates", str(tmp_path / "other-certs" / "ca.crt")],
+                         keys / "probe.key", "CERTIFICATE_VERIFY_FAILED"),
+            # the SuperLink speaks only TLS: a plaintext request gets no HTTP answer
+            "plaintext": (["--insecure"], None,
+                          "Server disconnected without sending a response"),
+            # Flower never sends a node key in clear (refused before connecting)
+            "plaintext-keyed": (["--insecure"], keys / "probe.key",
+                                "Node authentication can only be used when TLS is enabled"),
+        }  # fmt: skip
+        started = {name: _probe(tmp_path, name, port, tls, key, trusted)
+                   for name, (tls, key, _) in probes.items()}  # fmt: skip
+        procs.extend(started.values())
 
         def nodes() -> dict[str, str]:
             listed = _flwr(cli, "supernode", "list", "study", "--format", "json")
@@ -430,6 +480,9 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
         assert rogue.returncode != 0
         assert "Failed to activate SuperNode" in logs["rogue"].read_text()
         assert "No SuperNode found with the given public key" in logs["superlink"].read_text()
+        for name, (_, _, refusal) in probes.items():
+            assert _exit_code(started[name], 60) not in (0, None), name
+            assert refusal in (tmp_path / f"{name}.log").read_text(), name
 
         status = _wait_run(cli, run_id, 240)
         log = _flwr(cli, "log", run_id, "study", "--show").stdout
@@ -438,8 +491,10 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
         # locked" on push-logs; the summary and ledgers below still show the round)
         if '"POST /v1/runtime/push-logs HTTP/1.1" 500' not in logs["superlink"].read_text():
             assert "Secure aggregation completed" in log, log[-4000:]
-        # the rogue never joined: only the two registered nodes exist, both came online
-        assert nodes() == {node_ids["site-1"]: "online", node_ids["site-2"]: "online"}
+        # neither the rogue nor a TLS probe joined: the sites came online, the probe's key
+        # was never activated and no other node exists
+        assert nodes() == {node_ids["site-1"]: "online", node_ids["site-2"]: "online",
+                           node_ids["probe"]: "registered"}  # fmt: skip
 
         # whoever reaches the SuperLink's Control API starts their own app: unsigned (a
         # local FAB), then from the "Hub" signed by a key no site trusts
@@ -456,6 +511,17 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
             text = logs[site].read_text()
             assert text.count("App verification is not supported by the connected") == 1
             assert text.count("FAB verification failed") == 1
+
+        # the wrong-CA probe with the study's CA instead gets in: the CA made the difference
+        # (a plaintext SuperLink admits the plaintext probe: tests/test_deploy_tls.py)
+        study_ca = ["--root-certificates", str(certs / "ca.crt")]
+        right_ca = _probe(tmp_path, "right-ca", port, study_ca, keys / "probe.key", trusted)
+        procs.append(right_ca)
+        deadline = time.monotonic() + 60
+        while nodes()[node_ids["probe"]] != "online" and time.monotonic() < deadline:
+            time.sleep(1)
+        assert nodes()[node_ids["probe"]] == "online", (tmp_path / "right-ca.log").read_text()
+        _stop([right_ca])
 
     ledger = read_ledger(run_dir / "ledger.jsonl")
     assert sorted(e["site"] for e in ledger) == ["site-1", "site-2"]
