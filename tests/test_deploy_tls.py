@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import subprocess
 import time
 
@@ -46,15 +47,19 @@ def test_a_plaintext_superlink_admits_the_plaintext_supernode_the_study_refuses(
                 tmp_path / "superlink.log",
             )
         )  # fmt: skip
+
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # (a SuperNode started earlier: "Connection refused")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            time.sleep(0.2)
         # test_deploy.py's "plaintext" probe, word for word
         probe = _probe(tmp_path, "plaintext", port, ["--insecure"], None, trusted)
         procs.append(probe)
-        online, deadline = [], time.monotonic() + 60
+        online: list[str] = []
         while not online and time.monotonic() < deadline:
-            listed = _flwr(cli, "supernode", "list", "plain", "--format", "json")
-            nodes = json.loads(listed.stdout).get("nodes", [])  # none while it starts
-            online = [n for n in nodes if n["status"] == "online"]
-            time.sleep(1)
+            listed = json.loads(_flwr(cli, "supernode", "list", "plain", "--format", "json").stdout)
+            online = [n["node-id"] for n in listed["nodes"] if n["status"] == "online"]
         log = (tmp_path / "plaintext.log").read_text()
         assert len(online) == 1, log
         assert _exit_code(probe, 0) is None  # still connected, not giving up
