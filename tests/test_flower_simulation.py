@@ -1,7 +1,9 @@
 """A real `flwr run .`: 3 simulated phantom sites, 2 rounds, ledger and summary checked.
 
-Runs against its own FLWR_HOME and stops, by pid, the local simulation SuperLink that
-`flwr run` starts (it outlives the command). `flwr run` exits 0 even when the ServerApp
+Runs against its own FLWR_HOME and its own local SuperLink ports (Flower's defaults,
+39091/39093, would join any other local SuperLink on the machine, e.g. a study someone
+runs), and stops, by pid, the local simulation SuperLink that `flwr run` starts (it
+outlives the command). `flwr run` exits 0 even when the ServerApp
 fails, so the run's status is read back with `flwr ls --run-id ID --format json`.
 """
 
@@ -13,6 +15,7 @@ import math
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +30,7 @@ from fedsynth.common.ledger import read_ledger, spent_segments
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SITES = ("site-1", "site-2", "site-3")
+PORTS = "test-ports.json"  # in FLWR_HOME: the local SuperLink's API and control ports
 
 STUDY = """\
 base: tiny
@@ -41,9 +45,12 @@ paths: {cache-dir: CACHE}
 
 
 def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    api, control = json.loads((home / PORTS).read_text())
     env = {
         **os.environ,
         "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "OMP_NUM_THREADS": "1",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -104,10 +111,21 @@ def _stop(pids: list[int], grace: float = 15.0) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _free_ports(n: int) -> list[int]:
+    """n TCP ports on 127.0.0.1 that were free a moment ago."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def _flwr_home(tmp_path: Path) -> Path:
-    """An FLWR_HOME of the test's own whose default SuperLink is a local simulation one."""
+    """An FLWR_HOME of the test's own whose default SuperLink is a local simulation one on
+    ports of its own."""
     home = tmp_path / "flwr-home"
     home.mkdir()
+    (home / PORTS).write_text(json.dumps(_free_ports(2)))
     (home / "config.toml").write_text(
         '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
     )
