@@ -102,6 +102,7 @@ class StudyStrategy(FedAvg):
         self.done = done
         self.ready: list[int] = []  # nodes that answered READY this round, in node order
         self.chosen: list[int] = []
+        self.sent_weights: set[int] | None = None  # None: not tracked (no RoundFit)
         self.settled = 0  # the last workflow round aggregate_fit has written
         self.over = ""  # why the study ended before its planned rounds ("" while it runs)
         self.started = time.monotonic()
@@ -278,7 +279,8 @@ class StudyStrategy(FedAvg):
             compare_reported(self.study, reply.site, reply.epsilon)
         silent = 0
         for node in self.chosen:
-            if node not in good:
+            never_sent = self.sent_weights is not None and node not in self.sent_weights
+            if node not in good and not never_sent:
                 site = self.site_of[node]
                 _say(
                     f"round {round_number}: no valid reply from {site}: charged the most it "
@@ -346,6 +348,26 @@ class StudyStrategy(FedAvg):
         return loss
 
 
+class _WeightsSentTo:
+    """The grid, recording which nodes were sent the global weights (a fit instruction):
+    only those can have trained, so only those are charged when they give no valid reply
+    (a SecAgg+ round that halts before its masked-vector stage trained nobody)."""
+
+    def __init__(self, grid: Grid, nodes: set[int]) -> None:
+        self._grid, self.nodes = grid, nodes
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            train = message.metadata.message_type == MessageType.TRAIN
+            if train and any(len(r) for r in message.content.array_records.values()):
+                self.nodes.add(message.metadata.dst_node_id)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
 class RoundFit:
     """READY, then a fit workflow (plain or SecAgg+), then aggregate_fit with nothing if
     the workflow halted (SecAgg+ too few sites left) so that the round still gets its
@@ -368,7 +390,8 @@ class RoundFit:
             # for more sites than are ready would halt the round after they spent
             settings = secagg_settings(strategy.study, sites)
             self.fit.reconstruction_threshold = settings["reconstruction_threshold"]
-        self.fit(grid, context)
+        strategy.sent_weights = set()
+        self.fit(_WeightsSentTo(grid, strategy.sent_weights), context)
         if strategy.settled != server_round and not strategy.over:
             _say(f"round {round_number}: aggregation halted")
             strategy.aggregate_fit(server_round, [], [])
