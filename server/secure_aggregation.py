@@ -26,8 +26,33 @@ from __future__ import annotations
 
 from typing import Any
 
+from flwr.server import LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
 from fedsynth.common.errors import FedsynthError
 from fedsynth.server.study import Study
+
+
+class StudySecAggPlus(SecAggPlusWorkflow):
+    """Flower's SecAggPlusWorkflow, with a site that drops at the share-keys stage left out.
+
+    Flower 1.41 keeps such a site among the sampled ones, so at unmask it is listed as dead
+    and the others are asked for shares of its key, which they never received (a KeyError
+    in secaggplus_mod): the round halts after the others trained and spent. It never sent
+    its shares, so no site masked with it (secaggplus_mod pairs only with the sites whose
+    shares it got): dropping it from the sampled sites and from every neighbour set is
+    exactly what the masks say.
+    """
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        gone = set(state.sampled_node_ids) - set(state.active_node_ids)
+        if gone:
+            state.sampled_node_ids = set(state.active_node_ids)
+            for node, neighbours in state.nid_to_neighbours.items():
+                state.nid_to_neighbours[node] = set(neighbours) - gone
+        return ok and self._check_threshold(state)
 
 
 def secagg_settings(study: Study, sites: int | None = None) -> dict[str, Any]:

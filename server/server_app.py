@@ -13,14 +13,14 @@ import json
 
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.errors import FedsynthError
 from fedsynth.server.run_dir import ledger_table, resume_point, write_summary
-from fedsynth.server.secure_aggregation import secagg_settings
+from fedsynth.server.secure_aggregation import StudySecAggPlus, secagg_settings
 from fedsynth.server.strategy import RoundFit, StudyStrategy
 from fedsynth.server.study import Simulate, Study, prepare
 
@@ -38,7 +38,7 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
     remaining = config.federation.rounds - done
     if remaining > 0:
         if config.federation.secure_aggregation:
-            fit = SecAggPlusWorkflow(**secagg_settings(study))
+            fit = StudySecAggPlus(**secagg_settings(study))
         else:
             fit = default_fit_workflow
         workflow = DefaultWorkflow(fit_workflow=RoundFit(fit, strategy))
