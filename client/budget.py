@@ -24,7 +24,7 @@ from fedsynth.common.accountant import (
 )
 from fedsynth.common.config import Config, PrivacyConfig
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.ledger import append_entry, read_ledger, segment_of, spending, spent_segments
+from fedsynth.common.ledger import append_entry, read_ledger, segment_of, spending
 
 LEDGER = "ledger.jsonl"
 
@@ -64,24 +64,27 @@ class SiteBudget:
     def ledger_path(self) -> Path:
         return Path(self.state_dir) / LEDGER
 
-    def spent(self) -> list[Segment]:
-        """Every spending line of the ledger in this state dir, whatever site name it was
-        written under: a renamed site (or data folder) keeps its subjects' spend."""
-        return spent_segments(read_ledger(self.ledger_path))
+    def _spending(self, study: str | None) -> list[dict]:
+        """Every spending line of the ledger in this state dir (in study `study` only, when
+        given), whatever site name it was written under: a renamed site (or data folder)
+        keeps its subjects' spend."""
+        entries = spending(read_ledger(self.ledger_path))
+        return [e for e in entries if study is None or e.get("study") == study]
+
+    def spent(self, study: str | None = None) -> list[Segment]:
+        return [segment_of(e) for e in self._spending(study)]
 
     def history(self, study: str | None = None) -> list[list[float]]:
         """[round, noise_multiplier, sample_rate, steps] of every round this site trained
         (in study `study` only, when given), oldest first: the server charges any its own
         ledger lacks. Spend in other studies counts toward the site's own maximum but
         belongs to those studies' ledgers."""
-        return [
-            [int(e["round"]), *astuple(segment_of(e))]
-            for e in spending(read_ledger(self.ledger_path))
-            if study is None or e.get("study") == study
-        ]
+        return [[int(e["round"]), *astuple(segment_of(e))] for e in self._spending(study)]
 
-    def spent_epsilon(self, privacy: PrivacyConfig) -> float:
-        return epsilon(self.spent(), privacy.delta, privacy.accountant)
+    def spent_epsilon(self, privacy: PrivacyConfig, study: str | None = None) -> float:
+        """The site's epsilon over its whole ledger, or over study `study` alone (what that
+        study's server ledger should say)."""
+        return epsilon(self.spent(study), privacy.delta, privacy.accountant)
 
     def refuse_if_exhausted(self, privacy: PrivacyConfig) -> None:
         """Refuse from the ledger alone: no data is read before this check."""

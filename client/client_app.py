@@ -93,15 +93,6 @@ def _budget(settings: SiteSettings) -> SiteBudget:
     return SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
 
 
-def _study_epsilon(budget: SiteBudget, study_id: str, config: Config) -> float:
-    """The site's epsilon in this study alone (what the server's ledger should say); its
-    spend in other studies counts toward its own maximum, not this study's ledger."""
-    from fedsynth.common.accountant import Segment, epsilon
-
-    segments = [Segment(s, q, int(n)) for _, s, q, n in budget.history(study_id)]
-    return float(epsilon(segments, config.privacy.delta, config.privacy.accountant))
-
-
 def ready_answer(
     sent: Mapping[str, object], node_config: Mapping[str, object]
 ) -> dict[str, int | float | str]:
@@ -109,26 +100,26 @@ def ready_answer(
     config, round_number = _study(sent)
     settings = _settings(sent, node_config, config)
     budget = _budget(settings)
-    privacy = config.privacy
-    spent = float(budget.spent_epsilon(privacy))
+    study_id = str(sent.get("study-id", ""))
     code = "ready"
-    if (settings.state_dir / FAILED).is_file():
-        code = "failed-before"
-    elif spent >= min(privacy.target_epsilon, settings.max_epsilon):
-        code = "budget-spent"
-    else:
-        try:
+    try:
+        if (settings.state_dir / FAILED).is_file():
+            code = "failed-before"
+        else:
+            budget.refuse_if_exhausted(config.privacy)
             check_terms(settings, config, config.federation.secure_aggregation)
-        except SiteStop as stop:
-            code = stop.code
+    except BudgetRefusal:
+        code = "budget-spent"
+    except SiteStop as stop:
+        code = stop.code
     if code != "ready":
         log_locally(settings.state_dir, f"round {round_number}: not ready ({code})")
     return {
         "site": settings.name,
         "ready": int(code == "ready"),
         "code": code,
-        "history": json.dumps(budget.history(str(sent.get("study-id", "")))),
-        "epsilon": _study_epsilon(budget, str(sent.get("study-id", "")), config),
+        "history": json.dumps(budget.history(study_id)),
+        "epsilon": float(budget.spent_epsilon(config.privacy, study_id)),
     }
 
 
@@ -197,7 +188,7 @@ def site_round_reply(
         "delta": float(plan.delta),
         "accountant": config.privacy.accountant,
         "history": json.dumps(budget.history(study_id)),
-        "epsilon": _study_epsilon(budget, study_id, config),
+        "epsilon": float(budget.spent_epsilon(config.privacy, study_id)),
     }
     return delta, int(plan.subjects), metrics
 

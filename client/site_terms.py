@@ -13,8 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from fedsynth.client.budget import LEDGER
 from fedsynth.client.node_config import SiteSettings
 from fedsynth.common.config import Config
+from fedsynth.common.io import private_dir
 from fedsynth.common.ledger import read_ledger
 from fedsynth.common.protocol import SiteStop
 
@@ -28,8 +30,7 @@ def log_locally(state_dir: Path | None, text: str) -> None:
     if state_dir is None:
         return
     try:
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(state_dir / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fd = os.open(private_dir(state_dir) / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8") as f:
             f.write(line)
     except OSError:
@@ -58,7 +59,7 @@ def check_terms(settings: SiteSettings, config: Config, secure: bool) -> None:
         problems.append(
             f"delta {privacy.delta:g} above the site's max-delta {settings.max_delta:g}"
         )
-    for entry in read_ledger(settings.state_dir / "ledger.jsonl"):
+    for entry in read_ledger(settings.state_dir / LEDGER):
         if (
             float(entry["delta"]) != privacy.delta
             or entry.get("accountant", privacy.accountant) != privacy.accountant

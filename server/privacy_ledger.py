@@ -19,7 +19,6 @@ server ledger (summary, selection, release) uses it.
 
 from __future__ import annotations
 
-import json
 import math
 import uuid
 from collections.abc import Iterable
@@ -113,49 +112,6 @@ def charge_estimate(study: Study, round_number: int, site: str, **extra) -> dict
     segment = worst_case_segment(history, study.config.privacy)
     estimate = f"{round_number}-{uuid.uuid4().hex[:12]}"
     return append_line(study, round_number, site, segment, "no-reply", estimate=estimate, **extra)
-
-
-# what a site can really have used: below MIN_REPLY_SIGMA epsilon is in the thousands (and
-# PRV needs gigabytes to say so); more steps or rounds than these is no real study
-MIN_REPLY_SIGMA, MAX_REPLY_SIGMA = 0.1, 1e4
-MAX_STEPS = MAX_ROUND = 10**6
-
-
-def parse_history(text: str) -> list[tuple[int, Segment]]:
-    """A site's reported history ([[round, sigma, rate, steps], ...]) checked strictly.
-
-    Raises ValueError on anything but a list of 4 finite numbers with 1 <= round <= 1e6,
-    0.1 <= sigma <= 1e4, 0 < rate <= 1 and 1 <= steps <= 1e6, whole round and steps (a
-    malformed report counts as no report).
-    """
-    try:
-        rows = json.loads(text)
-    except RecursionError:
-        raise ValueError("history nested too deeply") from None
-    if not isinstance(rows, list):
-        raise ValueError("history is not a list")
-    out = []
-    for row in rows:
-        if not (isinstance(row, list) and len(row) == 4):
-            raise ValueError("history row is not [round, sigma, rate, steps]")
-        if not all(finite_number(v) for v in row):
-            raise ValueError("history row holds a non-number")
-        r, sigma, rate, steps = row
-        if not (1 <= r <= MAX_ROUND and 1 <= steps <= MAX_STEPS and 0 < rate <= 1):
-            raise ValueError("history row out of range")
-        if not MIN_REPLY_SIGMA <= sigma <= MAX_REPLY_SIGMA or r != int(r) or steps != int(steps):
-            raise ValueError("history row out of range")
-        out.append((int(r), Segment(float(sigma), float(rate), int(steps))))
-    return out
-
-
-def finite_number(value: object) -> bool:
-    """A JSON number that is finite and not absurdly large (bools are not numbers here)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    if isinstance(value, int):
-        return abs(value) <= 2**53
-    return math.isfinite(value)
 
 
 def reconcile(study: Study, site: str, reported: list[tuple[int, Segment]]) -> int:

@@ -7,18 +7,18 @@ counts as no reply (the site is charged an estimate, server/privacy_ledger.py).
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.protocol import READY_METRICS, REASONS, REPLY_METRICS
-from fedsynth.server.privacy_ledger import (
-    MAX_REPLY_SIGMA,
-    MAX_STEPS,
-    MIN_REPLY_SIGMA,
-    finite_number,
-    parse_history,
-)
+
+# what a site can really have used: below MIN_REPLY_SIGMA epsilon is in the thousands (and
+# PRV needs gigabytes to say so); more steps or rounds than these is no real study
+MIN_REPLY_SIGMA, MAX_REPLY_SIGMA = 0.1, 1e4
+MAX_STEPS = MAX_ROUND = 10**6
 
 
 class BadReply(ValueError):
@@ -47,6 +47,53 @@ class TrainedReply:
     epsilon: float
 
 
+def finite_number(value: object) -> bool:
+    """A JSON number that is finite and not absurdly large (bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= 2**53
+    return math.isfinite(value)
+
+
+def spend_segment(sigma: float, rate: float, steps: float) -> Segment:
+    """A (sigma, rate, steps) a site can really have used; raises BadReply otherwise:
+    0.1 <= sigma <= 1e4, 0 < rate <= 1, whole steps from 1 to 1e6."""
+    if (
+        not MIN_REPLY_SIGMA <= sigma <= MAX_REPLY_SIGMA
+        or not 0 < rate <= 1
+        or not 1 <= steps <= MAX_STEPS
+        or steps != int(steps)
+    ):
+        raise BadReply("spend out of range (0.1 <= sigma <= 1e4, 0 < rate <= 1, whole steps)")
+    return Segment(float(sigma), float(rate), int(steps))
+
+
+def parse_history(text: str) -> list[tuple[int, Segment]]:
+    """A site's reported history ([[round, sigma, rate, steps], ...]) checked strictly.
+
+    Raises BadReply on anything but a list of 4 finite numbers, a whole round from 1 to
+    1e6 and a spend `spend_segment` accepts (a malformed report counts as no report).
+    """
+    try:
+        rows = json.loads(text)
+    except (ValueError, RecursionError):  # json.JSONDecodeError is a ValueError
+        raise BadReply("history is not JSON, or nested too deeply") from None
+    if not isinstance(rows, list):
+        raise BadReply("history is not a list")
+    out = []
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 4):
+            raise BadReply("history row is not [round, sigma, rate, steps]")
+        if not all(finite_number(v) for v in row):
+            raise BadReply("history row holds a non-number")
+        r, sigma, rate, steps = row
+        if not 1 <= r <= MAX_ROUND or r != int(r):
+            raise BadReply("history round out of range")
+        out.append((int(r), spend_segment(sigma, rate, steps)))
+    return out
+
+
 def _number(metrics: Mapping[str, object], key: str) -> float:
     value = metrics[key]
     if not finite_number(value):
@@ -66,7 +113,7 @@ def _site(metrics: Mapping[str, object], expected: str | None) -> str:
 def _history(metrics: Mapping[str, object]) -> list[tuple[int, Segment]]:
     try:
         return parse_history(str(metrics["history"]))
-    except ValueError as error:  # json.JSONDecodeError is one
+    except BadReply as error:
         raise BadReply(f"history: {error}") from None
 
 
@@ -107,18 +154,12 @@ def trained_reply(
     _keys(metrics, REPLY_METRICS)
     sigma, rate = _number(metrics, "noise_multiplier"), _number(metrics, "sample_rate")
     steps, subjects = _number(metrics, "steps"), _number(metrics, "subjects")
-    if (
-        not MIN_REPLY_SIGMA <= sigma <= MAX_REPLY_SIGMA
-        or not 0 < rate <= 1
-        or not 1 <= steps <= MAX_STEPS
-        or steps != int(steps)
-    ):
-        raise BadReply("spend out of range (0.1 <= sigma <= 1e4, 0 < rate <= 1, whole steps)")
+    segment = spend_segment(sigma, rate, steps)
     if subjects < 1 or subjects != int(subjects) or int(subjects) != int(num_examples):
         raise BadReply("subjects is not the reply's whole, positive weight")
     if _number(metrics, "delta") != delta or metrics["accountant"] != accountant:
         raise BadReply("delta or accountant differs from the study's")
     return TrainedReply(
-        _site(metrics, site), Segment(sigma, rate, int(steps)), int(subjects),
+        _site(metrics, site), segment, int(subjects),
         _history(metrics), _number(metrics, "epsilon"),
     )  # fmt: skip

@@ -100,7 +100,7 @@ class StudyStrategy(FedAvg):
         self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         self.keys = list(self.weights)
         self.done = done
-        self.ready: list[int] = []  # nodes that answered READY this round, in node order
+        self.picked: list[int] = []  # this round's sites, picked at READY (see `pick`)
         self.chosen: list[int] = []
         self.sent_weights: set[int] | None = None  # None: not tracked (no RoundFit)
         self.settled = 0  # the last workflow round aggregate_fit has written
@@ -184,27 +184,16 @@ class StudyStrategy(FedAvg):
                 ready.append(node)
             else:
                 _say(f"round {round_number}: {answer.site} will not train: {REASONS[answer.code]}")
-        self.ready = sorted(ready)
+        self.picked = self.pick(ready)
 
-    def planned_sites(self) -> int:
-        """How many sites `select` will pick this round (ready, with budget left, capped)."""
+    def pick(self, ready: list[int]) -> list[int]:
+        """Ready sites with budget left (server's ledger), those trained least first, at
+        most sites-per-round: this round's sites, fixed before the fit workflow starts."""
         ledger = read_ledger(self.study.run_dir / LEDGER)
         config = self.study.config
-        usable = [n for n in self.ready if not site_is_spent(ledger, self.site_of[n], config)]
-        return min(len(usable), config.federation.sites_per_round)
-
-    def select(self, proxies: list[ClientProxy]) -> list[ClientProxy]:
-        """Ready sites with budget left (server's ledger), those trained least first."""
-        ledger = read_ledger(self.study.run_dir / LEDGER)
-        config = self.study.config
-        usable = [
-            p
-            for p in proxies
-            if p.node_id in self.ready
-            and not site_is_spent(ledger, self.site_of[p.node_id], config)
-        ]
+        usable = [n for n in ready if not site_is_spent(ledger, self.site_of[n], config)]
         trained = Counter(e["site"] for e in ledger if e["status"] == "trained")
-        usable.sort(key=lambda p: (trained[self.site_of[p.node_id]], p.node_id))
+        usable.sort(key=lambda n: (trained[self.site_of[n]], n))
         return usable[: config.federation.sites_per_round]
 
     # -- train -------------------------------------------------------------------------
@@ -214,10 +203,11 @@ class StudyStrategy(FedAvg):
         if self.over:
             return []
         round_number = self.done + server_round
-        if self.ready:  # the legacy client manager learns of the grid's nodes in a thread
-            client_manager.wait_for(len(self.ready), timeout=int(NODE_WAIT_S))
-        proxies = sorted(client_manager.all().values(), key=lambda p: p.node_id)
-        chosen = self.select(proxies)
+        if self.picked:  # the legacy client manager learns of the grid's nodes in a thread
+            client_manager.wait_for(len(self.picked), timeout=int(NODE_WAIT_S))
+        proxies = client_manager.all().values()
+        by_node = {p.node_id: p for p in proxies}
+        chosen = [by_node[n] for n in self.picked if n in by_node]
         need = self.study.config.federation.min_sites
         if len(chosen) < need:
             self.over = (
@@ -384,7 +374,7 @@ class RoundFit:
         round_number = strategy.done + server_round
         _wait_for_nodes(grid, strategy.study.config.federation.sites_per_round)
         strategy.ask_ready(grid, round_number)
-        sites = strategy.planned_sites()
+        sites = len(strategy.picked)
         if isinstance(self.fit, SecAggPlusWorkflow) and sites >= 2:
             # the threshold of this round's sites, never below min-sites: a threshold set
             # for more sites than are ready would halt the round after they spent

@@ -21,7 +21,6 @@ from flwr.clientapp import ClientApp
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
 from fedsynth.client.client_app import secure_aggregation_when_asked, site_guard
-from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.config import Config, config_from_dict
 from fedsynth.common.protocol import READY_RECORD, SiteStop
 
@@ -51,7 +50,8 @@ class FakeSite(NumPyClient):
         code = "budget-spent" if spent >= config.privacy.target_epsilon else "ready"
         history = self.history(study)
         return {"site": self.name, "ready": int(code == "ready"), "code": code,
-                "history": history, "epsilon": study_epsilon(history, config)}  # fmt: skip
+                "history": history,
+                "epsilon": self.budget.spent_epsilon(config.privacy, study)}  # fmt: skip
 
     def fit(self, parameters, config):
         study = config_from_dict(json.loads(str(config["study"])))
@@ -69,7 +69,7 @@ class FakeSite(NumPyClient):
             "sample_rate": plan.sample_rate, "steps": plan.steps, "subjects": self.subjects,
             "delta": plan.delta, "accountant": study.privacy.accountant,
             "history": self.history(str(config["study-id"])),
-            "epsilon": study_epsilon(self.history(str(config["study-id"])), study),
+            "epsilon": self.budget.spent_epsilon(study.privacy, str(config["study-id"])),
         }  # fmt: skip
         metrics.update(self.metrics_override)
         return self.delta, self.subjects, metrics
@@ -92,11 +92,6 @@ def site_app(sites: dict[int, FakeSite]) -> ClientApp:
         client_fn=lambda ctx: sites[ctx.node_id].to_client(),
         mods=[site_guard, ready, secure_aggregation_when_asked],
     )
-
-
-def study_epsilon(history: str, config: Config) -> float:
-    segments = [Segment(s, q, int(n)) for _, s, q, n in json.loads(history)]
-    return float(epsilon(segments, config.privacy.delta, config.privacy.accountant))
 
 
 def _study(msg: Message) -> Config:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from fake_sites import FakeSite, fake_weights, site_app, study_epsilon
+from fake_sites import FakeSite, fake_weights, site_app
 from flwr.app import Context, Message, RecordDict
 
 import fedsynth.server.server_app as server_app
@@ -65,7 +65,7 @@ def _never_below(study, sites, ledger) -> dict[str, tuple[float, float]]:
     out = {}
     for site in sites.values():
         ours = charged_epsilon(ledger, site.name, study.config.privacy)
-        theirs = study_epsilon(site.history(study.study_id), study.config)
+        theirs = site.budget.spent_epsilon(study.config.privacy, study.study_id)
         assert ours >= theirs * (1 - 1e-12), (site.name, ours, theirs)
         out[site.name] = (ours, theirs)
     return out
