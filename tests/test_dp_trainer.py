@@ -29,14 +29,7 @@ from fedsynth.common.models import ConditionedUNet, latent_shape
 SUBJECTS = torch.tensor([10, 10, 11, 12, 12, 13])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a shared 2-core machine, torch's thread pool spends more time waiting than
-    working on these tiny tensors (an index_add_ took 58 ms on 2 threads, 25 us on 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_privacy(config: Config, **changes) -> Config:

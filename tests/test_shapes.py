@@ -21,12 +21,7 @@ from fedsynth.server.pretrain import pretrain
 SHAPES = [(96, 96, 13), (32, 32, 13), (36, 36, 8), (32, 32, 10), (32, 32, 5)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from fedsynth.server.server_app import run_federation
 from fedsynth.server.study import prepare
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 SECRET = "patient-ZZ93"
 VALUE = "123.4567"
 
@@ -77,7 +78,6 @@ def _study(tmp_path, root, secret, checkpoint, monkeypatch, fault):
         return deliver(message, context)
 
     grid.app = tracking
-    torch.set_num_threads(1)
     with task_identity():
         summary = run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
     return summary, grid
@@ -117,9 +117,12 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     weights = dict(load_pretrained(tiny_checkpoint).unet.state_dict())
     sent = {"round": 1, "study": json.dumps(to_dict(load_config("tiny"))), "study-id": "s",
             "checkpoint": str(tiny_checkpoint)}  # fmt: skip
-    node = {"data-path": str(root / "site-1"), "state-dir": str(tmp_path / "s"), "max-epsilon": 10,
-            "site-name": "site-1"}
-    torch.set_num_threads(1)
+    node = {
+        "data-path": str(root / "site-1"),
+        "state-dir": str(tmp_path / "s"),
+        "max-epsilon": 10,
+        "site-name": "site-1",
+    }
     _, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
     assert set(metrics) == REPLY_METRICS
     assert subjects == metrics["subjects"] == 3

@@ -31,12 +31,7 @@ STUDY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(tmp_path, phantom_root, max_epsilon: float = 100.0) -> SiteSettings:

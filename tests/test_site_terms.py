@@ -106,19 +106,17 @@ def test_delta_must_be_below_one_over_ten_n_unless_the_site_allows_more(
         check_delta_for_subjects(settings, delta, 2)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_the_one_over_ten_n_check_runs_before_the_round_spends(
     tmp_path, tiny_checkpoint, phantom_root
 ):
     """Wired into the real round: site-1 has 2 subjects, so delta 0.06 > 1/(10 n)."""
-    import torch
-
     from fedsynth.common.checkpoint import load_pretrained
 
     node = {"data-path": str(phantom_root / "site-1"), "state-dir": str(tmp_path / "state"),
             "max-epsilon": 10, "site-name": "site-1"}  # fmt: skip
     sent = {**_sent(**{"privacy.delta": 0.06}), "checkpoint": str(tiny_checkpoint)}
     weights = {k: v.clone() for k, v in load_pretrained(tiny_checkpoint).unet.state_dict().items()}
-    torch.set_num_threads(1)
     with pytest.raises(SiteStop, match="fedsynth:terms:"):
         site_round_reply(weights, sent, node, secure=True)
     assert not (tmp_path / "state" / "ledger.jsonl").exists()  # nothing spent
