@@ -200,6 +200,7 @@ class TrainingConfig:
     pretrain_learning_rate: float = _checked(positive)
     finetune_learning_rate: float = _checked(positive)
     segmenter_steps: int = _checked(non_negative)
+    feature_steps: int = _checked(non_negative)
 
 
 @dataclass(frozen=True)
