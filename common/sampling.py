@@ -217,6 +217,24 @@ def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Co
     plt.close(fig)
 
 
+def requested_vs_measured(
+    meter: VolumeMeter, volumes: torch.Tensor, rows: list[dict[str, float]]
+) -> dict[str, dict]:
+    """LV and RV cavities measured on volumes (N, 1, H, W, D) vs the mL each row requested
+    for its phase (EDV at ED, ESV at ES): per side, `agreement` plus both lists."""
+    measured = meter.measure(volumes)
+    systole = np.array([row.get("phase", 0) == 1 for row in rows])
+    report = {}
+    for side in ("lv", "rv"):
+        edv, esv = (np.array([row[f"{side}{p}"] for row in rows]) for p in ("edv", "esv"))
+        requested = np.where(systole, esv, edv)
+        report[side] = agreement(requested, measured[side]) | {
+            "requested_ml": requested.round(1).tolist(),
+            "measured_ml": measured[side].round(1).tolist(),
+        }
+    return report
+
+
 def controllability(
     checkpoint: str | Path,
     out: str | Path,
@@ -231,16 +249,8 @@ def controllability(
         return None
     meter = VolumeMeter.from_state(load_torch(location))
     volumes = torch.stack([torch.from_numpy(np.asarray(nib.load(p).dataobj))[None] for p in paths])
-    measured = meter.measure(volumes.float())
-    systole = np.array([row.get("phase", 0) == 1 for row in rows])
-    report: dict = {"guidance_scale": guidance_scale}
-    for side in ("lv", "rv"):
-        edv, esv = (np.array([row[f"{side}{p}"] for row in rows]) for p in ("edv", "esv"))
-        requested = np.where(systole, esv, edv)
-        report[side] = agreement(requested, measured[side]) | {
-            "requested_ml": requested.round(1).tolist(),
-            "measured_ml": measured[side].round(1).tolist(),
-        }
+    measured = requested_vs_measured(meter, volumes.float(), rows)
+    report = {"guidance_scale": guidance_scale} | measured
     report_path = Path(out).expanduser() / "controllability.json"
     atomic_write_text(report_path, json.dumps(report, indent=2), PUBLIC_MODE)
     return report
