@@ -3,7 +3,9 @@
 run-dir/ledger.jsonl          the server's privacy ledger (server/privacy_ledger.py)
 run-dir/terms.json            delta and accountant, fixed when the study started
 run-dir/rounds/round-NNN/     a full checkpoint folder per round
-run-dir/state.json            the last whole round (written last, atomically)
+run-dir/state.json            the last whole round and the SHA-256 of its checkpoint files
+                              (written last, atomically): a release checks the checkpoint
+                              it samples from is the one this study saved
 run-dir/validation/           per-round public validation loss and montage
 run-dir/summary.json          epsilon per site and for the study, recomputed
 """
@@ -20,6 +22,7 @@ import torch
 from fedsynth.common.checkpoint import (
     AUTOENCODER,
     UNET,
+    file_sha256,
     load_torch,
     read_metadata,
     save_torch,
@@ -57,11 +60,18 @@ def save_round(
     pretrained_meta = read_metadata(study.checkpoint)
     stats = {k: pretrained_meta[k] for k in ("latent_mean", "latent_std") if k in pretrained_meta}
     write_metadata(folder, study.config, round=round_number, **stats, **facts)
-    atomic_write_text(
-        study.run_dir / STATE,
-        json.dumps({"rounds_done": round_number, "checkpoint": str(folder)}) + "\n",
-    )
+    state = {
+        "rounds_done": round_number,
+        "checkpoint": str(folder),
+        "sha256": checkpoint_hashes(folder),
+    }
+    atomic_write_text(study.run_dir / STATE, json.dumps(state) + "\n")
     return folder
+
+
+def checkpoint_hashes(folder: Path) -> dict[str, str]:
+    """SHA-256 of a round checkpoint's two networks (file name -> hex digest)."""
+    return {name: file_sha256(folder / name) for name in (AUTOENCODER, UNET)}
 
 
 def resume_point(study: Study) -> tuple[int, dict[str, torch.Tensor] | None]:
@@ -88,6 +98,8 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
     ledger = read_ledger(study.run_dir / LEDGER)
     per_site = site_epsilons(ledger, study.config)
     montage = validation_dir(study) / f"round-{rounds_done:03d}.png"
+    state = study.run_dir / STATE
+    saved = json.loads(state.read_text()) if rounds_done and state.is_file() else {}
     summary = {
         "rounds_done": rounds_done,
         "rounds_planned": study.config.federation.rounds,
@@ -100,6 +112,7 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
         "secure_aggregation": bool(study.config.federation.secure_aggregation),
         "min_sites": study.config.federation.min_sites,
         "checkpoint": str(round_dir(study.run_dir, rounds_done)) if rounds_done else None,
+        "checkpoint_sha256": saved.get("sha256"),
         "pretrained": str(study.checkpoint),
         "validation_loss": _validation_losses(study),
         "montage": str(montage) if montage.is_file() else None,

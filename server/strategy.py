@@ -102,6 +102,7 @@ class StudyStrategy(FedAvg):
         self.done = done
         self.picked: list[int] = []  # this round's sites, picked at READY (see `pick`)
         self.chosen: list[int] = []
+        self.secagg: dict[str, Any] | None = None  # this round's SecAgg+ parameters
         self.sent_weights: set[int] | None = None  # None: not tracked (no RoundFit)
         self.settled = 0  # the last workflow round aggregate_fit has written
         self.over = ""  # why the study ended before its planned rounds ("" while it runs)
@@ -301,8 +302,8 @@ class StudyStrategy(FedAvg):
             skipped = f"only {trained} site(s) trained, federation.min-sites is {need}"
             _say(f"round {round_number} not aggregated: {skipped}; the model is unchanged")
         # the ledger lines above are on disk (fsync'd) before the round's model is saved
-        save_round(study, round_number, self.weights, {"sites_trained": trained,
-                                                       "skipped": skipped or None})  # fmt: skip
+        facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg}
+        save_round(study, round_number, self.weights, facts)
         loss = self._validate(round_number)
         summary = write_summary(study, round_number)
         epsilons = ", ".join(f"{k} {v:.3g}" for k, v in summary["site_epsilon"].items())
@@ -375,11 +376,13 @@ class RoundFit:
         _wait_for_nodes(grid, strategy.study.config.federation.sites_per_round)
         strategy.ask_ready(grid, round_number)
         sites = len(strategy.picked)
+        strategy.secagg = None
         if isinstance(self.fit, SecAggPlusWorkflow) and sites >= 2:
             # the threshold of this round's sites, never below min-sites: a threshold set
             # for more sites than are ready would halt the round after they spent
             settings = secagg_settings(strategy.study, sites)
             self.fit.reconstruction_threshold = settings["reconstruction_threshold"]
+            strategy.secagg = {**settings, "sites": sites}
         strategy.sent_weights = set()
         self.fit(_WeightsSentTo(grid, strategy.sent_weights), context)
         if strategy.settled != server_round and not strategy.over:
