@@ -35,6 +35,7 @@ from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.data import MANIFEST, open_site
 from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.feature_net import ensure_feature_net
 from fedsynth.common.io import atomic_path, atomic_write_text
 from fedsynth.common.models import ConditionedUNet, build_autoencoder, resolve_device
 from fedsynth.common.progress import progress
@@ -184,10 +185,12 @@ def pretrain(
     save_torch(out / UNET, unet.state_dict())
     _plot_losses(out / "loss_curves.png", ae_losses, unet_losses)
     meter = _fit_volume_meter(config, manifest, volumes, out, show_progress)
+    features = ensure_feature_net(out, data_dir, config, show_progress, (volumes, attributes))
     return write_metadata(
         out,
         config,
         volume_meter=meter,
+        feature_net=features,
         data_manifest_sha256=data_hash,
         public_volumes=len(dataset),
         public_subjects=len(dataset.subject_rows),

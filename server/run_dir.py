@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedsynth.common.anatomy import meter_path
 from fedsynth.common.checkpoint import (
     AUTOENCODER,
     UNET,
@@ -28,7 +29,8 @@ from fedsynth.common.checkpoint import (
     save_torch,
     write_metadata,
 )
-from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.feature_net import feature_net_path
+from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
 from fedsynth.common.ledger import read_ledger
 
 if TYPE_CHECKING:
@@ -56,6 +58,11 @@ def save_round(
     if not (folder / AUTOENCODER).is_file():  # atomic: a torn copy must not pass this check
         with atomic_path(folder / AUTOENCODER) as tmp:
             shutil.copyfile(study.checkpoint / AUTOENCODER, tmp)
+    # the public evaluation nets too, so that each round's folder is self-contained
+    for source in (feature_net_path(study.checkpoint), meter_path(study.checkpoint)):
+        if source.is_file() and not (folder / source.name).is_file():
+            with atomic_path(folder / source.name, mode=PUBLIC_MODE) as tmp:
+                shutil.copyfile(source, tmp)
     save_torch(folder / UNET, weights)
     pretrained_meta = read_metadata(study.checkpoint)
     stats = {k: pretrained_meta[k] for k in ("latent_mean", "latent_std") if k in pretrained_meta}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedsynth.common.checkpoint import METADATA, file_sha256
 from fedsynth.common.config import Config, pretraining_hash
+from fedsynth.common.feature_net import ensure_feature_net
 from fedsynth.server.study import SimulatedData
 
 VALIDATION_SUBJECTS = 4  # public held-out phantom subjects (8 volumes) for validation
@@ -46,5 +47,7 @@ def simulated_data(config: Config, cache: Path, subjects: int) -> SimulatedData:
 
         print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
         pretrain(config, phantoms / "public", checkpoint, show_progress=True)
+    # a checkpoint cached before evaluation feature nets existed gets them from the same data
+    ensure_feature_net(checkpoint, phantoms / "public", config, show_progress=True)
     validation = phantom_folder(cache, config, subjects, held_out=True) / "public"
     return SimulatedData(phantoms, checkpoint, validation)
