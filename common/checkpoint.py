@@ -59,6 +59,7 @@ class Pretrained:
     autoencoder: torch.nn.Module
     unet: ConditionedUNet
     metadata: dict
+    folder: Path  # where it was read from (a cohort's sampling.json names it)
 
     @torch.no_grad()
     def encode(self, volumes: torch.Tensor) -> torch.Tensor:
@@ -135,4 +136,5 @@ def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> P
     autoencoder, unet = build_autoencoder(config), ConditionedUNet(config)
     autoencoder.load_state_dict(load_torch(folder / AUTOENCODER))
     unet.load_state_dict(load_torch(folder / UNET))
-    return Pretrained(config, autoencoder.to(device).eval(), unet.to(device).eval(), metadata)
+    autoencoder, unet = autoencoder.to(device).eval(), unet.to(device).eval()
+    return Pretrained(config, autoencoder, unet, metadata, folder.resolve())

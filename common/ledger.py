@@ -127,3 +127,13 @@ def segment_of(entry: dict) -> Segment:
 def spent_segments(entries: Iterable[dict], site: str | None = None) -> list[Segment]:
     """The (sigma, rate, steps) history that counts: trained rounds and no-reply charges."""
     return [segment_of(e) for e in spending(entries, site)]
+
+
+def charged(entries: Iterable[dict], site: str) -> list[dict]:
+    """The lines that count toward `site`'s epsilon in a server ledger: spending lines,
+    less each no-reply estimate that a line of the site's own report has since replaced
+    (its `replaces_estimate` names the estimate's id). A site's own ledger has no
+    estimates, so there it is `spending`."""
+    mine = [e for e in entries if e["site"] == site]
+    replaced = {str(e["replaces_estimate"]) for e in mine if e.get("replaces_estimate")}
+    return [e for e in spending(mine, site) if str(e.get("estimate") or "") not in replaced]

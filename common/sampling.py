@@ -3,7 +3,9 @@
 Attributes come per subject from a CSV, checked cell by cell as a site manifest is, or are
 drawn from the public attribute table the checkpoint carries (public data: no DP claim).
 Volumes are written first and `manifest.csv` last, so a cohort folder with a manifest is
-complete; the manifest has a site manifest's columns, so a cohort can be read back as a site.
+complete; the manifest has a site manifest's columns (and `synthetic` = yes on every row,
+so a file that travels alone still says what it is), so a cohort can be read back as a
+site. `sampling.json` beside the cohort names the checkpoint and settings it came from.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from fedsynth.common.progress import progress
 
 COHORT = "cohort"
 MONTAGE = "montage.png"
+SAMPLING_JSON = "sampling.json"  # beside cohort/: the checkpoint and settings it came from
 SCHEDULERS = ("ddim", "ddpm")
 
 
@@ -154,6 +157,12 @@ def sample_cohort(
     next(bar, None)  # past the last step: closes the bar
     _write_manifest(cohort / MANIFEST, paths, attributes_rows, config)
     write_montage(Path(out).expanduser() / MONTAGE, paths, attributes_rows, config)
+    settings = {"guidance_scale": guidance_scale, "steps": steps, "scheduler": scheduler}
+    provenance = {"checkpoint": str(pretrained.folder), "n": n, "seed": seed, **settings}
+    atomic_write_text(
+        Path(out).expanduser() / SAMPLING_JSON, json.dumps(provenance, indent=2) + "\n",
+        PUBLIC_MODE,
+    )
     return paths
 
 
@@ -163,10 +172,10 @@ def _write_manifest(
     names = [a.name for a in config.data.attributes]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["image", "subject", *names])
+    writer.writerow(["image", "subject", *names, "synthetic"])
     for image, row in zip(images, rows, strict=True):
         subject = image.name.removesuffix(".nii.gz")
-        writer.writerow([image.name, subject, *(_cell(row[name]) for name in names)])
+        writer.writerow([image.name, subject, *(_cell(row[name]) for name in names), "yes"])
     atomic_write_text(path, buffer.getvalue(), PUBLIC_MODE)
 
 

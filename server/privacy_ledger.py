@@ -13,8 +13,8 @@ Lines (common/ledger.py format) the server writes for a site in a round:
   carries `replaces_estimate: <id>` and the site's true spend takes that one estimate's
   place (an estimate written later for a retried round still counts).
 
-`charged` is the one reading of which lines count; everyone who recomputes epsilon from a
-server ledger (summary, selection, release) uses it.
+`charged` (common/ledger.py) is the one reading of which lines count; everyone who
+recomputes epsilon from a server ledger (summary, selection, release, verify) uses it.
 """
 
 from __future__ import annotations
@@ -25,17 +25,9 @@ from collections.abc import Iterable
 
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.config import Config, PrivacyConfig
-from fedsynth.common.ledger import append_entry, read_ledger, segment_of, spending
+from fedsynth.common.ledger import append_entry, charged, read_ledger, segment_of
 from fedsynth.server.run_dir import LEDGER
 from fedsynth.server.study import Study
-
-
-def charged(entries: Iterable[dict], site: str) -> list[dict]:
-    """The lines that count toward `site`'s epsilon: spending lines, less each estimate
-    that a line of the site's own report has since replaced (by the estimate's id)."""
-    mine = [e for e in entries if e["site"] == site]
-    replaced = {str(e["replaces_estimate"]) for e in mine if e.get("replaces_estimate")}
-    return [e for e in spending(mine, site) if str(e.get("estimate") or "") not in replaced]
 
 
 def charged_epsilon(entries: Iterable[dict], site: str, privacy: PrivacyConfig) -> float:

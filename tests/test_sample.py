@@ -96,7 +96,8 @@ def test_cohort_files_values_and_manifest(tmp_path, pretrained):
         reader = csv.DictReader(f)
         manifest = list(reader)
     names = [a.name for a in config.data.attributes]
-    assert reader.fieldnames == ["image", "subject", *names]
+    assert reader.fieldnames == ["image", "subject", *names, "synthetic"]
+    assert {r["synthetic"] for r in manifest} == {"yes"}
     assert [r["image"] for r in manifest] == [p.name for p in paths]
     assert len({r["subject"] for r in manifest}) == 3
     assert [{n: float(r[n]) for n in names} for r in manifest] == requested
@@ -105,6 +106,8 @@ def test_cohort_files_values_and_manifest(tmp_path, pretrained):
     site = check_site(cohort, config.data, show_progress=False)
     assert len(site.records) == 3 and not site.rejected
     assert (tmp_path / "out" / "montage.png").stat().st_size > 10_000
+    provenance = json.loads((tmp_path / "out" / "sampling.json").read_text())
+    assert provenance["checkpoint"] == str(pretrained.folder) and provenance["n"] == 3
     with pytest.raises(FedsynthError, match="already holds a cohort"):
         sample(pretrained, tmp_path / "out")
 
