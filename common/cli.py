@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "sample": "fedsynth.common.sample_cmd",
     "privacy": "fedsynth.common.privacy_cmd",
     "audit": "fedsynth.client.audit_cmd",
+    "release": "fedsynth.server.release_cmd",
 }
 
 

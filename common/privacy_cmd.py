@@ -1,10 +1,14 @@
-"""`fedsynth privacy`: privacy planning tools (for now `plan`: the noise for a target epsilon)."""
+"""`fedsynth privacy`: `plan` (the noise for a target epsilon) and `verify` (a release's
+epsilons recomputed from its ledger)."""
 
 from __future__ import annotations
 
 import argparse
 
-HELP = "Privacy tools: `plan` finds the DP-SGD noise multiplier that lands on a target epsilon."
+HELP = (
+    "Privacy tools: `plan` finds the DP-SGD noise multiplier that lands on a target epsilon; "
+    "`verify` recomputes a release's epsilons from its ledger."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +36,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--subjects", type=int, metavar="N", help="subjects at the site: refuse delta >= 1/N"
     )
     plan.add_argument("--json", action="store_true", help="print one JSON object")
+    verify = actions.add_parser(
+        "verify",
+        help="recompute a release's epsilons from its ledger",
+        description="Recompute every site's epsilon in a release folder from its ledger.jsonl "
+        "with Opacus, and check it equals what privacy.json states.",
+    )
+    verify.add_argument(
+        "--release", required=True, metavar="DIR", help="a folder written by fedsynth release"
+    )
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:
+    return _verify(args) if args.action == "verify" else _plan(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import json
+
+    from fedsynth.common.privacy_verify import verify_release
+
+    recomputed = verify_release(args.release)
+    if args.json:
+        print(json.dumps({"verified": True, "site_epsilon": recomputed}))
+    else:
+        sites = ", ".join(f"{site} {value:.4f}" for site, value in recomputed.items())
+        print(f"verified: every epsilon in privacy.json recomputes from ledger.jsonl ({sites})")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
     import json
 
     from fedsynth.common.accountant import Segment, check_delta, epsilon, plan_noise

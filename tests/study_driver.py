@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +32,33 @@ from fedsynth.server.study import prepare
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
 SITES = 3
+
+
+def drive(
+    tmp: Path,
+    checkpoint: Path,
+    phantoms: Path,
+    rounds: int,
+    secure: bool,
+    resume: bool,
+    kill: str = "",
+) -> subprocess.CompletedProcess:
+    """Run this driver in a fresh process: run dir tmp/run, site states tmp/states."""
+    args = [
+        sys.executable,
+        __file__,
+        str(tmp / "run"),
+        str(checkpoint),
+        str(phantoms),
+        str(tmp / "states"),
+        str(rounds),
+        str(secure).lower(),
+        str(resume).lower(),
+    ]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [*args, *([kill] if kill else [])], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def _kill_after(module, name: str, when) -> None:

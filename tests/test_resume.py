@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from study_driver import drive
 
-from fedsynth.common.ledger import read_ledger
-from fedsynth.server.privacy_ledger import charged
+from fedsynth.common.ledger import charged, read_ledger
 
-DRIVER = Path(__file__).with_name("study_driver.py")
 ROUNDS = 3
 SITES = ("site-1", "site-2", "site-3")
 
@@ -36,11 +33,7 @@ def site_phantoms(tmp_path_factory) -> Path:
 
 
 def _drive(tmp: Path, checkpoint: Path, phantoms: Path, secure: bool, resume: bool, kill=""):
-    args = [sys.executable, str(DRIVER), str(tmp / "run"), str(checkpoint), str(phantoms),
-            str(tmp / "states"), str(ROUNDS), str(secure).lower(), str(resume).lower()]  # fmt: skip
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([*args, *([kill] if kill else [])], capture_output=True, text=True,
-                          env=env, timeout=600)  # fmt: skip
+    return drive(tmp, checkpoint, phantoms, ROUNDS, secure, resume, kill)
 
 
 def _charged(entries: list[dict], site: str) -> Counter:

@@ -1,0 +1,206 @@
+"""A finished study read back from its run dir, checked before anything is released.
+
+A release states an epsilon for every site; it must be the one the study's ledger proves.
+So every check here reads, never writes, and raises FedsynthError with one line naming the
+file and the fault:
+- the ledger is missing, unreadable, torn (a crash mid-append) or holds a line of another
+  delta or accountant than the study's fixed terms (terms.json);
+- the study stopped mid-round (the ledger charges a round after the last saved one, or the
+  summary lags the last saved round) or before its planned rounds without a stated reason;
+- the epsilon recomputed from the ledger differs from summary.json, or exceeds the study's
+  target for any site;
+- the checkpoint is not the one the study saved (SHA-256 of both networks against
+  state.json and summary.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fedsynth.common.config import Config, config_from_dict
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.ledger import charged, read_ledger
+from fedsynth.server.privacy_ledger import site_epsilons
+from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
+from fedsynth.server.study import TERMS
+
+TOLERANCE = 1e-9  # relative: the same accountant on the same history gives the same float
+
+
+@dataclass(frozen=True)
+class FinishedStudy:
+    """What a release is made from; every field checked against the others."""
+
+    run_dir: Path
+    config: Config  # the final round checkpoint's config.yaml (the study's)
+    ledger: list[dict]
+    summary: dict
+    terms: dict
+    checkpoint: Path  # the last round's checkpoint folder
+    pretrained: Path  # the public checkpoint the study started from
+    site_epsilon: dict[str, float]  # recomputed from the ledger
+
+    @property
+    def rounds_done(self) -> int:
+        return int(self.summary["rounds_done"])
+
+    def round_metadata(self, number: int) -> dict:
+        return _json(round_dir(self.run_dir, number) / "metadata.json")
+
+
+def _json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FedsynthError(f"{path} is missing: the run dir is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise FedsynthError(f"{path} is damaged (not readable JSON)") from None
+    if not isinstance(value, dict):
+        raise FedsynthError(f"{path} is damaged (not a JSON object)")
+    return value
+
+
+def _read_ledger(run_dir: Path) -> list[dict]:
+    path = run_dir / LEDGER
+    if not path.is_file():
+        raise FedsynthError(
+            f"{path} is missing: nothing proves what the study spent, so nothing is released"
+        )
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise FedsynthError(
+            f"{path} ends in a torn line (the study crashed while charging a round): "
+            "resume the study (-c resume=true) to finish the round, then release"
+        )
+    ledger = read_ledger(path)  # a bad line: FedsynthError naming it
+    if not ledger:
+        raise FedsynthError(f"{path} is empty: no round was charged, there is nothing to release")
+    return ledger
+
+
+def _check_terms(ledger: list[dict], terms: dict, summary: dict, config: Config, where: Path):
+    fixed = {"delta": terms.get("delta"), "accountant": terms.get("accountant")}
+    ours = {"delta": config.privacy.delta, "accountant": config.privacy.accountant}
+    for key, value in fixed.items():
+        if ours[key] != value or summary.get(key) != value:
+            raise FedsynthError(
+                f"{where}: terms.json fixes {key} {value!r}, the checkpoint's config says "
+                f"{ours[key]!r} and summary.json {summary.get(key)!r}"
+            )
+    for number, entry in enumerate(ledger, 1):
+        for key, value in fixed.items():
+            if key in entry and entry[key] != value:
+                raise FedsynthError(
+                    f"{where / LEDGER}, line {number}: {key} {entry[key]!r}, but the study's "
+                    f"terms fix {value!r}; epsilon cannot be composed across them"
+                )
+
+
+def _check_complete(ledger: list[dict], state: dict, summary: dict, run_dir: Path) -> int:
+    done = int(state.get("rounds_done", 0))
+    if done < 1:
+        raise FedsynthError(f"{run_dir}: no round was saved, there is nothing to release")
+    last_charged = max(int(e["round"]) for e in ledger)
+    if last_charged > done:
+        raise FedsynthError(
+            f"{run_dir}: the ledger charges round {last_charged} but the last saved round is "
+            f"{done}: the study stopped mid-round; resume it (-c resume=true), then release"
+        )
+    if int(summary.get("rounds_done", -1)) != done:
+        raise FedsynthError(
+            f"{run_dir}: summary.json says {summary.get('rounds_done')} rounds, state.json "
+            f"{done}: the study stopped mid-round; resume it (-c resume=true), then release"
+        )
+    planned = int(summary.get("rounds_planned", done))
+    if done < planned and not summary.get("ended_early"):
+        raise FedsynthError(
+            f"{run_dir}: {done} of {planned} rounds done and the study did not end: it was "
+            "stopped; resume it (-c resume=true), then release"
+        )
+    return done
+
+
+def _check_epsilons(ledger: list[dict], summary: dict, config: Config, run_dir: Path) -> dict:
+    recomputed = site_epsilons(ledger, config)
+    stated = summary.get("site_epsilon")
+    if not isinstance(stated, dict) or set(stated) != set(recomputed):
+        raise FedsynthError(
+            f"{run_dir / SUMMARY}: its sites ({', '.join(sorted(stated or {})) or 'none'}) "
+            f"are not the ledger's ({', '.join(sorted(recomputed))})"
+        )
+    for site, value in recomputed.items():
+        if not math.isclose(float(stated[site]), value, rel_tol=TOLERANCE, abs_tol=TOLERANCE):
+            raise FedsynthError(
+                f"{run_dir / SUMMARY}: {site} epsilon {float(stated[site]):.6g}, but its "
+                f"ledger gives {value:.6g}"
+            )
+        target = config.privacy.target_epsilon
+        if value > target * (1 + TOLERANCE):
+            estimates = sum(1 for e in charged(ledger, site) if e.get("estimate"))
+            why = f" ({estimates} no-reply estimate(s) its own ledger has not replaced)"
+            raise FedsynthError(
+                f"{run_dir / LEDGER}: {site} epsilon {value:.6g} exceeds the study's target "
+                f"{target:g}{why if estimates else ''}; such a study is not released"
+            )
+    return recomputed
+
+
+def _check_checkpoint(state: dict, summary: dict, run_dir: Path, done: int) -> Path:
+    folder = round_dir(run_dir, done)
+    for name, record in ((STATE, state), (SUMMARY, summary)):  # a moved run dir still holds
+        if Path(str(record.get("checkpoint") or "")).parts[-2:] != folder.parts[-2:]:
+            raise FedsynthError(
+                f"{run_dir / name}: names checkpoint {record.get('checkpoint')!r}, not the "
+                f"last saved round {folder}"
+            )
+    stated = state.get("sha256")
+    if not isinstance(stated, dict) or summary.get("checkpoint_sha256") != stated:
+        raise FedsynthError(
+            f"{run_dir}: state.json and summary.json do not agree on the checkpoint's "
+            "SHA-256 (or the study predates checkpoint hashes): cannot show the checkpoint "
+            "is this study's"
+        )
+    try:
+        actual = checkpoint_hashes(folder)
+    except OSError:
+        raise FedsynthError(f"{folder}: the checkpoint's networks cannot be read") from None
+    for name, digest in actual.items():
+        if stated.get(name) != digest:
+            raise FedsynthError(
+                f"{folder / name}: SHA-256 differs from the one the study recorded: this "
+                "checkpoint is not the one the study saved"
+            )
+    return folder
+
+
+def read_finished_study(run_dir: str | Path) -> FinishedStudy:
+    """Check a study's run dir for release (see module doc); writes nothing.
+
+    Raises FedsynthError with one line naming the file and the fault.
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    if not run_dir.is_dir():
+        raise FedsynthError(f"run dir {run_dir} is not a folder")
+    ledger = _read_ledger(run_dir)
+    state, terms = _json(run_dir / STATE), _json(run_dir / TERMS)
+    if not (run_dir / SUMMARY).is_file():
+        raise FedsynthError(
+            f"{run_dir}: no summary.json after round {state.get('rounds_done')}: the study "
+            "stopped mid-round; resume it (-c resume=true), then release"
+        )
+    summary = _json(run_dir / SUMMARY)
+    done = _check_complete(ledger, state, summary, run_dir)
+    checkpoint = _check_checkpoint(state, summary, run_dir, done)
+    try:
+        config = config_from_dict(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    except (OSError, yaml.YAMLError):
+        raise FedsynthError(f"{checkpoint / 'config.yaml'} is missing or damaged") from None
+    _check_terms(ledger, terms, summary, config, run_dir)
+    epsilons = _check_epsilons(ledger, summary, config, run_dir)
+    pretrained = Path(str(summary.get("pretrained") or "")).expanduser()
+    return FinishedStudy(run_dir, config, ledger, summary, terms, checkpoint, pretrained, epsilons)

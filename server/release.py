@@ -1,0 +1,133 @@
+"""`fedsynth release`: a synthetic cohort from a finished study, with its privacy statement.
+
+Everything is checked before anything is written (server/finished_study.py: ledger,
+summary, terms, checkpoint hash, a whole last round; the output folder new or empty; the
+attributes, the reference data and the audit files readable). The release is then built
+in a hidden folder beside `out` and renamed into place at the end, so a refused, failed or
+interrupted release leaves nothing behind:
+
+out/cohort/            NIfTI (spacing and affine) + manifest.csv (attributes asked for,
+                       synthetic = yes)
+out/privacy.json       the statement (server/privacy_statement.py)
+out/ledger.jsonl       the study's ledger, from which every epsilon in it recomputes
+out/controllability.json, out/evaluation.json (with --reference), out/audits.json
+out/report.html        self-contained report (server/release_report.py)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
+from fedsynth.common.models import resolve_device
+from fedsynth.common.privacy_verify import LEDGER_COPY, STATEMENT, verify_release
+from fedsynth.common.sampling import (
+    COHORT,
+    check_arguments,
+    controllability,
+    draw_public_attributes,
+    read_attributes_csv,
+    sample_cohort,
+)
+from fedsynth.server.finished_study import FinishedStudy, read_finished_study
+from fedsynth.server.privacy_statement import privacy_statement
+from fedsynth.server.release_report import write_report
+
+EVALUATION = "evaluation.json"
+AUDITS = "audits.json"
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FedsynthError(f"{out} exists and is not an empty folder; choose a new --out")
+    if not out.parent.is_dir():
+        raise FedsynthError(f"{out.parent} is not a folder")
+
+
+def read_audits(paths: Sequence[str | Path]) -> list[dict]:
+    """Sites' `fedsynth audit --json` outputs, each labelled (its `site` key, else the file
+    name). Raises FedsynthError for a file that is missing or not an audit."""
+    audits = []
+    for path in map(Path, paths):
+        try:
+            audit = json.loads(path.expanduser().read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            raise FedsynthError(f"audit {path} is missing or not JSON") from None
+        if not isinstance(audit, dict) or not audit.get("outside_dp_guarantee"):
+            raise FedsynthError(f"audit {path} is not the output of fedsynth audit --json")
+        audits.append({"label": str(audit.get("site") or path.stem), **audit})
+    return audits
+
+
+def _attributes(study: FinishedStudy, csv_path: str | None, n: int, seed: int) -> list[dict]:
+    config = study.config
+    if csv_path:
+        return read_attributes_csv(csv_path, config, n)
+    return draw_public_attributes(study.pretrained, config, n, seed)
+
+
+def release(
+    run_dir: str | Path,
+    n: int,
+    out: str | Path,
+    attributes_csv: str | None = None,
+    reference: str | Path | None = None,
+    audit_files: Sequence[str | Path] = (),
+    seed: int | None = None,
+    device: str | None = None,
+    show_progress: bool = True,
+) -> dict:
+    """Write a release to `out` (see module doc); returns privacy.json's content.
+
+    Raises FedsynthError, with nothing written, when the study or an input is refused.
+    """
+    study = read_finished_study(run_dir)
+    config = study.config
+    sampling = config.sampling
+    seed = config.seed if seed is None else seed
+    check_arguments(n, sampling.steps, sampling.guidance_scale, sampling.scheduler, 1)
+    out = Path(out).expanduser().resolve()
+    _check_out(out)
+    audits = read_audits(audit_files)
+    if reference is not None and not (Path(reference).expanduser() / "manifest.csv").is_file():
+        raise FedsynthError(f"--reference {reference}: no manifest.csv (a site-style folder)")
+    statement = privacy_statement(study, n)
+    rows = _attributes(study, attributes_csv, n, seed)
+    pretrained = load_pretrained(study.checkpoint, resolve_device(device or config.device))
+
+    work = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    work.mkdir(mode=0o755)
+    try:
+        paths = sample_cohort(
+            pretrained, n, rows, work, sampling.guidance_scale, sampling.steps,
+            sampling.scheduler, seed, sampling.batch_size, show_progress,
+        )  # fmt: skip
+        control = controllability(study.checkpoint, work, paths, rows, sampling.guidance_scale)
+        atomic_write_text(work / STATEMENT, json.dumps(statement, indent=2) + "\n", PUBLIC_MODE)
+        shutil.copyfile(study.run_dir / "ledger.jsonl", work / LEDGER_COPY)
+        (work / LEDGER_COPY).chmod(PUBLIC_MODE)
+        verify_release(work)  # the statement recomputes from the copy, as a reader will do
+        evaluation = None
+        if reference is not None:
+            from fedsynth.common.evaluation import evaluate_cohort
+
+            evaluation = evaluate_cohort(
+                reference, work / COHORT, study.checkpoint, seed=seed, show_progress=show_progress
+            )
+            atomic_write_text(work / EVALUATION, json.dumps(evaluation, indent=2), PUBLIC_MODE)
+        if audits:
+            atomic_write_text(work / AUDITS, json.dumps(audits, indent=2), PUBLIC_MODE)
+        write_report(work, study, statement, rows, control, evaluation, audits, seed)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return statement

@@ -1,0 +1,240 @@
+"""`fedsynth release` on a real finished study (tests/study_driver.py: the ServerApp loop and
+ClientApp sites with SecAgg+ in one process): every file written, privacy.json equal to the
+ledger recomputed independently, and every bad run dir refused in one line with nothing
+written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from study_driver import drive
+
+from fedsynth.common.cli import main
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.ledger import charged, read_ledger
+from fedsynth.common.privacy_verify import verify_release
+from fedsynth.server.release import release
+
+ROUNDS = 2
+SITES = ("site-1", "site-2", "site-3")
+
+
+@pytest.fixture(scope="module")
+def site_phantoms(tmp_path_factory) -> Path:
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    root = tmp_path_factory.mktemp("release-phantoms")
+    generate_cohorts(root, sites=3, subjects=6, seed=0, public_subjects=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_checkpoint, site_phantoms) -> Path:
+    tmp = tmp_path_factory.mktemp("finished")
+    done = drive(tmp, tiny_checkpoint, site_phantoms, ROUNDS, secure=True, resume=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp / "run"
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    """A copy of the finished run dir a test may damage."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def _nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.partial")]
+
+
+def _opacus_epsilon(lines: list[dict], delta: float) -> float:
+    """Epsilon straight from Opacus' RDP accountant, not through fedsynth's accountant."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lines]
+    return accountant.get_epsilon(delta)
+
+
+def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
+    finished_run, tmp_path, capsys
+):
+    out = tmp_path / "release"
+    assert main(["release", "--run", str(finished_run), "--n", "3", "--out", str(out),
+                 "--quiet"]) == 0  # fmt: skip
+    assert "released 3 synthetic volumes" in capsys.readouterr().out
+    with (out / "cohort" / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and {r["synthetic"] for r in rows} == {"yes"}
+    assert all((out / "cohort" / r["image"]).is_file() for r in rows)
+
+    statement = json.loads((out / "privacy.json").read_text())
+    ledger = read_ledger(finished_run / "ledger.jsonl")
+    assert (out / "ledger.jsonl").read_bytes() == (finished_run / "ledger.jsonl").read_bytes()
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert set(statement["sites"]) == set(SITES)
+    for site, entry in statement["sites"].items():
+        lines = charged(ledger, site)
+        assert lines and entry["rounds"] == list(range(1, ROUNDS + 1))
+        assert entry["epsilon"] == pytest.approx(_opacus_epsilon(lines, statement["delta"]))
+        assert entry["epsilon"] == pytest.approx(summary["site_epsilon"][site], rel=1e-12)
+        assert entry["noise_multipliers"] == [e["noise_multiplier"] for e in lines]
+        assert entry["sample_rates"] == [e["sample_rate"] for e in lines]
+        assert entry["steps"] == [e["steps"] for e in lines]
+    assert statement["study_epsilon"] == max(e["epsilon"] for e in statement["sites"].values())
+    assert statement["accountant"] == "rdp" and statement["accountant_library"].startswith("opacus")
+    assert statement["clip"] == 1.0 and statement["privacy_unit"].startswith("subject")
+    secagg = statement["secure_aggregation"]
+    assert secagg["enabled"] and set(secagg["rounds"]) == {"1", "2"}
+    assert all(r["reconstruction_threshold"] >= 2 and r["sites"] == 3
+               for r in secagg["rounds"].values())  # fmt: skip
+    assert any("public pretraining" in t for t in statement["not_covered"])
+    assert verify_release(out) == pytest.approx(summary["site_epsilon"])
+
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 3  # montage, epsilon plot, scatter
+    assert not re.search(r"(src|href)=\"(https?:)?//", report) and "<link" not in report
+    assert "Not covered by the guarantee" in report
+
+
+def test_privacy_verify_catches_a_statement_that_differs_from_its_ledger(
+    finished_run, tmp_path, capsys
+):
+    out = tmp_path / "release"
+    release(finished_run, 2, out, show_progress=False)
+    assert main(["privacy", "verify", "--release", str(out)]) == 0
+    statement = json.loads((out / "privacy.json").read_text())
+    statement["sites"]["site-2"]["epsilon"] *= 0.9  # a statement that understates
+    (out / "privacy.json").write_text(json.dumps(statement))
+    capsys.readouterr()
+    assert main(["privacy", "verify", "--release", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "site-2 epsilon recomputes to" in err
+
+
+def _rewrite_ledger(run: Path, change) -> None:
+    lines = (run / "ledger.jsonl").read_text().splitlines()
+    (run / "ledger.jsonl").write_text("\n".join(change(lines)) + "\n")
+
+
+def _bump_steps(lines: list[str]) -> list[str]:
+    entry = json.loads(lines[0])
+    entry["steps"] += 1
+    return [json.dumps(entry), *lines[1:]]
+
+
+def _over_target(run: Path) -> None:
+    """A consistent run dir (summary agrees with the ledger) whose site-1 is over target."""
+    from fedsynth.common.accountant import Segment, epsilon
+
+    entry = json.loads((run / "ledger.jsonl").read_text().splitlines()[0])
+    entry.update(round=ROUNDS, steps=500, sample_rate=1.0, noise_multiplier=0.8)
+    with (run / "ledger.jsonl").open("a") as f:
+        f.write(json.dumps(entry) + "\n")
+    summary = json.loads((run / "summary.json").read_text())
+    lines = charged(read_ledger(run / "ledger.jsonl"), "site-1")
+    segments = [Segment(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lines]
+    summary["site_epsilon"]["site-1"] = epsilon(segments, entry["delta"], "rdp")
+    assert summary["site_epsilon"]["site-1"] > summary["target_epsilon"]  # the case is hit
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def _swap_unet(run: Path) -> None:
+    rounds = run / "rounds"
+    shutil.copyfile(rounds / "round-001" / "unet.pt", rounds / f"round-{ROUNDS:03d}" / "unet.pt")
+
+
+def _summary(change):
+    def apply(run: Path) -> None:
+        summary = json.loads((run / "summary.json").read_text())
+        change(summary)
+        (run / "summary.json").write_text(json.dumps(summary))
+
+    return apply
+
+
+BAD_RUNS = {
+    "ledger missing": (lambda run: (run / "ledger.jsonl").unlink(), "ledger.jsonl is missing"),
+    "ledger line not JSON": (
+        lambda run: _rewrite_ledger(run, lambda ls: [ls[0], "{not json", *ls[1:]]),
+        "line 2: not a JSON ledger entry",
+    ),
+    "ledger torn": (
+        lambda run: (run / "ledger.jsonl").open("a").write('{"round": 2, "si'),
+        "torn line",
+    ),
+    "ledger edited": (
+        lambda run: _rewrite_ledger(run, _bump_steps),
+        r"site-\d epsilon [\d.]+, but its ledger gives",
+    ),
+    "summary understates": (
+        _summary(lambda s: s["site_epsilon"].update({"site-3": s["site_epsilon"]["site-3"] / 2})),
+        r"site-3 epsilon [\d.]+, but its ledger gives",
+    ),
+    "a site over target": (_over_target, r"site-1 epsilon [\d.]+ exceeds the study's target 10"),
+    "checkpoint swapped": (_swap_unet, "unet.pt: SHA-256 differs"),
+    "no checkpoint hash": (
+        _summary(lambda s: s.pop("checkpoint_sha256")),
+        "do not agree on the checkpoint's SHA-256",
+    ),
+    "terms changed": (
+        lambda run: (run / "terms.json").write_text('{"delta": 0.001, "accountant": "rdp"}'),
+        "terms.json fixes delta 0.001",
+    ),
+    "summary damaged": (
+        lambda run: (run / "summary.json").write_text("{"),
+        "summary.json is damaged",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_a_run_dir_that_does_not_hold_up_is_refused_with_nothing_written(
+    run_copy, tmp_path, case, capsys
+):
+    damage, message = BAD_RUNS[case]
+    damage(run_copy)
+    out = tmp_path / "release"
+    assert main(["release", "--run", str(run_copy), "--n", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("fedsynth release: error:")
+    assert re.search(message, err), err
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize("kill", ["server-ledger:4", "checkpoint:1", "checkpoint:2"])
+def test_a_study_killed_mid_round_is_refused(tiny_checkpoint, site_phantoms, tmp_path, kill):
+    """server-ledger:4: round 2's first line is on disk, its checkpoint is not; checkpoint:R:
+    round R saved, its summary not written (none at all after round 1). Each says to
+    resume, and nothing is written."""
+    killed = drive(tmp_path, tiny_checkpoint, site_phantoms, ROUNDS, True, False, kill)
+    assert killed.returncode != 0
+    out = tmp_path / "release"
+    with pytest.raises(FedsynthError, match="stopped mid-round; resume it"):
+        release(tmp_path / "run", 2, out, show_progress=False)
+    _nothing_written(out)
+
+
+def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_path):
+    out = tmp_path / "release"
+    bad_audit = tmp_path / "audit.json"
+    bad_audit.write_text('{"dcr": 1}')
+    with pytest.raises(FedsynthError, match="not the output of fedsynth audit"):
+        release(finished_run, 2, out, audit_files=[bad_audit], show_progress=False)
+    _nothing_written(out)
+    with pytest.raises(FedsynthError, match="no manifest"):
+        release(finished_run, 2, out, reference=tmp_path, show_progress=False)
+    _nothing_written(out)
+    with pytest.raises(FedsynthError, match="--n must be at least 1"):
+        release(finished_run, 0, out, show_progress=False)
+    _nothing_written(out)
+    out.mkdir()
+    (out / "keep.txt").write_text("a file of the user's")
+    with pytest.raises(FedsynthError, match="not an empty folder"):
+        release(finished_run, 2, out, show_progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
