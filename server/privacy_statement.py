@@ -34,8 +34,8 @@ IN_CLEAR = [
 NOT_COVERED = [
     "the public pretraining data, the autoencoder and the anatomy and feature networks "
     "(trained on public data only; public data carries no DP claim)",
-    "choices of hyperparameters (noise, clip, learning rate, steps, trainable subset), "
-    "which were not tuned on site data with privacy accounting",
+    "the choice of hyperparameters (noise, clip, learning rate, steps, trainable "
+    "subset): if anyone tuned them by looking at site data, that look is not accounted",
     "memorisation audits run at sites (fedsynth audit): they look at private data without "
     "DP, and their numbers are shared at each site's discretion",
     "fedsynth site-check and any other look at a site's data outside DP-SGD",
@@ -90,8 +90,8 @@ def privacy_statement(study: FinishedStudy, cohort_size: int) -> dict:
         "privacy_unit": "subject (a person: all of their volumes and attributes) at one site",
         "guarantee": (
             f"({max(study.site_epsilon.values()):.4g}, {privacy.delta:g})-differential "
-            "privacy per subject, for the model and anything sampled from it; a subject "
-            "lives at one site, so the study's epsilon is the largest site's"
+            "privacy per subject at each site, for the model and anything sampled from it; "
+            "a subject lives at one site, so the study's epsilon is the largest site's"
         ),
         "study_epsilon": max(study.site_epsilon.values()),
         "target_epsilon": privacy.target_epsilon,

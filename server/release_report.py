@@ -58,7 +58,7 @@ def _img(data: bytes, alt: str = "") -> str:
 
 
 def epsilon_by_round(study: FinishedStudy) -> dict[str, list[float]]:
-    """Site -> its epsilon after each round 1..rounds_done, from the lines that count."""
+    """Site -> its epsilon after each round 0..rounds_done, from the lines that count."""
     privacy = study.config.privacy
     curves = {}
     for site in sorted(study.site_epsilon):
@@ -69,7 +69,7 @@ def epsilon_by_round(study: FinishedStudy) -> dict[str, list[float]]:
                 privacy.delta,
                 privacy.accountant,
             )
-            for r in range(1, study.rounds_done + 1)
+            for r in range(study.rounds_done + 1)
         ]
     return curves
 
@@ -81,7 +81,7 @@ def _epsilon_plot(study: FinishedStudy) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.4))
-    rounds = np.arange(1, study.rounds_done + 1)
+    rounds = np.arange(study.rounds_done + 1)
     for site, values in epsilon_by_round(study).items():
         ax.plot(rounds, values, marker="o", label=site)
     target = study.config.privacy.target_epsilon

@@ -218,6 +218,21 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
     for r in (1, 2):
         assert (run_dir / "validation" / f"round-00{r}.png").stat().st_size > 10_000
     assert summary["montage"] == str(run_dir / "validation" / "round-002.png")
+    if secure:  # the study, released: privacy.json is the ledger recomputed
+        from fedsynth.common.privacy_verify import verify_release
+        from fedsynth.server.release import release
+
+        out = tmp_path / "release"
+        release(run_dir, 2, out, show_progress=False)
+        statement = json.loads((out / "privacy.json").read_text())
+        for site in SITES:
+            mine = [e for e in ledger if e["site"] == site]
+            assert statement["sites"][site]["epsilon"] == pytest.approx(
+                epsilon(spent_segments(mine), 1e-5)
+            )
+        assert verify_release(out).keys() == set(SITES)
+        assert len(list((out / "cohort").glob("*.nii.gz"))) == 2
+        assert (out / "report.html").stat().st_size > 50_000
 
 
 def test_a_spent_site_refuses_without_reading_data(tmp_path):
