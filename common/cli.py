@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "bench": "fedsynth.simulations.bench_cmd",
     "sample": "fedsynth.common.sample_cmd",
     "privacy": "fedsynth.common.privacy_cmd",
+    "evaluate": "fedsynth.common.evaluate_cmd",
     "audit": "fedsynth.client.audit_cmd",
     "release": "fedsynth.server.release_cmd",
 }
