@@ -1,0 +1,626 @@
+"""A site's memorisation audit of a released synthetic cohort, run on the site's own machine.
+
+OUTSIDE THE DP GUARANTEE. The audit reads the site's private volumes (the subjects it
+trained on and subjects it never trained on) without any DP mechanism, so its numbers are
+computed from private data: they are for the site to look at and to decide whether to
+share (`fedsynth release --audit FILE` puts them in report.html). What is printed is
+aggregate only (no paths, no subject ids, no per-subject values); anything per pair or per
+subject goes to the private `--out` folder (0700, files 0600).
+
+Two questions:
+
+1. Does the cohort copy training records? Distance to closest record (DCR; Park et al.
+   2018, "Data synthesis based on generative adversarial networks", PVLDB 11(10)): for each
+   synthetic volume, the distance to its nearest training record and to its nearest
+   held-out record. The distance is the per-voxel RMSE between volumes at the model's
+   resolution, as `open_site` gives them (the config's shape, intensities scaled to [0, 1]);
+   a record is a subject, at the distance of the nearest of its volumes (ED, ES, repeats).
+   The share of synthetic volumes closer to a training subject than to any held-out one is
+   0.5 when nothing is memorised and the two sets are equally large and alike (Platzer &
+   Reutterer 2021, "Holdout-based fidelity and privacy assessment of mixed-type synthetic
+   data", Front. Big Data 4:679939). Unequal sets are made equal by subsampling the larger
+   one to the smaller's size, seeded; the share is the mean over `SHARE_SUBSAMPLES` such
+   draws (ties count one half). The nearest-neighbour distance ratio (NNDR: nearest / second
+   nearest training subject; Zhao et al. 2021, CTAB-GAN, arXiv:2102.08369) is near 0 for a
+   near-copy of one record and near 1 for a volume that is as far from its nearest record as
+   from the next.
+2. Does the model remember who it trained on? A loss-threshold membership-inference attack
+   (Yeom et al. 2018, CSF; for diffusion models Carlini et al. 2023, "Extracting training
+   data from diffusion models", USENIX Security): each subject's diffusion loss under the
+   study's final model, on its latents through the checkpoint's frozen autoencoder, with
+   fixed noise: `LOSS_DRAWS` draws, each one noise tensor and one timestep (stratified over
+   the schedule) shared by every subject and every model, seeded; a subject's loss is the
+   mean over its volumes and the draws, conditional on its attributes. Members are the
+   training subjects, non-members the held-out ones. Score: with `--reference` (the public
+   checkpoint the study started from) the difficulty-calibrated score reference loss minus
+   model loss (Watson et al. 2022, "On the importance of difficulty calibration in
+   membership inference attacks", ICLR; the offline reference-model idea of Carlini et al.
+   2022, "Membership inference attacks from first principles", IEEE S&P); without it, minus
+   the model loss. ROC AUC is the Mann-Whitney U statistic over n_members x n_nonmembers
+   (ties one half; Hanley & McNeil 1982); TPR at a given FPR is read off the empirical ROC
+   (Fawcett 2006) as the largest TPR among thresholds whose FPR is at most that value. With
+   n non-members the smallest non-zero FPR is 1/n (`fpr_resolution`): where it exceeds the
+   target, the TPR reported is the TPR at zero false positives among the n.
+
+The JSON (`fedsynth audit --json`, also written to `--out`/audit.json, 0600):
+
+    outside_dp_guarantee  true
+    note                  the sentence above, for a report
+    distance              what DCR measures (per-voxel RMSE at the model's resolution)
+    cohort_volumes        synthetic volumes audited
+    training_subjects     subjects in --data-path (counted as the study's DP counts them)
+    holdout_subjects      subjects in --holdout, or null
+    seed                  the seed of the subsampling and the loss noise
+    dcr                   {train_q05, train_q25, train_median: DCR to training quantiles,
+                           holdout_q05, holdout_q25, holdout_median (null without holdout),
+                           closer_to_training_share (null without holdout),
+                           share_subsampled_to (subjects per set in the share, or null),
+                           nndr_q05, nndr_median (null with fewer than 2 training subjects)}
+    membership_inference  null without --checkpoint and --holdout, else
+                          {score: "reference loss - model loss" or "-model loss",
+                           auc, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr, fpr_resolution,
+                           n_members, n_nonmembers, loss_draws,
+                           auc_uncalibrated (-model loss; null without --reference)}
+
+Private files in `--out`: pairs.png (the `PAIRS` most similar synthetic/training pairs,
+mid-ventricular slices side by side, for a human to judge), pairs.csv (each synthetic
+volume's nearest training subject, DCRs and NNDR), audit.json.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from fedsynth.common.checkpoint import Pretrained, load_pretrained
+from fedsynth.common.config import Config, DataConfig
+from fedsynth.common.data import MANIFEST, SiteManifest, check_site, open_nifti, open_site
+from fedsynth.common.diffusion import training_scheduler
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import PRIVATE_MODE, atomic_write_text, private_dir
+from fedsynth.common.models import ConditionedUNet, resolve_device
+from fedsynth.common.orientation import short_axis_ornt
+from fedsynth.common.progress import progress
+from fedsynth.common.sampling import montage
+
+NOTE = (
+    "Outside the DP guarantee: computed at the site from its private training and held-out "
+    "subjects without DP; the site decides whether to share these numbers."
+)
+DISTANCE = (
+    "per-voxel RMSE at the model's resolution (intensities in [0, 1]); a subject's distance "
+    "is that of the nearest of its volumes"
+)
+SHARE_SUBSAMPLES = 25  # seeded subsamples of the larger set, averaged, for the share
+LOSS_DRAWS = 8  # fixed (noise, timestep) draws per volume for the membership loss
+LOSS_BATCH = 16  # volumes per UNet forward in the membership loss
+PAIRS = 3  # most similar (synthetic, training) pairs in the private montage
+OUT_FILES = ("pairs.png", "pairs.csv", "audit.json")
+FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
+
+
+@dataclass(frozen=True)
+class AuditInputs:
+    """The folders of one audit, checked to exist (each error names its option)."""
+
+    cohort: Path
+    data_path: Path
+    holdout: Path | None
+    checkpoint: Path | None
+    reference: Path | None
+    out: Path
+
+    @classmethod
+    def from_paths(cls, **paths: str | Path | None) -> AuditInputs:
+        """Expand and check the given folders; refuse a reference without a checkpoint and
+        an --out folder holding anything but a previous audit's files."""
+        given = {k: Path(v).expanduser() if v else None for k, v in paths.items()}
+        for name, path in given.items():
+            if name != "out" and path is not None and not path.is_dir():
+                raise FedsynthError(f"--{name.replace('_', '-')} {path} is not a folder")
+        if given["reference"] is not None and given["checkpoint"] is None:
+            raise FedsynthError("--reference calibrates the attack on --checkpoint: give both")
+        out = given["out"]
+        if out is None:
+            raise FedsynthError("--out is required")
+        if out.exists() and not out.is_dir():
+            raise FedsynthError(f"--out {out} is not a folder")
+        if out.is_dir():
+            others = [p.name for p in out.iterdir() if p.name not in OUT_FILES]
+            if others:
+                raise FedsynthError(
+                    f"--out {out} holds other files ({len(others)}): give a new or empty folder "
+                    "(it is made owner-only)"
+                )
+        return cls(**given)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class VolumeSet:
+    """A folder's usable volumes at the model's resolution, grouped by subject."""
+
+    volumes: torch.Tensor  # (N, 1, H, W, D) in [0, 1]
+    attributes: torch.Tensor  # (N, A) scaled to [0, 1] by the declared ranges
+    subjects: torch.Tensor  # (N,) subject index 0..S-1
+    subject_ids: list[str]  # (S,) as the manifest names them
+    images: list[Path]  # (N,)
+
+    @property
+    def n_subjects(self) -> int:
+        return len(self.subject_ids)
+
+
+def read_volumes(
+    folder: Path, data_cfg: DataConfig, option: str, show_progress: bool
+) -> tuple[VolumeSet, SiteManifest]:
+    """A folder read as a site (open_site); errors are prefixed with the option's name."""
+    try:
+        dataset, manifest = open_site(folder, data_cfg, show_progress=show_progress)
+    except FedsynthError as exc:
+        raise FedsynthError(f"{option}: {exc}") from None
+    items = [dataset[i] for i in progress(range(len(dataset)), f"read {option}", show_progress)]
+    subjects = torch.empty(len(dataset), dtype=torch.long)
+    for s, rows in enumerate(dataset.subject_rows):
+        subjects[rows] = s
+    volumes = VolumeSet(
+        volumes=torch.stack([v for v, _ in items]),
+        attributes=torch.stack([a for _, a in items]),
+        subjects=subjects,
+        subject_ids=list(manifest.subjects()),
+        images=[r.image for r in manifest.records],
+    )
+    return volumes, manifest
+
+
+def _frame_shape(image: Path) -> tuple[int, ...] | None:
+    """A volume's shape in the short-axis frame, from its header alone (None: unreadable,
+    left to the full read to reject with its reason)."""
+    try:
+        header, _ = open_nifti(image)
+        shape = header.shape[:3]
+        ornt = short_axis_ornt(header.affine, shape)
+    except FedsynthError:
+        return None
+    frame = [0, 0, 0]
+    for axis, (target, _) in enumerate(ornt):
+        frame[int(target)] = shape[axis]
+    return tuple(frame)
+
+
+def check_cohort(folder: Path, data_cfg: DataConfig) -> None:
+    """Every cohort volume stored at the model's resolution: a cohort sampled with another
+    config would be silently resampled by the reader, and its distances would not be those
+    of the model audited. Headers only, before any volume is read."""
+    expected = tuple(data_cfg.shape)
+    for record in _manifest(folder, data_cfg, "--cohort").records:
+        shape = _frame_shape(record.image)
+        if shape is not None and shape != expected:
+            found, model = "x".join(map(str, shape)), "x".join(map(str, expected))
+            raise FedsynthError(
+                f"--cohort: {record.image.name} is {found} but the model's resolution is "
+                f"{model}: audit a cohort with the config (--checkpoint) it was sampled with"
+            )
+
+
+def check_complete(manifest: SiteManifest) -> None:
+    """A cohort is audited whole: an unusable row would drop a volume from the audit."""
+    if manifest.rejected:
+        first = manifest.rejected[0]
+        raise FedsynthError(
+            f"--cohort: {len(manifest.rejected)} row(s) unusable (e.g. row {first.row}, "
+            f"{first.file}: {first.reason})"
+        )
+
+
+def _manifest(folder: Path, data_cfg: DataConfig, option: str) -> SiteManifest:
+    """A folder's manifest rows, images not yet read; refuses one without usable rows."""
+    try:
+        manifest = check_site(folder, data_cfg, read_images=False, show_progress=False)
+    except FedsynthError as exc:
+        raise FedsynthError(f"{option}: {exc}") from None
+    if not manifest.records:
+        raise FedsynthError(f"{option}: no usable rows in {folder / MANIFEST}")
+    return manifest
+
+
+def check_disjoint(train_folder: Path, holdout_folder: Path, data_cfg: DataConfig) -> None:
+    """Held-out subjects must be ones the model never saw: no shared image or subject id.
+    From the manifests alone, before any volume is read."""
+    train = _manifest(train_folder, data_cfg, "--data-path")
+    holdout = _manifest(holdout_folder, data_cfg, "--holdout")
+    images = {r.image for r in train.records} & {r.image for r in holdout.records}
+    subjects = set(train.subjects()) & set(holdout.subjects())
+    if images or subjects:
+        raise FedsynthError(
+            f"--holdout shares {len(images)} image(s) and {len(subjects)} subject id(s) with "
+            "--data-path: held-out subjects must be ones the study never trained on"
+        )
+
+
+# ------------------------------------------------------------------------ distances (DCR)
+
+
+def rmse_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-voxel RMSE between every volume of `a` (M, ...) and of `b` (N, ...): (M, N)."""
+    x, y = a.flatten(1).double(), b.flatten(1).double()
+    return torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist") / math.sqrt(x.shape[1])
+
+
+def subject_distances(synthetic: VolumeSet, records: VolumeSet) -> torch.Tensor:
+    """(M, S): each synthetic volume's distance to each subject, its nearest volume's."""
+    by_volume = rmse_matrix(synthetic.volumes, records.volumes)
+    index = records.subjects.expand_as(by_volume)
+    out = by_volume.new_full((by_volume.shape[0], records.n_subjects), math.inf)
+    return out.scatter_reduce(1, index, by_volume, reduce="amin")
+
+
+def closer_share(to_train: torch.Tensor, to_holdout: torch.Tensor, seed: int) -> tuple[float, int]:
+    """Share of synthetic volumes closer to a training than to any held-out subject, both sets
+    subsampled to the smaller's size (seeded, mean over SHARE_SUBSAMPLES draws; ties 1/2).
+
+    to_train (M, S_t), to_holdout (M, S_h) subject distances. Returns (share, size used).
+    """
+    k = min(to_train.shape[1], to_holdout.shape[1])
+    rng = np.random.default_rng(seed)
+    draws = SHARE_SUBSAMPLES if to_train.shape[1] != to_holdout.shape[1] else 1
+    shares = []
+    for _ in range(draws):
+        t = to_train[:, rng.permutation(to_train.shape[1])[:k]].min(dim=1).values
+        h = to_holdout[:, rng.permutation(to_holdout.shape[1])[:k]].min(dim=1).values
+        shares.append(float(((t < h).double() + 0.5 * (t == h).double()).mean()))
+    return float(np.mean(shares)), k
+
+
+def _quantiles(values: torch.Tensor | None, prefix: str) -> dict[str, float | None]:
+    named = {"q05": 0.05, "q25": 0.25, "median": 0.5}
+    if values is None:
+        return {f"{prefix}_{name}": None for name in named}
+    array = values.double().numpy()
+    return {f"{prefix}_{name}": float(np.quantile(array, q)) for name, q in named.items()}
+
+
+@dataclass(frozen=True)
+class DcrResult:
+    """Aggregates for the report, and per-volume figures that stay in --out."""
+
+    summary: dict
+    nearest_subject: torch.Tensor  # (M,) index of the nearest training subject
+    to_train: torch.Tensor  # (M,) DCR to training
+    to_holdout: torch.Tensor | None  # (M,)
+    nndr: torch.Tensor | None  # (M,)
+
+
+def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed: int) -> DcrResult:
+    """Distances to closest training / held-out subject, the closer-to-training share and
+    the nearest-neighbour distance ratio (see the module docstring)."""
+    to_train = subject_distances(synthetic, train)
+    nearest = to_train.topk(min(2, train.n_subjects), dim=1, largest=False)
+    dcr_train = nearest.values[:, 0]
+    nndr = None
+    if train.n_subjects >= 2:
+        nndr = nearest.values[:, 0] / nearest.values[:, 1].clamp_min(1e-12)
+    summary: dict = _quantiles(dcr_train, "train")
+    dcr_holdout, share, size = None, None, None
+    if holdout is not None:
+        to_holdout = subject_distances(synthetic, holdout)
+        dcr_holdout = to_holdout.min(dim=1).values
+        share, size = closer_share(to_train, to_holdout, seed)
+    summary |= _quantiles(dcr_holdout, "holdout")
+    summary |= {"closer_to_training_share": share, "share_subsampled_to": size}
+    nndr_q = _quantiles(nndr, "nndr")
+    summary |= {"nndr_q05": nndr_q["nndr_q05"], "nndr_median": nndr_q["nndr_median"]}
+    return DcrResult(summary, nearest.indices[:, 0], dcr_train, dcr_holdout, nndr)
+
+
+# --------------------------------------------------------------- membership inference
+
+
+@torch.no_grad()
+def fixed_noise_losses(
+    unet: ConditionedUNet,
+    config: Config,
+    latents: torch.Tensor,
+    attributes: torch.Tensor,
+    seed: int,
+    show_progress: bool = False,
+) -> torch.Tensor:
+    """Diffusion loss per volume (N,), mean over LOSS_DRAWS fixed (noise, timestep) draws.
+
+    Unlike `per_sample_loss`, which draws noise per row, every volume (and every model given
+    the same seed) sees the same noise tensors and timesteps, so differences between
+    subjects and between models are not differences of noise. Timesteps are stratified: draw
+    k lies in the k-th of LOSS_DRAWS equal parts of the schedule. Conditional (attributes
+    kept), as the model mostly trained.
+    """
+    scheduler = training_scheduler(config.diffusion)
+    device = next(unet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    steps = scheduler.num_train_timesteps
+    draws = []
+    for k in range(LOSS_DRAWS):
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator)
+        t = int((k + float(torch.rand((), generator=generator))) * steps / LOSS_DRAWS)
+        draws.append((noise.to(device), min(t, steps - 1)))
+    unet.eval()
+    total = torch.zeros(len(latents), dtype=torch.float64)
+    batches = list(torch.arange(len(latents)).split(LOSS_BATCH))
+    for rows in progress(batches, "membership loss", show_progress):
+        x, a = latents[rows].to(device), attributes[rows].to(device)
+        for noise, t in draws:
+            eps = noise.expand_as(x)
+            timesteps = torch.full((len(rows),), t, device=device, dtype=torch.long)
+            noisy = scheduler.add_noise(original_samples=x, noise=eps, timesteps=timesteps)
+            prediction = unet(noisy, timesteps, a)
+            if scheduler.prediction_type == "epsilon":
+                target = eps
+            elif scheduler.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(x, eps, timesteps)
+            else:
+                target = x
+            total[rows] += (prediction - target).pow(2).flatten(1).mean(1).double().cpu()
+    return total / LOSS_DRAWS
+
+
+def subject_means(values: torch.Tensor, subjects: torch.Tensor, n: int) -> np.ndarray:
+    """(S,) mean of per-volume `values` (N,) over each subject's volumes."""
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, subjects, values.double())
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(
+        0, subjects, torch.ones_like(values, dtype=torch.float64)
+    )
+    return (sums / counts).numpy()
+
+
+def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
+    """P(member score > non-member score) + P(equal) / 2, i.e. Mann-Whitney U / (n1 n0):
+    the trapezoid area under the empirical ROC, whose tied thresholds enter together."""
+    fpr, tpr = roc_curve(members, nonmembers)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def roc_curve(members: np.ndarray, nonmembers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical ROC (FPR, TPR), one point per distinct score threshold, from (0, 0);
+    "positive" = score >= threshold (Fawcett 2006, algorithm 2)."""
+    scores = np.concatenate([members, nonmembers])
+    positive = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
+    order = np.argsort(-scores, kind="stable")
+    scores, positive = scores[order], positive[order]
+    last_of_tie = np.r_[np.diff(scores) != 0, True]  # ties enter together
+    tp = np.cumsum(positive)[last_of_tie]
+    fp = np.cumsum(1 - positive)[last_of_tie]
+    return np.r_[0.0, fp / len(nonmembers)], np.r_[0.0, tp / len(members)]
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
+    """Largest TPR among ROC points whose FPR is at most `target`."""
+    return float(tpr[fpr <= target + 1e-12].max())
+
+
+def attack_metrics(members: np.ndarray, nonmembers: np.ndarray) -> dict:
+    """AUC, TPR at 1% and 0.1% FPR, and the FPR resolution 1/n_nonmembers."""
+    fpr, tpr = roc_curve(members, nonmembers)
+    return {
+        "auc": roc_auc(members, nonmembers),
+        **{key: tpr_at_fpr(fpr, tpr, target) for key, target in FPR_TARGETS.items()},
+        "fpr_resolution": 1.0 / len(nonmembers),
+        "n_members": len(members),
+        "n_nonmembers": len(nonmembers),
+    }
+
+
+def check_reference(model: Pretrained, reference: Pretrained, where: Path) -> None:
+    """The reference must encode and condition exactly as the model does: same data config
+    and the same frozen autoencoder with the same latent statistics."""
+    if reference.config.data != model.config.data:
+        raise FedsynthError(f"--reference {where}: its data config differs from --checkpoint's")
+    stats = ("latent_mean", "latent_std")
+    same_stats = all(reference.metadata.get(k) == model.metadata.get(k) for k in stats)
+    ours, theirs = model.autoencoder.state_dict(), reference.autoencoder.state_dict()
+    same_weights = ours.keys() == theirs.keys() and all(
+        torch.equal(ours[k].cpu(), theirs[k].cpu()) for k in ours
+    )
+    if not (same_stats and same_weights):
+        raise FedsynthError(
+            f"--reference {where}: its autoencoder differs from --checkpoint's (the reference "
+            "must be the public checkpoint the study started from)"
+        )
+
+
+def membership(
+    model: Pretrained,
+    reference: Pretrained | None,
+    train: VolumeSet,
+    holdout: VolumeSet,
+    seed: int,
+    show_progress: bool,
+) -> dict:
+    """The loss attack's aggregates (see the module docstring): members = training subjects."""
+    encoded = []
+    for name, volumes in (("training", train), ("holdout", holdout)):
+        rows = progress(volumes.volumes.split(LOSS_BATCH), f"encode {name}", show_progress)
+        device = next(model.autoencoder.parameters()).device
+        encoded.append(torch.cat([model.encode(v.to(device)).cpu() for v in rows]))
+
+    def subject_losses(unet: ConditionedUNet) -> tuple[np.ndarray, np.ndarray]:
+        out = []
+        for volumes, latents in zip((train, holdout), encoded, strict=True):
+            loss = fixed_noise_losses(
+                unet, model.config, latents, volumes.attributes, seed, show_progress
+            )
+            out.append(subject_means(loss, volumes.subjects, volumes.n_subjects))
+        return out[0], out[1]
+
+    loss_in, loss_out = subject_losses(model.unet)
+    uncalibrated = attack_metrics(-loss_in, -loss_out)
+    if reference is None:
+        return {"score": "-model loss", **uncalibrated, "loss_draws": LOSS_DRAWS} | {
+            "auc_uncalibrated": None
+        }
+    ref_in, ref_out = subject_losses(reference.unet)
+    calibrated = attack_metrics(ref_in - loss_in, ref_out - loss_out)
+    return {
+        "score": "reference loss - model loss",
+        **calibrated,
+        "loss_draws": LOSS_DRAWS,
+        "auc_uncalibrated": uncalibrated["auc"],
+    }
+
+
+# ----------------------------------------------------------------------------- the audit
+
+
+def load_checkpoint(path: Path, option: str, device: torch.device | str = "cpu") -> Pretrained:
+    """load_pretrained, with whatever breaks on a damaged folder as one line naming it."""
+    try:
+        return load_pretrained(path, device)
+    except FedsynthError as exc:
+        raise FedsynthError(f"{option}: {exc}") from None
+    except (RuntimeError, ValueError, KeyError, TypeError, OSError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedsynthError(f"{option} {path} does not load: {first}") from None
+
+
+def write_private_files(
+    out: Path,
+    report: dict,
+    result: DcrResult,
+    synthetic: VolumeSet,
+    train: VolumeSet,
+    config: Config,
+) -> None:
+    """pairs.png, pairs.csv and audit.json in `out` (0700), each file 0600."""
+    out = private_dir(out)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["synthetic", "nearest_training_subject", "dcr_train", "dcr_holdout", "nndr"])
+    for i, image in enumerate(synthetic.images):
+        holdout = "" if result.to_holdout is None else f"{float(result.to_holdout[i]):.6g}"
+        nndr = "" if result.nndr is None else f"{float(result.nndr[i]):.6g}"
+        subject = train.subject_ids[int(result.nearest_subject[i])]
+        writer.writerow([image.name, subject, f"{float(result.to_train[i]):.6g}", holdout, nndr])
+    atomic_write_text(out / "pairs.csv", buffer.getvalue())
+    volumes, titles = [], []
+    for rank, i in enumerate(result.to_train.argsort()[:PAIRS].tolist(), start=1):
+        subject = int(result.nearest_subject[i])
+        rows = (train.subjects == subject).nonzero().flatten()
+        gaps = rmse_matrix(synthetic.volumes[i : i + 1], train.volumes[rows])[0]
+        nearest = int(rows[gaps.argmin()])
+        volumes += [synthetic.volumes[i, 0].numpy(), train.volumes[nearest, 0].numpy()]
+        titles += [
+            f"pair {rank}: synthetic {synthetic.images[i].name} (RMSE {float(gaps.min()):.4f})",
+            f"pair {rank}: nearest training record {train.subject_ids[subject]} "
+            f"({train.images[nearest].name})",
+        ]
+    # montage writes 0644; inside the 0700 folder nobody else can reach it before the chmod
+    montage(out / "pairs.png", volumes, titles, config)
+    os.chmod(out / "pairs.png", PRIVATE_MODE)
+    atomic_write_text(out / "audit.json", json.dumps(report, indent=2) + "\n")
+
+
+def run_audit(
+    inputs: AuditInputs, config: Config | None, seed: int = 0, show_progress: bool = True
+) -> dict:
+    """Read the cohort and the site's subjects, measure, write the private files in
+    inputs.out and return the aggregate report (the JSON of the module docstring).
+
+    `config` gives the model's resolution when there is no checkpoint (the checkpoint's
+    own config wins otherwise). Raises FedsynthError with one line on bad input.
+    """
+    model = reference = None
+    if inputs.checkpoint is not None:
+        model = load_checkpoint(inputs.checkpoint, "--checkpoint")
+        config = model.config
+        device = resolve_device(config.device)
+        model.unet.to(device)
+        model.autoencoder.to(device)
+        if inputs.reference is not None:
+            reference = load_checkpoint(inputs.reference, "--reference", device)
+            check_reference(model, reference, inputs.reference)
+    if config is None:
+        raise FedsynthError("no config: give --checkpoint or --config")
+    data_cfg = config.data
+    check_cohort(inputs.cohort, data_cfg)
+    if inputs.holdout is not None:
+        check_disjoint(inputs.data_path, inputs.holdout, data_cfg)
+    synthetic, cohort = read_volumes(inputs.cohort, data_cfg, "--cohort", show_progress)
+    check_complete(cohort)
+    train = read_volumes(inputs.data_path, data_cfg, "--data-path", show_progress)[0]
+    holdout = None
+    if inputs.holdout is not None:
+        holdout = read_volumes(inputs.holdout, data_cfg, "--holdout", show_progress)[0]
+    result = dcr(synthetic, train, holdout, seed)
+    attack = None
+    if model is not None and holdout is not None:
+        attack = membership(model, reference, train, holdout, seed, show_progress)
+    report = {
+        "outside_dp_guarantee": True,
+        "note": NOTE,
+        "distance": DISTANCE,
+        "cohort_volumes": len(synthetic.images),
+        "training_subjects": train.n_subjects,
+        "holdout_subjects": None if holdout is None else holdout.n_subjects,
+        "seed": seed,
+        "dcr": result.summary,
+        "membership_inference": attack,
+    }
+    write_private_files(inputs.out, report, result, synthetic, train, config)
+    return report
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The report as a few printed lines: aggregates only, no paths, no subject ids."""
+    d = report["dcr"]
+    holdout = report["holdout_subjects"]
+    lines = [
+        "OUTSIDE THE DP GUARANTEE: " + NOTE.split(": ", 1)[1],
+        f"cohort: {report['cohort_volumes']} synthetic volumes; training: "
+        f"{report['training_subjects']} subjects; held-out: "
+        f"{'none given' if holdout is None else f'{holdout} subjects'}",
+        f"distance to closest training record ({DISTANCE.split(' (')[0]}): median "
+        f"{_number(d['train_median'])}, 5% {_number(d['train_q05'])}, 25% "
+        f"{_number(d['train_q25'])}",
+    ]
+    if holdout is not None:
+        lines += [
+            f"distance to closest held-out record: median {_number(d['holdout_median'])}, 5% "
+            f"{_number(d['holdout_q05'])}, 25% {_number(d['holdout_q25'])}",
+            f"closer to a training than to a held-out record: "
+            f"{_number(d['closer_to_training_share'], 2)} of the cohort (0.5 expected without "
+            f"memorisation; both sets subsampled to {d['share_subsampled_to']} subjects)",
+        ]
+    if d["nndr_median"] is not None:
+        lines.append(
+            f"nearest / second-nearest training distance: median {_number(d['nndr_median'])}, "
+            f"5% {_number(d['nndr_q05'])} (near 0: a near-copy of one record)"
+        )
+    mia = report["membership_inference"]
+    if mia is None:
+        lines.append("membership inference: not run (needs --checkpoint and --holdout)")
+    else:
+        resolution = mia["fpr_resolution"]
+        caveat = (
+            f"; FPR resolution {resolution:.3g}: at FPRs below it the TPR is that at zero "
+            "false positives"
+            if resolution > min(FPR_TARGETS.values())
+            else ""
+        )
+        lines.append(
+            f"membership inference ({mia['score']}, {mia['n_members']} members vs "
+            f"{mia['n_nonmembers']} non-members): AUC {mia['auc']:.3f} (0.5: chance), TPR "
+            f"{mia['tpr_at_1pct_fpr']:.3f} at 1% FPR, {mia['tpr_at_0_1pct_fpr']:.3f} at 0.1% "
+            f"FPR{caveat}"
+        )
+    lines.append("pairs montage and per-pair distances: in --out (owner-only)")
+    return lines

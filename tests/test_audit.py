@@ -1,0 +1,404 @@
+"""`fedsynth audit`: distances to closest record, the membership attack, the CLI's output.
+
+Phantom subjects of one site profile, drawn with three seeds: members (the "training"
+subjects), non-members (held out) and fresh subjects (a cohort of new people). Subject ids
+are prefixed per draw: the phantom generator names subjects by index, and the audit
+refuses held-out subjects whose ids are training ids.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import shutil
+import stat
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fedsynth.client.audit import (
+    LOSS_DRAWS,
+    NOTE,
+    VolumeSet,
+    attack_metrics,
+    closer_share,
+    dcr,
+    read_volumes,
+    roc_auc,
+    roc_curve,
+    subject_distances,
+    tpr_at_fpr,
+)
+from fedsynth.client.dp_trainer import (
+    group_by_subject,
+    nonprivate_step,
+    train_round,
+    trainable_parameters,
+)
+from fedsynth.common.accountant import plan_noise
+from fedsynth.common.checkpoint import UNET, load_pretrained, save_torch
+from fedsynth.common.cli import main
+from fedsynth.common.config import Config
+from fedsynth.common.orientation import short_axis_affine
+from fedsynth.simulations.phantoms import generate_cohorts
+
+MEMBERS, NONMEMBERS, FRESH = 12, 24, 12  # subjects per draw
+OVERFIT_STEPS = 160  # full-batch AdamW steps on the members, no DP
+DP_EPSILON, DP_STEPS, DP_RATE = 1.0, 20, 0.5
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOP_KEYS = {
+    "outside_dp_guarantee",
+    "note",
+    "distance",
+    "cohort_volumes",
+    "training_subjects",
+    "holdout_subjects",
+    "seed",
+    "dcr",
+    "membership_inference",
+}
+DCR_KEYS = {
+    "train_q05",
+    "train_q25",
+    "train_median",
+    "holdout_q05",
+    "holdout_q25",
+    "holdout_median",
+    "closer_to_training_share",
+    "share_subsampled_to",
+    "nndr_q05",
+    "nndr_median",
+}
+MIA_KEYS = {
+    "score",
+    "auc",
+    "tpr_at_1pct_fpr",
+    "tpr_at_0_1pct_fpr",
+    "fpr_resolution",
+    "n_members",
+    "n_nonmembers",
+    "loss_draws",
+    "auc_uncalibrated",
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def rewrite_manifest(folder: Path, prefix: str, ed_only: bool = False) -> None:
+    """Prefix the subject ids (disjoint draws); optionally keep the ED rows only."""
+    with (folder / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    kept = [r | {"subject": f"{prefix}-{r['subject']}"} for r in rows]
+    kept = [r for r in kept if r["phase"] == "0"] if ed_only else kept
+    with (folder / "manifest.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+
+
+def write_cohort(folder: Path, volumes: torch.Tensor, source: VolumeSet, config: Config) -> Path:
+    """Volumes (N, 1, H, W, D) at the model's resolution as a cohort folder, as `fedsynth
+    sample` writes one (short-axis affine, manifest with image, subject and attributes),
+    each with the attributes of the `source` volume it came from."""
+    folder.mkdir(parents=True)
+    names = [a.name for a in config.data.attributes]
+    lines = [",".join(["image", "subject", *names])]
+    for i, volume in enumerate(volumes[:, 0].numpy()):
+        image = f"syn-{i + 1:04d}.nii.gz"
+        affine = short_axis_affine(tuple(config.data.spacing), volume.shape)
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), folder / image)
+        values = []
+        for k, a in enumerate(config.data.attributes):
+            value = a.min + float(source.attributes[i, k]) * (a.max - a.min)
+            values.append(round(value) if a.discrete else value)
+        lines.append(",".join([image, image.removesuffix(".nii.gz"), *map(repr, values)]))
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def checkpoint_with(unet: torch.nn.Module, base: Path, out: Path) -> Path:
+    """A copy of checkpoint `base` with these UNet weights (a study's final model)."""
+    shutil.copytree(base, out)
+    save_torch(out / UNET, unet.state_dict())
+    return out
+
+
+def null_sd(n1: int, n0: int) -> float:
+    """Standard deviation of the AUC (Mann-Whitney U / n1 n0) when scores do not depend on
+    membership (Hanley & McNeil 1982; no ties)."""
+    return math.sqrt((n1 + n0 + 1) / (12 * n1 * n0))
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, tiny_checkpoint) -> dict:
+    """Members, non-members and fresh subjects of site-1's profile, read at the model's
+    resolution; ED-only copies of members and non-members for the membership attack."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("audit")
+    config = load_pretrained(tiny_checkpoint).config
+    folders = {}
+    for name, seed, n in (("members", 31, MEMBERS), ("nonmembers", 32, NONMEMBERS),
+                          ("fresh", 33, FRESH)):  # fmt: skip
+        generate_cohorts(root / name, sites=1, subjects=n, seed=seed, public_subjects=1,
+                         progress=False)  # fmt: skip
+        folders[name] = root / name / "site-1"
+        rewrite_manifest(folders[name], name)
+    for name in ("members", "nonmembers"):
+        shutil.copytree(folders[name], root / f"{name}-ed")
+        folders[f"{name}-ed"] = root / f"{name}-ed"
+        rewrite_manifest(folders[f"{name}-ed"], "ed", ed_only=True)
+    sets = {
+        name: read_volumes(folders[name], config.data, name, show_progress=False)[0]
+        for name in ("members", "nonmembers", "fresh", "members-ed")
+    }
+    torch.set_num_threads(threads)
+    return {"root": root, "folders": folders, "sets": sets, "config": config}
+
+
+@pytest.fixture(scope="module")
+def cohorts(site) -> dict[str, Path]:
+    """A cohort of near-copies of the members' volumes, one of fresh subjects, and a small
+    one of fresh subjects (for audits that look at the model, not at the cohort)."""
+    sets, config, root = site["sets"], site["config"], site["root"]
+    members, fresh = sets["members"], sets["fresh"]
+    noise = 0.02 * torch.randn(members.volumes.shape, generator=torch.Generator().manual_seed(5))
+    copies = (members.volumes + noise).clamp(0, 1)
+    return {
+        "copies": write_cohort(root / "cohort-copies", copies, members, config),
+        "fresh": write_cohort(root / "cohort-fresh", fresh.volumes, fresh, config),
+        "small": write_cohort(root / "cohort-small", fresh.volumes[:4], fresh, config),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(site, tiny_checkpoint) -> dict[str, Path]:
+    """Two finetunes of the tiny checkpoint on the ED volumes of the members: one overfitted
+    (every member every step, no clipping or noise, the whole UNet, a high learning rate)
+    and one with the project's DP-SGD trainer at epsilon 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train = site["sets"]["members-ed"]
+    root = site["root"]
+    base = load_pretrained(tiny_checkpoint)
+    latents = base.encode(train.volumes)
+
+    overfit = load_pretrained(tiny_checkpoint)
+    config = overfit.config
+    config = dataclasses.replace(
+        config, privacy=dataclasses.replace(config.privacy, max_physical_batch_size=64)
+    )
+    data = group_by_subject(latents, train.attributes, train.subjects)
+    optimizer = torch.optim.AdamW(trainable_parameters(overfit.unet, "all"), lr=3e-3)
+    overfit.unet.train()
+    generator = torch.Generator().manual_seed(0)
+    everyone = torch.arange(data.n_subjects)
+    for _ in range(OVERFIT_STEPS):
+        nonprivate_step(overfit.unet, optimizer, data, everyone, config, generator, "cpu")
+
+    private = load_pretrained(tiny_checkpoint)
+    sigma = plan_noise(DP_EPSILON, 1e-5, DP_RATE, DP_STEPS)
+    train_round(private.unet, latents, train.attributes, train.subjects, private.config,
+                sigma, DP_RATE, DP_STEPS, seed=1)  # fmt: skip
+    torch.set_num_threads(threads)
+    return {
+        "overfit": checkpoint_with(overfit.unet, tiny_checkpoint, root / "ckpt-overfit"),
+        "dp": checkpoint_with(private.unet, tiny_checkpoint, root / "ckpt-dp"),
+    }
+
+
+def audit_json(capsys, *args: str) -> dict:
+    assert main(["audit", *args, "--json", "--quiet"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_roc_metrics_on_a_hand_worked_example():
+    members, nonmembers = np.array([3.0, 2.0, 0.5]), np.array([1.0, 0.0])
+    # pairs member > non-member: (3,1) (3,0) (2,1) (2,0) (0.5,0); (0.5,1) is lost
+    assert roc_auc(members, nonmembers) == pytest.approx(5 / 6)
+    assert roc_auc(nonmembers, members) == pytest.approx(1 / 6)  # swapped roles
+    assert roc_auc(np.array([1.0, 1.0]), np.array([1.0])) == pytest.approx(0.5)  # ties: 1/2
+    fpr, tpr = roc_curve(members, nonmembers)
+    assert fpr.tolist() == [0, 0, 0, 0.5, 0.5, 1]
+    assert tpr.tolist() == pytest.approx([0, 1 / 3, 2 / 3, 2 / 3, 1, 1])
+    assert tpr_at_fpr(fpr, tpr, 0.01) == pytest.approx(2 / 3)  # before the first false one
+    assert tpr_at_fpr(fpr, tpr, 0.5) == pytest.approx(1.0)
+    metrics = attack_metrics(members, nonmembers)
+    assert metrics["fpr_resolution"] == 0.5
+    assert (metrics["n_members"], metrics["n_nonmembers"]) == (3, 2)
+    # the trapezoid area under the empirical ROC is the same AUC
+    assert np.trapezoid(tpr, fpr) == pytest.approx(5 / 6)
+
+
+def test_subject_distance_is_the_nearest_of_its_volumes():
+    def volumes(values):
+        return torch.tensor(values, dtype=torch.float32).view(-1, 1, 2, 1, 1)
+
+    synthetic = VolumeSet(volumes([[0.0, 0.0]]), torch.zeros(1, 1), torch.tensor([0]),
+                          ["s"], [Path("s")])  # fmt: skip
+    # subject 0: volumes at RMSE 1.0 and 0.5; subject 1: one volume at RMSE 0.25
+    records = VolumeSet(volumes([[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]), torch.zeros(3, 1),
+                        torch.tensor([0, 0, 1]), ["a", "b"], [Path("x")] * 3)  # fmt: skip
+    assert subject_distances(synthetic, records).tolist() == [[0.5, 0.25]]
+
+
+def test_closer_share_subsamples_the_larger_set():
+    # three synthetic volumes: two lie nearer the training subject, one nearer held-out ones
+    to_train = torch.tensor([[0.1], [0.1], [0.9]])
+    to_holdout = torch.tensor([[0.5, 0.5, 0.5, 0.5]] * 2 + [[0.2, 0.2, 0.2, 0.2]])
+    share, size = closer_share(to_train, to_holdout, seed=0)
+    assert (share, size) == (pytest.approx(2 / 3), 1)
+    tie = closer_share(torch.tensor([[0.3]]), torch.tensor([[0.3]]), seed=0)
+    assert tie == (0.5, 1)
+
+
+# ------------------------------------------------------------------------------- DCR
+
+
+def test_near_copies_of_training_volumes_are_flagged(site, cohorts):
+    sets = site["sets"]
+    synthetic = read_volumes(cohorts["copies"], site["config"].data, "c", False)[0]
+    result = dcr(synthetic, sets["members"], sets["nonmembers"], seed=0)
+    d = result.summary
+    assert d["closer_to_training_share"] == 1.0
+    assert d["share_subsampled_to"] == MEMBERS
+    assert d["train_median"] < 0.05 < d["holdout_median"]  # the added noise is 0.02
+    assert d["nndr_median"] < 0.35
+    # each copy's nearest training subject is the one it was copied from
+    assert result.nearest_subject.tolist() == sets["members"].subjects.tolist()
+
+
+def test_fresh_subjects_sit_between_training_and_holdout(site, cohorts):
+    sets = site["sets"]
+    synthetic = read_volumes(cohorts["fresh"], site["config"].data, "c", False)[0]
+    assert len(synthetic.images) == 2 * FRESH
+    result = dcr(synthetic, sets["members"], sets["nonmembers"], seed=0)
+    d = result.summary
+    # no near-copies: a fresh volume is about as far from its nearest as from the next
+    assert d["nndr_median"] > 0.8
+    assert d["train_median"] > 0.05 and d["holdout_median"] > 0.05
+    assert 0.35 <= d["closer_to_training_share"] <= 0.65
+    # without subsampling, the twice as large held-out set wins most volumes (about 1/3
+    # go to training): the correction is what brings the share to 0.5
+    raw = (result.to_train < result.to_holdout).double().mean()
+    assert raw < d["closer_to_training_share"] - 0.1
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_path, capsys):
+    folders = site["folders"]
+    out = tmp_path / "audit-out"
+    args = ["--cohort", str(cohorts["copies"]), "--data-path", str(folders["members"]),
+            "--holdout", str(folders["nonmembers"]), "--out", str(out),
+            "--config", "tiny"]  # fmt: skip
+    assert main(["audit", *args, "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "audit.json").read_text())  # what --json prints
+    assert set(report) == TOP_KEYS and set(report["dcr"]) == DCR_KEYS
+    assert report["outside_dp_guarantee"] is True and report["note"] == NOTE
+    assert report["membership_inference"] is None  # no checkpoint
+    assert report["dcr"]["closer_to_training_share"] == 1.0
+    assert (report["cohort_volumes"], report["training_subjects"]) == (2 * MEMBERS, MEMBERS)
+    assert report["holdout_subjects"] == NONMEMBERS
+    assert "OUTSIDE THE DP GUARANTEE" in printed and "1.00 of the cohort" in printed
+    text = printed + json.dumps(report)
+    assert "sub-0" not in text and ".nii" not in text and str(site["root"]) not in text
+    assert str(out) not in text and str(tmp_path) not in text
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    for name in ("pairs.png", "pairs.csv", "audit.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o600
+    assert (out / "pairs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "pairs.csv").open() as f:
+        pairs = list(csv.DictReader(f))
+    assert len(pairs) == 2 * MEMBERS  # per-pair values stay here, with the subject ids
+    assert pairs[0]["nearest_training_subject"] == site["sets"]["members"].subject_ids[0]
+
+
+def refusal(capsys, *args: str) -> str:
+    assert main(["audit", *args, "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedsynth audit: error: ")
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+def test_cli_refuses_bad_input_in_one_line(site, cohorts, tmp_path, tiny_checkpoint, capsys):
+    folders, config = site["folders"], site["config"]
+    good = ["--cohort", str(cohorts["fresh"]), "--data-path", str(folders["members"]),
+            "--config", "tiny"]  # fmt: skip
+
+    def run(*extra: str, out: str = "") -> str:
+        return refusal(capsys, *good, *extra, "--out", out or str(tmp_path / "out"))
+
+    assert "--cohort" in refusal(capsys, "--cohort", str(tmp_path / "none"),
+                                 "--data-path", str(folders["members"]))  # fmt: skip
+    assert "--holdout" in run("--holdout", str(tmp_path / "missing"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "manifest.csv").write_text("image,subject," + ",".join(
+        a.name for a in config.data.attributes) + "\n")  # fmt: skip
+    assert "--holdout: no usable rows" in run("--holdout", str(empty))
+    assert "subject id(s) with --data-path" in run("--holdout", str(folders["members"]))
+
+    small = site["sets"]["fresh"]
+    small_volumes = torch.nn.functional.interpolate(small.volumes[:2], size=(16, 16, 8))
+    wrong = write_cohort(tmp_path / "wrong-shape", small_volumes, small, config)
+    line = refusal(capsys, "--cohort", str(wrong), "--data-path", str(folders["members"]),
+                   "--config", "tiny", "--out", str(tmp_path / "o2"))  # fmt: skip
+    assert "16x16x8 but the model's resolution is 32x32x8" in line
+
+    broken = tmp_path / "broken-ckpt"
+    shutil.copytree(tiny_checkpoint, broken)
+    save_torch(broken / UNET, {"not": torch.zeros(1)})
+    assert "--checkpoint" in run("--checkpoint", str(broken), "--holdout",
+                                 str(folders["nonmembers"]))  # fmt: skip
+    assert "give both" in run("--reference", str(tiny_checkpoint))
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    (crowded / "notes.txt").write_text("x")
+    assert "holds other files" in run(out=str(crowded))
+    assert (crowded / "notes.txt").read_text() == "x"
+
+
+# ----------------------------------------------------------- the attack (issue 13 done)
+
+
+def test_attack_separates_an_overfitted_model_from_a_dp_one(
+    site, cohorts, models, tiny_checkpoint, tmp_path, capsys
+):
+    folders = site["folders"]
+    common = ["--cohort", str(cohorts["small"]), "--data-path", str(folders["members-ed"]),
+              "--holdout", str(folders["nonmembers-ed"]), "--reference",
+              str(tiny_checkpoint)]  # fmt: skip
+    report = audit_json(capsys, *common, "--checkpoint", str(models["overfit"]),
+                        "--out", str(tmp_path / "a"))  # fmt: skip
+    assert set(report) == TOP_KEYS and report["outside_dp_guarantee"] is True
+    overfit = report["membership_inference"]
+    dp = audit_json(capsys, *common, "--checkpoint", str(models["dp"]),
+                    "--out", str(tmp_path / "b"))["membership_inference"]  # fmt: skip
+    assert set(overfit) == MIA_KEYS and overfit["score"] == "reference loss - model loss"
+    assert (overfit["n_members"], overfit["n_nonmembers"]) == (MEMBERS, NONMEMBERS)
+    assert overfit["loss_draws"] == LOSS_DRAWS
+    assert overfit["fpr_resolution"] == pytest.approx(1 / NONMEMBERS)
+    sd = null_sd(MEMBERS, NONMEMBERS)  # about 0.10 here
+    assert overfit["auc"] >= 0.8
+    assert abs(dp["auc"] - 0.5) <= 1.5 * sd  # as a model that learnt nothing of who
+    assert overfit["tpr_at_1pct_fpr"] > dp["tpr_at_1pct_fpr"]
