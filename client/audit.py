@@ -63,8 +63,9 @@ The JSON (`fedsynth audit --json`, also written to `--out`/audit.json, 0600):
                            auc_uncalibrated (-model loss; null without --reference)}
 
 Private files in `--out`: pairs.png (the `PAIRS` most similar synthetic/training pairs,
-mid-ventricular slices side by side, for a human to judge), pairs.csv (each synthetic
-volume's nearest training subject, DCRs and NNDR), audit.json.
+each synthetic volume above its nearest training volume, basal, mid and apical slices, for
+a human to judge), pairs.csv (each synthetic volume's nearest training subject, DCRs and
+NNDR), audit.json.
 """
 
 from __future__ import annotations
