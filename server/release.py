@@ -120,6 +120,7 @@ def release(
             evaluation = evaluate_cohort(
                 reference, work / COHORT, study.checkpoint, seed=seed, show_progress=show_progress
             )
+            evaluation["synthetic"]["path"] = str(out / COHORT)  # where it will be
             atomic_write_text(work / EVALUATION, json.dumps(evaluation, indent=2), PUBLIC_MODE)
         if audits:
             atomic_write_text(work / AUDITS, json.dumps(audits, indent=2), PUBLIC_MODE)

@@ -62,11 +62,12 @@ def _opacus_epsilon(lines: list[dict], delta: float) -> float:
 
 
 def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
-    finished_run, tmp_path, capsys
+    finished_run, site_phantoms, tmp_path, capsys
 ):
     out = tmp_path / "release"
+    reference = site_phantoms / "site-1"
     assert main(["release", "--run", str(finished_run), "--n", "3", "--out", str(out),
-                 "--quiet"]) == 0  # fmt: skip
+                 "--reference", str(reference), "--quiet"]) == 0  # fmt: skip
     assert "released 3 synthetic volumes" in capsys.readouterr().out
     with (out / "cohort" / "manifest.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -100,6 +101,11 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
     assert report.count("data:image/png;base64,") >= 3  # montage, epsilon plot, scatter
     assert not re.search(r"(src|href)=\"(https?:)?//", report) and "<link" not in report
     assert "Not covered by the guarantee" in report
+    evaluation = json.loads((out / "evaluation.json").read_text())  # --reference measured it
+    assert evaluation["synthetic"] == {**evaluation["synthetic"], "volumes": 3,
+                                       "path": str(out / "cohort")}  # fmt: skip
+    assert evaluation["real"]["volumes"] == 12
+    assert "Frechet distance, volumes" in report and "MS-SSIM between pairs" in report
 
 
 def test_privacy_verify_catches_a_statement_that_differs_from_its_ledger(
