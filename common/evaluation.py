@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +68,12 @@ def frechet_distance(real: torch.Tensor, synthetic: torch.Tensor) -> tuple[float
     al. 2017, via MONAI's FIDMetric), and a note when MONAI had to regularise a singular
     covariance product (it prints that on stdout, which would spoil --json)."""
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # scipy's sqrtm warns on a singular matrix: a note
         value = float(FIDMetric()(synthetic.double(), real.double()))
-    note = printed.getvalue().strip() or None
+    numeric = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    said = [printed.getvalue().strip(), *numeric]  # not scipy's deprecation of disp=
+    note = "; ".join(dict.fromkeys(filter(None, said))) or None
     return value, note
 
 

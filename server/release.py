@@ -50,18 +50,23 @@ def _check_out(out: Path) -> None:
         raise FedsynthError(f"{out.parent} is not a folder")
 
 
-def read_audits(paths: Sequence[str | Path]) -> list[dict]:
-    """Sites' `fedsynth audit --json` outputs, each labelled (its `site` key, else the file
-    name). Raises FedsynthError for a file that is missing or not an audit."""
+def read_audits(given: Sequence[str]) -> list[dict]:
+    """Sites' `fedsynth audit --json` outputs, each `FILE` or `SITE=FILE`, labelled with
+    SITE (else the file's folder name). Raises FedsynthError for a file that is missing or
+    not an audit."""
     audits = []
-    for path in map(Path, paths):
+    for text in given:
+        label, _, name = str(text).rpartition("=")
+        path = Path(name).expanduser()
         try:
-            audit = json.loads(path.expanduser().read_text())
+            audit = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             raise FedsynthError(f"audit {path} is missing or not JSON") from None
         if not isinstance(audit, dict) or not audit.get("outside_dp_guarantee"):
             raise FedsynthError(f"audit {path} is not the output of fedsynth audit --json")
-        audits.append({"label": str(audit.get("site") or path.stem), **audit})
+        if not isinstance(audit.get("dcr"), dict) or "cohort_volumes" not in audit:
+            raise FedsynthError(f"audit {path} lacks dcr or cohort_volumes")
+        audits.append({"label": label or path.resolve().parent.name, **audit})
     return audits
 
 
@@ -78,7 +83,7 @@ def release(
     out: str | Path,
     attributes_csv: str | None = None,
     reference: str | Path | None = None,
-    audit_files: Sequence[str | Path] = (),
+    audit_files: Sequence[str] = (),
     seed: int | None = None,
     device: str | None = None,
     show_progress: bool = True,

@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "folder the coordinator may look at, e.g. public held-out volumes)",
     )  # fmt: skip
     parser.add_argument(
-        "--audit", action="append", default=[], metavar="JSON",
-        help="a site's `fedsynth audit --json` output to include (repeatable)",
+        "--audit", action="append", default=[], metavar="[SITE=]FILE",
+        help="a site's `fedsynth audit --json` output, as FILE or SITE=FILE (repeatable)",
     )  # fmt: skip
     parser.add_argument("--seed", type=int, metavar="S", help="default: the study config's seed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: config")

@@ -257,6 +257,27 @@ synthetic cohort and tests it on real volumes.</p>
 """
 
 
+def _audit_rows(audit: dict) -> list[tuple]:
+    dcr, attack = audit["dcr"], audit.get("membership_inference")
+    rows = [
+        ("synthetic volumes closer to a training than to a held-out subject",
+         dcr.get("closer_to_training_share"), "0.5 = no sign of copying; 1 = all closer"),
+        ("median distance to the closest training / held-out subject (RMSE)",
+         f"{_number(dcr['train_median'])} / {_number(dcr.get('holdout_median'))}",
+         "alike = no sign of copying"),
+        ("median nearest / second-nearest training distance", dcr.get("nndr_median"),
+         "near 0 = a near-copy of one subject; near 1 = no single source"),
+    ]  # fmt: skip
+    if attack:
+        rows += [
+            ("membership attack, ROC AUC", attack["auc"], "0.5 = chance; 1 = always right"),
+            ("membership attack, TPR at 1% FPR", attack["tpr_at_1pct_fpr"],
+             f"FPR resolution {_number(attack['fpr_resolution'])} "
+             f"({attack['n_members']} members, {attack['n_nonmembers']} non-members)"),
+        ]  # fmt: skip
+    return rows
+
+
 def _audit_section(audits: list[dict]) -> str:
     if not audits:
         return (
@@ -266,8 +287,12 @@ def _audit_section(audits: list[dict]) -> str:
         )
     parts = []
     for audit in audits:
-        rows = [(k, v) for k, v in _leaves(audit) if k not in ("label", "outside_dp_guarantee")]
-        parts.append(f"<h3>{html.escape(audit['label'])}</h3>{_table(rows, ('measure', 'value'))}")
+        facts = (
+            f"{audit['cohort_volumes']} synthetic volumes, {audit['training_subjects']} "
+            f"training and {audit.get('holdout_subjects') or 0} held-out subjects"
+        )
+        table = _table(_audit_rows(audit), ("measure", "value", "how to read it"))
+        parts.append(f"<h3>{html.escape(audit['label'])}</h3><p>{facts}</p>{table}")
     return (
         '<h2>Memorisation audits</h2><div class="warn">These numbers were computed by the '
         "sites on their private data without differential privacy: they are outside the DP "

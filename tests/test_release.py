@@ -62,7 +62,7 @@ def _opacus_epsilon(lines: list[dict], delta: float) -> float:
 
 
 def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
-    finished_run, site_phantoms, tmp_path, capsys
+    finished_run, site_phantoms, tmp_path, capsys, one_thread
 ):
     out = tmp_path / "release"
     reference = site_phantoms / "site-1"
@@ -109,7 +109,7 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
 
 
 def test_privacy_verify_catches_a_statement_that_differs_from_its_ledger(
-    finished_run, tmp_path, capsys
+    finished_run, tmp_path, capsys, one_thread
 ):
     out = tmp_path / "release"
     release(finished_run, 2, out, show_progress=False)
@@ -226,7 +226,7 @@ def test_a_study_killed_mid_round_is_refused(tiny_checkpoint, site_phantoms, tmp
     _nothing_written(out)
 
 
-def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_path):
+def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_path, one_thread):
     out = tmp_path / "release"
     bad_audit = tmp_path / "audit.json"
     bad_audit.write_text('{"dcr": 1}')
@@ -244,3 +244,30 @@ def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_
     with pytest.raises(FedsynthError, match="not an empty folder"):
         release(finished_run, 2, out, show_progress=False)
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_a_sites_audit_is_reported_outside_the_guarantee(
+    finished_run, site_phantoms, tiny_checkpoint, tmp_path, capsys, one_thread
+):
+    """site-1 audits a released cohort on its own data (site-2's subjects stand in for its
+    held-out ones) and shares the JSON; the next release reports it, labelled and marked."""
+    first = tmp_path / "first"
+    release(finished_run, 2, first, show_progress=False)
+    capsys.readouterr()
+    assert main(["audit", "--cohort", str(first / "cohort"),
+                 "--data-path", str(site_phantoms / "site-1"),
+                 "--holdout", str(site_phantoms / "site-2"),
+                 "--checkpoint", str(finished_run / "rounds" / f"round-{ROUNDS:03d}"),
+                 "--reference", str(tiny_checkpoint), "--out", str(tmp_path / "audit"),
+                 "--json", "--quiet"]) == 0  # fmt: skip
+    shared = tmp_path / "site-1-audit.json"
+    shared.write_text(capsys.readouterr().out)
+    out = tmp_path / "release"
+    release(finished_run, 2, out, audit_files=[f"site-1={shared}"], show_progress=False)
+    [audit] = json.loads((out / "audits.json").read_text())
+    assert audit["label"] == "site-1" and audit["outside_dp_guarantee"] is True
+    assert audit["membership_inference"]["n_members"] == 6
+    report = (out / "report.html").read_text()
+    section = report[report.index("<h2>Memorisation audits</h2>") :]
+    assert "outside the DP guarantee" in section and "<h3>site-1</h3>" in section
+    assert f"{audit['membership_inference']['auc']:.4g}" in section
