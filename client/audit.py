@@ -85,7 +85,7 @@ import yaml
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
 from fedsynth.common.config import Config, DataConfig
 from fedsynth.common.data import MANIFEST, SiteManifest, check_site, open_nifti, open_site
-from fedsynth.common.diffusion import training_scheduler
+from fedsynth.common.diffusion import prediction_target, training_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PRIVATE_MODE, atomic_write_text, private_dir
 from fedsynth.common.models import ConditionedUNet, resolve_device
@@ -361,12 +361,7 @@ def fixed_noise_losses(
             timesteps = torch.full((len(rows),), t, device=device, dtype=torch.long)
             noisy = scheduler.add_noise(original_samples=x, noise=eps, timesteps=timesteps)
             prediction = unet(noisy, timesteps, a)
-            if scheduler.prediction_type == "epsilon":
-                target = eps
-            elif scheduler.prediction_type == "v_prediction":
-                target = scheduler.get_velocity(x, eps, timesteps)
-            else:
-                target = x
+            target = prediction_target(scheduler, x, eps, timesteps)
             total[rows] += (prediction - target).pow(2).flatten(1).mean(1).double().cpu()
     return total / LOSS_DRAWS
 

@@ -60,13 +60,20 @@ def per_sample_loss(
     keep = (torch.rand(batch, generator=generator, device=device) >= condition_dropout).float()
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     prediction = unet(noisy, timesteps, attributes, keep)
-    if scheduler.prediction_type == "epsilon":
-        target = noise
-    elif scheduler.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = latents
+    target = prediction_target(scheduler, latents, noise, timesteps)
     return (prediction - target).pow(2).flatten(1).mean(dim=1)
+
+
+def prediction_target(
+    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet is trained to predict for these latents, noise and timesteps: the
+    noise (epsilon), the velocity (v, Salimans & Ho 2022) or the clean sample."""
+    if scheduler.prediction_type == "epsilon":
+        return noise
+    if scheduler.prediction_type == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    return latents
 
 
 @torch.no_grad()

@@ -58,3 +58,14 @@ def tiny_checkpoint(tmp_path_factory, phantom_root) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+@pytest.fixture(scope="session")
+def site_phantoms(tmp_path_factory) -> Path:
+    """Three sites of 6 tiny phantom subjects each (and one public): the sites of the
+    studies tests/study_driver.py runs."""
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    root = tmp_path_factory.mktemp("site-phantoms")
+    generate_cohorts(root, sites=3, subjects=6, seed=0, public_subjects=1, progress=False)
+    return root

@@ -25,15 +25,6 @@ SITES = ("site-1", "site-2", "site-3")
 
 
 @pytest.fixture(scope="module")
-def site_phantoms(tmp_path_factory) -> Path:
-    from fedsynth.simulations.phantoms import generate_cohorts
-
-    root = tmp_path_factory.mktemp("release-phantoms")
-    generate_cohorts(root, sites=3, subjects=6, seed=0, public_subjects=1, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_checkpoint, site_phantoms) -> Path:
     tmp = tmp_path_factory.mktemp("finished")
     done = drive(tmp, tiny_checkpoint, site_phantoms, ROUNDS, secure=True, resume=False)

@@ -23,15 +23,6 @@ ROUNDS = 3
 SITES = ("site-1", "site-2", "site-3")
 
 
-@pytest.fixture(scope="module")
-def site_phantoms(tmp_path_factory) -> Path:
-    from fedsynth.simulations.phantoms import generate_cohorts
-
-    root = tmp_path_factory.mktemp("resume-phantoms")
-    generate_cohorts(root, sites=3, subjects=6, seed=0, public_subjects=1, progress=False)
-    return root
-
-
 def _drive(tmp: Path, checkpoint: Path, phantoms: Path, secure: bool, resume: bool, kill=""):
     return drive(tmp, checkpoint, phantoms, ROUNDS, secure, resume, kill)
 
