@@ -29,11 +29,15 @@ def verify_release(folder: str | Path) -> dict[str, float]:
     """
     folder = Path(folder).expanduser()
     path = folder / STATEMENT
+    if not folder.is_dir():
+        raise FedsynthError(f"{folder} is not a folder (give the release folder)")
     try:
         statement = json.loads(path.read_text())
         delta, accountant = float(statement["delta"]), str(statement["accountant"])
-        stated = {str(k): float(v["epsilon"]) for k, v in statement["sites"].items()}
+        entries = {str(k): dict(v) for k, v in statement["sites"].items()}
+        stated = {site: float(entry["epsilon"]) for site, entry in entries.items()}
         study = float(statement["study_epsilon"])
+        guarantee = str(statement["guarantee"])
     except FileNotFoundError:
         raise FedsynthError(f"{path} is missing: not a fedsynth release folder") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -41,7 +45,11 @@ def verify_release(folder: str | Path) -> dict[str, float]:
     ledger_path = folder / LEDGER_COPY
     if not ledger_path.is_file():
         raise FedsynthError(f"{ledger_path} is missing: the statement cannot be checked")
+    if not ledger_path.read_bytes().endswith(b"\n"):
+        raise FedsynthError(f"{ledger_path} ends in a torn or unterminated line")
     ledger = read_ledger(ledger_path)
+    if not stated:
+        raise FedsynthError(f"{path} states no site")
     sites = {str(e["site"]) for e in ledger}
     if sites != set(stated):
         raise FedsynthError(
@@ -51,9 +59,7 @@ def verify_release(folder: str | Path) -> dict[str, float]:
     recomputed = {}
     for site, claimed in stated.items():
         lines = charged(ledger, site)
-        deltas = {float(e["delta"]) for e in lines}
-        if deltas - {delta}:
-            raise FedsynthError(f"{ledger_path}: {site} has lines at delta {deltas}, not {delta:g}")
+        _check_site(path, ledger_path, site, entries[site], lines, delta, accountant)
         value = epsilon([segment_of(e) for e in lines], delta, accountant)
         if not math.isclose(value, claimed, rel_tol=REL_TOLERANCE):
             raise FedsynthError(
@@ -64,4 +70,28 @@ def verify_release(folder: str | Path) -> dict[str, float]:
     largest = max(recomputed.values(), default=0.0)
     if not math.isclose(largest, study, rel_tol=REL_TOLERANCE):
         raise FedsynthError(f"study epsilon recomputes to {largest:.6g}, {path} says {study:.6g}")
+    if f"({largest:.4g}, {delta:g})" not in guarantee:
+        raise FedsynthError(
+            f"{path}: the guarantee's text does not state ({largest:.4g}, {delta:g})"
+        )
     return recomputed
+
+
+def _check_site(path, ledger_path, site, entry, lines, delta, accountant) -> None:
+    """A site's statement entry lists exactly its counted lines, at the study's terms."""
+    for e in lines:
+        if float(e["delta"]) != delta or e.get("accountant", accountant) != accountant:
+            raise FedsynthError(
+                f"{ledger_path}: a line of {site} is at delta {e['delta']!r} with the "
+                f"{e.get('accountant')!r} accountant; {path} states {delta:g} and {accountant}"
+            )
+    expected = {
+        "delta": delta,
+        "noise_multipliers": [float(e["noise_multiplier"]) for e in lines],
+        "sample_rates": [float(e["sample_rate"]) for e in lines],
+        "steps": [int(e["steps"]) for e in lines],
+        "rounds": sorted({int(e["round"]) for e in lines}),
+    }
+    for key, value in expected.items():
+        if entry.get(key) != value:
+            raise FedsynthError(f"{path}: {site} {key} differ from the ledger's counted lines")

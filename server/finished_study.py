@@ -25,7 +25,7 @@ import yaml
 from fedsynth.common.config import Config, config_from_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
-from fedsynth.server.privacy_ledger import site_epsilons
+from fedsynth.server.privacy_ledger import charged_epsilon, site_epsilons
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
 from fedsynth.server.study import TERMS
 
@@ -83,6 +83,64 @@ def _read_ledger(run_dir: Path) -> list[dict]:
     return ledger
 
 
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _real(value, low: float, high: float) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and low <= value <= high
+
+
+def _check_line_types(ledger: list[dict], where: Path) -> None:
+    """Each line's fields have the types and ranges the accounting needs (a steps of 2.9
+    would count as 2; a round of "2" would sort wrongly)."""
+    for number, e in enumerate(ledger, 1):
+        checks = {
+            "site": isinstance(e["site"], str) and e["site"] != "",
+            "round": _whole(e["round"], 1),
+            "steps": _whole(e["steps"], 0),
+            "noise_multiplier": _real(e["noise_multiplier"], 0.0, math.inf),
+            "sample_rate": _real(e["sample_rate"], 0.0, 1.0),
+            "epsilon": _real(e["epsilon"], 0.0, math.inf),
+        }
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise FedsynthError(
+                f"{where}, line {number}: {bad[0]} {e[bad[0]]!r} is not a valid value"
+            )
+
+
+def _check_line_history(ledger: list[dict], privacy, where: Path) -> None:
+    """Every line says the site's epsilon after it (privacy_ledger.append_line computes it
+    from the lines before it): recomputing each one catches a line deleted, relabelled or
+    edited after it was written unless every later line was rewritten too. A line may
+    replace only an earlier no-reply estimate of the same site and round, and only with
+    the site's own report of a trained round."""
+    estimates: dict[tuple[str, str], int] = {}
+    for number, e in enumerate(ledger, 1):
+        site = e["site"]
+        if e.get("estimate"):
+            estimates[(site, str(e["estimate"]))] = e["round"]
+        replaced = e.get("replaces_estimate")
+        if replaced and not (
+            e["status"] == "trained" and e.get("reported_by_site") and e["steps"] > 0
+            and estimates.get((site, str(replaced))) == e["round"]
+        ):  # fmt: skip
+            raise FedsynthError(
+                f"{where}, line {number}: replaces estimate {replaced!r}, which is not an "
+                f"earlier no-reply estimate of {site} in round {e['round']} replaced by a "
+                "trained round the site reported"
+            )
+        recomputed = charged_epsilon(ledger[:number], site, privacy)
+        if not math.isclose(e["epsilon"], recomputed, rel_tol=TOLERANCE, abs_tol=TOLERANCE):
+            raise FedsynthError(
+                f"{where}, line {number}: says {site} is at epsilon {e['epsilon']:.6g}, the "
+                f"lines up to it give {recomputed:.6g}: the ledger was changed after it "
+                "was written"
+            )
+
+
 def _check_terms(ledger: list[dict], terms: dict, summary: dict, config: Config, where: Path):
     fixed = {"delta": terms.get("delta"), "accountant": terms.get("accountant")}
     ours = {"delta": config.privacy.delta, "accountant": config.privacy.accountant}
@@ -102,7 +160,11 @@ def _check_terms(ledger: list[dict], terms: dict, summary: dict, config: Config,
 
 
 def _check_complete(ledger: list[dict], state: dict, summary: dict, run_dir: Path) -> int:
-    done = int(state.get("rounds_done", 0))
+    for name, record in ((STATE, state), (SUMMARY, summary)):
+        for key in ("rounds_done", "rounds_planned") if name == SUMMARY else ("rounds_done",):
+            if not _whole(record.get(key), 0):
+                raise FedsynthError(f"{run_dir / name}: {key} {record.get(key)!r} is not a count")
+    done = state["rounds_done"]
     if done < 1:
         raise FedsynthError(f"{run_dir}: no round was saved, there is nothing to release")
     last_charged = max(int(e["round"]) for e in ledger)
@@ -111,18 +173,41 @@ def _check_complete(ledger: list[dict], state: dict, summary: dict, run_dir: Pat
             f"{run_dir}: the ledger charges round {last_charged} but the last saved round is "
             f"{done}: the study stopped mid-round; resume it (-c resume=true), then release"
         )
-    if int(summary.get("rounds_done", -1)) != done:
+    if summary["rounds_done"] != done:
         raise FedsynthError(
             f"{run_dir}: summary.json says {summary.get('rounds_done')} rounds, state.json "
             f"{done}: the study stopped mid-round; resume it (-c resume=true), then release"
         )
-    planned = int(summary.get("rounds_planned", done))
+    planned = summary["rounds_planned"]
     if done < planned and not summary.get("ended_early"):
         raise FedsynthError(
             f"{run_dir}: {done} of {planned} rounds done and the study did not end: it was "
             "stopped; resume it (-c resume=true), then release"
         )
     return done
+
+
+def _check_rounds(study: FinishedStudy) -> None:
+    """Every saved round names this study and has at least as many trained lines as it
+    says sites trained (a deleted round would otherwise go unnoticed)."""
+    where = study.run_dir / LEDGER
+    for number in range(1, study.rounds_done + 1):
+        metadata = study.round_metadata(number)
+        if metadata.get("study_id") != study.terms.get("study_id"):
+            raise FedsynthError(
+                f"{round_dir(study.run_dir, number)}: not a round of this study (its study "
+                f"id {metadata.get('study_id')!r}, terms.json {study.terms.get('study_id')!r})"
+            )
+        lines = [
+            e for e in study.ledger
+            if e["round"] == number and e["status"] == "trained" and not e.get("reported_by_site")
+        ]  # fmt: skip
+        trained = metadata.get("sites_trained")
+        if not _whole(trained, 0) or len(lines) < trained:
+            raise FedsynthError(
+                f"{where}: round {number} was saved with {trained!r} sites trained, the "
+                f"ledger holds {len(lines)} trained line(s) for it"
+            )
 
 
 def _check_epsilons(ledger: list[dict], summary: dict, config: Config, run_dir: Path) -> dict:
@@ -134,6 +219,8 @@ def _check_epsilons(ledger: list[dict], summary: dict, config: Config, run_dir: 
             f"are not the ledger's ({', '.join(sorted(recomputed))})"
         )
     for site, value in recomputed.items():
+        if not _real(stated[site], 0.0, math.inf):
+            raise FedsynthError(f"{run_dir / SUMMARY}: {site} epsilon {stated[site]!r}")
         if not math.isclose(float(stated[site]), value, rel_tol=TOLERANCE, abs_tol=TOLERANCE):
             raise FedsynthError(
                 f"{run_dir / SUMMARY}: {site} epsilon {float(stated[site]):.6g}, but its "
@@ -186,7 +273,13 @@ def read_finished_study(run_dir: str | Path) -> FinishedStudy:
     run_dir = Path(run_dir).expanduser().resolve()
     if not run_dir.is_dir():
         raise FedsynthError(f"run dir {run_dir} is not a folder")
+    for name in (LEDGER, STATE, SUMMARY, TERMS, "rounds"):
+        if (run_dir / name).is_symlink():
+            raise FedsynthError(
+                f"{run_dir / name} is a symbolic link: a release reads only the run dir's own files"
+            )
     ledger = _read_ledger(run_dir)
+    _check_line_types(ledger, run_dir / LEDGER)
     state, terms = _json(run_dir / STATE), _json(run_dir / TERMS)
     if not (run_dir / SUMMARY).is_file():
         raise FedsynthError(
@@ -201,6 +294,14 @@ def read_finished_study(run_dir: str | Path) -> FinishedStudy:
     except (OSError, yaml.YAMLError):
         raise FedsynthError(f"{checkpoint / 'config.yaml'} is missing or damaged") from None
     _check_terms(ledger, terms, summary, config, run_dir)
+    if summary.get("secure_aggregation") is not config.federation.secure_aggregation:
+        raise FedsynthError(
+            f"{run_dir / SUMMARY}: secure_aggregation {summary.get('secure_aggregation')!r}, "
+            f"the study's config says {config.federation.secure_aggregation!r}"
+        )
+    _check_line_history(ledger, config.privacy, run_dir / LEDGER)
     epsilons = _check_epsilons(ledger, summary, config, run_dir)
     pretrained = Path(str(summary.get("pretrained") or "")).expanduser()
-    return FinishedStudy(run_dir, config, ledger, summary, terms, checkpoint, pretrained, epsilons)
+    study = FinishedStudy(run_dir, config, ledger, summary, terms, checkpoint, pretrained, epsilons)
+    _check_rounds(study)
+    return study

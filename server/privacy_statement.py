@@ -17,13 +17,24 @@ from fedsynth.common.ledger import charged
 from fedsynth.common.privacy_verify import LEDGER_COPY
 from fedsynth.server.finished_study import FinishedStudy
 
-TRUST_MODEL = (
+DP_TRUST = (
     "Each site trains with DP-SGD on its own subjects: Poisson sampling of subjects, each "
     "subject's gradient clipped, Gaussian noise added at the site, so the guarantee holds "
-    "against anyone who sees the model or the cohort, the coordinator included. Secure "
-    "aggregation (Flower SecAgg+) assumes an honest-but-curious server; it does not hold "
-    "against the reconstruction threshold or more parties colluding, and with 2 sites in a "
-    "round each site learns the other's update from the next model."
+    "against anyone who sees the model or the cohort, the coordinator included."
+)
+SECAGG_TRUST = (
+    " Secure aggregation (Flower SecAgg+) kept each site's update from the coordinator, "
+    "assuming an honest-but-curious server; it does not hold against the reconstruction "
+    "threshold or more parties colluding, and with 2 sites in a round each site learns the "
+    "other's update from the next model."
+)
+PLAIN_TRUST = (
+    " Secure aggregation was off: the coordinator saw each site's noised update (the DP "
+    "guarantee above still holds for it)."
+)
+REFERENCE_NOT_COVERED = (
+    "the quality numbers measured against the --reference data: computed without DP from "
+    "it, so the coordinator must give only data whose statistics it may publish"
 )
 IN_CLEAR = [
     "each site's name and its subject count (the FedAvg weight)",
@@ -76,7 +87,7 @@ def _secure_aggregation(study: FinishedStudy) -> dict:
     }
 
 
-def privacy_statement(study: FinishedStudy, cohort_size: int) -> dict:
+def privacy_statement(study: FinishedStudy, cohort_size: int, with_reference: bool) -> dict:
     """The statement as a JSON-able dict (written as privacy.json by the release)."""
     privacy, federation = study.config.privacy, study.config.federation
     if not privacy.enabled:
@@ -85,6 +96,7 @@ def privacy_statement(study: FinishedStudy, cohort_size: int) -> dict:
             "fedsynth releases only differentially private studies"
         )
     sites = {site: _site_entry(study, site) for site in sorted(study.site_epsilon)}
+    secure = bool(study.summary.get("secure_aggregation"))
     accountant_version = f"opacus {version('opacus')}"
     return {
         "privacy_unit": "subject (a person: all of their volumes and attributes) at one site",
@@ -106,9 +118,9 @@ def privacy_statement(study: FinishedStudy, cohort_size: int) -> dict:
         "rounds_planned": federation.rounds,
         "ended_early": study.summary.get("ended_early"),
         "secure_aggregation": _secure_aggregation(study),
-        "trust_model": TRUST_MODEL,
+        "trust_model": DP_TRUST + (SECAGG_TRUST if secure else PLAIN_TRUST),
         "in_clear": IN_CLEAR,
-        "not_covered": NOT_COVERED,
+        "not_covered": NOT_COVERED + ([REFERENCE_NOT_COVERED] if with_reference else []),
         "study_id": study.terms.get("study_id"),
         "fedsynth": version("fedsynth"),
         "cohort_volumes": cohort_size,

@@ -77,6 +77,17 @@ def _attributes(study: FinishedStudy, csv_path: str | None, n: int, seed: int) -
     return draw_public_attributes(study.pretrained, config, n, seed)
 
 
+def _command(run_dir, n: int, seed: int, attributes: str | None, reference) -> str:
+    """The command that makes this release again (the same cohort: sampling is seeded)."""
+    parts = ["fedsynth release --run", str(Path(run_dir).expanduser().resolve()), "--n", str(n)]
+    parts += ["--seed", str(seed)]
+    if attributes:
+        parts += ["--attributes", str(attributes)]
+    if reference is not None:
+        parts += ["--reference", str(reference)]
+    return " ".join([*parts, "--out NEW_DIR"])
+
+
 def release(
     run_dir: str | Path,
     n: int,
@@ -102,7 +113,9 @@ def release(
     audits = read_audits(audit_files)
     if reference is not None and not (Path(reference).expanduser() / "manifest.csv").is_file():
         raise FedsynthError(f"--reference {reference}: no manifest.csv (a site-style folder)")
-    statement = privacy_statement(study, n)
+    if reference is not None and n < 2:
+        raise FedsynthError("--reference needs --n of at least 2 (a pair, a covariance)")
+    statement = privacy_statement(study, n, reference is not None)
     rows = _attributes(study, attributes_csv, n, seed)
     pretrained = load_pretrained(study.checkpoint, resolve_device(device or config.device))
 
@@ -125,11 +138,15 @@ def release(
             evaluation = evaluate_cohort(
                 reference, work / COHORT, study.checkpoint, seed=seed, show_progress=show_progress
             )
-            evaluation["synthetic"]["path"] = str(out / COHORT)  # where it will be
+            # published: folder names, not the coordinator's paths
+            evaluation["synthetic"]["path"] = COHORT
+            evaluation["real"]["path"] = Path(str(evaluation["real"]["path"])).name
+            evaluation["checkpoint"] = study.checkpoint.name
             atomic_write_text(work / EVALUATION, json.dumps(evaluation, indent=2), PUBLIC_MODE)
         if audits:
             atomic_write_text(work / AUDITS, json.dumps(audits, indent=2), PUBLIC_MODE)
-        write_report(work, study, statement, rows, control, evaluation, audits, seed)
+        command = _command(run_dir, n, seed, attributes_csv, reference)
+        write_report(work, study, statement, rows, control, evaluation, audits, command)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         work.rename(out)

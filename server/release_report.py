@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -153,8 +154,7 @@ def _leaves(value, prefix: str = "") -> list[tuple[str, object]]:
 def _privacy_section(study: FinishedStudy, statement: dict) -> str:
     rows = []
     for site, entry in statement["sites"].items():
-        sigmas = sorted(set(entry["noise_multipliers"]))
-        rates = sorted(set(entry["sample_rates"]))
+        sigmas, rates = entry["noise_multipliers"], entry["sample_rates"]  # in round order
         rows.append((
             site, entry["epsilon"], entry["delta"], len(entry["rounds"]), entry["total_steps"],
             ", ".join(f"{s:.3g}" for s in sigmas), ", ".join(f"{q:.3g}" for q in rates),
@@ -178,7 +178,9 @@ def _privacy_section(study: FinishedStudy, statement: dict) -> str:
 <h2>Privacy</h2>
 <p><b>Guarantee:</b> {html.escape(statement["guarantee"])}. In plain words: whether or not
 any one patient's scans and attributes were used, what anyone can learn from this cohort
-changes by at most a factor e<sup>&epsilon;</sup>, except with probability &delta;.
+changes by at most a factor e<sup>&epsilon;</sup> (about {math.exp(statement["study_epsilon"]):,.0f}
+here: a strong guarantee needs a small epsilon), except with probability &delta;. The sample
+rates below imply each site's subject count.
 Each site's epsilon is recomputed from the ledger shipped with this release
 (<code>ledger.jsonl</code>) with {html.escape(statement["accountant_library"])}'s
 {html.escape(statement["accountant"].upper())} accountant; per-subject gradients were clipped
@@ -213,19 +215,6 @@ def _quality_rows(evaluation: dict) -> list[tuple]:
     rows.append(("MS-SSIM between pairs", diversity["synthetic_ms_ssim"]["mean"],
                  diversity["real_ms_ssim"]["mean"],
                  "1 = identical volumes; near the real pairs' value is good"))  # fmt: skip
-    for side, name in (("lv", "LV"), ("rv", "RV")):
-        control = (evaluation.get("controllability") or {}).get(side)
-        if control:
-            rows.append(
-                (
-                    f"{name} blood pool asked vs measured, r",
-                    control["pearson_r"],
-                    "",
-                    "1 = sizes follow the request",
-                )
-            )
-            rows.append((f"{name} blood pool asked vs measured, MAE (mL)", control["mae_ml"],
-                         "", "0 = exact"))  # fmt: skip
     utility = evaluation.get("utility")
     if utility:
         for key, what in (("mae_ml", "MAE (mL)"), ("pearson_r", "r")):
@@ -308,7 +297,7 @@ def write_report(
     control: dict | None,
     evaluation: dict | None,
     audits: list[dict],
-    seed: int,
+    command: str,
 ) -> Path:
     """folder/report.html from a release's parts (the montage is folder/montage.png)."""
     config = study.config
@@ -319,10 +308,12 @@ def write_report(
         if control is None
         else _control_plot(control)
     )
+    trained = sum(1 for entry in statement["sites"].values() if entry["total_steps"] > 0)
+    secure = statement["secure_aggregation"]["enabled"]
     glance = [
         (f"{len(rows)}", "synthetic volumes (not patients)"),
         (f"&epsilon; {statement['study_epsilon']:.3g}", f"delta {config.privacy.delta:g}"),
-        (str(len(statement["sites"])), "hospitals, data never left them"),
+        (str(trained), "hospitals trained; their data never left them"),
         (f"{study.rounds_done}/{config.federation.rounds}", "federated rounds"),
     ]  # fmt: skip
     cards = "".join(f"<div class='card'><b>{v}</b><span>{t}</span></div>" for v, t in glance)
@@ -337,11 +328,11 @@ by a model; none is a patient's scan.</p>
 <div class="glance">{cards}</div>
 
 <h2>What this is</h2>
-<p>{len(rows)} short-axis 3D volumes of {shape} voxels ({spacing} mm, base to apex), each
+<p>{len(rows)} short-axis 3D volumes of {shape} voxels (voxels of {spacing} mm, base to apex), each
 generated for the clinical attributes in <code>cohort/manifest.csv</code> (LV/RV volumes,
 ejection fractions, wall thickness, age, sex, BMI, cardiac phase). A latent diffusion model
-pretrained on public data was finetuned by {len(statement["sites"])} hospitals with
-differentially private SGD; only noised, securely aggregated updates left them.</p>
+pretrained on public data was finetuned by {trained} hospitals with differentially private
+SGD; only noised updates left them{", securely aggregated" if secure else ""}.</p>
 
 <h2>How the volumes look</h2>
 <p>Basal, mid and apical slices of the first volumes, with the attributes they were asked
@@ -358,7 +349,7 @@ public label maps, against the volume requested for its phase (ED or ES).</p>
 
 <h2>Check and reproduce</h2>
 <pre>fedsynth privacy verify --release RELEASE_DIR   # every epsilon, from ledger.jsonl
-fedsynth release --run {html.escape(str(study.run_dir))} --n {len(rows)} --seed {seed} --out NEW_DIR
+{html.escape(command)}
 fedsynth evaluate --real REFERENCE_DIR --synthetic RELEASE_DIR/cohort</pre>
 </body></html>
 """

@@ -302,7 +302,8 @@ class StudyStrategy(FedAvg):
             skipped = f"only {trained} site(s) trained, federation.min-sites is {need}"
             _say(f"round {round_number} not aggregated: {skipped}; the model is unchanged")
         # the ledger lines above are on disk (fsync'd) before the round's model is saved
-        facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg}
+        facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg,
+                 "study_id": study.study_id}  # fmt: skip
         save_round(study, round_number, self.weights, facts)
         loss = self._validate(round_number)
         summary = write_summary(study, round_number)

@@ -18,6 +18,7 @@ from fedsynth.common.cli import main
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
 from fedsynth.common.privacy_verify import verify_release
+from fedsynth.server.finished_study import read_finished_study
 from fedsynth.server.release import release
 
 ROUNDS = 2
@@ -93,8 +94,8 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
     assert not re.search(r"(src|href)=\"(https?:)?//", report) and "<link" not in report
     assert "Not covered by the guarantee" in report
     evaluation = json.loads((out / "evaluation.json").read_text())  # --reference measured it
-    assert evaluation["synthetic"] == {**evaluation["synthetic"], "volumes": 3,
-                                       "path": str(out / "cohort")}  # fmt: skip
+    assert evaluation["synthetic"] == {**evaluation["synthetic"], "volumes": 3, "path": "cohort"}
+    assert evaluation["real"]["path"] == "site-1"  # published: no coordinator paths
     assert evaluation["real"]["volumes"] == 12
     assert "Frechet distance, volumes" in report and "MS-SSIM between pairs" in report
 
@@ -131,12 +132,13 @@ def _over_target(run: Path) -> None:
 
     entry = json.loads((run / "ledger.jsonl").read_text().splitlines()[0])
     entry.update(round=ROUNDS, steps=500, sample_rate=1.0, noise_multiplier=0.8)
+    lines = [*charged(read_ledger(run / "ledger.jsonl"), "site-1"), entry]
+    segments = [Segment(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lines]
+    entry["epsilon"] = epsilon(segments, entry["delta"], "rdp")  # the line is consistent
     with (run / "ledger.jsonl").open("a") as f:
         f.write(json.dumps(entry) + "\n")
     summary = json.loads((run / "summary.json").read_text())
-    lines = charged(read_ledger(run / "ledger.jsonl"), "site-1")
-    segments = [Segment(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lines]
-    summary["site_epsilon"]["site-1"] = epsilon(segments, entry["delta"], "rdp")
+    summary["site_epsilon"]["site-1"] = entry["epsilon"]
     assert summary["site_epsilon"]["site-1"] > summary["target_epsilon"]  # the case is hit
     (run / "summary.json").write_text(json.dumps(summary))
 
@@ -167,7 +169,7 @@ BAD_RUNS = {
     ),
     "ledger edited": (
         lambda run: _rewrite_ledger(run, _bump_steps),
-        r"site-\d epsilon [\d.]+, but its ledger gives",
+        r"line 1: says site-\d is at epsilon [\d.]+, the lines up to it give",
     ),
     "summary understates": (
         _summary(lambda s: s["site_epsilon"].update({"site-3": s["site_epsilon"]["site-3"] / 2})),
@@ -262,3 +264,146 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
     section = report[report.index("<h2>Memorisation audits</h2>") :]
     assert "outside the DP guarantee" in section and "<h3>site-1</h3>" in section
     assert f"{audit['membership_inference']['auc']:.4g}" in section
+
+
+# -- found by review: consistent edits, malformed values, verify, a plain study ---------------
+
+
+def _lines(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "ledger.jsonl").read_text().splitlines()]
+
+
+def _write(run: Path, lines: list[dict]) -> None:
+    (run / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+
+
+def _summary_agrees(run: Path) -> None:
+    """What a careless (or motivated) editor does: summary.json recomputed from the ledger."""
+    from fedsynth.common.config import load_config
+    from fedsynth.server.privacy_ledger import site_epsilons
+
+    summary = json.loads((run / "summary.json").read_text())
+    summary["site_epsilon"] = site_epsilons(_lines(run), load_config("tiny"))
+    (run / "summary.json").write_text(json.dumps(summary))
+
+
+def _drop_round_1(lines: list[dict]) -> list[dict]:
+    return [e for e in lines if e["round"] != 1]
+
+
+def _huge_sigma_round_2(lines: list[dict]) -> list[dict]:
+    return [{**e, "noise_multiplier": 1e6} if e["round"] == 2 else e for e in lines]
+
+
+def _refused_replaces_trained(lines: list[dict]) -> list[dict]:
+    trained = {**lines[3], "estimate": "2-abc"}  # a trained line given an estimate id
+    fake = {**trained, "status": "refused", "steps": 0, "replaces_estimate": "2-abc"}
+    del fake["estimate"]
+    return [*lines[:3], trained, *lines[4:], fake]
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_drop_round_1, "line 1: says site-. is at epsilon"),
+        (_huge_sigma_round_2, "line 4: says site-. is at epsilon"),
+        (_refused_replaces_trained, "replaces estimate '2-abc', which is not"),
+    ],
+    ids=["round deleted", "sigma raised", "fake replacement"],
+)
+def test_a_ledger_edited_consistently_with_its_summary_is_refused(run_copy, edit, message):
+    """Each edit lowered the stated epsilon (to about 6.9 of 9.95) while summary.json was
+    made to agree; each line's own epsilon, recomputed, shows the ledger was changed."""
+    _write(run_copy, edit(_lines(run_copy)))
+    _summary_agrees(run_copy)
+    lowered = json.loads((run_copy / "summary.json").read_text())["site_epsilon"]
+    assert min(lowered.values()) < 9.0  # the edit really lowers what would be stated
+    with pytest.raises(FedsynthError, match=message):
+        read_finished_study(run_copy)
+
+
+@pytest.mark.parametrize(
+    "key,value", [("steps", "two"), ("steps", 2.9), ("round", None), ("site", 7), ("site", ["x"])]
+)
+def test_a_malformed_ledger_value_is_refused_in_one_line(run_copy, tmp_path, capsys, key, value):
+    lines = _lines(run_copy)
+    lines[0][key] = value
+    _write(run_copy, lines)
+    out = tmp_path / "release"
+    assert main(["release", "--run", str(run_copy), "--n", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"ledger.jsonl, line 1: {key}" in err, err
+    _nothing_written(out)
+
+
+@pytest.mark.parametrize(
+    "where,key,value",
+    [("state.json", "rounds_done", None), ("summary.json", "rounds_done", "two"),
+     ("summary.json", "site_epsilon", None), ("summary.json", "secure_aggregation", False)],
+)  # fmt: skip
+def test_a_malformed_run_record_is_refused_in_one_line(run_copy, capsys, tmp_path, where, key,
+                                                       value):  # fmt: skip
+    record = json.loads((run_copy / where).read_text())
+    record[key] = value
+    (run_copy / where).write_text(json.dumps(record))
+    out = tmp_path / "release"
+    assert main(["release", "--run", str(run_copy), "--n", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and where in err, err
+    _nothing_written(out)
+
+
+@pytest.fixture(scope="module")
+def a_release(finished_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("a-release") / "release"
+    release(finished_run, 1, out, show_progress=False)
+    return out
+
+
+def _tampered(a_release: Path, tmp_path: Path, change) -> Path:
+    copy = Path(shutil.copytree(a_release, tmp_path / "release"))
+    statement = json.loads((copy / "privacy.json").read_text())
+    change(copy, statement)
+    (copy / "privacy.json").write_text(json.dumps(statement))
+    return copy
+
+
+def _torn(copy: Path, statement: dict) -> None:
+    """The last line torn off, and the statement made to agree with what is left."""
+    data = (copy / "ledger.jsonl").read_bytes()
+    (copy / "ledger.jsonl").write_bytes(data.rstrip(b"\n"))
+
+
+TAMPERED = {
+    "torn ledger": (_torn, "ends in a torn or unterminated line"),
+    "guarantee text": (
+        lambda _, s: s.update(guarantee="(1, 1e-05)-differential privacy per subject"),
+        "guarantee's text does not state",
+    ),
+    "noise listed": (
+        lambda _, s: s["sites"]["site-1"].update(noise_multipliers=[50.0, 50.0]),
+        "site-1 noise_multipliers differ",
+    ),
+    "site delta": (lambda _, s: s["sites"]["site-2"].update(delta=0.5), "site-2 delta differ"),
+    "no site": (lambda _, s: s.update(sites={}), "states no site"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_verify_checks_the_whole_statement_against_the_ledger(a_release, tmp_path, case):
+    assert verify_release(a_release)  # the untouched release verifies
+    change, message = TAMPERED[case]
+    with pytest.raises(FedsynthError, match=message):
+        verify_release(_tampered(a_release, tmp_path, change))
+
+
+def test_a_plain_study_is_not_described_as_securely_aggregated(
+    tiny_checkpoint, site_phantoms, tmp_path, one_thread
+):
+    done = drive(tmp_path, tiny_checkpoint, site_phantoms, 1, secure=False, resume=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "release"
+    statement = release(tmp_path / "run", 1, out, show_progress=False)
+    assert statement["secure_aggregation"] == {"enabled": False}
+    assert "SecAgg+" not in statement["trust_model"] and "was off" in statement["trust_model"]
+    assert "securely aggregated" not in (out / "report.html").read_text()
