@@ -107,6 +107,11 @@ LOSS_BATCH = 16  # volumes per UNet forward in the membership loss
 PAIRS = 3  # most similar (synthetic, training) pairs in the private montage
 OUT_FILES = ("pairs.png", "pairs.csv", "audit.json")
 FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
+FEW_SUBJECTS = 20  # below this, a quantile or a share is close to one subject's own value
+FEW_NOTE = (
+    "few subjects: with fewer than {n} subjects in a set, these aggregates are close to "
+    "single subjects' values; weigh that before sharing them"
+)
 
 
 @dataclass(frozen=True)
@@ -556,9 +561,11 @@ def run_audit(
     attack = None
     if model is not None and holdout is not None:
         attack = membership(model, reference, train, holdout, seed, show_progress)
+    counts = [train.n_subjects, *([] if holdout is None else [holdout.n_subjects])]
+    few = min(counts) < FEW_SUBJECTS
     report = {
         "outside_dp_guarantee": True,
-        "note": NOTE,
+        "note": NOTE + (" " + FEW_NOTE.format(n=FEW_SUBJECTS).capitalize() + "." if few else ""),
         "distance": DISTANCE,
         "cohort_volumes": len(synthetic.images),
         "training_subjects": train.n_subjects,
@@ -580,7 +587,7 @@ def summary_lines(report: dict) -> list[str]:
     d = report["dcr"]
     holdout = report["holdout_subjects"]
     lines = [
-        "OUTSIDE THE DP GUARANTEE: " + NOTE.split(": ", 1)[1],
+        "OUTSIDE THE DP GUARANTEE: " + report["note"].split(": ", 1)[1],
         f"cohort: {report['cohort_volumes']} synthetic volumes; training: "
         f"{report['training_subjects']} subjects; held-out: "
         f"{'none given' if holdout is None else f'{holdout} subjects'}",

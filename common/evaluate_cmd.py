@@ -72,6 +72,15 @@ def table(report: dict) -> str:
                 f"  (n {part['n_real']} real, {part['n_synthetic']} synthetic)",
             )
         )
+        halves = part.get("real_halves")
+        if halves:
+            lines.append(
+                (
+                    "  real vs real",
+                    f"Frechet {number(halves['frechet_distance'])}  MMD^2 "
+                    f"{number(halves['mmd2'], 4)}  (two subject halves: the yardstick)",
+                )
+            )
     diversity = report["diversity"]
     lines.append(
         (

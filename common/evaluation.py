@@ -336,7 +336,9 @@ def evaluate_cohort(
         "feature_net": {
             k: nets.info[k] for k in ("steps", "public_volumes", "features_3d", "features_2d")
         },
-        "fidelity": _fidelity(nets, real, synthetic, seed, notes),
+        "fidelity": _fidelity(
+            nets, real, synthetic, split_subjects(real_manifest, seed), seed, notes
+        ),
     }
     settings = ms_ssim_settings(tuple(config.data.shape))
     report["diversity"] = {
@@ -391,12 +393,26 @@ def _folder_facts(manifest: SiteManifest) -> dict:
 
 
 def _fidelity(
-    nets: FeatureNets, real: torch.Tensor, synthetic: torch.Tensor, seed: int, notes: list[str]
+    nets: FeatureNets,
+    real: torch.Tensor,
+    synthetic: torch.Tensor,
+    halves: tuple[list[int], list[int]],
+    seed: int,
+    notes: list[str],
 ) -> dict:
-    result = {
-        "3d": fidelity(nets.volume_features(real), nets.volume_features(synthetic), seed),
-        "2d": fidelity(nets.slice_features(real), nets.slice_features(synthetic), seed),
-    }
+    """Each feature space's distances, synthetic vs real, and the same between the two
+    subject halves of the real set (`real_halves`): the yardstick of what two samples of
+    one distribution of that size give (each half is smaller, so it sits a little high)."""
+    result = {}
+    for key, features in (("3d", nets.volume_features), ("2d", nets.slice_features)):
+        real_features = features(real)
+        result[key] = fidelity(real_features, features(synthetic), seed)
+        first, second = (real[list(half)] for half in halves)
+        if min(len(first), len(second)) >= MIN_VOLUMES:
+            yardstick = fidelity(features(first), features(second), seed)
+            result[key]["real_halves"] = {
+                k: yardstick[k] for k in ("frechet_distance", "mmd2", "n_real", "n_synthetic")
+            }
     for key, part in result.items():
         smallest = min(part["n_real"], part["n_synthetic"])
         if smallest <= part["features"]:

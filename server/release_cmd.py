@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference", metavar="DIR",
         help="real data to measure fidelity, diversity and utility against (a site-style "
-        "folder the coordinator may look at, e.g. public held-out volumes)",
+        "folder); statistics of it are PUBLISHED in the release, computed without DP: give "
+        "only data they may be published of (e.g. public held-out volumes), never a site's",
     )  # fmt: skip
     parser.add_argument(
         "--audit", action="append", default=[], metavar="[SITE=]FILE",

@@ -196,21 +196,29 @@ UNet were trained.</p>
 
 
 def _quality_rows(evaluation: dict) -> list[tuple]:
-    """(measure, synthetic, real reference, how to read it) of `evaluate_cohort`'s output."""
+    """(measure, synthetic, real reference, how to read it) of `evaluate_cohort`'s output;
+    fidelity's "real" is between two subject halves of the reference: the yardstick."""
     rows = []
     for key, label in (("3d", "volumes"), ("2d", "short-axis slices")):
         fid = evaluation["fidelity"].get(key)
         if fid:
+            halves = fid.get("real_halves") or {}
             rows.append(
                 (
                     f"Frechet distance, {label}",
                     fid["frechet_distance"],
-                    "",
-                    "0 = same feature statistics; lower is closer",
+                    halves.get("frechet_distance", ""),
+                    "lower is closer; real = between two halves of the reference",
                 )
             )
-            rows.append((f"kernel MMD², {label}", fid["mmd2"], "",
-                         "0 = same distribution; lower is closer"))  # fmt: skip
+            rows.append(
+                (
+                    f"kernel MMD², {label}",
+                    fid["mmd2"],
+                    halves.get("mmd2", ""),
+                    "lower is closer (about 0 = alike); real = between two halves",
+                )
+            )
     diversity = evaluation["diversity"]
     rows.append(("MS-SSIM between pairs", diversity["synthetic_ms_ssim"]["mean"],
                  diversity["real_ms_ssim"]["mean"],

@@ -278,6 +278,19 @@ def test_evaluate_cohort_controllability_follows_the_attributes(world):
     json.dumps(report, allow_nan=False)
 
 
+def test_the_real_halves_yardstick_is_below_a_shifted_scanner(world):
+    """Two subject halves of the real set: a distance of the same distribution at that
+    size, which the report prints beside the cohort's; a shifted scanner is farther."""
+    real, shifted = world["sets"]["real"], world["cohorts"]["shifted"]
+    report = evaluate_cohort(real, shifted, world["checkpoint"], 0, False, 0)
+    for space in ("3d", "2d"):
+        part = report["fidelity"][space]
+        halves = part["real_halves"]
+        assert halves["n_real"] + halves["n_synthetic"] == part["n_real"]
+        assert halves["frechet_distance"] < part["frechet_distance"]
+        assert halves["mmd2"] < part["mmd2"]
+
+
 def test_split_keeps_each_subject_on_one_side(world):
     manifest = check_site(world["sets"]["real"], load_config("tiny").data, show_progress=False)
     test, train = split_subjects(manifest, seed=0)

@@ -96,6 +96,8 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
     evaluation = json.loads((out / "evaluation.json").read_text())  # --reference measured it
     assert evaluation["synthetic"] == {**evaluation["synthetic"], "volumes": 3, "path": "cohort"}
     assert evaluation["real"]["path"] == "site-1"  # published: no coordinator paths
+    halves = evaluation["fidelity"]["3d"]["real_halves"]  # the yardstick: 3 vs 3 subjects
+    assert (halves["n_real"], halves["n_synthetic"]) == (6, 6)
     assert evaluation["real"]["volumes"] == 12
     assert "Frechet distance, volumes" in report and "MS-SSIM between pairs" in report
 
