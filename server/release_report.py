@@ -37,9 +37,10 @@ h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em;
 table { border-collapse: collapse; margin: 0.6em 0; }
 th, td { border-bottom: 1px solid #e3e8ee; padding: 0.3em 0.8em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td:first-child { white-space: nowrap; }
 img { max-width: 100%; border: 1px solid #e3e8ee; border-radius: 4px; }
 code, pre { background: #f3f6f9; border-radius: 4px; padding: 0.1em 0.3em; }
-pre { padding: 0.7em; overflow-x: auto; }
+pre { padding: 0.7em; white-space: pre-wrap; word-break: break-all; }
 """
 
 
@@ -88,7 +89,8 @@ def _epsilon_plot(study: FinishedStudy) -> str:
     target = study.config.privacy.target_epsilon
     ax.axhline(target, color="0.4", ls="--", lw=1, label=f"target {target:g}")
     ax.set(xlabel="round", ylabel="epsilon (cumulative)", xticks=rounds, ylim=(0, None))
-    ax.set_title(f"privacy spent per site (delta {study.config.privacy.delta:g})", fontsize=11)
+    title = f"privacy spent per site (delta {study.config.privacy.delta:g})"
+    ax.set_title(title + "\nsites that spent alike share one line", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return _png(fig)
