@@ -67,6 +67,8 @@ def _json(path: Path) -> dict:
 
 def _read_ledger(run_dir: Path) -> list[dict]:
     path = run_dir / LEDGER
+    if path.exists() and not path.is_file():
+        raise FedsynthError(f"{path} is not a file")
     if not path.is_file():
         raise FedsynthError(
             f"{path} is missing: nothing proves what the study spent, so nothing is released"
