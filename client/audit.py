@@ -85,7 +85,7 @@ import yaml
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
 from fedsynth.common.config import Config, DataConfig
 from fedsynth.common.data import MANIFEST, SiteManifest, check_site, open_nifti, open_site
-from fedsynth.common.diffusion import prediction_target, training_scheduler
+from fedsynth.common.diffusion import fixed_noise_losses
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PRIVATE_MODE, atomic_write_text, private_dir
 from fedsynth.common.models import ConditionedUNet, resolve_device
@@ -330,47 +330,6 @@ def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed:
 # --------------------------------------------------------------- membership inference
 
 
-@torch.no_grad()
-def fixed_noise_losses(
-    unet: ConditionedUNet,
-    config: Config,
-    latents: torch.Tensor,
-    attributes: torch.Tensor,
-    seed: int,
-    show_progress: bool = False,
-) -> torch.Tensor:
-    """Diffusion loss per volume (N,), mean over LOSS_DRAWS fixed (noise, timestep) draws.
-
-    Unlike `per_sample_loss`, which draws noise per row, every volume (and every model given
-    the same seed) sees the same noise tensors and timesteps, so differences between
-    subjects and between models are not differences of noise. Timesteps are stratified: draw
-    k lies in the k-th of LOSS_DRAWS equal parts of the schedule. Conditional (attributes
-    kept), as the model mostly trained.
-    """
-    scheduler = training_scheduler(config.diffusion)
-    device = next(unet.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    steps = scheduler.num_train_timesteps
-    draws = []
-    for k in range(LOSS_DRAWS):
-        noise = torch.randn((1, *latents.shape[1:]), generator=generator)
-        t = int((k + float(torch.rand((), generator=generator))) * steps / LOSS_DRAWS)
-        draws.append((noise.to(device), min(t, steps - 1)))
-    unet.eval()
-    total = torch.zeros(len(latents), dtype=torch.float64)
-    batches = list(torch.arange(len(latents)).split(LOSS_BATCH))
-    for rows in progress(batches, "membership loss", show_progress):
-        x, a = latents[rows].to(device), attributes[rows].to(device)
-        for noise, t in draws:
-            eps = noise.expand_as(x)
-            timesteps = torch.full((len(rows),), t, device=device, dtype=torch.long)
-            noisy = scheduler.add_noise(original_samples=x, noise=eps, timesteps=timesteps)
-            prediction = unet(noisy, timesteps, a)
-            target = prediction_target(scheduler, x, eps, timesteps)
-            total[rows] += (prediction - target).pow(2).flatten(1).mean(1).double().cpu()
-    return total / LOSS_DRAWS
-
-
 def subject_means(values: torch.Tensor, subjects: torch.Tensor, n: int) -> np.ndarray:
     """(S,) mean of per-volume `values` (N,) over each subject's volumes."""
     sums = torch.zeros(n, dtype=torch.float64).index_add_(0, subjects, values.double())
@@ -453,9 +412,14 @@ def membership(
     def subject_losses(unet: ConditionedUNet) -> tuple[np.ndarray, np.ndarray]:
         out = []
         for volumes, latents in zip((train, holdout), encoded, strict=True):
-            loss = fixed_noise_losses(
-                unet, model.config, latents, volumes.attributes, seed, show_progress
-            )
+            chunks = torch.arange(len(latents)).split(LOSS_BATCH)
+            loss = torch.cat([
+                fixed_noise_losses(
+                    unet, model.config.diffusion, latents[rows], volumes.attributes[rows],
+                    seed, LOSS_DRAWS,
+                )
+                for rows in progress(chunks, "membership loss", show_progress)
+            ])  # fmt: skip
             out.append(subject_means(loss, volumes.subjects, volumes.n_subjects))
         return out[0], out[1]
 

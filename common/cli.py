@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "config": "fedsynth.common.config_cmd",
     "pretrain": "fedsynth.server.pretrain_cmd",
     "bench": "fedsynth.simulations.bench_cmd",
+    "study": "fedsynth.simulations.study_cmd",
     "sample": "fedsynth.common.sample_cmd",
     "privacy": "fedsynth.common.privacy_cmd",
     "evaluate": "fedsynth.common.evaluate_cmd",

@@ -100,3 +100,45 @@ def sample_latents(
         if on_step is not None:
             on_step()
     return x
+
+
+@torch.no_grad()
+def fixed_noise_losses(
+    unet: ConditionedUNet,
+    cfg: DiffusionConfig,
+    latents: torch.Tensor,
+    attributes: torch.Tensor,
+    seed: int,
+    draws: int = 8,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Diffusion loss per volume (N,), mean over `draws` fixed (noise, timestep) draws.
+
+    Unlike `per_sample_loss`, which draws noise per row, every volume (and every model given
+    the same seed) sees the same noise tensors and timesteps, so differences between
+    subjects and between models are not differences of noise. Timesteps are stratified: draw
+    k lies in the k-th of `draws` equal parts of the schedule. Conditional (attributes
+    kept), as the model mostly trained. latents (N, C, H, W, D), attributes (N, A) in [0, 1].
+    The draws depend on the seed alone, so calls on parts of a set equal one on the whole.
+    """
+    scheduler = training_scheduler(cfg)
+    device = next(unet.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    steps = scheduler.num_train_timesteps
+    fixed = []
+    for k in range(draws):
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator)
+        t = int((k + float(torch.rand((), generator=generator))) * steps / draws)
+        fixed.append((noise.to(device), min(t, steps - 1)))
+    unet.eval()
+    total = torch.zeros(len(latents), dtype=torch.float64)
+    for rows in torch.arange(len(latents)).split(batch_size):
+        x, a = latents[rows].to(device), attributes[rows].to(device)
+        for noise, t in fixed:
+            eps = noise.expand_as(x)
+            timesteps = torch.full((len(rows),), t, device=device, dtype=torch.long)
+            noisy = scheduler.add_noise(original_samples=x, noise=eps, timesteps=timesteps)
+            prediction = unet(noisy, timesteps, a)
+            target = prediction_target(scheduler, x, eps, timesteps)
+            total[rows] += (prediction - target).pow(2).flatten(1).mean(1).double().cpu()
+    return total / draws

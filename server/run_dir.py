@@ -6,7 +6,8 @@ run-dir/rounds/round-NNN/     a full checkpoint folder per round
 run-dir/state.json            the last whole round and the SHA-256 of its checkpoint files
                               (written last, atomically): a release checks the checkpoint
                               it samples from is the one this study saved
-run-dir/validation/           per-round public validation loss and montage
+run-dir/validation/           per-round public validation loss and montage; in a simulation
+                              also the site-domain losses (server/validation.py)
 run-dir/summary.json          epsilon per site and for the study, recomputed
 """
 
@@ -38,6 +39,11 @@ if TYPE_CHECKING:
 
 LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
+SITE_DOMAIN_NOTE = (
+    "simulation only: the global model's diffusion loss (fixed noise) on held-out phantom "
+    "subjects of each site's profile; a real study cannot measure this without the sites "
+    "spending privacy on it, and fedsynth offers no such path"
+)
 STATE = "state.json"
 
 
@@ -90,12 +96,16 @@ def resume_point(study: Study) -> tuple[int, dict[str, torch.Tensor] | None]:
     return rounds_done, load_torch(round_dir(study.run_dir, rounds_done) / UNET)
 
 
-def _validation_losses(study: Study) -> dict[str, float]:
-    losses = {}
+def _validation_losses(study: Study) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Public validation loss and (simulation only) site-domain losses, by round."""
+    public, sites = {}, {}
     for path in sorted(validation_dir(study).glob("round-*.json")):
         entry = json.loads(path.read_text())
-        losses[str(entry["round"])] = float(entry["loss"])
-    return losses
+        if entry.get("loss") is not None:
+            public[str(entry["round"])] = float(entry["loss"])
+        if entry.get("site_domain"):
+            sites[str(entry["round"])] = entry["site_domain"]
+    return public, sites
 
 
 def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
@@ -107,6 +117,7 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
     montage = validation_dir(study) / f"round-{rounds_done:03d}.png"
     state = study.run_dir / STATE
     saved = json.loads(state.read_text()) if rounds_done and state.is_file() else {}
+    public, sites = _validation_losses(study)
     summary = {
         "rounds_done": rounds_done,
         "rounds_planned": study.config.federation.rounds,
@@ -121,9 +132,11 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
         "checkpoint": str(round_dir(study.run_dir, rounds_done)) if rounds_done else None,
         "checkpoint_sha256": saved.get("sha256"),
         "pretrained": str(study.checkpoint),
-        "validation_loss": _validation_losses(study),
+        "validation_loss": public,
         "montage": str(montage) if montage.is_file() else None,
     }
+    if sites:
+        summary["site_domain"] = {"note": SITE_DOMAIN_NOTE, "loss": sites}
     atomic_write_text(study.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 

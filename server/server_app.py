@@ -23,6 +23,7 @@ from fedsynth.server.run_dir import ledger_table, resume_point, write_summary
 from fedsynth.server.secure_aggregation import StudySecAggPlus, secagg_settings
 from fedsynth.server.strategy import RoundFit, StudyStrategy
 from fedsynth.server.study import Simulate, Study, prepare
+from fedsynth.server.validation import validation_text
 
 
 def run_federation(grid: Grid, study: Study, context: Context) -> dict:
@@ -32,9 +33,10 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
     if weights is None:
         weights = load_pretrained(study.checkpoint).unet.state_dict()
     strategy = StudyStrategy(study, weights, done)
-    if done == 0 and strategy.validator is not None:  # the public checkpoint: a baseline
-        loss = strategy._validate(0)
-        print(f"[fedsynth] round 0 (public checkpoint): validation loss {loss:.4f}", flush=True)
+    if done == 0:  # the public checkpoint: the baseline of every later round
+        validated = validation_text(strategy.validate(0))
+        if validated:
+            print(f"[fedsynth] round 0 (public checkpoint): {validated}", flush=True)
     remaining = config.federation.rounds - done
     if remaining > 0:
         if config.federation.secure_aggregation:

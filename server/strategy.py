@@ -44,10 +44,12 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
+from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import to_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.ledger import read_ledger
+from fedsynth.common.models import resolve_device
 from fedsynth.common.protocol import READY_RECORD, REASONS, code_of
 from fedsynth.server.privacy_ledger import (
     append_line,
@@ -66,6 +68,7 @@ from fedsynth.server.site_replies import (
     trained_reply,
 )
 from fedsynth.server.study import Study
+from fedsynth.server.validation import SiteDomainLoss, Validator, validation_text
 
 NODE_WAIT_S = 120.0
 READY_TIMEOUT_S = 120.0
@@ -109,11 +112,16 @@ class StudyStrategy(FedAvg):
         self.started = time.monotonic()
         self.site_of: dict[int, str] = {}  # node id -> site name, bound at READY
         self.study_text = json.dumps(to_dict(study.config))
-        self.validator = None
+        self.validator = self.site_domain = None
         if study.validation is not None:
-            from fedsynth.server.validation import Validator
-
             self.validator = Validator(study.checkpoint, study.validation, study.config)
+        if study.site_domain is not None:  # a simulation's phantom sites only
+            pretrained = (
+                self.validator.pretrained
+                if self.validator is not None
+                else load_pretrained(study.checkpoint, resolve_device(study.config.device))
+            )
+            self.site_domain = SiteDomainLoss(pretrained, study.site_domain, study.config)
 
     def _parameters(self) -> Parameters:
         return ndarrays_to_parameters([self.weights[k].numpy() for k in self.keys])
@@ -305,13 +313,13 @@ class StudyStrategy(FedAvg):
         facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg,
                  "study_id": study.study_id}  # fmt: skip
         save_round(study, round_number, self.weights, facts)
-        loss = self._validate(round_number)
+        validated = validation_text(self.validate(round_number))
         summary = write_summary(study, round_number)
         epsilons = ", ".join(f"{k} {v:.3g}" for k, v in summary["site_epsilon"].items())
         _say(
             f"round {round_number}/{study.config.federation.rounds}: {trained} trained, "
             f"{silent} no valid reply; "
-            + (f"validation loss {loss:.4f}; " if loss is not None else "")
+            + (f"{validated}; " if validated else "")
             + f"epsilon {epsilons}; {time.monotonic() - self.started:.0f} s"
         )
         self.settled = server_round
@@ -327,17 +335,19 @@ class StudyStrategy(FedAvg):
                 change = torch.from_numpy(np.asarray(value, np.float64).reshape(old.shape))
                 self.weights[key] = (old.double() + change).to(old.dtype)
 
-    def _validate(self, round_number: int) -> float | None:
-        """Held-out public loss and montage; kept next to the round's checkpoint."""
-        if self.validator is None:
-            return None
+    def validate(self, round_number: int) -> dict:
+        """Held-out public loss and montage, and (simulation only) site-domain losses; kept
+        next to the round's checkpoint. Returns the round's entry ({} when neither)."""
+        if self.validator is None and self.site_domain is None:
+            return {}
         folder = validation_dir(self.study)
-        loss = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
-        atomic_write_text(
-            folder / f"round-{round_number:03d}.json",
-            json.dumps({"round": round_number, "loss": loss}) + "\n",
-        )
-        return loss
+        entry: dict[str, Any] = {"round": round_number}
+        if self.validator is not None:
+            entry["loss"] = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
+        if self.site_domain is not None:
+            entry["site_domain"] = self.site_domain(self.weights)
+        atomic_write_text(folder / f"round-{round_number:03d}.json", json.dumps(entry) + "\n")
+        return entry
 
 
 class _WeightsSentTo:

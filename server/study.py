@@ -33,6 +33,7 @@ RESERVED = (
     "secagg-clipping-range", "secagg-max-weight",
 )  # fmt: skip
 CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
+DEFAULT_PHANTOM_SUBJECTS = 20  # subjects per simulated site (run config phantom-subjects)
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,18 @@ class Study:
     max_weight: float = 1000.0  # SecAgg+: the largest subject count any site may weigh
     validation: Path | None = None  # public held-out data for per-round validation
     study_id: str = "study"  # fixed at the start (terms.json); sites tag their rounds with it
+    site_domain: Path | None = None  # simulation only: held-out subjects of each site's profile
 
 
 @dataclass(frozen=True)
 class SimulatedData:
-    """What a simulation prepares: phantom sites, a public checkpoint, validation data."""
+    """What a simulation prepares: phantom sites, a public checkpoint, validation data and
+    (simulation only) held-out subjects of each site's profile, site-1..K."""
 
     phantoms: Path
     checkpoint: Path
     validation: Path | None
+    site_domain: Path | None = None
 
 
 # (config, cache dir, phantom subjects per site) -> the simulation's data
@@ -140,10 +144,10 @@ def prepare(
     run_dir.mkdir(parents=True, exist_ok=True)
     study_id = fix_terms(config, run_dir, resume)
 
-    subjects = int(run_config.get("phantom-subjects", 20))
+    subjects = int(run_config.get("phantom-subjects", DEFAULT_PHANTOM_SUBJECTS))
     checkpoint = _folder(run_config, "checkpoint")
     validation = _folder(run_config, "validation-data")
-    phantoms = None
+    phantoms = site_domain = None
     if checkpoint is None:
         if simulate is None:
             raise FedsynthError(
@@ -153,8 +157,10 @@ def prepare(
         data = simulate(config, cache, subjects)
         phantoms, checkpoint = data.phantoms, data.checkpoint
         validation = validation or data.validation
+        site_domain = data.site_domain
     clipping = float(run_config.get("secagg-clipping-range", 0) or CLIPPING_RANGE)
     max_weight = float(run_config.get("secagg-max-weight", 0) or subjects)
     return Study(
-        config, run_dir, phantoms, checkpoint, resume, clipping, max_weight, validation, study_id
-    )
+        config, run_dir, phantoms, checkpoint, resume, clipping, max_weight, validation, study_id,
+        site_domain,
+    )  # fmt: skip

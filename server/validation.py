@@ -1,10 +1,18 @@
-"""Per-round validation of the global model on PUBLIC held-out data only.
+"""Per-round validation of the global model on PUBLIC held-out data only, and, in a
+simulation only, its loss on held-out subjects of each site's profile.
 
 Private data never enters validation: the held-out set is public (in a simulation, phantom
 subjects of the public profile drawn with another seed, so the checkpoint never saw them).
 Each round the same noise and timesteps (a fixed generator) give a diffusion loss that is
 comparable across rounds, and the same attributes and seed give a montage of generated
 volumes, so a reader can see whether finetuning improves or damages anatomy.
+
+Public data cannot tell whether the sites' data helped. A simulation knows its sites'
+profiles, so it draws held-out phantom subjects of each (another seed: no site trained on
+them) and `SiteDomainLoss` measures the global model on them every round. Only a
+simulation can: in a real study the sites' data never reaches the coordinator, and a
+site that measured this on its own data would have to spend privacy to report it. Nothing
+here offers that for real sites (server/study.py sets `site_domain` only from a simulation).
 """
 
 from __future__ import annotations
@@ -14,10 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.checkpoint import Pretrained, load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.data import open_site
 from fedsynth.common.diffusion import (
+    fixed_noise_losses,
     per_sample_loss,
     sample_latents,
     sampling_scheduler,
@@ -28,6 +37,53 @@ from fedsynth.common.sampling import montage, volume_title
 
 LOSS_DRAWS = 4  # noise/timestep draws per held-out volume (fixed across rounds)
 MONTAGE_VOLUMES = 4
+SITE_DOMAIN_DRAWS = 8  # stratified fixed (noise, timestep) draws per site-domain volume
+
+
+def _encoded(pretrained: Pretrained, folder: Path, config: Config):
+    """(latents (N, C, h, w, d), attributes (N, A), manifest) of a folder's volumes."""
+    dataset, manifest = open_site(folder, config.data, show_progress=False)
+    items = [dataset[i] for i in range(len(dataset))]
+    device = next(pretrained.autoencoder.parameters()).device
+    latents = torch.cat([pretrained.encode(v[None].to(device)) for v, _ in items])
+    return latents, torch.stack([a for _, a in items]).to(device), manifest
+
+
+def _site_number(folder: Path) -> int:
+    suffix = folder.name.removeprefix("site-")
+    return int(suffix) if suffix.isdigit() else -1
+
+
+class SiteDomainLoss:
+    """Simulation only: the model's fixed-noise diffusion loss on held-out subjects of each
+    site's profile (`folder`/site-1..K, as the phantom generator writes them).
+
+    Lower is better; compare a round with round 0 (the public checkpoint). Each call uses
+    the same noise and timesteps (seeded by config.seed), so rounds are comparable.
+    """
+
+    def __init__(self, pretrained: Pretrained, folder: Path, config: Config) -> None:
+        self.pretrained = pretrained
+        sites = sorted(
+            (f for f in Path(folder).iterdir() if f.is_dir() and _site_number(f) > 0),
+            key=_site_number,
+        )
+        self.config, self.seed = config, config.seed
+        self.sites = {f.name: _encoded(pretrained, f, config)[:2] for f in sites}
+
+    def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean loss of the UNet `weights` per site name, over its held-out volumes."""
+        unet = self.pretrained.unet
+        unet.load_state_dict(weights)
+        return {
+            site: float(
+                fixed_noise_losses(
+                    unet, self.config.diffusion, latents, attributes, self.seed,
+                    SITE_DOMAIN_DRAWS,
+                ).mean()
+            )
+            for site, (latents, attributes) in self.sites.items()
+        }  # fmt: skip
 
 
 class Validator:
@@ -37,11 +93,7 @@ class Validator:
         self.pretrained = load_pretrained(checkpoint, resolve_device(config.device))
         self.config, self.seed = config, config.seed
         self.device = next(self.pretrained.unet.parameters()).device
-        dataset, manifest = open_site(data, config.data, show_progress=False)
-        items = [dataset[i] for i in range(len(dataset))]
-        volumes = torch.stack([v for v, _ in items]).to(self.device)
-        self.latents = torch.cat([self.pretrained.encode(v[None]) for v in volumes])
-        self.attributes = torch.stack([a for _, a in items]).to(self.device)
+        self.latents, self.attributes, manifest = _encoded(self.pretrained, data, config)
         self.rows = [dict(r.attributes) for r in manifest.records][:MONTAGE_VOLUMES]
 
     @torch.no_grad()
@@ -71,3 +123,14 @@ class Validator:
         titles = [volume_title(f"held-out {i + 1}", r) for i, r in enumerate(self.rows)]
         montage(png, list(np.asarray(volumes)), titles, self.config)
         return loss
+
+
+def validation_text(entry: dict) -> str:
+    """A round's validation for its log line: public loss, then site-domain losses."""
+    parts = []
+    if entry.get("loss") is not None:
+        parts.append(f"validation loss {entry['loss']:.4f}")
+    if entry.get("site_domain"):
+        losses = " ".join(f"{k} {v:.4f}" for k, v in entry["site_domain"].items())
+        parts.append(f"site-domain loss (simulation only) {losses}")
+    return "; ".join(parts)

@@ -23,10 +23,15 @@ too), 5 lungs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import io
 import math
+import multiprocessing
+import os
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -739,6 +744,27 @@ MONTAGE_SUBJECTS = 2  # per folder
 MONTAGE_FOLDERS = 4  # site-1..3 and public
 
 
+def _make_and_write(
+    out: Path, seed: int, job: tuple[int, SiteProfile, int, int]
+) -> tuple[list[dict], Subject | None]:
+    """One subject drawn and written; the Subject back only when the montage shows it."""
+    k, profile, i, _ = job
+    subject = make_subject(profile, subject_rng(seed, k, i))
+    rows = write_subject(out / profile.name, f"sub-{i:03d}", f"{profile.name}-sub-{i:03d}", subject)
+    shown = i <= MONTAGE_SUBJECTS and k < MONTAGE_FOLDERS
+    return rows, subject if shown else None
+
+
+def _workers(jobs: int) -> int:
+    """Processes for `jobs` subjects: one per core, none (in process) for a few subjects."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if jobs < PARALLEL_FROM else max(1, min(cores or 1, MAX_WORKERS))
+
+
+PARALLEL_FROM = 64  # subjects; below, starting worker processes costs more than it saves
+MAX_WORKERS = 8
+
+
 def generate_cohorts(
     out: Path,
     sites: int,
@@ -746,9 +772,15 @@ def generate_cohorts(
     seed: int,
     public_subjects: int | None = None,
     progress: bool = True,
+    profile_seed: int | None = None,
 ) -> list[Path]:
     """Write out/public and out/site-1..K (NIfTI + manifest.csv) and out/montage.png.
 
+    `seed` draws the subjects; `profile_seed` (default: `seed`) the profiles of sites past
+    the three fixed ones, so that another seed with the same profile seed gives new
+    subjects of the same sites (held-out subjects of each site's profile). Many subjects
+    are drawn in worker processes, one per core; each subject has its own random stream
+    (`subject_rng`), so the files do not depend on how many workers drew them.
     Returns the manifest paths, public first. Each folder's manifest is written after its
     volumes, so a manifest never names a file that is not there.
     """
@@ -764,21 +796,31 @@ def generate_cohorts(
         raise FedsynthError(f"seed must be a whole number of at least 0, got {seed!r}")
     out = Path(out)
     folders = [(0, PUBLIC, public_subjects)]
-    folders += [(k, p, subjects) for k, p in enumerate(site_profiles(sites, seed), start=1)]
+    profiles = site_profiles(sites, seed if profile_seed is None else profile_seed)
+    folders += [(k, p, subjects) for k, p in enumerate(profiles, start=1)]
     jobs = [(k, profile, i, n) for k, profile, n in folders for i in range(1, n + 1)]
-    rows: list[dict] = []
-    shown: dict[str, list[tuple[str, Subject]]] = {}
-    manifests = []
-    for k, profile, i, n in progress_bar(jobs, "phantoms", enabled=progress):
-        subject = make_subject(profile, subject_rng(seed, k, i))
-        subject_id = f"{profile.name}-sub-{i:03d}"
-        rows += write_subject(out / profile.name, f"sub-{i:03d}", subject_id, subject)
-        if i <= MONTAGE_SUBJECTS and k < MONTAGE_FOLDERS:
-            shown.setdefault(profile.name, []).append((subject_id, subject))
-        if i == n:
-            manifests.append(out / profile.name / "manifest.csv")
-            atomic_write_text(manifests[-1], manifest_text(rows), PUBLIC_MODE)
-            rows = []
+    work = functools.partial(_make_and_write, out, seed)
+    workers = _workers(len(jobs))
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            context = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context))
+            done = pool.map(work, jobs, chunksize=8)
+        else:
+            done = map(work, jobs)
+        rows: list[dict] = []
+        shown: dict[str, list[tuple[str, Subject]]] = {}
+        manifests = []
+        for (_, profile, i, n), (subject_rows, subject) in zip(
+            jobs, progress_bar(done, "phantoms", enabled=progress, total=len(jobs)), strict=True
+        ):
+            rows += subject_rows
+            if subject is not None:
+                shown.setdefault(profile.name, []).append((f"{profile.name}-sub-{i:03d}", subject))
+            if i == n:
+                manifests.append(out / profile.name / "manifest.csv")
+                atomic_write_text(manifests[-1], manifest_text(rows), PUBLIC_MODE)
+                rows = []
     order = sorted(shown, key=lambda name: name == PUBLIC.name)  # sites first, public last
     write_montage(out / "montage.png", [item for name in order for item in shown[name]])
     return manifests

@@ -15,24 +15,34 @@ from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.feature_net import ensure_feature_net
 from fedsynth.server.study import SimulatedData
 
+PUBLIC_SUBJECTS = 40  # public phantom subjects (80 volumes) the checkpoint is pretrained on
 VALIDATION_SUBJECTS = 4  # public held-out phantom subjects (8 volumes) for validation
+SITE_HELD_OUT_SUBJECTS = 10  # per site: held-out subjects of its profile (simulation only)
 
 
 def phantom_folder(cache: Path, config: Config, subjects: int, held_out: bool = False) -> Path:
-    """Phantom sites and public set (or a public held-out set), generated once and cached."""
+    """Phantom sites and public set, or held-out subjects of the same profiles (another
+    seed: subjects neither the checkpoint nor any site ever saw), generated once and cached.
+
+    The held-out folder holds public/ (VALIDATION_SUBJECTS, for per-round validation) and
+    site-1..K (SITE_HELD_OUT_SUBJECTS each, for the simulation-only site-domain check).
+    """
     from fedsynth.simulations.phantoms import PHANTOM_VERSION, generate_cohorts
 
     sites, seed = config.federation.sites, config.seed
     version = cache / "phantoms" / f"v{PHANTOM_VERSION}"  # a changed generator: new folders
-    if held_out:  # another seed: public-profile subjects the checkpoint never saw
-        sites, seed, folder = 1, seed + 1, version / f"held-out-seed{seed}"
+    if held_out:
+        folder = version / f"held-out-sites{sites}-seed{seed}"
+        count, public, draw = SITE_HELD_OUT_SUBJECTS, VALIDATION_SUBJECTS, seed + 1
     else:
         folder = version / f"sites{sites}-subjects{subjects}-seed{seed}"
+        count, public, draw = subjects, PUBLIC_SUBJECTS, seed
     if not (folder / f"site-{sites}" / "manifest.csv").is_file():
         print(f"[fedsynth] generating phantoms in {folder}", flush=True)
-        count = 1 if held_out else subjects
-        public = VALIDATION_SUBJECTS if held_out else None
-        generate_cohorts(folder, sites, count, seed, public_subjects=public, progress=False)
+        generate_cohorts(
+            folder, sites, count, draw, public_subjects=public, progress=False,
+            profile_seed=seed,
+        )  # fmt: skip
     return folder
 
 
@@ -49,5 +59,5 @@ def simulated_data(config: Config, cache: Path, subjects: int) -> SimulatedData:
         pretrain(config, phantoms / "public", checkpoint, show_progress=True)
     # a checkpoint cached before evaluation feature nets existed gets them from the same data
     ensure_feature_net(checkpoint, phantoms / "public", config, show_progress=True)
-    validation = phantom_folder(cache, config, subjects, held_out=True) / "public"
-    return SimulatedData(phantoms, checkpoint, validation)
+    held_out = phantom_folder(cache, config, subjects, held_out=True)
+    return SimulatedData(phantoms, checkpoint, held_out / "public", site_domain=held_out)

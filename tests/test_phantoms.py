@@ -252,3 +252,39 @@ def test_command_module_imports_light() -> None:
     code = "import sys, fedsynth.simulations.phantoms_cmd; print('nibabel' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_worker_processes_write_the_same_cohort(cohort, tmp_path, monkeypatch) -> None:
+    """Subjects drawn in worker processes (as for large sites) are the sequential ones."""
+    monkeypatch.setattr(phantoms, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(phantoms, "MAX_WORKERS", 2)
+    assert phantoms._workers(10) == min(2, len(__import__("os").sched_getaffinity(0)))
+    generate_cohorts(tmp_path, sites=3, subjects=2, seed=3, public_subjects=2, progress=False)
+    for folder in FOLDERS:
+        assert (tmp_path / folder / "manifest.csv").read_text() == (
+            cohort / folder / "manifest.csv"
+        ).read_text()
+        for row in read_manifest(cohort / folder):
+            ours, theirs = (
+                load(tmp_path / folder / row["image"])[0],
+                load(cohort / folder / row["image"])[0],
+            )
+            assert np.array_equal(ours, theirs), row["image"]
+
+
+def test_held_out_subjects_of_the_same_sites(tmp_path) -> None:
+    """Another subject seed with the same profile seed: new subjects, the same derived sites."""
+    first = phantoms.site_profiles(5, 0)
+    generate_cohorts(tmp_path, sites=5, subjects=1, seed=9, public_subjects=1, progress=False,
+                     profile_seed=0)  # fmt: skip
+    other = phantoms.site_profiles(5, 9)  # what seed 9 alone would have drawn
+    assert any(
+        (a.matrix, a.slices) != (b.matrix, b.slices)
+        for a, b in zip(first[3:], other[3:], strict=True)
+    )
+    shapes = {}
+    for k in (4, 5):
+        [row, _] = read_manifest(tmp_path / f"site-{k}")
+        shapes[k] = load(tmp_path / f"site-{k}" / row["image"])[0].shape
+        assert shapes[k][:2] == (first[k - 1].matrix, first[k - 1].matrix)
+        assert shapes[k][2] == first[k - 1].slices

@@ -1,0 +1,130 @@
+"""Federated finetuning in one process, for studies: the sites' own DP-SGD, then FedAvg.
+
+A study compares many finetunes (DP against none, one site against all, epsilon 1 against
+10), which through `flwr run` would each cost a SuperLink, a ClientApp per stage and a
+ledger. Here each round trains every site with the trainer a real site runs
+(`client.dp_trainer.train_round`, from the global weights, its own Poisson sampling and
+secure-mode noise) and adds the subject-weighted mean of their deltas, as the strategy's
+`mean_delta` does. A site's noise multiplier is planned once for the whole study, as a
+site that trains every round plans it (`client.budget`): the target epsilon over
+rounds x local steps at its sample rate; `private=False` trains the same steps with noise
+0 (still clipped), the non-private reference of the same computation.
+
+What differs from `flwr run`: no SecAgg+ (its quantisation changes a delta by at most
+clipping range / 2^bits per value), no ledger files and no refusals; a study that needs
+those runs `flwr run`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedsynth.client.budget import sample_rate
+from fedsynth.client.dp_trainer import train_round
+from fedsynth.client.latents import SiteLatents, site_latents
+from fedsynth.common.accountant import plan_noise
+from fedsynth.common.checkpoint import Pretrained
+from fedsynth.common.config import Config
+
+Weights = dict[str, torch.Tensor]
+Evaluate = Callable[[Weights], dict[str, float]]
+
+
+def load_sites(
+    pretrained: Pretrained, phantoms: Path, names: list[str], state_root: Path
+) -> dict[str, SiteLatents]:
+    """Each named site folder of `phantoms` encoded once by the public autoencoder and
+    cached under `state_root`/NAME (owner-only, as at a real site)."""
+    return {
+        name: site_latents(
+            pretrained, pretrained.folder, phantoms / name, state_root / name, show_progress=False
+        )
+        for name in names
+    }
+
+
+def subset(site: SiteLatents, subjects: int) -> SiteLatents:
+    """The site's first `subjects` subjects (all their volumes)."""
+    keep = site.subjects < subjects
+    return SiteLatents(site.latents[keep], site.attributes[keep], site.subjects[keep])
+
+
+def noise_multiplier(config: Config, subjects: int, private: bool = True) -> float:
+    """What a site of `subjects` subjects plans for the whole study (0 when not private)."""
+    if not private:
+        return 0.0
+    privacy = config.privacy
+    steps = config.federation.rounds * privacy.local_steps
+    return plan_noise(
+        privacy.target_epsilon, privacy.delta, sample_rate(privacy, subjects), steps,
+        privacy.accountant,
+    )  # fmt: skip
+
+
+@dataclass
+class FederatedRun:
+    """The global weights after the last round and each round's evaluation (round 0: the
+    starting weights)."""
+
+    weights: Weights
+    history: list[dict[str, float]] = field(default_factory=list)
+    noise: dict[str, float] = field(default_factory=dict)  # site -> noise multiplier
+    seconds: float = 0.0  # wall time of the DP-SGD, all sites and rounds
+
+
+def federate(
+    config: Config,
+    start: Weights,
+    unet: torch.nn.Module,
+    sites: Mapping[str, SiteLatents],
+    *,
+    private: bool = True,
+    evaluate: Evaluate | None = None,
+    seed: int = 0,
+    label: str = "",
+) -> FederatedRun:
+    """`config.federation.rounds` rounds of every site in `sites` from `start`.
+
+    `unet` is the ConditionedUNet the sites train (its weights are overwritten). Each site's
+    round is seeded from (seed, round, site) so that two calls with one seed differ only in
+    what the call changes. `evaluate(weights)` runs before round 1 and after each round.
+    Progress goes to stderr, one line per round, prefixed by `label`.
+    """
+    weights = {k: v.detach().clone() for k, v in start.items()}
+    noise = {
+        name: noise_multiplier(config, site.n_subjects, private) for name, site in sites.items()
+    }
+    run = FederatedRun(weights, noise=noise)
+    if evaluate is not None:
+        run.history.append(evaluate(weights))
+    for round_number in range(1, config.federation.rounds + 1):
+        started, deltas = time.perf_counter(), []
+        for k, (name, site) in enumerate(sites.items()):
+            unet.load_state_dict(weights)
+            train_round(
+                unet, site.latents, site.attributes, site.subjects, config, noise[name],
+                sample_rate(config.privacy, site.n_subjects), config.privacy.local_steps,
+                seed=seed * 1_000_003 + round_number * 1009 + k,
+            )  # fmt: skip
+            trained = unet.state_dict()
+            deltas.append((site.n_subjects, {key: trained[key] - weights[key] for key in weights}))
+        total = sum(n for n, _ in deltas)
+        for key, value in weights.items():
+            if value.is_floating_point():
+                change = sum(d[key].double() * (n / total) for n, d in deltas)
+                weights[key] = (value.double() + change).to(value.dtype)
+        run.seconds += time.perf_counter() - started
+        if evaluate is not None:
+            run.history.append(evaluate(weights))
+        print(
+            f"{label}round {round_number}/{config.federation.rounds} "
+            f"({run.seconds:.0f} s)", file=sys.stderr, flush=True,
+        )  # fmt: skip
+    run.weights = weights
+    return run

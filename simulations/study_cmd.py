@@ -1,0 +1,50 @@
+"""`fedsynth study NAME`: run one study on phantom sites; table on stdout, JSON and PNG saved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedsynth.common.cli import add_config_arguments, config_from_args
+
+HELP = "Run a study on phantom sites (dp-gap: how much of the non-private gain DP keeps)."
+NAMES = ("dp-gap",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=NAMES, help="which study")
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--subjects", type=int, default=None, metavar="N",
+        help="subjects per phantom site (default: as `flwr run .`)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", type=int, default=1, metavar="K", help="repeat with seeds 0..K-1 (1)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("studies"), metavar="DIR",
+        help="where NAME.json and NAME.png go (./studies)",
+    )  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the JSON, not the table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsynth.common.errors import FedsynthError
+    from fedsynth.common.io import atomic_write_text
+    from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
+    from fedsynth.simulations import studies
+
+    if args.seeds < 1:
+        raise FedsynthError(f"--seeds must be at least 1, got {args.seeds}")
+    subjects = DEFAULT_PHANTOM_SUBJECTS if args.subjects is None else args.subjects
+    if subjects < 2:
+        raise FedsynthError(f"--subjects must be at least 2, got {subjects}")
+    setup = studies.StudySetup(config_from_args(args), subjects, tuple(range(args.seeds)))
+    result = studies.STUDIES[args.name](setup)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
+    studies.plot_dp_gap(result, args.out / f"{args.name}.png")
+    print(json.dumps(result, indent=2) if args.json else studies.dp_gap_table(result))
+    print(f"study {args.name}: {result['seconds']:.0f} s; wrote {args.out}/{args.name}.json, .png")
+    return 0

@@ -1,0 +1,127 @@
+"""Simulation-only site-domain evaluation and the in-process federation studies use.
+
+The site-domain loss must move when (and only when) the model learns the site's data; the
+in-process federation must plan the noise a real site plans and average as the strategy
+does, or a study's "DP keeps X% of the gain" would compare different computations.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flwr.app import Context, RecordDict
+
+import fedsynth.server.server_app as server_app
+from fedsynth.client.budget import SiteBudget
+from fedsynth.client.client_app import app
+from fedsynth.client.dp_trainer import train_round
+from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.config import load_config
+from fedsynth.server.study import prepare
+from fedsynth.server.validation import SiteDomainLoss
+from fedsynth.simulations.federated import federate, load_sites, noise_multiplier, subset
+from fedsynth.simulations.loopback import LoopbackGrid, task_identity
+
+FAST = {"sampling.steps": 2, "device": "cpu", "training.finetune-learning-rate": 3e-3}
+
+
+@pytest.fixture
+def model(tiny_checkpoint):
+    return load_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture
+def sites(model, site_phantoms, tmp_path):
+    return load_sites(model, site_phantoms, ["site-1", "site-2"], tmp_path / "states")
+
+
+def test_site_domain_loss_is_repeatable_and_falls_when_the_model_learns_the_site(
+    one_thread, model, site_phantoms, sites
+):
+    config = load_config("tiny", {**FAST, "privacy.trainable": "all"})
+    check = SiteDomainLoss(model, site_phantoms, config)
+    assert list(check.sites) == ["site-1", "site-2", "site-3"]  # public/ is not a site
+    start = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    before = check(start)
+    assert check(start) == before  # same noise and timesteps: rounds are comparable
+    site = sites["site-1"]
+    train_round(model.unet, site.latents, site.attributes, site.subjects, config, 0.0, 1.0,
+                steps=30, seed=0)  # fmt: skip  # no noise, every subject each step
+    after = check({k: v.clone() for k, v in model.unet.state_dict().items()})
+    assert after["site-1"] < before["site-1"] - 0.02, (before, after)
+    broken = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
+              for k, v in start.items()}  # fmt: skip
+    assert all(b > before[s] for s, b in check(broken).items())
+
+
+def test_federation_plans_the_noise_a_real_site_plans(tmp_path):
+    config = load_config("default", {"federation.rounds": 4, "privacy.local-steps": 3})
+    for subjects in (20, 300):
+        site = SiteBudget("site-1", tmp_path / f"s{subjects}", 100.0)
+        planned = site.plan_round(config, subjects, 1).noise_multiplier
+        assert noise_multiplier(config, subjects) == pytest.approx(planned, rel=1e-6)
+    assert noise_multiplier(config, 20, private=False) == 0.0
+
+
+def test_federation_is_the_subject_weighted_mean_of_the_sites_rounds(one_thread, model, sites):
+    config = load_config("tiny", {**FAST, "federation.rounds": 1})
+    few = {"site-1": sites["site-1"], "site-2": subset(sites["site-2"], 2)}
+    assert few["site-2"].n_subjects == 2 and few["site-1"].n_subjects == 6
+    start = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    run = federate(config, start, model.unet, few, private=True, seed=5)
+    assert set(run.noise) == {"site-1", "site-2"} and all(v > 0 for v in run.noise.values())
+    # each site alone, as federate seeds it, then the 6:2 weighted mean of their deltas
+    trained = []
+    for k, (name, site) in enumerate(few.items()):
+        model.unet.load_state_dict(start)
+        train_round(
+            model.unet, site.latents, site.attributes, site.subjects, config, run.noise[name],
+            min(1.0, config.privacy.batch_size / site.n_subjects), config.privacy.local_steps,
+            seed=5 * 1_000_003 + 1009 + k,
+        )  # fmt: skip
+        trained.append({key: v.clone() for key, v in model.unet.state_dict().items()})
+    moved = 0
+    for key, value in start.items():
+        if not value.is_floating_point():
+            continue
+        expected = (
+            value.double()
+            + 0.75 * (trained[0][key].double() - value.double())
+            + 0.25 * (trained[1][key].double() - value.double())
+        )
+        assert torch.allclose(run.weights[key].double(), expected, atol=1e-6), key
+        moved += int(not torch.equal(run.weights[key], value))
+    assert moved > 0  # the trainable subset really changed
+
+
+def test_a_simulated_study_reports_site_domain_losses_every_round(
+    one_thread, tmp_path, tiny_checkpoint, site_phantoms, capsys
+):
+    run_config = {
+        "config": "tiny", "run-dir": str(tmp_path / "run"), "checkpoint": str(tiny_checkpoint),
+        "federation.rounds": 2, "federation.secure-aggregation": False, "sampling.steps": 2,
+        "validation-data": str(site_phantoms / "public"),
+    }  # fmt: skip
+    study = prepare(run_config)
+    assert study.site_domain is None  # real sites: nothing reads their data
+    from dataclasses import replace
+
+    study = replace(study, site_domain=site_phantoms)  # what a simulation adds
+    nodes = {k: {"data-path": str(site_phantoms / f"site-{k}"),
+                 "state-dir": str(tmp_path / f"state-{k}"), "site-name": f"site-{k}",
+                 "max-epsilon": 10.0, "require-secure-aggregation": False}
+             for k in (1, 2, 3)}  # fmt: skip
+    with task_identity():
+        summary = server_app.run_federation(
+            LoopbackGrid(app, nodes), study, Context(1, 0, {}, RecordDict(), {})
+        )
+    site_domain = summary["site_domain"]
+    assert "simulation only" in site_domain["note"]
+    assert sorted(site_domain["loss"]) == ["0", "1", "2"]  # 0: the public checkpoint
+    assert all(sorted(v) == ["site-1", "site-2", "site-3"] for v in site_domain["loss"].values())
+    assert json.loads((study.run_dir / "summary.json").read_text())["site_domain"] == site_domain
+    out = capsys.readouterr().out
+    assert "round 0 (public checkpoint): validation loss" in out
+    assert out.count("site-domain loss (simulation only) site-1") == 3
