@@ -27,6 +27,8 @@ from fedsynth.common.data import MANIFEST, check_site, open_site
 from fedsynth.common.io import atomic_path, private_dir
 from fedsynth.common.progress import progress
 
+ENCODE_BATCH = 16  # volumes per autoencoder call (one shape: data.shape)
+
 
 @dataclass
 class SiteLatents:
@@ -94,10 +96,12 @@ def site_latents(
     subject_of = {row: s for s, rows in enumerate(dataset.subject_rows) for row in rows}
     device = next(pretrained.autoencoder.parameters()).device
     latents, attributes = [], []
-    for i in progress(range(len(dataset)), "encode site", show_progress):
-        volume, values = dataset[i]
-        latents.append(pretrained.encode(volume[None].to(device)).cpu())
-        attributes.append(values)
+    batches = torch.arange(len(dataset)).split(ENCODE_BATCH)
+    for rows in progress(batches, "encode site", show_progress):
+        items = [dataset[int(i)] for i in rows]
+        volumes = torch.stack([volume for volume, _ in items]).to(device)
+        latents.append(pretrained.encode(volumes).cpu())
+        attributes += [values for _, values in items]
     cached = SiteLatents(
         torch.cat(latents),
         torch.stack(attributes),
