@@ -39,10 +39,13 @@ if TYPE_CHECKING:
 
 LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
+SITE_DOMAIN_FIDELITY = "site-domain-fidelity.json"  # in validation/, simulation only
 SITE_DOMAIN_NOTE = (
     "simulation only: the global model's diffusion loss (fixed noise) on held-out phantom "
-    "subjects of each site's profile; a real study cannot measure this without the sites "
-    "spending privacy on it, and fedsynth offers no such path"
+    "subjects of each site's profile by round (0: the public checkpoint) and, at the end, "
+    "the Frechet distance and kernel MMD^2 (evaluation features) of volumes sampled for "
+    "their attributes; a real study cannot measure this without the sites spending "
+    "privacy on it, and fedsynth offers no such path"
 )
 STATE = "state.json"
 
@@ -137,6 +140,9 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
     }
     if sites:
         summary["site_domain"] = {"note": SITE_DOMAIN_NOTE, "loss": sites}
+        fidelity = validation_dir(study) / SITE_DOMAIN_FIDELITY
+        if fidelity.is_file():
+            summary["site_domain"]["fidelity"] = json.loads(fidelity.read_text())
     atomic_write_text(study.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 

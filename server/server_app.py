@@ -46,6 +46,7 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
         workflow = DefaultWorkflow(fit_workflow=RoundFit(fit, strategy))
         legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy)
         workflow(grid, legacy)
+    strategy.site_domain_fidelity(done + strategy.settled)
     return write_summary(study, done + strategy.settled, strategy.over)
 
 

@@ -47,6 +47,7 @@ from flwr.serverapp import Grid
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import to_dict
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.feature_net import load_feature_nets
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.ledger import read_ledger
 from fedsynth.common.models import resolve_device
@@ -58,7 +59,13 @@ from fedsynth.server.privacy_ledger import (
     reconcile,
     site_is_spent,
 )
-from fedsynth.server.run_dir import LEDGER, save_round, validation_dir, write_summary
+from fedsynth.server.run_dir import (
+    LEDGER,
+    SITE_DOMAIN_FIDELITY,
+    save_round,
+    validation_dir,
+    write_summary,
+)
 from fedsynth.server.secure_aggregation import secagg_settings
 from fedsynth.server.site_replies import (
     BadReply,
@@ -68,7 +75,7 @@ from fedsynth.server.site_replies import (
     trained_reply,
 )
 from fedsynth.server.study import Study
-from fedsynth.server.validation import SiteDomainLoss, Validator, validation_text
+from fedsynth.server.validation import SiteDomain, Validator, validation_text
 
 NODE_WAIT_S = 120.0
 READY_TIMEOUT_S = 120.0
@@ -121,7 +128,8 @@ class StudyStrategy(FedAvg):
                 if self.validator is not None
                 else load_pretrained(study.checkpoint, resolve_device(study.config.device))
             )
-            self.site_domain = SiteDomainLoss(pretrained, study.site_domain, study.config)
+            self.public_weights = {k: v.clone() for k, v in pretrained.unet.state_dict().items()}
+            self.site_domain = SiteDomain(pretrained, study.site_domain, study.config)
 
     def _parameters(self) -> Parameters:
         return ndarrays_to_parameters([self.weights[k].numpy() for k in self.keys])
@@ -335,6 +343,26 @@ class StudyStrategy(FedAvg):
                 change = torch.from_numpy(np.asarray(value, np.float64).reshape(old.shape))
                 self.weights[key] = (old.double() + change).to(old.dtype)
 
+    def site_domain_fidelity(self, round_number: int) -> None:
+        """Simulation only, at the end of a study: samples of the public checkpoint and of
+        round `round_number` against each site's held-out volumes (validation/FIDELITY)."""
+        if self.site_domain is None or round_number < 1:
+            return
+        nets = load_feature_nets(self.study.checkpoint)
+        _say("site-domain fidelity (simulation only): sampling the public and the final model")
+        result = {
+            "0": self.site_domain.fidelity(self.public_weights, nets),
+            str(round_number): self.site_domain.fidelity(self.weights, nets),
+        }
+        path = validation_dir(self.study) / SITE_DOMAIN_FIDELITY
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        for site, final in result[str(round_number)].items():
+            start = result["0"][site]
+            _say(
+                f"{site} Frechet distance to held-out volumes (3D features): public checkpoint "
+                f"{start['frechet_3d']:.3f}, round {round_number} {final['frechet_3d']:.3f}"
+            )
+
     def validate(self, round_number: int) -> dict:
         """Held-out public loss and montage, and (simulation only) site-domain losses; kept
         next to the round's checkpoint. Returns the round's entry ({} when neither)."""
@@ -345,7 +373,7 @@ class StudyStrategy(FedAvg):
         if self.validator is not None:
             entry["loss"] = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
         if self.site_domain is not None:
-            entry["site_domain"] = self.site_domain(self.weights)
+            entry["site_domain"] = self.site_domain.loss(self.weights)
         atomic_write_text(folder / f"round-{round_number:03d}.json", json.dumps(entry) + "\n")
         return entry
 

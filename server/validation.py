@@ -9,7 +9,8 @@ volumes, so a reader can see whether finetuning improves or damages anatomy.
 
 Public data cannot tell whether the sites' data helped. A simulation knows its sites'
 profiles, so it draws held-out phantom subjects of each (another seed: no site trained on
-them) and `SiteDomainLoss` measures the global model on them every round. Only a
+them) and `SiteDomain` measures the global model on them every round (and its samples at
+the end of a study). Only a
 simulation can: in a real study the sites' data never reaches the coordinator, and a
 site that measured this on its own data would have to spend privacy to report it. Nothing
 here offers that for real sites (server/study.py sets `site_domain` only from a simulation).
@@ -32,6 +33,8 @@ from fedsynth.common.diffusion import (
     sampling_scheduler,
     training_scheduler,
 )
+from fedsynth.common.evaluation import fidelity
+from fedsynth.common.feature_net import FeatureNets
 from fedsynth.common.models import latent_shape, resolve_device
 from fedsynth.common.sampling import montage, volume_title
 
@@ -41,12 +44,14 @@ SITE_DOMAIN_DRAWS = 8  # stratified fixed (noise, timestep) draws per site-domai
 
 
 def _encoded(pretrained: Pretrained, folder: Path, config: Config):
-    """(latents (N, C, h, w, d), attributes (N, A), manifest) of a folder's volumes."""
+    """(volumes (N, 1, H, W, D), latents (N, C, h, w, d), attributes (N, A), manifest) of a
+    folder's volumes."""
     dataset, manifest = open_site(folder, config.data, show_progress=False)
     items = [dataset[i] for i in range(len(dataset))]
     device = next(pretrained.autoencoder.parameters()).device
-    latents = torch.cat([pretrained.encode(v[None].to(device)) for v, _ in items])
-    return latents, torch.stack([a for _, a in items]).to(device), manifest
+    volumes = torch.stack([v for v, _ in items])
+    latents = torch.cat([pretrained.encode(v[None].to(device)) for v in volumes])
+    return volumes, latents, torch.stack([a for _, a in items]).to(device), manifest
 
 
 def _site_number(folder: Path) -> int:
@@ -54,12 +59,14 @@ def _site_number(folder: Path) -> int:
     return int(suffix) if suffix.isdigit() else -1
 
 
-class SiteDomainLoss:
-    """Simulation only: the model's fixed-noise diffusion loss on held-out subjects of each
-    site's profile (`folder`/site-1..K, as the phantom generator writes them).
+class SiteDomain:
+    """Simulation only: the model measured on held-out subjects of each site's profile
+    (`folder`/site-1..K, as the phantom generator writes them).
 
-    Lower is better; compare a round with round 0 (the public checkpoint). Each call uses
-    the same noise and timesteps (seeded by config.seed), so rounds are comparable.
+    `loss`: the fixed-noise diffusion loss, lower is better; compare a round with round 0
+    (the public checkpoint). Each call uses the same noise and timesteps (seeded by
+    config.seed), so rounds are comparable. `fidelity`: one volume sampled for each held-out
+    volume's attributes, against those volumes in the evaluation feature spaces.
     """
 
     def __init__(self, pretrained: Pretrained, folder: Path, config: Config) -> None:
@@ -69,12 +76,16 @@ class SiteDomainLoss:
             key=_site_number,
         )
         self.config, self.seed = config, config.seed
-        self.sites = {f.name: _encoded(pretrained, f, config)[:2] for f in sites}
+        self.sites = {f.name: _encoded(pretrained, f, config)[:3] for f in sites}
 
-    def __call__(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Mean loss of the UNet `weights` per site name, over its held-out volumes."""
+    def _load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         unet = self.pretrained.unet
         unet.load_state_dict(weights)
+        return unet.eval()
+
+    def loss(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Mean loss of the UNet `weights` per site name, over its held-out volumes."""
+        unet = self._load(weights)
         return {
             site: float(
                 fixed_noise_losses(
@@ -82,8 +93,32 @@ class SiteDomainLoss:
                     SITE_DOMAIN_DRAWS,
                 ).mean()
             )
-            for site, (latents, attributes) in self.sites.items()
+            for site, (_, latents, attributes) in self.sites.items()
         }  # fmt: skip
+
+    @torch.no_grad()
+    def fidelity(self, weights: dict[str, torch.Tensor], nets: FeatureNets) -> dict[str, dict]:
+        """Per site: Frechet distance and kernel MMD^2 (volume and slice features) between
+        the held-out volumes and as many sampled for their attributes (DDIM with the
+        config's steps and guidance, seeded by config.seed)."""
+        unet, sampling = self._load(weights), self.config.sampling
+        chain = sampling_scheduler(self.config.diffusion, sampling.scheduler, sampling.steps)
+        out = {}
+        for site, (volumes, _, attributes) in self.sites.items():
+            generator = torch.Generator(attributes.device).manual_seed(self.seed)
+            synthetic = torch.cat([
+                self.pretrained.decode(
+                    sample_latents(unet, chain, batch, latent_shape(self.config),
+                                   sampling.guidance_scale, generator)
+                ).clamp(0, 1).cpu()
+                for batch in attributes.split(sampling.batch_size)
+            ])  # fmt: skip
+            out[site] = {}
+            for key, features in (("3d", nets.volume_features), ("2d", nets.slice_features)):
+                measured = fidelity(features(volumes), features(synthetic), self.seed)
+                out[site][f"frechet_{key}"] = measured["frechet_distance"]
+                out[site][f"mmd2_{key}"] = measured["mmd2"]
+        return out
 
 
 class Validator:
@@ -93,7 +128,7 @@ class Validator:
         self.pretrained = load_pretrained(checkpoint, resolve_device(config.device))
         self.config, self.seed = config, config.seed
         self.device = next(self.pretrained.unet.parameters()).device
-        self.latents, self.attributes, manifest = _encoded(self.pretrained, data, config)
+        _, self.latents, self.attributes, manifest = _encoded(self.pretrained, data, config)
         self.rows = [dict(r.attributes) for r in manifest.records][:MONTAGE_VOLUMES]
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from pathlib import Path
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import Config, to_dict
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, cache_dir
-from fedsynth.server.validation import SiteDomainLoss
+from fedsynth.server.validation import SiteDomain
 from fedsynth.simulations.federated import federate, load_sites
 from fedsynth.simulations.study_data import simulated_data
 
@@ -54,7 +54,7 @@ def dp_gap(setup: StudySetup) -> dict:
     sites = load_sites(
         pretrained, data.phantoms, names, cache / "studies" / "sites" / data.phantoms.name
     )
-    check = SiteDomainLoss(pretrained, data.site_domain, config)
+    check = SiteDomain(pretrained, data.site_domain, config).loss
     start = {k: v.clone() for k, v in pretrained.unet.state_dict().items()}
     runs = []
     for seed in setup.seeds:

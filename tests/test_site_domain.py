@@ -20,7 +20,7 @@ from fedsynth.client.dp_trainer import train_round
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import load_config
 from fedsynth.server.study import prepare
-from fedsynth.server.validation import SiteDomainLoss
+from fedsynth.server.validation import SiteDomain
 from fedsynth.simulations.federated import federate, load_sites, noise_multiplier, subset
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
@@ -41,8 +41,9 @@ def test_site_domain_loss_is_repeatable_and_falls_when_the_model_learns_the_site
     one_thread, model, site_phantoms, sites
 ):
     config = load_config("tiny", {**FAST, "privacy.trainable": "all"})
-    check = SiteDomainLoss(model, site_phantoms, config)
-    assert list(check.sites) == ["site-1", "site-2", "site-3"]  # public/ is not a site
+    domain = SiteDomain(model, site_phantoms, config)
+    check = domain.loss
+    assert list(domain.sites) == ["site-1", "site-2", "site-3"]  # public/ is not a site
     start = {k: v.clone() for k, v in model.unet.state_dict().items()}
     before = check(start)
     assert check(start) == before  # same noise and timesteps: rounds are comparable
@@ -122,6 +123,12 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     assert sorted(site_domain["loss"]) == ["0", "1", "2"]  # 0: the public checkpoint
     assert all(sorted(v) == ["site-1", "site-2", "site-3"] for v in site_domain["loss"].values())
     assert json.loads((study.run_dir / "summary.json").read_text())["site_domain"] == site_domain
+    fidelity = site_domain["fidelity"]  # samples of the public and the final model
+    assert sorted(fidelity) == ["0", "2"]
+    for measured in fidelity.values():
+        assert sorted(measured) == ["site-1", "site-2", "site-3"]
+        assert all(v["frechet_3d"] > 0 and v["frechet_2d"] > 0 for v in measured.values())
+    assert fidelity["0"] != fidelity["2"]  # the trained model's samples differ
     out = capsys.readouterr().out
     assert "round 0 (public checkpoint): validation loss" in out
     assert out.count("site-domain loss (simulation only) site-1") == 3
