@@ -216,7 +216,7 @@ class PrivacyConfig:
     sample_rate: float | None = _checked(between(0, 1, low_open=True))
     local_steps: int = _checked(positive)
     max_physical_batch_size: int = _checked(positive)
-    trainable: Literal["all", "attention"] = _checked()
+    trainable: Literal["all", "attention", "norms"] = _checked()
     grad_sample_mode: Literal["functorch", "hooks", "ghost"] = _checked()
 
     def validate(self) -> list[tuple[str, str]]:

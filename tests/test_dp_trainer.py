@@ -150,7 +150,7 @@ def test_bad_inputs_are_refused(tiny_config):
 
 
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
-@pytest.mark.parametrize("trainable", ["all", "attention"])
+@pytest.mark.parametrize("trainable", ["all", "attention", "norms"])
 def test_per_subject_gradients_match_a_loop_over_subjects(tiny_config, mode, trainable):
     config = with_privacy(with_dropout(tiny_config), grad_sample_mode=mode, trainable=trainable)
     unet = awake_unet(config)
@@ -500,10 +500,19 @@ def test_big_logical_batches_split_into_physical_ones_with_one_noise_draw(tiny_c
     assert updates[0].norm() > 50 * sampled * clip
 
 
-def test_attention_subset_leaves_other_weights_bit_identical(tiny_config):
+def norm_names(unet: torch.nn.Module) -> set[str]:
+    """The parameters of normalisation layers (by module type, not by name) and tokens."""
+    names = {n for n, _ in unet.named_parameters() if n.startswith("tokens.")}
+    for prefix, module in unet.named_modules():
+        if isinstance(module, torch.nn.GroupNorm | torch.nn.LayerNorm):
+            names |= {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+    return names
+
+
+def test_a_subset_leaves_other_weights_bit_identical(tiny_config):
     latents, attributes = site_data(tiny_config)
-    changed = {}
-    for trainable in ("attention", "all"):
+    changed, counted = {}, {}
+    for trainable in ("attention", "norms", "all"):
         config = with_privacy(tiny_config, trainable=trainable)
         unet = awake_unet(config)
         before = {n: p.detach().clone() for n, p in unet.named_parameters()}
@@ -522,14 +531,18 @@ def test_attention_subset_leaves_other_weights_bit_identical(tiny_config):
         changed[trainable] = {
             n for n, p in unet.named_parameters() if not torch.equal(p, before[n])
         }
-        assert result.trainable_parameters == sum(
-            before[n].numel() for n in before if trainable == "all" or is_attention(n)
-        )
+        counted[trainable] = result.trainable_parameters
     names = set(before)
     attention = {n for n in names if is_attention(n)}
+    norms = norm_names(unet)
     assert "tokens.scale" in attention and any("attn2.to_k" in n for n in attention)
+    assert any(".norm1.weight" in n for n in norms) and any("out.0.bias" in n for n in norms)
     assert changed["attention"] == attention
+    assert changed["norms"] == norms
     assert changed["all"] == names
+    for trainable, subset in (("attention", attention), ("norms", norms), ("all", names)):
+        assert counted[trainable] == sum(before[n].numel() for n in subset)
+    assert counted["norms"] < counted["attention"] < counted["all"]
 
 
 def test_exported_weights_are_a_plain_unet_and_rounds_are_deterministic(tiny_config):

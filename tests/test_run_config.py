@@ -93,3 +93,10 @@ def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_che
         with pytest.raises(FedsynthError, match=f"this study's {key} is .* fixed when it started"):
             prepare({**resume, key: value})
     assert prepare({**run_config, "run-dir": str(tmp_path / "new"), "privacy.delta": "0.04"})
+
+
+def test_phantom_site_size_has_one_default():
+    """`flwr run .` and `fedsynth study` simulate sites of the same size by default."""
+    from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
+
+    assert declared()["phantom-subjects"] == DEFAULT_PHANTOM_SUBJECTS
