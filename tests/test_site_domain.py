@@ -132,3 +132,33 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     out = capsys.readouterr().out
     assert "round 0 (public checkpoint): validation loss" in out
     assert out.count("site-domain loss (simulation only) site-1") == 3
+
+
+def test_dp_gap_study_compares_dp_with_the_same_steps_without_noise(one_thread, tmp_path):
+    """`fedsynth study dp-gap` end to end on a tiny simulation (its own cache)."""
+    from PIL import Image
+
+    from fedsynth.common.cli import main
+
+    out = tmp_path / "out"
+    argv = ["study", "dp-gap", "--config", "tiny", "--subjects", "4", "--out", str(out),
+            "-c", f"paths.cache-dir={tmp_path / 'cache'}", "-c", "federation.rounds=2",
+            "-c", "training.finetune-learning-rate=1e-2",
+            "-c", "privacy.trainable=norms"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "dp-gap.json").read_text())
+    [run] = result["runs"]
+    dp, reference = run["dp"], run["nonprivate"]
+    assert len(dp["loss"]) == len(reference["loss"]) == 3  # round 0 and two rounds
+    assert dp["loss"][0] == reference["loss"][0]  # both start from the public checkpoint
+    assert all(v > 0 for v in dp["noise"].values()) and set(reference["noise"].values()) == {0}
+    assert dp["loss"][-1] != reference["loss"][-1]
+    for site, share in run["share"].items():
+        public, private, plain = (
+            dp["loss"][0][site],
+            dp["loss"][-1][site],
+            reference["loss"][-1][site],
+        )
+        assert share == pytest.approx((public - private) / (public - plain))
+    assert result["subjects_per_site"] == 4 and result["config"]["privacy"]["trainable"] == "norms"
+    assert Image.open(out / "dp-gap.png").size[0] > 600
