@@ -33,7 +33,7 @@ RESERVED = (
     "secagg-clipping-range", "secagg-max-weight",
 )  # fmt: skip
 CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
-DEFAULT_PHANTOM_SUBJECTS = 20  # subjects per simulated site (run config phantom-subjects)
+DEFAULT_PHANTOM_SUBJECTS = 300  # subjects per simulated site (run config phantom-subjects)
 
 
 @dataclass(frozen=True)

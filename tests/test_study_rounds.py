@@ -23,14 +23,15 @@ from fedsynth.server.privacy_ledger import charged_epsilon
 from fedsynth.server.study import Study
 from fedsynth.simulations.loopback import LoopbackGrid, secagg_stage, task_identity
 
-SUBJECTS = {1: 20, 2: 20, 3: 20}  # the default study's phantom sites: q = 16/20 = 0.8
+SUBJECTS = {1: 20, 2: 20, 3: 20}  # small sites, 16 subjects a step: q = 16/20 = 0.8
 SHAPES = {"w": (3, 4), "b": (2,)}
 
 
 def _study(tmp_path, rounds, secure, per_round=3, resume=False, **extra) -> Study:
     overrides = {"federation.sites": 3, "federation.sites-per-round": per_round,
                  "federation.rounds": rounds, "federation.secure-aggregation": secure,
-                 "federation.min-sites": 2, **extra}  # fmt: skip
+                 "federation.min-sites": 2, "privacy.batch-size": 16,
+                 "privacy.local-steps": 10, **extra}  # fmt: skip
     config = load_config("default", overrides)
     checkpoint = tmp_path / "pretrained"
     if not checkpoint.is_dir():
@@ -345,7 +346,8 @@ def test_the_secagg_threshold_follows_the_ready_sites(tmp_path, monkeypatch):
     study = _study(tmp_path, 1, True, per_round=3)
     config = load_config("default", {"federation.sites": 3, "federation.sites-per-round": 3,
                                      "federation.rounds": 1, "federation.min-sites": 2,
-                                     "federation.secure-aggregation": True})  # fmt: skip
+                                     "federation.secure-aggregation": True,
+                                     "privacy.batch-size": 16})  # fmt: skip
     assert config.federation.sites_per_round // 2 + 1 == 2  # majority of 3 is 2: force 3
     study = Study(config, study.run_dir, None, study.checkpoint, False, 4.0, 20.0)
     sites = _sites(tmp_path)
