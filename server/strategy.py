@@ -351,7 +351,7 @@ class StudyStrategy(FedAvg):
         nets = load_feature_nets(self.study.checkpoint)
         _say("site-domain fidelity (simulation only): sampling the public and the final model")
         result = {
-            "0": self.site_domain.fidelity(self.public_weights, nets),
+            "0": self.site_domain.public_fidelity(self.public_weights, nets),
             str(round_number): self.site_domain.fidelity(self.weights, nets),
         }
         path = validation_dir(self.study) / SITE_DOMAIN_FIDELITY

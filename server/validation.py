@@ -18,12 +18,15 @@ here offers that for real sites (server/study.py sets `site_domain` only from a 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fedsynth.common.checkpoint import Pretrained, load_pretrained
+from fedsynth.common.checkpoint import UNET, Pretrained, file_sha256, load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.data import open_site
 from fedsynth.common.diffusion import (
@@ -34,7 +37,8 @@ from fedsynth.common.diffusion import (
     training_scheduler,
 )
 from fedsynth.common.evaluation import fidelity
-from fedsynth.common.feature_net import FeatureNets
+from fedsynth.common.feature_net import FeatureNets, feature_net_path
+from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import latent_shape, resolve_device
 from fedsynth.common.sampling import montage, volume_title
 
@@ -75,7 +79,7 @@ class SiteDomain:
             (f for f in Path(folder).iterdir() if f.is_dir() and _site_number(f) > 0),
             key=_site_number,
         )
-        self.config, self.seed = config, config.seed
+        self.config, self.seed, self.folder = config, config.seed, Path(folder)
         self.sites = {f.name: _encoded(pretrained, f, config)[:3] for f in sites}
 
     def _load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -106,19 +110,35 @@ class SiteDomain:
         out = {}
         for site, (volumes, _, attributes) in self.sites.items():
             generator = torch.Generator(attributes.device).manual_seed(self.seed)
-            synthetic = torch.cat([
-                self.pretrained.decode(
-                    sample_latents(unet, chain, batch, latent_shape(self.config),
-                                   sampling.guidance_scale, generator)
-                ).clamp(0, 1).cpu()
-                for batch in attributes.split(sampling.batch_size)
-            ])  # fmt: skip
+            latents = sample_latents(  # a site's few held-out volumes in one batch
+                unet, chain, attributes, latent_shape(self.config), sampling.guidance_scale,
+                generator,
+            )  # fmt: skip
+            synthetic = self.pretrained.decode(latents).clamp(0, 1).cpu()
             out[site] = {}
             for key, features in (("3d", nets.volume_features), ("2d", nets.slice_features)):
                 measured = fidelity(features(volumes), features(synthetic), self.seed)
                 out[site][f"frechet_{key}"] = measured["frechet_distance"]
                 out[site][f"mmd2_{key}"] = measured["mmd2"]
         return out
+
+    def public_fidelity(self, weights: dict[str, torch.Tensor], nets: FeatureNets) -> dict:
+        """`fidelity` of the public checkpoint's `weights`, computed once per checkpoint,
+        sampling settings and seed, and kept next to the held-out subjects (a simulation's
+        cache): every study of one simulation starts from it."""
+        facts = {
+            "unet": file_sha256(self.pretrained.folder / UNET),
+            "feature_net": file_sha256(feature_net_path(self.pretrained.folder)),
+            "sampling": dataclasses.asdict(self.config.sampling),
+            "seed": self.seed,
+        }
+        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+        path = self.folder / f".public-fidelity-{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = self.fidelity(weights, nets)
+        atomic_write_text(path, json.dumps(result) + "\n", PUBLIC_MODE)
+        return result
 
 
 class Validator:

@@ -129,6 +129,8 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
         assert sorted(measured) == ["site-1", "site-2", "site-3"]
         assert all(v["frechet_3d"] > 0 and v["frechet_2d"] > 0 for v in measured.values())
     assert fidelity["0"] != fidelity["2"]  # the trained model's samples differ
+    [cached] = site_phantoms.glob(".public-fidelity-*.json")  # the public one, kept for reuse
+    assert json.loads(cached.read_text()) == fidelity["0"]
     out = capsys.readouterr().out
     assert "round 0 (public checkpoint): validation loss" in out
     assert out.count("site-domain loss (simulation only) site-1") == 3
