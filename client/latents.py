@@ -92,7 +92,9 @@ def site_latents(
         return SiteLatents(**load_torch(path))
     for stale in state_dir.glob("latents-*.pt"):  # of older data or another checkpoint
         stale.unlink()  # first: a withdrawn subject's latents go even if encoding fails
-    dataset, _ = open_site(data_path, pretrained.config.data, show_progress=show_progress)
+    dataset, _ = open_site(
+        data_path, pretrained.config.data, show_progress=show_progress, keep_volumes=True
+    )
     subject_of = {row: s for s, rows in enumerate(dataset.subject_rows) for row in rows}
     device = next(pretrained.autoencoder.parameters()).device
     latents, attributes = [], []

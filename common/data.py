@@ -56,6 +56,8 @@ class Record:
     subject: str
     attributes: Mapping[str, float]
     label: Path | None = None  # the optional `label` column: a label map (public phantoms)
+    # the model's input as the check read it (read_images): SiteDataset reads no file twice
+    volume: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -354,12 +356,19 @@ def _read_manifest(root: Path, data_cfg: DataConfig) -> tuple[list[str], list[di
 
 
 def check_site(
-    root: str | Path, data_cfg: DataConfig, *, read_images: bool = True, show_progress: bool = True
+    root: str | Path,
+    data_cfg: DataConfig,
+    *,
+    read_images: bool = True,
+    show_progress: bool = True,
+    keep_volumes: bool = False,
 ) -> SiteManifest:
     """Check every manifest row of a site folder; usable rows become Records.
 
     With `read_images`, each volume is read fully and run through the model's transform,
-    so a usable row is one training will not trip over.
+    so a usable row is one training will not trip over; with `keep_volumes` too, each
+    Record keeps that transformed volume (data.shape floats per row, held in memory) so
+    that reading the site again (encoding it once) needs no second read of any file.
     """
     root = Path(root).expanduser().resolve()
     header, rows = _read_manifest(root, data_cfg)
@@ -393,9 +402,11 @@ def check_site(
             if path in seen_paths:
                 raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
             seen_paths[path] = number
+            volume = None
             if read_images:
                 _, notes = open_nifti(path, data_cfg.max_voxels)
-                load_volume(path, transform)
+                checked = load_volume(path, transform)
+                volume = checked if keep_volumes else None
                 digest = _file_digest(path)
                 if digest in seen_content:
                     raise ValueError(f"duplicate of row {seen_content[digest]} (identical file)")
@@ -407,7 +418,7 @@ def check_site(
             reason = f"could not be read ({_root_cause(exc, path)})"
             result.rejected.append(Rejection(row=number, file=file, reason=reason))
             continue
-        result.records.append(Record(number, path, subject, values, label_path))
+        result.records.append(Record(number, path, subject, values, label_path, volume))
         result.warnings += [f"row {number} ({file}): {note}" for note in notes]
     return result
 
@@ -461,18 +472,27 @@ class SiteDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         record = self.records[i]
+        volume = record.volume
         try:
-            volume = load_volume(record.image, self.transform)
+            if volume is None:  # a manifest checked without reading images
+                volume = load_volume(record.image, self.transform)
         except VolumeError as exc:  # changed on disk since the check
             raise FedsynthError(f"{record.image} (row {record.row}): {exc}") from None
         return volume, torch.from_numpy(scale_attributes(record.attributes, self.attributes))
 
 
 def open_site(
-    root: str | Path, data_cfg: DataConfig, *, show_progress: bool = True
+    root: str | Path,
+    data_cfg: DataConfig,
+    *,
+    show_progress: bool = True,
+    keep_volumes: bool = False,
 ) -> tuple[SiteDataset, SiteManifest]:
-    """Check a site folder and wrap its usable rows; refuse a site with none."""
-    manifest = check_site(root, data_cfg, show_progress=show_progress)
+    """Check a site folder and wrap its usable rows; refuse a site with none.
+
+    `keep_volumes`: hold the checked volumes in memory (see `check_site`), for a caller
+    that reads every item once right away."""
+    manifest = check_site(root, data_cfg, show_progress=show_progress, keep_volumes=keep_volumes)
     if not manifest.records:
         reasons = sorted({r.reason for r in manifest.rejected})
         raise FedsynthError(

@@ -45,12 +45,13 @@ from fedsynth.common.sampling import montage, volume_title
 LOSS_DRAWS = 4  # noise/timestep draws per held-out volume (fixed across rounds)
 MONTAGE_VOLUMES = 4
 SITE_DOMAIN_DRAWS = 8  # stratified fixed (noise, timestep) draws per site-domain volume
+FIDELITY_VOLUMES = 10  # per site: the first held-out volumes (5 subjects, ED + ES) sampled
 
 
 def _encoded(pretrained: Pretrained, folder: Path, config: Config):
     """(volumes (N, 1, H, W, D), latents (N, C, h, w, d), attributes (N, A), manifest) of a
     folder's volumes."""
-    dataset, manifest = open_site(folder, config.data, show_progress=False)
+    dataset, manifest = open_site(folder, config.data, show_progress=False, keep_volumes=True)
     items = [dataset[i] for i in range(len(dataset))]
     device = next(pretrained.autoencoder.parameters()).device
     volumes = torch.stack([v for v, _ in items])
@@ -103,12 +104,14 @@ class SiteDomain:
     @torch.no_grad()
     def fidelity(self, weights: dict[str, torch.Tensor], nets: FeatureNets) -> dict[str, dict]:
         """Per site: Frechet distance and kernel MMD^2 (volume and slice features) between
-        the held-out volumes and as many sampled for their attributes (DDIM with the
-        config's steps and guidance, seeded by config.seed)."""
+        the first FIDELITY_VOLUMES held-out volumes and as many sampled for their attributes
+        (DDIM with the config's steps and guidance, seeded by config.seed). A small cohort:
+        the distances compare models on one set, they are not a release's evaluation."""
         unet, sampling = self._load(weights), self.config.sampling
         chain = sampling_scheduler(self.config.diffusion, sampling.scheduler, sampling.steps)
         out = {}
-        for site, (volumes, _, attributes) in self.sites.items():
+        for site, (real, _, conditions) in self.sites.items():
+            volumes, attributes = real[:FIDELITY_VOLUMES], conditions[:FIDELITY_VOLUMES]
             generator = torch.Generator(attributes.device).manual_seed(self.seed)
             latents = sample_latents(  # a site's few held-out volumes in one batch
                 unet, chain, attributes, latent_shape(self.config), sampling.guidance_scale,

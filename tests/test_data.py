@@ -363,3 +363,26 @@ def test_site_check_cli_refuses_a_duplicated_column_in_one_line(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
     assert proc.stderr.strip().endswith("column 'phase' appears twice; keep one")
+
+
+def test_a_site_opened_to_be_encoded_reads_each_file_once(tmp_path, monkeypatch):
+    """keep_volumes: the checked volumes are the ones the dataset gives, with no re-read."""
+    from fedsynth.common import data as data_module
+    from fedsynth.simulations.phantoms import generate_cohorts
+
+    generate_cohorts(tmp_path, sites=1, subjects=2, seed=1, public_subjects=1, progress=False)
+    from fedsynth.common.config import load_config
+
+    config = load_config("tiny").data
+    plain, _ = data_module.open_site(tmp_path / "site-1", config, show_progress=False)
+    expected = [plain[i] for i in range(len(plain))]  # read from the files again
+    reads = []
+    original = data_module.load_volume
+    monkeypatch.setattr(data_module, "load_volume", lambda *a: reads.append(a) or original(*a))
+    kept, _ = data_module.open_site(
+        tmp_path / "site-1", config, show_progress=False, keep_volumes=True
+    )
+    assert len(reads) == len(kept) == 4  # the check's reads only
+    for i, (volume, attributes) in enumerate(expected):
+        assert torch.equal(kept[i][0], volume) and torch.equal(kept[i][1], attributes)
+    assert len(reads) == 4  # and none while iterating
