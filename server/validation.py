@@ -134,6 +134,7 @@ class SiteDomain:
             "feature_net": file_sha256(feature_net_path(self.pretrained.folder)),
             "sampling": dataclasses.asdict(self.config.sampling),
             "seed": self.seed,
+            "volumes": FIDELITY_VOLUMES,
         }
         key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
         path = self.folder / f".public-fidelity-{key}.json"
