@@ -40,11 +40,10 @@ def load_sites(
     pretrained: Pretrained, phantoms: Path, names: list[str], state_root: Path
 ) -> dict[str, SiteLatents]:
     """Each named site folder of `phantoms` encoded once by the public autoencoder and
-    cached under `state_root`/NAME (owner-only, as at a real site)."""
+    cached under `state_root`/NAME (owner-only, as at a real site); a progress bar while
+    a site is checked and encoded (minutes for 300-subject sites)."""
     return {
-        name: site_latents(
-            pretrained, pretrained.folder, phantoms / name, state_root / name, show_progress=False
-        )
+        name: site_latents(pretrained, pretrained.folder, phantoms / name, state_root / name)
         for name in names
     }
 

@@ -3,7 +3,8 @@
 Every study runs on the simulation's own data (simulations/study_data.py: the phantom
 sites `flwr run .` trains on, its public checkpoint, held-out subjects of each site's
 profile) and measures with the simulation-only site-domain loss (server/validation.py).
-Results are plain dicts (JSON) with the figures a table needs; `plot` draws them.
+Results are plain dicts (JSON) with the figures a table needs; `dp_gap_table` and
+`plot_dp_gap` show them.
 """
 
 from __future__ import annotations
