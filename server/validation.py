@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedsynth.common.anatomy import VolumeMeter
 from fedsynth.common.checkpoint import UNET, Pretrained, file_sha256, load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.data import open_site
@@ -40,7 +41,7 @@ from fedsynth.common.evaluation import fidelity
 from fedsynth.common.feature_net import FeatureNets, feature_net_path
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import latent_shape, resolve_device
-from fedsynth.common.sampling import montage, volume_title
+from fedsynth.common.sampling import montage, requested_vs_measured, volume_title
 
 LOSS_DRAWS = 4  # noise/timestep draws per held-out volume (fixed across rounds)
 MONTAGE_VOLUMES = 4
@@ -81,7 +82,10 @@ class SiteDomain:
             key=_site_number,
         )
         self.config, self.seed, self.folder = config, config.seed, Path(folder)
-        self.sites = {f.name: _encoded(pretrained, f, config)[:3] for f in sites}
+        encoded = {f.name: _encoded(pretrained, f, config) for f in sites}
+        self.sites = {name: e[:3] for name, e in encoded.items()}
+        self.rows = {name: [dict(r.attributes) for r in e[3].records]
+                     for name, e in encoded.items()}  # fmt: skip
 
     def _load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         unet = self.pretrained.unet
@@ -107,23 +111,46 @@ class SiteDomain:
         the first FIDELITY_VOLUMES held-out volumes and as many sampled for their attributes
         (DDIM with the config's steps and guidance, seeded by config.seed). A small cohort:
         the distances compare models on one set, they are not a release's evaluation."""
-        unet, sampling = self._load(weights), self.config.sampling
-        chain = sampling_scheduler(self.config.diffusion, sampling.scheduler, sampling.steps)
-        out = {}
+        unet, out = self._load(weights), {}
         for site, (real, _, conditions) in self.sites.items():
-            volumes, attributes = real[:FIDELITY_VOLUMES], conditions[:FIDELITY_VOLUMES]
-            generator = torch.Generator(attributes.device).manual_seed(self.seed)
-            latents = sample_latents(  # a site's few held-out volumes in one batch
-                unet, chain, attributes, latent_shape(self.config), sampling.guidance_scale,
-                generator,
-            )  # fmt: skip
-            synthetic = self.pretrained.decode(latents).clamp(0, 1).cpu()
+            volumes = real[:FIDELITY_VOLUMES]
+            synthetic = self._sample(unet, conditions[:FIDELITY_VOLUMES])
             out[site] = {}
             for key, features in (("3d", nets.volume_features), ("2d", nets.slice_features)):
                 measured = fidelity(features(volumes), features(synthetic), self.seed)
                 out[site][f"frechet_{key}"] = measured["frechet_distance"]
                 out[site][f"mmd2_{key}"] = measured["mmd2"]
         return out
+
+    def _sample(self, unet: torch.nn.Module, attributes: torch.Tensor) -> torch.Tensor:
+        """One volume (N, 1, H, W, D) in [0, 1] per attribute row, in one batch (DDIM with
+        the config's steps and guidance, seeded by config.seed)."""
+        sampling = self.config.sampling
+        chain = sampling_scheduler(self.config.diffusion, sampling.scheduler, sampling.steps)
+        generator = torch.Generator(attributes.device).manual_seed(self.seed)
+        latents = sample_latents(
+            unet, chain, attributes, latent_shape(self.config), sampling.guidance_scale,
+            generator,
+        )  # fmt: skip
+        return self.pretrained.decode(latents).clamp(0, 1).cpu()
+
+    @torch.no_grad()
+    def controllability(
+        self, weights: dict[str, torch.Tensor] | None, meter: VolumeMeter
+    ) -> dict[str, dict[str, float]]:
+        """LV and RV cavity volumes requested (each held-out volume's attributes, every
+        site, EDV at ED and ESV at ES) against those `meter` measures on one volume sampled
+        for them: per side Pearson r, MAE (mL) and n. `weights` None measures the real
+        held-out volumes instead (the meter's own error)."""
+        rows = [row for site in self.sites for row in self.rows[site]]
+        if weights is None:
+            volumes = torch.cat([real for real, _, _ in self.sites.values()])
+        else:
+            unet = self._load(weights)
+            volumes = torch.cat([self._sample(unet, a) for _, _, a in self.sites.values()])
+        measured = requested_vs_measured(meter, volumes, rows)
+        return {side: {k: measured[side][k] for k in ("pearson_r", "mae_ml", "n")}
+                for side in ("lv", "rv")}  # fmt: skip
 
     def public_fidelity(self, weights: dict[str, torch.Tensor], nets: FeatureNets) -> dict:
         """`fidelity` of the public checkpoint's `weights`, computed once per checkpoint,

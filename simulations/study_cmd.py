@@ -8,8 +8,8 @@ from pathlib import Path
 
 from fedsynth.common.cli import add_config_arguments, config_from_args
 
-HELP = "Run a study on phantom sites (dp-gap: how much of the non-private gain DP keeps)."
-NAMES = ("dp-gap",)
+HELP = "Run a study on phantom sites (docs/results.md): dp-gap, federation, pretraining, ..."
+NAMES = ("dp-gap", "federation", "pretraining", "trainable", "controllability", "scale")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,17 +34,20 @@ def run(args: argparse.Namespace) -> int:
     from fedsynth.common.io import atomic_write_text
     from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
     from fedsynth.simulations import studies
+    from fedsynth.simulations.arms import StudySetup
+    from fedsynth.simulations.study_views import VIEWS
 
     if args.seeds < 1:
         raise FedsynthError(f"--seeds must be at least 1, got {args.seeds}")
     subjects = DEFAULT_PHANTOM_SUBJECTS if args.subjects is None else args.subjects
     if subjects < 2:
         raise FedsynthError(f"--subjects must be at least 2, got {subjects}")
-    setup = studies.StudySetup(config_from_args(args), subjects, tuple(range(args.seeds)))
+    setup = StudySetup(config_from_args(args), subjects, tuple(range(args.seeds)))
     result = studies.STUDIES[args.name](setup)
+    table, plot = VIEWS[args.name]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
-    studies.plot_dp_gap(result, args.out / f"{args.name}.png")
-    print(json.dumps(result, indent=2) if args.json else studies.dp_gap_table(result))
+    plot(result, args.out / f"{args.name}.png")
+    print(json.dumps(result, indent=2) if args.json else table(result))
     print(f"study {args.name}: {result['seconds']:.0f} s; wrote {args.out}/{args.name}.json, .png")
     return 0

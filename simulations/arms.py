@@ -1,0 +1,182 @@
+"""One finetune of a study (an *arm*) and the context every arm of a study shares.
+
+An arm says which phantom sites train, how many subjects each, at which epsilon (None: the
+same steps without noise), what is trained and from where (the public checkpoint or a
+fresh UNet). `StudyContext.run` federates it in process (simulations/federated.py) and
+measures the simulation-only site-domain loss on every site's held-out subjects after
+each round. Its result is kept in the cache, keyed by everything it depends on, so studies
+that share an arm (dp-gap's DP arm is the federation study's federated arm) run it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fedsynth.client.latents import SiteLatents
+from fedsynth.common.checkpoint import UNET, file_sha256, load_pretrained, load_torch, save_torch
+from fedsynth.common.config import Config, apply_overrides, config_from_dict, to_dict
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.models import ConditionedUNet
+from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, cache_dir
+from fedsynth.server.validation import SITE_DOMAIN_DRAWS, SiteDomain
+from fedsynth.simulations.federated import Weights, federate, load_sites, subset
+from fedsynth.simulations.study_data import simulated_data
+
+ARM_VERSION = 1  # bump when what an arm computes changes: cached results are then rerun
+STARTS = ("public", "scratch")
+
+
+@dataclass(frozen=True)
+class StudySetup:
+    """What a study is run with: the config, phantom site size and seeds."""
+
+    config: Config
+    subjects: int = DEFAULT_PHANTOM_SUBJECTS
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One federated finetune. sites: folder names that train; epsilon: each site's target
+    (None: no noise, still clipped); subjects: per site (None: the setup's); trainable:
+    `privacy.trainable` (None: the config's); start: "public" (the checkpoint) or "scratch"
+    (a UNet initialised from the seed); pooled: the sites' subjects as one site (central DP
+    on pooled data, the same per-subject epsilon, the same sample rate)."""
+
+    sites: tuple[str, ...]
+    epsilon: float | None
+    subjects: int | None = None
+    trainable: str | None = None
+    start: str = "public"
+    pooled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {self.start!r}")
+
+    @property
+    def label(self) -> str:
+        eps = "no noise" if self.epsilon is None else f"eps {self.epsilon:g}"
+        parts = ["pooled " if self.pooled else "", "+".join(self.sites), f", {eps}"]
+        if self.subjects is not None:
+            parts.append(f", {self.subjects} subjects")
+        if self.trainable is not None:
+            parts.append(f", {self.trainable}")
+        if self.start != "public":
+            parts.append(f", from {self.start}")
+        return "".join(parts)
+
+
+class StudyContext:
+    """The simulation's data, public checkpoint, encoded sites and site-domain check, loaded
+    once for all arms of a study. Arm results go to `cache`/studies/arms."""
+
+    def __init__(self, setup: StudySetup) -> None:
+        self.setup, config = setup, setup.config
+        self.cache = cache_dir(config)
+        self.data = simulated_data(config, self.cache, setup.subjects)
+        self.pretrained = load_pretrained(self.data.checkpoint)
+        self.names = [f"site-{k}" for k in range(1, config.federation.sites + 1)]
+        state = self.cache / "studies" / "sites" / self.data.phantoms.name
+        self.sites = load_sites(self.pretrained, self.data.phantoms, self.names, state)
+        self.site_domain = SiteDomain(self.pretrained, self.data.site_domain, config)
+        self.public = {k: v.clone() for k, v in self.pretrained.unet.state_dict().items()}
+        self.arms = self.cache / "studies" / "arms"
+
+    def config_for(self, arm: Arm) -> Config:
+        """The setup's config with the arm's epsilon and trainable subset (the whole UNet
+        with functorch's per-sample gradients, faster than hooks there); a pooled arm's
+        expected batch is the sites' together (the same sample rate as each site's)."""
+        config = self.setup.config
+        overrides: dict = {}
+        if arm.epsilon is not None:
+            overrides["privacy.target-epsilon"] = arm.epsilon
+        if arm.trainable is not None:
+            overrides["privacy.trainable"] = arm.trainable
+        if arm.trainable == "all":  # per-sample gradients of every weight: 1.4x faster
+            overrides["privacy.grad-sample-mode"] = "functorch"
+        if arm.pooled and config.privacy.batch_size is not None:
+            overrides["privacy.batch-size"] = config.privacy.batch_size * len(arm.sites)
+        if not overrides:
+            return config
+        return config_from_dict(apply_overrides(to_dict(config), overrides))
+
+    def training_sites(self, arm: Arm) -> dict[str, SiteLatents]:
+        """The arm's sites, cut to its subjects; pooled: concatenated with subject ids kept
+        apart (a subject is one privacy unit wherever it came from)."""
+        unknown = [s for s in arm.sites if s not in self.sites]
+        if unknown:
+            raise ValueError(f"unknown sites {unknown}; the simulation has {self.names}")
+        size = arm.subjects or self.setup.subjects
+        chosen = {name: subset(self.sites[name], size) for name in arm.sites}
+        if not arm.pooled:
+            return chosen
+        parts, offset = [], 0
+        for site in chosen.values():
+            parts.append(SiteLatents(site.latents, site.attributes, site.subjects + offset))
+            offset += int(site.subjects.max()) + 1
+        return {
+            "pooled": SiteLatents(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                                    ("latents", "attributes", "subjects")))
+        }  # fmt: skip
+
+    def start(self, arm: Arm, seed: int) -> Weights:
+        if arm.start == "public":
+            return self.public
+        torch.manual_seed(seed)
+        return ConditionedUNet(self.setup.config).state_dict()
+
+    def key(self, arm: Arm, seed: int) -> str:
+        facts = {
+            "version": ARM_VERSION,
+            "arm": dataclasses.asdict(arm),
+            "subjects": arm.subjects or self.setup.subjects,
+            "seed": seed,
+            "config": to_dict(self.config_for(arm)),
+            "unet": file_sha256(self.pretrained.folder / UNET),
+            "phantoms": str(self.data.phantoms),
+            "held_out": str(self.data.site_domain),
+            "draws": SITE_DOMAIN_DRAWS,
+        }
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def run(self, arm: Arm, seed: int, keep_weights: bool = False) -> dict:
+        """The arm's site-domain loss per round (`loss`, round 0 = the start), each site's
+        noise multiplier and the DP-SGD seconds; with `keep_weights`, also `weights` (the
+        final UNet state dict). Cached (JSON and weights): a second call reads the first
+        one's result."""
+        key = self.key(arm, seed)
+        path, weights_path = self.arms / f"{key}.json", self.arms / f"{key}.pt"
+        if path.is_file() and weights_path.is_file():
+            result = json.loads(path.read_text())
+            print(f"{arm.label} (seed {seed}): cached, {path}", file=sys.stderr, flush=True)
+        else:
+            run = federate(
+                self.config_for(arm), self.start(arm, seed), self.pretrained.unet,
+                self.training_sites(arm), private=arm.epsilon is not None,
+                evaluate=self.site_domain.loss, seed=seed, label=f"{arm.label} (seed {seed}): ",
+            )  # fmt: skip
+            result = {"loss": run.history, "noise": run.noise, "seconds": run.seconds}
+            self.arms.mkdir(parents=True, exist_ok=True)
+            save_torch(weights_path, run.weights)  # first: the JSON marks the arm complete
+            atomic_write_text(path, json.dumps(result) + "\n")
+        result = {"arm": arm.label, "seed": seed, **result}
+        if keep_weights:
+            result["weights"] = load_torch(weights_path)
+        return result
+
+
+def mean_loss(entry: dict[str, float]) -> float:
+    """The mean over sites of one round's site-domain losses."""
+    return sum(entry.values()) / len(entry)
+
+
+def write_json(path: Path, result: dict) -> None:
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,322 @@
+"""Tables (text) and figures (PNG, matplotlib) of the studies' results (simulations/studies.py).
+
+Every table lists each seed's figures; every figure plots the mean over seeds with the
+range over seeds as error bars where there is more than one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+LOSS_NOTE = "site-domain loss (simulation only; held-out subjects of each site's profile)"
+
+
+def _level(epsilon: float | None) -> str:
+    return "no noise" if epsilon is None else f"eps {epsilon:g}"
+
+
+def _spread(values: Sequence[float]) -> tuple[float, list[float]]:
+    """Mean and [below, above] distances to the smallest and largest value."""
+    mean = sum(values) / len(values)
+    return mean, [mean - min(values), max(values) - mean]
+
+
+def _figure(panels: int, width: float = 3.6, height: float = 3.0):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * panels, height), dpi=120, layout="constrained")
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[list[float]]]) -> None:
+    """Grouped bars: series name -> per group the values over seeds (mean, range)."""
+    width = 0.8 / len(series)
+    for k, (name, per_group) in enumerate(series.items()):
+        stats = [_spread(values) for values in per_group]
+        xs = [g + (k - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        errors = list(zip(*(s[1] for s in stats), strict=True))
+        ax.bar(xs, [s[0] for s in stats], width, yerr=errors, label=name, capsize=2)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.grid(axis="y", alpha=0.3)
+
+
+# ---------------------------------------------------------------------------------- dp-gap
+
+
+def dp_gap_table(result: dict) -> str:
+    """Per site and seed: public checkpoint, DP, non-private loss and the share; then the
+    share of the gap in the sites' mean loss and the mean of the sites' shares, per seed."""
+    lines = [
+        LOSS_NOTE,
+        f"{'seed':>4}  {'site':<8} {'public':>8} {'DP':>8} {'non-DP':>8} {'share':>6}",
+    ]
+    for run in result["runs"]:
+        public, dp, ref = run["dp"]["loss"][0], run["dp"]["loss"][-1], run["nonprivate"]["loss"][-1]
+        for site, share in run["share"].items():
+            lines.append(
+                f"{run['seed']:>4}  {site:<8} {public[site]:>8.4f} {dp[site]:>8.4f} "
+                f"{ref[site]:>8.4f} {share:>6.0%}"
+            )
+    for key, text in (("share_of_mean_loss", "of the sites' mean loss gap"),
+                      ("mean_site_share", "mean of the sites' shares")):  # fmt: skip
+        lines.append(f"DP keeps {', '.join(f'{v:.0%}' for v in result[key])} {text} (per seed)")
+    return "\n".join(lines)
+
+
+def plot_dp_gap(result: dict, png: Path) -> None:
+    """Site-domain loss per round, DP against non-private, one panel per site."""
+    first = result["runs"][0]
+    sites = list(first["share"])
+    fig, axes = _figure(len(sites), 3.2)
+    for ax, site in zip(axes, sites, strict=True):
+        for run in result["runs"]:
+            for arm, colour, name in (("dp", "C0", "DP-SGD"), ("nonprivate", "C1", "no noise")):
+                values = [entry[site] for entry in run[arm]["loss"]]
+                label = name if run is first else None
+                ax.plot(range(len(values)), values, color=colour, marker="o", ms=3, label=label)
+        share = _spread([run["share"][site] for run in result["runs"]])[0]
+        ax.set_title(f"{site} (mean share {share:.0%})", fontsize=9)
+        ax.set_xlabel("round (0: public checkpoint)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out site-profile loss")
+    axes[0].legend(fontsize=8)
+    fig.savefig(png)
+
+
+# ------------------------------------------------------------------------------ federation
+
+
+def federation_table(result: dict) -> str:
+    first = result["runs"][0]
+    columns = [c for c in first["public"]]
+    lines = [
+        f"{LOSS_NOTE}; every arm at epsilon {result['epsilon']:g} per subject",
+        f"{'seed':>4}  {'model':<16}" + "".join(f"{c:>9}" for c in columns),
+    ]
+    for run in result["runs"]:
+        for label, losses in (("public checkpoint", run["public"]), *run["final"].items()):
+            lines.append(
+                f"{run['seed']:>4}  {label:<16}" + "".join(f"{losses[c]:>9.4f}" for c in columns)
+            )
+        verdict = "beats" if run["federated_beats_every_site"] else "does NOT beat"
+        lines.append(f"      federated {verdict} every single site on the mean loss")
+    return "\n".join(lines)
+
+
+def plot_federation(result: dict, png: Path) -> None:
+    runs = result["runs"]
+    groups = list(runs[0]["public"])
+    models = ["public checkpoint", *runs[0]["final"]]
+
+    def losses(run: dict, model: str) -> dict:
+        return run["public"] if model == "public checkpoint" else run["final"][model]
+
+    series = {m: [[losses(r, m)[g] for r in runs] for g in groups] for m in models}
+    fig, (ax,) = _figure(1, 7.5, 3.4)
+    _bars(ax, groups, series)
+    low = min(min(v) for values in series.values() for v in values)
+    ax.set_ylim(low * 0.9, None)
+    ax.set_ylabel("held-out site-profile loss")
+    ax.set_title(
+        f"each site alone vs federated vs pooled, epsilon {result['epsilon']:g}", fontsize=9
+    )
+    ax.legend(fontsize=7, ncols=2)
+    fig.savefig(png)
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+
+def pretraining_table(result: dict) -> str:
+    lines = [
+        f"{LOSS_NOTE}, mean over sites",
+        f"{'seed':>4}  {'privacy':<9} {'public: start':>14} {'-> finetuned':>13} "
+        f"{'scratch: start':>15} {'-> trained':>11} {'scratch/public':>15}",
+    ]
+    for run in result["runs"]:
+        for row in run["rows"]:
+            public, scratch = row["public"], row["scratch"]
+            lines.append(
+                f"{run['seed']:>4}  {_level(row['epsilon']):<9} {public['start']:>14.4f} "
+                f"{public['mean']:>13.4f} {scratch['start']:>15.4f} {scratch['mean']:>11.4f} "
+                f"{scratch['mean'] / public['mean']:>14.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def plot_pretraining(result: dict, png: Path) -> None:
+    runs = result["runs"]
+    levels = [_level(row["epsilon"]) for row in runs[0]["rows"]]
+    series = {
+        f"{name} start, finetuned": [
+            [r["rows"][i][key]["mean"] for r in runs] for i in range(len(levels))
+        ]
+        for name, key in (("public", "public"), ("random", "scratch"))
+    }
+    fig, (ax,) = _figure(1, 5.5, 3.2)
+    _bars(ax, levels, series)
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out site-profile loss (log)")
+    ax.set_title("public pretraining vs training from scratch, 3 sites", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.savefig(png)
+
+
+# ------------------------------------------------------------------------------- trainable
+
+
+def trainable_table(result: dict) -> str:
+    lines = [
+        f"{LOSS_NOTE}, mean over sites; share: the part of the subset's own non-private gain kept",
+        f"{'seed':>4}  {'trained':<10} {'public':>8} {'eps 1':>8} {'eps 10':>8} {'no noise':>9} "
+        f"{'share 1':>8} {'share 10':>9}",
+    ]
+    for run in result["runs"]:
+        for row in run["rows"]:
+            loss, share = row["loss"], row["share"]
+            lines.append(
+                f"{run['seed']:>4}  {row['trainable']:<10} {row['public']:>8.4f} {loss['1']:>8.4f} "
+                f"{loss['10']:>8.4f} {loss['none']:>9.4f} {share['1']:>8.0%} {share['10']:>9.0%}"
+            )
+    return "\n".join(lines)
+
+
+def plot_trainable(result: dict, png: Path) -> None:
+    runs = result["runs"]
+    subsets = [row["trainable"] for row in runs[0]["rows"]]
+    fig, axes = _figure(2, 3.8)
+    drop = {
+        level: [
+            [r["rows"][i]["public"] - r["rows"][i]["loss"][key] for r in runs]
+            for i in range(len(subsets))
+        ]
+        for level, key in (("eps 1", "1"), ("eps 10", "10"), ("no noise", "none"))
+    }
+    _bars(axes[0], subsets, drop)
+    axes[0].set_ylabel("drop of the mean site-domain loss")
+    axes[0].legend(fontsize=8)
+    share = {
+        level: [[r["rows"][i]["share"][key] for r in runs] for i in range(len(subsets))]
+        for level, key in (("eps 1", "1"), ("eps 10", "10"))
+    }
+    _bars(axes[1], subsets, share)
+    axes[1].set_ylabel("share of the non-private gain kept")
+    for ax in axes:
+        ax.set_xlabel("trained under DP-SGD")
+    fig.suptitle("what DP-SGD trains", fontsize=9)
+    fig.savefig(png)
+
+
+# ------------------------------------------------------------------------- controllability
+
+
+def controllability_table(result: dict) -> str:
+    lines = [
+        "requested vs measured cavity volume (volume meter), every held-out volume of every site",
+        f"{'seed':>4}  {'model':<18} {'LV r':>6} {'LV MAE':>7} {'RV r':>6} {'RV MAE':>7}"
+        f" {'loss':>8}",
+    ]
+
+    def line(seed: str, label: str, m: dict, loss: float | None) -> str:
+        tail = f"{loss:>8.4f}" if loss is not None else f"{'':>8}"
+        return (
+            f"{seed:>4}  {label:<18} {m['lv']['pearson_r']:>6.2f} {m['lv']['mae_ml']:>7.1f} "
+            f"{m['rv']['pearson_r']:>6.2f} {m['rv']['mae_ml']:>7.1f} {tail}"
+        )
+
+    lines.append(line("", "real volumes", result["real"], None))
+    lines.append(line("", "public checkpoint", result["public"], None))
+    for run in result["runs"]:
+        for row in run["rows"]:
+            lines.append(line(str(run["seed"]), _level(row["epsilon"]), row, row["loss"]))
+    lines.append("MAE in mL; real volumes: the meter's own error, the floor for every model")
+    return "\n".join(lines)
+
+
+def plot_controllability(result: dict, png: Path) -> None:
+    runs = result["runs"]
+    levels = [_level(row["epsilon"]) for row in runs[0]["rows"]]
+    fig, axes = _figure(2, 3.8)
+    for ax, key, name in ((axes[0], "pearson_r", "Pearson r"), (axes[1], "mae_ml", "MAE (mL)")):
+        for side, colour in (("lv", "C0"), ("rv", "C1")):
+            stats = [_spread([r["rows"][i][side][key] for r in runs]) for i in range(len(levels))]
+            errors = list(zip(*(s[1] for s in stats), strict=True))
+            ax.errorbar(range(len(levels)), [s[0] for s in stats], yerr=errors, color=colour,
+                        marker="o", capsize=2, label=f"{side.upper()} sampled")  # fmt: skip
+            ax.axhline(result["public"][side][key], color=colour, ls="--", lw=0.8)
+            ax.axhline(result["real"][side][key], color=colour, ls=":", lw=0.8)
+        ax.set_xticks(range(len(levels)), levels)
+        ax.set_ylabel(f"requested vs measured, {name}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="dashed: public checkpoint; dotted: real", title_fontsize=7)
+    fig.suptitle("controllability of the cavity volumes against epsilon", fontsize=9)
+    fig.savefig(png)
+
+
+# ----------------------------------------------------------------------------------- scale
+
+
+def scale_table(result: dict) -> str:
+    lines = [
+        f"{LOSS_NOTE}, mean over sites; every site at epsilon {result['epsilon']:g}",
+        f"{'seed':>4}  {'sites':>5} {'subjects/site':>14} {'noise mult.':>12} {'loss':>8}"
+        f" {'drop':>8}",
+    ]
+    for run in result["runs"]:
+        for row in run["rows"]:
+            noise = max(row["noise"].values())
+            lines.append(
+                f"{run['seed']:>4}  {row['sites']:>5} {row['subjects_per_site']:>14} "
+                f"{noise:>12.3f} "
+                f"{row['loss']:>8.4f} {row['public'] - row['loss']:>8.4f}"
+            )
+    return "\n".join(lines)
+
+
+def plot_scale(result: dict, png: Path) -> None:
+    runs = result["runs"]
+    rows = runs[0]["rows"]
+    full = max(r["subjects_per_site"] for r in rows)
+    most = max(r["sites"] for r in rows)
+    fig, axes = _figure(2, 3.6)
+    for ax, pick, x, name in (
+        (
+            axes[0],
+            lambda r: r["sites"] == most,
+            "subjects_per_site",
+            f"subjects per site ({most} sites)",
+        ),
+        (
+            axes[1],
+            lambda r: r["subjects_per_site"] == full,
+            "sites",
+            f"sites ({full} subjects each)",
+        ),
+    ):
+        chosen = sorted((i for i, r in enumerate(rows) if pick(r)), key=lambda i: rows[i][x])
+        stats = [
+            _spread([run["rows"][i]["public"] - run["rows"][i]["loss"] for run in runs])
+            for i in chosen
+        ]
+        errors = list(zip(*(s[1] for s in stats), strict=True))
+        ax.errorbar(
+            [rows[i][x] for i in chosen], [s[0] for s in stats], yerr=errors, marker="o", capsize=2
+        )
+        ax.set_xlabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("drop of the mean site-domain loss")
+    fig.suptitle(
+        f"utility against site size and number of sites, epsilon {result['epsilon']:g}", fontsize=9
+    )
+    fig.savefig(png)
+
+
+VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
+    "dp-gap": (dp_gap_table, plot_dp_gap),
+    "federation": (federation_table, plot_federation),
+    "pretraining": (pretraining_table, plot_pretraining),
+    "trainable": (trainable_table, plot_trainable),
+    "controllability": (controllability_table, plot_controllability),
+    "scale": (scale_table, plot_scale),
+}
