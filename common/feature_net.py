@@ -16,6 +16,7 @@ Cost (2-core CPU, one thread, default 32x32x8 and 300 steps): about a minute.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,14 +118,19 @@ def fit_regressor(
     seed: int,
     name: str,
     show_progress: bool,
+    start: torch.nn.Sequential | None = None,
 ) -> tuple[torch.nn.Sequential, list[float]]:
-    """Fit a new trunk + linear head to `targets` (N, T) by MSE with Adam, on batches drawn
-    with replacement; `seed` fixes the initial weights and the batches. Returns the
-    regressor (trunk then head, in eval mode) and the loss of every step."""
+    """Fit a new trunk + linear head (or a copy of `start`, a regressor this function
+    returned: finetuning) to `targets` (N, T) by MSE with Adam, on batches drawn with
+    replacement; `seed` fixes the initial weights and the batches. Returns the regressor
+    (trunk then head, in eval mode) and the loss of every step."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    trunk = build_trunk(spatial_dims, stem_stride)
-    head = torch.nn.Linear(WIDTHS[-1], targets.shape[1])
+    if start is None:
+        trunk = build_trunk(spatial_dims, stem_stride)
+        head = torch.nn.Linear(WIDTHS[-1], targets.shape[1])
+    else:
+        trunk, head = copy.deepcopy(start[0]), copy.deepcopy(start[1])
     params = [*trunk.parameters(), *head.parameters()]
     optimizer = torch.optim.Adam(params, lr=LEARNING_RATE)
     losses = []

@@ -87,14 +87,14 @@ class SiteDomain:
         self.rows = {name: [dict(r.attributes) for r in e[3].records]
                      for name, e in encoded.items()}  # fmt: skip
 
-    def _load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    def load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         unet = self.pretrained.unet
         unet.load_state_dict(weights)
         return unet.eval()
 
     def loss(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Mean loss of the UNet `weights` per site name, over its held-out volumes."""
-        unet = self._load(weights)
+        unet = self.load(weights)
         return {
             site: float(
                 fixed_noise_losses(
@@ -111,10 +111,10 @@ class SiteDomain:
         the first FIDELITY_VOLUMES held-out volumes and as many sampled for their attributes
         (DDIM with the config's steps and guidance, seeded by config.seed). A small cohort:
         the distances compare models on one set, they are not a release's evaluation."""
-        unet, out = self._load(weights), {}
+        unet, out = self.load(weights), {}
         for site, (real, _, conditions) in self.sites.items():
             volumes = real[:FIDELITY_VOLUMES]
-            synthetic = self._sample(unet, conditions[:FIDELITY_VOLUMES])
+            synthetic = self.sample(unet, conditions[:FIDELITY_VOLUMES])
             out[site] = {}
             for key, features in (("3d", nets.volume_features), ("2d", nets.slice_features)):
                 measured = fidelity(features(volumes), features(synthetic), self.seed)
@@ -122,7 +122,7 @@ class SiteDomain:
                 out[site][f"mmd2_{key}"] = measured["mmd2"]
         return out
 
-    def _sample(self, unet: torch.nn.Module, attributes: torch.Tensor) -> torch.Tensor:
+    def sample(self, unet: torch.nn.Module, attributes: torch.Tensor) -> torch.Tensor:
         """One volume (N, 1, H, W, D) in [0, 1] per attribute row, in one batch (DDIM with
         the config's steps and guidance, seeded by config.seed)."""
         sampling = self.config.sampling
@@ -146,8 +146,8 @@ class SiteDomain:
         if weights is None:
             volumes = torch.cat([real for real, _, _ in self.sites.values()])
         else:
-            unet = self._load(weights)
-            volumes = torch.cat([self._sample(unet, a) for _, _, a in self.sites.values()])
+            unet = self.load(weights)
+            volumes = torch.cat([self.sample(unet, a) for _, _, a in self.sites.values()])
         measured = requested_vs_measured(meter, volumes, rows)
         return {side: {k: measured[side][k] for k in ("pearson_r", "mae_ml", "n")}
                 for side in ("lv", "rv")}  # fmt: skip

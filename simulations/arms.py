@@ -14,8 +14,8 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -178,5 +178,14 @@ def mean_loss(entry: dict[str, float]) -> float:
     return sum(entry.values()) / len(entry)
 
 
-def write_json(path: Path, result: dict) -> None:
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+def summary(name: str, setup: StudySetup, started: float, **fields) -> dict:
+    """A study's result: its name, site size, seeds, config, `fields`, wall seconds since
+    `started` (time.perf_counter)."""
+    return {
+        "study": name,
+        "subjects_per_site": setup.subjects,
+        "seeds": list(setup.seeds),
+        "config": to_dict(setup.config),
+        **fields,
+        "seconds": time.perf_counter() - started,
+    }

@@ -13,7 +13,8 @@ import math
 import time
 from collections.abc import Callable
 
-from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss
+from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss, summary
+from fedsynth.simulations.downstream import downstream
 
 PRIVACY_LEVELS = (1.0, 5.0, 10.0, None)  # epsilon per site; None: the same steps, no noise
 TRAINABLE = ("attention", "norms", "all")
@@ -24,19 +25,6 @@ def _share(public: float, private: float, reference: float) -> float:
     """The part of the non-private gain DP recovers: (public - DP) / (public - non-private)."""
     gap = public - reference
     return (public - private) / gap if gap > 0 else math.nan
-
-
-def _summary(name: str, setup: StudySetup, started: float, **fields) -> dict:
-    from fedsynth.common.config import to_dict
-
-    return {
-        "study": name,
-        "subjects_per_site": setup.subjects,
-        "seeds": list(setup.seeds),
-        "config": to_dict(setup.config),
-        **fields,
-        "seconds": time.perf_counter() - started,
-    }
 
 
 def _final(result: dict) -> dict[str, float]:
@@ -67,7 +55,7 @@ def dp_gap(setup: StudySetup) -> dict:
         share = {s: _share(public[s], dp[s], reference[s]) for s in public}
         overall = _share(*(mean_loss(v) for v in (public, dp, reference)))
         runs.append({"seed": seed, **arms, "share": share, "share_of_mean_loss": overall})
-    return _summary(
+    return summary(
         "dp-gap", setup, started, runs=runs,
         share_of_mean_loss=[r["share_of_mean_loss"] for r in runs],
         mean_site_share=[sum(r["share"].values()) / len(r["share"]) for r in runs],
@@ -94,7 +82,7 @@ def federation(setup: StudySetup) -> dict:
             "federated_beats_every_site": final["federated"]["mean"] < min(singles),
             "seconds": {label: r["seconds"] for label, r in results.items()},
         })  # fmt: skip
-    return _summary(
+    return summary(
         "federation", setup, started, epsilon=epsilon, runs=runs,
         federated_beats_every_site=all(r["federated_beats_every_site"] for r in runs),
     )  # fmt: skip
@@ -120,7 +108,7 @@ def pretraining(setup: StudySetup) -> dict:
                 "seconds": {"public": public["seconds"], "scratch": scratch["seconds"]},
             })  # fmt: skip
         runs.append({"seed": seed, "rows": rows})
-    return _summary("pretraining", setup, started, runs=runs)
+    return summary("pretraining", setup, started, runs=runs)
 
 
 def trainable(setup: StudySetup) -> dict:
@@ -148,7 +136,7 @@ def trainable(setup: StudySetup) -> dict:
                 "seconds": {_level(eps): r["seconds"] for eps, r in results.items()},
             })  # fmt: skip
         runs.append({"seed": seed, "rows": rows})
-    return _summary("trainable", setup, started, runs=runs)
+    return summary("trainable", setup, started, runs=runs)
 
 
 def controllability(setup: StudySetup) -> dict:
@@ -173,7 +161,7 @@ def controllability(setup: StudySetup) -> dict:
             measured = context.site_domain.controllability(result["weights"], meter)
             rows.append({"epsilon": epsilon, **measured, "loss": _final(result)["mean"]})
         runs.append({"seed": seed, "rows": rows})
-    return _summary("controllability", setup, started, real=real, public=public, runs=runs)
+    return summary("controllability", setup, started, real=real, public=public, runs=runs)
 
 
 def scale(setup: StudySetup) -> dict:
@@ -197,7 +185,7 @@ def scale(setup: StudySetup) -> dict:
                 "loss": _final(result)["mean"], "seconds": result["seconds"],
             })  # fmt: skip
         runs.append({"seed": seed, "rows": rows})
-    return _summary("scale", setup, started, epsilon=epsilon, runs=runs)
+    return summary("scale", setup, started, epsilon=epsilon, runs=runs)
 
 
 def _level(epsilon: float | None) -> str:
@@ -211,4 +199,5 @@ STUDIES: dict[str, Callable[[StudySetup], dict]] = {
     "trainable": trainable,
     "controllability": controllability,
     "scale": scale,
+    "downstream": downstream,
 }

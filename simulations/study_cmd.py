@@ -9,7 +9,15 @@ from pathlib import Path
 from fedsynth.common.cli import add_config_arguments, config_from_args
 
 HELP = "Run a study on phantom sites (docs/results.md): dp-gap, federation, pretraining, ..."
-NAMES = ("dp-gap", "federation", "pretraining", "trainable", "controllability", "scale")
+NAMES = (
+    "dp-gap",
+    "federation",
+    "pretraining",
+    "trainable",
+    "controllability",
+    "scale",
+    "downstream",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

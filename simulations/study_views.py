@@ -312,6 +312,42 @@ def plot_scale(result: dict, png: Path) -> None:
     fig.savefig(png)
 
 
+# ------------------------------------------------------------------------------ downstream
+
+
+def downstream_table(result: dict) -> str:
+    lines = [
+        f"LV cavity regressor tested on {result['test_volumes']} held-out volumes of every site; "
+        f"real: {result['scarce_subjects_per_site']} subjects per site ({result['real_volumes']} "
+        f"volumes); synthetic: {result['synthetic_volumes']} volumes",
+        f"{'seed':>4}  {'trained on':<44} {'MAE (mL)':>9} {'r':>6}",
+    ]
+    for run in result["runs"]:
+        for label, measured in run["results"].items():
+            lines.append(
+                f"{run['seed']:>4}  {label:<44} {measured['mae_ml']:>9.1f} "
+                f"{measured['pearson_r']:>6.2f}"
+            )
+    return "\n".join(lines)
+
+
+def plot_downstream(result: dict, png: Path) -> None:
+    runs = result["runs"]
+    labels = list(runs[0]["results"])
+    fig, axes = _figure(2, 4.2, 3.6)
+    for ax, key, name in ((axes[0], "mae_ml", "MAE (mL), lower is better"),
+                          (axes[1], "pearson_r", "Pearson r, higher is better")):  # fmt: skip
+        series = {"": [[r["results"][label][key] for r in runs] for label in labels]}
+        _bars(ax, [label.replace(" -> ", "\n-> ").replace(") ", ")\n") for label in labels], series)
+        ax.set_ylabel(name)
+        ax.tick_params(axis="x", labelsize=6)
+    fig.suptitle(
+        f"LV cavity regression with {result['scarce_subjects_per_site']} real subjects per site: "
+        "does synthetic pretraining help?", fontsize=9,
+    )  # fmt: skip
+    fig.savefig(png)
+
+
 VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "dp-gap": (dp_gap_table, plot_dp_gap),
     "federation": (federation_table, plot_federation),
@@ -319,4 +355,5 @@ VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "trainable": (trainable_table, plot_trainable),
     "controllability": (controllability_table, plot_controllability),
     "scale": (scale_table, plot_scale),
+    "downstream": (downstream_table, plot_downstream),
 }
