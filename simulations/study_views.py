@@ -105,19 +105,18 @@ def federation_table(result: dict) -> str:
 
 
 def plot_federation(result: dict, png: Path) -> None:
+    """Per evaluation site (and their mean): how far each arm lowered the loss from the
+    public checkpoint's."""
     runs = result["runs"]
     groups = list(runs[0]["public"])
-    models = ["public checkpoint", *runs[0]["final"]]
-
-    def losses(run: dict, model: str) -> dict:
-        return run["public"] if model == "public checkpoint" else run["final"][model]
-
-    series = {m: [[losses(r, m)[g] for r in runs] for g in groups] for m in models}
+    models = list(runs[0]["final"])
+    series = {
+        m: [[r["public"][g] - r["final"][m][g] for r in runs] for g in groups] for m in models
+    }
     fig, (ax,) = _figure(1, 7.5, 3.4)
     _bars(ax, groups, series)
-    low = min(min(v) for values in series.values() for v in values)
-    ax.set_ylim(low * 0.9, None)
-    ax.set_ylabel("held-out site-profile loss")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_ylabel("drop of the held-out site-profile loss")
     ax.set_title(
         f"each site alone vs federated vs pooled, epsilon {result['epsilon']:g}", fontsize=9
     )
@@ -334,13 +333,16 @@ def downstream_table(result: dict) -> str:
 def plot_downstream(result: dict, png: Path) -> None:
     runs = result["runs"]
     labels = list(runs[0]["results"])
-    fig, axes = _figure(2, 4.2, 3.6)
+    fig, axes = _figure(2, 4.4, 0.45 * len(labels) + 1.2)
     for ax, key, name in ((axes[0], "mae_ml", "MAE (mL), lower is better"),
                           (axes[1], "pearson_r", "Pearson r, higher is better")):  # fmt: skip
-        series = {"": [[r["results"][label][key] for r in runs] for label in labels]}
-        _bars(ax, [label.replace(" -> ", "\n-> ").replace(") ", ")\n") for label in labels], series)
-        ax.set_ylabel(name)
-        ax.tick_params(axis="x", labelsize=6)
+        stats = [_spread([r["results"][label][key] for r in runs]) for label in labels]
+        errors = list(zip(*(s[1] for s in stats), strict=True))
+        ax.barh(range(len(labels)), [s[0] for s in stats], xerr=errors, capsize=2, color="C0")
+        ax.set_yticks(range(len(labels)), labels if ax is axes[0] else [], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(name)
+        ax.grid(axis="x", alpha=0.3)
     fig.suptitle(
         f"LV cavity regression with {result['scarce_subjects_per_site']} real subjects per site: "
         "does synthetic pretraining help?", fontsize=9,
