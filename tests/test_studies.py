@@ -1,0 +1,180 @@
+"""The studies of docs/results.md (`fedsynth study NAME`) on a tiny simulation.
+
+An arm must be the finetune it names (its sites, subjects, epsilon, subset, start) and a
+cached arm must be the same arm; each study's figures must follow from its arms' losses,
+or a table in docs/results.md would say something its runs did not measure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import fedsynth.simulations.arms as arms_module
+from fedsynth.client.budget import sample_rate
+from fedsynth.common.config import load_config
+from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss
+from fedsynth.simulations.federated import noise_multiplier
+
+SUBJECTS = 4
+OVERRIDES = {
+    "federation.rounds": 1,
+    "privacy.trainable": "norms",
+    "training.finetune-learning-rate": 1e-2,
+    "sampling.steps": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("study-cache")
+
+
+@pytest.fixture(scope="module")
+def context(cache):
+    """A tiny simulation (phantoms, checkpoint, held-out subjects) in its own cache."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = load_config("tiny", {**OVERRIDES, "paths.cache-dir": str(cache)})
+    try:
+        yield StudyContext(StudySetup(config, SUBJECTS))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_arm_is_run_once_and_a_changed_arm_or_seed_is_run_again(context, monkeypatch):
+    arm = Arm(tuple(context.names), 10.0)
+    first = context.run(arm, 0)
+    assert len(first["loss"]) == 2 and set(first["loss"][0]) == set(context.names)
+    assert all(v > 0 for v in first["noise"].values())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached arm was trained again")
+
+    monkeypatch.setattr(arms_module, "federate", no_training)
+    again = context.run(arm, 0, keep_weights=True)
+    assert again["loss"] == first["loss"] and again["noise"] == first["noise"]
+    assert set(again["weights"]) == set(context.public)
+    for changed, seed in ((arm, 1), (Arm(arm.sites, 5.0), 0), (Arm(arm.sites, None), 0),
+                          (Arm(arm.sites, 10.0, trainable="attention"), 0),
+                          (Arm(arm.sites[:1], 10.0), 0)):  # fmt: skip
+        with pytest.raises(AssertionError, match="trained again"):
+            context.run(changed, seed)
+
+
+def test_a_pooled_arm_is_one_site_of_every_subject_at_the_sites_sample_rate(context):
+    everyone = tuple(context.names)
+    pooled = context.training_sites(Arm(everyone, 10.0, pooled=True))
+    [(name, site)] = pooled.items()
+    assert name == "pooled"
+    assert site.n_subjects == len(torch.unique(site.subjects)) == SUBJECTS * len(everyone)
+    assert len(site.latents) == sum(len(context.sites[n].latents) for n in everyone)
+    config = context.config_for(Arm(everyone, 10.0, pooled=True))
+    rate = sample_rate(config.privacy, site.n_subjects)
+    assert rate == sample_rate(context.setup.config.privacy, SUBJECTS)
+    assert config.privacy.batch_size == context.setup.config.privacy.batch_size * len(everyone)
+
+
+def test_an_arm_trains_its_subjects_subset_and_start(context):
+    [(_, site)] = context.training_sites(Arm(("site-2",), 1.0, subjects=2)).items()
+    assert site.n_subjects == 2 and int(site.subjects.max()) == 1
+    config = context.config_for(Arm(("site-1",), 1.0, trainable="all", start="scratch"))
+    assert config.privacy.trainable == "all" and config.privacy.target_epsilon == 1.0
+    assert config.privacy.grad_sample_mode == "functorch"
+    scratch = context.start(Arm(("site-1",), 1.0, start="scratch"), 0)
+    assert all(torch.equal(v, context.start(Arm(("site-1",), 1.0, start="scratch"), 0)[k])
+               for k, v in scratch.items())  # fmt: skip
+    floats = [k for k, v in scratch.items() if v.is_floating_point() and v.numel() > 1]
+    changed = sum(not torch.equal(scratch[k], context.public[k]) for k in floats)
+    assert changed > 0.9 * len(floats)  # a fresh network, not the checkpoint
+    with pytest.raises(ValueError, match="start must be"):
+        Arm(("site-1",), 1.0, start="imagenet")
+    with pytest.raises(ValueError, match="unknown sites"):
+        context.training_sites(Arm(("site-9",), 1.0))
+
+
+def test_controllability_measures_one_sample_per_held_out_volume(context):
+    from fedsynth.common.anatomy import VolumeMeter, meter_path
+    from fedsynth.common.checkpoint import load_torch
+
+    meter = VolumeMeter.from_state(load_torch(meter_path(context.pretrained.folder)))
+    held_out = sum(len(rows) for rows in context.site_domain.rows.values())
+    real = context.site_domain.controllability(None, meter)
+    sampled = context.site_domain.controllability(context.public, meter)
+    assert real["lv"]["n"] == sampled["lv"]["n"] == held_out
+    assert real["lv"]["mae_ml"] != sampled["lv"]["mae_ml"]
+
+
+def _study(name: str, cache, tmp_path, *extra: str) -> dict:
+    from fedsynth.common.cli import main
+
+    argv = ["study", name, "--config", "tiny", "--subjects", str(SUBJECTS),
+            "--out", str(tmp_path), "-c", f"paths.cache-dir={cache}", *extra]  # fmt: skip
+    for key, value in OVERRIDES.items():
+        argv += ["-c", f"{key}={value}"]
+    assert main(argv) == 0
+    assert (tmp_path / f"{name}.png").stat().st_size > 10_000
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_federation_study_compares_each_site_alone_federated_and_pooled(
+    context, cache, tmp_path, capsys
+):
+    result = _study("federation", cache, tmp_path)
+    [run] = result["runs"]
+    assert list(run["final"]) == [*(f"{n} alone" for n in context.names), "federated", "pooled"]
+    singles = min(run["final"][f"{n} alone"]["mean"] for n in context.names)
+    assert run["federated_beats_every_site"] == (run["final"]["federated"]["mean"] < singles)
+    for losses in run["final"].values():
+        assert losses["mean"] == pytest.approx(mean_loss({n: losses[n] for n in context.names}))
+    federated = context.run(Arm(tuple(context.names), 10.0), 0)  # the same arm, cached
+    assert run["final"]["federated"]["site-1"] == federated["loss"][-1]["site-1"]
+    assert "federated" in capsys.readouterr().out
+
+
+def test_scale_study_varies_site_size_and_number_of_sites(context, cache, tmp_path):
+    result = _study("scale", cache, tmp_path)
+    rows = result["runs"][0]["rows"]
+    assert {(r["sites"], r["subjects_per_site"]) for r in rows} == {(3, 2), (3, 4), (1, 4), (2, 4)}
+    for row in rows:  # each site plans its noise for its own size, as a real site would
+        assert len(row["noise"]) == row["sites"]
+        planned = noise_multiplier(context.setup.config, row["subjects_per_site"])
+        assert set(row["noise"].values()) == {planned}
+
+
+def test_pretraining_and_trainable_studies(context, cache, tmp_path):
+    result = _study("pretraining", cache, tmp_path / "a")
+    rows = result["runs"][0]["rows"]
+    assert [r["epsilon"] for r in rows] == [1.0, 5.0, 10.0, None]
+    assert len({r["public"]["start"] for r in rows}) == 1  # every public arm starts alike
+    assert all(r["scratch"]["start"] != r["public"]["start"] for r in rows)
+
+    result = _study("trainable", cache, tmp_path / "c")
+    rows = {r["trainable"]: r for r in result["runs"][0]["rows"]}
+    assert list(rows) == ["attention", "norms", "all"]
+    for row in rows.values():
+        gap = row["public"] - row["loss"]["none"]
+        expected = (row["public"] - row["loss"]["10"]) / gap if gap > 0 else math.nan
+        assert row["share"]["10"] == pytest.approx(expected, nan_ok=True)
+    assert len({row["loss"]["10"] for row in rows.values()}) == 3  # three different finetunes
+
+
+def test_controllability_and_downstream_studies(context, cache, tmp_path):
+    result = _study("controllability", cache, tmp_path / "d")
+    assert [r["epsilon"] for r in result["runs"][0]["rows"]] == [1.0, 5.0, 10.0, None]
+    assert result["real"]["lv"]["n"] == result["runs"][0]["rows"][0]["lv"]["n"]
+
+    result = _study("downstream", cache, tmp_path / "e")
+    measured = result["runs"][0]["results"]
+    assert list(measured) == [
+        "real only",
+        "synthetic (public checkpoint) only",
+        "synthetic (public checkpoint) -> real",
+        "synthetic (federated DP, eps 10) only",
+        "synthetic (federated DP, eps 10) -> real",
+    ]
+    assert result["real_volumes"] == 2 * 3 * 4 and result["test_volumes"] == 60
+    assert len({m["mae_ml"] for m in measured.values()}) == 5
