@@ -22,6 +22,11 @@ def _spread(values: Sequence[float]) -> tuple[float, list[float]]:
     return mean, [mean - min(values), max(values) - mean]
 
 
+def _seed_rows(result: dict):
+    """(seed, row) for every row of every seed's run."""
+    return ((run["seed"], row) for run in result["runs"] for row in run["rows"])
+
+
 def _figure(panels: int, width: float = 3.6, height: float = 3.0):
     from matplotlib.figure import Figure
 
@@ -133,14 +138,13 @@ def pretraining_table(result: dict) -> str:
         f"{'seed':>4}  {'privacy':<9} {'public: start':>14} {'-> finetuned':>13} "
         f"{'scratch: start':>15} {'-> trained':>11} {'scratch/public':>15}",
     ]
-    for run in result["runs"]:
-        for row in run["rows"]:
-            public, scratch = row["public"], row["scratch"]
-            lines.append(
-                f"{run['seed']:>4}  {_level(row['epsilon']):<9} {public['start']:>14.4f} "
-                f"{public['mean']:>13.4f} {scratch['start']:>15.4f} {scratch['mean']:>11.4f} "
-                f"{scratch['mean'] / public['mean']:>14.2f}x"
-            )
+    for seed, row in _seed_rows(result):
+        public, scratch = row["public"], row["scratch"]
+        lines.append(
+            f"{seed:>4}  {_level(row['epsilon']):<9} {public['start']:>14.4f} "
+            f"{public['mean']:>13.4f} {scratch['start']:>15.4f} {scratch['mean']:>11.4f} "
+            f"{scratch['mean'] / public['mean']:>14.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -171,13 +175,12 @@ def trainable_table(result: dict) -> str:
         f"{'seed':>4}  {'trained':<10} {'public':>8} {'eps 1':>8} {'eps 10':>8} {'no noise':>9} "
         f"{'share 1':>8} {'share 10':>9}",
     ]
-    for run in result["runs"]:
-        for row in run["rows"]:
-            loss, share = row["loss"], row["share"]
-            lines.append(
-                f"{run['seed']:>4}  {row['trainable']:<10} {row['public']:>8.4f} {loss['1']:>8.4f} "
-                f"{loss['10']:>8.4f} {loss['none']:>9.4f} {share['1']:>8.0%} {share['10']:>9.0%}"
-            )
+    for seed, row in _seed_rows(result):
+        loss, share = row["loss"], row["share"]
+        lines.append(
+            f"{seed:>4}  {row['trainable']:<10} {row['public']:>8.4f} {loss['1']:>8.4f} "
+            f"{loss['10']:>8.4f} {loss['none']:>9.4f} {share['1']:>8.0%} {share['10']:>9.0%}"
+        )
     return "\n".join(lines)
 
 
@@ -226,9 +229,8 @@ def controllability_table(result: dict) -> str:
 
     lines.append(line("", "real volumes", result["real"], None))
     lines.append(line("", "public checkpoint", result["public"], None))
-    for run in result["runs"]:
-        for row in run["rows"]:
-            lines.append(line(str(run["seed"]), _level(row["epsilon"]), row, row["loss"]))
+    for seed, row in _seed_rows(result):
+        lines.append(line(str(seed), _level(row["epsilon"]), row, row["loss"]))
     lines.append("MAE in mL; real volumes: the meter's own error, the floor for every model")
     return "\n".join(lines)
 
@@ -262,14 +264,12 @@ def scale_table(result: dict) -> str:
         f"{'seed':>4}  {'sites':>5} {'subjects/site':>14} {'noise mult.':>12} {'loss':>8}"
         f" {'drop':>8}",
     ]
-    for run in result["runs"]:
-        for row in run["rows"]:
-            noise = max(row["noise"].values())
-            lines.append(
-                f"{run['seed']:>4}  {row['sites']:>5} {row['subjects_per_site']:>14} "
-                f"{noise:>12.3f} "
-                f"{row['loss']:>8.4f} {row['public'] - row['loss']:>8.4f}"
-            )
+    for seed, row in _seed_rows(result):
+        noise = max(row["noise"].values())
+        lines.append(
+            f"{seed:>4}  {row['sites']:>5} {row['subjects_per_site']:>14} {noise:>12.3f} "
+            f"{row['loss']:>8.4f} {row['public'] - row['loss']:>8.4f}"
+        )
     return "\n".join(lines)
 
 
