@@ -6,8 +6,10 @@ run-dir/rounds/round-NNN/     a full checkpoint folder per round
 run-dir/state.json            the last whole round and the SHA-256 of its checkpoint files
                               (written last, atomically): a release checks the checkpoint
                               it samples from is the one this study saved
-run-dir/validation/           per-round public validation loss and montage; in a simulation
-                              also the site-domain losses (server/validation.py)
+run-dir/validation/           per-round public validation loss and montage, the held-out
+                              volumes beside their autoencoder reconstructions
+                              (reconstruction.png, round 0); in a simulation also the
+                              site-domain losses (server/validation.py)
 run-dir/summary.json          epsilon per site and for the study, recomputed
 """
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
 LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
 SITE_DOMAIN_FIDELITY = "site-domain-fidelity.json"  # in validation/, simulation only
+RECONSTRUCTION_PNG = "reconstruction.png"  # in validation/: real vs autoencoder, round 0
 SITE_DOMAIN_NOTE = (
     "simulation only: the global model's diffusion loss (fixed noise) on held-out phantom "
     "subjects of each site's profile by round (0: the public checkpoint) and, at the end, "

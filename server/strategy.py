@@ -61,6 +61,7 @@ from fedsynth.server.privacy_ledger import (
 )
 from fedsynth.server.run_dir import (
     LEDGER,
+    RECONSTRUCTION_PNG,
     SITE_DOMAIN_FIDELITY,
     save_round,
     validation_dir,
@@ -372,6 +373,9 @@ class StudyStrategy(FedAvg):
         entry: dict[str, Any] = {"round": round_number}
         if self.validator is not None:
             entry["loss"] = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
+            if round_number == 0:  # the frozen autoencoder alone, to compare samples with
+                png = folder / RECONSTRUCTION_PNG
+                entry["reconstruction_mae"] = self.validator.reconstruction(png)
         if self.site_domain is not None:
             entry["site_domain"] = self.site_domain.loss(self.weights)
         atomic_write_text(folder / f"round-{round_number:03d}.json", json.dumps(entry) + "\n")

@@ -179,8 +179,26 @@ class Validator:
         self.pretrained = load_pretrained(checkpoint, resolve_device(config.device))
         self.config, self.seed = config, config.seed
         self.device = next(self.pretrained.unet.parameters()).device
-        _, self.latents, self.attributes, manifest = _encoded(self.pretrained, data, config)
+        volumes, self.latents, self.attributes, manifest = _encoded(self.pretrained, data, config)
         self.rows = [dict(r.attributes) for r in manifest.records][:MONTAGE_VOLUMES]
+        self.volumes = volumes[: len(self.rows)]
+
+    @torch.no_grad()
+    def reconstruction(self, png: Path) -> float:
+        """The held-out volumes and their autoencoder reconstructions (no diffusion) in a
+        montage to `png`, real above reconstruction; returns the mean absolute error
+        (intensity in [0, 1]). Next to the rounds' sample montages it shows where quality
+        is lost: in the frozen autoencoder or in the diffusion model."""
+        latents = self.latents[: len(self.rows)]
+        rebuilt = self.pretrained.decode(latents).clamp(0, 1).cpu()
+        error = float((rebuilt - self.volumes).abs().mean())
+        volumes, titles = [], []
+        for i, (real, back, row) in enumerate(zip(self.volumes, rebuilt, self.rows, strict=True)):
+            volumes += [real[0].numpy(), back[0].numpy()]
+            name = f"held-out {i + 1}"
+            titles += [volume_title(name, row), f"{name}: autoencoder reconstruction"]
+        montage(png, volumes, titles, self.config)
+        return error
 
     @torch.no_grad()
     def __call__(self, weights: dict[str, torch.Tensor], png: Path) -> float:
@@ -212,10 +230,13 @@ class Validator:
 
 
 def validation_text(entry: dict) -> str:
-    """A round's validation for its log line: public loss, then site-domain losses."""
+    """A round's validation for its log line: public loss, (round 0) the autoencoder's
+    reconstruction error, then site-domain losses."""
     parts = []
     if entry.get("loss") is not None:
         parts.append(f"validation loss {entry['loss']:.4f}")
+    if entry.get("reconstruction_mae") is not None:
+        parts.append(f"autoencoder reconstruction MAE {entry['reconstruction_mae']:.4f}")
     if entry.get("site_domain"):
         losses = " ".join(f"{k} {v:.4f}" for k, v in entry["site_domain"].items())
         parts.append(f"site-domain loss (simulation only) {losses}")

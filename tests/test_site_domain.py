@@ -134,6 +134,15 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     out = capsys.readouterr().out
     assert "round 0 (public checkpoint): validation loss" in out
     assert out.count("site-domain loss (simulation only) site-1") == 3
+    # round 0 only: the held-out volumes beside their autoencoder reconstructions
+    validation = study.run_dir / "validation"
+    entries = [json.loads((validation / f"round-{k:03d}.json").read_text()) for k in (0, 1, 2)]
+    assert [("reconstruction_mae" in e) for e in entries] == [True, False, False]
+    assert 0 < entries[0]["reconstruction_mae"] < 0.5
+    assert out.count("autoencoder reconstruction MAE") == 1
+    from PIL import Image
+
+    assert Image.open(validation / "reconstruction.png").size[1] > 1000  # 4 pairs of rows
 
 
 def test_dp_gap_study_compares_dp_with_the_same_steps_without_noise(one_thread, tmp_path):
