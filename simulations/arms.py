@@ -93,7 +93,9 @@ class StudyContext:
     def config_for(self, arm: Arm) -> Config:
         """The setup's config with the arm's epsilon and trainable subset (the whole UNet
         with functorch's per-sample gradients, faster than hooks there); a pooled arm's
-        expected batch is the sites' together (the same sample rate as each site's)."""
+        expected batch is the sites' together (the same sample rate as each site's); an arm
+        from scratch learns at `training.pretrain-learning-rate` (the finetuning rate, set
+        for few steps on a trained network, makes a random one diverge)."""
         config = self.setup.config
         overrides: dict = {}
         if arm.epsilon is not None:
@@ -102,6 +104,8 @@ class StudyContext:
             overrides["privacy.trainable"] = arm.trainable
         if arm.trainable == "all":  # per-sample gradients of every weight: 1.4x faster
             overrides["privacy.grad-sample-mode"] = "functorch"
+        if arm.start == "scratch":  # the rate that trains this UNet from random weights
+            overrides["training.finetune-learning-rate"] = config.training.pretrain_learning_rate
         if arm.pooled and config.privacy.batch_size is not None:
             overrides["privacy.batch-size"] = config.privacy.batch_size * len(arm.sites)
         if not overrides:

@@ -84,6 +84,10 @@ def test_an_arm_trains_its_subjects_subset_and_start(context):
     config = context.config_for(Arm(("site-1",), 1.0, trainable="all", start="scratch"))
     assert config.privacy.trainable == "all" and config.privacy.target_epsilon == 1.0
     assert config.privacy.grad_sample_mode == "functorch"
+    pretraining_rate = context.setup.config.training.pretrain_learning_rate
+    assert config.training.finetune_learning_rate == pretraining_rate
+    public = context.config_for(Arm(("site-1",), 1.0, trainable="all"))
+    assert public.training.finetune_learning_rate == OVERRIDES["training.finetune-learning-rate"]
     scratch = context.start(Arm(("site-1",), 1.0, start="scratch"), 0)
     assert all(torch.equal(v, context.start(Arm(("site-1",), 1.0, start="scratch"), 0)[k])
                for k, v in scratch.items())  # fmt: skip
