@@ -159,9 +159,12 @@ def plot_pretraining(result: dict, png: Path) -> None:
     }
     fig, (ax,) = _figure(1, 5.5, 3.2)
     _bars(ax, levels, series)
+    first = runs[0]["rows"][0]
+    for key, colour in (("public", "C0"), ("scratch", "C1")):  # where each arm started
+        ax.axhline(first[key]["start"], color=colour, ls="--", lw=0.8)
     ax.set_yscale("log")
     ax.set_ylabel("held-out site-profile loss (log)")
-    ax.set_title("public pretraining vs training from scratch, 3 sites", fontsize=9)
+    ax.set_title("public pretraining vs training from scratch (dashed: before)", fontsize=9)
     ax.legend(fontsize=8)
     fig.savefig(png)
 
