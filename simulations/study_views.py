@@ -305,6 +305,7 @@ def plot_scale(result: dict, png: Path) -> None:
         ax.errorbar(
             [rows[i][x] for i in chosen], [s[0] for s in stats], yerr=errors, marker="o", capsize=2
         )
+        ax.set_xticks([rows[i][x] for i in chosen])
         ax.set_xlabel(name)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("drop of the mean site-domain loss")
