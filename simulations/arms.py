@@ -48,7 +48,8 @@ class Arm:
     (None: no noise, still clipped); subjects: per site (None: the setup's); trainable:
     `privacy.trainable` (None: the config's); start: "public" (the checkpoint) or "scratch"
     (a UNet initialised from the seed); pooled: the sites' subjects as one site (central DP
-    on pooled data, the same per-subject epsilon, the same sample rate)."""
+    on pooled data, the same per-subject epsilon, the same sample rate); learning_rate:
+    the sites' AdamW rate."""
 
     sites: tuple[str, ...]
     epsilon: float | None
@@ -56,6 +57,7 @@ class Arm:
     trainable: str | None = None
     start: str = "public"
     pooled: bool = False
+    learning_rate: float | None = None  # None: the config's finetuning rate
 
     def __post_init__(self) -> None:
         if self.start not in STARTS:
@@ -71,6 +73,8 @@ class Arm:
             parts.append(f", {self.trainable}")
         if self.start != "public":
             parts.append(f", from {self.start}")
+        if self.learning_rate is not None:
+            parts.append(f", lr {self.learning_rate:.2g}")
         return "".join(parts)
 
 
@@ -106,6 +110,8 @@ class StudyContext:
             overrides["privacy.grad-sample-mode"] = "functorch"
         if arm.start == "scratch":  # the rate that trains this UNet from random weights
             overrides["training.finetune-learning-rate"] = config.training.pretrain_learning_rate
+        if arm.learning_rate is not None:
+            overrides["training.finetune-learning-rate"] = arm.learning_rate
         if arm.pooled and config.privacy.batch_size is not None:
             overrides["privacy.batch-size"] = config.privacy.batch_size * len(arm.sites)
         if not overrides:

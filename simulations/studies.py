@@ -111,25 +111,44 @@ def pretraining(setup: StudySetup) -> dict:
     return summary("pretraining", setup, started, runs=runs)
 
 
+def subset_learning_rates(context: StudyContext) -> dict[str, tuple[int, float]]:
+    """Per subset: its number of trained weights d and a learning rate giving the same
+    update norm per step as the config's subset at the config's rate. AdamW's first step
+    (each round restarts it) moves every trained weight by about +-lr, a norm of lr*sqrt(d),
+    so lr scales as 1/sqrt(d); one rate for all subsets would make the larger ones jump."""
+    from fedsynth.client.dp_trainer import trainable_parameters
+    from fedsynth.common.models import ConditionedUNet
+
+    config = context.setup.config
+    unet = ConditionedUNet(config)  # a copy: choosing a subset sets requires_grad
+    sizes = {name: sum(p.numel() for p in trainable_parameters(unet, name)) for name in TRAINABLE}
+    base = config.training.finetune_learning_rate * math.sqrt(sizes[config.privacy.trainable])
+    return {name: (d, base / math.sqrt(d)) for name, d in sizes.items()}
+
+
 def trainable(setup: StudySetup) -> dict:
     """What DP-SGD trains: the attention blocks, the normalisation layers' scales and
     shifts, or the whole UNet (each with the attribute tokens), federated over all sites at
-    epsilon 1 and 10 and without noise. share: the part of each subset's non-private gain
-    its DP finetune keeps."""
+    epsilon 1 and 10 and without noise, each at a learning rate scaled to its size
+    (`subset_learning_rates`). share: the part of each subset's non-private gain its DP
+    finetune keeps."""
     started, context = time.perf_counter(), StudyContext(setup)
-    everyone = tuple(context.names)
+    everyone, rates = tuple(context.names), subset_learning_rates(context)
     runs = []
     for seed in setup.seeds:
         rows = []
         for subset in TRAINABLE:
+            weights, rate = rates[subset]
+            own = None if subset == setup.config.privacy.trainable else rate
             results = {
-                eps: context.run(Arm(everyone, eps, trainable=subset), seed)
+                eps: context.run(Arm(everyone, eps, trainable=subset, learning_rate=own), seed)
                 for eps in TRAINABLE_LEVELS
             }
             public = mean_loss(results[None]["loss"][0])
             final = {eps: _final(r)["mean"] for eps, r in results.items()}
             rows.append({
-                "trainable": subset, "public": public,
+                "trainable": subset, "weights": weights, "learning_rate": rate,
+                "public": public,
                 "loss": {_level(eps): value for eps, value in final.items()},
                 "share": {_level(eps): _share(public, final[eps], final[None])
                           for eps in TRAINABLE_LEVELS if eps is not None},

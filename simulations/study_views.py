@@ -175,13 +175,14 @@ def plot_pretraining(result: dict, png: Path) -> None:
 def trainable_table(result: dict) -> str:
     lines = [
         f"{LOSS_NOTE}, mean over sites; share: the part of the subset's own non-private gain kept",
-        f"{'seed':>4}  {'trained':<10} {'public':>8} {'eps 1':>8} {'eps 10':>8} {'no noise':>9} "
-        f"{'share 1':>8} {'share 10':>9}",
+        f"{'seed':>4}  {'trained':<10} {'weights':>9} {'lr':>8} {'public':>8} {'eps 1':>8} "
+        f"{'eps 10':>8} {'no noise':>9} {'share 1':>8} {'share 10':>9}",
     ]
     for seed, row in _seed_rows(result):
         loss, share = row["loss"], row["share"]
         lines.append(
-            f"{seed:>4}  {row['trainable']:<10} {row['public']:>8.4f} {loss['1']:>8.4f} "
+            f"{seed:>4}  {row['trainable']:<10} {row['weights']:>9} {row['learning_rate']:>8.2g} "
+            f"{row['public']:>8.4f} {loss['1']:>8.4f} "
             f"{loss['10']:>8.4f} {loss['none']:>9.4f} {share['1']:>8.0%} {share['10']:>9.0%}"
         )
     return "\n".join(lines)

@@ -159,6 +159,13 @@ def test_pretraining_and_trainable_studies(context, cache, tmp_path):
     result = _study("trainable", cache, tmp_path / "c")
     rows = {r["trainable"]: r for r in result["runs"][0]["rows"]}
     assert list(rows) == ["attention", "norms", "all"]
+    assert rows["norms"]["learning_rate"] == OVERRIDES["training.finetune-learning-rate"]
+    for row in rows.values():  # the same update norm lr * sqrt(d) for every subset
+        norm = row["learning_rate"] * math.sqrt(row["weights"])
+        assert norm == pytest.approx(
+            rows["norms"]["learning_rate"] * math.sqrt(rows["norms"]["weights"])
+        )
+    assert rows["norms"]["weights"] < rows["attention"]["weights"] < rows["all"]["weights"]
     for row in rows.values():
         gap = row["public"] - row["loss"]["none"]
         expected = (row["public"] - row["loss"]["10"]) / gap if gap > 0 else math.nan
