@@ -31,6 +31,7 @@ from fedsynth.simulations.study_data import simulated_data
 
 ARM_VERSION = 1  # bump when what an arm computes changes: cached results are then rerun
 STARTS = ("public", "scratch")
+LATER_FIELDS = {"learning_rate": None}  # Arm fields added after arms were cached: defaults
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,11 @@ class StudyContext:
     def key(self, arm: Arm, seed: int) -> str:
         facts = {
             "version": ARM_VERSION,
-            "arm": dataclasses.asdict(arm),
+            "arm": {  # a field added later is left out at its default: old keys stay
+                k: v
+                for k, v in dataclasses.asdict(arm).items()
+                if k not in LATER_FIELDS or v != LATER_FIELDS[k]
+            },
             "subjects": arm.subjects or self.setup.subjects,
             "seed": seed,
             "config": to_dict(self.config_for(arm)),

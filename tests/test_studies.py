@@ -60,7 +60,8 @@ def test_an_arm_is_run_once_and_a_changed_arm_or_seed_is_run_again(context, monk
     assert set(again["weights"]) == set(context.public)
     for changed, seed in ((arm, 1), (Arm(arm.sites, 5.0), 0), (Arm(arm.sites, None), 0),
                           (Arm(arm.sites, 10.0, trainable="attention"), 0),
-                          (Arm(arm.sites[:1], 10.0), 0)):  # fmt: skip
+                          (Arm(arm.sites[:1], 10.0), 0),
+                          (Arm(arm.sites, 10.0, learning_rate=1e-3), 0)):  # fmt: skip
         with pytest.raises(AssertionError, match="trained again"):
             context.run(changed, seed)
 
