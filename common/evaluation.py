@@ -39,7 +39,7 @@ from fedsynth.common.feature_net import (
     load_feature_nets,
 )
 from fedsynth.common.progress import progress
-from fedsynth.common.sampling import requested_vs_measured
+from fedsynth.common.sampling import agreement_only, requested_vs_measured
 
 MIN_VOLUMES = 2  # per folder: a covariance, an unbiased MMD and one pair need two
 MMD_SUBSETS = 10  # equal-size draws averaged when the two sets differ in size
@@ -440,10 +440,7 @@ def _controllability(
         notes.append(f"controllability skipped: needs attributes {', '.join(CAVITY_ATTRIBUTES)}")
         return None
     meter = VolumeMeter.from_state(load_torch(location))
-    measured = requested_vs_measured(meter, synthetic, rows)
-    return {
-        side: {k: measured[side][k] for k in ("pearson_r", "mae_ml", "n")} for side in ("lv", "rv")
-    }
+    return agreement_only(requested_vs_measured(meter, synthetic, rows))
 
 
 def _utility(

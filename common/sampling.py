@@ -244,6 +244,13 @@ def requested_vs_measured(
     return report
 
 
+def agreement_only(report: dict[str, dict]) -> dict[str, dict[str, float]]:
+    """`requested_vs_measured`'s report without the per-volume lists: per side r, MAE, n."""
+    return {
+        side: {k: report[side][k] for k in ("pearson_r", "mae_ml", "n")} for side in ("lv", "rv")
+    }
+
+
 def controllability(
     checkpoint: str | Path,
     out: str | Path,

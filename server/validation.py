@@ -41,7 +41,12 @@ from fedsynth.common.evaluation import fidelity
 from fedsynth.common.feature_net import FeatureNets, feature_net_path
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import latent_shape, resolve_device
-from fedsynth.common.sampling import montage, requested_vs_measured, volume_title
+from fedsynth.common.sampling import (
+    agreement_only,
+    montage,
+    requested_vs_measured,
+    volume_title,
+)
 
 LOSS_DRAWS = 4  # noise/timestep draws per held-out volume (fixed across rounds)
 MONTAGE_VOLUMES = 4
@@ -148,9 +153,7 @@ class SiteDomain:
         else:
             unet = self.load(weights)
             volumes = torch.cat([self.sample(unet, a) for _, _, a in self.sites.values()])
-        measured = requested_vs_measured(meter, volumes, rows)
-        return {side: {k: measured[side][k] for k in ("pearson_r", "mae_ml", "n")}
-                for side in ("lv", "rv")}  # fmt: skip
+        return agreement_only(requested_vs_measured(meter, volumes, rows))
 
     def public_fidelity(self, weights: dict[str, torch.Tensor], nets: FeatureNets) -> dict:
         """`fidelity` of the public checkpoint's `weights`, computed once per checkpoint,

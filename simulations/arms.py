@@ -94,6 +94,7 @@ class StudyContext:
         self.site_domain = SiteDomain(self.pretrained, self.data.site_domain, config)
         self.public = {k: v.clone() for k, v in self.pretrained.unet.state_dict().items()}
         self.arms = self.cache / "studies" / "arms"
+        self.checkpoint_sha = file_sha256(self.pretrained.folder / UNET)  # part of every key
 
     def config_for(self, arm: Arm) -> Config:
         """The setup's config with the arm's epsilon and trainable subset (the whole UNet
@@ -155,7 +156,7 @@ class StudyContext:
             "subjects": arm.subjects or self.setup.subjects,
             "seed": seed,
             "config": to_dict(self.config_for(arm)),
-            "unet": file_sha256(self.pretrained.folder / UNET),
+            "unet": self.checkpoint_sha,
             "phantoms": str(self.data.phantoms),
             "held_out": str(self.data.site_domain),
             "draws": SITE_DOMAIN_DRAWS,
