@@ -234,6 +234,7 @@ class FederationConfig:
     sites_per_round: int = _checked(positive)
     min_sites: int = _checked(positive)
     secure_aggregation: bool = _checked()
+    server_learning_rate: float = _checked(positive)
 
     def validate(self) -> list[tuple[str, str]]:
         if self.sites_per_round > self.sites:
@@ -531,12 +532,34 @@ def load_config(
     raw = read_raw(source)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return _build(Config, raw, "")
+    return config_from_dict(raw)
+
+
+# Keys added after configs were saved (checkpoints, run dirs, released cohorts) and the
+# value every such config ran with: a stored config without one loads with it, and a
+# config at that value fingerprints (config_hash) as it did before the key existed.
+ADDED_KEYS: dict[tuple[str, str], Any] = {("federation", "server-learning-rate"): 1.0}
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
-    """Check a raw mapping (e.g. the training config a server sent) into a Config."""
+    """Check a raw mapping (e.g. the training config a server sent, a checkpoint's
+    config.yaml) into a Config; keys in ADDED_KEYS may be missing (see there)."""
+    if isinstance(raw, Mapping):
+        raw = dict(raw)
+        for (section, key), value in ADDED_KEYS.items():
+            if isinstance(raw.get(section), Mapping) and key not in raw[section]:
+                raw[section] = {**raw[section], key: value}
     return _build(Config, raw, "")
+
+
+def fingerprint_dict(config: Config) -> dict:
+    """`to_dict(config)` without ADDED_KEYS at their original value: what config_hash and
+    the studies' cache keys hash, so those made before a key was added stay valid."""
+    facts = to_dict(config)
+    for (section, key), value in ADDED_KEYS.items():
+        if facts[section][key] == value:
+            del facts[section][key]
+    return facts
 
 
 def to_dict(obj: Any) -> Any:
@@ -554,7 +577,7 @@ def to_yaml(obj: Any) -> str:
 
 def config_hash(config: Config) -> str:
     """A stable fingerprint of the config, recorded with checkpoints and releases."""
-    blob = json.dumps(to_dict(config), sort_keys=True).encode()
+    blob = json.dumps(fingerprint_dict(config), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -94,6 +94,21 @@ def mean_delta(updates: list[tuple[Parameters, int]]) -> list[np.ndarray]:
     return out or []
 
 
+def server_step(old: torch.Tensor, delta: torch.Tensor, rate: float) -> torch.Tensor:
+    """`old` + `rate` x `delta` (the sites' mean delta, any shape of old's size), summed in
+    float64 and returned in old's dtype; integer buffers (counters) are returned unchanged.
+
+    rate is `federation.server-learning-rate`: 1 is FedAvg; above 1 is the server step of
+    FedAvgM/FedOpt without momentum (Reddi et al. 2021, "Adaptive Federated Optimization",
+    Algorithm 2 with a plain SGD server optimiser). It acts on the aggregate only, so it is
+    post-processing of the sites' DP-SGD output: no privacy cost.
+    """
+    if not old.is_floating_point():
+        return old
+    change = delta.double().reshape(old.shape) * rate
+    return (old.double() + change).to(old.dtype)
+
+
 def _say(text: str) -> None:
     print(f"[fedsynth] {text}", flush=True)
 
@@ -335,14 +350,14 @@ class StudyStrategy(FedAvg):
         return self._parameters(), {}
 
     def _apply(self, good: dict[int, tuple[TrainedReply, FitRes]]) -> None:
-        """Add the round's mean delta (SecAgg+: the unmasked one every result carries)."""
+        """Add the round's mean delta (SecAgg+: the unmasked one every result carries) times
+        the server learning rate."""
         updates = [(res.parameters, reply.subjects) for reply, res in good.values()]
         delta = parameters_to_ndarrays(updates[0][0]) if self.secure else mean_delta(updates)
+        rate = self.study.config.federation.server_learning_rate
         for key, value in zip(self.keys, delta, strict=True):
-            old = self.weights[key]
-            if old.is_floating_point():
-                change = torch.from_numpy(np.asarray(value, np.float64).reshape(old.shape))
-                self.weights[key] = (old.double() + change).to(old.dtype)
+            change = torch.from_numpy(np.asarray(value, np.float64))
+            self.weights[key] = server_step(self.weights[key], change, rate)
 
     def site_domain_fidelity(self, round_number: int) -> None:
         """Simulation only, at the end of a study: samples of the public checkpoint and of

@@ -21,7 +21,13 @@ import torch
 
 from fedsynth.client.latents import SiteLatents
 from fedsynth.common.checkpoint import UNET, file_sha256, load_pretrained, load_torch, save_torch
-from fedsynth.common.config import Config, apply_overrides, config_from_dict, to_dict
+from fedsynth.common.config import (
+    Config,
+    apply_overrides,
+    config_from_dict,
+    fingerprint_dict,
+    to_dict,
+)
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, cache_dir
@@ -155,7 +161,7 @@ class StudyContext:
             },
             "subjects": arm.subjects or self.setup.subjects,
             "seed": seed,
-            "config": to_dict(self.config_for(arm)),
+            "config": fingerprint_dict(self.config_for(arm)),
             "unet": self.checkpoint_sha,
             "phantoms": str(self.data.phantoms),
             "held_out": str(self.data.site_domain),
@@ -205,3 +211,4 @@ def summary(name: str, setup: StudySetup, started: float, **fields) -> dict:
         **fields,
         "seconds": time.perf_counter() - started,
     }
+

@@ -5,8 +5,9 @@ A study compares many finetunes (DP against none, one site against all, epsilon 
 ledger. Here each round trains every site with the trainer a real site runs
 (`client.dp_trainer.train_round`, from the global weights, its own Poisson sampling and
 secure-mode noise) and adds the subject-weighted mean of their deltas, as the strategy's
-`mean_delta` does. A site's noise multiplier is planned once for the whole study, as a
-site that trains every round plans it (`client.budget`): the target epsilon over
+`mean_delta` does, times `federation.server-learning-rate` (`server_step`). A site's
+noise multiplier is planned once for the whole study, as a site that trains every round
+plans it (`client.budget`): the target epsilon over
 rounds x local steps at its sample rate; `private=False` trains the same steps with noise
 0 (still clipped), the non-private reference of the same computation.
 
@@ -31,6 +32,7 @@ from fedsynth.client.latents import SiteLatents, site_latents
 from fedsynth.common.accountant import plan_noise
 from fedsynth.common.checkpoint import Pretrained
 from fedsynth.common.config import Config
+from fedsynth.server.strategy import server_step
 
 Weights = dict[str, torch.Tensor]
 Evaluate = Callable[[Weights], dict[str, float]]
@@ -114,10 +116,10 @@ def federate(
             trained = unet.state_dict()
             deltas.append((site.n_subjects, {key: trained[key] - weights[key] for key in weights}))
         total = sum(n for n, _ in deltas)
+        rate = config.federation.server_learning_rate
         for key, value in weights.items():
-            if value.is_floating_point():
-                change = sum(d[key].double() * (n / total) for n, d in deltas)
-                weights[key] = (value.double() + change).to(value.dtype)
+            change = sum(d[key].double() * (n / total) for n, d in deltas)
+            weights[key] = server_step(value, change, rate)
         run.seconds += time.perf_counter() - started
         if evaluate is not None:
             run.history.append(evaluate(weights))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsynth.common.config import (
     ConfigError,
@@ -47,6 +50,25 @@ def test_roundtrip_and_hash():
     assert "target-epsilon: 3.0" in to_yaml(other)
 
 
+def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_path):
+    """A checkpoint's or run's config.yaml written before federation.server-learning-rate
+    existed: it loads (as FedAvg, rate 1), keeps its hash, and a full file without the key
+    loads too; at any other rate the hash differs."""
+    config = load_config("tiny")
+    old = to_dict(config)
+    del old["federation"]["server-learning-rate"]
+    assert config_from_dict(old) == config
+    assert config.federation.server_learning_rate == 1.0
+    full = write(tmp_path, yaml.safe_dump(old))
+    assert load_config(full) == config
+    assert config_hash(config) == hashlib.sha256(
+        json.dumps(old, sort_keys=True).encode()
+    ).hexdigest()[:16]  # what config_hash gave before the key existed
+    faster = load_config("tiny", {"federation.server-learning-rate": 2})
+    assert config_hash(faster) != config_hash(config)
+    assert config_from_dict(to_dict(faster)) == faster
+
+
 def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
     path = write(tmp_path, "base: tiny\nprivacy:\n  target-epsilon: 2.5\n  delta: 1e-6\n")
     config = load_config(path)
@@ -65,6 +87,7 @@ def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
         ({"privacy.sample-rate": 0.1}, "set exactly one of batch-size and sample-rate"),
         ({"federation.rounds": 2.5}, "federation.rounds = 2.5: must be an integer"),
         ({"federation.secure-aggregation": 1}, "must be true or false"),
+        ({"federation.server-learning-rate": 0}, "server-learning-rate = 0: must be > 0"),
         ({"federation.sites-per-round": 9}, "federation.sites-per-round = 9: must be <= sites (3)"),
         ({"unet.attention-levels": "[true]"}, "must have one entry per channels level (3)"),
         ({"unet.num-head-channels": 7}, "must divide channels at attention levels"),

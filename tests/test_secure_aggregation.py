@@ -31,11 +31,11 @@ WEIGHTS = {"a.weight": torch.zeros(4, 3), "a.bias": torch.ones(5), "gate": torch
 MAX_WEIGHT = 10.0
 
 
-def _study(tmp_path, secure: bool, rounds: int = 1) -> Study:
+def _study(tmp_path, secure: bool, rounds: int = 1, rate: float = 1.0) -> Study:
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = {"federation.sites": 3, "federation.sites-per-round": 3,
                  "federation.rounds": rounds, "federation.secure-aggregation": secure,
-                 "privacy.batch-size": 2}  # fmt: skip
+                 "federation.server-learning-rate": rate, "privacy.batch-size": 2}  # fmt: skip
     config = load_config("tiny", overrides)
     checkpoint = tmp_path / "pretrained"
     checkpoint.mkdir(parents=True)
@@ -46,11 +46,11 @@ def _study(tmp_path, secure: bool, rounds: int = 1) -> Study:
     return Study(config, run_dir, None, checkpoint, False, 4.0, MAX_WEIGHT)
 
 
-def _federate(tmp_path, monkeypatch, secure: bool, spent=()):
+def _federate(tmp_path, monkeypatch, secure: bool, spent=(), rate: float = 1.0):
     """One round; sites in `spent` used up their budget in an earlier study."""
     from flwr.common import parameters_to_ndarrays
 
-    study = _study(tmp_path, secure)
+    study = _study(tmp_path, secure, rate=rate)
     shapes = {k: tuple(v.shape) for k, v in WEIGHTS.items()}
     folder = tmp_path / "sites"
     sites = {n: FakeSite(n, s, shapes, folder / f"site-{n}") for n, s in SUBJECTS.items()}
@@ -100,11 +100,18 @@ def test_the_reconstruction_threshold_is_never_below_min_sites(tmp_path):
     assert secagg_settings(strict)["reconstruction_threshold"] == 4  # a majority would be 3
 
 
-@pytest.mark.parametrize("spent", [(), (2,)], ids=["all-train", "one-spent"])
-def test_secure_mean_equals_plain_mean_within_quantisation(tmp_path, monkeypatch, spent):
-    plain, plain_summary, _, _, _, sites = _federate(tmp_path / "plain", monkeypatch, False, spent)
+@pytest.mark.parametrize(
+    ("spent", "rate"), [((), 1.0), ((2,), 1.0), ((), 3.0)],
+    ids=["all-train", "one-spent", "server-rate"],
+)  # fmt: skip
+def test_secure_mean_equals_plain_mean_within_quantisation(tmp_path, monkeypatch, spent, rate):
+    """Both paths add rate x the subject-weighted mean delta (the server learning rate
+    scales the unmasked aggregate, never a site's update)."""
+    plain, plain_summary, _, _, _, sites = _federate(
+        tmp_path / "plain", monkeypatch, False, spent, rate
+    )
     secure, secure_summary, seen, grid, study, _ = _federate(
-        tmp_path / "secure", monkeypatch, True, spent
+        tmp_path / "secure", monkeypatch, True, spent, rate
     )
     trained = [n for n in SUBJECTS if n not in spent]
     expected = _expected(sites, trained)
@@ -116,12 +123,12 @@ def test_secure_mean_equals_plain_mean_within_quantisation(tmp_path, monkeypatch
     weight = sum(SUBJECTS[n] for n in trained) / MAX_WEIGHT
     for got, want in zip(seen[0], expected, strict=True):
         assert np.abs(got.reshape(np.shape(want)) - want).max() <= 3 * step / weight
-    tolerance = 3 * step / weight + 1e-7  # the saved float32 weights: plus float32 rounding
+    tolerance = rate * 3 * step / weight + 1e-7  # saved float32 weights: + float32 rounding
     for i, key in enumerate(WEIGHTS):
         if not WEIGHTS[key].is_floating_point():
             assert torch.equal(plain[key], WEIGHTS[key]) and torch.equal(secure[key], WEIGHTS[key])
             continue
-        want = WEIGHTS[key].double() + torch.from_numpy(np.asarray(expected[i]))
+        want = WEIGHTS[key].double() + rate * torch.from_numpy(np.asarray(expected[i]))
         assert torch.allclose(plain[key].double(), want, atol=1e-7, rtol=0)
         err = (secure[key].double() - want).abs().max().item()
         assert err <= tolerance, (key, err)

@@ -66,8 +66,13 @@ def test_federation_plans_the_noise_a_real_site_plans(tmp_path):
     assert noise_multiplier(config, 20, private=False) == 0.0
 
 
-def test_federation_is_the_subject_weighted_mean_of_the_sites_rounds(one_thread, model, sites):
-    config = load_config("tiny", {**FAST, "federation.rounds": 1})
+@pytest.mark.parametrize("rate", [1.0, 2.5], ids=["fedavg", "server-rate"])
+def test_federation_is_the_subject_weighted_mean_of_the_sites_rounds(
+    one_thread, model, sites, rate
+):
+    config = load_config(
+        "tiny", {**FAST, "federation.rounds": 1, "federation.server-learning-rate": rate}
+    )
     few = {"site-1": sites["site-1"], "site-2": subset(sites["site-2"], 2)}
     assert few["site-2"].n_subjects == 2 and few["site-1"].n_subjects == 6
     start = {k: v.clone() for k, v in model.unet.state_dict().items()}
@@ -87,9 +92,8 @@ def test_federation_is_the_subject_weighted_mean_of_the_sites_rounds(one_thread,
     for key, value in start.items():
         if not value.is_floating_point():
             continue
-        expected = (
-            value.double()
-            + 0.75 * (trained[0][key].double() - value.double())
+        expected = value.double() + rate * (
+            0.75 * (trained[0][key].double() - value.double())
             + 0.25 * (trained[1][key].double() - value.double())
         )
         assert torch.allclose(run.weights[key].double(), expected, atol=1e-6), key

@@ -64,6 +64,13 @@ def test_an_arm_is_run_once_and_a_changed_arm_or_seed_is_run_again(context, monk
                           (Arm(arm.sites, 10.0, learning_rate=1e-3), 0)):  # fmt: skip
         with pytest.raises(AssertionError, match="trained again"):
             context.run(changed, seed)
+    faster = load_config(
+        "tiny", {**OVERRIDES, "paths.cache-dir": str(context.cache),
+                 "federation.server-learning-rate": 2.0},
+    )  # fmt: skip
+    monkeypatch.setattr(context, "setup", StudySetup(faster, SUBJECTS))
+    with pytest.raises(AssertionError, match="trained again"):
+        context.run(arm, 0)
 
 
 def test_a_pooled_arm_is_one_site_of_every_subject_at_the_sites_sample_rate(context):
