@@ -9,14 +9,16 @@ used when the server runs SecAggPlusWorkflow) can mask the reply. Mods, outermos
   the site's own ledger, without reading data or loading torch.
 - `secure_aggregation_when_asked`: SecAgg+ for SecAgg+ messages; plain ones pass through.
 
-The server's fit instruction carries the global UNet tensors (in the order of the
-config's `keys`) and a config with the round number, the study's training config (JSON,
-so every site trains the same thing), the public checkpoint folder and, for a simulation,
-the phantom and run folders. Where a site's data and state live, and its privacy terms,
+The server's fit instruction carries the global UNet's trainable subset (the tensors
+named in the config's `keys`, in that order; the rest is the public checkpoint, which the
+site checks against the config's `frozen-sha256` before it reads data or spends) and a
+config with the round number, the study's training config (JSON, so every site trains
+the same thing), the public checkpoint folder and, for a simulation, the phantom and run
+folders. Where a site's data and state live, and its privacy terms,
 come from the node config (client/node_config.py), never from the server.
 
-The reply carries the weight DELTA (trained - global), num_examples = subjects (the
-FedAvg weight) and exactly the metrics in protocol.REPLY_METRICS. A site that will not
+The reply carries the weight DELTA (trained - global) of the sent tensors, num_examples =
+subjects (the FedAvg weight) and exactly the metrics in protocol.REPLY_METRICS. A site that will not
 train raises SiteStop, so it sends nothing: under SecAgg+ it never adds a zero update to
 a masked sum. A site that fails after it recorded its spend writes `failed.json` in its
 state dir and answers READY with `failed-before` until an operator removes the file.
@@ -136,7 +138,7 @@ def site_round_reply(
     """
     # torch, MONAI and Opacus load only here: Flower starts a ClientApp process per
     # message, and READY and the SecAgg+ stages other than training need none of them
-    from fedsynth.client.site_round import run_site_round
+    from fedsynth.client.site_round import ModelMismatch, run_site_round
     from fedsynth.common.models import resolve_device
 
     config, round_number = _study(sent)
@@ -160,11 +162,14 @@ def site_round_reply(
             max_subjects=float(sent.get("max-weight", 0.0) or 0.0),  # type: ignore[arg-type]
             check_subjects=lambda n: check_delta_for_subjects(settings, config.privacy.delta, n),
             study_id=study_id,
+            frozen_sha256=str(sent.get("frozen-sha256", "")),  # a server that sends none: refused
         )
     except SiteStop:
         raise
     except BudgetRefusal as refusal:
         raise refuse(settings, "budget-spent", str(refusal)) from None
+    except ModelMismatch as mismatch:  # before anything was read or spent
+        raise refuse(settings, "model", str(mismatch)) from None
     except Exception as error:  # every failure becomes a code; details stay here
         spent = len(budget.history()) > rounds_before
         code = "internal" if spent or not isinstance(error, FedsynthError) else "data"

@@ -39,8 +39,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from monai.networks.blocks import SpatialAttentionBlock
-from monai.networks.nets.diffusion_model_unet import SpatialTransformer
 from opacus.data_loader import wrap_collate_with_empty
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.grad_sample.gsm_base import AbstractGradSampleModule
@@ -55,11 +53,9 @@ from torch.utils.data._utils.collate import default_collate
 from fedsynth.common.config import Config
 from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.models import ConditionedUNet
+from fedsynth.common.models import ConditionedUNet, trainable_names
 
 OptimizerName = Literal["adamw", "sgd"]
-ATTENTION_MODULES = (SpatialTransformer, SpatialAttentionBlock)
-NORM_MODULES = (nn.GroupNorm, nn.LayerNorm)
 # what DPOptimizer leaves on parameters besides the grad-sample attributes Opacus cleans
 _OPTIMIZER_PARAM_ATTRS = ("summed_grad",)
 
@@ -181,32 +177,15 @@ def rows_of(data: SubjectData, indices: torch.Tensor, device: torch.device) -> R
 
 
 def trainable_parameters(unet: ConditionedUNet, trainable: str) -> list[nn.Parameter]:
-    """Set requires_grad for the config's subset; fewer parameters mean less noise each.
-
-    "attention": MONAI's attention blocks (SpatialTransformer: cross-attention on the
-    attribute tokens, with its norms and projections) plus the AttributeTokens, i.e. every
-    path through which the attributes reach the prediction.
-    "norms": the scale and shift of every normalisation layer (GroupNorm, LayerNorm) plus
-    the AttributeTokens: about 0.3% of the UNet, setting each channel's gain and offset at
-    every level, which is where scanners differ (contrast, gain, noise); DP noise grows
-    with the square root of the trained dimensions, so these few move most per epsilon
-    (the BitFit / DP-BiTFiT finding: Zaken et al. 2022, Bu et al. 2024).
-    Every subset trains the AttributeTokens, so conditioning adapts with it.
-    """
-    if trainable == "all":
-        chosen = list(unet.parameters())
-    elif trainable in ("attention", "norms"):
-        kinds = ATTENTION_MODULES if trainable == "attention" else NORM_MODULES
-        chosen = list(unet.tokens.parameters())
-        for module in unet.unet.modules():
-            if isinstance(module, kinds):
-                chosen += list(module.parameters(recurse=trainable == "attention"))
-    else:
-        raise FedsynthError(f"privacy.trainable must be all, attention or norms, got {trainable!r}")
-    ids = {id(p) for p in chosen}  # by identity: tensors compare by value
-    for param in unet.parameters():
-        param.requires_grad_(id(param) in ids)
-    return [p for p in unet.parameters() if id(p) in ids]
+    """Set requires_grad for the config's subset (`common.models.trainable_names`, which
+    says why each); fewer parameters mean less noise each. Returns them in model order."""
+    names = set(trainable_names(unet, trainable))
+    chosen = []
+    for name, param in unet.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            chosen.append(param)
+    return chosen
 
 
 def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:

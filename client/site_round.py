@@ -26,11 +26,45 @@ from fedsynth.client.budget import RoundPlan, SiteBudget
 from fedsynth.client.dp_trainer import RoundResult, train_round
 from fedsynth.client.latents import site_latents
 from fedsynth.client.node_config import SiteSettings
-from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.checkpoint import load_pretrained, weights_sha256
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import private_dir
 from fedsynth.common.ledger import ledger_lock
+from fedsynth.common.models import trainable_names
+
+
+class ModelMismatch(FedsynthError):
+    """The server's weights do not fit this site's public checkpoint (reason `model`)."""
+
+
+def _global_state(
+    unet: torch.nn.Module,
+    config: Config,
+    sent: dict[str, torch.Tensor],
+    frozen_sha256: str | None,
+) -> dict[str, torch.Tensor]:
+    """The global UNet: the site's public checkpoint with the sent tensors in place."""
+    state = unet.state_dict()
+    unknown = sorted(set(sent) - set(state))
+    if unknown:
+        raise ModelMismatch(f"the server sent tensors this UNet does not have: {unknown[:3]}")
+    wrong = [k for k, v in sent.items() if tuple(v.shape) != tuple(state[k].shape)]
+    if wrong:
+        raise ModelMismatch(f"the server's tensors have other shapes than this UNet's: {wrong[:3]}")
+    missing = [k for k in trainable_names(unet, config.privacy.trainable) if k not in sent]
+    if missing:
+        raise ModelMismatch(
+            f"the server did not send {len(missing)} tensors of the trainable subset "
+            f"{config.privacy.trainable!r} (e.g. {missing[0]})"
+        )
+    frozen = [k for k in state if k not in sent]
+    if frozen_sha256 is not None and weights_sha256(state, frozen) != frozen_sha256:
+        raise ModelMismatch(
+            "this site's public checkpoint differs from the server's in the weights that are "
+            "not trained (their SHA-256 differs): use the checkpoint the study was built on"
+        )
+    return {**state, **sent}
 
 
 @dataclass(frozen=True)
@@ -72,8 +106,15 @@ def run_site_round(
     max_subjects: float = 0.0,
     check_subjects: Callable[[int], None] | None = None,
     study_id: str = "",
+    frozen_sha256: str | None = None,
 ) -> SiteUpdate:
     """Train one round at this site; raises BudgetRefusal before reading data when spent.
+
+    `global_weights` holds the tensors the server sent: the trainable subset (or every
+    UNet tensor); the rest comes from the site's own copy of the public checkpoint, whose
+    untrained tensors must hash to `frozen_sha256` (`weights_sha256`; None: not checked,
+    for in-process callers that send everything) and which must cover the config's
+    trainable subset, else ModelMismatch before anything is read or spent.
 
     `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
     `max_subjects` > 0 (SecAgg+'s max weight) refuses a larger site before it trains or
@@ -87,6 +128,7 @@ def run_site_round(
     budget = SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
     budget.refuse_if_exhausted(config.privacy)
     pretrained = load_pretrained(checkpoint, device)
+    start = _global_state(pretrained.unet, config, global_weights, frozen_sha256)
     site = site_latents(
         pretrained, checkpoint, settings.data_path, settings.state_dir, show_progress
     )
@@ -103,7 +145,7 @@ def run_site_round(
     with ledger_lock(budget.ledger_path):
         plan = budget.plan_round(config, site.n_subjects, round_number)
         unet = pretrained.unet
-        unet.load_state_dict(global_weights)
+        unet.load_state_dict(start)
         result = train_round(
             unet,
             site.latents,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -49,6 +50,18 @@ def versions() -> dict[str, str]:
 
 def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def weights_sha256(weights: Mapping[str, torch.Tensor], keys: Iterable[str]) -> str:
+    """SHA-256 of the named tensors (by name, sorted: name, dtype, shape and bytes), so
+    two holders of a checkpoint can check they hold the same frozen weights without
+    sending them; the empty set of keys has a hash too."""
+    digest = hashlib.sha256()
+    for key in sorted(keys):
+        tensor = weights[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass

@@ -20,12 +20,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from monai.networks.blocks import SpatialAttentionBlock
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.nets.autoencoderkl import AEKLDownsample
+from monai.networks.nets.diffusion_model_unet import SpatialTransformer
 from torch import nn
 
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
+
+ATTENTION_MODULES = (SpatialTransformer, SpatialAttentionBlock)
+NORM_MODULES = (nn.GroupNorm, nn.LayerNorm)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -171,3 +176,32 @@ class ConditionedUNet(nn.Module):
         return padded_call(
             lambda padded: self.unet(padded, timesteps, context=context), x, self.multiple
         )
+
+
+def trainable_names(unet: ConditionedUNet, trainable: str) -> list[str]:
+    """The parameter names (state-dict keys, in state-dict order) of `privacy.trainable`:
+    what DP-SGD trains at a site and all that travels between server and sites (the
+    rest is the public checkpoint both hold). Raises FedsynthError for an unknown subset.
+
+    "attention": MONAI's attention blocks (SpatialTransformer: cross-attention on the
+    attribute tokens, with its norms and projections) plus the AttributeTokens, i.e. every
+    path through which the attributes reach the prediction.
+    "norms": the scale and shift of every normalisation layer (GroupNorm, LayerNorm) plus
+    the AttributeTokens: about 0.3% of the UNet, setting each channel's gain and offset at
+    every level, which is where scanners differ (contrast, gain, noise); DP noise grows
+    with the square root of the trained dimensions, so these few move most per epsilon
+    (the BitFit / DP-BiTFiT finding: Zaken et al. 2022, Bu et al. 2024).
+    Every subset trains the AttributeTokens, so conditioning adapts with it.
+    """
+    if trainable == "all":
+        chosen = list(unet.parameters())
+    elif trainable in ("attention", "norms"):
+        kinds = ATTENTION_MODULES if trainable == "attention" else NORM_MODULES
+        chosen = list(unet.tokens.parameters())
+        for module in unet.unet.modules():
+            if isinstance(module, kinds):
+                chosen += list(module.parameters(recurse=trainable == "attention"))
+    else:
+        raise FedsynthError(f"privacy.trainable must be all, attention or norms, got {trainable!r}")
+    ids = {id(p) for p in chosen}  # by identity: tensors compare by value
+    return [name for name, p in unet.named_parameters() if id(p) in ids]

@@ -40,6 +40,7 @@ REASONS = {
     "update": "the site's update cannot be sent (not finite, or outside the secure "
     "aggregation range)",
     "plan-changed": "the site's plan for this round differs from the one it declared",
+    "model": "the site's public checkpoint or trainable subset differs from the server's",
     "internal": "the site failed; details are in the site's own log",
 }
 

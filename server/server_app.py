@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
@@ -18,12 +19,23 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.models import ConditionedUNet, trainable_names
 from fedsynth.server.run_dir import ledger_table, resume_point, write_summary
 from fedsynth.server.secure_aggregation import StudySecAggPlus, secagg_settings
 from fedsynth.server.strategy import RoundFit, StudyStrategy
 from fedsynth.server.study import Simulate, Study, prepare
 from fedsynth.server.validation import validation_text
+
+
+def travelling_keys(config: Config, weights: dict[str, torch.Tensor]) -> list[str]:
+    """The UNet tensors that go to the sites and back: the trainable subset."""
+    names = trainable_names(ConditionedUNet(config), config.privacy.trainable)
+    missing = [k for k in names if k not in weights]
+    if missing:
+        raise FedsynthError(f"the global UNet has no {missing[0]}: not a UNet of this config")
+    return names
 
 
 def run_federation(grid: Grid, study: Study, context: Context) -> dict:
@@ -32,7 +44,7 @@ def run_federation(grid: Grid, study: Study, context: Context) -> dict:
     done, weights = resume_point(study)
     if weights is None:
         weights = load_pretrained(study.checkpoint).unet.state_dict()
-    strategy = StudyStrategy(study, weights, done)
+    strategy = StudyStrategy(study, weights, done, travelling_keys(config, weights))
     if done == 0:  # the public checkpoint: the baseline of every later round
         validated = validation_text(strategy.validate(0))
         if validated:

@@ -7,13 +7,16 @@ Each round (Flower's legacy DefaultWorkflow; `RoundFit` wraps its fit step):
    node (two nodes claiming one name end the study), charges rounds it never heard of
    from the histories (server/privacy_ledger.py) and keeps the sites that are ready and,
    by its own ledger, have budget left. Fewer than `federation.min-sites`: the study ends.
-2. Train (StudyStrategy.configure_fit / aggregate_fit): the global weights (every
-   state-dict tensor, in `keys` order) and the study config go to the ready sites, least
-   trained first; sites answer DELTAS (trained - global). All replies are checked first
-   (server/site_replies.py), then the ledger lines are written (trained, reported history,
-   and an estimate for every site that was sent the round without a valid reply), then
-   the round is aggregated only if at least min-sites sites trained (else skipped with a
-   line saying why), then the round checkpoint, then public validation.
+2. Train (StudyStrategy.configure_fit / aggregate_fit): the global weights of the
+   trainable subset (`privacy.trainable`, in `keys` order; the frozen rest is the public
+   checkpoint every site holds, checked there by `frozen-sha256`) and the study config go
+   to the ready sites, least trained first; sites answer DELTAS (trained - global) of
+   those tensors, so SecAgg+ masks and the wire carries the subset only. All replies are
+   checked first (server/site_replies.py), then the ledger lines are written (trained,
+   reported history, and an estimate for every site that was sent the round without a
+   valid reply), then the round is aggregated only if at least min-sites sites trained
+   (else skipped with a line saying why), then the round checkpoint, then public
+   validation.
 Under SecAgg+ every result's parameters are the same unmasked weighted mean (the workflow
 replaced them); num_examples and metrics travel in clear, so the ledger is the same.
 """
@@ -44,7 +47,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
-from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.checkpoint import load_pretrained, weights_sha256
 from fedsynth.common.config import to_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.feature_net import load_feature_nets
@@ -116,7 +119,16 @@ def _say(text: str) -> None:
 class StudyStrategy(FedAvg):
     """One strategy for both paths: the plain default fit workflow and SecAgg+."""
 
-    def __init__(self, study: Study, weights: dict[str, torch.Tensor], done: int) -> None:
+    def __init__(
+        self,
+        study: Study,
+        weights: dict[str, torch.Tensor],
+        done: int,
+        keys: list[str] | None = None,
+    ) -> None:
+        """`weights`: the global UNet state dict (the public checkpoint or the last round's);
+        `keys`: the tensors that travel (the trainable subset; None: all). The others stay
+        the public checkpoint's and are checked at each site by their SHA-256."""
         super().__init__(
             fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1,
             min_evaluate_clients=1, min_available_clients=1,
@@ -124,7 +136,10 @@ class StudyStrategy(FedAvg):
         self.study = study
         self.secure = bool(study.config.federation.secure_aggregation)
         self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-        self.keys = list(self.weights)
+        self.keys = list(self.weights) if keys is None else list(keys)
+        travelling = set(self.keys)
+        self.frozen_sha256 = weights_sha256(self.weights, [k for k in self.weights
+                                                           if k not in travelling])  # fmt: skip
         self.done = done
         self.picked: list[int] = []  # this round's sites, picked at READY (see `pick`)
         self.chosen: list[int] = []
@@ -258,6 +273,7 @@ class StudyStrategy(FedAvg):
                 "study": self.study_text,
                 "study-id": self.study.study_id,
                 "keys": json.dumps(self.keys),
+                "frozen-sha256": self.frozen_sha256,
                 "checkpoint": str(self.study.checkpoint),
                 "phantoms": str(self.study.phantoms or ""),
                 "site-states": str(self.study.run_dir / "sites"),

@@ -110,19 +110,25 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     """Issue 16, item 7: the metrics travel in clear under SecAgg+ too."""
     import json
 
-    from fedsynth.common.checkpoint import load_pretrained
+    from fedsynth.common.checkpoint import load_pretrained, weights_sha256
     from fedsynth.common.config import load_config, to_dict
+    from fedsynth.common.models import trainable_names
 
     root, _ = three_sites
-    weights = dict(load_pretrained(tiny_checkpoint).unet.state_dict())
-    sent = {"round": 1, "study": json.dumps(to_dict(load_config("tiny"))), "study-id": "s",
-            "checkpoint": str(tiny_checkpoint)}  # fmt: skip
+    config = load_config("tiny")
+    unet = load_pretrained(tiny_checkpoint).unet
+    state, keys = unet.state_dict(), trainable_names(unet, config.privacy.trainable)
+    weights = {k: state[k] for k in keys}  # the subset, as the server sends it
+    frozen = weights_sha256(state, [k for k in state if k not in keys])
+    sent = {"round": 1, "study": json.dumps(to_dict(config)), "study-id": "s",
+            "checkpoint": str(tiny_checkpoint), "frozen-sha256": frozen}  # fmt: skip
     node = {
         "data-path": str(root / "site-1"),
         "state-dir": str(tmp_path / "s"),
         "max-epsilon": 10,
         "site-name": "site-1",
     }
-    _, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
+    delta, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
+    assert set(delta) == set(keys)  # only the subset goes back
     assert set(metrics) == REPLY_METRICS
     assert subjects == metrics["subjects"] == 3

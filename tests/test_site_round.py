@@ -16,11 +16,12 @@ import torch
 
 from fedsynth.client.budget import LEDGER, BudgetRefusal
 from fedsynth.client.node_config import SiteSettings
-from fedsynth.client.site_round import run_site_round
+from fedsynth.client.site_round import ModelMismatch, run_site_round
 from fedsynth.common.accountant import epsilon
-from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.checkpoint import load_pretrained, weights_sha256
 from fedsynth.common.config import load_config
 from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
+from fedsynth.common.models import trainable_names
 
 # 2 subjects at the site: delta must be below 1/2, and a batch of 1 is a rate of 0.5
 STUDY = {
@@ -65,6 +66,65 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
     )  # fmt: skip
     # the ledger's numbers give its epsilon back with the accountant
     assert epsilon(spent_segments([entry]), 0.1) == pytest.approx(entry["epsilon"])
+
+
+def _subset(checkpoint, config):
+    """What the server sends: the trainable subset (moved 0.5 off the checkpoint's values,
+    as after rounds) and the SHA-256 of the rest."""
+    unet = load_pretrained(checkpoint).unet
+    state, keys = unet.state_dict(), trainable_names(unet, config.privacy.trainable)
+    sent = {k: state[k] + 0.5 for k in keys}
+    return sent, weights_sha256(state, [k for k in state if k not in sent]), state
+
+
+def test_a_site_trains_the_sent_subset_on_its_own_copy_of_the_rest(
+    tmp_path, phantom_root, tiny_checkpoint
+):
+    config = load_config("tiny", {**STUDY, "privacy.trainable": "norms"})
+    sent, frozen, state = _subset(tiny_checkpoint, config)
+    assert 0 < len(sent) < len(state) // 2  # the norms subset: a small part travels
+    update = run_site_round(
+        settings(tmp_path, phantom_root), config, tiny_checkpoint, sent, 1, seed=0,
+        frozen_sha256=frozen,
+    )  # fmt: skip
+    for key, value in state.items():  # the rest is the site's checkpoint, untouched
+        if key not in sent:
+            assert torch.equal(update.weights[key], value), key
+    # trained from the sent values (0.5 above its own copy): one AdamW step of rate
+    # 1e-2 moves each weight by about 1e-2
+    assert any(not torch.equal(update.weights[k], sent[k]) for k in sent)
+    assert all(float((update.weights[k] - sent[k]).abs().max()) < 0.1 for k in sent)
+
+
+@pytest.mark.parametrize("fault", ["another-checkpoint", "subset-missing", "unknown-tensor",
+                                   "wrong-shape", "no-hash"])  # fmt: skip
+def test_weights_that_do_not_fit_the_sites_checkpoint_are_refused_before_anything_is_read(
+    tmp_path, phantom_root, tiny_checkpoint, fault
+):
+    config = load_config("tiny", {**STUDY, "privacy.trainable": "norms"})
+    sent, frozen, state = _subset(tiny_checkpoint, config)
+    if fault == "another-checkpoint":  # one frozen weight differs at the server
+        other = dict(state)
+        key = next(k for k in state if k not in sent and state[k].is_floating_point())
+        other[key] = state[key] + 1e-3
+        frozen = weights_sha256(other, [k for k in state if k not in sent])
+    elif fault == "subset-missing":
+        sent.pop(next(iter(sent)))
+        frozen = weights_sha256(state, [k for k in state if k not in sent])
+    elif fault == "unknown-tensor":
+        sent["unet.extra.weight"] = torch.zeros(2)
+    elif fault == "wrong-shape":
+        key = next(iter(sent))
+        sent[key] = torch.zeros(*sent[key].shape, 2)
+    else:
+        frozen = ""  # a server that sends no hash
+    with pytest.raises(ModelMismatch):
+        run_site_round(
+            settings(tmp_path, phantom_root), config, tiny_checkpoint, sent, 1, seed=0,
+            frozen_sha256=frozen,
+        )  # fmt: skip
+    held = [p.name for p in (tmp_path / "state").iterdir()]
+    assert LEDGER not in held and not any(n.startswith("latents-") for n in held)
 
 
 def test_an_exhausted_site_refuses_before_reading_data(tmp_path, phantom_root, tiny_checkpoint):
