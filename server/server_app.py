@@ -38,13 +38,18 @@ def travelling_keys(config: Config, weights: dict[str, torch.Tensor]) -> list[st
     return names
 
 
-def run_federation(grid: Grid, study: Study, context: Context) -> dict:
-    """Run the study's remaining rounds over `grid`; returns the summary (summary.json)."""
+def run_federation(
+    grid: Grid, study: Study, context: Context, whole_unet: bool = False
+) -> dict:
+    """Run the study's remaining rounds over `grid`; returns the summary (summary.json).
+    `whole_unet`: every UNet tensor travels, not only the trainable subset (what it costs
+    is a bench figure; the training is the same)."""
     config = study.config
     done, weights = resume_point(study)
     if weights is None:
         weights = load_pretrained(study.checkpoint).unet.state_dict()
-    strategy = StudyStrategy(study, weights, done, travelling_keys(config, weights))
+    keys = list(weights) if whole_unet else travelling_keys(config, weights)
+    strategy = StudyStrategy(study, weights, done, keys)
     if done == 0:  # the public checkpoint: the baseline of every later round
         validated = validation_text(strategy.validate(0))
         if validated:

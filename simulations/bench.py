@@ -116,6 +116,7 @@ class RoundOverhead:
     round_seconds: float  # wall time of the measured round (one full cycle)
     training_seconds: float  # local DP-SGD time in it, summed over sites
     stages: frozenset[str]  # SecAgg+ stages the grid delivered during the whole study
+    wire_bytes: int  # the measured round's messages and replies, all sites, wire format
 
     @property
     def overhead(self) -> float:
@@ -161,7 +162,21 @@ def _quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def round_overhead(config: Config, secure: bool) -> RoundOverhead:
+_ROUNDS: dict[tuple[str, bool, bool], RoundOverhead] = {}
+
+
+def measured_round(config: Config, secure: bool, whole_unet: bool = False) -> RoundOverhead:
+    """`round_overhead`, run once per (config, secure, whole_unet) in a process: the time
+    and byte figures of one bench run come from the same rounds."""
+    from fedsynth.common.config import config_hash
+
+    key = (config_hash(config), secure, whole_unet)
+    if key not in _ROUNDS:
+        _ROUNDS[key] = round_overhead(config, secure, whole_unet)
+    return _ROUNDS[key]
+
+
+def round_overhead(config: Config, secure: bool, whole_unet: bool = False) -> RoundOverhead:
     """One study of OVERHEAD_ROUNDS rounds through the real ServerApp loop
     (`run_federation`) and the real ClientApp, with OVERHEAD_SITES phantom sites of
     SITE_SUBJECTS subjects delivered in process by a LoopbackGrid (one site after another),
@@ -173,6 +188,8 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
     planning, ledger, delta, SecAgg+ masking; and Flower's messages) but not round 1's
     one-time site latent encoding. Training time: `train_round`'s own wall time (the DP-SGD
     loop) at each site in that round, summed, read in process (nothing extra is sent).
+    Bytes: every message of that round and its reply in Flower's wire format. `whole_unet`:
+    every UNet tensor travels (as before issue 15), not only the trainable subset.
     """
     from flwr.app import Context, RecordDict
 
@@ -208,7 +225,7 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
             contextlib.redirect_stdout(sys.stderr),  # the study's progress lines
             _quiet_flower(),
         ):
-            run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
+            run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}), whole_unet)
     # each round opens with one READY query per site
     opening = [d.started for d in grid.deliveries if d.message_type == "query"]
     starts = opening[::OVERHEAD_SITES]
@@ -221,17 +238,35 @@ def round_overhead(config: Config, secure: bool) -> RoundOverhead:
     begin, end = starts[1], starts[2]
     training = sum(seconds for when, seconds in trained if begin <= when < end)
     stages = frozenset(d.stage for d in grid.deliveries if d.stage is not None)
-    return RoundOverhead(secure, end - begin, training, stages)
+    sent = sum(d.sent_bytes + d.reply_bytes for d in grid.deliveries if begin <= d.started < end)
+    return RoundOverhead(secure, end - begin, training, stages, sent)
 
 
 def round_overhead_plain(config: Config) -> float:
     """Fraction of a round's wall time not spent in local training, plain FedAvg."""
-    return round_overhead(config, secure=False).overhead
+    return measured_round(config, secure=False).overhead
 
 
 def round_overhead_secagg(config: Config) -> float:
-    """Fraction of a round's wall time not spent in local training, with SecAgg+."""
-    return round_overhead(config, secure=True).overhead
+    """Fraction of a round's wall time not spent in local training, with SecAgg+ (the
+    trainable subset travels)."""
+    return measured_round(config, secure=True).overhead
+
+
+def round_overhead_secagg_whole_unet(config: Config) -> float:
+    """`round_overhead_secagg` when every UNet tensor travels and is masked: the cost the
+    subset saves."""
+    return measured_round(config, secure=True, whole_unet=True).overhead
+
+
+def round_bytes(config: Config) -> float:
+    """Bytes on the wire in one SecAgg+ round, all sites, both ways (trainable subset)."""
+    return float(measured_round(config, secure=True).wire_bytes)
+
+
+def round_bytes_whole_unet(config: Config) -> float:
+    """`round_bytes` when every UNet tensor travels."""
+    return float(measured_round(config, secure=True, whole_unet=True).wire_bytes)
 
 
 MEASURES: dict[str, Callable[[Config], float]] = {
@@ -239,5 +274,8 @@ MEASURES: dict[str, Callable[[Config], float]] = {
     "dp_step_over_nonprivate": dp_step_over_nonprivate,
     "round_overhead_plain": round_overhead_plain,
     "round_overhead_secagg": round_overhead_secagg,
+    "round_overhead_secagg_whole_unet": round_overhead_secagg_whole_unet,
+    "round_bytes": round_bytes,
+    "round_bytes_whole_unet": round_bytes_whole_unet,
     "site_peak_memory_mb": site_peak_memory_mb,
 }

@@ -29,9 +29,10 @@ from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
-__all__ = ["Delivery", "LoopbackGrid", "drop_at", "secagg_stage", "task_identity"]
+__all__ = ["Delivery", "LoopbackGrid", "drop_at", "secagg_stage", "task_identity", "wire_bytes"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,13 @@ class Delivery:
     started: float  # time.perf_counter() when the grid took the message
     seconds: float  # wall time of the ClientApp call (0.0 when it never arrived)
     replied: bool  # False when the grid dropped the reply
+    sent_bytes: int = 0  # the message's content as Flower serialises it for the wire
+    reply_bytes: int = 0  # the reply's content likewise (0: dropped, or an error)
+
+
+def wire_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content in Flower's wire format (its protobuf)."""
+    return recorddict_to_proto(content).ByteSize()
 
 
 def secagg_stage(message: Message) -> str | None:
@@ -159,9 +167,13 @@ class LoopbackGrid(Grid):
                     reason = str(type(exc)) + ":<'" + str(exc) + "'>"
                     reply = Message(Error(code=0, reason=reason), reply_to=msg)
                 seconds = time.perf_counter() - start
+            answered = not dropped and not reply.has_error()
             self.deliveries.append(
-                Delivery(meta.dst_node_id, meta.message_type, stage, start, seconds, not dropped)
-            )
+                Delivery(
+                    meta.dst_node_id, meta.message_type, stage, start, seconds, not dropped,
+                    wire_bytes(sent.content), wire_bytes(reply.content) if answered else 0,
+                )
+            )  # fmt: skip
             if dropped:
                 continue
             self.received.append(copy.deepcopy(reply))

@@ -47,6 +47,26 @@ def test_round_overhead_secagg_is_measured_with_secagg_on():
     assert 0 <= measured.overhead < 1
 
 
+def test_round_bytes_count_the_trainable_subset_against_the_whole_unet():
+    """Issue 15, item 1: under SecAgg+ each site is sent the global tensors (float32) and
+    answers a masked vector of as many values, so a round carries at least 2 x sites x
+    4 bytes per travelling weight; the subset carries a fraction of the whole UNet's."""
+    from fedsynth.common.config import load_config
+    from fedsynth.common.models import ConditionedUNet, trainable_names
+    from fedsynth.simulations.bench import OVERHEAD_SITES, measured_round
+
+    config = load_config("tiny")
+    unet = ConditionedUNet(config)
+    sizes = dict((k, p.numel()) for k, p in unet.named_parameters())
+    subset = sum(sizes[k] for k in trainable_names(unet, config.privacy.trainable))
+    whole = sum(p.numel() for p in unet.state_dict().values())
+    assert subset < whole / 2
+    small = measured_round(config, secure=True).wire_bytes
+    large = measured_round(config, secure=True, whole_unet=True).wire_bytes
+    assert 2 * OVERHEAD_SITES * 4 * subset <= small < 2 * OVERHEAD_SITES * 4 * whole <= large
+    assert measured_round(config, secure=True).wire_bytes == small  # measured once
+
+
 def test_loopback_grid_leaves_out_a_dropped_sites_reply():
     from flwr.app import Message, RecordDict
     from flwr.clientapp import ClientApp
@@ -76,5 +96,6 @@ def test_unknown_key_is_one_line():
     assert proc.stderr.strip() == (
         "fedsynth bench: error: unknown bench key 'nope' (known: ddim_speedup_over_ddpm, "
         "dp_step_over_nonprivate, round_overhead_plain, round_overhead_secagg, "
+        "round_overhead_secagg_whole_unet, round_bytes, round_bytes_whole_unet, "
         "site_peak_memory_mb)"
     )
