@@ -92,11 +92,18 @@ def plot_dp_gap(result: dict, png: Path) -> None:
 # ------------------------------------------------------------------------------ federation
 
 
+def _server_rate(result: dict) -> str:
+    """", server learning rate R" when the study's config set one other than FedAvg's 1."""
+    rate = result["config"]["federation"].get("server-learning-rate", 1.0)
+    return "" if rate == 1.0 else f", server learning rate {rate:g}"
+
+
 def federation_table(result: dict) -> str:
     first = result["runs"][0]
     columns = [c for c in first["public"]]
     lines = [
-        f"{LOSS_NOTE}; every arm at epsilon {result['epsilon']:g} per subject",
+        f"{LOSS_NOTE}; every arm at epsilon {result['epsilon']:g} per subject"
+        + _server_rate(result),
         f"{'seed':>4}  {'model':<16}" + "".join(f"{c:>9}" for c in columns),
     ]
     for run in result["runs"]:
@@ -123,7 +130,9 @@ def plot_federation(result: dict, png: Path) -> None:
     ax.axhline(0, color="black", lw=0.8)
     ax.set_ylabel("drop of the held-out site-profile loss")
     ax.set_title(
-        f"each site alone vs federated vs pooled, epsilon {result['epsilon']:g}", fontsize=9
+        f"each site alone vs federated vs pooled, epsilon {result['epsilon']:g}"
+        + _server_rate(result),
+        fontsize=9,
     )
     ax.legend(fontsize=7, ncols=2)
     fig.savefig(png)
