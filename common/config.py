@@ -198,6 +198,7 @@ class TrainingConfig:
     pretrain_steps: int = _checked(non_negative)
     pretrain_batch_size: int = _checked(positive)
     pretrain_learning_rate: float = _checked(positive)
+    pretrain_ema_decay: float = _checked(between(0, 1, high_open=True))
     finetune_learning_rate: float = _checked(positive)
     segmenter_steps: int = _checked(non_negative)
     feature_steps: int = _checked(non_negative)
@@ -538,7 +539,10 @@ def load_config(
 # Keys added after configs were saved (checkpoints, run dirs, released cohorts) and the
 # value every such config ran with: a stored config without one loads with it, and a
 # config at that value fingerprints (config_hash) as it did before the key existed.
-ADDED_KEYS: dict[tuple[str, str], Any] = {("federation", "server-learning-rate"): 1.0}
+ADDED_KEYS: dict[tuple[str, str], Any] = {
+    ("federation", "server-learning-rate"): 1.0,
+    ("training", "pretrain-ema-decay"): 0.0,
+}
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> Config:
@@ -587,7 +591,7 @@ PRETRAINING_SECTIONS = ("seed", "data", "autoencoder", "unet", "diffusion")
 def pretraining_hash(config: Config) -> str:
     """A fingerprint of what public pretraining depends on (not privacy, federation, ...),
     so a study that only changes those reuses a cached public checkpoint."""
-    whole = to_dict(config)
+    whole = fingerprint_dict(config)
     part = {k: whole[k] for k in PRETRAINING_SECTIONS}
     training = whole["training"].items()
     part["training"] = {k: v for k, v in training if k.startswith(("pretrain", "segmenter"))}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fedsynth.common.anatomy import agreement, load_labelled, meter_path, train_volume_meter
 from fedsynth.common.checkpoint import (
@@ -53,28 +54,29 @@ def _train_stage(
     state_path: Path,
     seed: int,
     show_progress: bool,
+    ema: AveragedModel | None = None,
 ) -> list[float]:
     """Run (or continue) `steps` optimiser steps; returns the loss of every step.
 
     Step k seeds both its own generator and torch's global one (used inside MONAI, e.g.
     the autoencoder's latent sampling) from (seed, k), so resuming changes nothing.
+    `ema` (torch's AveragedModel of `model`) is updated after every step and saved with
+    the rest of the state.
     """
     losses: list[float] = []
     if state_path.is_file():
         state = load_torch(state_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         losses = list(state["losses"])
 
     def save() -> None:
-        save_torch(
-            state_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "losses": losses,
-            },
-        )
+        saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses}
+        if ema is not None:
+            saved["ema"] = ema.state_dict()
+        save_torch(state_path, saved)
 
     model.train()
     bar = progress(range(len(losses), steps), name, show_progress, total=steps - len(losses))
@@ -86,6 +88,8 @@ def _train_stage(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         losses.append(float(loss.detach()))
         if not np.isfinite(losses[-1]):
             raise FedsynthError(f"{name}: loss became {losses[-1]} at step {len(losses)}")
@@ -172,6 +176,9 @@ def pretrain(
             generator,
         ).mean()
 
+    ema = None
+    if train.pretrain_ema_decay > 0:  # sampled weights: the average over the last steps
+        ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(train.pretrain_ema_decay))
     unet_losses = _train_stage(
         "latent unet",
         unet,
@@ -181,7 +188,10 @@ def pretrain(
         out / STATE / UNET,
         config.seed + 1,
         show_progress,
+        ema,
     )
+    if ema is not None:
+        unet.load_state_dict(ema.module.state_dict())
     save_torch(out / UNET, unet.state_dict())
     _plot_losses(out / "loss_curves.png", ae_losses, unet_losses)
     meter = _fit_volume_meter(config, manifest, volumes, out, show_progress)

@@ -12,12 +12,14 @@ import pytest
 import yaml
 
 from fedsynth.common.config import (
+    ADDED_KEYS,
     ConfigError,
     config_from_dict,
     config_hash,
     load_config,
     parse_assignments,
     presets,
+    pretraining_hash,
     to_dict,
     to_yaml,
 )
@@ -52,13 +54,18 @@ def test_roundtrip_and_hash():
 
 def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_path):
     """A checkpoint's or run's config.yaml written before federation.server-learning-rate
-    existed: it loads (as FedAvg, rate 1), keeps its hash, and a full file without the key
-    loads too; at any other rate the hash differs."""
+    and training.pretrain-ema-decay existed: it loads (as FedAvg, rate 1, without a moving
+    average), keeps its hash, and a full file without the keys loads too; at any other
+    value the hash differs."""
     config = load_config("tiny")
     old = to_dict(config)
-    del old["federation"]["server-learning-rate"]
+    assert set(ADDED_KEYS) == {("federation", "server-learning-rate"),
+                               ("training", "pretrain-ema-decay")}  # fmt: skip
+    for section, key in ADDED_KEYS:
+        del old[section][key]
     assert config_from_dict(old) == config
     assert config.federation.server_learning_rate == 1.0
+    assert config.training.pretrain_ema_decay == 0.0
     full = write(tmp_path, yaml.safe_dump(old))
     assert load_config(full) == config
     assert config_hash(config) == hashlib.sha256(
@@ -67,6 +74,9 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     faster = load_config("tiny", {"federation.server-learning-rate": 2})
     assert config_hash(faster) != config_hash(config)
     assert config_from_dict(to_dict(faster)) == faster
+    averaged = load_config("tiny", {"training.pretrain-ema-decay": 0.995})
+    assert pretraining_hash(averaged) != pretraining_hash(config)
+    assert pretraining_hash(faster) == pretraining_hash(config)  # federation: not pretraining
 
 
 def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
@@ -88,6 +98,7 @@ def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
         ({"federation.rounds": 2.5}, "federation.rounds = 2.5: must be an integer"),
         ({"federation.secure-aggregation": 1}, "must be true or false"),
         ({"federation.server-learning-rate": 0}, "server-learning-rate = 0: must be > 0"),
+        ({"training.pretrain-ema-decay": 1}, "pretrain-ema-decay = 1: must be in [0, 1)"),
         ({"federation.sites-per-round": 9}, "federation.sites-per-round = 9: must be <= sites (3)"),
         ({"unet.attention-levels": "[true]"}, "must have one entry per channels level (3)"),
         ({"unet.num-head-channels": 7}, "must divide channels at attention levels"),

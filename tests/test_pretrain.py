@@ -60,6 +60,19 @@ def test_pretrain_writes_a_complete_checkpoint(tmp_path, public):
     assert (tmp_path / "ckpt" / "unet.pt").read_bytes() == before
 
 
+def test_with_ema_the_checkpoint_holds_the_moving_average_not_the_last_step(tmp_path, public):
+    config = load_config("tiny", {**OVERRIDES, "training.pretrain-ema-decay": 0.8})
+    pretrain(config, public, tmp_path / "ckpt", show_progress=False)
+    saved = load_torch(tmp_path / "ckpt" / "unet.pt")
+    state = load_torch(tmp_path / "ckpt" / "state" / "unet.pt")
+    assert int(state["ema"]["n_averaged"]) == OVERRIDES["training.pretrain-steps"]
+    average = {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+    assert set(average) == set(saved)
+    assert all(torch.equal(saved[k], average[k]) for k in saved)
+    assert any(not torch.equal(saved[k], state["model"][k]) for k in saved)  # not the last
+    assert load_pretrained(tmp_path / "ckpt").config.training.pretrain_ema_decay == 0.8
+
+
 RUN = textwrap.dedent(
     """
     import sys, torch
@@ -73,8 +86,12 @@ RUN = textwrap.dedent(
 )
 
 
+# the resumed runs keep a moving average too: it must survive the kill as the weights do
+RESUMED = {**OVERRIDES, "training.pretrain-ema-decay": 0.8}
+
+
 def run_pretrain(public: Path, out: Path) -> subprocess.Popen:
-    script = RUN.format(overrides=OVERRIDES)
+    script = RUN.format(overrides=RESUMED)
     return subprocess.Popen([sys.executable, "-c", script, str(public), str(out)])
 
 
@@ -113,6 +130,10 @@ def test_killed_pretraining_resumes_without_repeating_or_skipping(
         expected = load_torch(reference / "state" / name)["losses"]
         assert len(resumed) == 12
         assert resumed == pytest.approx(expected, rel=1e-4)
+    resumed_unet = load_torch(killed / "unet.pt")
+    reference_unet = load_torch(reference / "unet.pt")
+    for key, value in reference_unet.items():
+        assert torch.allclose(resumed_unet[key], value, rtol=1e-4, atol=1e-6), key
     meta = json.loads((killed / "metadata.json").read_text())
     assert meta["latent_std"] == pytest.approx(
         json.loads((reference / "metadata.json").read_text())["latent_std"], rel=1e-4
