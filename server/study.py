@@ -30,10 +30,11 @@ from fedsynth.server.run_dir import LEDGER
 TERMS = "terms.json"
 RESERVED = (
     "config", "run-dir", "resume", "checkpoint", "validation-data", "phantom-subjects",
-    "secagg-clipping-range", "secagg-max-weight",
+    "phantom-public-subjects", "secagg-clipping-range", "secagg-max-weight",
 )  # fmt: skip
 CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
 DEFAULT_PHANTOM_SUBJECTS = 300  # subjects per simulated site (run config phantom-subjects)
+DEFAULT_PUBLIC_SUBJECTS = 40  # public phantom subjects pretrained on (phantom-public-subjects)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class SimulatedData:
 
 
 # (config, cache dir, phantom subjects per site) -> the simulation's data
-Simulate = Callable[[Config, Path, int], SimulatedData]
+Simulate = Callable[[Config, Path, int, int], SimulatedData]  # config, cache, site, public
 
 
 def cache_dir(config: Config) -> Path:
@@ -81,6 +82,18 @@ def _as_bool(value: Any) -> bool:
 def config_overrides(run_config: dict[str, Any]) -> dict[str, Any]:
     """The config keys this run overrides: declared keys whose value is not "" (unset)."""
     return {k: v for k, v in run_config.items() if k not in RESERVED and v != ""}
+
+
+def _count(run_config: dict[str, Any], key: str, default: int) -> int:
+    """A whole number of at least 2 from the run config (phantom subjects)."""
+    value = run_config.get(key, default)
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 2 or str(count) != str(value).strip():
+        raise FedsynthError(f"run config {key}={value!r}: must be a whole number of at least 2")
+    return count
 
 
 def _folder(run_config: dict[str, Any], key: str) -> Path | None:
@@ -128,6 +141,8 @@ def prepare(
     config = load_config(
         str(run_config.get("config", "default") or "default"), config_overrides(run_config)
     )
+    subjects = _count(run_config, "phantom-subjects", DEFAULT_PHANTOM_SUBJECTS)
+    public = _count(run_config, "phantom-public-subjects", DEFAULT_PUBLIC_SUBJECTS)
     cache = cache_dir(config)
     run_dir_text = str(run_config.get("run-dir", "") or config.paths.run_dir)
     if run_dir_text:
@@ -144,7 +159,6 @@ def prepare(
     run_dir.mkdir(parents=True, exist_ok=True)
     study_id = fix_terms(config, run_dir, resume)
 
-    subjects = int(run_config.get("phantom-subjects", DEFAULT_PHANTOM_SUBJECTS))
     checkpoint = _folder(run_config, "checkpoint")
     validation = _folder(run_config, "validation-data")
     phantoms = site_domain = None
@@ -154,7 +168,7 @@ def prepare(
                 "run config checkpoint is empty: name the public checkpoint folder "
                 "(-c checkpoint=DIR), or run the simulation app"
             )
-        data = simulate(config, cache, subjects)
+        data = simulate(config, cache, subjects, public)
         phantoms, checkpoint = data.phantoms, data.checkpoint
         validation = validation or data.validation
         site_domain = data.site_domain

@@ -30,7 +30,7 @@ from fedsynth.common.config import (
 )
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
-from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, cache_dir
+from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS, cache_dir
 from fedsynth.server.validation import SITE_DOMAIN_DRAWS, SiteDomain
 from fedsynth.simulations.federated import Weights, federate, load_sites, subset
 from fedsynth.simulations.study_data import simulated_data
@@ -47,6 +47,7 @@ class StudySetup:
     config: Config
     subjects: int = DEFAULT_PHANTOM_SUBJECTS
     seeds: tuple[int, ...] = (0,)
+    public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ class StudyContext:
     def __init__(self, setup: StudySetup) -> None:
         self.setup, config = setup, setup.config
         self.cache = cache_dir(config)
-        self.data = simulated_data(config, self.cache, setup.subjects)
+        self.data = simulated_data(config, self.cache, setup.subjects, setup.public_subjects)
         self.pretrained = load_pretrained(self.data.checkpoint)
         self.names = [f"site-{k}" for k in range(1, config.federation.sites + 1)]
         state = self.cache / "studies" / "sites" / self.data.phantoms.name

@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="subjects per phantom site (default: as `flwr run .`)",
     )  # fmt: skip
     parser.add_argument(
+        "--public-subjects", type=int, default=None, metavar="M",
+        help="public phantom subjects the checkpoint is pretrained on (default: as `flwr run .`)",
+    )  # fmt: skip
+    parser.add_argument(
         "--seeds", type=int, default=1, metavar="K", help="repeat with seeds 0..K-1 (1)"
     )
     parser.add_argument(
@@ -40,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedsynth.common.errors import FedsynthError
     from fedsynth.common.io import atomic_write_text
-    from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
+    from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS
     from fedsynth.simulations import studies
     from fedsynth.simulations.arms import StudySetup
     from fedsynth.simulations.study_views import VIEWS
@@ -48,9 +52,11 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise FedsynthError(f"--seeds must be at least 1, got {args.seeds}")
     subjects = DEFAULT_PHANTOM_SUBJECTS if args.subjects is None else args.subjects
-    if subjects < 2:
-        raise FedsynthError(f"--subjects must be at least 2, got {subjects}")
-    setup = StudySetup(config_from_args(args), subjects, tuple(range(args.seeds)))
+    public = DEFAULT_PUBLIC_SUBJECTS if args.public_subjects is None else args.public_subjects
+    for flag, value in (("--subjects", subjects), ("--public-subjects", public)):
+        if value < 2:
+            raise FedsynthError(f"{flag} must be at least 2, got {value}")
+    setup = StudySetup(config_from_args(args), subjects, tuple(range(args.seeds)), public)
     result = studies.STUDIES[args.name](setup)
     table, plot = VIEWS[args.name]
     args.out.mkdir(parents=True, exist_ok=True)

@@ -13,16 +13,22 @@ from pathlib import Path
 from fedsynth.common.checkpoint import METADATA, file_sha256
 from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.feature_net import ensure_feature_net
-from fedsynth.server.study import SimulatedData
+from fedsynth.server.study import DEFAULT_PUBLIC_SUBJECTS, SimulatedData
 
-PUBLIC_SUBJECTS = 40  # public phantom subjects (80 volumes) the checkpoint is pretrained on
 VALIDATION_SUBJECTS = 4  # public held-out phantom subjects (8 volumes) for validation
 SITE_HELD_OUT_SUBJECTS = 10  # per site: held-out subjects of its profile (simulation only)
 
 
-def phantom_folder(cache: Path, config: Config, subjects: int, held_out: bool = False) -> Path:
-    """Phantom sites and public set, or held-out subjects of the same profiles (another
-    seed: subjects neither the checkpoint nor any site ever saw), generated once and cached.
+def phantom_folder(
+    cache: Path,
+    config: Config,
+    subjects: int,
+    held_out: bool = False,
+    public_subjects: int = DEFAULT_PUBLIC_SUBJECTS,
+) -> Path:
+    """Phantom sites and a public set of `public_subjects`, or held-out subjects of the
+    same profiles (another seed: subjects neither the checkpoint nor any site ever saw),
+    generated once and cached.
 
     The held-out folder holds public/ (VALIDATION_SUBJECTS, for per-round validation) and
     site-1..K (SITE_HELD_OUT_SUBJECTS each, for the simulation-only site-domain check).
@@ -36,7 +42,9 @@ def phantom_folder(cache: Path, config: Config, subjects: int, held_out: bool = 
         count, public, draw = SITE_HELD_OUT_SUBJECTS, VALIDATION_SUBJECTS, seed + 1
     else:
         folder = version / f"sites{sites}-subjects{subjects}-seed{seed}"
-        count, public, draw = subjects, PUBLIC_SUBJECTS, seed
+        if public_subjects != DEFAULT_PUBLIC_SUBJECTS:  # the default's folders keep their name
+            folder = folder.with_name(f"{folder.name}-public{public_subjects}")
+        count, public, draw = subjects, public_subjects, seed
     if not (folder / f"site-{sites}" / "manifest.csv").is_file():
         print(f"[fedsynth] generating phantoms in {folder}", flush=True)
         generate_cohorts(
@@ -46,9 +54,12 @@ def phantom_folder(cache: Path, config: Config, subjects: int, held_out: bool = 
     return folder
 
 
-def simulated_data(config: Config, cache: Path, subjects: int) -> SimulatedData:
-    """Phantoms, a public checkpoint pretrained on their public set, and validation data."""
-    phantoms = phantom_folder(cache, config, subjects)
+def simulated_data(
+    config: Config, cache: Path, subjects: int, public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
+) -> SimulatedData:
+    """Phantoms (sites of `subjects`, a public set of `public_subjects`), a public
+    checkpoint pretrained on their public set, and validation data."""
+    phantoms = phantom_folder(cache, config, subjects, public_subjects=public_subjects)
     data_hash = file_sha256(phantoms / "public" / "manifest.csv")
     key = f"{pretraining_hash(config)}-{data_hash[:12]}-{phantoms.parent.name}"
     checkpoint = cache / "pretrained" / key  # with the phantom version: files, not just CSV

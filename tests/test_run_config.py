@@ -97,6 +97,32 @@ def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_che
 
 def test_phantom_site_size_has_one_default():
     """`flwr run .` and `fedsynth study` simulate sites of the same size by default."""
-    from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
+    from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS
+    from fedsynth.simulations.arms import StudySetup
 
     assert declared()["phantom-subjects"] == DEFAULT_PHANTOM_SUBJECTS
+    assert declared()["phantom-public-subjects"] == DEFAULT_PUBLIC_SUBJECTS
+    setup = StudySetup(load_config("tiny"))
+    assert (setup.subjects, setup.public_subjects) == (DEFAULT_PHANTOM_SUBJECTS,
+                                                       DEFAULT_PUBLIC_SUBJECTS)  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["1", "many", "2.5", -3])
+@pytest.mark.parametrize("key", ["phantom-subjects", "phantom-public-subjects"])
+def test_a_bad_phantom_count_is_one_line_before_anything_is_made(tmp_path, key, value):
+    run_dir = tmp_path / "run"
+    with pytest.raises(FedsynthError, match=f"run config {key}=.*whole number of at least 2"):
+        prepare({"config": "tiny", "run-dir": str(run_dir), key: value})
+    assert not run_dir.exists()
+
+
+def test_a_public_set_of_another_size_is_generated_into_its_own_folder(tmp_path):
+    import csv
+
+    from fedsynth.simulations.study_data import phantom_folder
+
+    folder = phantom_folder(tmp_path, load_config("tiny"), 2, public_subjects=3)
+    assert folder.name == "sites3-subjects2-seed0-public3"  # the default's name is kept
+    with open(folder / "public" / "manifest.csv") as f:
+        subjects = {row["subject"] for row in csv.DictReader(f)}
+    assert len(subjects) == 3
