@@ -2,6 +2,8 @@
 
 Ratios, not seconds, so that they mean the same on a laptop and on a hospital's GPU box.
 Networks are built from the config with fresh weights: timing does not depend on them.
+Every measure takes a `Bench`: the config and the size of a site (subjects, two volumes
+each), by default the simulation's (`phantom-subjects`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ from fedsynth.common.config import Config
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import ConditionedUNet, build_autoencoder, latent_shape, resolve_device
+from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
+
+
+@dataclass(frozen=True)
+class Bench:
+    """What a bench run measures with: the config, and a site of `site_subjects`."""
+
+    config: Config
+    site_subjects: int = DEFAULT_PHANTOM_SUBJECTS
 
 
 def _seconds(work: Callable[[], object]) -> float:
@@ -36,9 +47,10 @@ def _seconds(work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def ddim_speedup_over_ddpm(config: Config) -> float:
+def ddim_speedup_over_ddpm(bench: Bench) -> float:
     """Wall time of one volume by full DDPM (all training timesteps) over DDIM (sampling.steps),
     both with classifier-free guidance and decoding."""
+    config = bench.config
     device = resolve_device(config.device)
     unet = ConditionedUNet(config).to(device).eval()
     autoencoder = build_autoencoder(config).to(device).eval()
@@ -60,9 +72,6 @@ def ddim_speedup_over_ddpm(config: Config) -> float:
     return _seconds(one_volume("ddpm")) / _seconds(one_volume("ddim"))
 
 
-SITE_SUBJECTS = 20  # a phantom site's default size; each subject has an ED and an ES volume
-
-
 def _site(config: Config, subjects: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random latents and attributes standing in for a site's cache (timing ignores values)."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -71,10 +80,12 @@ def _site(config: Config, subjects: int) -> tuple[torch.Tensor, torch.Tensor, to
     return latents, attributes, torch.arange(subjects).repeat_interleave(2)
 
 
-def dp_step_over_nonprivate(config: Config) -> float:
+def dp_step_over_nonprivate(bench: Bench) -> float:
     """One DP-SGD step over one plain step, same model, trainable subset and batch: the
-    config's expected batch of subjects (two volumes each), split into physical batches."""
-    subjects = max(1, round(sample_rate(config.privacy, SITE_SUBJECTS) * SITE_SUBJECTS))
+    config's expected batch of subjects at the bench's site (two volumes each), split into
+    physical batches."""
+    config, size = bench.config, bench.site_subjects
+    subjects = max(1, round(sample_rate(config.privacy, size) * size))
     device = resolve_device(config.device)
     timings = step_timings(
         config, ConditionedUNet(config), *_site(config, subjects), repeats=3, device=device
@@ -82,13 +93,14 @@ def dp_step_over_nonprivate(config: Config) -> float:
     return timings["dp_over_nonprivate"]
 
 
-def _site_round_peak_mb(config: Config) -> float:
-    """In a fresh process: one local round at a default-sized site; peak memory in MiB."""
+def _site_round_peak_mb(bench: Bench) -> float:
+    """In a fresh process: one local round at the bench's site; peak memory in MiB."""
+    config = bench.config
     device = resolve_device(config.device)
-    rate = sample_rate(config.privacy, SITE_SUBJECTS)
+    rate = sample_rate(config.privacy, bench.site_subjects)
     unet = ConditionedUNet(config)
     train_round(
-        unet, *_site(config, SITE_SUBJECTS), config, 1.0, rate,
+        unet, *_site(config, bench.site_subjects), config, 1.0, rate,
         config.privacy.local_steps, seed=config.seed, device=device,
     )  # fmt: skip
     if device.type == "cuda":
@@ -96,12 +108,12 @@ def _site_round_peak_mb(config: Config) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def site_peak_memory_mb(config: Config) -> float:
+def site_peak_memory_mb(bench: Bench) -> float:
     """Peak memory of a site's training round: GPU memory allocated on CUDA, otherwise the
     whole process's resident set (Python, torch and the model included), measured in a
     process of its own so nothing else this command did counts."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_site_round_peak_mb, config).result()
+        return pool.submit(_site_round_peak_mb, bench).result()
 
 
 OVERHEAD_SITES = 3
@@ -124,23 +136,28 @@ class RoundOverhead:
 
 
 _WORKSPACES: dict[str, tempfile.TemporaryDirectory] = {}
+PUBLIC_SUBJECTS = 4  # the one-step pretraining's public set: its weights do not matter
+BENCH_MAX_EPSILON = 1e6  # the bench's sites' lifetime cap, over all its studies
 
 
-def _overhead_workspace(config: Config) -> Path:
-    """Phantom sites and a short public pretraining for `config`, made once per process in
-    a temporary folder (removed at exit): timing does not depend on how well it is trained."""
+def _overhead_workspace(bench: Bench) -> Path:
+    """Phantom sites and a short public pretraining for the bench's config, made once per
+    process in a temporary folder (removed at exit): timing does not depend on how well it
+    is trained. The sites' state dirs live here too, so each site encodes its volumes once
+    for every study the bench runs."""
+    config = bench.config
     from fedsynth.common.config import config_hash, load_config, to_yaml
     from fedsynth.server.pretrain import pretrain
     from fedsynth.simulations.phantoms import generate_cohorts
 
-    key = config_hash(config)
+    key = f"{config_hash(config)}-{bench.site_subjects}"
     if key not in _WORKSPACES:
         workspace = tempfile.TemporaryDirectory(prefix="fedsynth-bench-")
         root = Path(workspace.name)
         (root / "config.yaml").write_text(to_yaml(config))
         generate_cohorts(
-            root / "phantoms", OVERHEAD_SITES, SITE_SUBJECTS, config.seed,
-            public_subjects=SITE_SUBJECTS, progress=False,
+            root / "phantoms", OVERHEAD_SITES, bench.site_subjects, config.seed,
+            public_subjects=PUBLIC_SUBJECTS, progress=False,
         )  # fmt: skip
         short = load_config(
             root / "config.yaml", {"training.pretrain-steps": 1, "autoencoder.steps": 1}
@@ -162,24 +179,24 @@ def _quiet_flower() -> Iterator[None]:
         logger.setLevel(level)
 
 
-_ROUNDS: dict[tuple[str, bool, bool], RoundOverhead] = {}
+_ROUNDS: dict[tuple[str, int, bool, bool], RoundOverhead] = {}
 
 
-def measured_round(config: Config, secure: bool, whole_unet: bool = False) -> RoundOverhead:
-    """`round_overhead`, run once per (config, secure, whole_unet) in a process: the time
+def measured_round(bench: Bench, secure: bool, whole_unet: bool = False) -> RoundOverhead:
+    """`round_overhead`, run once per (bench, secure, whole_unet) in a process: the time
     and byte figures of one bench run come from the same rounds."""
     from fedsynth.common.config import config_hash
 
-    key = (config_hash(config), secure, whole_unet)
+    key = (config_hash(bench.config), bench.site_subjects, secure, whole_unet)
     if key not in _ROUNDS:
-        _ROUNDS[key] = round_overhead(config, secure, whole_unet)
+        _ROUNDS[key] = round_overhead(bench, secure, whole_unet)
     return _ROUNDS[key]
 
 
-def round_overhead(config: Config, secure: bool, whole_unet: bool = False) -> RoundOverhead:
+def round_overhead(bench: Bench, secure: bool, whole_unet: bool = False) -> RoundOverhead:
     """One study of OVERHEAD_ROUNDS rounds through the real ServerApp loop
     (`run_federation`) and the real ClientApp, with OVERHEAD_SITES phantom sites of
-    SITE_SUBJECTS subjects delivered in process by a LoopbackGrid (one site after another),
+    the bench's size delivered in process by a LoopbackGrid (one site after another),
     validation off; SecAgg+ on or off.
 
     Measured: round 2, from the grid taking its first message to the grid taking round 3's
@@ -199,20 +216,23 @@ def round_overhead(config: Config, secure: bool, whole_unet: bool = False) -> Ro
     from fedsynth.server.study import prepare
     from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
-    root = _overhead_workspace(config)
+    size = bench.site_subjects
+    root = _overhead_workspace(bench)
     mode = "secagg" if secure else "plain"
     with tempfile.TemporaryDirectory(prefix=f"fedsynth-bench-{mode}-") as tmp:
         study = prepare({
             "config": str(root / "config.yaml"), "run-dir": str(Path(tmp) / "run"),
             "checkpoint": str(root / "checkpoint"), "validation-data": "",
-            "secagg-max-weight": SITE_SUBJECTS,
+            "secagg-max-weight": size,
             "federation.secure-aggregation": secure, "federation.rounds": OVERHEAD_ROUNDS,
             "federation.sites": OVERHEAD_SITES, "federation.sites-per-round": OVERHEAD_SITES,
         })  # fmt: skip
         sites = {
             n: {"data-path": str(root / "phantoms" / f"site-{n}"),
-                "state-dir": str(Path(tmp) / "states" / f"site-{n}"),
-                "max-epsilon": config.privacy.target_epsilon, "site-name": f"site-{n}",
+                # shared by the bench's studies: each site encodes its volumes once; its
+                # lifetime cap must then allow them all (the cap is not what is measured)
+                "state-dir": str(root / "states" / f"site-{n}"),
+                "max-epsilon": BENCH_MAX_EPSILON, "site-name": f"site-{n}",
                 "require-secure-aggregation": secure}
             for n in range(1, OVERHEAD_SITES + 1)
         }  # fmt: skip
@@ -242,34 +262,34 @@ def round_overhead(config: Config, secure: bool, whole_unet: bool = False) -> Ro
     return RoundOverhead(secure, end - begin, training, stages, sent)
 
 
-def round_overhead_plain(config: Config) -> float:
+def round_overhead_plain(bench: Bench) -> float:
     """Fraction of a round's wall time not spent in local training, plain FedAvg."""
-    return measured_round(config, secure=False).overhead
+    return measured_round(bench, secure=False).overhead
 
 
-def round_overhead_secagg(config: Config) -> float:
+def round_overhead_secagg(bench: Bench) -> float:
     """Fraction of a round's wall time not spent in local training, with SecAgg+ (the
     trainable subset travels)."""
-    return measured_round(config, secure=True).overhead
+    return measured_round(bench, secure=True).overhead
 
 
-def round_overhead_secagg_whole_unet(config: Config) -> float:
+def round_overhead_secagg_whole_unet(bench: Bench) -> float:
     """`round_overhead_secagg` when every UNet tensor travels and is masked: the cost the
     subset saves."""
-    return measured_round(config, secure=True, whole_unet=True).overhead
+    return measured_round(bench, secure=True, whole_unet=True).overhead
 
 
-def round_bytes(config: Config) -> float:
+def round_bytes(bench: Bench) -> float:
     """Bytes on the wire in one SecAgg+ round, all sites, both ways (trainable subset)."""
-    return float(measured_round(config, secure=True).wire_bytes)
+    return float(measured_round(bench, secure=True).wire_bytes)
 
 
-def round_bytes_whole_unet(config: Config) -> float:
+def round_bytes_whole_unet(bench: Bench) -> float:
     """`round_bytes` when every UNet tensor travels."""
-    return float(measured_round(config, secure=True, whole_unet=True).wire_bytes)
+    return float(measured_round(bench, secure=True, whole_unet=True).wire_bytes)
 
 
-MEASURES: dict[str, Callable[[Config], float]] = {
+MEASURES: dict[str, Callable[[Bench], float]] = {
     "ddim_speedup_over_ddpm": ddim_speedup_over_ddpm,
     "dp_step_over_nonprivate": dp_step_over_nonprivate,
     "round_overhead_plain": round_overhead_plain,

@@ -13,6 +13,10 @@ HELP = "Measure speed/memory ratios (e.g. ddim_speedup_over_ddpm) in one run; pr
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--only", metavar="KEY", help="measure one key only")
+    parser.add_argument(
+        "--site-subjects", type=int, default=None, metavar="N",
+        help="subjects per measured site (default: as `flwr run .` simulates them)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
 
 
@@ -20,15 +24,18 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from fedsynth.common.errors import FedsynthError
-    from fedsynth.simulations.bench import MEASURES
+    from fedsynth.simulations.bench import MEASURES, Bench
 
     if args.only is not None and args.only not in MEASURES:
         raise FedsynthError(f"unknown bench key {args.only!r} (known: {', '.join(MEASURES)})")
+    if args.site_subjects is not None and args.site_subjects < 2:
+        raise FedsynthError(f"--site-subjects must be at least 2, got {args.site_subjects}")
     config = config_from_args(args)
+    bench = Bench(config) if args.site_subjects is None else Bench(config, args.site_subjects)
     keys = [args.only] if args.only else list(MEASURES)
     results = {}
     for key in keys:
         print(f"bench: measuring {key} ...", file=sys.stderr, flush=True)
-        results[key] = round(MEASURES[key](config), 3)
+        results[key] = round(MEASURES[key](bench), 3)
     print(json.dumps(results, indent=2))
     return 0

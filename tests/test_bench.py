@@ -9,11 +9,15 @@ import sys
 CLI = [sys.executable, "-m", "fedsynth.common.cli", "bench"]
 
 
+SITE = 6  # subjects per measured site: small, so the tests stay fast
+
+
 def bench_tiny(key: str) -> float:
     """One key measured by the CLI on the tiny preset."""
     proc = subprocess.run(
-        [*CLI, "--config", "tiny", "--only", key, "--json"], capture_output=True, text=True
-    )
+        [*CLI, "--config", "tiny", "--only", key, "--site-subjects", str(SITE), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)[key]
 
@@ -39,9 +43,9 @@ def test_round_overhead_plain_comes_out_of_the_cli():
 
 def test_round_overhead_secagg_is_measured_with_secagg_on():
     from fedsynth.common.config import load_config
-    from fedsynth.simulations.bench import round_overhead
+    from fedsynth.simulations.bench import Bench, round_overhead
 
-    measured = round_overhead(load_config("tiny"), secure=True)
+    measured = round_overhead(Bench(load_config("tiny"), SITE), secure=True)
     assert measured.stages == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
     assert 0 < measured.training_seconds < measured.round_seconds
     assert 0 <= measured.overhead < 1
@@ -53,18 +57,19 @@ def test_round_bytes_count_the_trainable_subset_against_the_whole_unet():
     4 bytes per travelling weight; the subset carries a fraction of the whole UNet's."""
     from fedsynth.common.config import load_config
     from fedsynth.common.models import ConditionedUNet, trainable_names
-    from fedsynth.simulations.bench import OVERHEAD_SITES, measured_round
+    from fedsynth.simulations.bench import OVERHEAD_SITES, Bench, measured_round
 
     config = load_config("tiny")
+    bench = Bench(config, SITE)
     unet = ConditionedUNet(config)
     sizes = dict((k, p.numel()) for k, p in unet.named_parameters())
     subset = sum(sizes[k] for k in trainable_names(unet, config.privacy.trainable))
     whole = sum(p.numel() for p in unet.state_dict().values())
     assert subset < whole / 2
-    small = measured_round(config, secure=True).wire_bytes
-    large = measured_round(config, secure=True, whole_unet=True).wire_bytes
+    small = measured_round(bench, secure=True).wire_bytes
+    large = measured_round(bench, secure=True, whole_unet=True).wire_bytes
     assert 2 * OVERHEAD_SITES * 4 * subset <= small < 2 * OVERHEAD_SITES * 4 * whole <= large
-    assert measured_round(config, secure=True).wire_bytes == small  # measured once
+    assert measured_round(bench, secure=True).wire_bytes == small  # measured once
 
 
 def test_loopback_grid_leaves_out_a_dropped_sites_reply():
@@ -99,3 +104,9 @@ def test_unknown_key_is_one_line():
         "round_overhead_secagg_whole_unet, round_bytes, round_bytes_whole_unet, "
         "site_peak_memory_mb)"
     )
+
+
+def test_a_bad_site_size_is_one_line():
+    proc = subprocess.run([*CLI, "--site-subjects", "1"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "fedsynth bench: error: --site-subjects must be at least 2, got 1"
