@@ -11,7 +11,7 @@ used when the server runs SecAggPlusWorkflow) can mask the reply. Mods, outermos
 
 The server's fit instruction carries the global UNet's trainable subset (the tensors
 named in the config's `keys`, in that order; the rest is the public checkpoint, which the
-site checks against the config's `frozen-sha256` before it reads data or spends) and a
+site checks against the config's `checkpoint-sha256` before it reads data or spends) and a
 config with the round number, the study's training config (JSON, so every site trains
 the same thing), the public checkpoint folder and, for a simulation, the phantom and run
 folders. Where a site's data and state live, and its privacy terms,
@@ -162,7 +162,7 @@ def site_round_reply(
             max_subjects=float(sent.get("max-weight", 0.0) or 0.0),  # type: ignore[arg-type]
             check_subjects=lambda n: check_delta_for_subjects(settings, config.privacy.delta, n),
             study_id=study_id,
-            frozen_sha256=str(sent.get("frozen-sha256", "")),  # a server that sends none: refused
+            checkpoint_sha256=str(sent.get("checkpoint-sha256", "")),  # none sent: refused
         )
     except SiteStop:
         raise

@@ -26,7 +26,7 @@ from fedsynth.client.budget import RoundPlan, SiteBudget
 from fedsynth.client.dp_trainer import RoundResult, train_round
 from fedsynth.client.latents import site_latents
 from fedsynth.client.node_config import SiteSettings
-from fedsynth.common.checkpoint import load_pretrained, weights_sha256
+from fedsynth.common.checkpoint import Pretrained, load_pretrained, public_sha256
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import private_dir
@@ -39,19 +39,25 @@ class ModelMismatch(FedsynthError):
 
 
 def _global_state(
-    unet: torch.nn.Module,
+    pretrained: Pretrained,
     config: Config,
     sent: dict[str, torch.Tensor],
-    frozen_sha256: str | None,
+    checkpoint_sha256: str,
 ) -> dict[str, torch.Tensor]:
     """The global UNet: the site's public checkpoint with the sent tensors in place."""
+    unet = pretrained.unet
     state = unet.state_dict()
     unknown = sorted(set(sent) - set(state))
     if unknown:
         raise ModelMismatch(f"the server sent tensors this UNet does not have: {unknown[:3]}")
-    wrong = [k for k, v in sent.items() if tuple(v.shape) != tuple(state[k].shape)]
+    wrong = [
+        k for k, v in sent.items()
+        if tuple(v.shape) != tuple(state[k].shape) or v.dtype != state[k].dtype
+    ]  # fmt: skip
     if wrong:
-        raise ModelMismatch(f"the server's tensors have other shapes than this UNet's: {wrong[:3]}")
+        raise ModelMismatch(
+            f"the server's tensors have other shapes or types than this UNet's: {wrong[:3]}"
+        )
     missing = [k for k in trainable_names(unet, config.privacy.trainable) if k not in sent]
     if missing:
         raise ModelMismatch(
@@ -59,10 +65,11 @@ def _global_state(
             f"{config.privacy.trainable!r} (e.g. {missing[0]})"
         )
     frozen = [k for k in state if k not in sent]
-    if frozen_sha256 is not None and weights_sha256(state, frozen) != frozen_sha256:
+    if public_sha256(pretrained.folder, state, frozen) != checkpoint_sha256:
         raise ModelMismatch(
-            "this site's public checkpoint differs from the server's in the weights that are "
-            "not trained (their SHA-256 differs): use the checkpoint the study was built on"
+            "this site's public checkpoint differs from the server's (config, latent "
+            "statistics, autoencoder or the UNet weights that are not trained: their SHA-256 "
+            "differs): use the checkpoint folder the study was built on, unchanged"
         )
     return {**state, **sent}
 
@@ -106,15 +113,15 @@ def run_site_round(
     max_subjects: float = 0.0,
     check_subjects: Callable[[int], None] | None = None,
     study_id: str = "",
-    frozen_sha256: str | None = None,
+    checkpoint_sha256: str = "",
 ) -> SiteUpdate:
     """Train one round at this site; raises BudgetRefusal before reading data when spent.
 
     `global_weights` holds the tensors the server sent: the trainable subset (or every
-    UNet tensor); the rest comes from the site's own copy of the public checkpoint, whose
-    untrained tensors must hash to `frozen_sha256` (`weights_sha256`; None: not checked,
-    for in-process callers that send everything) and which must cover the config's
-    trainable subset, else ModelMismatch before anything is read or spent.
+    UNet tensor), which must cover the config's trainable subset; the rest comes from the
+    site's own copy of the public checkpoint, which must hash as the server's does
+    (`checkpoint_sha256`, common.checkpoint.public_sha256, over the tensors not sent),
+    else ModelMismatch before anything is read or spent.
 
     `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
     `max_subjects` > 0 (SecAgg+'s max weight) refuses a larger site before it trains or
@@ -128,7 +135,7 @@ def run_site_round(
     budget = SiteBudget(settings.name, settings.state_dir, settings.max_epsilon)
     budget.refuse_if_exhausted(config.privacy)
     pretrained = load_pretrained(checkpoint, device)
-    start = _global_state(pretrained.unet, config, global_weights, frozen_sha256)
+    start = _global_state(pretrained, config, global_weights, checkpoint_sha256)
     site = site_latents(
         pretrained, checkpoint, settings.data_path, settings.state_dir, show_progress
     )

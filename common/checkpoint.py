@@ -132,6 +132,20 @@ def read_metadata(folder: Path) -> dict:
         raise FedsynthError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
 
 
+def public_sha256(folder: Path, unet: Mapping[str, torch.Tensor], frozen: Iterable[str]) -> str:
+    """One SHA-256 of what a site must share with the server besides the UNet tensors that
+    travel: the checkpoint folder's config hash and latent statistics (metadata.json; the
+    config hash covers config.yaml, which load_pretrained checks against it), its
+    autoencoder file, and the `frozen` tensors of `unet`. Raises FedsynthError when the
+    folder has no metadata."""
+    metadata = read_metadata(folder)
+    facts = {k: metadata.get(k) for k in ("config_hash", "latent_mean", "latent_std")}
+    digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode())
+    digest.update(file_sha256(Path(folder) / AUTOENCODER).encode())
+    digest.update(weights_sha256(unet, frozen).encode())
+    return digest.hexdigest()
+
+
 def load_pretrained(folder: str | Path, device: torch.device | str = "cpu") -> Pretrained:
     """Rebuild both networks from a finished checkpoint folder, in eval mode on `device`."""
     import yaml

@@ -18,7 +18,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.checkpoint import load_pretrained, weights_sha256
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import ConditionedUNet, trainable_names
@@ -38,17 +38,36 @@ def travelling_keys(config: Config, weights: dict[str, torch.Tensor]) -> list[st
     return names
 
 
-def run_federation(
-    grid: Grid, study: Study, context: Context, whole_unet: bool = False
-) -> dict:
+def _check_frozen(
+    weights: dict[str, torch.Tensor],
+    public: dict[str, torch.Tensor],
+    keys: list[str],
+    config: Config,
+) -> None:
+    """The global UNet outside the tensors that travel must be the public checkpoint's,
+    which is what the sites fill in: a study resumed with another privacy.trainable than
+    it trained is refused here, before any site spends on a model the server does not
+    hold."""
+    travelling = set(keys)
+    frozen = [k for k in weights if k not in travelling]
+    if weights_sha256(weights, frozen) != weights_sha256(public, frozen):
+        raise FedsynthError(
+            "the study's global UNet differs from the public checkpoint outside "
+            f"privacy.trainable {config.privacy.trainable!r}, which the sites fill in from "
+            "their copies: resume it with the privacy.trainable it was trained with"
+        )
+
+
+def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool = False) -> dict:
     """Run the study's remaining rounds over `grid`; returns the summary (summary.json).
     `whole_unet`: every UNet tensor travels, not only the trainable subset (what it costs
     is a bench figure; the training is the same)."""
     config = study.config
     done, weights = resume_point(study)
-    if weights is None:
-        weights = load_pretrained(study.checkpoint).unet.state_dict()
+    public = load_pretrained(study.checkpoint).unet.state_dict()
+    weights = public if weights is None else weights
     keys = list(weights) if whole_unet else travelling_keys(config, weights)
+    _check_frozen(weights, public, keys, config)
     strategy = StudyStrategy(study, weights, done, keys)
     if done == 0:  # the public checkpoint: the baseline of every later round
         validated = validation_text(strategy.validate(0))

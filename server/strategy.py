@@ -9,7 +9,7 @@ Each round (Flower's legacy DefaultWorkflow; `RoundFit` wraps its fit step):
    by its own ledger, have budget left. Fewer than `federation.min-sites`: the study ends.
 2. Train (StudyStrategy.configure_fit / aggregate_fit): the global weights of the
    trainable subset (`privacy.trainable`, in `keys` order; the frozen rest is the public
-   checkpoint every site holds, checked there by `frozen-sha256`) and the study config go
+   checkpoint every site holds, checked there by `checkpoint-sha256`) and the study config go
    to the ready sites, least trained first; sites answer DELTAS (trained - global) of
    those tensors, so SecAgg+ masks and the wire carries the subset only. All replies are
    checked first (server/site_replies.py), then the ledger lines are written (trained,
@@ -47,7 +47,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
 
-from fedsynth.common.checkpoint import load_pretrained, weights_sha256
+from fedsynth.common.checkpoint import load_pretrained, public_sha256
 from fedsynth.common.config import to_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.feature_net import load_feature_nets
@@ -137,9 +137,8 @@ class StudyStrategy(FedAvg):
         self.secure = bool(study.config.federation.secure_aggregation)
         self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         self.keys = list(self.weights) if keys is None else list(keys)
-        travelling = set(self.keys)
-        self.frozen_sha256 = weights_sha256(self.weights, [k for k in self.weights
-                                                           if k not in travelling])  # fmt: skip
+        frozen = [k for k in self.weights if k not in set(self.keys)]
+        self.checkpoint_sha256 = public_sha256(study.checkpoint, self.weights, frozen)
         self.done = done
         self.picked: list[int] = []  # this round's sites, picked at READY (see `pick`)
         self.chosen: list[int] = []
@@ -273,7 +272,7 @@ class StudyStrategy(FedAvg):
                 "study": self.study_text,
                 "study-id": self.study.study_id,
                 "keys": json.dumps(self.keys),
-                "frozen-sha256": self.frozen_sha256,
+                "checkpoint-sha256": self.checkpoint_sha256,
                 "checkpoint": str(self.study.checkpoint),
                 "phantoms": str(self.study.phantoms or ""),
                 "site-states": str(self.study.run_dir / "sites"),

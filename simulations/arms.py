@@ -207,9 +207,9 @@ def summary(name: str, setup: StudySetup, started: float, **fields) -> dict:
     return {
         "study": name,
         "subjects_per_site": setup.subjects,
+        "public_subjects": setup.public_subjects,
         "seeds": list(setup.seeds),
         "config": to_dict(setup.config),
         **fields,
         "seconds": time.perf_counter() - started,
     }
-

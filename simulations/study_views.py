@@ -93,7 +93,7 @@ def plot_dp_gap(result: dict, png: Path) -> None:
 
 
 def _server_rate(result: dict) -> str:
-    """", server learning rate R" when the study's config set one other than FedAvg's 1."""
+    """A title suffix naming the study's server learning rate when it is not FedAvg's 1."""
     rate = result["config"]["federation"].get("server-learning-rate", 1.0)
     return "" if rate == 1.0 else f", server learning rate {rate:g}"
 

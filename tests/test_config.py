@@ -68,9 +68,10 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     assert config.training.pretrain_ema_decay == 0.0
     full = write(tmp_path, yaml.safe_dump(old))
     assert load_config(full) == config
-    assert config_hash(config) == hashlib.sha256(
-        json.dumps(old, sort_keys=True).encode()
-    ).hexdigest()[:16]  # what config_hash gave before the key existed
+    assert (
+        config_hash(config)
+        == hashlib.sha256(json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
+    )  # what config_hash gave before the key existed
     faster = load_config("tiny", {"federation.server-learning-rate": 2})
     assert config_hash(faster) != config_hash(config)
     assert config_from_dict(to_dict(faster)) == faster

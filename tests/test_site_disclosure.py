@@ -17,7 +17,7 @@ from flwr.app import Context, RecordDict
 
 import fedsynth.client.site_round as site_round
 from fedsynth.client.client_app import app, site_round_reply
-from fedsynth.common.protocol import REPLY_METRICS
+from fedsynth.common.protocol import REPLY_METRICS, SiteStop
 from fedsynth.server.server_app import run_federation
 from fedsynth.server.study import prepare
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
@@ -110,7 +110,7 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     """Issue 16, item 7: the metrics travel in clear under SecAgg+ too."""
     import json
 
-    from fedsynth.common.checkpoint import load_pretrained, weights_sha256
+    from fedsynth.common.checkpoint import load_pretrained, public_sha256
     from fedsynth.common.config import load_config, to_dict
     from fedsynth.common.models import trainable_names
 
@@ -119,15 +119,20 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     unet = load_pretrained(tiny_checkpoint).unet
     state, keys = unet.state_dict(), trainable_names(unet, config.privacy.trainable)
     weights = {k: state[k] for k in keys}  # the subset, as the server sends it
-    frozen = weights_sha256(state, [k for k in state if k not in keys])
+    frozen = public_sha256(tiny_checkpoint, state, [k for k in state if k not in keys])
     sent = {"round": 1, "study": json.dumps(to_dict(config)), "study-id": "s",
-            "checkpoint": str(tiny_checkpoint), "frozen-sha256": frozen}  # fmt: skip
+            "checkpoint": str(tiny_checkpoint), "checkpoint-sha256": frozen}  # fmt: skip
     node = {
         "data-path": str(root / "site-1"),
         "state-dir": str(tmp_path / "s"),
         "max-epsilon": 10,
         "site-name": "site-1",
     }
+    # a server whose checkpoint differs: the fixed reason code, nothing spent or marked
+    with pytest.raises(SiteStop, match=r"^fedsynth:model: "):
+        site_round_reply(weights, {**sent, "checkpoint-sha256": "0" * 64}, node, secure=True)
+    held = {p.name for p in (tmp_path / "s").iterdir()}
+    assert "ledger.jsonl" not in held and "failed.json" not in held
     delta, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
     assert set(delta) == set(keys)  # only the subset goes back
     assert set(metrics) == REPLY_METRICS

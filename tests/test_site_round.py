@@ -18,7 +18,7 @@ from fedsynth.client.budget import LEDGER, BudgetRefusal
 from fedsynth.client.node_config import SiteSettings
 from fedsynth.client.site_round import ModelMismatch, run_site_round
 from fedsynth.common.accountant import epsilon
-from fedsynth.common.checkpoint import load_pretrained, weights_sha256
+from fedsynth.common.checkpoint import load_pretrained, public_sha256
 from fedsynth.common.config import load_config
 from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
 from fedsynth.common.models import trainable_names
@@ -35,6 +35,11 @@ STUDY = {
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def every_tensor(checkpoint) -> str:
+    """The server's checkpoint-sha256 when it sends every UNet tensor (none frozen)."""
+    return public_sha256(checkpoint, {}, [])
+
+
 def settings(tmp_path, phantom_root, max_epsilon: float = 100.0) -> SiteSettings:
     return SiteSettings("site-1", phantom_root / "site-1", tmp_path / "state", max_epsilon)
 
@@ -47,8 +52,9 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
     (tmp_path / "state").mkdir(mode=0o755)  # made by hand, open to others
     os.chmod(tmp_path / "state", 0o755)
     update = run_site_round(
-        settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0
-    )
+        settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
+        checkpoint_sha256=every_tensor(tiny_checkpoint),
+    )  # fmt: skip
     assert update.result.steps == config.privacy.local_steps
     # the state dir is owner-only, and so is all it holds (latents decode to volumes)
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
@@ -70,11 +76,11 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
 
 def _subset(checkpoint, config):
     """What the server sends: the trainable subset (moved 0.5 off the checkpoint's values,
-    as after rounds) and the SHA-256 of the rest."""
+    as after rounds) and the SHA-256 of the checkpoint without it."""
     unet = load_pretrained(checkpoint).unet
     state, keys = unet.state_dict(), trainable_names(unet, config.privacy.trainable)
     sent = {k: state[k] + 0.5 for k in keys}
-    return sent, weights_sha256(state, [k for k in state if k not in sent]), state
+    return sent, public_sha256(checkpoint, state, [k for k in state if k not in sent]), state
 
 
 def test_a_site_trains_the_sent_subset_on_its_own_copy_of_the_rest(
@@ -85,7 +91,7 @@ def test_a_site_trains_the_sent_subset_on_its_own_copy_of_the_rest(
     assert 0 < len(sent) < len(state) // 2  # the norms subset: a small part travels
     update = run_site_round(
         settings(tmp_path, phantom_root), config, tiny_checkpoint, sent, 1, seed=0,
-        frozen_sha256=frozen,
+        checkpoint_sha256=frozen,
     )  # fmt: skip
     for key, value in state.items():  # the rest is the site's checkpoint, untouched
         if key not in sent:
@@ -96,32 +102,48 @@ def test_a_site_trains_the_sent_subset_on_its_own_copy_of_the_rest(
     assert all(float((update.weights[k] - sent[k]).abs().max()) < 0.1 for k in sent)
 
 
-@pytest.mark.parametrize("fault", ["another-checkpoint", "subset-missing", "unknown-tensor",
-                                   "wrong-shape", "no-hash"])  # fmt: skip
+@pytest.mark.parametrize("fault", ["another-unet", "another-statistics", "another-autoencoder",
+                                   "subset-missing", "unknown-tensor", "wrong-shape",
+                                   "wrong-type", "no-hash"])  # fmt: skip
 def test_weights_that_do_not_fit_the_sites_checkpoint_are_refused_before_anything_is_read(
     tmp_path, phantom_root, tiny_checkpoint, fault
 ):
+    import shutil
+
     config = load_config("tiny", {**STUDY, "privacy.trainable": "norms"})
     sent, frozen, state = _subset(tiny_checkpoint, config)
-    if fault == "another-checkpoint":  # one frozen weight differs at the server
+    untrained = [k for k in state if k not in sent]
+    if fault == "another-unet":  # one frozen weight differs at the server
         other = dict(state)
-        key = next(k for k in state if k not in sent and state[k].is_floating_point())
-        other[key] = state[key] + 1e-3
-        frozen = weights_sha256(other, [k for k in state if k not in sent])
+        other[untrained[0]] = state[untrained[0]] + 1e-3
+        frozen = public_sha256(tiny_checkpoint, other, untrained)
+    elif fault in ("another-statistics", "another-autoencoder"):  # the server's own copy
+        server = tmp_path / "server-checkpoint"
+        shutil.copytree(tiny_checkpoint, server)
+        if fault == "another-statistics":
+            metadata = json.loads((server / "metadata.json").read_text())
+            metadata["latent_std"] = [v * 1.01 for v in metadata["latent_std"]]
+            (server / "metadata.json").write_text(json.dumps(metadata))
+        else:
+            (server / "autoencoder.pt").write_bytes(b"x" + (server / "autoencoder.pt").read_bytes())
+        frozen = public_sha256(server, state, untrained)
     elif fault == "subset-missing":
         sent.pop(next(iter(sent)))
-        frozen = weights_sha256(state, [k for k in state if k not in sent])
+        frozen = public_sha256(tiny_checkpoint, state, [k for k in state if k not in sent])
     elif fault == "unknown-tensor":
         sent["unet.extra.weight"] = torch.zeros(2)
     elif fault == "wrong-shape":
         key = next(iter(sent))
         sent[key] = torch.zeros(*sent[key].shape, 2)
+    elif fault == "wrong-type":
+        key = next(iter(sent))
+        sent[key] = sent[key].double()
     else:
         frozen = ""  # a server that sends no hash
     with pytest.raises(ModelMismatch):
         run_site_round(
             settings(tmp_path, phantom_root), config, tiny_checkpoint, sent, 1, seed=0,
-            frozen_sha256=frozen,
+            checkpoint_sha256=frozen,
         )  # fmt: skip
     held = [p.name for p in (tmp_path / "state").iterdir()]
     assert LEDGER not in held and not any(n.startswith("latents-") for n in held)
@@ -144,15 +166,18 @@ import sys, torch
 from pathlib import Path
 from fedsynth.client.node_config import SiteSettings
 from fedsynth.client.site_round import run_site_round
-from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.checkpoint import load_pretrained, public_sha256
 from fedsynth.common.config import load_config
 torch.set_num_threads(1)
 checkpoint, data, state, first = sys.argv[1:5]
 config = load_config("tiny", {STUDY!r})
 site = SiteSettings("site-1", Path(data), Path(state), 100.0)
 weights = load_pretrained(checkpoint).unet.state_dict()
+sha = public_sha256(Path(checkpoint), {}, [])  # every tensor sent
 for r in range(int(first), 4):
-    weights = run_site_round(site, config, checkpoint, weights, r, seed=r).weights
+    weights = run_site_round(
+        site, config, checkpoint, weights, r, seed=r, checkpoint_sha256=sha
+    ).weights
 """
 
 
@@ -193,9 +218,9 @@ def test_a_site_too_large_for_secure_aggregation_stops_before_training_or_spendi
     with pytest.raises(FedsynthError, match=r"2 subjects exceed .* max weight 1: raise"):
         run_site_round(
             settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
-            max_subjects=1,
+            max_subjects=1, checkpoint_sha256=every_tensor(tiny_checkpoint),
         )  # fmt: skip
     assert read_ledger(tmp_path / "state" / LEDGER) == []  # nothing spent
     run_site_round(settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
-                   max_subjects=2)  # fmt: skip
+                   max_subjects=2, checkpoint_sha256=every_tensor(tiny_checkpoint))  # fmt: skip
     assert len(read_ledger(tmp_path / "state" / LEDGER)) == 1

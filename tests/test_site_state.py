@@ -56,6 +56,7 @@ def stand_ins(tmp_path, monkeypatch):
     marks.mkdir()
     unet = SimpleNamespace(load_state_dict=lambda weights: None, state_dict=lambda: {})
     monkeypatch.setattr(site_round, "load_pretrained", lambda *a: SimpleNamespace(unet=unet))
+    monkeypatch.setattr(site_round, "_global_state", lambda *a: {})  # no checkpoint to match
 
     def latents(*args):
         (marks / f"{multiprocessing.current_process().name}-latents").touch()

@@ -111,13 +111,16 @@ def test_the_one_over_ten_n_check_runs_before_the_round_spends(
     tmp_path, tiny_checkpoint, phantom_root
 ):
     """Wired into the real round: site-1 has 2 subjects, so delta 0.06 > 1/(10 n)."""
-    from fedsynth.common.checkpoint import load_pretrained, weights_sha256
+    from fedsynth.common.checkpoint import load_pretrained, public_sha256
 
     node = {"data-path": str(phantom_root / "site-1"), "state-dir": str(tmp_path / "state"),
             "max-epsilon": 10, "site-name": "site-1"}  # fmt: skip
     weights = {k: v.clone() for k, v in load_pretrained(tiny_checkpoint).unet.state_dict().items()}
-    sent = {**_sent(**{"privacy.delta": 0.06}), "checkpoint": str(tiny_checkpoint),
-            "frozen-sha256": weights_sha256(weights, [])}  # every tensor sent: none frozen
+    sent = {
+        **_sent(**{"privacy.delta": 0.06}),
+        "checkpoint": str(tiny_checkpoint),
+        "checkpoint-sha256": public_sha256(tiny_checkpoint, weights, []),
+    }  # all sent
     with pytest.raises(SiteStop, match="fedsynth:terms:"):
         site_round_reply(weights, sent, node, secure=True)
     assert not (tmp_path / "state" / "ledger.jsonl").exists()  # nothing spent

@@ -381,3 +381,18 @@ def test_a_restarted_node_takes_over_its_name_but_two_connected_nodes_cannot(tmp
     assert strategy.site_of == {33: "site-3"}
     with pytest.raises(FedsynthError, match=r"two nodes \(33 and 34\) claim"):
         strategy.bind(34, "site-3", {33, 34})
+
+
+def test_a_resume_whose_untrained_tensors_left_the_public_checkpoint_is_refused():
+    """The sites fill in what does not travel from their public copies: a global UNet that
+    differs there (a study resumed with another privacy.trainable) would have them train
+    a model the server does not hold, so the server refuses it before any round."""
+    from fedsynth.common.config import load_config
+    from fedsynth.server.server_app import _check_frozen
+
+    config = load_config("tiny")
+    public = {"a": torch.zeros(3), "b": torch.ones(2)}
+    moved = {"a": torch.full((3,), 0.1), "b": torch.ones(2)}
+    _check_frozen(moved, public, ["a"], config)  # only what travels moved: fine
+    with pytest.raises(FedsynthError, match=r"differs from the public checkpoint outside"):
+        _check_frozen(moved, public, ["b"], config)
