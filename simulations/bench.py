@@ -73,6 +73,33 @@ def ddim_speedup_over_ddpm(bench: Bench) -> float:
     return _seconds(one_volume("ddpm")) / _seconds(one_volume("ddim"))
 
 
+THROUGHPUT_BATCHES = 3  # sampling batches timed (after one warm-up batch)
+
+
+def sampling_volumes_per_second(bench: Bench) -> float:
+    """Volumes a release samples per second: DDIM with the config's steps and guidance,
+    in batches of sampling.batch-size, decoded; the mean of THROUGHPUT_BATCHES batches
+    after a warm-up. A 1000-volume release takes about 1000 / this many seconds."""
+    config = bench.config
+    device = resolve_device(config.device)
+    unet = ConditionedUNet(config).to(device).eval()
+    autoencoder = build_autoencoder(config).to(device).eval()
+    size, sampling = config.sampling.batch_size, config.sampling
+    attributes = torch.rand(size, len(config.data.attributes), device=device)
+
+    def one_batch() -> object:
+        scheduler = sampling_scheduler(config.diffusion, sampling.scheduler, sampling.steps)
+        with torch.no_grad():
+            latents = sample_latents(
+                unet, scheduler, attributes, latent_shape(config), sampling.guidance_scale
+            )
+            return autoencoder.decode_stage_2_outputs(latents)
+
+    one_batch()  # warm-up
+    seconds = sum(_seconds(one_batch) for _ in range(THROUGHPUT_BATCHES))
+    return THROUGHPUT_BATCHES * size / seconds
+
+
 def _site(config: Config, subjects: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random latents and attributes standing in for a site's cache (timing ignores values)."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -312,5 +339,6 @@ MEASURES: dict[str, Callable[[Bench], float]] = {
     "round_overhead_secagg_whole_unet": round_overhead_secagg_whole_unet,
     "round_bytes": round_bytes,
     "round_bytes_whole_unet": round_bytes_whole_unet,
+    "sampling_volumes_per_second": sampling_volumes_per_second,
     "site_peak_memory_mb": site_peak_memory_mb,
 }

@@ -29,6 +29,25 @@ def test_ddim_speedup_is_measured_and_plausible():
     assert ratio > 2
 
 
+def test_sampling_throughput_counts_volumes_not_batches(monkeypatch):
+    """Volumes per second = batches x batch size / their seconds (a fixed clock here)."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations import bench
+
+    calls = []
+
+    def clock(work):
+        calls.append(work())
+        return 0.5  # seconds per batch
+
+    monkeypatch.setattr(bench, "_seconds", clock)
+    config = load_config("tiny", {"sampling.batch-size": 3, "sampling.steps": 2})
+    assert bench.sampling_volumes_per_second(bench.Bench(config, SITE)) == 3 / 0.5
+    # every timed batch decoded sampling.batch-size volumes of the configured shape
+    assert len(calls) == bench.THROUGHPUT_BATCHES
+    assert all(tuple(v.shape) == (3, 1, *config.data.shape) for v in calls)
+
+
 def test_dp_step_ratio_and_site_memory_are_measured():
     # per-sample gradients, clipping and noise on top of the same forward and backward
     assert bench_tiny("dp_step_over_nonprivate") > 1.0
@@ -102,7 +121,7 @@ def test_unknown_key_is_one_line():
         "fedsynth bench: error: unknown bench key 'nope' (known: ddim_speedup_over_ddpm, "
         "dp_step_over_nonprivate, round_overhead_plain, round_overhead_secagg, "
         "round_overhead_secagg_whole_unet, round_bytes, round_bytes_whole_unet, "
-        "site_peak_memory_mb)"
+        "sampling_volumes_per_second, site_peak_memory_mb)"
     )
 
 
