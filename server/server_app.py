@@ -18,10 +18,10 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid, ServerApp
 
-from fedsynth.common.checkpoint import load_pretrained, weights_sha256
+from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.models import ConditionedUNet, trainable_names
+from fedsynth.common.models import trainable_names
 from fedsynth.server.run_dir import ledger_table, resume_point, write_summary
 from fedsynth.server.secure_aggregation import StudySecAggPlus, secagg_settings
 from fedsynth.server.strategy import RoundFit, StudyStrategy
@@ -29,9 +29,12 @@ from fedsynth.server.study import Simulate, Study, prepare
 from fedsynth.server.validation import validation_text
 
 
-def travelling_keys(config: Config, weights: dict[str, torch.Tensor]) -> list[str]:
-    """The UNet tensors that go to the sites and back: the trainable subset."""
-    names = trainable_names(ConditionedUNet(config), config.privacy.trainable)
+def travelling_keys(
+    config: Config, unet: torch.nn.Module, weights: dict[str, torch.Tensor]
+) -> list[str]:
+    """The UNet tensors that go to the sites and back: the trainable subset of `unet` (the
+    public checkpoint's), each of which the global `weights` must hold."""
+    names = trainable_names(unet, config.privacy.trainable)
     missing = [k for k in names if k not in weights]
     if missing:
         raise FedsynthError(f"the global UNet has no {missing[0]}: not a UNet of this config")
@@ -49,8 +52,7 @@ def _check_frozen(
     it trained is refused here, before any site spends on a model the server does not
     hold."""
     travelling = set(keys)
-    frozen = [k for k in weights if k not in travelling]
-    if weights_sha256(weights, frozen) != weights_sha256(public, frozen):
+    if any(not torch.equal(v, public[k]) for k, v in weights.items() if k not in travelling):
         raise FedsynthError(
             "the study's global UNet differs from the public checkpoint outside "
             f"privacy.trainable {config.privacy.trainable!r}, which the sites fill in from "
@@ -64,9 +66,10 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
     is a bench figure; the training is the same)."""
     config = study.config
     done, weights = resume_point(study)
-    public = load_pretrained(study.checkpoint).unet.state_dict()
+    unet = load_pretrained(study.checkpoint).unet
+    public = unet.state_dict()
     weights = public if weights is None else weights
-    keys = list(weights) if whole_unet else travelling_keys(config, weights)
+    keys = list(weights) if whole_unet else travelling_keys(config, unet, weights)
     _check_frozen(weights, public, keys, config)
     strategy = StudyStrategy(study, weights, done, keys)
     if done == 0:  # the public checkpoint: the baseline of every later round

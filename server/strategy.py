@@ -137,7 +137,8 @@ class StudyStrategy(FedAvg):
         self.secure = bool(study.config.federation.secure_aggregation)
         self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         self.keys = list(self.weights) if keys is None else list(keys)
-        frozen = [k for k in self.weights if k not in set(self.keys)]
+        travelling = set(self.keys)
+        frozen = [k for k in self.weights if k not in travelling]
         self.checkpoint_sha256 = public_sha256(study.checkpoint, self.weights, frozen)
         self.done = done
         self.picked: list[int] = []  # this round's sites, picked at READY (see `pick`)

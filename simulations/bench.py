@@ -48,27 +48,34 @@ def _seconds(work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def ddim_speedup_over_ddpm(bench: Bench) -> float:
-    """Wall time of one volume by full DDPM (all training timesteps) over DDIM (sampling.steps),
-    both with classifier-free guidance and decoding."""
-    config = bench.config
+def _sampler(config: Config, batch: int) -> Callable[[str], Callable[[], object]]:
+    """kind ("ddim" or "ddpm") -> a call that samples `batch` volumes with the config's
+    steps and guidance and decodes them, on fresh networks of the config."""
     device = resolve_device(config.device)
     unet = ConditionedUNet(config).to(device).eval()
     autoencoder = build_autoencoder(config).to(device).eval()
-    attributes = torch.rand(1, len(config.data.attributes), device=device)
-    shape = latent_shape(config)
+    attributes = torch.rand(batch, len(config.data.attributes), device=device)
+    sampling = config.sampling
 
-    def one_volume(kind: str) -> Callable[[], object]:
-        scheduler = sampling_scheduler(config.diffusion, kind, config.sampling.steps)
-        guidance = config.sampling.guidance_scale
+    def sampler(kind: str) -> Callable[[], object]:
+        scheduler = sampling_scheduler(config.diffusion, kind, sampling.steps)
 
         def run() -> object:
             with torch.no_grad():
-                latents = sample_latents(unet, scheduler, attributes, shape, guidance)
+                latents = sample_latents(
+                    unet, scheduler, attributes, latent_shape(config), sampling.guidance_scale
+                )
                 return autoencoder.decode_stage_2_outputs(latents)
 
         return run
 
+    return sampler
+
+
+def ddim_speedup_over_ddpm(bench: Bench) -> float:
+    """Wall time of one volume by full DDPM (all training timesteps) over DDIM (sampling.steps),
+    both with classifier-free guidance and decoding."""
+    one_volume = _sampler(bench.config, 1)
     one_volume("ddim")()  # warm-up
     return _seconds(one_volume("ddpm")) / _seconds(one_volume("ddim"))
 
@@ -80,21 +87,9 @@ def sampling_volumes_per_second(bench: Bench) -> float:
     """Volumes a release samples per second: DDIM with the config's steps and guidance,
     in batches of sampling.batch-size, decoded; the mean of THROUGHPUT_BATCHES batches
     after a warm-up. A 1000-volume release takes about 1000 / this many seconds."""
-    config = bench.config
-    device = resolve_device(config.device)
-    unet = ConditionedUNet(config).to(device).eval()
-    autoencoder = build_autoencoder(config).to(device).eval()
-    size, sampling = config.sampling.batch_size, config.sampling
-    attributes = torch.rand(size, len(config.data.attributes), device=device)
-
-    def one_batch() -> object:
-        scheduler = sampling_scheduler(config.diffusion, sampling.scheduler, sampling.steps)
-        with torch.no_grad():
-            latents = sample_latents(
-                unet, scheduler, attributes, latent_shape(config), sampling.guidance_scale
-            )
-            return autoencoder.decode_stage_2_outputs(latents)
-
+    sampling = bench.config.sampling
+    size = sampling.batch_size
+    one_batch = _sampler(bench.config, size)(sampling.scheduler)
     one_batch()  # warm-up
     seconds = sum(_seconds(one_batch) for _ in range(THROUGHPUT_BATCHES))
     return THROUGHPUT_BATCHES * size / seconds
@@ -195,13 +190,18 @@ def _overhead_workspace(bench: Bench) -> Path:
     return Path(_WORKSPACES[key].name)
 
 
+def _copy_latents(source: Path, target: Path) -> None:
+    """A site's latent cache files (owner-only, modes kept) from one folder to another."""
+    for cache in source.glob("latents-*.pt"):
+        shutil.copy2(cache, target / cache.name)
+
+
 def _site_state(root: Path, tmp: Path, site: int) -> Path:
     """A fresh state dir (its own ledger: the bench's studies do not share a budget)
     holding the site's latent cache when an earlier study of this bench encoded it."""
     state = tmp / "states" / f"site-{site}"
     state.mkdir(parents=True, mode=0o700)
-    for cache in (root / LATENTS / f"site-{site}").glob("latents-*.pt"):
-        shutil.copy2(cache, state / cache.name)
+    _copy_latents(root / LATENTS / f"site-{site}", state)
     return state
 
 
@@ -286,8 +286,7 @@ def round_overhead(bench: Bench, secure: bool, whole_unet: bool = False) -> Roun
             kept = root / LATENTS / f"site-{n}"
             if not kept.is_dir():
                 kept.mkdir(parents=True, mode=0o700)
-                for cache in (Path(tmp) / "states" / f"site-{n}").glob("latents-*.pt"):
-                    shutil.copy2(cache, kept / cache.name)
+                _copy_latents(Path(tmp) / "states" / f"site-{n}", kept)
     # each round opens with one READY query per site
     opening = [d.started for d in grid.deliveries if d.message_type == "query"]
     starts = opening[::OVERHEAD_SITES]

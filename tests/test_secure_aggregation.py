@@ -73,7 +73,7 @@ def _federate(tmp_path, monkeypatch, secure: bool, spent=(), rate: float = 1.0):
     monkeypatch.setattr(server_app, "StudyStrategy", Recording)
     monkeypatch.setattr(server_app, "load_pretrained", lambda _: Pretrained)
     # the fakes' weights are not a UNet: all of them travel
-    monkeypatch.setattr(server_app, "travelling_keys", lambda config, weights: list(weights))
+    monkeypatch.setattr(server_app, "travelling_keys", lambda config, unet, weights: list(weights))
     with task_identity():  # what a ServerApp process has set
         summary = server_app.run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
     monkeypatch.undo()

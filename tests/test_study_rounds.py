@@ -57,7 +57,7 @@ def _federate(study, sites, monkeypatch, drop=None, nodes=None):
     Pretrained.unet.state_dict = lambda: fake_weights(SHAPES)
     monkeypatch.setattr(server_app, "load_pretrained", lambda _: Pretrained)
     # the fakes' weights are not a UNet: all of them travel
-    monkeypatch.setattr(server_app, "travelling_keys", lambda config, weights: list(weights))
+    monkeypatch.setattr(server_app, "travelling_keys", lambda config, unet, weights: list(weights))
     with task_identity():
         summary = server_app.run_federation(grid, study, Context(1, 0, {}, RecordDict(), {}))
     return summary, read_ledger(study.run_dir / "ledger.jsonl"), grid
