@@ -210,7 +210,7 @@ def make_private(
     noise_multiplier: float,
     expected_batch_size: float,
     noise_generator: torch.Generator | None = None,
-    optimizer: OptimizerName = "adamw",
+    optimizer: OptimizerName | None = None,
     learning_rate: float | None = None,
 ) -> PrivateUNet:
     """Attach Opacus to `unet` in place (hooks on its modules; undo with `release`).
@@ -224,10 +224,11 @@ def make_private(
     extra = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
     module = prepare_module(unet, mode, loss_reduction="sum", **extra)
     optimizer_class = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
+    training = config.training
     base = _base_optimizer(
         params,
-        optimizer,
-        config.training.finetune_learning_rate if learning_rate is None else learning_rate,
+        training.finetune_optimizer if optimizer is None else optimizer,
+        training.finetune_learning_rate if learning_rate is None else learning_rate,
     )
     dp_optimizer = optimizer_class(
         base,
@@ -390,13 +391,14 @@ def train_round(
     steps: int,
     seed: int | None,
     device: torch.device | str = "cpu",
-    optimizer: OptimizerName = "adamw",
+    optimizer: OptimizerName | None = None,
     learning_rate: float | None = None,
 ) -> RoundResult:
     """Run `steps` DP-SGD steps on one site's data; `unet` is updated in place.
 
     latents (N, C, H, W, D), attributes (N, A) in [0, 1], subjects (N,) integer ids.
-    The optimizer starts fresh each round (FedAvg sends weights, not optimizer state).
+    The optimizer (None: `training.finetune-optimizer`) starts fresh each round (FedAvg
+    sends weights, not optimizer state).
     """
     if not 0 < sample_rate <= 1:
         raise FedsynthError(f"sample rate must be in (0, 1], got {sample_rate}")
@@ -541,7 +543,9 @@ def step_timings(
     plain = copy.deepcopy(unet)
     with _training_on(plain, device):
         params = trainable_parameters(plain, config.privacy.trainable)
-        optimizer = _base_optimizer(params, "adamw", config.training.finetune_learning_rate)
+        optimizer = _base_optimizer(
+            params, config.training.finetune_optimizer, config.training.finetune_learning_rate
+        )
         generator = _generator(seed, 1, device)
         everyone = torch.arange(data.n_subjects)
         nonprivate_step(plain, optimizer, data, everyone, config, generator, device)

@@ -53,19 +53,21 @@ def test_roundtrip_and_hash():
 
 
 def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_path):
-    """A checkpoint's or run's config.yaml written before federation.server-learning-rate
-    and training.pretrain-ema-decay existed: it loads (as FedAvg, rate 1, without a moving
-    average), keeps its hash, and a full file without the keys loads too; at any other
-    value the hash differs."""
+    """A checkpoint's or run's config.yaml written before federation.server-learning-rate,
+    training.pretrain-ema-decay and training.finetune-optimizer existed: it loads (as
+    FedAvg, rate 1, without a moving average, AdamW at the sites), keeps its hash, and a
+    full file without the keys loads too; at any other value the hash differs."""
     config = load_config("tiny")
     old = to_dict(config)
     assert set(ADDED_KEYS) == {("federation", "server-learning-rate"),
-                               ("training", "pretrain-ema-decay")}  # fmt: skip
+                               ("training", "pretrain-ema-decay"),
+                               ("training", "finetune-optimizer")}  # fmt: skip
     for section, key in ADDED_KEYS:
         del old[section][key]
     assert config_from_dict(old) == config
     assert config.federation.server_learning_rate == 1.0
     assert config.training.pretrain_ema_decay == 0.0
+    assert config.training.finetune_optimizer == "adamw"
     full = write(tmp_path, yaml.safe_dump(old))
     assert load_config(full) == config
     assert (
@@ -78,6 +80,9 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     averaged = load_config("tiny", {"training.pretrain-ema-decay": 0.995})
     assert pretraining_hash(averaged) != pretraining_hash(config)
     assert pretraining_hash(faster) == pretraining_hash(config)  # federation: not pretraining
+    plain_sgd = load_config("tiny", {"training.finetune-optimizer": "sgd"})
+    assert config_hash(plain_sgd) != config_hash(config)
+    assert pretraining_hash(plain_sgd) == pretraining_hash(config)  # finetuning only
 
 
 def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):

@@ -590,3 +590,35 @@ def test_step_timings_compare_dp_with_a_plain_step(tiny_config):
     assert torch.equal(flat_params(unet), before)  # measured on copies
     assert timings["dp_step_seconds"] > 0 and timings["nonprivate_step_seconds"] > 0
     assert timings["subjects"] == 4 and timings["volumes"] == 6
+
+
+def test_the_sites_optimizer_is_the_configs_unless_the_caller_names_one(tiny_config):
+    """training.finetune-optimizer decides what a site steps with: a round under an sgd
+    config moves the weights exactly as one that asks for sgd, and differently from the
+    same round under adamw (whose first step is about lr in every moved coordinate, SGD's
+    the mean clipped gradient times lr)."""
+
+    def training(name: str) -> Config:
+        chosen = dataclasses.replace(tiny_config.training, finetune_optimizer=name)
+        return with_privacy(dataclasses.replace(tiny_config, training=chosen), trainable="norms")
+
+    def moved(config: Config, **kwargs) -> torch.Tensor:
+        unet = awake_unet(config)
+        before = flat_params(unet)
+        latents, attributes = site_data(config, n=4)
+        train_round(
+            unet, latents, attributes, torch.arange(4), config, 0.0, 1.0, 1, seed=2,
+            learning_rate=1e-3, **kwargs,
+        )  # fmt: skip
+        return before - flat_params(unet)
+
+    sgd, adamw = training("sgd"), training("adamw")
+    by_sgd_config = moved(sgd)
+    assert by_sgd_config.abs().max() > 0
+    torch.testing.assert_close(by_sgd_config, moved(adamw, optimizer="sgd"), rtol=0, atol=0)
+    by_adamw_config = moved(adamw)
+    torch.testing.assert_close(by_adamw_config, moved(sgd, optimizer="adamw"), rtol=0, atol=0)
+    stepped = by_adamw_config.abs() > 1e-4  # adamw: about lr wherever a gradient was not 0
+    assert stepped.sum() > 100
+    assert by_adamw_config[stepped].abs().median() == pytest.approx(1e-3, rel=0.05)
+    assert by_sgd_config[stepped].abs().median() < 5e-4  # sgd: lr times a gradient < 1
