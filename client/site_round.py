@@ -5,6 +5,9 @@
 3. Plan this round's noise from the site's own subject count and ledger.
 4. Train with DP-SGD from the global weights.
 5. Append the round to the site's ledger, fsync'd, and only then hand the update back.
+   The line also holds the DP-SGD's wall-clock start and end (`dp_sgd`, Unix seconds):
+   the site's own record of where a round's time went (never sent: READY and the reply
+   carry only the privacy history); `fedsynth bench` reads it in simulations.
 Steps 3 to 5 hold the site's ledger lock, so two ClientApps sharing a state dir (two
 studies on one SuperNode) see each other's spend: the second plans after the first's
 round is on the ledger.
@@ -16,6 +19,7 @@ killed and restarted at any step without losing or double-counting spend.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +157,7 @@ def run_site_round(
         plan = budget.plan_round(config, site.n_subjects, round_number)
         unet = pretrained.unet
         unet.load_state_dict(start)
+        started = time.time()
         result = train_round(
             unet,
             site.latents,
@@ -165,7 +170,10 @@ def run_site_round(
             seed=seed,
             device=device,
         )
-        budget.record(round_number, plan, study=study_id, accountant=config.privacy.accountant)
+        budget.record(
+            round_number, plan, study=study_id, accountant=config.privacy.accountant,
+            dp_sgd=[started, time.time()],
+        )  # fmt: skip
     update = SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
     for observer in list(_OBSERVERS):
         observer(update)

@@ -11,6 +11,8 @@ run-dir/validation/           per-round public validation loss and montage, the 
                               (reconstruction.png, round 0); in a simulation also the
                               site-domain losses (server/validation.py)
 run-dir/summary.json          epsilon per site and for the study, recomputed
+run-dir/timing.json           each round's wall-clock start, when the sites' replies were
+                              in, and end (Unix seconds; `fedsynth bench` reads it)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ SITE_DOMAIN_NOTE = (
     "privacy on it, and fedsynth offers no such path"
 )
 STATE = "state.json"
+TIMING = "timing.json"
 
 
 def round_dir(run_dir: Path, round_number: int) -> Path:
@@ -86,6 +89,16 @@ def save_round(
     }
     atomic_write_text(study.run_dir / STATE, json.dumps(state) + "\n")
     return folder
+
+
+def record_round_time(study: Study, round_number: int, **times: float) -> None:
+    """Add a round's wall-clock times (Unix seconds: started, replies, ended) to
+    timing.json (atomic; a resumed study's rounds are added to those before)."""
+    path = study.run_dir / TIMING
+    rounds = json.loads(path.read_text())["rounds"] if path.is_file() else []
+    rounds = [r for r in rounds if r["round"] != round_number]  # a round re-run on resume
+    rounds.append({"round": round_number, **times})
+    atomic_write_text(path, json.dumps({"rounds": rounds}, indent=1) + "\n")
 
 
 def checkpoint_hashes(folder: Path) -> dict[str, str]:

@@ -84,7 +84,10 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
             fit = default_fit_workflow
         workflow = DefaultWorkflow(fit_workflow=RoundFit(fit, strategy))
         legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy)
-        workflow(grid, legacy)
+        try:
+            workflow(grid, legacy)
+        finally:
+            strategy.finish_validation()
     strategy.site_domain_fidelity(done + strategy.settled)
     return write_summary(study, done + strategy.settled, strategy.over)
 

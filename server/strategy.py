@@ -15,8 +15,9 @@ Each round (Flower's legacy DefaultWorkflow; `RoundFit` wraps its fit step):
    checked first (server/site_replies.py), then the ledger lines are written (trained,
    reported history, and an estimate for every site that was sent the round without a
    valid reply), then the round is aggregated only if at least min-sites sites trained
-   (else skipped with a line saying why), then the round checkpoint, then public
-   validation.
+   (else skipped with a line saying why), then the round checkpoint. Public validation
+   (and a simulation's site-domain loss) of that checkpoint then runs on a thread of its
+   own while the next round trains: sites never wait for it.
 Under SecAgg+ every result's parameters are the same unmasked weighted mean (the workflow
 replaced them); num_examples and metrics travel in clear, so the ledger is the same.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -66,6 +68,7 @@ from fedsynth.server.run_dir import (
     LEDGER,
     RECONSTRUCTION_PNG,
     SITE_DOMAIN_FIDELITY,
+    record_round_time,
     save_round,
     validation_dir,
     write_summary,
@@ -148,9 +151,12 @@ class StudyStrategy(FedAvg):
         self.settled = 0  # the last workflow round aggregate_fit has written
         self.over = ""  # why the study ended before its planned rounds ("" while it runs)
         self.started = time.monotonic()
+        self.round_started = time.time()  # this round's READY (RoundFit), Unix seconds
         self.site_of: dict[int, str] = {}  # node id -> site name, bound at READY
         self.study_text = json.dumps(to_dict(study.config))
         self.validator = self.site_domain = None
+        self._validation: ThreadPoolExecutor | None = None  # see validate_later
+        self._validated: list[Future] = []
         if study.validation is not None:
             self.validator = Validator(study.checkpoint, study.validation, study.config)
         if study.site_domain is not None:  # a simulation's phantom sites only
@@ -336,6 +342,7 @@ class StudyStrategy(FedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         study, round_number = self.study, self.done + server_round
+        replies = time.time()
         for failure in failures:  # only the reason code: a site's error text stays there
             code = code_of(str(failure if isinstance(failure, BaseException) else failure[1]))
             _say(f"round {round_number}: a site failed: {REASONS[code]}")
@@ -353,15 +360,17 @@ class StudyStrategy(FedAvg):
         facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg,
                  "study_id": study.study_id}  # fmt: skip
         save_round(study, round_number, self.weights, facts)
-        validated = validation_text(self.validate(round_number))
         summary = write_summary(study, round_number)
+        record_round_time(
+            study, round_number, started=self.round_started, replies=replies, ended=time.time()
+        )
         epsilons = ", ".join(f"{k} {v:.3g}" for k, v in summary["site_epsilon"].items())
         _say(
             f"round {round_number}/{study.config.federation.rounds}: {trained} trained, "
-            f"{silent} no valid reply; "
-            + (f"{validated}; " if validated else "")
-            + f"epsilon {epsilons}; {time.monotonic() - self.started:.0f} s"
+            f"{silent} no valid reply; epsilon {epsilons}; "
+            f"{time.monotonic() - self.started:.0f} s"
         )
+        self.validate_later(round_number)
         self.settled = server_round
         return self._parameters(), {}
 
@@ -395,22 +404,53 @@ class StudyStrategy(FedAvg):
                 f"{start['frechet_3d']:.3f}, round {round_number} {final['frechet_3d']:.3f}"
             )
 
-    def validate(self, round_number: int) -> dict:
-        """Held-out public loss and montage, and (simulation only) site-domain losses; kept
-        next to the round's checkpoint. Returns the round's entry ({} when neither)."""
+    def validate(self, round_number: int, weights: dict[str, torch.Tensor] | None = None) -> dict:
+        """Held-out public loss and montage, and (simulation only) site-domain losses of
+        `weights` (None: the current global weights); kept next to the round's checkpoint.
+        Returns the round's entry ({} when neither)."""
         if self.validator is None and self.site_domain is None:
             return {}
+        weights = self.weights if weights is None else weights
         folder = validation_dir(self.study)
         entry: dict[str, Any] = {"round": round_number}
         if self.validator is not None:
-            entry["loss"] = self.validator(self.weights, folder / f"round-{round_number:03d}.png")
+            entry["loss"] = self.validator(weights, folder / f"round-{round_number:03d}.png")
             if round_number == 0:  # the frozen autoencoder alone, to compare samples with
                 png = folder / RECONSTRUCTION_PNG
                 entry["reconstruction_mae"] = self.validator.reconstruction(png)
         if self.site_domain is not None:
-            entry["site_domain"] = self.site_domain.loss(self.weights)
+            entry["site_domain"] = self.site_domain.loss(weights)
         atomic_write_text(folder / f"round-{round_number:03d}.json", json.dumps(entry) + "\n")
         return entry
+
+    def validate_later(self, round_number: int) -> None:
+        """Validate this round's weights (a copy) on the validation thread, while the next
+        round trains: the sites never wait for the server's validation. Rounds are
+        validated in order, each logged when done; `finish_validation` waits for all."""
+        if self.validator is None and self.site_domain is None:
+            return
+        if self._validation is None:
+            self._validation = ThreadPoolExecutor(1, thread_name_prefix="fedsynth-validation")
+        weights = {k: v.clone() for k, v in self.weights.items()}
+        job = self._validation.submit(self._validate_and_say, round_number, weights)
+        self._validated.append(job)
+
+    def _validate_and_say(self, round_number: int, weights: dict[str, torch.Tensor]) -> None:
+        if self.study.phantoms is not None:  # simulated sites train on this machine's cores
+            torch.set_num_threads(1)  # OpenMP: this thread's own setting, as it needs
+        validated = validation_text(self.validate(round_number, weights))
+        _say(f"round {round_number} validation: {validated}")
+
+    def finish_validation(self) -> None:
+        """Wait for every round's validation; an error in one is raised here."""
+        try:
+            for future in self._validated:
+                future.result()
+        finally:
+            self._validated.clear()
+            if self._validation is not None:
+                self._validation.shutdown()
+                self._validation = None
 
 
 class _WeightsSentTo:
@@ -447,6 +487,7 @@ class RoundFit:
             return
         server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
         round_number = strategy.done + server_round
+        strategy.round_started = time.time()
         _wait_for_nodes(grid, strategy.study.config.federation.sites_per_round)
         strategy.ask_ready(grid, round_number)
         sites = len(strategy.picked)

@@ -30,6 +30,7 @@ from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import ConditionedUNet, build_autoencoder, latent_shape, resolve_device
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS
+from fedsynth.simulations.flwr_overhead import flwr_run_overhead
 
 
 @dataclass(frozen=True)
@@ -320,6 +321,17 @@ def round_overhead_secagg_whole_unet(bench: Bench) -> float:
     return measured_round(bench, secure=True, whole_unet=True).overhead
 
 
+def round_overhead_flwr_plain(bench: Bench) -> float:
+    """Fraction of a real `flwr run .` round (the quick start's simulated study, rounds
+    after the first) in which no site ran DP-SGD, plain FedAvg (simulations/flwr_overhead.py)."""
+    return flwr_run_overhead(bench.config, False, bench.site_subjects).overhead
+
+
+def round_overhead_flwr_secagg(bench: Bench) -> float:
+    """`round_overhead_flwr_plain` with SecAgg+."""
+    return flwr_run_overhead(bench.config, True, bench.site_subjects).overhead
+
+
 def round_bytes(bench: Bench) -> float:
     """Bytes on the wire in one SecAgg+ round, all sites, both ways (trainable subset)."""
     return float(measured_round(bench, secure=True).wire_bytes)
@@ -336,6 +348,8 @@ MEASURES: dict[str, Callable[[Bench], float]] = {
     "round_overhead_plain": round_overhead_plain,
     "round_overhead_secagg": round_overhead_secagg,
     "round_overhead_secagg_whole_unet": round_overhead_secagg_whole_unet,
+    "round_overhead_flwr_plain": round_overhead_flwr_plain,
+    "round_overhead_flwr_secagg": round_overhead_flwr_secagg,
     "round_bytes": round_bytes,
     "round_bytes_whole_unet": round_bytes_whole_unet,
     "sampling_volumes_per_second": sampling_volumes_per_second,

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 CLI = [sys.executable, "-m", "fedsynth.common.cli", "bench"]
 
 
@@ -120,7 +122,8 @@ def test_unknown_key_is_one_line():
     assert proc.stderr.strip() == (
         "fedsynth bench: error: unknown bench key 'nope' (known: ddim_speedup_over_ddpm, "
         "dp_step_over_nonprivate, round_overhead_plain, round_overhead_secagg, "
-        "round_overhead_secagg_whole_unet, round_bytes, round_bytes_whole_unet, "
+        "round_overhead_secagg_whole_unet, round_overhead_flwr_plain, "
+        "round_overhead_flwr_secagg, round_bytes, round_bytes_whole_unet, "
         "sampling_volumes_per_second, site_peak_memory_mb)"
     )
 
@@ -129,3 +132,24 @@ def test_a_bad_site_size_is_one_line():
     proc = subprocess.run([*CLI, "--site-subjects", "1"], capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "fedsynth bench: error: --site-subjects must be at least 2, got 1"
+
+
+def test_training_time_is_the_union_of_the_sites_dp_sgd_within_the_rounds():
+    from fedsynth.simulations.flwr_overhead import union_seconds
+
+    sites = [(10.0, 20.0), (12.0, 25.0), (30.0, 35.0), (0.0, 4.0), (38.0, 50.0)]
+    # overlap counted once (10-25), a gap (25-30) is overhead, clipped to the window
+    assert union_seconds(sites, 5.0, 40.0) == pytest.approx(15 + 5 + 2)
+    assert union_seconds([], 0.0, 10.0) == 0.0
+    assert union_seconds([(1.0, 2.0), (1.5, 1.8)], 0.0, 10.0) == pytest.approx(1.0)  # nested
+
+
+def test_an_overhead_needs_two_rounds(tmp_path):
+    from fedsynth.common.errors import FedsynthError
+    from fedsynth.simulations.flwr_overhead import run_overhead
+
+    (tmp_path / "timing.json").write_text(
+        json.dumps({"rounds": [{"round": 1, "started": 0, "replies": 1, "ended": 2}]})
+    )
+    with pytest.raises(FedsynthError, match="1 round"):
+        run_overhead(tmp_path)

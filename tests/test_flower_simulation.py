@@ -3,34 +3,26 @@
 Runs against its own FLWR_HOME and its own local SuperLink ports (Flower's defaults,
 39091/39093, would join any other local SuperLink on the machine, e.g. a study someone
 runs), and stops, by pid, the local simulation SuperLink that `flwr run` starts (it
-outlives the command). `flwr run` exits 0 even when the ServerApp
-fails, so the run's status is read back with `flwr ls --run-id ID --format json`.
+outlives the command): simulations/local_flwr.py, which `fedsynth bench` uses too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from test_package import main_job_federation_config
 
 from fedsynth.common.accountant import epsilon
+from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import read_ledger, spent_segments
+from fedsynth.simulations.local_flwr import LocalFlower, stop
 
 ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 SITES = ("site-1", "site-2", "site-3")
-PORTS = "test-ports.json"  # in FLWR_HOME: the local SuperLink's API and control ports
+RUN_TIMEOUT_S = 420
 
 STUDY = """\
 base: tiny
@@ -44,92 +36,10 @@ paths: {cache-dir: CACHE}
 """
 
 
-def _flwr(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    api, control = json.loads((home / PORTS).read_text())
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    }
-    return subprocess.run(
-        [str(BIN / "flwr"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _pids(home: Path, program: str = "") -> list[int]:
-    """Pids of the processes whose environment names this FLWR_HOME (everything the local
-    SuperLink started inherits it), only those running `program` when one is named."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"FLWR_HOME={home}".encode() in environ and (
-            not program or any(program.encode() in part for part in cmdline[:2])
-        ):
-            pids.append(int(proc.name))
-    return pids
-
-
-def _superlink_pids(home: Path) -> list[int]:
-    return _pids(home, "flower-superlink")
-
-
-def _alive(pid: int) -> bool:
-    """The process runs (a killed child its parent has not reaped yet is a zombie: not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def _stop(pids: list[int], grace: float = 15.0) -> None:
-    """SIGTERM the given pids, then SIGKILL whatever is left after `grace` seconds."""
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _alive(pid)]
-        time.sleep(0.5)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _free_ports(n: int) -> list[int]:
-    """n TCP ports on 127.0.0.1 that were free a moment ago."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
-def _flwr_home(tmp_path: Path) -> Path:
-    """An FLWR_HOME of the test's own whose default SuperLink is a local simulation one on
-    ports of its own."""
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / PORTS).write_text(json.dumps(_free_ports(2)))
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-    )
-    return home
+def _flower(tmp_path: Path) -> LocalFlower:
+    """A Flower home of the test's own whose default SuperLink is a local simulation one
+    on free ports of its own (simulations/local_flwr.py)."""
+    return LocalFlower(tmp_path / "flwr-home", ROOT)
 
 
 def _study_file(tmp_path: Path, secure: bool, rounds: int = 2) -> Path:
@@ -139,53 +49,34 @@ def _study_file(tmp_path: Path, secure: bool, rounds: int = 2) -> Path:
     return study
 
 
-def _start_study(home: Path, overrides: str) -> str:
-    """`flwr run .` with the README's federation config; returns the run id."""
-    started = _flwr(
-        home, "run", ".", "--federation-config", main_job_federation_config(), "-c", overrides
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
-    return re.search(r"started run (\d+)", started.stdout + started.stderr).group(1)
-
-
-def _run_study(home: Path, overrides: str) -> str:
+def _run_study(flower: LocalFlower, overrides: str) -> str:
     """`flwr run .` with the README's federation config; waits for the end; the run's log."""
-    run_id = _start_study(home, overrides)
-    status = "running"
-    deadline = time.monotonic() + 420
-    while time.monotonic() < deadline:
-        listed = _flwr(home, "ls", "--run-id", run_id, "--format", "json")
-        [run] = json.loads(listed.stdout)["runs"]
-        status = run["status"]
-        if status.startswith("finished"):
-            break
-        time.sleep(3)
-    log = _flwr(home, "log", run_id, "--show").stdout
-    if status != "finished:completed":
-        pytest.fail(f"run {run_id} ended {status}:\n{log[-4000:]}")
-    return log
+    try:
+        return flower.run(overrides, RUN_TIMEOUT_S, main_job_federation_config())
+    except FedsynthError as error:
+        pytest.fail(str(error))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("secure", [True, False], ids=["secagg+", "plain"])
 def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
-    home, run_dir, study = _flwr_home(tmp_path), tmp_path / "run", _study_file(tmp_path, secure)
+    flower, run_dir, study = _flower(tmp_path), tmp_path / "run", _study_file(tmp_path, secure)
     overrides = f'config="{study}" run-dir="{run_dir}" phantom-subjects=6 privacy.target-epsilon=8'
     try:
-        log = _run_study(home, overrides)
+        log = _run_study(flower, overrides)
         if secure:
             assert "Secure aggregation completed" in log, log[-4000:]
         first = read_ledger(run_dir / "ledger.jsonl")
         summary = json.loads((run_dir / "summary.json").read_text())
         state = json.loads((run_dir / "state.json").read_text())
         if not secure:  # resume through the run config: one more round, ledger continued
-            _run_study(home, overrides + " resume=true federation.rounds=3")
+            _run_study(flower, overrides + " resume=true federation.rounds=3")
             resumed = read_ledger(run_dir / "ledger.jsonl")
             assert resumed[: len(first)] == first
             assert {e["round"] for e in resumed[len(first) :]} == {3}
             assert json.loads((run_dir / "summary.json").read_text())["rounds_done"] == 3
     finally:
-        _stop(_superlink_pids(home))
+        stop(flower.pids("flower-superlink"))
 
     ledger = first
     assert sorted((e["round"], e["site"]) for e in ledger) == [

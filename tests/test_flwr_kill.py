@@ -19,22 +19,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from test_flower_simulation import (
-    SITES,
-    _alive,
-    _flwr,
-    _flwr_home,
-    _pids,
-    _run_study,
-    _start_study,
-    _stop,
-    _study_file,
-)
+from test_flower_simulation import SITES, _flower, _run_study, _study_file
+from test_package import main_job_federation_config
 
 from fedsynth.common.accountant import epsilon
 from fedsynth.common.config import load_config
 from fedsynth.common.ledger import read_ledger, segment_of, spending
 from fedsynth.server.privacy_ledger import charged, charged_epsilon
+from fedsynth.simulations.local_flwr import LocalFlower, alive
 
 ROUNDS = 3
 KILL_ROUND = 2
@@ -74,25 +66,25 @@ def _mid_round(run_dir: Path) -> bool:
     )
 
 
-def _simulation_pid(home: Path) -> int:
-    [pid] = _pids(home, "flwr-simulation")
+def _simulation_pid(flower: LocalFlower) -> int:
+    [pid] = flower.pids("flwr-simulation")
     return pid
 
 
-def _kill_mid_round(home: Path, run_dir: Path, run_id: str) -> None:
+def _kill_mid_round(flower: LocalFlower, run_dir: Path, run_id: str) -> None:
     """Poll the run dir; SIGKILL the simulation process once round KILL_ROUND is under way."""
     deadline = time.monotonic() + WAIT_S
     started = False
     while not _mid_round(run_dir):
-        running = bool(_pids(home, "flwr-simulation"))
+        running = bool(flower.pids("flwr-simulation"))
         started = started or running
         if time.monotonic() > deadline or (started and not running):
-            log = _flwr(home, "log", run_id, "--show").stdout
+            log = flower.flwr("log", run_id, "--show").stdout
             pytest.fail(f"never saw round {KILL_ROUND} under way:\n{log[-4000:]}")
         time.sleep(0.05)
-    pid = _simulation_pid(home)
+    pid = _simulation_pid(flower)
     os.kill(pid, signal.SIGKILL)
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -108,25 +100,25 @@ def _counted(entries: list[dict]) -> Counter:
 
 @pytest.mark.slow
 def test_a_killed_flwr_simulation_resumes_with_every_site_round_charged_once(tmp_path):
-    home, run_dir = _flwr_home(tmp_path), tmp_path / "run"
+    flower, run_dir = _flower(tmp_path), tmp_path / "run"
     study = _study_file(tmp_path, secure=True, rounds=ROUNDS)
     overrides = f'config="{study}" run-dir="{run_dir}" phantom-subjects=6 privacy.target-epsilon=8'
     try:
-        run_id = _start_study(home, overrides)
-        _kill_mid_round(home, run_dir, run_id)
+        run_id = flower.start(overrides, main_job_federation_config())
+        _kill_mid_round(flower, run_dir, run_id)
         # what the crash left: the server's ledger ends at round 1, a site spent round 2
         before = read_ledger(run_dir / "ledger.jsonl")
         assert {e["round"] for e in before} == set(range(1, KILL_ROUND))
         assert _rounds_done(run_dir) == KILL_ROUND - 1
         assert not (run_dir / "rounds" / f"round-{KILL_ROUND:03d}" / "unet.pt").exists()
-        _stop(_pids(home))  # the SuperLink and Ray's processes the killed one left behind
+        flower.stop()  # the SuperLink and Ray's processes the killed one left behind
         unheard = {
             site: [e for e in _own(run_dir, site) if e["round"] == KILL_ROUND] for site in SITES
         }
         assert any(unheard.values()), "no site had recorded the killed round"
-        log = _run_study(home, overrides + " resume=true")
+        log = _run_study(flower, overrides + " resume=true")
     finally:
-        _stop(_pids(home))
+        flower.stop()
 
     after = read_ledger(run_dir / "ledger.jsonl")
     assert after[: len(before)] == before  # only appended

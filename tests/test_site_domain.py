@@ -8,6 +8,7 @@ does, or a study's "DP keeps X% of the gain" would compare different computation
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -19,9 +20,12 @@ from fedsynth.client.client_app import app
 from fedsynth.client.dp_trainer import train_round
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import load_config
+from fedsynth.common.ledger import read_ledger
+from fedsynth.server.strategy import StudyStrategy
 from fedsynth.server.study import prepare
 from fedsynth.server.validation import SiteDomain
 from fedsynth.simulations.federated import federate, load_sites, noise_multiplier, subset
+from fedsynth.simulations.flwr_overhead import run_overhead
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
 FAST = {"sampling.steps": 2, "device": "cpu", "training.finetune-learning-rate": 3e-3}
@@ -115,13 +119,25 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
 
     study = replace(study, site_domain=site_phantoms)  # what a simulation adds
     nodes = {k: {"data-path": str(site_phantoms / f"site-{k}"),
-                 "state-dir": str(tmp_path / f"state-{k}"), "site-name": f"site-{k}",
-                 "max-epsilon": 10.0, "require-secure-aggregation": False}
+                 "state-dir": str(study.run_dir / "sites" / f"site-{k}"),
+                 "site-name": f"site-{k}", "max-epsilon": 10.0,
+                 "require-secure-aggregation": False}
              for k in (1, 2, 3)}  # fmt: skip
-    with task_identity():
+    validated_on = {}  # round -> the thread that validated it
+    validate = StudyStrategy.validate
+
+    def recording(self, round_number, weights=None):
+        validated_on[round_number] = threading.current_thread().name
+        return validate(self, round_number, weights)
+
+    with task_identity(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(StudyStrategy, "validate", recording)
         summary = server_app.run_federation(
             LoopbackGrid(app, nodes), study, Context(1, 0, {}, RecordDict(), {})
         )
+    # round 0 before any round; later rounds on the validation thread while the next trains
+    assert validated_on[0] == threading.main_thread().name
+    assert [validated_on[r].startswith("fedsynth-validation") for r in (1, 2)] == [True, True]
     site_domain = summary["site_domain"]
     assert "simulation only" in site_domain["note"]
     assert sorted(site_domain["loss"]) == ["0", "1", "2"]  # 0: the public checkpoint
@@ -138,6 +154,27 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     out = capsys.readouterr().out
     assert "round 0 (public checkpoint): validation loss" in out
     assert out.count("site-domain loss (simulation only) site-1") == 3
+    assert "round 1 validation: validation loss" in out and "round 2 validation: " in out
+    # where the rounds' time went: the server's round times, each site's DP-SGD in its
+    # own ledger (never sent), and the overhead of round 2 from both
+    timing = json.loads((study.run_dir / "timing.json").read_text())["rounds"]
+    assert [r["round"] for r in timing] == [1, 2]
+    assert all(r["started"] <= r["replies"] <= r["ended"] for r in timing)
+    assert timing[0]["ended"] <= timing[1]["started"]
+    lengths = []
+    for k in (1, 2, 3):
+        own = read_ledger(study.run_dir / "sites" / f"site-{k}" / "ledger.jsonl")
+        assert [e["round"] for e in own] == [1, 2]
+        for entry, times in zip(own, timing, strict=True):
+            start, end = entry["dp_sgd"]
+            assert times["started"] < start < end < times["replies"]
+        lengths.append(own[1]["dp_sgd"][1] - own[1]["dp_sgd"][0])
+    measured = run_overhead(study.run_dir)
+    assert measured.rounds == 1
+    assert measured.round_seconds == pytest.approx(timing[1]["ended"] - timing[0]["ended"])
+    # the loopback grid trains one site after another: the union is their sum
+    assert measured.training_seconds == pytest.approx(sum(lengths))
+    assert 0 < measured.overhead < 1
     # round 0 only: the held-out volumes beside their autoencoder reconstructions
     validation = study.run_dir / "validation"
     entries = [json.loads((validation / f"round-{k:03d}.json").read_text()) for k in (0, 1, 2)]
