@@ -237,6 +237,7 @@ class FederationConfig:
     min_sites: int = _checked(positive)
     secure_aggregation: bool = _checked()
     server_learning_rate: float = _checked(positive)
+    server_optimizer: Literal["sgd", "adam"] = _checked()
 
     def validate(self) -> list[tuple[str, str]]:
         if self.sites_per_round > self.sites:
@@ -544,6 +545,7 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("federation", "server-learning-rate"): 1.0,
     ("training", "pretrain-ema-decay"): 0.0,
     ("training", "finetune-optimizer"): "adamw",
+    ("federation", "server-optimizer"): "sgd",
 }
 
 

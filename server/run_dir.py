@@ -2,7 +2,8 @@
 
 run-dir/ledger.jsonl          the server's privacy ledger (server/privacy_ledger.py)
 run-dir/terms.json            delta and accountant, fixed when the study started
-run-dir/rounds/round-NNN/     a full checkpoint folder per round
+run-dir/rounds/round-NNN/     a full checkpoint folder per round (with FedAdam also the
+                              server optimiser's state, server/server_optimizer.py)
 run-dir/state.json            the last whole round and the SHA-256 of its checkpoint files
                               (written last, atomically): a release checks the checkpoint
                               it samples from is the one this study saved
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,9 +67,15 @@ def validation_dir(study: Study) -> Path:
 
 
 def save_round(
-    study: Study, round_number: int, weights: dict[str, torch.Tensor], facts: dict
+    study: Study,
+    round_number: int,
+    weights: dict[str, torch.Tensor],
+    facts: dict,
+    also: Callable[[Path], None] | None = None,
 ) -> Path:
-    """A full checkpoint folder for this round, then state.json pointing to it (atomic)."""
+    """A full checkpoint folder for this round, then state.json pointing to it (atomic).
+    `also(folder)` writes what else the round needs to resume (the server optimiser's
+    state) before state.json names the folder."""
     folder = round_dir(study.run_dir, round_number)
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / AUTOENCODER).is_file():  # atomic: a torn copy must not pass this check
@@ -82,6 +90,8 @@ def save_round(
     pretrained_meta = read_metadata(study.checkpoint)
     stats = {k: pretrained_meta[k] for k in ("latent_mean", "latent_std") if k in pretrained_meta}
     write_metadata(folder, study.config, round=round_number, **stats, **facts)
+    if also is not None:
+        also(folder)
     state = {
         "rounds_done": round_number,
         "checkpoint": str(folder),

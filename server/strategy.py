@@ -69,11 +69,13 @@ from fedsynth.server.run_dir import (
     RECONSTRUCTION_PNG,
     SITE_DOMAIN_FIDELITY,
     record_round_time,
+    round_dir,
     save_round,
     validation_dir,
     write_summary,
 )
 from fedsynth.server.secure_aggregation import secagg_settings
+from fedsynth.server.server_optimizer import ServerOptimizer
 from fedsynth.server.site_replies import (
     BadReply,
     TrainedReply,
@@ -98,21 +100,6 @@ def mean_delta(updates: list[tuple[Parameters, int]]) -> list[np.ndarray]:
         scaled = [a.astype(np.float64) * (n / total) for a in arrays]
         out = scaled if out is None else [o + s for o, s in zip(out, scaled, strict=True)]
     return out or []
-
-
-def server_step(old: torch.Tensor, delta: torch.Tensor, rate: float) -> torch.Tensor:
-    """`old` + `rate` x `delta` (the sites' mean delta, any shape of old's size), summed in
-    float64 and returned in old's dtype; integer buffers (counters) are returned unchanged.
-
-    rate is `federation.server-learning-rate`: 1 is FedAvg; above 1 is the server step of
-    FedAvgM/FedOpt without momentum (Reddi et al. 2021, "Adaptive Federated Optimization",
-    Algorithm 2 with a plain SGD server optimiser). It acts on the aggregate only, so it is
-    post-processing of the sites' DP-SGD output: no privacy cost.
-    """
-    if not old.is_floating_point():
-        return old
-    change = delta.double().reshape(old.shape) * rate
-    return (old.double() + change).to(old.dtype)
 
 
 def _say(text: str) -> None:
@@ -140,6 +127,11 @@ class StudyStrategy(FedAvg):
         self.secure = bool(study.config.federation.secure_aggregation)
         self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         self.keys = list(self.weights) if keys is None else list(keys)
+        self.server_optimizer = ServerOptimizer(
+            study.config.federation, {k: self.weights[k] for k in self.keys}
+        )
+        if done and self.server_optimizer.load(round_dir(study.run_dir, done)):
+            _say(f"server optimiser: moments of round {done} loaded")
         travelling = set(self.keys)
         frozen = [k for k in self.weights if k not in travelling]
         self.checkpoint_sha256 = public_sha256(study.checkpoint, self.weights, frozen)
@@ -359,7 +351,7 @@ class StudyStrategy(FedAvg):
         # the ledger lines above are on disk (fsync'd) before the round's model is saved
         facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg,
                  "study_id": study.study_id}  # fmt: skip
-        save_round(study, round_number, self.weights, facts)
+        save_round(study, round_number, self.weights, facts, self.server_optimizer.save)
         summary = write_summary(study, round_number)
         record_round_time(
             study, round_number, started=self.round_started, replies=replies, ended=time.time()
@@ -375,14 +367,15 @@ class StudyStrategy(FedAvg):
         return self._parameters(), {}
 
     def _apply(self, good: dict[int, tuple[TrainedReply, FitRes]]) -> None:
-        """Add the round's mean delta (SecAgg+: the unmasked one every result carries) times
-        the server learning rate."""
+        """Step the server optimiser on the round's mean delta (SecAgg+: the unmasked one
+        every result carries)."""
         updates = [(res.parameters, reply.subjects) for reply, res in good.values()]
         delta = parameters_to_ndarrays(updates[0][0]) if self.secure else mean_delta(updates)
-        rate = self.study.config.federation.server_learning_rate
-        for key, value in zip(self.keys, delta, strict=True):
-            change = torch.from_numpy(np.asarray(value, np.float64))
-            self.weights[key] = server_step(self.weights[key], change, rate)
+        changes = {
+            key: torch.from_numpy(np.asarray(value, np.float64))
+            for key, value in zip(self.keys, delta, strict=True)
+        }
+        self.server_optimizer.step(self.weights, changes)
 
     def site_domain_fidelity(self, round_number: int) -> None:
         """Simulation only, at the end of a study: samples of the public checkpoint and of

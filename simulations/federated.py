@@ -5,7 +5,7 @@ A study compares many finetunes (DP against none, one site against all, epsilon 
 ledger. Here each round trains every site with the trainer a real site runs
 (`client.dp_trainer.train_round`, from the global weights, its own Poisson sampling and
 secure-mode noise) and adds the subject-weighted mean of their deltas, as the strategy's
-`mean_delta` does, times `federation.server-learning-rate` (`server_step`). A site's
+`mean_delta` does, through the server optimiser (`federation.server-optimizer`). A site's
 noise multiplier is planned once for the whole study, as a site that trains every round
 plans it (`client.budget`): the target epsilon over
 rounds x local steps at its sample rate; `private=False` trains the same steps with noise
@@ -32,7 +32,7 @@ from fedsynth.client.latents import SiteLatents, site_latents
 from fedsynth.common.accountant import plan_noise
 from fedsynth.common.checkpoint import Pretrained
 from fedsynth.common.config import Config
-from fedsynth.server.strategy import server_step
+from fedsynth.server.server_optimizer import ServerOptimizer
 
 Weights = dict[str, torch.Tensor]
 Evaluate = Callable[[Weights], dict[str, float]]
@@ -102,6 +102,7 @@ def federate(
         name: noise_multiplier(config, site.n_subjects, private) for name, site in sites.items()
     }
     run = FederatedRun(weights, noise=noise)
+    server = ServerOptimizer(config.federation, weights)
     if evaluate is not None:
         run.history.append(evaluate(weights))
     for round_number in range(1, config.federation.rounds + 1):
@@ -116,10 +117,8 @@ def federate(
             trained = unet.state_dict()
             deltas.append((site.n_subjects, {key: trained[key] - weights[key] for key in weights}))
         total = sum(n for n, _ in deltas)
-        rate = config.federation.server_learning_rate
-        for key, value in weights.items():
-            change = sum(d[key].double() * (n / total) for n, d in deltas)
-            weights[key] = server_step(value, change, rate)
+        mean = {key: sum(d[key].double() * (n / total) for n, d in deltas) for key in weights}
+        server.step(weights, mean)
         run.seconds += time.perf_counter() - started
         if evaluate is not None:
             run.history.append(evaluate(weights))

@@ -67,7 +67,9 @@ def stop(pids: list[int], grace: float = 15.0) -> None:
 class LocalFlower:
     """A Flower home under `home` (created) for `flwr run` of the app in `app_dir`."""
 
-    def __init__(self, home: Path, app_dir: Path = APP_DIR, threads: int = 1) -> None:
+    def __init__(self, home: Path, app_dir: Path = APP_DIR, threads: int | None = None) -> None:
+        """`threads`: OMP_NUM_THREADS for everything the run starts (None: as the caller's
+        environment has it, as in the quick start)."""
         if not (app_dir / "pyproject.toml").is_file():
             raise FedsynthError(
                 f"{app_dir} has no pyproject.toml: a real `flwr run .` needs fedsynth's source "
@@ -83,15 +85,17 @@ class LocalFlower:
     def env(self) -> dict[str, str]:
         api, control = json.loads((self.home / PORTS).read_text())
         bin_dir = Path(sys.executable).parent
-        return {
+        env = {
             **os.environ,
             "FLWR_HOME": str(self.home),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api),
             "FLWR_LOCAL_CONTROL_API_PORT": str(control),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-            "OMP_NUM_THREADS": str(self.threads),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        return env
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         flwr = Path(sys.executable).parent / "flwr"

@@ -61,13 +61,15 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     old = to_dict(config)
     assert set(ADDED_KEYS) == {("federation", "server-learning-rate"),
                                ("training", "pretrain-ema-decay"),
-                               ("training", "finetune-optimizer")}  # fmt: skip
+                               ("training", "finetune-optimizer"),
+                               ("federation", "server-optimizer")}  # fmt: skip
     for section, key in ADDED_KEYS:
         del old[section][key]
     assert config_from_dict(old) == config
     assert config.federation.server_learning_rate == 1.0
     assert config.training.pretrain_ema_decay == 0.0
     assert config.training.finetune_optimizer == "adamw"
+    assert config.federation.server_optimizer == "sgd"
     full = write(tmp_path, yaml.safe_dump(old))
     assert load_config(full) == config
     assert (

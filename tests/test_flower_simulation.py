@@ -39,7 +39,7 @@ paths: {cache-dir: CACHE}
 def _flower(tmp_path: Path) -> LocalFlower:
     """A Flower home of the test's own whose default SuperLink is a local simulation one
     on free ports of its own (simulations/local_flwr.py)."""
-    return LocalFlower(tmp_path / "flwr-home", ROOT)
+    return LocalFlower(tmp_path / "flwr-home", ROOT, threads=1)
 
 
 def _study_file(tmp_path: Path, secure: bool, rounds: int = 2) -> Path:

@@ -31,11 +31,14 @@ WEIGHTS = {"a.weight": torch.zeros(4, 3), "a.bias": torch.ones(5), "gate": torch
 MAX_WEIGHT = 10.0
 
 
-def _study(tmp_path, secure: bool, rounds: int = 1, rate: float = 1.0) -> Study:
+def _study(
+    tmp_path, secure: bool, rounds: int = 1, rate: float = 1.0, optimizer: str = "sgd"
+) -> Study:
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = {"federation.sites": 3, "federation.sites-per-round": 3,
                  "federation.rounds": rounds, "federation.secure-aggregation": secure,
-                 "federation.server-learning-rate": rate, "privacy.batch-size": 2}  # fmt: skip
+                 "federation.server-learning-rate": rate, "privacy.batch-size": 2,
+                 "federation.server-optimizer": optimizer}  # fmt: skip
     config = load_config("tiny", overrides)
     checkpoint = tmp_path / "pretrained"
     checkpoint.mkdir(parents=True)
@@ -46,11 +49,13 @@ def _study(tmp_path, secure: bool, rounds: int = 1, rate: float = 1.0) -> Study:
     return Study(config, run_dir, None, checkpoint, False, 4.0, MAX_WEIGHT)
 
 
-def _federate(tmp_path, monkeypatch, secure: bool, spent=(), rate: float = 1.0):
+def _federate(
+    tmp_path, monkeypatch, secure: bool, spent=(), rate: float = 1.0, optimizer: str = "sgd"
+):
     """One round; sites in `spent` used up their budget in an earlier study."""
     from flwr.common import parameters_to_ndarrays
 
-    study = _study(tmp_path, secure, rate=rate)
+    study = _study(tmp_path, secure, rate=rate, optimizer=optimizer)
     shapes = {k: tuple(v.shape) for k, v in WEIGHTS.items()}
     folder = tmp_path / "sites"
     sites = {n: FakeSite(n, s, shapes, folder / f"site-{n}") for n, s in SUBJECTS.items()}
@@ -139,6 +144,28 @@ def test_secure_mean_equals_plain_mean_within_quantisation(tmp_path, monkeypatch
     assert secure_summary["secure_aggregation"] is True
     statuses = {e["site"]: e["status"] for e in read_ledger(study.run_dir / "ledger.jsonl")}
     assert statuses == {f"site-{n}": "trained" for n in trained}
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg+"])
+def test_fedadam_moves_each_weight_by_the_rate_where_the_sites_mean_delta_points(
+    tmp_path, monkeypatch, secure
+):
+    """federation.server-optimizer adam: the first server step is Adam's, rate x the sign
+    of the mean delta (bias-corrected moments), on either path; its moments are saved in
+    the round's checkpoint folder for a resume."""
+    rate = 0.01
+    after, _, _, _, study, sites = _federate(
+        tmp_path, monkeypatch, secure, rate=rate, optimizer="adam"
+    )
+    expected = _expected(sites, list(SUBJECTS))
+    for i, key in enumerate(WEIGHTS):
+        if not WEIGHTS[key].is_floating_point():
+            assert torch.equal(after[key], WEIGHTS[key])
+            continue
+        want = torch.from_numpy(np.asarray(np.sign(np.asarray(expected[i], np.float64)))) * rate
+        moved = after[key].double() - WEIGHTS[key].double()
+        assert torch.allclose(moved.reshape(want.shape), want, atol=1e-6, rtol=0), key
+    assert (study.run_dir / "rounds" / "round-001" / "server_optimizer.pt").is_file()
 
 
 def test_with_secure_aggregation_the_server_never_holds_a_single_sites_delta(tmp_path, monkeypatch):
