@@ -93,8 +93,12 @@ def plot_dp_gap(result: dict, png: Path) -> None:
 
 
 def _server_rate(result: dict) -> str:
-    """A title suffix naming the study's server learning rate when it is not FedAvg's 1."""
-    rate = result["config"]["federation"].get("server-learning-rate", 1.0)
+    """A title suffix naming the study's server optimiser and rate when they are not
+    FedAvg's (sgd at 1)."""
+    federation = result["config"]["federation"]
+    rate = federation.get("server-learning-rate", 1.0)
+    if federation.get("server-optimizer", "sgd") == "adam":
+        return f", server optimiser FedAdam at rate {rate:g}"
     return "" if rate == 1.0 else f", server learning rate {rate:g}"
 
 

@@ -197,3 +197,15 @@ def test_controllability_and_downstream_studies(context, cache, tmp_path):
     ]
     assert result["real_volumes"] == 2 * 3 * 4 and result["test_volumes"] == 60
     assert len({m["mae_ml"] for m in measured.values()}) == 5
+
+
+def test_a_federation_title_names_a_server_step_other_than_fedavg():
+    from fedsynth.simulations.study_views import _server_rate
+
+    def title(**federation) -> str:
+        return _server_rate({"config": {"federation": federation}})
+
+    assert title() == "" and title(**{"server-learning-rate": 1.0}) == ""  # FedAvg
+    assert title(**{"server-learning-rate": 2.0}) == ", server learning rate 2"
+    adam = {"server-learning-rate": 0.01, "server-optimizer": "adam"}
+    assert title(**adam) == ", server optimiser FedAdam at rate 0.01"
