@@ -227,6 +227,9 @@ class PrivacyConfig:
         return []
 
 
+ADAM_MAX_RATE = 0.1  # FedAdam's rate is a step per weight, not FedAvg's multiple of the delta
+
+
 @dataclass(frozen=True)
 class FederationConfig:
     """The rounds of the study and how sites meet."""
@@ -247,6 +250,10 @@ class FederationConfig:
         if self.secure_aggregation and self.min_sites < 2:
             return [("min-sites", "must be at least 2 with secure aggregation (the unmasked "
                      "sum of one site is that site's update)")]
+        if self.server_optimizer == "adam" and self.server_learning_rate >= ADAM_MAX_RATE:
+            return [("server-learning-rate", f"must be below {ADAM_MAX_RATE} with "
+                     "server-optimizer adam (it moves every weight by about the rate each "
+                     "round; e.g. 0.01)")]
         return []
 
 

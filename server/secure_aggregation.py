@@ -8,8 +8,9 @@ learns the other's update from the next global model. num_examples (subjects) an
 spend metrics travel in clear.
 
 - clipping_range 4.0 (run config `secagg-clipping-range`): sites send deltas, which are
-  small (AdamW moves a weight about lr per step); a site whose max |delta| exceeds it
-  fails loudly rather than be clipped.
+  small (AdamW moves a weight about lr per step; with `training.finetune-optimizer: sgd`
+  a step is lr times a mean clipped gradient, so a large SGD rate needs a larger range);
+  a site whose max |delta| exceeds it fails loudly after it spent, rather than be clipped.
 - quantization_range 2**(32 - bit_length(sites)): as large as the 2**32 modulus allows
   with no wrap-around of the sum (2**30 for 3 sites): step 2*clip/range ~ 7e-9.
 - max_weight: the largest subject count a site may have (run config `secagg-max-weight`,

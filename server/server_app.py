@@ -86,8 +86,10 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
         legacy = LegacyContext(context, ServerConfig(num_rounds=remaining), strategy)
         try:
             workflow(grid, legacy)
-        finally:
-            strategy.finish_validation()
+        except BaseException:
+            strategy.finish_validation(cancel=True)
+            raise
+        strategy.finish_validation()
     strategy.site_domain_fidelity(done + strategy.settled)
     return write_summary(study, done + strategy.settled, strategy.over)
 

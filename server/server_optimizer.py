@@ -56,13 +56,9 @@ class ServerOptimizer:
             for key, change in delta.items():
                 weights[key] = server_step(weights[key], change, self.rate)
             return
-        for key, master in self.masters.items():
+        for key, master in self.masters.items():  # no delta: no grad, Adam skips it
             change = delta.get(key)
-            master.grad = (
-                torch.zeros_like(master)
-                if change is None
-                else -change.double().reshape(master.shape)
-            )
+            master.grad = None if change is None else -change.double().reshape(master.shape)
         self.adam.step()
         for key, master in self.masters.items():
             if key in delta:
@@ -75,14 +71,19 @@ class ServerOptimizer:
             save_torch(folder / STATE_FILE, {"adam": self.adam.state_dict(), "masters": masters})
 
     def load(self, folder: Path) -> bool:
-        """Continue from what `save` wrote in `folder`; False when there is nothing to load
-        (sgd, or a round saved without it: Adam then starts with fresh moments)."""
+        """Continue the moments `save` wrote in `folder`, at this config's rate (a resume
+        may lower it); False when there is nothing that fits (sgd, a round saved without
+        them, or other tensors travelling now): Adam then starts with fresh moments."""
         path = folder / STATE_FILE
         if self.adam is None or not path.is_file():
             return False
         saved = load_torch(path)
+        if list(saved["masters"]) != list(self.masters):
+            return False
         with torch.no_grad():
             for key, master in self.masters.items():
                 master.copy_(saved["masters"][key])
         self.adam.load_state_dict(saved["adam"])
+        for group in self.adam.param_groups:  # torch restores the saved rate: use ours
+            group.update(lr=self.rate, betas=ADAM_BETAS, eps=ADAM_EPS)
         return True

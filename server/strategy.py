@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -130,8 +130,12 @@ class StudyStrategy(FedAvg):
         self.server_optimizer = ServerOptimizer(
             study.config.federation, {k: self.weights[k] for k in self.keys}
         )
-        if done and self.server_optimizer.load(round_dir(study.run_dir, done)):
-            _say(f"server optimiser: moments of round {done} loaded")
+        if done and self.server_optimizer.adam is not None:
+            if self.server_optimizer.load(round_dir(study.run_dir, done)):
+                _say(f"server optimiser FedAdam: moments of round {done} continued")
+            else:
+                _say(f"server optimiser FedAdam: fresh moments (round {done} saved none for "
+                     "these tensors)")  # fmt: skip
         travelling = set(self.keys)
         frozen = [k for k in self.weights if k not in travelling]
         self.checkpoint_sha256 = public_sha256(study.checkpoint, self.weights, frozen)
@@ -148,7 +152,6 @@ class StudyStrategy(FedAvg):
         self.study_text = json.dumps(to_dict(study.config))
         self.validator = self.site_domain = None
         self._validation: ThreadPoolExecutor | None = None  # see validate_later
-        self._validated: list[Future] = []
         if study.validation is not None:
             self.validator = Validator(study.checkpoint, study.validation, study.config)
         if study.site_domain is not None:  # a simulation's phantom sites only
@@ -425,25 +428,27 @@ class StudyStrategy(FedAvg):
         if self._validation is None:
             self._validation = ThreadPoolExecutor(1, thread_name_prefix="fedsynth-validation")
         weights = {k: v.clone() for k, v in self.weights.items()}
-        job = self._validation.submit(self._validate_and_say, round_number, weights)
-        self._validated.append(job)
+        self._validation.submit(self._validate_and_say, round_number, weights)
 
     def _validate_and_say(self, round_number: int, weights: dict[str, torch.Tensor]) -> None:
         if self.study.phantoms is not None:  # simulated sites train on this machine's cores
-            torch.set_num_threads(1)  # OpenMP: this thread's own setting, as it needs
-        validated = validation_text(self.validate(round_number, weights))
+            # one core for this thread's torch work (OpenMP's setting is per thread; the
+            # main thread keeps its own for round 0 and the end-of-study fidelity)
+            torch.set_num_threads(1)
+        try:
+            validated = validation_text(self.validate(round_number, weights))
+        except Exception as error:  # validation informs; the round is saved and charged
+            _say(f"round {round_number} validation failed: {type(error).__name__}: {error}")
+            return
         _say(f"round {round_number} validation: {validated}")
 
-    def finish_validation(self) -> None:
-        """Wait for every round's validation; an error in one is raised here."""
-        try:
-            for future in self._validated:
-                future.result()
-        finally:
-            self._validated.clear()
-            if self._validation is not None:
-                self._validation.shutdown()
-                self._validation = None
+    def finish_validation(self, cancel: bool = False) -> None:
+        """Wait for every queued round's validation (each logs its own result or failure);
+        `cancel` (the study is failing): drop those not started, wait only for the one
+        running."""
+        if self._validation is not None:
+            self._validation.shutdown(wait=True, cancel_futures=cancel)
+            self._validation = None
 
 
 class _WeightsSentTo:

@@ -33,10 +33,12 @@ def _optimizer(kind: str, rate: float, weights) -> ServerOptimizer:
     return ServerOptimizer(config.federation, weights)
 
 
-def _adam_by_hand(x: float, deltas: list[float], lr: float) -> float:
-    """Kingma & Ba's Adam (bias-corrected) on the pseudo-gradient -delta, in float64."""
+def _adam_by_hand(x: float, deltas: list[float], lr: float | list[float]) -> float:
+    """Kingma & Ba's Adam (bias-corrected) on the pseudo-gradient -delta, in float64;
+    `lr` one rate, or one per step."""
     (b1, b2), m, v = ADAM_BETAS, 0.0, 0.0
-    for t, d in enumerate(deltas, 1):
+    rates = lr if isinstance(lr, list) else [lr] * len(deltas)
+    for t, (d, lr) in enumerate(zip(deltas, rates, strict=True), 1):
         g = -d
         m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
         x -= lr * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + ADAM_EPS)
@@ -123,3 +125,71 @@ def test_a_resumed_study_strategy_continues_the_saved_moments(tmp_path):
     for index, moments in saved["state"].items():
         for name in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(loaded["state"][index][name], moments[name])
+
+
+def test_a_resume_at_a_lower_rate_steps_at_that_rate(tmp_path):
+    """torch restores a saved optimiser's rate; a resume that lowers
+    federation.server-learning-rate (e.g. after a divergence) must step at the new one."""
+    weights = _weights()
+    first = _optimizer("adam", 0.01, weights)
+    first.step(weights, DELTAS[0])
+    first.save(tmp_path)
+    slower = _optimizer("adam", 0.001, weights)
+    assert slower.load(tmp_path)
+    slower.step(weights, DELTAS[1])
+    for i, start in enumerate(_weights()["w"].tolist()):
+        want = _adam_by_hand(start, [float(d["w"][i]) for d in DELTAS[:2]], [0.01, 0.001])
+        assert weights["w"][i].item() == pytest.approx(want, abs=1e-7), i
+
+
+def test_moments_saved_for_other_tensors_are_not_loaded(tmp_path):
+    """A resume whose travelling tensors changed (another privacy.trainable) starts fresh
+    moments instead of failing on a missing key."""
+    saved = _optimizer("adam", 0.01, {"w": torch.zeros(4)})
+    saved.step({"w": torch.zeros(4)}, {"w": torch.ones(4)})
+    saved.save(tmp_path)
+    assert not _optimizer("adam", 0.01, _weights()).load(tmp_path)
+
+
+def test_a_failed_validation_is_logged_and_a_failing_study_drops_queued_ones(
+    tmp_path, capsys, monkeypatch
+):
+    """Validation runs beside the rounds: its failure is one line, not the study's end;
+    when the study itself fails, rounds still queued for validation are not validated."""
+    import threading
+
+    from test_secure_aggregation import WEIGHTS, _study
+
+    from fedsynth.server.strategy import StudyStrategy
+
+    strategy = StudyStrategy(_study(tmp_path, secure=False), dict(WEIGHTS), done=0)
+    strategy.validator = object()  # as if public validation data were named
+    running, release, validated = threading.Event(), threading.Event(), []
+
+    def validate(round_number, weights):
+        if round_number == 1:
+            running.set()
+            release.wait(10)
+            raise RuntimeError("no such volume")
+        validated.append(round_number)
+        return {}
+
+    monkeypatch.setattr(strategy, "validate", validate)
+    strategy.validate_later(1)
+    strategy.validate_later(2)
+    assert running.wait(10)
+    release.set()
+    strategy.finish_validation()
+    out = capsys.readouterr().out
+    assert "round 1 validation failed: RuntimeError: no such volume" in out
+    assert validated == [2]  # the next round was still validated
+
+    release.clear()
+    validated.clear()
+    running.clear()
+    strategy.validate_later(1)  # blocks until released
+    strategy.validate_later(2)
+    assert running.wait(10)
+    threading.Timer(0.5, release.set).start()
+    strategy.finish_validation(cancel=True)
+    assert validated == []  # round 2 was dropped, round 1 finished (and failed) first

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -123,12 +124,15 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
                  "site-name": f"site-{k}", "max-epsilon": 10.0,
                  "require-secure-aggregation": False}
              for k in (1, 2, 3)}  # fmt: skip
-    validated_on = {}  # round -> the thread that validated it
+    validated_on, validated_until = {}, {}  # round -> the validating thread, its end
     validate = StudyStrategy.validate
 
     def recording(self, round_number, weights=None):
         validated_on[round_number] = threading.current_thread().name
-        return validate(self, round_number, weights)
+        try:
+            return validate(self, round_number, weights)
+        finally:
+            validated_until[round_number] = time.time()
 
     with task_identity(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(StudyStrategy, "validate", recording)
@@ -161,6 +165,7 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     assert [r["round"] for r in timing] == [1, 2]
     assert all(r["started"] <= r["replies"] <= r["ended"] for r in timing)
     assert timing[0]["ended"] <= timing[1]["started"]
+    assert timing[1]["started"] < validated_until[1]  # round 2 did not wait for it
     lengths = []
     for k in (1, 2, 3):
         own = read_ledger(study.run_dir / "sites" / f"site-{k}" / "ledger.jsonl")
