@@ -37,10 +37,10 @@ class ServerOptimizer:
     """Applies each round's mean delta to `weights` (a state dict, changed in place)."""
 
     def __init__(self, config: FederationConfig, weights: dict[str, torch.Tensor]) -> None:
-        self.kind, self.rate = config.server_optimizer, config.server_learning_rate
+        self.rate = config.server_learning_rate
         self.adam: torch.optim.Adam | None = None
         self.masters: dict[str, torch.nn.Parameter] = {}
-        if self.kind == "adam":  # float64 copies: Adam's steps, not float32 rounding, add up
+        if config.server_optimizer == "adam":  # float64 copies: Adam's steps add up exactly
             self.masters = {
                 k: torch.nn.Parameter(v.detach().double().clone())
                 for k, v in weights.items()

@@ -18,10 +18,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsynth.common.config import Config
+from fedsynth.common.config import Config, to_yaml
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import read_ledger
 from fedsynth.server.run_dir import TIMING
+from fedsynth.simulations.local_flwr import LocalFlower
 
 FLWR_ROUNDS = 3  # round 1 encodes; rounds 2 and 3 are measured
 RUN_TIMEOUT_S = 1800.0
@@ -76,9 +77,6 @@ def flwr_run_overhead(config: Config, secure: bool, subjects: int) -> RunOverhea
     the config's cache dir: the public checkpoint is pretrained first if not cached) with
     FLWR_ROUNDS rounds and `subjects` per phantom site, SecAgg+ on or off, in a Flower
     home and run dir of its own (removed after); its `run_overhead`."""
-    from fedsynth.common.config import to_yaml
-    from fedsynth.simulations.local_flwr import LocalFlower
-
     with tempfile.TemporaryDirectory(prefix="fedsynth-flwr-bench-") as tmp:
         root = Path(tmp)
         (root / "config.yaml").write_text(to_yaml(config))

@@ -28,7 +28,6 @@ from fedsynth.common.errors import FedsynthError
 
 # the README's quick start: three simulated sites sharing the machine, one core each
 QUICK_START_FEDERATION = "num-supernodes=3 client-resources-num-cpus=1"
-PORTS = "local-ports.json"  # in FLWR_HOME: the local SuperLink's HTTP API and control ports
 APP_DIR = Path(__file__).resolve().parents[1]  # the Flower app: the folder of pyproject.toml
 
 
@@ -76,20 +75,19 @@ class LocalFlower:
                 "folder (an editable install, as in the README)"
             )
         self.home, self.app_dir, self.threads = Path(home), Path(app_dir), threads
+        self.api_port, self.control_port = free_ports(2)  # the local SuperLink's
         self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / PORTS).write_text(json.dumps(free_ports(2)))
         (self.home / "config.toml").write_text(
             '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
         )
 
     def env(self) -> dict[str, str]:
-        api, control = json.loads((self.home / PORTS).read_text())
         bin_dir = Path(sys.executable).parent
         env = {
             **os.environ,
             "FLWR_HOME": str(self.home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(api),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(self.api_port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(self.control_port),
             "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }

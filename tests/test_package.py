@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedsynth.common.cli import COMMANDS
+from fedsynth.simulations.local_flwr import QUICK_START_FEDERATION
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,8 @@ def test_main_job_is_the_default_flwr_study_with_runtime_installs_off():
     assert install == "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ."
     assert run.startswith("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . ")
     assert "num-supernodes=3" in main_job_federation_config()  # the default study's 3 sites
+    # what `fedsynth bench` runs as the quick start (its real-`flwr run` overhead keys)
+    assert main_job_federation_config() == QUICK_START_FEDERATION
     assert " -c " not in run  # no preparation or overrides: the default config
 
 
