@@ -34,7 +34,7 @@ RESERVED = (
 )  # fmt: skip
 CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
 DEFAULT_PHANTOM_SUBJECTS = 300  # subjects per simulated site (run config phantom-subjects)
-DEFAULT_PUBLIC_SUBJECTS = 40  # public phantom subjects pretrained on (phantom-public-subjects)
+DEFAULT_PUBLIC_SUBJECTS = 200  # public phantom subjects pretrained on (phantom-public-subjects)
 
 
 @dataclass(frozen=True)

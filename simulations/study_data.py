@@ -41,9 +41,7 @@ def phantom_folder(
         folder = version / f"held-out-sites{sites}-seed{seed}"
         count, public, draw = SITE_HELD_OUT_SUBJECTS, VALIDATION_SUBJECTS, seed + 1
     else:
-        folder = version / f"sites{sites}-subjects{subjects}-seed{seed}"
-        if public_subjects != DEFAULT_PUBLIC_SUBJECTS:  # the default's folders keep their name
-            folder = folder.with_name(f"{folder.name}-public{public_subjects}")
+        folder = version / f"sites{sites}-subjects{subjects}-seed{seed}-public{public_subjects}"
         count, public, draw = subjects, public_subjects, seed
     if not (folder / f"site-{sites}" / "manifest.csv").is_file():
         print(f"[fedsynth] generating phantoms in {folder}", flush=True)

@@ -119,10 +119,20 @@ def test_a_bad_phantom_count_is_one_line_before_anything_is_made(tmp_path, key, 
 def test_a_public_set_of_another_size_is_generated_into_its_own_folder(tmp_path):
     import csv
 
+    from fedsynth.server.study import DEFAULT_PUBLIC_SUBJECTS
     from fedsynth.simulations.study_data import phantom_folder
 
     folder = phantom_folder(tmp_path, load_config("tiny"), 2, public_subjects=3)
-    assert folder.name == "sites3-subjects2-seed0-public3"  # the default's name is kept
+    assert folder.name == "sites3-subjects2-seed0-public3"
     with open(folder / "public" / "manifest.csv") as f:
         subjects = {row["subject"] for row in csv.DictReader(f)}
     assert len(subjects) == 3
+    # the default size is named too: phantoms cached when the default was another size
+    # (the same folder name once held 40) are never taken for the default's
+    old_default = folder.with_name("sites3-subjects2-seed0")
+    (old_default / "site-3").mkdir(parents=True)
+    (old_default / "site-3" / "manifest.csv").write_text("subject\n")
+    expected = folder.with_name(f"sites3-subjects2-seed0-public{DEFAULT_PUBLIC_SUBJECTS}")
+    (expected / "site-3").mkdir(parents=True)
+    (expected / "site-3" / "manifest.csv").write_text("subject\n")  # cached: not generated
+    assert phantom_folder(tmp_path, load_config("tiny"), 2) == expected
