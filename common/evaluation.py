@@ -220,6 +220,14 @@ def lv_cavity_ml(rows: list[dict[str, float]]) -> np.ndarray:
     return np.array([row["lvesv"] if row.get("phase", 0) == 1 else row["lvedv"] for row in rows])
 
 
+def predict(model: torch.nn.Module, volumes: torch.Tensor, batch: int = 16) -> np.ndarray:
+    """A regressor's first output for volumes (N, 1, H, W, D), in batches, as float64 (N,)."""
+    with torch.no_grad():
+        starts = range(0, len(volumes), batch)
+        predicted = torch.cat([model(volumes[i : i + batch]) for i in starts])
+    return predicted[:, 0].double().numpy()
+
+
 def train_and_test(
     train_volumes: torch.Tensor,
     train_ml: np.ndarray,
@@ -237,11 +245,7 @@ def train_and_test(
     model, _ = fit_regressor(
         3, (2, 2, 1), train_volumes, targets, steps, UTILITY_BATCH, seed, label, show_progress
     )
-    with torch.no_grad():
-        starts = range(0, len(test_volumes), 16)
-        predicted = torch.cat([model(test_volumes[i : i + 16]) for i in starts])
-    predicted_ml = predicted[:, 0].double().numpy() * spread + mean
-    result = agreement(test_ml, predicted_ml)
+    result = agreement(test_ml, predict(model, test_volumes) * spread + mean)
     return {
         "mae_ml": result["mae_ml"],
         "pearson_r": result["pearson_r"],

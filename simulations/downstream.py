@@ -18,7 +18,7 @@ import torch
 
 from fedsynth.common.anatomy import agreement
 from fedsynth.common.data import open_site, scale_attributes
-from fedsynth.common.evaluation import UTILITY_BATCH, lv_cavity_ml
+from fedsynth.common.evaluation import UTILITY_BATCH, lv_cavity_ml, predict
 from fedsynth.common.feature_net import fit_regressor
 from fedsynth.common.sampling import draw_public_attributes
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, summary
@@ -71,9 +71,7 @@ def _fit(volumes, ml, steps: int, seed: int, start=None):
 
 
 def _test(model, volumes: torch.Tensor, ml: np.ndarray) -> dict[str, float]:
-    with torch.no_grad():
-        predicted = torch.cat([model(volumes[i : i + 16]) for i in range(0, len(volumes), 16)])
-    result = agreement(ml, predicted[:, 0].double().numpy() * ML_SCALE)
+    result = agreement(ml, predict(model, volumes) * ML_SCALE)
     return {"mae_ml": result["mae_ml"], "pearson_r": result["pearson_r"]}
 
 
