@@ -93,6 +93,115 @@ def test_round_bytes_count_the_trainable_subset_against_the_whole_unet():
     assert measured_round(bench, secure=True).wire_bytes == small  # measured once
 
 
+def test_a_bench_study_runs_the_first_k_of_its_sites():
+    """Issue 15, item 4: a study of k sites delivers to and trains exactly sites 1..k in
+    the measured round (the 3-site workspace of the tests above, 2 of its sites here)."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations.bench import Bench, measured_round
+
+    bench = Bench(load_config("tiny"), SITE)
+    two = measured_round(bench, secure=True, sites=2)
+    three = measured_round(bench, secure=True)
+    assert (two.nodes, two.trained_sites) == ({1, 2}, 2)
+    assert (three.nodes, three.trained_sites) == ({1, 2, 3}, 3)
+    assert two.stages == three.stages == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    assert two.wire_bytes < three.wire_bytes
+    assert measured_round(bench, secure=True, sites=3) is three  # the same study
+
+
+@pytest.mark.slow
+def test_site_scaling_ratios_come_from_studies_of_2_4_and_8_sites():
+    """The scaling keys divide per-site round times of SecAgg+ studies that really trained
+    2, 4 and 8 sites, drawn from one 8-site workspace (SITE < SCALING_SUBJECTS)."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations import bench
+
+    config = load_config("tiny")
+    site = bench.Bench(config, SITE)
+    four_over_two = bench.round_per_site_secagg_4_over_2(site)
+    eight_over_two = bench.round_per_site_secagg_8_over_2(site)
+    overhead = bench.round_overhead_secagg_8_sites(site)
+    pool = bench.Bench(config, SITE, bench.SCALING_SITES[-1])
+    two, four, eight = (bench.measured_round(pool, secure=True, sites=k) for k in (2, 4, 8))
+    for k, measured in ((2, two), (4, four), (8, eight)):
+        assert (measured.nodes, measured.trained_sites) == (set(range(1, k + 1)), k)
+    per_site_two = two.round_seconds / 2
+    assert four_over_two == pytest.approx((four.round_seconds / 4) / per_site_two)
+    assert eight_over_two == pytest.approx((eight.round_seconds / 8) / per_site_two)
+    assert overhead == eight.overhead and 0 <= overhead < 1
+
+
+def test_a_study_of_more_sites_than_the_bench_has_is_refused():
+    from fedsynth.common.config import load_config
+    from fedsynth.common.errors import FedsynthError
+    from fedsynth.simulations.bench import Bench, round_overhead
+
+    with pytest.raises(FedsynthError, match="needs 2 to 3 sites, got 4"):
+        round_overhead(Bench(load_config("tiny"), SITE), secure=True, sites=4)
+
+
+def test_wider_and_larger_variants_change_only_width_or_volume():
+    from fedsynth.common.config import load_config, to_dict
+    from fedsynth.common.models import ConditionedUNet, latent_shape
+    from fedsynth.simulations.bench import larger_volume, wider
+
+    config = load_config("tiny")
+    weights = sum(p.numel() for p in ConditionedUNet(config).parameters())
+    for factor in (2, 4):
+        wide = wider(config, factor)
+        assert wide.unet.channels == tuple(factor * c for c in config.unet.channels)
+        assert to_dict(wide)["data"] == to_dict(config)["data"]
+        assert sum(p.numel() for p in ConditionedUNet(wide).parameters()) > 2 * weights
+    large = larger_volume(config)
+    assert large.data.shape == (64, 64, 16)
+    assert large.unet == config.unet and large.autoencoder == config.autoencoder
+    channels, *grid = latent_shape(large)
+    assert channels == latent_shape(config)[0]
+    assert [a // b for a, b in zip(grid, latent_shape(config)[1:], strict=True)] == [2, 2, 2]
+
+
+def test_variant_ratios_divide_the_variant_by_the_default(monkeypatch):
+    """Each scaling ratio is the variant's measured figure over the config's own (fixed
+    figures here that depend on the width and the volume)."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations import bench
+
+    def figure(measured):
+        config = measured.config
+        return config.unet.channels[0] * config.data.shape[0] + 0.5 * measured.site_subjects
+
+    monkeypatch.setattr(bench, "measured_steps", lambda b: {"dp_step_seconds": figure(b)})
+    monkeypatch.setattr(bench, "site_peak_memory_mb", figure)
+    config = load_config("tiny")
+    site = bench.Bench(config, SITE)
+    one = figure(site)
+    for name, variant in {
+        "width_2x_over_1x": lambda c: bench.wider(c, 2),
+        "width_4x_over_1x": lambda c: bench.wider(c, 4),
+        "64x64x16_over_default": bench.larger_volume,
+    }.items():
+        expected = figure(bench.Bench(variant(config), SITE)) / one
+        assert bench.MEASURES[f"dp_step_{name}"](site) == pytest.approx(expected)
+        assert bench.MEASURES[f"site_peak_memory_{name}"](site) == pytest.approx(expected)
+
+
+def test_dp_step_width_ratio_is_measured_once_per_config():
+    """The 2x ratio is the two step timings kept for this run; the wider UNet's DP-SGD
+    steps really train more weights at the same batch."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations import bench
+
+    config = load_config("tiny")
+    site = bench.Bench(config, SITE)
+    ratio = bench.dp_step_width_2x_over_1x(site)
+    one = bench.measured_steps(site)
+    two = bench.measured_steps(bench.Bench(bench.wider(config, 2), SITE))
+    assert ratio == two["dp_step_seconds"] / one["dp_step_seconds"]
+    assert bench.measured_steps(site) is one  # not measured again
+    assert two["trainable_parameters"] > one["trainable_parameters"]
+    assert two["subjects"] == one["subjects"]
+
+
 def test_loopback_grid_leaves_out_a_dropped_sites_reply():
     from flwr.app import Message, RecordDict
     from flwr.clientapp import ClientApp
@@ -124,7 +233,11 @@ def test_unknown_key_is_one_line():
         "dp_step_over_nonprivate, round_overhead_plain, round_overhead_secagg, "
         "round_overhead_secagg_whole_unet, round_overhead_flwr_plain, "
         "round_overhead_flwr_secagg, round_bytes, round_bytes_whole_unet, "
-        "sampling_volumes_per_second, site_peak_memory_mb)"
+        "round_per_site_secagg_4_over_2, round_per_site_secagg_8_over_2, "
+        "round_overhead_secagg_8_sites, sampling_volumes_per_second, site_peak_memory_mb, "
+        "dp_step_width_2x_over_1x, dp_step_width_4x_over_1x, dp_step_64x64x16_over_default, "
+        "site_peak_memory_width_2x_over_1x, site_peak_memory_width_4x_over_1x, "
+        "site_peak_memory_64x64x16_over_default)"
     )
 
 
