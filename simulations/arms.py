@@ -108,7 +108,11 @@ class StudyContext:
         with functorch's per-sample gradients, faster than hooks there); a pooled arm's
         expected batch is the sites' together (the same sample rate as each site's); an arm
         from scratch learns at `training.pretrain-learning-rate` (the finetuning rate, set
-        for few steps on a trained network, makes a random one diverge)."""
+        for few steps on a trained network, makes a random one diverge). An arm whose sites
+        learn at another rate than the config's has FedAdam's rate scaled by the same
+        factor: FedAdam moves each weight by about its rate per round, as the sites' AdamW
+        moves it by about theirs per step, so the server would otherwise undo the arm's
+        choice (FedAvg's rate is a multiple of the sites' step and stays)."""
         config = self.setup.config
         overrides: dict = {}
         if arm.epsilon is not None:
@@ -121,6 +125,12 @@ class StudyContext:
             overrides["training.finetune-learning-rate"] = config.training.pretrain_learning_rate
         if arm.learning_rate is not None:
             overrides["training.finetune-learning-rate"] = arm.learning_rate
+        rate = overrides.get("training.finetune-learning-rate")
+        if rate is not None and config.federation.server_optimizer == "adam":
+            factor = rate / config.training.finetune_learning_rate
+            overrides["federation.server-learning-rate"] = (
+                factor * config.federation.server_learning_rate
+            )
         if arm.pooled and config.privacy.batch_size is not None:
             overrides["privacy.batch-size"] = config.privacy.batch_size * len(arm.sites)
         if not overrides:

@@ -86,6 +86,24 @@ def test_a_pooled_arm_is_one_site_of_every_subject_at_the_sites_sample_rate(cont
     assert config.privacy.batch_size == context.setup.config.privacy.batch_size * len(everyone)
 
 
+def test_an_arm_at_another_site_rate_scales_fedadams_rate_alike(context, monkeypatch):
+    """FedAdam moves each weight by about its rate a round, whatever the sites' rate: an
+    arm that slows its sites (from scratch, a larger subset) slows FedAdam by as much."""
+    fedadam = load_config("tiny", {**OVERRIDES, "federation.server-optimizer": "adam",
+                                   "federation.server-learning-rate": 0.01})  # fmt: skip
+    monkeypatch.setattr(context, "setup", StudySetup(fedadam, SUBJECTS))
+    site_rate = OVERRIDES["training.finetune-learning-rate"]
+    default = context.config_for(Arm(("site-1",), 1.0))
+    assert default.federation.server_learning_rate == 0.01
+    scratch = context.config_for(Arm(("site-1",), 1.0, trainable="all", start="scratch"))
+    factor = fedadam.training.pretrain_learning_rate / site_rate
+    assert factor != 1.0
+    assert scratch.federation.server_learning_rate == pytest.approx(0.01 * factor)
+    slower = context.config_for(Arm(("site-1",), 1.0, learning_rate=site_rate / 4))
+    assert slower.federation.server_learning_rate == pytest.approx(0.01 / 4)
+    assert slower.federation.server_optimizer == "adam"
+
+
 def test_an_arm_trains_its_subjects_subset_and_start(context):
     [(_, site)] = context.training_sites(Arm(("site-2",), 1.0, subjects=2)).items()
     assert site.n_subjects == 2 and int(site.subjects.max()) == 1
@@ -94,6 +112,7 @@ def test_an_arm_trains_its_subjects_subset_and_start(context):
     assert config.privacy.grad_sample_mode == "functorch"
     pretraining_rate = context.setup.config.training.pretrain_learning_rate
     assert config.training.finetune_learning_rate == pretraining_rate
+    assert config.federation.server_learning_rate == 1.0  # FedAvg (tiny): the rate stays
     public = context.config_for(Arm(("site-1",), 1.0, trainable="all"))
     assert public.training.finetune_learning_rate == OVERRIDES["training.finetune-learning-rate"]
     scratch = context.start(Arm(("site-1",), 1.0, start="scratch"), 0)
