@@ -191,7 +191,10 @@ def scale(setup: StudySetup) -> dict:
     started, context = time.perf_counter(), StudyContext(setup)
     epsilon, names, full = setup.config.privacy.target_epsilon, context.names, setup.subjects
     sizes = sorted({max(2, full // 6), max(2, full // 3), full})
-    arms = [("size", n, len(names), Arm(tuple(names), epsilon, subjects=n)) for n in sizes]
+    arms = [
+        ("size", n, len(names), Arm(tuple(names), epsilon, subjects=None if n == full else n))
+        for n in sizes
+    ]  # every subject: the federated arm the other studies run (and cache) too
     arms += [("sites", full, k, Arm(tuple(names[:k]), epsilon)) for k in range(1, len(names))]
     runs = []
     for seed in setup.seeds:

@@ -166,10 +166,13 @@ def test_federation_study_compares_each_site_alone_federated_and_pooled(
     assert "federated" in capsys.readouterr().out
 
 
-def test_scale_study_varies_site_size_and_number_of_sites(context, cache, tmp_path):
+def test_scale_study_varies_site_size_and_number_of_sites(context, cache, tmp_path, monkeypatch):
     result = _study("scale", cache, tmp_path)
     rows = result["runs"][0]["rows"]
     assert {(r["sites"], r["subjects_per_site"]) for r in rows} == {(3, 2), (3, 4), (1, 4), (2, 4)}
+    monkeypatch.setattr(arms_module, "federate", lambda *a, **k: pytest.fail("trained again"))
+    epsilon = context.setup.config.privacy.target_epsilon  # its every-subject arm is the
+    context.run(Arm(tuple(context.names), epsilon), 0)  # other studies' federated arm
     for row in rows:  # each site plans its noise for its own size, as a real site would
         assert len(row["noise"]) == row["sites"]
         planned = noise_multiplier(context.setup.config, row["subjects_per_site"])
