@@ -31,7 +31,10 @@ def _study(tmp_path, rounds, secure, per_round=3, resume=False, **extra) -> Stud
     overrides = {"federation.sites": 3, "federation.sites-per-round": per_round,
                  "federation.rounds": rounds, "federation.secure-aggregation": secure,
                  "federation.min-sites": 2, "privacy.batch-size": 16,
-                 "privacy.local-steps": 10, **extra}  # fmt: skip
+                 "privacy.local-steps": 10,
+                 # FedAvg: these tests check its arithmetic (FedAdam: test_server_optimizer)
+                 "federation.server-optimizer": "sgd", "federation.server-learning-rate": 1.0,
+                 **extra}  # fmt: skip
     config = load_config("default", overrides)
     checkpoint = tmp_path / "pretrained"
     if not checkpoint.is_dir():
