@@ -6,6 +6,7 @@ range over seeds as error bars where there is more than one.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -185,6 +186,16 @@ def plot_pretraining(result: dict, png: Path) -> None:
 # ------------------------------------------------------------------------------- trainable
 
 
+def _kept(share: float) -> float:
+    """A subset's share, or nan where its noiseless run gained less than its DP run: that
+    run is then no upper bound, and a share of it says nothing."""
+    return share if share <= 1.0 else math.nan
+
+
+def _percent(share: float, width: int) -> str:
+    return f"{'n/a':>{width}}" if math.isnan(share) else f"{share:>{width}.0%}"
+
+
 def trainable_table(result: dict) -> str:
     lines = [
         f"{LOSS_NOTE}, mean over sites; share: the part of the subset's own non-private gain kept",
@@ -196,7 +207,8 @@ def trainable_table(result: dict) -> str:
         lines.append(
             f"{seed:>4}  {row['trainable']:<10} {row['weights']:>9} {row['learning_rate']:>8.2g} "
             f"{row['public']:>8.4f} {loss['1']:>8.4f} "
-            f"{loss['10']:>8.4f} {loss['none']:>9.4f} {share['1']:>8.0%} {share['10']:>9.0%}"
+            f"{loss['10']:>8.4f} {loss['none']:>9.4f} {_percent(_kept(share['1']), 8)} "
+            f"{_percent(_kept(share['10']), 9)}"
         )
     return "\n".join(lines)
 
@@ -216,10 +228,13 @@ def plot_trainable(result: dict, png: Path) -> None:
     axes[0].set_ylabel("drop of the mean site-domain loss")
     axes[0].legend(fontsize=8)
     share = {
-        level: [[r["rows"][i]["share"][key] for r in runs] for i in range(len(subsets))]
+        level: [[_kept(r["rows"][i]["share"][key]) for r in runs] for i in range(len(subsets))]
         for level, key in (("eps 1", "1"), ("eps 10", "10"))
     }
     _bars(axes[1], subsets, share)
+    for g in range(len(subsets)):
+        if all(math.isnan(v) for values in share.values() for v in values[g]):
+            axes[1].text(g, 0.02, "n/a: no noise\ngained less", ha="center", fontsize=8)
     axes[1].set_ylabel("share of the non-private gain kept")
     for ax in axes:
         ax.set_xlabel("trained under DP-SGD")

@@ -231,3 +231,22 @@ def test_a_federation_title_names_a_server_step_other_than_fedavg():
     assert title(**{"server-learning-rate": 2.0}) == ", server learning rate 2"
     adam = {"server-learning-rate": 0.01, "server-optimizer": "adam"}
     assert title(**adam) == ", server optimiser FedAdam at rate 0.01"
+
+
+def test_a_subsets_share_is_not_given_where_its_noiseless_run_gained_less(tmp_path):
+    """A share above 100% of a noiseless run that barely moved says nothing: n/a, no bar."""
+    from fedsynth.simulations.study_views import VIEWS
+
+    def row(name: str, none: float) -> dict:
+        loss = {"1": 0.21, "10": 0.20, "none": none}
+        share = {k: (0.22 - loss[k]) / (0.22 - none) for k in ("1", "10")}
+        return {"trainable": name, "weights": 10, "learning_rate": 1e-2, "public": 0.22,
+                "loss": loss, "share": share}  # fmt: skip
+
+    result = {"runs": [{"seed": 0, "rows": [row("norms", 0.18), row("all", 0.219)]}]}
+    table, plot = VIEWS["trainable"]
+    norms, whole = table(result).splitlines()[-2:]
+    assert norms.split()[-2:] == ["25%", "50%"]
+    assert whole.split()[-2:] == ["n/a", "n/a"]
+    plot(result, tmp_path / "trainable.png")
+    assert (tmp_path / "trainable.png").stat().st_size > 10_000
