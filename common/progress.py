@@ -16,9 +16,12 @@ def progress(
     items: Iterable[T], desc: str, enabled: bool = True, total: int | None = None
 ) -> Iterator[T]:
     """Iterate over `items` with a progress bar (none when `enabled` is false); where stderr
-    is not a terminal, one line at most a minute instead of a redrawn bar."""
+    is not a terminal, one line at most a minute instead of a redrawn bar.
+
+    The log's bar counts every item (`miniters=1`): with tqdm's default dynamic count,
+    its monitor thread re-printed a slow loop's last line with a stale count."""
     if enabled and not sys.stderr.isatty():
         line = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}]\n"
         return iter(tqdm(items, desc=desc, total=total, mininterval=LOG_INTERVAL_S,
-                         bar_format=line, leave=False))  # fmt: skip
+                         miniters=1, bar_format=line, leave=False))  # fmt: skip
     return iter(tqdm(items, desc=desc, total=total, disable=not enabled, unit="it", leave=False))
