@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -185,6 +186,34 @@ def test_variant_ratios_divide_the_variant_by_the_default(monkeypatch):
         assert bench.MEASURES[f"site_peak_memory_{name}"](site) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(
+    ("key", "subset", "mode"),
+    [
+        ("dp_step_over_nonprivate_attention", "attention", "hooks"),
+        ("dp_step_over_nonprivate_whole_unet", "all", "functorch"),
+    ],
+)
+def test_subset_step_ratios_train_their_subset(key, subset, mode):
+    """Each subset key times DP-SGD on that subset's weights, in its mode, against plain
+    steps on the same weights; the norms default trains far fewer."""
+    from fedsynth.client.dp_trainer import trainable_parameters
+    from fedsynth.common.config import load_config
+    from fedsynth.common.models import ConditionedUNet
+    from fedsynth.simulations import bench
+
+    site = bench.Bench(load_config("tiny", {"privacy.trainable": "norms"}), SITE)
+    ratio = bench.MEASURES[key](site)
+    variant = bench.trained_subset(site.config, subset)
+    steps = bench.measured_steps(replace(site, config=variant))
+    assert ratio == steps["dp_over_nonprivate"] > 1.0
+    assert (steps["trainable"], steps["grad_sample_mode"]) == (subset, mode)
+    weights = sum(p.numel() for p in trainable_parameters(ConditionedUNet(variant), subset))
+    assert steps["trainable_parameters"] == weights
+    assert weights > 2 * sum(
+        p.numel() for p in trainable_parameters(ConditionedUNet(site.config), "norms")
+    )
+
+
 def test_dp_step_width_ratio_is_measured_once_per_config():
     """The 2x ratio is the two step timings kept for this run; the wider UNet's DP-SGD
     steps really train more weights at the same batch."""
@@ -230,7 +259,8 @@ def test_unknown_key_is_one_line():
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         "fedsynth bench: error: unknown bench key 'nope' (known: ddim_speedup_over_ddpm, "
-        "dp_step_over_nonprivate, round_overhead_plain, round_overhead_secagg, "
+        "dp_step_over_nonprivate, dp_step_over_nonprivate_attention, "
+        "dp_step_over_nonprivate_whole_unet, round_overhead_plain, round_overhead_secagg, "
         "round_overhead_secagg_whole_unet, round_overhead_flwr_plain, "
         "round_overhead_flwr_secagg, round_bytes, round_bytes_whole_unet, "
         "round_per_site_secagg_4_over_2, round_per_site_secagg_8_over_2, "
