@@ -43,6 +43,19 @@ def test_presets_load_and_tiny_inherits_default():
     assert default.data.attribute("sex").discrete
 
 
+def test_large_preset_is_the_default_at_64x64x16_with_one_more_autoencoder_level():
+    from fedsynth.common.models import latent_shape
+
+    default, large = load_config("default"), load_config("large")
+    assert large.data.shape == (64, 64, 16) and large.autoencoder.channels == (16, 32, 64)
+    # the same field of view (mm) at twice the resolution on every axis
+    for n, mm, n0, mm0 in zip(large.data.shape, large.data.spacing,
+                              default.data.shape, default.data.spacing, strict=True):  # fmt: skip
+        assert n * mm == n0 * mm0 and n == 2 * n0
+    assert latent_shape(large) == (3, 16, 16, 16) and latent_shape(default) == (3, 16, 16, 8)
+    assert large.unet == default.unet and large.privacy == default.privacy
+
+
 def test_roundtrip_and_hash():
     config = load_config("tiny")
     assert config_from_dict(to_dict(config)) == config
@@ -178,7 +191,7 @@ def test_base_chain_loop_is_refused(tmp_path):
 
 
 def test_missing_source_lists_presets():
-    with pytest.raises(ConfigError, match=r"presets: default, tiny"):
+    with pytest.raises(ConfigError, match=r"presets: default, large, tiny"):
         load_config("/no/such/file.yaml")
 
 
