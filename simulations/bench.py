@@ -63,7 +63,7 @@ def _seconds(work: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _sampler(config: Config, batch: int) -> Callable[[str], Callable[[], object]]:
+def sampler(config: Config, batch: int) -> Callable[[str], Callable[[], object]]:
     """kind ("ddim" or "ddpm") -> a call that samples `batch` volumes with the config's
     steps and guidance and decodes them, on fresh networks of the config."""
     device = resolve_device(config.device)
@@ -72,7 +72,7 @@ def _sampler(config: Config, batch: int) -> Callable[[str], Callable[[], object]
     attributes = torch.rand(batch, len(config.data.attributes), device=device)
     sampling = config.sampling
 
-    def sampler(kind: str) -> Callable[[], object]:
+    def of_kind(kind: str) -> Callable[[], object]:
         scheduler = sampling_scheduler(config.diffusion, kind, sampling.steps)
 
         def run() -> object:
@@ -84,13 +84,13 @@ def _sampler(config: Config, batch: int) -> Callable[[str], Callable[[], object]
 
         return run
 
-    return sampler
+    return of_kind
 
 
 def ddim_speedup_over_ddpm(bench: Bench) -> float:
     """Wall time of one volume by full DDPM (all training timesteps) over DDIM (sampling.steps),
     both with classifier-free guidance and decoding."""
-    one_volume = _sampler(bench.config, 1)
+    one_volume = sampler(bench.config, 1)
     one_volume("ddim")()  # warm-up
     return _seconds(one_volume("ddpm")) / _seconds(one_volume("ddim"))
 
@@ -104,7 +104,7 @@ def sampling_volumes_per_second(bench: Bench) -> float:
     after a warm-up. A 1000-volume release takes about 1000 / this many seconds."""
     sampling = bench.config.sampling
     size = sampling.batch_size
-    one_batch = _sampler(bench.config, size)(sampling.scheduler)
+    one_batch = sampler(bench.config, size)(sampling.scheduler)
     one_batch()  # warm-up
     seconds = sum(_seconds(one_batch) for _ in range(THROUGHPUT_BATCHES))
     return THROUGHPUT_BATCHES * size / seconds
@@ -150,9 +150,22 @@ def _site_round_peak_mb(bench: Bench) -> float:
         unet, *_site(config, bench.site_subjects), config, 1.0, rate,
         config.privacy.local_steps, seed=config.seed, device=device,
     )  # fmt: skip
+    return peak_mb(device)
+
+
+def peak_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB so far: GPU memory allocated on CUDA, otherwise
+    the resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def in_own_process(measure: Callable[[Bench], float], bench: Bench) -> float:
+    """measure(bench) in a fresh (spawned) process: a peak it reads counts nothing else
+    this command did. `measure` must be a module-level function."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(measure, bench).result()
 
 
 _PEAKS: dict[tuple[str, int, int], float] = {}
@@ -163,12 +176,11 @@ def site_peak_memory_mb(bench: Bench) -> float:
     whole process's resident set (Python, torch and the model included), measured once per
     bench in a process of its own so nothing else this command did counts."""
     if _key(bench) not in _PEAKS:
-        with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-            _PEAKS[_key(bench)] = pool.submit(_site_round_peak_mb, bench).result()
+        _PEAKS[_key(bench)] = in_own_process(_site_round_peak_mb, bench)
     return _PEAKS[_key(bench)]
 
 
-def _overridden(config: Config, overrides: dict[str, object]) -> Config:
+def overridden(config: Config, overrides: dict[str, object]) -> Config:
     """The config with dotted-key overrides, checked as a loaded config is."""
     return config_from_dict(apply_overrides(to_dict(config), overrides))
 
@@ -177,7 +189,7 @@ def wider(config: Config, factor: int) -> Config:
     """The config with every UNet level `factor` times as many channels; channels per
     attention head, norm groups and attribute tokens keep their size (they still divide
     the channels: more heads and wider groups)."""
-    return _overridden(config, {"unet.channels": [factor * c for c in config.unet.channels]})
+    return overridden(config, {"unet.channels": [factor * c for c in config.unet.channels]})
 
 
 LARGER_VOLUME = (64, 64, 16)  # H, W, slices: 8x the default's voxels, the latent's too
@@ -185,7 +197,7 @@ LARGER_VOLUME = (64, 64, 16)  # H, W, slices: 8x the default's voxels, the laten
 
 def larger_volume(config: Config) -> Config:
     """The config at LARGER_VOLUME; the latent grows with it (`latent_shape`)."""
-    return _overridden(config, {"data.shape": list(LARGER_VOLUME)})
+    return overridden(config, {"data.shape": list(LARGER_VOLUME)})
 
 
 def _over_default(
@@ -238,7 +250,7 @@ SUBSET_MODES = {"attention": "hooks", "all": "functorch"}  # the per-sample-grad
 def trained_subset(config: Config, subset: str) -> Config:
     """The config with `privacy.trainable` = subset and that subset's mode (SUBSET_MODES)."""
     overrides = {"privacy.trainable": subset, "privacy.grad-sample-mode": SUBSET_MODES[subset]}
-    return _overridden(config, overrides)
+    return overridden(config, overrides)
 
 
 def dp_step_over_nonprivate_attention(bench: Bench) -> float:
