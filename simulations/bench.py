@@ -155,9 +155,15 @@ def _site_round_peak_mb(bench: Bench) -> float:
 
 def peak_mb(device: torch.device) -> float:
     """This process's peak memory in MiB so far: GPU memory allocated on CUDA, otherwise
-    the resident set."""
+    the resident set's high-water mark since the process's program started (Linux's
+    VmHWM). Not getrusage's ru_maxrss: Linux carries that over from the parent through
+    fork and exec, so a spawned child would report a larger parent's peak."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

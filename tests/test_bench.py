@@ -296,3 +296,24 @@ def test_an_overhead_needs_two_rounds(tmp_path):
     )
     with pytest.raises(FedsynthError, match="1 round"):
         run_overhead(tmp_path)
+
+
+def test_a_spawned_peak_counts_the_child_not_its_parent():
+    """A peak measured in a spawned process (`in_own_process`) is the child's own: Linux
+    carries getrusage's ru_maxrss over from the parent through fork and exec, which made
+    every site round measured after a 9 GiB one read 9 GiB."""
+    import numpy as np
+    import torch
+
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations.bench import Bench, in_own_process, peak_mb
+    from fedsynth.simulations.device_report import _sampling_peak_mb
+
+    block = np.ones(2 * 2**30 // 8)  # 2 GiB, every page touched, in this process
+    try:
+        assert peak_mb(torch.device("cpu")) >= 2048
+        child = in_own_process(_sampling_peak_mb, Bench(load_config("tiny"), SITE))
+    finally:
+        del block
+    # torch, MONAI and a tiny UNet sampling two volumes: hundreds of MiB
+    assert 100 < child < 1500
