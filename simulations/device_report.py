@@ -11,7 +11,6 @@ Each peak is measured in a process of its own, so nothing else the report did co
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -38,8 +37,8 @@ PAPER_AUTOENCODER_LEVELS = 3  # 2 halvings in-plane: 4x
 
 def paper_volume(config: Config) -> Config:
     """The config at PAPER_VOLUME with an autoencoder of PAPER_AUTOENCODER_LEVELS levels
-    (the config's level widths, the last one repeated doubled where it has fewer); the
-    latent UNet and everything else as configured.
+    (the config's level widths; a level it lacks is twice as wide as the one before);
+    the latent UNet and everything else as configured.
 
     Raises FedsynthError where the config cannot take the paper's shape.
     """
@@ -68,8 +67,11 @@ def size_report(bench: Bench) -> dict:
     """One size's figures: seconds of a DP-SGD step and of a plain step over the config's
     expected batch of subjects (two volumes each) at the bench's site, a site round's and
     a sampling batch's peak memory in MiB, and sampling seconds per decoded volume (DDIM
-    with the config's steps and guidance, in batches of sampling.batch-size)."""
+    with the config's steps and guidance, in batches of sampling.batch-size). Prints a
+    progress line naming the size first (a size takes minutes on a CPU)."""
     config = bench.config
+    print(f"bench: device report at {'x'.join(map(str, config.data.shape))} ...",
+          file=sys.stderr, flush=True)  # fmt: skip
     steps = measured_steps(bench)
     return {
         "shape": list(config.data.shape),
@@ -97,12 +99,5 @@ def device_report(bench: Bench) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "site_subjects": bench.site_subjects,
-        "sizes": [_announced(size_report, size) for size in sizes],
+        "sizes": [size_report(size) for size in sizes],
     }
-
-
-def _announced(report: Callable[[Bench], dict], bench: Bench) -> dict:
-    """report(bench) after a progress line naming the size (a size takes minutes on a CPU)."""
-    shape = "x".join(map(str, bench.config.data.shape))
-    print(f"bench: device report at {shape} ...", file=sys.stderr, flush=True)
-    return report(bench)
