@@ -413,13 +413,19 @@ def membership(
         out = []
         for volumes, latents in zip((train, holdout), encoded, strict=True):
             chunks = torch.arange(len(latents)).split(LOSS_BATCH)
-            loss = torch.cat([
-                fixed_noise_losses(
-                    unet, model.config.diffusion, latents[rows], volumes.attributes[rows],
-                    seed, LOSS_DRAWS,
-                )
-                for rows in progress(chunks, "membership loss", show_progress)
-            ])  # fmt: skip
+            loss = torch.cat(
+                [
+                    fixed_noise_losses(
+                        unet,
+                        model.config.diffusion,
+                        latents[rows],
+                        volumes.attributes[rows],
+                        seed,
+                        LOSS_DRAWS,
+                    )
+                    for rows in progress(chunks, "membership loss", show_progress)
+                ]
+            )
             out.append(subject_means(loss, volumes.subjects, volumes.n_subjects))
         return out[0], out[1]
 

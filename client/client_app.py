@@ -177,10 +177,11 @@ def site_round_reply(
         _fail(settings, round_number, code, detail, spent)
     plan = update.plan
     delta = {
-        k: (update.weights[k].detach().cpu() - v).numpy() if v.is_floating_point()
+        k: (update.weights[k].detach().cpu() - v).numpy()
+        if v.is_floating_point()
         else np.zeros_like(v.numpy())
         for k, v in weights.items()
-    }  # fmt: skip
+    }
     problem = _unsendable(delta, float(sent.get("clipping-range", 0.0) or 0.0))  # type: ignore[arg-type]
     if problem:
         _fail(settings, round_number, "update", problem, spent=True)

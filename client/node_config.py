@@ -111,6 +111,11 @@ def site_settings(
         node_config, "require-secure-aggregation", secure_aggregation if simulated else True
     )
     return SiteSettings(
-        name, data_path, state_dir, max_epsilon, max_delta, require,
+        name,
+        data_path,
+        state_dir,
+        max_epsilon,
+        max_delta,
+        require,
         str(accountant) if accountant is not None else None,
-    )  # fmt: skip
+    )

@@ -55,9 +55,10 @@ def _global_state(
     if unknown:
         raise ModelMismatch(f"the server sent tensors this UNet does not have: {unknown[:3]}")
     wrong = [
-        k for k, v in sent.items()
+        k
+        for k, v in sent.items()
         if tuple(v.shape) != tuple(state[k].shape) or v.dtype != state[k].dtype
-    ]  # fmt: skip
+    ]
     if wrong:
         raise ModelMismatch(
             f"the server's tensors have other shapes or types than this UNet's: {wrong[:3]}"
@@ -171,9 +172,12 @@ def run_site_round(
             device=device,
         )
         budget.record(
-            round_number, plan, study=study_id, accountant=config.privacy.accountant,
+            round_number,
+            plan,
+            study=study_id,
+            accountant=config.privacy.accountant,
             dp_sgd=[started, time.time()],
-        )  # fmt: skip
+        )
     update = SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
     for observer in list(_OBSERVERS):
         observer(update)

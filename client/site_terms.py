@@ -80,7 +80,8 @@ def check_delta_for_subjects(settings: SiteSettings, delta: float, subjects: int
     limit = 1 / subjects if settings.max_delta is not None else 1 / (10 * subjects)
     if delta >= limit:
         raise refuse(
-            settings, "terms",
+            settings,
+            "terms",
             f"delta {delta:g} is not below {limit:.3g} for {subjects} subjects"
             + ("" if settings.max_delta is not None else " (1/(10 n); set max-delta to allow)"),
-        )  # fmt: skip
+        )

@@ -38,9 +38,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         "--config", default="default", metavar="FILE", help="YAML path or preset name (default)"
     )
     parser.add_argument(
-        "-c", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "-c",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. -c privacy.target-epsilon=5 (repeatable)",
-    )  # fmt: skip
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -248,12 +248,22 @@ class FederationConfig:
         if self.min_sites > self.sites_per_round:
             return [("min-sites", f"must be <= sites-per-round ({self.sites_per_round})")]
         if self.secure_aggregation and self.min_sites < 2:
-            return [("min-sites", "must be at least 2 with secure aggregation (the unmasked "
-                     "sum of one site is that site's update)")]
+            return [
+                (
+                    "min-sites",
+                    "must be at least 2 with secure aggregation (the unmasked "
+                    "sum of one site is that site's update)",
+                )
+            ]
         if self.server_optimizer == "adam" and self.server_learning_rate >= ADAM_MAX_RATE:
-            return [("server-learning-rate", f"must be below {ADAM_MAX_RATE} with "
-                     "server-optimizer adam (it moves every weight by about the rate each "
-                     "round; e.g. 0.01)")]
+            return [
+                (
+                    "server-learning-rate",
+                    f"must be below {ADAM_MAX_RATE} with "
+                    "server-optimizer adam (it moves every weight by about the rate each "
+                    "round; e.g. 0.01)",
+                )
+            ]
         return []
 
 

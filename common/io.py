@@ -87,11 +87,16 @@ def private_dir(path: str | os.PathLike) -> Path:
         try:
             os.chmod(path, current & 0o700)
         except OSError as exc:
-            log.warning("%s is open to other users (mode %o) and cannot be tightened: %s",
-                        path, current, exc.strerror)  # fmt: skip
+            log.warning(
+                "%s is open to other users (mode %o) and cannot be tightened: %s",
+                path,
+                current,
+                exc.strerror,
+            )
         else:
-            log.warning("%s was open to other users (mode %o): now %o", path, current,
-                        current & 0o700)  # fmt: skip
+            log.warning(
+                "%s was open to other users (mode %o): now %o", path, current, current & 0o700
+            )
     return path
 
 

@@ -113,9 +113,10 @@ def _check_entry(entry: object, where: str) -> None:
 def spending(entries: Iterable[dict], site: str | None = None) -> list[dict]:
     """The entries that count toward epsilon: trained rounds and no-reply charges."""
     return [
-        e for e in entries
+        e
+        for e in entries
         if e["status"] != "refused" and int(e["steps"]) > 0 and site in (None, e["site"])
-    ]  # fmt: skip
+    ]
 
 
 def segment_of(entry: dict) -> Segment:

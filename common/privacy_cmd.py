@@ -22,13 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--epsilon", required=True, type=float, help="target epsilon")
     plan.add_argument("--delta", required=True, type=float, help="delta, below 1/subjects")
     plan.add_argument(
-        "--sample-rate", required=True, type=float, metavar="Q",
+        "--sample-rate",
+        required=True,
+        type=float,
+        metavar="Q",
         help="Poisson sample rate of subjects per step, in (0, 1]",
-    )  # fmt: skip
+    )
     plan.add_argument(
-        "--steps", required=True, type=int, metavar="N",
+        "--steps",
+        required=True,
+        type=int,
+        metavar="N",
         help="planned DP-SGD steps in total (rounds x local steps)",
-    )  # fmt: skip
+    )
     plan.add_argument(
         "--accountant", choices=("rdp", "prv"), default="rdp", help="Opacus accountant (rdp)"
     )

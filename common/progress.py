@@ -22,6 +22,15 @@ def progress(
     its monitor thread re-printed a slow loop's last line with a stale count."""
     if enabled and not sys.stderr.isatty():
         line = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}]\n"
-        return iter(tqdm(items, desc=desc, total=total, mininterval=LOG_INTERVAL_S,
-                         miniters=1, bar_format=line, leave=False))  # fmt: skip
+        return iter(
+            tqdm(
+                items,
+                desc=desc,
+                total=total,
+                mininterval=LOG_INTERVAL_S,
+                miniters=1,
+                bar_format=line,
+                leave=False,
+            )
+        )
     return iter(tqdm(items, desc=desc, total=total, disable=not enabled, unit="it", leave=False))

@@ -22,9 +22,18 @@ READY_RECORD = "fedsynth.ready"  # the ConfigRecord name of the READY query and 
 
 # the metrics a trained reply carries (the server refuses a reply with any other key)
 REPLY_METRICS = frozenset(
-    {"site", "noise_multiplier", "sample_rate", "steps", "subjects", "delta", "accountant",
-     "history", "epsilon"}
-)  # fmt: skip
+    {
+        "site",
+        "noise_multiplier",
+        "sample_rate",
+        "steps",
+        "subjects",
+        "delta",
+        "accountant",
+        "history",
+        "epsilon",
+    }
+)
 # what a READY reply carries
 READY_METRICS = frozenset({"site", "ready", "code", "history", "epsilon"})
 

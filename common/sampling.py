@@ -160,7 +160,8 @@ def sample_cohort(
     settings = {"guidance_scale": guidance_scale, "steps": steps, "scheduler": scheduler}
     provenance = {"checkpoint": str(pretrained.folder), "n": n, "seed": seed, **settings}
     atomic_write_text(
-        Path(out).expanduser() / SAMPLING_JSON, json.dumps(provenance, indent=2) + "\n",
+        Path(out).expanduser() / SAMPLING_JSON,
+        json.dumps(provenance, indent=2) + "\n",
         PUBLIC_MODE,
     )
     return paths

@@ -126,9 +126,11 @@ def _check_line_history(ledger: list[dict], privacy, where: Path) -> None:
             estimates[(site, str(e["estimate"]))] = e["round"]
         replaced = e.get("replaces_estimate")
         if replaced and not (
-            e["status"] == "trained" and e.get("reported_by_site") and e["steps"] > 0
+            e["status"] == "trained"
+            and e.get("reported_by_site")
+            and e["steps"] > 0
             and estimates.get((site, str(replaced))) == e["round"]
-        ):  # fmt: skip
+        ):
             raise FedsynthError(
                 f"{where}, line {number}: replaces estimate {replaced!r}, which is not an "
                 f"earlier no-reply estimate of {site} in round {e['round']} replaced by a "
@@ -201,9 +203,10 @@ def _check_rounds(study: FinishedStudy) -> None:
                 f"id {metadata.get('study_id')!r}, terms.json {study.terms.get('study_id')!r})"
             )
         lines = [
-            e for e in study.ledger
+            e
+            for e in study.ledger
             if e["round"] == number and e["status"] == "trained" and not e.get("reported_by_site")
-        ]  # fmt: skip
+        ]
         trained = metadata.get("sites_trained")
         if not _whole(trained, 0) or len(lines) < trained:
             raise FedsynthError(

@@ -123,9 +123,17 @@ def release(
     work.mkdir(mode=0o755)
     try:
         paths = sample_cohort(
-            pretrained, n, rows, work, sampling.guidance_scale, sampling.steps,
-            sampling.scheduler, seed, sampling.batch_size, show_progress,
-        )  # fmt: skip
+            pretrained,
+            n,
+            rows,
+            work,
+            sampling.guidance_scale,
+            sampling.steps,
+            sampling.scheduler,
+            seed,
+            sampling.batch_size,
+            show_progress,
+        )
         control = controllability(study.checkpoint, work, paths, rows, sampling.guidance_scale)
         atomic_write_text(work / STATEMENT, json.dumps(statement, indent=2) + "\n", PUBLIC_MODE)
         shutil.copyfile(study.run_dir / "ledger.jsonl", work / LEDGER_COPY)

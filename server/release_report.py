@@ -133,10 +133,11 @@ def _table(rows: list[tuple], header: tuple) -> str:
     body = ""
     for row in rows:
         cells = "".join(
-            f'<td class="num">{_number(c)}</td>' if isinstance(c, int | float) and not
-            isinstance(c, bool) else f"<td>{_number(c)}</td>"
+            f'<td class="num">{_number(c)}</td>'
+            if isinstance(c, int | float) and not isinstance(c, bool)
+            else f"<td>{_number(c)}</td>"
             for c in row
-        )  # fmt: skip
+        )
         body += f"<tr>{cells}</tr>"
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -157,13 +158,28 @@ def _privacy_section(study: FinishedStudy, statement: dict) -> str:
     rows = []
     for site, entry in statement["sites"].items():
         sigmas, rates = entry["noise_multipliers"], entry["sample_rates"]  # in round order
-        rows.append((
-            site, entry["epsilon"], entry["delta"], len(entry["rounds"]), entry["total_steps"],
-            ", ".join(f"{s:.3g}" for s in sigmas), ", ".join(f"{q:.3g}" for q in rates),
-            entry["no_reply_estimates"],
-        ))  # fmt: skip
-    header = ("site", "epsilon", "delta", "rounds", "DP-SGD steps", "noise multiplier",
-              "sample rate", "no-reply estimates")  # fmt: skip
+        rows.append(
+            (
+                site,
+                entry["epsilon"],
+                entry["delta"],
+                len(entry["rounds"]),
+                entry["total_steps"],
+                ", ".join(f"{s:.3g}" for s in sigmas),
+                ", ".join(f"{q:.3g}" for q in rates),
+                entry["no_reply_estimates"],
+            )
+        )
+    header = (
+        "site",
+        "epsilon",
+        "delta",
+        "rounds",
+        "DP-SGD steps",
+        "noise multiplier",
+        "sample rate",
+        "no-reply estimates",
+    )
     secagg = statement["secure_aggregation"]
     if secagg["enabled"]:
         thresholds = sorted({r["reconstruction_threshold"] for r in secagg["rounds"].values()})
@@ -222,15 +238,25 @@ def _quality_rows(evaluation: dict) -> list[tuple]:
                 )
             )
     diversity = evaluation["diversity"]
-    rows.append(("MS-SSIM between pairs", diversity["synthetic_ms_ssim"]["mean"],
-                 diversity["real_ms_ssim"]["mean"],
-                 "1 = identical volumes; near the real pairs' value is good"))  # fmt: skip
+    rows.append(
+        (
+            "MS-SSIM between pairs",
+            diversity["synthetic_ms_ssim"]["mean"],
+            diversity["real_ms_ssim"]["mean"],
+            "1 = identical volumes; near the real pairs' value is good",
+        )
+    )
     utility = evaluation.get("utility")
     if utility:
         for key, what in (("mae_ml", "MAE (mL)"), ("pearson_r", "r")):
-            rows.append((f"LV volume regressor tested on real, {what}",
-                         utility["tstr"][key], utility["trtr"][key],
-                         "trained on the synthetic cohort vs on real volumes"))  # fmt: skip
+            rows.append(
+                (
+                    f"LV volume regressor tested on real, {what}",
+                    utility["tstr"][key],
+                    utility["trtr"][key],
+                    "trained on the synthetic cohort vs on real volumes",
+                )
+            )
     return rows
 
 
@@ -259,21 +285,32 @@ synthetic cohort and tests it on real volumes.</p>
 def _audit_rows(audit: dict) -> list[tuple]:
     dcr, attack = audit["dcr"], audit.get("membership_inference")
     rows = [
-        ("synthetic volumes closer to a training than to a held-out subject",
-         dcr.get("closer_to_training_share"), "0.5 = no sign of copying; 1 = all closer"),
-        ("median distance to the closest training / held-out subject (RMSE)",
-         f"{_number(dcr['train_median'])} / {_number(dcr.get('holdout_median'))}",
-         "alike = no sign of copying"),
-        ("median nearest / second-nearest training distance", dcr.get("nndr_median"),
-         "near 0 = a near-copy of one subject; near 1 = no single source"),
-    ]  # fmt: skip
+        (
+            "synthetic volumes closer to a training than to a held-out subject",
+            dcr.get("closer_to_training_share"),
+            "0.5 = no sign of copying; 1 = all closer",
+        ),
+        (
+            "median distance to the closest training / held-out subject (RMSE)",
+            f"{_number(dcr['train_median'])} / {_number(dcr.get('holdout_median'))}",
+            "alike = no sign of copying",
+        ),
+        (
+            "median nearest / second-nearest training distance",
+            dcr.get("nndr_median"),
+            "near 0 = a near-copy of one subject; near 1 = no single source",
+        ),
+    ]
     if attack:
         rows += [
             ("membership attack, ROC AUC", attack["auc"], "0.5 = chance; 1 = always right"),
-            ("membership attack, TPR at 1% FPR", attack["tpr_at_1pct_fpr"],
-             f"FPR resolution {_number(attack['fpr_resolution'])} "
-             f"({attack['n_members']} members, {attack['n_nonmembers']} non-members)"),
-        ]  # fmt: skip
+            (
+                "membership attack, TPR at 1% FPR",
+                attack["tpr_at_1pct_fpr"],
+                f"FPR resolution {_number(attack['fpr_resolution'])} "
+                f"({attack['n_members']} members, {attack['n_nonmembers']} non-members)",
+            ),
+        ]
     return rows
 
 
@@ -325,7 +362,7 @@ def write_report(
         (f"&epsilon; {statement['study_epsilon']:.3g}", f"delta {config.privacy.delta:g}"),
         (str(trained), "hospitals trained; their data never left them"),
         (f"{study.rounds_done}/{config.federation.rounds}", "federated rounds"),
-    ]  # fmt: skip
+    ]
     cards = "".join(f"<div class='card'><b>{v}</b><span>{t}</span></div>" for v, t in glance)
     created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     page = f"""<!DOCTYPE html>

@@ -142,9 +142,12 @@ def ready_reply(metrics: Mapping[str, object], expected_site: str | None = None)
     if ready not in (0.0, 1.0) or (ready == 1.0) != (code == "ready"):
         raise BadReply("ready and code disagree")
     return ReadyReply(
-        _site(metrics, expected_site), ready == 1.0, code, _history(metrics),
+        _site(metrics, expected_site),
+        ready == 1.0,
+        code,
+        _history(metrics),
         _number(metrics, "epsilon"),
-    )  # fmt: skip
+    )
 
 
 def trained_reply(
@@ -160,6 +163,9 @@ def trained_reply(
     if _number(metrics, "delta") != delta or metrics["accountant"] != accountant:
         raise BadReply("delta or accountant differs from the study's")
     return TrainedReply(
-        _site(metrics, site), segment, int(subjects),
-        _history(metrics), _number(metrics, "epsilon"),
-    )  # fmt: skip
+        _site(metrics, site),
+        segment,
+        int(subjects),
+        _history(metrics),
+        _number(metrics, "epsilon"),
+    )

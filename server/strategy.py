@@ -120,9 +120,12 @@ class StudyStrategy(FedAvg):
         `keys`: the tensors that travel (the trainable subset; None: all). The others stay
         the public checkpoint's and are checked at each site by their SHA-256."""
         super().__init__(
-            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1,
-            min_evaluate_clients=1, min_available_clients=1,
-        )  # fmt: skip
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=1,
+            min_evaluate_clients=1,
+            min_available_clients=1,
+        )
         self.study = study
         self.secure = bool(study.config.federation.secure_aggregation)
         self.weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -134,8 +137,10 @@ class StudyStrategy(FedAvg):
             if self.server_optimizer.load(round_dir(study.run_dir, done)):
                 _say(f"server optimiser FedAdam: moments of round {done} continued")
             else:
-                _say(f"server optimiser FedAdam: fresh moments (round {done} saved none for "
-                     "these tensors)")  # fmt: skip
+                _say(
+                    f"server optimiser FedAdam: fresh moments (round {done} saved none for "
+                    "these tensors)"
+                )
         travelling = set(self.keys)
         frozen = [k for k in self.weights if k not in travelling]
         self.checkpoint_sha256 = public_sha256(study.checkpoint, self.weights, frozen)
@@ -297,9 +302,12 @@ class StudyStrategy(FedAvg):
                 if node not in self.chosen or node in good:
                     raise BadReply("a reply from a node that was not sent this round")
                 reply = trained_reply(
-                    res.metrics, res.num_examples, self.site_of[node],
-                    privacy.delta, privacy.accountant,
-                )  # fmt: skip
+                    res.metrics,
+                    res.num_examples,
+                    self.site_of[node],
+                    privacy.delta,
+                    privacy.accountant,
+                )
                 segments = [reply.segment, *(s for _, s in reply.history)]
                 accountable(segments, privacy.delta, privacy.accountant)
             except (KeyError, TypeError, ValueError) as error:  # BadReply is a ValueError
@@ -352,8 +360,12 @@ class StudyStrategy(FedAvg):
             skipped = f"only {trained} site(s) trained, federation.min-sites is {need}"
             _say(f"round {round_number} not aggregated: {skipped}; the model is unchanged")
         # the ledger lines above are on disk (fsync'd) before the round's model is saved
-        facts = {"sites_trained": trained, "skipped": skipped or None, "secagg": self.secagg,
-                 "study_id": study.study_id}  # fmt: skip
+        facts = {
+            "sites_trained": trained,
+            "skipped": skipped or None,
+            "secagg": self.secagg,
+            "study_id": study.study_id,
+        }
         save_round(study, round_number, self.weights, facts, self.server_optimizer.save)
         summary = write_summary(study, round_number)
         record_round_time(

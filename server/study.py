@@ -29,9 +29,16 @@ from fedsynth.server.run_dir import LEDGER
 
 TERMS = "terms.json"
 RESERVED = (
-    "config", "run-dir", "resume", "checkpoint", "validation-data", "phantom-subjects",
-    "phantom-public-subjects", "secagg-clipping-range", "secagg-max-weight",
-)  # fmt: skip
+    "config",
+    "run-dir",
+    "resume",
+    "checkpoint",
+    "validation-data",
+    "phantom-subjects",
+    "phantom-public-subjects",
+    "secagg-clipping-range",
+    "secagg-max-weight",
+)
 CLIPPING_RANGE = 4.0  # |delta| bound under SecAgg+; a site with a larger delta fails
 DEFAULT_PHANTOM_SUBJECTS = 300  # subjects per simulated site (run config phantom-subjects)
 DEFAULT_PUBLIC_SUBJECTS = 200  # public phantom subjects pretrained on (phantom-public-subjects)
@@ -175,6 +182,14 @@ def prepare(
     clipping = float(run_config.get("secagg-clipping-range", 0) or CLIPPING_RANGE)
     max_weight = float(run_config.get("secagg-max-weight", 0) or subjects)
     return Study(
-        config, run_dir, phantoms, checkpoint, resume, clipping, max_weight, validation, study_id,
+        config,
+        run_dir,
+        phantoms,
+        checkpoint,
+        resume,
+        clipping,
+        max_weight,
+        validation,
+        study_id,
         site_domain,
-    )  # fmt: skip
+    )

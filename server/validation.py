@@ -89,8 +89,9 @@ class SiteDomain:
         self.config, self.seed, self.folder = config, config.seed, Path(folder)
         encoded = {f.name: _encoded(pretrained, f, config) for f in sites}
         self.sites = {name: e[:3] for name, e in encoded.items()}
-        self.rows = {name: [dict(r.attributes) for r in e[3].records]
-                     for name, e in encoded.items()}  # fmt: skip
+        self.rows = {
+            name: [dict(r.attributes) for r in e[3].records] for name, e in encoded.items()
+        }
 
     def load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         unet = self.pretrained.unet
@@ -103,12 +104,16 @@ class SiteDomain:
         return {
             site: float(
                 fixed_noise_losses(
-                    unet, self.config.diffusion, latents, attributes, self.seed,
+                    unet,
+                    self.config.diffusion,
+                    latents,
+                    attributes,
+                    self.seed,
                     SITE_DOMAIN_DRAWS,
                 ).mean()
             )
             for site, (_, latents, attributes) in self.sites.items()
-        }  # fmt: skip
+        }
 
     @torch.no_grad()
     def fidelity(self, weights: dict[str, torch.Tensor], nets: FeatureNets) -> dict[str, dict]:
@@ -134,9 +139,13 @@ class SiteDomain:
         chain = sampling_scheduler(self.config.diffusion, sampling.scheduler, sampling.steps)
         generator = torch.Generator(attributes.device).manual_seed(self.seed)
         latents = sample_latents(
-            unet, chain, attributes, latent_shape(self.config), sampling.guidance_scale,
+            unet,
+            chain,
+            attributes,
+            latent_shape(self.config),
+            sampling.guidance_scale,
             generator,
-        )  # fmt: skip
+        )
         return self.pretrained.decode(latents).clamp(0, 1).cpu()
 
     @torch.no_grad()

@@ -152,9 +152,13 @@ class StudyContext:
             parts.append(SiteLatents(site.latents, site.attributes, site.subjects + offset))
             offset += int(site.subjects.max()) + 1
         return {
-            "pooled": SiteLatents(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                                    ("latents", "attributes", "subjects")))
-        }  # fmt: skip
+            "pooled": SiteLatents(
+                *(
+                    torch.cat([getattr(p, f) for p in parts])
+                    for f in ("latents", "attributes", "subjects")
+                )
+            )
+        }
 
     def start(self, arm: Arm, seed: int) -> Weights:
         if arm.start == "public":
@@ -192,10 +196,15 @@ class StudyContext:
             print(f"{arm.label} (seed {seed}): cached, {path}", file=sys.stderr, flush=True)
         else:
             run = federate(
-                self.config_for(arm), self.start(arm, seed), self.pretrained.unet,
-                self.training_sites(arm), private=arm.epsilon is not None,
-                evaluate=self.site_domain.loss, seed=seed, label=f"{arm.label} (seed {seed}): ",
-            )  # fmt: skip
+                self.config_for(arm),
+                self.start(arm, seed),
+                self.pretrained.unet,
+                self.training_sites(arm),
+                private=arm.epsilon is not None,
+                evaluate=self.site_domain.loss,
+                seed=seed,
+                label=f"{arm.label} (seed {seed}): ",
+            )
             result = {"loss": run.history, "noise": run.noise, "seconds": run.seconds}
             self.arms.mkdir(parents=True, exist_ok=True)
             save_torch(weights_path, run.weights)  # first: the JSON marks the arm complete

@@ -147,9 +147,15 @@ def _site_round_peak_mb(bench: Bench) -> float:
     rate = sample_rate(config.privacy, bench.site_subjects)
     unet = ConditionedUNet(config)
     train_round(
-        unet, *_site(config, bench.site_subjects), config, 1.0, rate,
-        config.privacy.local_steps, seed=config.seed, device=device,
-    )  # fmt: skip
+        unet,
+        *_site(config, bench.site_subjects),
+        config,
+        1.0,
+        rate,
+        config.privacy.local_steps,
+        seed=config.seed,
+        device=device,
+    )
     return peak_mb(device)
 
 
@@ -310,9 +316,13 @@ def _overhead_workspace(bench: Bench) -> Path:
         root = Path(workspace.name)
         (root / "config.yaml").write_text(to_yaml(config))
         generate_cohorts(
-            root / "phantoms", bench.sites, bench.site_subjects, config.seed,
-            public_subjects=PUBLIC_SUBJECTS, progress=False,
-        )  # fmt: skip
+            root / "phantoms",
+            bench.sites,
+            bench.site_subjects,
+            config.seed,
+            public_subjects=PUBLIC_SUBJECTS,
+            progress=False,
+        )
         short = load_config(
             root / "config.yaml", {"training.pretrain-steps": 1, "autoencoder.steps": 1}
         )
@@ -394,20 +404,29 @@ def round_overhead(
     root = _overhead_workspace(bench)
     mode = "secagg" if secure else "plain"
     with tempfile.TemporaryDirectory(prefix=f"fedsynth-bench-{mode}-") as tmp:
-        study = prepare({
-            "config": str(root / "config.yaml"), "run-dir": str(Path(tmp) / "run"),
-            "checkpoint": str(root / "checkpoint"), "validation-data": "",
-            "secagg-max-weight": size,
-            "federation.secure-aggregation": secure, "federation.rounds": OVERHEAD_ROUNDS,
-            "federation.sites": count, "federation.sites-per-round": count,
-        })  # fmt: skip
+        study = prepare(
+            {
+                "config": str(root / "config.yaml"),
+                "run-dir": str(Path(tmp) / "run"),
+                "checkpoint": str(root / "checkpoint"),
+                "validation-data": "",
+                "secagg-max-weight": size,
+                "federation.secure-aggregation": secure,
+                "federation.rounds": OVERHEAD_ROUNDS,
+                "federation.sites": count,
+                "federation.sites-per-round": count,
+            }
+        )
         nodes = {
-            n: {"data-path": str(root / "phantoms" / f"site-{n}"),
+            n: {
+                "data-path": str(root / "phantoms" / f"site-{n}"),
                 "state-dir": str(_site_state(root, Path(tmp), n)),
-                "max-epsilon": config.privacy.target_epsilon, "site-name": f"site-{n}",
-                "require-secure-aggregation": secure}
+                "max-epsilon": config.privacy.target_epsilon,
+                "site-name": f"site-{n}",
+                "require-secure-aggregation": secure,
+            }
             for n in range(1, count + 1)
-        }  # fmt: skip
+        }
         grid = LoopbackGrid(app, nodes)
         trained: list[tuple[float, float]] = []  # (when observed, DP-SGD seconds)
         observe = lambda update: trained.append((time.perf_counter(), update.result.seconds))  # noqa: E731

@@ -14,14 +14,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--only", metavar="KEY", help="measure one key only")
     parser.add_argument(
-        "--site-subjects", type=int, default=None, metavar="N",
+        "--site-subjects",
+        type=int,
+        default=None,
+        metavar="N",
         help="subjects per measured site (default: as `flwr run .` simulates them)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--device-report", action="store_true",
+        "--device-report",
+        action="store_true",
         help="instead of the ratios: seconds and MiB of a site's DP step and of sampling on "
         "this machine's device, at the config's size and at the paper's 96x96x13",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print JSON (the only output form)")
 
 

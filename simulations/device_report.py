@@ -70,8 +70,11 @@ def size_report(bench: Bench) -> dict:
     with the config's steps and guidance, in batches of sampling.batch-size). Prints a
     progress line naming the size first (a size takes minutes on a CPU)."""
     config = bench.config
-    print(f"bench: device report at {'x'.join(map(str, config.data.shape))} ...",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"bench: device report at {'x'.join(map(str, config.data.shape))} ...",
+        file=sys.stderr,
+        flush=True,
+    )
     steps = measured_steps(bench)
     return {
         "shape": list(config.data.shape),

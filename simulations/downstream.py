@@ -35,9 +35,11 @@ def _scarce_real(context: StudyContext) -> tuple[torch.Tensor, np.ndarray]:
     volumes, rows = [], []
     for name in context.names:
         dataset, manifest = open_site(
-            context.data.phantoms / name, context.setup.config.data, show_progress=False,
+            context.data.phantoms / name,
+            context.setup.config.data,
+            show_progress=False,
             keep_volumes=True,
-        )  # fmt: skip
+        )
         keep = sorted(manifest.subjects())[:SCARCE_SUBJECTS]
         chosen = [i for i, r in enumerate(manifest.records) if r.subject in keep]
         volumes += [dataset[i][0] for i in chosen]
@@ -55,10 +57,12 @@ def _synthetic(context: StudyContext, weights, seed: int) -> tuple[torch.Tensor,
     ).float()
     unet = context.site_domain.load(weights)
     with torch.no_grad():
-        volumes = torch.cat([
-            context.site_domain.sample(unet, attributes[i : i + SAMPLE_BATCH])
-            for i in range(0, len(attributes), SAMPLE_BATCH)
-        ])  # fmt: skip
+        volumes = torch.cat(
+            [
+                context.site_domain.sample(unet, attributes[i : i + SAMPLE_BATCH])
+                for i in range(0, len(attributes), SAMPLE_BATCH)
+            ]
+        )
     return volumes, lv_cavity_ml(rows)
 
 
@@ -104,7 +108,13 @@ def downstream(setup: StudySetup) -> dict:
             results[f"synthetic ({source}) -> real"] = _test(tuned, test, test_ml)
         runs.append({"seed": seed, "results": results})
     return summary(
-        "downstream", setup, started, scarce_subjects_per_site=SCARCE_SUBJECTS,
-        real_volumes=len(real), synthetic_volumes=SYNTHETIC_VOLUMES, test_volumes=len(test),
-        steps={"pretrain": PRETRAIN_STEPS, "finetune": FINETUNE_STEPS}, runs=runs,
-    )  # fmt: skip
+        "downstream",
+        setup,
+        started,
+        scarce_subjects_per_site=SCARCE_SUBJECTS,
+        real_volumes=len(real),
+        synthetic_volumes=SYNTHETIC_VOLUMES,
+        test_volumes=len(test),
+        steps={"pretrain": PRETRAIN_STEPS, "finetune": FINETUNE_STEPS},
+        runs=runs,
+    )

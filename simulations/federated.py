@@ -63,9 +63,12 @@ def noise_multiplier(config: Config, subjects: int, private: bool = True) -> flo
     privacy = config.privacy
     steps = config.federation.rounds * privacy.local_steps
     return plan_noise(
-        privacy.target_epsilon, privacy.delta, sample_rate(privacy, subjects), steps,
+        privacy.target_epsilon,
+        privacy.delta,
+        sample_rate(privacy, subjects),
+        steps,
         privacy.accountant,
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -110,10 +113,16 @@ def federate(
         for k, (name, site) in enumerate(sites.items()):
             unet.load_state_dict(weights)
             train_round(
-                unet, site.latents, site.attributes, site.subjects, config, noise[name],
-                sample_rate(config.privacy, site.n_subjects), config.privacy.local_steps,
+                unet,
+                site.latents,
+                site.attributes,
+                site.subjects,
+                config,
+                noise[name],
+                sample_rate(config.privacy, site.n_subjects),
+                config.privacy.local_steps,
                 seed=seed * 1_000_003 + round_number * 1009 + k,
-            )  # fmt: skip
+            )
             trained = unet.state_dict()
             deltas.append((site.n_subjects, {key: trained[key] - weights[key] for key in weights}))
         total = sum(n for n, _ in deltas)
@@ -123,8 +132,9 @@ def federate(
         if evaluate is not None:
             run.history.append(evaluate(weights))
         print(
-            f"{label}round {round_number}/{config.federation.rounds} "
-            f"({run.seconds:.0f} s)", file=sys.stderr, flush=True,
-        )  # fmt: skip
+            f"{label}round {round_number}/{config.federation.rounds} ({run.seconds:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
     run.weights = weights
     return run

@@ -98,9 +98,13 @@ class LocalFlower:
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         flwr = Path(sys.executable).parent / "flwr"
         return subprocess.run(
-            [str(flwr), *args], cwd=self.app_dir, env=self.env(), capture_output=True,
-            text=True, timeout=timeout,
-        )  # fmt: skip
+            [str(flwr), *args],
+            cwd=self.app_dir,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def start(self, overrides: str, federation: str = QUICK_START_FEDERATION) -> str:
         """`flwr run .` with `-c overrides`; returns the run id once it started."""

@@ -153,9 +153,11 @@ class LoopbackGrid(Grid):
         for sent in messages:
             meta = sent.metadata
             msg = Message(
-                copy.deepcopy(sent.content), meta.dst_node_id, meta.message_type,
+                copy.deepcopy(sent.content),
+                meta.dst_node_id,
+                meta.message_type,
                 group_id=meta.group_id,
-            )  # fmt: skip
+            )
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             stage = secagg_stage(msg)
             dropped = self.drop is not None and self.drop(msg)
@@ -170,10 +172,16 @@ class LoopbackGrid(Grid):
             answered = not dropped and not reply.has_error()
             self.deliveries.append(
                 Delivery(
-                    meta.dst_node_id, meta.message_type, stage, start, seconds, not dropped,
-                    wire_bytes(sent.content), wire_bytes(reply.content) if answered else 0,
+                    meta.dst_node_id,
+                    meta.message_type,
+                    stage,
+                    start,
+                    seconds,
+                    not dropped,
+                    wire_bytes(sent.content),
+                    wire_bytes(reply.content) if answered else 0,
                 )
-            )  # fmt: skip
+            )
             if dropped:
                 continue
             self.received.append(copy.deepcopy(reply))

@@ -50,16 +50,21 @@ def dp_gap(setup: StudySetup) -> dict:
             "nonprivate": context.run(Arm(everyone, None), seed),
         }
         public, dp, reference = (
-            arms["dp"]["loss"][0], arms["dp"]["loss"][-1], arms["nonprivate"]["loss"][-1]
-        )  # fmt: skip
+            arms["dp"]["loss"][0],
+            arms["dp"]["loss"][-1],
+            arms["nonprivate"]["loss"][-1],
+        )
         share = {s: _share(public[s], dp[s], reference[s]) for s in public}
         overall = _share(*(mean_loss(v) for v in (public, dp, reference)))
         runs.append({"seed": seed, **arms, "share": share, "share_of_mean_loss": overall})
     return summary(
-        "dp-gap", setup, started, runs=runs,
+        "dp-gap",
+        setup,
+        started,
+        runs=runs,
         share_of_mean_loss=[r["share_of_mean_loss"] for r in runs],
         mean_site_share=[sum(r["share"].values()) / len(r["share"]) for r in runs],
-    )  # fmt: skip
+    )
 
 
 def federation(setup: StudySetup) -> dict:
@@ -77,15 +82,23 @@ def federation(setup: StudySetup) -> dict:
         final = {label: _final(r) for label, r in results.items()}
         public = results["federated"]["loss"][0]
         singles = [final[f"{name} alone"]["mean"] for name in context.names]
-        runs.append({
-            "seed": seed, "public": {**public, "mean": mean_loss(public)}, "final": final,
-            "federated_beats_every_site": final["federated"]["mean"] < min(singles),
-            "seconds": {label: r["seconds"] for label, r in results.items()},
-        })  # fmt: skip
+        runs.append(
+            {
+                "seed": seed,
+                "public": {**public, "mean": mean_loss(public)},
+                "final": final,
+                "federated_beats_every_site": final["federated"]["mean"] < min(singles),
+                "seconds": {label: r["seconds"] for label, r in results.items()},
+            }
+        )
     return summary(
-        "federation", setup, started, epsilon=epsilon, runs=runs,
+        "federation",
+        setup,
+        started,
+        epsilon=epsilon,
+        runs=runs,
         federated_beats_every_site=all(r["federated_beats_every_site"] for r in runs),
-    )  # fmt: skip
+    )
 
 
 def pretraining(setup: StudySetup) -> dict:
@@ -101,12 +114,14 @@ def pretraining(setup: StudySetup) -> dict:
         for epsilon in PRIVACY_LEVELS:
             public = context.run(Arm(everyone, epsilon), seed)
             scratch = context.run(Arm(everyone, epsilon, trainable="all", start="scratch"), seed)
-            rows.append({
-                "epsilon": epsilon,
-                "public": {"start": mean_loss(public["loss"][0]), **_final(public)},
-                "scratch": {"start": mean_loss(scratch["loss"][0]), **_final(scratch)},
-                "seconds": {"public": public["seconds"], "scratch": scratch["seconds"]},
-            })  # fmt: skip
+            rows.append(
+                {
+                    "epsilon": epsilon,
+                    "public": {"start": mean_loss(public["loss"][0]), **_final(public)},
+                    "scratch": {"start": mean_loss(scratch["loss"][0]), **_final(scratch)},
+                    "seconds": {"public": public["seconds"], "scratch": scratch["seconds"]},
+                }
+            )
         runs.append({"seed": seed, "rows": rows})
     return summary("pretraining", setup, started, runs=runs)
 
@@ -146,14 +161,21 @@ def trainable(setup: StudySetup) -> dict:
             }
             public = mean_loss(results[None]["loss"][0])
             final = {eps: _final(r)["mean"] for eps, r in results.items()}
-            rows.append({
-                "trainable": subset, "weights": weights, "learning_rate": rate,
-                "public": public,
-                "loss": {_level(eps): value for eps, value in final.items()},
-                "share": {_level(eps): _share(public, final[eps], final[None])
-                          for eps in TRAINABLE_LEVELS if eps is not None},
-                "seconds": {_level(eps): r["seconds"] for eps, r in results.items()},
-            })  # fmt: skip
+            rows.append(
+                {
+                    "trainable": subset,
+                    "weights": weights,
+                    "learning_rate": rate,
+                    "public": public,
+                    "loss": {_level(eps): value for eps, value in final.items()},
+                    "share": {
+                        _level(eps): _share(public, final[eps], final[None])
+                        for eps in TRAINABLE_LEVELS
+                        if eps is not None
+                    },
+                    "seconds": {_level(eps): r["seconds"] for eps, r in results.items()},
+                }
+            )
         runs.append({"seed": seed, "rows": rows})
     return summary("trainable", setup, started, runs=runs)
 
@@ -201,11 +223,17 @@ def scale(setup: StudySetup) -> dict:
         rows = []
         for axis, subjects, sites, arm in arms:
             result = context.run(arm, seed)
-            rows.append({
-                "axis": axis, "subjects_per_site": subjects, "sites": sites,
-                "noise": result["noise"], "public": mean_loss(result["loss"][0]),
-                "loss": _final(result)["mean"], "seconds": result["seconds"],
-            })  # fmt: skip
+            rows.append(
+                {
+                    "axis": axis,
+                    "subjects_per_site": subjects,
+                    "sites": sites,
+                    "noise": result["noise"],
+                    "public": mean_loss(result["loss"][0]),
+                    "loss": _final(result)["mean"],
+                    "seconds": result["seconds"],
+                }
+            )
         runs.append({"seed": seed, "rows": rows})
     return summary("scale", setup, started, epsilon=epsilon, runs=runs)
 

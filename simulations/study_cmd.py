@@ -24,20 +24,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=NAMES, help="which study")
     add_config_arguments(parser)
     parser.add_argument(
-        "--subjects", type=int, default=None, metavar="N",
+        "--subjects",
+        type=int,
+        default=None,
+        metavar="N",
         help="subjects per phantom site (default: as `flwr run .`)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--public-subjects", type=int, default=None, metavar="M",
+        "--public-subjects",
+        type=int,
+        default=None,
+        metavar="M",
         help="public phantom subjects the checkpoint is pretrained on (default: as `flwr run .`)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--seeds", type=int, default=1, metavar="K", help="repeat with seeds 0..K-1 (1)"
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("studies"), metavar="DIR",
+        "--out",
+        type=Path,
+        default=Path("studies"),
+        metavar="DIR",
         help="where NAME.json and NAME.png go (./studies)",
-    )  # fmt: skip
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON, not the table")
 
 

@@ -46,9 +46,14 @@ def phantom_folder(
     if not (folder / f"site-{sites}" / "manifest.csv").is_file():
         print(f"[fedsynth] generating phantoms in {folder}", flush=True)
         generate_cohorts(
-            folder, sites, count, draw, public_subjects=public, progress=False,
+            folder,
+            sites,
+            count,
+            draw,
+            public_subjects=public,
+            progress=False,
             profile_seed=seed,
-        )  # fmt: skip
+        )
     return folder
 
 

@@ -64,8 +64,10 @@ def dp_gap_table(result: dict) -> str:
                 f"{run['seed']:>4}  {site:<8} {public[site]:>8.4f} {dp[site]:>8.4f} "
                 f"{ref[site]:>8.4f} {share:>6.0%}"
             )
-    for key, text in (("share_of_mean_loss", "of the sites' mean loss gap"),
-                      ("mean_site_share", "mean of the sites' shares")):  # fmt: skip
+    for key, text in (
+        ("share_of_mean_loss", "of the sites' mean loss gap"),
+        ("mean_site_share", "mean of the sites' shares"),
+    ):
         lines.append(f"DP keeps {', '.join(f'{v:.0%}' for v in result[key])} {text} (per seed)")
     return "\n".join(lines)
 
@@ -275,8 +277,15 @@ def plot_controllability(result: dict, png: Path) -> None:
         for side, colour in (("lv", "C0"), ("rv", "C1")):
             stats = [_spread([r["rows"][i][side][key] for r in runs]) for i in range(len(levels))]
             errors = list(zip(*(s[1] for s in stats), strict=True))
-            ax.errorbar(range(len(levels)), [s[0] for s in stats], yerr=errors, color=colour,
-                        marker="o", capsize=2, label=f"{side.upper()} sampled")  # fmt: skip
+            ax.errorbar(
+                range(len(levels)),
+                [s[0] for s in stats],
+                yerr=errors,
+                color=colour,
+                marker="o",
+                capsize=2,
+                label=f"{side.upper()} sampled",
+            )
             ax.axhline(result["public"][side][key], color=colour, ls="--", lw=0.8)
             ax.axhline(result["real"][side][key], color=colour, ls=":", lw=0.8)
         ax.set_xticks(range(len(levels)), levels)
@@ -367,8 +376,10 @@ def plot_downstream(result: dict, png: Path) -> None:
     runs = result["runs"]
     labels = list(runs[0]["results"])
     fig, axes = _figure(2, 4.4, 0.45 * len(labels) + 1.2)
-    for ax, key, name in ((axes[0], "mae_ml", "MAE (mL), lower is better"),
-                          (axes[1], "pearson_r", "Pearson r, higher is better")):  # fmt: skip
+    for ax, key, name in (
+        (axes[0], "mae_ml", "MAE (mL), lower is better"),
+        (axes[1], "pearson_r", "Pearson r, higher is better"),
+    ):
         stats = [_spread([r["results"][label][key] for r in runs]) for label in labels]
         errors = list(zip(*(s[1] for s in stats), strict=True))
         ax.barh(range(len(labels)), [s[0] for s in stats], xerr=errors, capsize=2, color="C0")
@@ -378,8 +389,9 @@ def plot_downstream(result: dict, png: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(
         f"LV cavity regression with {result['scarce_subjects_per_site']} real subjects per site: "
-        "does synthetic pretraining help?", fontsize=9,
-    )  # fmt: skip
+        "does synthetic pretraining help?",
+        fontsize=9,
+    )
     fig.savefig(png)
 
 

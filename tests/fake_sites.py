@@ -29,9 +29,13 @@ class FakeSite(NumPyClient):
     """One site: `subjects` subjects, a fixed delta per weight, a real ledger."""
 
     def __init__(
-        self, node: int, subjects: int, shapes: dict[str, tuple[int, ...]], state_dir: Path,
+        self,
+        node: int,
+        subjects: int,
+        shapes: dict[str, tuple[int, ...]],
+        state_dir: Path,
         name: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.node, self.subjects, self.name = node, subjects, name or f"site-{node}"
         rng = np.random.default_rng(node)
         self.delta = [rng.normal(0, 0.01, s) for s in shapes.values()]
@@ -49,9 +53,13 @@ class FakeSite(NumPyClient):
         spent = self.spent(config)
         code = "budget-spent" if spent >= config.privacy.target_epsilon else "ready"
         history = self.history(study)
-        return {"site": self.name, "ready": int(code == "ready"), "code": code,
-                "history": history,
-                "epsilon": self.budget.spent_epsilon(config.privacy, study)}  # fmt: skip
+        return {
+            "site": self.name,
+            "ready": int(code == "ready"),
+            "code": code,
+            "history": history,
+            "epsilon": self.budget.spent_epsilon(config.privacy, study),
+        }
 
     def fit(self, parameters, config):
         study = config_from_dict(json.loads(str(config["study"])))
@@ -65,12 +73,16 @@ class FakeSite(NumPyClient):
             (self.budget.ledger_path.parent / "failed.json").write_text("{}")
             raise SiteStop("update")
         metrics = {
-            "site": self.name, "noise_multiplier": plan.noise_multiplier,
-            "sample_rate": plan.sample_rate, "steps": plan.steps, "subjects": self.subjects,
-            "delta": plan.delta, "accountant": study.privacy.accountant,
+            "site": self.name,
+            "noise_multiplier": plan.noise_multiplier,
+            "sample_rate": plan.sample_rate,
+            "steps": plan.steps,
+            "subjects": self.subjects,
+            "delta": plan.delta,
+            "accountant": study.privacy.accountant,
             "history": self.history(str(config["study-id"])),
             "epsilon": self.budget.spent_epsilon(study.privacy, str(config["study-id"])),
-        }  # fmt: skip
+        }
         metrics.update(self.metrics_override)
         return self.delta, self.subjects, metrics
 

@@ -10,9 +10,20 @@ import numpy as np
 
 # a valid value for every attribute of the default config
 GOOD_ATTRIBUTES = {
-    "lvedv": 150, "lvesv": 60, "lvef": 60, "rvedv": 160, "rvesv": 70, "rvef": 56.2,
-    "lv_mass": 120, "wall_ed": 9, "wall_es": 13, "age": 54, "sex": 1, "bmi": 26.5, "phase": 0,
-}  # fmt: skip
+    "lvedv": 150,
+    "lvesv": 60,
+    "lvef": 60,
+    "rvedv": 160,
+    "rvesv": 70,
+    "rvef": 56.2,
+    "lv_mass": 120,
+    "wall_ed": 9,
+    "wall_es": 13,
+    "age": 54,
+    "sex": 1,
+    "bmi": 26.5,
+    "phase": 0,
+}
 
 
 def blob_volume(shape=(24, 20, 6), seed=0) -> np.ndarray:

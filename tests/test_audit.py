@@ -150,10 +150,14 @@ def site(tmp_path_factory, tiny_checkpoint) -> dict:
     root = tmp_path_factory.mktemp("audit")
     config = load_pretrained(tiny_checkpoint).config
     folders = {}
-    for name, seed, n in (("members", 31, MEMBERS), ("nonmembers", 32, NONMEMBERS),
-                          ("fresh", 33, FRESH)):  # fmt: skip
-        generate_cohorts(root / name, sites=1, subjects=n, seed=seed, public_subjects=1,
-                         progress=False)  # fmt: skip
+    for name, seed, n in (
+        ("members", 31, MEMBERS),
+        ("nonmembers", 32, NONMEMBERS),
+        ("fresh", 33, FRESH),
+    ):
+        generate_cohorts(
+            root / name, sites=1, subjects=n, seed=seed, public_subjects=1, progress=False
+        )
         folders[name] = root / name / "site-1"
         rewrite_manifest(folders[name], name)
     for name in ("members", "nonmembers"):
@@ -210,8 +214,17 @@ def models(site, tiny_checkpoint) -> dict[str, Path]:
 
     private = load_pretrained(tiny_checkpoint)
     sigma = plan_noise(DP_EPSILON, 1e-5, DP_RATE, DP_STEPS)
-    train_round(private.unet, latents, train.attributes, train.subjects, private.config,
-                sigma, DP_RATE, DP_STEPS, seed=1)  # fmt: skip
+    train_round(
+        private.unet,
+        latents,
+        train.attributes,
+        train.subjects,
+        private.config,
+        sigma,
+        DP_RATE,
+        DP_STEPS,
+        seed=1,
+    )
     torch.set_num_threads(threads)
     return {
         "overfit": checkpoint_with(overfit.unet, tiny_checkpoint, root / "ckpt-overfit"),
@@ -249,11 +262,17 @@ def test_subject_distance_is_the_nearest_of_its_volumes():
     def volumes(values):
         return torch.tensor(values, dtype=torch.float32).view(-1, 1, 2, 1, 1)
 
-    synthetic = VolumeSet(volumes([[0.0, 0.0]]), torch.zeros(1, 1), torch.tensor([0]),
-                          ["s"], [Path("s")])  # fmt: skip
+    synthetic = VolumeSet(
+        volumes([[0.0, 0.0]]), torch.zeros(1, 1), torch.tensor([0]), ["s"], [Path("s")]
+    )
     # subject 0: volumes at RMSE 1.0 and 0.5; subject 1: one volume at RMSE 0.25
-    records = VolumeSet(volumes([[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]), torch.zeros(3, 1),
-                        torch.tensor([0, 0, 1]), ["a", "b"], [Path("x")] * 3)  # fmt: skip
+    records = VolumeSet(
+        volumes([[1.0, 1.0], [0.5, 0.5], [0.25, 0.25]]),
+        torch.zeros(3, 1),
+        torch.tensor([0, 0, 1]),
+        ["a", "b"],
+        [Path("x")] * 3,
+    )
     assert subject_distances(synthetic, records).tolist() == [[0.5, 0.25]]
 
 
@@ -305,9 +324,18 @@ def test_fresh_subjects_sit_between_training_and_holdout(site, cohorts):
 def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_path, capsys):
     folders = site["folders"]
     out = tmp_path / "audit-out"
-    args = ["--cohort", str(cohorts["copies"]), "--data-path", str(folders["members"]),
-            "--holdout", str(folders["nonmembers"]), "--out", str(out),
-            "--config", "tiny"]  # fmt: skip
+    args = [
+        "--cohort",
+        str(cohorts["copies"]),
+        "--data-path",
+        str(folders["members"]),
+        "--holdout",
+        str(folders["nonmembers"]),
+        "--out",
+        str(out),
+        "--config",
+        "tiny",
+    ]
     assert main(["audit", *args, "--quiet"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "audit.json").read_text())  # what --json prints
@@ -344,34 +372,52 @@ def refusal(capsys, *args: str) -> str:
 
 def test_cli_refuses_bad_input_in_one_line(site, cohorts, tmp_path, tiny_checkpoint, capsys):
     folders, config = site["folders"], site["config"]
-    good = ["--cohort", str(cohorts["fresh"]), "--data-path", str(folders["members"]),
-            "--config", "tiny"]  # fmt: skip
+    good = [
+        "--cohort",
+        str(cohorts["fresh"]),
+        "--data-path",
+        str(folders["members"]),
+        "--config",
+        "tiny",
+    ]
 
     def run(*extra: str, out: str = "") -> str:
         return refusal(capsys, *good, *extra, "--out", out or str(tmp_path / "out"))
 
-    assert "--cohort" in refusal(capsys, "--cohort", str(tmp_path / "none"),
-                                 "--data-path", str(folders["members"]))  # fmt: skip
+    assert "--cohort" in refusal(
+        capsys, "--cohort", str(tmp_path / "none"), "--data-path", str(folders["members"])
+    )
     assert "--holdout" in run("--holdout", str(tmp_path / "missing"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "manifest.csv").write_text("image,subject," + ",".join(
-        a.name for a in config.data.attributes) + "\n")  # fmt: skip
+    (empty / "manifest.csv").write_text(
+        "image,subject," + ",".join(a.name for a in config.data.attributes) + "\n"
+    )
     assert "--holdout: no usable rows" in run("--holdout", str(empty))
     assert "subject id(s) with --data-path" in run("--holdout", str(folders["members"]))
 
     small = site["sets"]["fresh"]
     small_volumes = torch.nn.functional.interpolate(small.volumes[:2], size=(16, 16, 8))
     wrong = write_cohort(tmp_path / "wrong-shape", small_volumes, small, config)
-    line = refusal(capsys, "--cohort", str(wrong), "--data-path", str(folders["members"]),
-                   "--config", "tiny", "--out", str(tmp_path / "o2"))  # fmt: skip
+    line = refusal(
+        capsys,
+        "--cohort",
+        str(wrong),
+        "--data-path",
+        str(folders["members"]),
+        "--config",
+        "tiny",
+        "--out",
+        str(tmp_path / "o2"),
+    )
     assert "16x16x8 but the model's resolution is 32x32x8" in line
 
     broken = tmp_path / "broken-ckpt"
     shutil.copytree(tiny_checkpoint, broken)
     save_torch(broken / UNET, {"not": torch.zeros(1)})
-    assert "--checkpoint" in run("--checkpoint", str(broken), "--holdout",
-                                 str(folders["nonmembers"]))  # fmt: skip
+    assert "--checkpoint" in run(
+        "--checkpoint", str(broken), "--holdout", str(folders["nonmembers"])
+    )
     assert "give both" in run("--reference", str(tiny_checkpoint))
     crowded = tmp_path / "crowded"
     crowded.mkdir()
@@ -388,10 +434,21 @@ def test_cli_attack_on_a_model_that_is_its_own_reference(
 ):
     """Calibrated scores are then exactly 0 for everyone: chance, whatever the losses."""
     folders = site["folders"]
-    report = audit_json(capsys, "--cohort", str(cohorts["small"]), "--data-path",
-                        str(folders["members-ed"]), "--holdout", str(folders["nonmembers-ed"]),
-                        "--checkpoint", str(tiny_checkpoint), "--reference", str(tiny_checkpoint),
-                        "--out", str(tmp_path / "self"))  # fmt: skip
+    report = audit_json(
+        capsys,
+        "--cohort",
+        str(cohorts["small"]),
+        "--data-path",
+        str(folders["members-ed"]),
+        "--holdout",
+        str(folders["nonmembers-ed"]),
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--reference",
+        str(tiny_checkpoint),
+        "--out",
+        str(tmp_path / "self"),
+    )
     assert set(report) == TOP_KEYS and report["cohort_volumes"] == 4
     mia = report["membership_inference"]
     assert set(mia) == MIA_KEYS and mia["score"] == "reference loss - model loss"
@@ -407,15 +464,24 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
     site, cohorts, models, tiny_checkpoint, tmp_path, capsys
 ):
     folders = site["folders"]
-    common = ["--cohort", str(cohorts["small"]), "--data-path", str(folders["members-ed"]),
-              "--holdout", str(folders["nonmembers-ed"]), "--reference",
-              str(tiny_checkpoint)]  # fmt: skip
-    report = audit_json(capsys, *common, "--checkpoint", str(models["overfit"]),
-                        "--out", str(tmp_path / "a"))  # fmt: skip
+    common = [
+        "--cohort",
+        str(cohorts["small"]),
+        "--data-path",
+        str(folders["members-ed"]),
+        "--holdout",
+        str(folders["nonmembers-ed"]),
+        "--reference",
+        str(tiny_checkpoint),
+    ]
+    report = audit_json(
+        capsys, *common, "--checkpoint", str(models["overfit"]), "--out", str(tmp_path / "a")
+    )
     assert set(report) == TOP_KEYS and report["outside_dp_guarantee"] is True
     overfit = report["membership_inference"]
-    dp = audit_json(capsys, *common, "--checkpoint", str(models["dp"]),
-                    "--out", str(tmp_path / "b"))["membership_inference"]  # fmt: skip
+    dp = audit_json(
+        capsys, *common, "--checkpoint", str(models["dp"]), "--out", str(tmp_path / "b")
+    )["membership_inference"]
     assert set(overfit) == MIA_KEYS and overfit["score"] == "reference loss - model loss"
     assert (overfit["n_members"], overfit["n_nonmembers"]) == (MEMBERS, NONMEMBERS)
     assert overfit["loss_draws"] == LOSS_DRAWS

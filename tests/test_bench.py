@@ -19,8 +19,9 @@ def bench_tiny(key: str) -> float:
     """One key measured by the CLI on the tiny preset."""
     proc = subprocess.run(
         [*CLI, "--config", "tiny", "--only", key, "--site-subjects", str(SITE), "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)[key]
 

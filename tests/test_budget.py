@@ -12,13 +12,25 @@ from fedsynth.common.config import load_config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
 
-ENTRY = {"round": 1, "site": "site-1", "noise_multiplier": 1.1, "sample_rate": 0.2,
-         "steps": 10, "delta": 1e-5, "epsilon": 2.0, "status": "trained"}  # fmt: skip
+ENTRY = {
+    "round": 1,
+    "site": "site-1",
+    "noise_multiplier": 1.1,
+    "sample_rate": 0.2,
+    "steps": 10,
+    "delta": 1e-5,
+    "epsilon": 2.0,
+    "status": "trained",
+}
 
 
 def study(**overrides):
-    base = {"federation.rounds": 3, "privacy.local-steps": 5, "privacy.batch-size": 4,
-            "privacy.target-epsilon": 6.0}  # fmt: skip
+    base = {
+        "federation.rounds": 3,
+        "privacy.local-steps": 5,
+        "privacy.batch-size": 4,
+        "privacy.target-epsilon": 6.0,
+    }
     return load_config("tiny", base | overrides)
 
 

@@ -49,8 +49,9 @@ def test_large_preset_is_the_default_at_64x64x16_with_one_more_autoencoder_level
     default, large = load_config("default"), load_config("large")
     assert large.data.shape == (64, 64, 16) and large.autoencoder.channels == (16, 32, 64)
     # the same field of view (mm) at twice the resolution on every axis
-    for n, mm, n0, mm0 in zip(large.data.shape, large.data.spacing,
-                              default.data.shape, default.data.spacing, strict=True):  # fmt: skip
+    for n, mm, n0, mm0 in zip(
+        large.data.shape, large.data.spacing, default.data.shape, default.data.spacing, strict=True
+    ):
         assert n * mm == n0 * mm0 and n == 2 * n0
     assert latent_shape(large) == (3, 16, 16, 16) and latent_shape(default) == (3, 16, 16, 8)
     assert large.unet == default.unet and large.privacy == default.privacy
@@ -72,10 +73,12 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     full file without the keys loads too; at any other value the hash differs."""
     config = load_config("tiny")
     old = to_dict(config)
-    assert set(ADDED_KEYS) == {("federation", "server-learning-rate"),
-                               ("training", "pretrain-ema-decay"),
-                               ("training", "finetune-optimizer"),
-                               ("federation", "server-optimizer")}  # fmt: skip
+    assert set(ADDED_KEYS) == {
+        ("federation", "server-learning-rate"),
+        ("training", "pretrain-ema-decay"),
+        ("training", "finetune-optimizer"),
+        ("federation", "server-optimizer"),
+    }
     for section, key in ADDED_KEYS:
         del old[section][key]
     assert config_from_dict(old) == config

@@ -100,12 +100,15 @@ def test_duplicates_and_ragged_rows(tmp_path, tiny_config):
     save_nifti(site / "a.nii.gz", blob_volume(seed=1))
     save_nifti(site / "b.nii.gz", blob_volume(seed=2))
     (site / "copy_of_a.nii.gz").write_bytes((site / "a.nii.gz").read_bytes())
-    write_site(site, [
-        {"image": "a.nii.gz", "subject": "s1"},
-        {"image": "b.nii.gz", "subject": "s2"},
-        {"image": "./a.nii.gz", "subject": "s3"},
-        {"image": "copy_of_a.nii.gz", "subject": "s4"},
-    ])  # fmt: skip
+    write_site(
+        site,
+        [
+            {"image": "a.nii.gz", "subject": "s1"},
+            {"image": "b.nii.gz", "subject": "s2"},
+            {"image": "./a.nii.gz", "subject": "s3"},
+            {"image": "copy_of_a.nii.gz", "subject": "s4"},
+        ],
+    )
     with (site / "manifest.csv").open("a") as f:
         f.write("b.nii.gz,s5,1,2\n")
     result = check_site(site, tiny_config.data, show_progress=False)
@@ -157,8 +160,14 @@ def test_dataset_groups_subjects_and_scales_attributes_by_declared_range(tmp_pat
     for i in range(3):
         for phase in (0, 1):
             save_nifti(site / f"s{i}_{phase}.nii.gz", blob_volume(seed=10 * i + phase))
-            rows.append({"image": f"s{i}_{phase}.nii.gz", "subject": f"sub{i}", "phase": phase,
-                         "lvef": 10 + 25 * i})  # fmt: skip
+            rows.append(
+                {
+                    "image": f"s{i}_{phase}.nii.gz",
+                    "subject": f"sub{i}",
+                    "phase": phase,
+                    "lvef": 10 + 25 * i,
+                }
+            )
     write_site(site, rows)
     dataset, manifest = open_site(site, tiny_config.data, show_progress=False)
     assert manifest.warnings == []
@@ -265,18 +274,22 @@ def test_manifest_paths_must_stay_inside_the_site_folder(tmp_path, tiny_config):
     (site / "alias.nii.gz").symlink_to(site / "img" / "x.nii.gz")
     (site / "imgdir").symlink_to(site / "img", target_is_directory=True)
     save_nifti(site / "img" / "z.nii.gz", blob_volume(seed=7))
-    write_site(site, [
-        {"image": "img/x.nii.gz", "subject": "s1"},
-        {"image": "../other/x.nii.gz", "subject": "s2"},
-        {"image": str(other / "x.nii.gz"), "subject": "s3"},
-        {"image": str(site / "img" / "z.nii.gz"), "subject": "s4"},
-        {"image": "out.nii.gz", "subject": "s5"},
-        {"image": "outdir/y.nii.gz", "subject": "s6"},
-        {"image": "img/../../other/x.nii.gz", "subject": "s7"},
-        {"image": "imgdir/z.nii.gz", "subject": "s8"},
-        {"image": "alias.nii.gz", "subject": "s9"},
-        {"image": "img/x.nii.gz", "label": "../other/x.nii.gz", "subject": "s10"},
-    ], columns=["image", "label", "subject", *GOOD_ATTRIBUTES])  # fmt: skip
+    write_site(
+        site,
+        [
+            {"image": "img/x.nii.gz", "subject": "s1"},
+            {"image": "../other/x.nii.gz", "subject": "s2"},
+            {"image": str(other / "x.nii.gz"), "subject": "s3"},
+            {"image": str(site / "img" / "z.nii.gz"), "subject": "s4"},
+            {"image": "out.nii.gz", "subject": "s5"},
+            {"image": "outdir/y.nii.gz", "subject": "s6"},
+            {"image": "img/../../other/x.nii.gz", "subject": "s7"},
+            {"image": "imgdir/z.nii.gz", "subject": "s8"},
+            {"image": "alias.nii.gz", "subject": "s9"},
+            {"image": "img/x.nii.gz", "label": "../other/x.nii.gz", "subject": "s10"},
+        ],
+        columns=["image", "label", "subject", *GOOD_ATTRIBUTES],
+    )
     result = check_site(site, tiny_config.data, show_progress=False)
     reasons = {r.row: r.reason for r in result.rejected}
     assert [r.row for r in result.records] == [1, 8]
@@ -336,11 +349,14 @@ def test_a_header_that_cannot_be_read_right_is_refused_saying_why(
 def test_a_windows_path_is_rejected_saying_so(tmp_path, tiny_config):
     site = tmp_path / "site"
     save_nifti(site / "img" / "a.nii.gz", blob_volume())
-    write_site(site, [
-        {"image": "img\\a.nii.gz", "subject": "s1"},
-        {"image": "..\\other\\a.nii.gz", "subject": "s2"},
-        {"image": "img/a.nii.gz", "subject": "s3"},
-    ])  # fmt: skip
+    write_site(
+        site,
+        [
+            {"image": "img\\a.nii.gz", "subject": "s1"},
+            {"image": "..\\other\\a.nii.gz", "subject": "s2"},
+            {"image": "img/a.nii.gz", "subject": "s3"},
+        ],
+    )
     result = check_site(site, tiny_config.data, show_progress=False)
     assert [r.row for r in result.records] == [3]
     assert [r.reason for r in result.rejected] == [

@@ -278,12 +278,24 @@ def _probe(
     home.mkdir()
     auth = ["--auth-supernode-private-key", str(key)] if key else []
     return _start(
-        [str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", *tls, *auth,
-         "--trusted-entities", str(trusted), "--port", str(_free_port()),
-         "--max-retries", "1", "--max-wait-time", "15"],
+        [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{port}",
+            *tls,
+            *auth,
+            "--trusted-entities",
+            str(trusted),
+            "--port",
+            str(_free_port()),
+            "--max-retries",
+            "1",
+            "--max-wait-time",
+            "15",
+        ],
         home,
         tmp_path / f"{name}.log",
-    )  # fmt: skip
+    )
 
 
 def _exit_code(proc: subprocess.Popen, timeout: float) -> int | None:
@@ -299,13 +311,17 @@ def test_scripts_make_a_ca_a_server_certificate_and_node_keys(tmp_path):
     assert made.returncode == 0, made.stderr
     san = subprocess.run(
         ["openssl", "x509", "-in", certs / "server.crt", "-noout", "-ext", "subjectAltName"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "DNS:superlink" in san and "IP Address:127.0.0.1" in san
     verified = subprocess.run(
         ["openssl", "verify", "-CAfile", certs / "ca.crt", certs / "server.crt"],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert _script(DEPLOY / "make-node-key.sh", keys, "site-1").returncode == 0
     for private in (certs / "ca.key", certs / "server.key", keys / "site-1.key"):
@@ -338,11 +354,28 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
     # app signing: the coordinator's Ed25519 key is every site's only trusted entity
     signers = {name: f"fpk_{uuid.uuid4()}" for name in ("coordinator", "intruder")}
     for name in signers:
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
-                        "-f", keys / f"{name}-signing"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                name,
+                "-f",
+                keys / f"{name}-signing",
+            ],
+            check=True,
+        )
     trusted = tmp_path / "trusted-entities.yaml"
-    made = _script(DEPLOY / "trusted-entities.sh", trusted, signers["coordinator"],
-                   keys / "coordinator-signing.pub")  # fmt: skip
+    made = _script(
+        DEPLOY / "trusted-entities.sh",
+        trusted,
+        signers["coordinator"],
+        keys / "coordinator-signing.pub",
+    )
     assert made.returncode == 0, made.stderr
     fab = build_fab_from_disk(ROOT)
     rogue_out = tmp_path / "rogue-out"
@@ -352,19 +385,28 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
     rogue_fab = build_fab_from_disk(_rogue_app(tmp_path / "rogue-hub", rogue_out, "1.0.1"))
     apps = {
         "@fedsynth/fedsynth==0.1.0": (
-            fab, [_signature(fab, signers["coordinator"], keys / "coordinator-signing")]),
+            fab,
+            [_signature(fab, signers["coordinator"], keys / "coordinator-signing")],
+        ),
         # signed by a key no site trusts, plus the coordinator's signature of another FAB
-        "@rogue/rogue==1.0.1": (rogue_fab, [
-            _signature(rogue_fab, signers["intruder"], keys / "intruder-signing"),
-            {**_signature(fab, signers["coordinator"], keys / "coordinator-signing"),
-             "public_key_id": signers["coordinator"]}]),
-    }  # fmt: skip
+        "@rogue/rogue==1.0.1": (
+            rogue_fab,
+            [
+                _signature(rogue_fab, signers["intruder"], keys / "intruder-signing"),
+                {
+                    **_signature(fab, signers["coordinator"], keys / "coordinator-signing"),
+                    "public_key_id": signers["coordinator"],
+                },
+            ],
+        ),
+    }
 
     # the coordinator's `flwr` connection: address and the study's root certificate
     port = _free_port()
     cli = tmp_path / "coordinator-cli"
-    connected = _script(DEPLOY / "flwr-connection.sh", cli, "study", f"127.0.0.1:{port}",
-                        certs / "ca.crt")  # fmt: skip
+    connected = _script(
+        DEPLOY / "flwr-connection.sh", cli, "study", f"127.0.0.1:{port}", certs / "ca.crt"
+    )
     assert connected.returncode == 0, connected.stderr
     procs: list[subprocess.Popen] = []
     logs = {name: tmp_path / f"{name}.log" for name in ("superlink", "site-1", "site-2", "rogue")}
@@ -375,25 +417,43 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
         link_home.mkdir()
         procs.append(
             _start(
-                [str(BIN / "flower-superlink"),
-                 "--ssl-ca-certfile", str(certs / "ca.crt"),
-                 "--ssl-certfile", str(certs / "server.crt"),
-                 "--ssl-keyfile", str(certs / "server.key"),
-                 "--enable-supernode-auth",
-                 "--disable-runtime-dependency-installation",
-                 "--host", "127.0.0.1", "--port", str(port),
-                 "--database", str(tmp_path / "superlink.db")],
+                [
+                    str(BIN / "flower-superlink"),
+                    "--ssl-ca-certfile",
+                    str(certs / "ca.crt"),
+                    "--ssl-certfile",
+                    str(certs / "server.crt"),
+                    "--ssl-keyfile",
+                    str(certs / "server.key"),
+                    "--enable-supernode-auth",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--database",
+                    str(tmp_path / "superlink.db"),
+                ],
                 link_home,
                 logs["superlink"],
                 {"FLWR_SUPERGRID_API_URL": hub},
             )
-        )  # fmt: skip
+        )
         registered = subprocess.run(
-            ["bash", str(DEPLOY / "register-sites.sh"), "study",
-             str(keys / "site-1.key.pub"), str(keys / "site-2.key.pub"),
-             str(keys / "probe.key.pub")],
-            env=_env(cli), capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+            [
+                "bash",
+                str(DEPLOY / "register-sites.sh"),
+                "study",
+                str(keys / "site-1.key.pub"),
+                str(keys / "site-2.key.pub"),
+                str(keys / "probe.key.pub"),
+            ],
+            env=_env(cli),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert registered.returncode == 0, registered.stderr + logs["superlink"].read_text()
         node_ids = dict(line.split() for line in registered.stdout.splitlines())
         assert sorted(node_ids) == ["probe", "site-1", "site-2"], registered.stdout
@@ -408,53 +468,84 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
             )
             procs.append(
                 _start(
-                    [str(BIN / "flower-supernode"),
-                     "--superlink", f"127.0.0.1:{port}",
-                     "--root-certificates", str(certs / "ca.crt"),
-                     "--auth-supernode-private-key", str(keys / f"{name}.key"),
-                     "--trusted-entities", str(trusted),
-                     "--port", str(_free_port()),
-                     "--max-retries", "1", "--max-wait-time", "15",
-                     "--node-config", node_config],
+                    [
+                        str(BIN / "flower-supernode"),
+                        "--superlink",
+                        f"127.0.0.1:{port}",
+                        "--root-certificates",
+                        str(certs / "ca.crt"),
+                        "--auth-supernode-private-key",
+                        str(keys / f"{name}.key"),
+                        "--trusted-entities",
+                        str(trusted),
+                        "--port",
+                        str(_free_port()),
+                        "--max-retries",
+                        "1",
+                        "--max-wait-time",
+                        "15",
+                        "--node-config",
+                        node_config,
+                    ],
                     home,
                     logs[name],
                 )
-            )  # fmt: skip
+            )
         # site-2 through the site container's entrypoint: site-check, then the SuperNode
         (tmp_path / "site-2-home").mkdir()
         site_2 = {
-            "SUPERLINK": f"127.0.0.1:{port}", "SITE_NAME": "site-2", "MAX_EPSILON": "10",
+            "SUPERLINK": f"127.0.0.1:{port}",
+            "SITE_NAME": "site-2",
+            "MAX_EPSILON": "10",
             "DATA_PATH": str(tmp_path / "data" / "site-2"),
             "STATE_DIR": str(tmp_path / "state" / "site-2"),
-            "CHECKPOINT": str(tiny_checkpoint), "ROOT_CERT": str(certs / "ca.crt"),
-            "NODE_KEY": str(keys / "site-2.key"), "TRUSTED_ENTITIES": str(trusted),
+            "CHECKPOINT": str(tiny_checkpoint),
+            "ROOT_CERT": str(certs / "ca.crt"),
+            "NODE_KEY": str(keys / "site-2.key"),
+            "TRUSTED_ENTITIES": str(trusted),
             "STUDY_CONFIG": "tiny",
-        }  # fmt: skip
+        }
         procs.append(
             _start(
-                ["bash", str(DEPLOY / "site-entrypoint.sh"), "--port", str(_free_port()),
-                 "--max-retries", "1", "--max-wait-time", "15"],
+                [
+                    "bash",
+                    str(DEPLOY / "site-entrypoint.sh"),
+                    "--port",
+                    str(_free_port()),
+                    "--max-retries",
+                    "1",
+                    "--max-wait-time",
+                    "15",
+                ],
                 tmp_path / "site-2-home",
                 logs["site-2"],
                 site_2,
             )
-        )  # fmt: skip
+        )
         rogue = procs[-2]
         # TLS: the registered probe key trusting another study's CA, and plaintext
         # SuperNodes; none may reach the SuperLink (flower-supernode 1.41 exits at once on a
         # failed certificate check; a plaintext one retries, then gives up)
         probes = {  # name -> (TLS flags, node key, what the SuperNode logs when refused)
-            "wrong-ca": (["--root-certificates", str(tmp_path / "other-certs" / "ca.crt")],
-                         keys / "probe.key", "CERTIFICATE_VERIFY_FAILED"),
+            "wrong-ca": (
+                ["--root-certificates", str(tmp_path / "other-certs" / "ca.crt")],
+                keys / "probe.key",
+                "CERTIFICATE_VERIFY_FAILED",
+            ),
             # the SuperLink speaks only TLS: a plaintext request gets no HTTP answer (the
             # connection is closed, or reset when the request was still unread)
             "plaintext": (["--insecure"], None, PLAINTEXT_REFUSED),
             # Flower never sends a node key in clear (refused before connecting)
-            "plaintext-keyed": (["--insecure"], keys / "probe.key",
-                                "Node authentication can only be used when TLS is enabled"),
-        }  # fmt: skip
-        started = {name: _probe(tmp_path, name, port, tls, key, trusted)
-                   for name, (tls, key, _) in probes.items()}  # fmt: skip
+            "plaintext-keyed": (
+                ["--insecure"],
+                keys / "probe.key",
+                "Node authentication can only be used when TLS is enabled",
+            ),
+        }
+        started = {
+            name: _probe(tmp_path, name, port, tls, key, trusted)
+            for name, (tls, key, _) in probes.items()
+        }
         procs.extend(started.values())
 
         def nodes() -> dict[str, str]:
@@ -463,18 +554,28 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
             return {n["node-id"]: n["status"] for n in json.loads(listed.stdout)["nodes"]}
 
         # the study: the coordinator-signed app, as `flwr run @fedsynth/fedsynth==0.1.0`
-        run_id = _run_id(_flwr(
-            cli, "run", "@fedsynth/fedsynth==0.1.0", "study", "-c",
-            f'config="tiny" federation.rounds=1 federation.sites=2 '
-            f'federation.sites-per-round=2 checkpoint="{tiny_checkpoint}" '
-            f'run-dir="{run_dir}" secagg-max-weight={SUBJECTS}',
-            timeout=120,
-        ))  # fmt: skip
+        run_id = _run_id(
+            _flwr(
+                cli,
+                "run",
+                "@fedsynth/fedsynth==0.1.0",
+                "study",
+                "-c",
+                f'config="tiny" federation.rounds=1 federation.sites=2 '
+                f'federation.sites-per-round=2 checkpoint="{tiny_checkpoint}" '
+                f'run-dir="{run_dir}" secagg-max-weight={SUBJECTS}',
+                timeout=120,
+            )
+        )
         # (the ServerApp waits for its sites; meanwhile: registering again is harmless)
         again = subprocess.run(
             ["bash", str(DEPLOY / "register-sites.sh"), "study", str(keys / "site-1.key.pub")],
-            env=_env(cli), capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            env=_env(cli),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert again.returncode == 0 and again.stdout.split() == ["site-1", "already-registered"]
 
         # the unregistered key: the SuperLink refuses to activate it and it gives up
@@ -495,8 +596,11 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
             assert "Secure aggregation completed" in log, log[-4000:]
         # neither the rogue nor a TLS probe joined: the sites came online, the probe's key
         # was never activated and no other node exists
-        assert nodes() == {node_ids["site-1"]: "online", node_ids["site-2"]: "online",
-                           node_ids["probe"]: "registered"}  # fmt: skip
+        assert nodes() == {
+            node_ids["site-1"]: "online",
+            node_ids["site-2"]: "online",
+            node_ids["probe"]: "registered",
+        }
 
         # whoever reaches the SuperLink's Control API starts their own app: unsigned (a
         # local FAB), then from the "Hub" signed by a key no site trusts
@@ -565,16 +669,25 @@ def _entrypoint(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess
         (site / f).write_text("x")
     base = {
         "PATH": f"{fakes}{os.pathsep}/usr/bin{os.pathsep}/bin",
-        "STUDY_CONFIG": "/study/config.yaml", "SUPERLINK": "link:9093",
-        "SITE_NAME": "site-1", "MAX_EPSILON": "7.5",
-        "DATA_PATH": str(site / "data"), "STATE_DIR": str(site / "state"),
-        "CHECKPOINT": str(site / "ckpt"), "ROOT_CERT": str(site / "ca.crt"),
-        "NODE_KEY": str(site / "site.key"), "TRUSTED_ENTITIES": str(site / "trusted.yaml"),
-    }  # fmt: skip
+        "STUDY_CONFIG": "/study/config.yaml",
+        "SUPERLINK": "link:9093",
+        "SITE_NAME": "site-1",
+        "MAX_EPSILON": "7.5",
+        "DATA_PATH": str(site / "data"),
+        "STATE_DIR": str(site / "state"),
+        "CHECKPOINT": str(site / "ckpt"),
+        "ROOT_CERT": str(site / "ca.crt"),
+        "NODE_KEY": str(site / "site.key"),
+        "TRUSTED_ENTITIES": str(site / "trusted.yaml"),
+    }
     done = subprocess.run(
         ["bash", str(DEPLOY / "site-entrypoint.sh"), "--max-retries", "3"],
-        env={**base, **env}, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     argv = [
         json.loads(p.read_text()) if (p := tmp_path / f"{name}.argv").exists() else []
         for name in ("fedsynth", "flower-supernode")
@@ -588,26 +701,44 @@ def test_site_entrypoint_checks_the_study_config_and_passes_the_node_config_inta
     done, check, supernode = _entrypoint(tmp_path)
     assert done.returncode == 0, done.stderr
     site = tmp_path / "site"
-    assert check == ["site-check", "--config", "/study/config.yaml",
-                     "--data-path", str(site / "data"), "--json"]  # fmt: skip
+    assert check == [
+        "site-check",
+        "--config",
+        "/study/config.yaml",
+        "--data-path",
+        str(site / "data"),
+        "--json",
+    ]
     flags = dict(zip(supernode[:-2:2], supernode[1:-2:2], strict=True))
     assert supernode[-2:] == ["--max-retries", "3"]
     assert flags["--trusted-entities"] == str(site / "trusted.yaml")
     assert flags["--superlink"] == "link:9093"
     # Flower reads the node config back to exactly these values and types
     assert parse_config_args([flags["--node-config"]]) == {
-        "data-path": str(site / "data"), "state-dir": str(site / "state"),
-        "site-name": "site-1", "checkpoint": str(site / "ckpt"), "max-epsilon": 7.5,
-    }  # fmt: skip
+        "data-path": str(site / "data"),
+        "state-dir": str(site / "state"),
+        "site-name": "site-1",
+        "checkpoint": str(site / "ckpt"),
+        "max-epsilon": 7.5,
+    }
 
 
 @pytest.mark.parametrize(
     ("var", "value"),
-    [("SITE_NAME", "a b"), ("SITE_NAME", 'x" max-epsilon=1000 y="'), ("SITE_NAME", "a=b"),
-     ("DATA_PATH", "/data/my study"), ("STATE_DIR", "/s'x"), ("CHECKPOINT", "C:\\ckpt"),
-     ("SITE_NAME", "a\nb"), ("SITE_NAME", ""), ("MAX_EPSILON", "10 checkpoint=/x"),
-     ("MAX_EPSILON", "inf"), ("STUDY_CONFIG", "")],
-)  # fmt: skip
+    [
+        ("SITE_NAME", "a b"),
+        ("SITE_NAME", 'x" max-epsilon=1000 y="'),
+        ("SITE_NAME", "a=b"),
+        ("DATA_PATH", "/data/my study"),
+        ("STATE_DIR", "/s'x"),
+        ("CHECKPOINT", "C:\\ckpt"),
+        ("SITE_NAME", "a\nb"),
+        ("SITE_NAME", ""),
+        ("MAX_EPSILON", "10 checkpoint=/x"),
+        ("MAX_EPSILON", "inf"),
+        ("STUDY_CONFIG", ""),
+    ],
+)
 def test_site_entrypoint_refuses_unsafe_values_in_one_line(tmp_path, var, value):
     done, check, supernode = _entrypoint(tmp_path, **{var: value})
     assert done.returncode == 2 and check == [] and supernode == []
@@ -677,10 +808,23 @@ def test_site_image_install_step_builds_a_package_without_server_code(tmp_path):
     (build / "server").mkdir()
     (build / "simulations").mkdir()
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path / "wheel"), str(build)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(build),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     [wheel] = (tmp_path / "wheel").glob("fedsynth-*.whl")
     packages = {
@@ -702,8 +846,9 @@ def test_site_package_runs_without_server_and_simulations():
         "from fedsynth.common.cli import main\n"
         "sys.exit(main(['site-check', '--help']))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--data-path" in done.stdout
 
@@ -715,9 +860,15 @@ def _runtime_requirements() -> dict[str, str]:
 
     from packaging.requirements import Requirement
 
-    env = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-           "python_version": "3.11", "os_name": "posix", "implementation_name": "cpython",
-           "platform_python_implementation": "CPython"}  # fmt: skip
+    env = {
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "python_version": "3.11",
+        "os_name": "posix",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
     found: dict[str, tuple[str, frozenset]] = {}
     todo = [("fedsynth", frozenset[str]())]
     while todo:

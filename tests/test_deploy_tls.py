@@ -33,11 +33,19 @@ from test_deploy import (
 
 @pytest.mark.slow  # ~8 s: a SuperLink and a SuperNode start; the refusal itself is not slow
 def test_a_plaintext_superlink_admits_the_plaintext_supernode_the_study_refuses(tmp_path):
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "signing"],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "signing"], check=True
+    )
     trusted = tmp_path / "trusted-entities.yaml"
-    assert _script(DEPLOY / "trusted-entities.sh", trusted, "fpk_00000000-0000-0000-0000-"
-                   "000000000000", tmp_path / "signing.pub").returncode == 0  # fmt: skip
+    assert (
+        _script(
+            DEPLOY / "trusted-entities.sh",
+            trusted,
+            "fpk_00000000-0000-0000-0000-000000000000",
+            tmp_path / "signing.pub",
+        ).returncode
+        == 0
+    )
     port = _free_port()
     cli = tmp_path / "cli"
     cli.mkdir()
@@ -51,14 +59,21 @@ def test_a_plaintext_superlink_admits_the_plaintext_supernode_the_study_refuses(
         stack.callback(_stop, procs)
         procs.append(
             _start(
-                [str(BIN / "flower-superlink"), "--insecure",
-                 "--disable-runtime-dependency-installation",
-                 "--host", "127.0.0.1", "--port", str(port),
-                 "--database", str(tmp_path / "superlink.db")],
+                [
+                    str(BIN / "flower-superlink"),
+                    "--insecure",
+                    "--disable-runtime-dependency-installation",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--database",
+                    str(tmp_path / "superlink.db"),
+                ],
                 tmp_path / "superlink-home",
                 tmp_path / "superlink.log",
             )
-        )  # fmt: skip
+        )
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # (a SuperNode started earlier: "Connection refused")

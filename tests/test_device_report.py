@@ -36,8 +36,9 @@ def test_paper_volume_is_96x96x13_with_a_4x_autoencoder():
 def test_device_report_measures_both_sizes_on_this_device():
     proc = subprocess.run(
         [*CLI, "--config", "tiny", "--site-subjects", str(SITE), "--device-report", "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     gpu = torch.cuda.is_available()
@@ -65,8 +66,9 @@ def test_device_report_measures_both_sizes_on_this_device():
 def test_device_report_with_only_is_one_line():
     proc = subprocess.run(
         [*CLI, "--device-report", "--only", "dp_step_over_nonprivate"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0
     assert "leave out --only" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -77,8 +79,10 @@ def test_gpu_check_refuses_in_one_line_without_a_gpu(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(
         ["bash", str(ROOT / "deploy" / "gpu-check.sh"), str(out)],
-        capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
         f"gpu-check: {sys.executable}'s torch sees no CUDA GPU; run it on the GPU machine"

@@ -231,9 +231,18 @@ def test_a_subject_whose_attributes_are_dropped_moves_a_step_by_one_clip(tiny_co
     before = flat_params(unet)
     latents, attributes = site_data(config, n=1)
     result = train_round(
-        unet, latents, attributes, torch.tensor([5]), config, 0.0, 1.0, 1, seed=0,
-        optimizer="sgd", learning_rate=1.0,
-    )  # fmt: skip
+        unet,
+        latents,
+        attributes,
+        torch.tensor([5]),
+        config,
+        0.0,
+        1.0,
+        1,
+        seed=0,
+        optimizer="sgd",
+        learning_rate=1.0,
+    )
     assert result.subjects_per_step == (1,) and torch.cat(kept).tolist() == [0.0]
     moved = (before - flat_params(unet)).norm()
     # one volume: every mode clips it exactly (ghost too), by its true gradient's norm
@@ -607,9 +616,18 @@ def test_the_sites_optimizer_is_the_configs_unless_the_caller_names_one(tiny_con
         before = flat_params(unet)
         latents, attributes = site_data(config, n=4)
         train_round(
-            unet, latents, attributes, torch.arange(4), config, 0.0, 1.0, 1, seed=2,
-            learning_rate=1e-3, **kwargs,
-        )  # fmt: skip
+            unet,
+            latents,
+            attributes,
+            torch.arange(4),
+            config,
+            0.0,
+            1.0,
+            1,
+            seed=2,
+            learning_rate=1e-3,
+            **kwargs,
+        )
         return before - flat_params(unet)
 
     sgd, adamw = training("sgd"), training("adamw")

@@ -133,8 +133,14 @@ def world(tmp_path_factory):
     cohorts["shuffled"] = write_cohort(
         root / "cohorts" / "shuffled", loaded["same"][0], shuffled, loaded["same"][2]
     )
-    yield {"root": root, "sets": sets, "checkpoint": checkpoint, "loaded": loaded,
-           "cohorts": cohorts, "order": order}  # fmt: skip
+    yield {
+        "root": root,
+        "sets": sets,
+        "checkpoint": checkpoint,
+        "loaded": loaded,
+        "cohorts": cohorts,
+        "order": order,
+    }
     torch.set_num_threads(threads)
 
 
@@ -263,8 +269,18 @@ def test_evaluate_cohort_controllability_follows_the_attributes(world):
     shuffled = evaluate_cohort(
         world["sets"]["real"], world["cohorts"]["shuffled"], world["checkpoint"], 0, False, 0
     )
-    assert set(report) == {"real", "synthetic", "checkpoint", "seed", "feature_net", "fidelity",
-                           "diversity", "controllability", "utility", "notes"}  # fmt: skip
+    assert set(report) == {
+        "real",
+        "synthetic",
+        "checkpoint",
+        "seed",
+        "feature_net",
+        "fidelity",
+        "diversity",
+        "controllability",
+        "utility",
+        "notes",
+    }
     lv, lv_shuffled = report["controllability"]["lv"], shuffled["controllability"]["lv"]
     assert lv["n"] == 16 and lv["pearson_r"] > 0.8, lv
     assert lv_shuffled["pearson_r"] < 0.5 and lv_shuffled["mae_ml"] > 2 * lv["mae_ml"]
@@ -327,8 +343,17 @@ def test_cli_reads_the_checkpoint_from_sampling_json(world, tmp_path, capsys):
     cohort = release / "cohort"
     write_cohort(cohort, *world["loaded"]["same"])
     (release / "sampling.json").write_text(json.dumps({"checkpoint": str(world["checkpoint"])}))
-    args = ["evaluate", "--real", str(world["sets"]["real"]), "--synthetic", str(cohort),
-            "--quiet", "--utility-steps", "2", "--json"]  # fmt: skip
+    args = [
+        "evaluate",
+        "--real",
+        str(world["sets"]["real"]),
+        "--synthetic",
+        str(cohort),
+        "--quiet",
+        "--utility-steps",
+        "2",
+        "--json",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["checkpoint"] == str(world["checkpoint"])
@@ -337,8 +362,15 @@ def test_cli_reads_the_checkpoint_from_sampling_json(world, tmp_path, capsys):
     assert report["utility"]["steps"] == 2
     assert set(report["utility"]["tstr"]) == {"mae_ml", "pearson_r", "n_train", "n_test"}
     text = table(report)
-    for label in ("fidelity 3D", "fidelity 2D slices", "diversity MS-SSIM", "control LV cavity",
-                  "utility TSTR", "utility TRTR", "note: features come"):  # fmt: skip
+    for label in (
+        "fidelity 3D",
+        "fidelity 2D slices",
+        "diversity MS-SSIM",
+        "control LV cavity",
+        "utility TSTR",
+        "utility TRTR",
+        "note: features come",
+    ):
         assert label in text
 
 
@@ -369,14 +401,51 @@ def test_cli_refusals_are_one_line(world, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / CONFIG).write_text((world["checkpoint"] / CONFIG).read_text())
-    refused("--real", real, "--synthetic", same, "--checkpoint", str(bare),
-            expect=(FEATURE_NET, "fedsynth pretrain"))  # fmt: skip
-    refused("--real", str(tmp_path / "nowhere"), "--synthetic", same, "--checkpoint", checkpoint,
-            expect=("is not a folder",))  # fmt: skip
-    refused("--real", real, "--synthetic", real, "--checkpoint", checkpoint,
-            expect=("96x96x13", "32x32x8", "pass the checkpoint that generated"))  # fmt: skip
+    refused(
+        "--real",
+        real,
+        "--synthetic",
+        same,
+        "--checkpoint",
+        str(bare),
+        expect=(FEATURE_NET, "fedsynth pretrain"),
+    )
+    refused(
+        "--real",
+        str(tmp_path / "nowhere"),
+        "--synthetic",
+        same,
+        "--checkpoint",
+        checkpoint,
+        expect=("is not a folder",),
+    )
+    refused(
+        "--real",
+        real,
+        "--synthetic",
+        real,
+        "--checkpoint",
+        checkpoint,
+        expect=("96x96x13", "32x32x8", "pass the checkpoint that generated"),
+    )
     single = write_cohort(tmp_path / "single", *(x[:1] for x in world["loaded"]["same"]))
-    refused("--real", real, "--synthetic", str(single), "--checkpoint", checkpoint,
-            expect=("1 usable volume", "at least 2"))  # fmt: skip
-    refused("--real", real, "--synthetic", same, "--checkpoint", checkpoint, "--utility-steps",
-            "-1", expect=("--utility-steps must be >= 0",))  # fmt: skip
+    refused(
+        "--real",
+        real,
+        "--synthetic",
+        str(single),
+        "--checkpoint",
+        checkpoint,
+        expect=("1 usable volume", "at least 2"),
+    )
+    refused(
+        "--real",
+        real,
+        "--synthetic",
+        same,
+        "--checkpoint",
+        checkpoint,
+        "--utility-steps",
+        "-1",
+        expect=("--utility-steps must be >= 0",),
+    )

@@ -38,8 +38,9 @@ def qform_sform_site(root):
     save_with_codes(root / "q_ne_s.nii.gz", sform=OBLIQUE, sform_code=1, qform_code=1)
     save_with_codes(root / "qonly.nii.gz", qform=OBLIQUE, qform_code=1)
     save_with_codes(root / "nocodes.nii.gz")
-    save_with_codes(root / "singular_sform.nii.gz", sform=np.diag([0.0, 0, 0, 1]), sform_code=1,
-                    qform_code=1)  # fmt: skip
+    save_with_codes(
+        root / "singular_sform.nii.gz", sform=np.diag([0.0, 0, 0, 1]), sform_code=1, qform_code=1
+    )
     nan = OBLIQUE.copy()
     nan[0, 0] = np.nan
     save_with_codes(root / "nan_sform.nii.gz", sform=nan, sform_code=2)
@@ -109,10 +110,20 @@ def test_an_unexpected_error_in_one_file_is_that_rows_rejection(tmp_path, tiny_c
 
 def site_check_cli(site):
     return subprocess.run(
-        [sys.executable, "-m", "fedsynth.common.cli", "site-check", "--data-path", str(site),
-         "--config", "default", "--json"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedsynth.common.cli",
+            "site-check",
+            "--data-path",
+            str(site),
+            "--config",
+            "default",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.slow  # a CLI subprocess (10 s on 2 shared cores); the in-process tests cover it

@@ -137,9 +137,17 @@ def test_a_spent_site_refuses_without_reading_data(tmp_path):
     from fedsynth.common.ledger import append_entry
     from fedsynth.common.protocol import SiteStop
 
-    spent = {"round": 1, "site": "site-1", "noise_multiplier": 0.5, "sample_rate": 0.5,
-             "steps": 500, "delta": 1e-5, "epsilon": 99.0, "status": "trained",
-             "study": "s1"}  # fmt: skip
+    spent = {
+        "round": 1,
+        "site": "site-1",
+        "noise_multiplier": 0.5,
+        "sample_rate": 0.5,
+        "steps": 500,
+        "delta": 1e-5,
+        "epsilon": 99.0,
+        "status": "trained",
+        "study": "s1",
+    }
     append_entry(tmp_path / "sites" / "site-1" / "ledger.jsonl", spent)
     sent = {
         "round": 2,

@@ -13,8 +13,16 @@ import pytest
 from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text, private_dir
 from fedsynth.common.ledger import append_entry
 
-ENTRY = {"round": 1, "site": "site-1", "noise_multiplier": 1.1, "sample_rate": 0.2,
-         "steps": 10, "delta": 1e-5, "epsilon": 2.0, "status": "trained"}  # fmt: skip
+ENTRY = {
+    "round": 1,
+    "site": "site-1",
+    "noise_multiplier": 1.1,
+    "sample_rate": 0.2,
+    "steps": 10,
+    "delta": 1e-5,
+    "epsilon": 2.0,
+    "status": "trained",
+}
 
 
 def mode(path: Path) -> int:

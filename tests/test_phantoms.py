@@ -19,14 +19,38 @@ from fedsynth.simulations import phantoms, phantoms_cmd
 from fedsynth.simulations.phantoms import generate_cohorts
 
 COLUMNS = [
-    "image", "label", "subject", "lvedv", "lvesv", "lvef", "rvedv", "rvesv", "rvef",
-    "lv_mass", "wall_ed", "wall_es", "age", "sex", "bmi", "phase",
-]  # fmt: skip
+    "image",
+    "label",
+    "subject",
+    "lvedv",
+    "lvesv",
+    "lvef",
+    "rvedv",
+    "rvesv",
+    "rvef",
+    "lv_mass",
+    "wall_ed",
+    "wall_es",
+    "age",
+    "sex",
+    "bmi",
+    "phase",
+]
 RANGES = {
-    "lvedv": (40, 400), "lvesv": (10, 350), "lvef": (10, 85), "rvedv": (40, 400),
-    "rvesv": (10, 350), "rvef": (10, 85), "lv_mass": (30, 300), "wall_ed": (3, 20),
-    "wall_es": (4, 30), "age": (18, 95), "sex": (0, 1), "bmi": (14, 50), "phase": (0, 1),
-}  # fmt: skip
+    "lvedv": (40, 400),
+    "lvesv": (10, 350),
+    "lvef": (10, 85),
+    "rvedv": (40, 400),
+    "rvesv": (10, 350),
+    "rvef": (10, 85),
+    "lv_mass": (30, 300),
+    "wall_ed": (3, 20),
+    "wall_es": (4, 30),
+    "age": (18, 95),
+    "sex": (0, 1),
+    "bmi": (14, 50),
+    "phase": (0, 1),
+}
 SUBJECT_LEVEL = [c for c in COLUMNS[2:] if c != "phase"]
 FOLDERS = ["public", "site-1", "site-2", "site-3"]
 IDENTITY = np.array([[0, 1], [1, 1], [2, 1]], float)  # nibabel orientation: no change
@@ -275,8 +299,9 @@ def test_worker_processes_write_the_same_cohort(cohort, tmp_path, monkeypatch) -
 def test_held_out_subjects_of_the_same_sites(tmp_path) -> None:
     """Another subject seed with the same profile seed: new subjects, the same derived sites."""
     first = phantoms.site_profiles(5, 0)
-    generate_cohorts(tmp_path, sites=5, subjects=1, seed=9, public_subjects=1, progress=False,
-                     profile_seed=0)  # fmt: skip
+    generate_cohorts(
+        tmp_path, sites=5, subjects=1, seed=9, public_subjects=1, progress=False, profile_seed=0
+    )
     other = phantoms.site_profiles(5, 9)  # what seed 9 alone would have drawn
     assert any(
         (a.matrix, a.slices) != (b.matrix, b.slices)

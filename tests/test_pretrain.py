@@ -39,8 +39,14 @@ def test_pretrain_writes_a_complete_checkpoint(tmp_path, public):
     assert metadata["public_subjects"] == 4 and metadata["public_volumes"] == 8
     assert metadata["versions"]["monai"] and len(metadata["data_manifest_sha256"]) == 64
     assert metadata["volume_meter"]["lv"]["n"] == 8  # public phantoms carry label maps
-    for name in ("autoencoder.pt", "unet.pt", "config.yaml", "loss_curves.png",
-                 "public_attributes.csv", "volume_meter.pt"):  # fmt: skip
+    for name in (
+        "autoencoder.pt",
+        "unet.pt",
+        "config.yaml",
+        "loss_curves.png",
+        "public_attributes.csv",
+        "volume_meter.pt",
+    ):
         assert (tmp_path / "ckpt" / name).stat().st_size > 0
     loaded = load_pretrained(tmp_path / "ckpt")
     assert loaded.config == config
@@ -117,8 +123,10 @@ def test_killed_pretraining_resumes_without_repeating_or_skipping(
     proc.wait()
     # the kill landed inside the stage (some of its steps saved, not all), after the
     # stages before it had finished
-    steps = {"autoencoder.pt": OVERRIDES["autoencoder.steps"],
-             "unet.pt": OVERRIDES["training.pretrain-steps"]}  # fmt: skip
+    steps = {
+        "autoencoder.pt": OVERRIDES["autoencoder.steps"],
+        "unet.pt": OVERRIDES["training.pretrain-steps"],
+    }
     done = len(load_torch(state)["losses"])
     assert 0 < done < steps[stage], f"{stage}: killed after {done} of {steps[stage]} steps"
     if stage == "unet.pt":

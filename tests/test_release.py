@@ -58,8 +58,23 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
 ):
     out = tmp_path / "release"
     reference = site_phantoms / "site-1"
-    assert main(["release", "--run", str(finished_run), "--n", "3", "--out", str(out),
-                 "--reference", str(reference), "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "release",
+                "--run",
+                str(finished_run),
+                "--n",
+                "3",
+                "--out",
+                str(out),
+                "--reference",
+                str(reference),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "released 3 synthetic volumes" in capsys.readouterr().out
     with (out / "cohort" / "manifest.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -84,8 +99,9 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
     assert statement["clip"] == 1.0 and statement["privacy_unit"].startswith("subject")
     secagg = statement["secure_aggregation"]
     assert secagg["enabled"] and set(secagg["rounds"]) == {"1", "2"}
-    assert all(r["reconstruction_threshold"] >= 2 and r["sites"] == 3
-               for r in secagg["rounds"].values())  # fmt: skip
+    assert all(
+        r["reconstruction_threshold"] >= 2 and r["sites"] == 3 for r in secagg["rounds"].values()
+    )
     assert any("public pretraining" in t for t in statement["not_covered"])
     assert verify_release(out) == pytest.approx(summary["site_epsilon"])
 
@@ -249,12 +265,28 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
     first = tmp_path / "first"
     release(finished_run, 2, first, show_progress=False)
     capsys.readouterr()
-    assert main(["audit", "--cohort", str(first / "cohort"),
-                 "--data-path", str(site_phantoms / "site-1"),
-                 "--holdout", str(site_phantoms / "site-2"),
-                 "--checkpoint", str(finished_run / "rounds" / f"round-{ROUNDS:03d}"),
-                 "--reference", str(tiny_checkpoint), "--out", str(tmp_path / "audit"),
-                 "--json", "--quiet"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "audit",
+                "--cohort",
+                str(first / "cohort"),
+                "--data-path",
+                str(site_phantoms / "site-1"),
+                "--holdout",
+                str(site_phantoms / "site-2"),
+                "--checkpoint",
+                str(finished_run / "rounds" / f"round-{ROUNDS:03d}"),
+                "--reference",
+                str(tiny_checkpoint),
+                "--out",
+                str(tmp_path / "audit"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     shared = tmp_path / "site-1-audit.json"
     shared.write_text(capsys.readouterr().out)
     out = tmp_path / "release"
@@ -340,11 +372,16 @@ def test_a_malformed_ledger_value_is_refused_in_one_line(run_copy, tmp_path, cap
 
 @pytest.mark.parametrize(
     "where,key,value",
-    [("state.json", "rounds_done", None), ("summary.json", "rounds_done", "two"),
-     ("summary.json", "site_epsilon", None), ("summary.json", "secure_aggregation", False)],
-)  # fmt: skip
-def test_a_malformed_run_record_is_refused_in_one_line(run_copy, capsys, tmp_path, where, key,
-                                                       value):  # fmt: skip
+    [
+        ("state.json", "rounds_done", None),
+        ("summary.json", "rounds_done", "two"),
+        ("summary.json", "site_epsilon", None),
+        ("summary.json", "secure_aggregation", False),
+    ],
+)
+def test_a_malformed_run_record_is_refused_in_one_line(
+    run_copy, capsys, tmp_path, where, key, value
+):
     record = json.loads((run_copy / where).read_text())
     record[key] = value
     (run_copy / where).write_text(json.dumps(record))

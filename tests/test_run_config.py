@@ -81,8 +81,11 @@ def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_che
     a study's delta and accountant are fixed when it starts (terms.json)."""
     import json
 
-    run_config = declared() | {"config": "tiny", "run-dir": str(tmp_path / "run"),
-                               "checkpoint": str(tiny_checkpoint)}  # fmt: skip
+    run_config = declared() | {
+        "config": "tiny",
+        "run-dir": str(tmp_path / "run"),
+        "checkpoint": str(tiny_checkpoint),
+    }
     first = prepare(run_config)
     terms = json.loads((tmp_path / "run" / "terms.json").read_text())
     assert terms == {"delta": 1e-5, "accountant": "rdp", "study_id": first.study_id}
@@ -103,8 +106,10 @@ def test_phantom_site_size_has_one_default():
     assert declared()["phantom-subjects"] == DEFAULT_PHANTOM_SUBJECTS
     assert declared()["phantom-public-subjects"] == DEFAULT_PUBLIC_SUBJECTS
     setup = StudySetup(load_config("tiny"))
-    assert (setup.subjects, setup.public_subjects) == (DEFAULT_PHANTOM_SUBJECTS,
-                                                       DEFAULT_PUBLIC_SUBJECTS)  # fmt: skip
+    assert (setup.subjects, setup.public_subjects) == (
+        DEFAULT_PHANTOM_SUBJECTS,
+        DEFAULT_PUBLIC_SUBJECTS,
+    )
 
 
 @pytest.mark.parametrize("value", ["1", "many", "2.5", -3])

@@ -217,8 +217,23 @@ def test_bad_arguments_are_refused(tmp_path, pretrained, change, message):
 
 def test_cli_samples_with_checkpoint_defaults(tmp_path, checkpoint, capsys):
     out = tmp_path / "cli"
-    assert main(["sample", "--checkpoint", str(checkpoint), "--n", "2", "--out", str(out),
-                 "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(checkpoint),
+                "--n",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     line = capsys.readouterr().out.strip()
     assert "s per volume; LV cavity requested vs measured r=" in line
     assert "ddim, guidance 3" in line
@@ -236,10 +251,22 @@ def test_cli_samples_with_checkpoint_defaults(tmp_path, checkpoint, capsys):
 
 def test_cli_missing_checkpoint_is_one_line_and_exit_1(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fedsynth.common.cli", "sample", "--checkpoint",
-         str(tmp_path / "nope"), "--n", "1", "--out", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedsynth.common.cli",
+            "sample",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--n",
+            "1",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"fedsynth sample: error: checkpoint {tmp_path / 'nope'} is not a folder"

@@ -131,7 +131,7 @@ def test_a_site_vanishing_at_share_keys_leaves_the_others_round_whole(
     for site in ("site-1", "site-3"):
         assert [line for line in _lines(ledger, site) if line[0] == 1] == [
             (1, "trained", False, False)
-        ]  # fmt: skip
+        ]
     assert not [e for e in ledger if e["site"] == "site-2"]  # never sent the weights
     _moved_by(_zeros(), _weights(study, 1), sites, [1, 3])
     _moved_by(_weights(study, 1), _weights(study, 2), sites, [1, 3])

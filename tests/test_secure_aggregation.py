@@ -26,8 +26,12 @@ from fedsynth.server.study import Study
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
 SUBJECTS = {1: 6, 2: 10, 3: 4}  # node id -> subjects
-WEIGHTS = {"a.weight": torch.zeros(4, 3), "a.bias": torch.ones(5), "gate": torch.tensor(0.5),
-           "count": torch.tensor(3)}  # fmt: skip
+WEIGHTS = {
+    "a.weight": torch.zeros(4, 3),
+    "a.bias": torch.ones(5),
+    "gate": torch.tensor(0.5),
+    "count": torch.tensor(3),
+}
 MAX_WEIGHT = 10.0
 
 
@@ -35,10 +39,15 @@ def _study(
     tmp_path, secure: bool, rounds: int = 1, rate: float = 1.0, optimizer: str = "sgd"
 ) -> Study:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    overrides = {"federation.sites": 3, "federation.sites-per-round": 3,
-                 "federation.rounds": rounds, "federation.secure-aggregation": secure,
-                 "federation.server-learning-rate": rate, "privacy.batch-size": 2,
-                 "federation.server-optimizer": optimizer}  # fmt: skip
+    overrides = {
+        "federation.sites": 3,
+        "federation.sites-per-round": 3,
+        "federation.rounds": rounds,
+        "federation.secure-aggregation": secure,
+        "federation.server-learning-rate": rate,
+        "privacy.batch-size": 2,
+        "federation.server-optimizer": optimizer,
+    }
     config = load_config("tiny", overrides)
     checkpoint = tmp_path / "pretrained"
     checkpoint.mkdir(parents=True)
@@ -88,8 +97,9 @@ def _federate(
 
 def _expected(sites, trained):
     total = sum(SUBJECTS[n] for n in trained)
-    return [sum(sites[n].delta[i] * SUBJECTS[n] / total for n in trained)
-            for i in range(len(WEIGHTS))]  # fmt: skip
+    return [
+        sum(sites[n].delta[i] * SUBJECTS[n] / total for n in trained) for i in range(len(WEIGHTS))
+    ]
 
 
 def test_secagg_settings_keep_the_sum_below_the_modulus(tmp_path):
@@ -101,16 +111,18 @@ def test_secagg_settings_keep_the_sum_below_the_modulus(tmp_path):
 
 def test_the_reconstruction_threshold_is_never_below_min_sites(tmp_path):
     study = _study(tmp_path, True)
-    config = load_config("tiny", {"federation.sites": 5, "federation.sites-per-round": 5,
-                                  "federation.min-sites": 4})  # fmt: skip
+    config = load_config(
+        "tiny", {"federation.sites": 5, "federation.sites-per-round": 5, "federation.min-sites": 4}
+    )
     strict = Study(config, study.run_dir, None, study.checkpoint, False)
     assert secagg_settings(strict)["reconstruction_threshold"] == 4  # a majority would be 3
 
 
 @pytest.mark.parametrize(
-    ("spent", "rate"), [((), 1.0), ((2,), 1.0), ((), 3.0)],
+    ("spent", "rate"),
+    [((), 1.0), ((2,), 1.0), ((), 3.0)],
     ids=["all-train", "one-spent", "server-rate"],
-)  # fmt: skip
+)
 def test_secure_mean_equals_plain_mean_within_quantisation(tmp_path, monkeypatch, spent, rate):
     """Both paths add rate x the subject-weighted mean delta (the server learning rate
     scales the unmasked aggregate, never a site's update)."""

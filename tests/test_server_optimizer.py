@@ -23,13 +23,17 @@ DELTAS = [
 
 
 def _weights() -> dict[str, torch.Tensor]:
-    return {"w": torch.tensor([1.0, -1.0, 0.5, 0.0]), "n": torch.tensor([0.1]),
-            "count": torch.tensor(7)}  # fmt: skip
+    return {
+        "w": torch.tensor([1.0, -1.0, 0.5, 0.0]),
+        "n": torch.tensor([0.1]),
+        "count": torch.tensor(7),
+    }
 
 
 def _optimizer(kind: str, rate: float, weights) -> ServerOptimizer:
-    config = load_config("tiny", {"federation.server-optimizer": kind,
-                                  "federation.server-learning-rate": rate})  # fmt: skip
+    config = load_config(
+        "tiny", {"federation.server-optimizer": kind, "federation.server-learning-rate": rate}
+    )
     return ServerOptimizer(config.federation, weights)
 
 

@@ -39,16 +39,25 @@ def three_sites(tmp_path_factory):
 
 
 def _study(tmp_path, root, secret, checkpoint, monkeypatch, fault):
-    run_config = {"config": "tiny", "run-dir": str(tmp_path / "run"),
-                  "checkpoint": str(checkpoint), "secagg-max-weight": 10,
-                  "federation.rounds": 1, "federation.sites": 3, "federation.sites-per-round": 3,
-                  "federation.secure-aggregation": True}  # fmt: skip
+    run_config = {
+        "config": "tiny",
+        "run-dir": str(tmp_path / "run"),
+        "checkpoint": str(checkpoint),
+        "secagg-max-weight": 10,
+        "federation.rounds": 1,
+        "federation.sites": 3,
+        "federation.sites-per-round": 3,
+        "federation.secure-aggregation": True,
+    }
     nodes = {
-        n: {"data-path": str(root / f"site-{n}") if n < 3 else str(secret),
-            "state-dir": str(tmp_path / "states" / f"site-{n}"), "max-epsilon": 10,
-            "site-name": f"site-{n}"}
+        n: {
+            "data-path": str(root / f"site-{n}") if n < 3 else str(secret),
+            "state-dir": str(tmp_path / "states" / f"site-{n}"),
+            "max-epsilon": 10,
+            "site-name": f"site-{n}",
+        }
         for n in (1, 2, 3)
-    }  # fmt: skip
+    }
     if fault == "data":  # every volume of the site unreadable
         for image in secret.glob("**/*.nii*"):
             image.write_bytes(b"not a NIfTI " + SECRET.encode())
@@ -120,8 +129,13 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     state, keys = unet.state_dict(), trainable_names(unet, config.privacy.trainable)
     weights = {k: state[k] for k in keys}  # the subset, as the server sends it
     frozen = public_sha256(tiny_checkpoint, state, [k for k in state if k not in keys])
-    sent = {"round": 1, "study": json.dumps(to_dict(config)), "study-id": "s",
-            "checkpoint": str(tiny_checkpoint), "checkpoint-sha256": frozen}  # fmt: skip
+    sent = {
+        "round": 1,
+        "study": json.dumps(to_dict(config)),
+        "study-id": "s",
+        "checkpoint": str(tiny_checkpoint),
+        "checkpoint-sha256": frozen,
+    }
     node = {
         "data-path": str(root / "site-1"),
         "state-dir": str(tmp_path / "s"),

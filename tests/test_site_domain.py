@@ -53,12 +53,15 @@ def test_site_domain_loss_is_repeatable_and_falls_when_the_model_learns_the_site
     before = check(start)
     assert check(start) == before  # same noise and timesteps: rounds are comparable
     site = sites["site-1"]
-    train_round(model.unet, site.latents, site.attributes, site.subjects, config, 0.0, 1.0,
-                steps=30, seed=0)  # fmt: skip  # no noise, every subject each step
+    # no noise, every subject each step
+    train_round(
+        model.unet, site.latents, site.attributes, site.subjects, config, 0.0, 1.0, steps=30, seed=0
+    )
     after = check({k: v.clone() for k, v in model.unet.state_dict().items()})
     assert after["site-1"] < before["site-1"] - 0.02, (before, after)
-    broken = {k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v
-              for k, v in start.items()}  # fmt: skip
+    broken = {
+        k: v + 0.3 * torch.randn_like(v) if v.is_floating_point() else v for k, v in start.items()
+    }
     assert all(b > before[s] for s, b in check(broken).items())
 
 
@@ -88,10 +91,16 @@ def test_federation_is_the_subject_weighted_mean_of_the_sites_rounds(
     for k, (name, site) in enumerate(few.items()):
         model.unet.load_state_dict(start)
         train_round(
-            model.unet, site.latents, site.attributes, site.subjects, config, run.noise[name],
-            min(1.0, config.privacy.batch_size / site.n_subjects), config.privacy.local_steps,
+            model.unet,
+            site.latents,
+            site.attributes,
+            site.subjects,
+            config,
+            run.noise[name],
+            min(1.0, config.privacy.batch_size / site.n_subjects),
+            config.privacy.local_steps,
             seed=5 * 1_000_003 + 1009 + k,
-        )  # fmt: skip
+        )
         trained.append({key: v.clone() for key, v in model.unet.state_dict().items()})
     moved = 0
     for key, value in start.items():
@@ -110,20 +119,29 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     one_thread, tmp_path, tiny_checkpoint, site_phantoms, capsys
 ):
     run_config = {
-        "config": "tiny", "run-dir": str(tmp_path / "run"), "checkpoint": str(tiny_checkpoint),
-        "federation.rounds": 2, "federation.secure-aggregation": False, "sampling.steps": 2,
+        "config": "tiny",
+        "run-dir": str(tmp_path / "run"),
+        "checkpoint": str(tiny_checkpoint),
+        "federation.rounds": 2,
+        "federation.secure-aggregation": False,
+        "sampling.steps": 2,
         "validation-data": str(site_phantoms / "public"),
-    }  # fmt: skip
+    }
     study = prepare(run_config)
     assert study.site_domain is None  # real sites: nothing reads their data
     from dataclasses import replace
 
     study = replace(study, site_domain=site_phantoms)  # what a simulation adds
-    nodes = {k: {"data-path": str(site_phantoms / f"site-{k}"),
-                 "state-dir": str(study.run_dir / "sites" / f"site-{k}"),
-                 "site-name": f"site-{k}", "max-epsilon": 10.0,
-                 "require-secure-aggregation": False}
-             for k in (1, 2, 3)}  # fmt: skip
+    nodes = {
+        k: {
+            "data-path": str(site_phantoms / f"site-{k}"),
+            "state-dir": str(study.run_dir / "sites" / f"site-{k}"),
+            "site-name": f"site-{k}",
+            "max-epsilon": 10.0,
+            "require-secure-aggregation": False,
+        }
+        for k in (1, 2, 3)
+    }
     validated_on, validated_until = {}, {}  # round -> the validating thread, its end
     validate = StudyStrategy.validate
 
@@ -198,10 +216,24 @@ def test_dp_gap_study_compares_dp_with_the_same_steps_without_noise(one_thread, 
     from fedsynth.common.cli import main
 
     out = tmp_path / "out"
-    argv = ["study", "dp-gap", "--config", "tiny", "--subjects", "4", "--out", str(out),
-            "-c", f"paths.cache-dir={tmp_path / 'cache'}", "-c", "federation.rounds=2",
-            "-c", "training.finetune-learning-rate=1e-2",
-            "-c", "privacy.trainable=norms"]  # fmt: skip
+    argv = [
+        "study",
+        "dp-gap",
+        "--config",
+        "tiny",
+        "--subjects",
+        "4",
+        "--out",
+        str(out),
+        "-c",
+        f"paths.cache-dir={tmp_path / 'cache'}",
+        "-c",
+        "federation.rounds=2",
+        "-c",
+        "training.finetune-learning-rate=1e-2",
+        "-c",
+        "privacy.trainable=norms",
+    ]
     assert main(argv) == 0
     result = json.loads((out / "dp-gap.json").read_text())
     [run] = result["runs"]

@@ -64,8 +64,9 @@ def same_size_other_content(path: Path) -> None:
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
 
 
-def test_latents_are_encoded_once_and_read_back(tmp_path, site, pretrained, tiny_checkpoint,
-                                                monkeypatch):  # fmt: skip
+def test_latents_are_encoded_once_and_read_back(
+    tmp_path, site, pretrained, tiny_checkpoint, monkeypatch
+):
     state = tmp_path / "state"
     first = latents(pretrained, tiny_checkpoint, site, state)
     dataset, _ = open_site(site, pretrained.config.data, show_progress=False)

@@ -52,9 +52,14 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
     (tmp_path / "state").mkdir(mode=0o755)  # made by hand, open to others
     os.chmod(tmp_path / "state", 0o755)
     update = run_site_round(
-        settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
+        settings(tmp_path, phantom_root),
+        config,
+        tiny_checkpoint,
+        weights,
+        1,
+        seed=0,
         checkpoint_sha256=every_tensor(tiny_checkpoint),
-    )  # fmt: skip
+    )
     assert update.result.steps == config.privacy.local_steps
     # the state dir is owner-only, and so is all it holds (latents decode to volumes)
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
@@ -68,8 +73,10 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
     # the ledger line is what DP-SGD ran with (RoundResult reads Opacus' sampler/optimizer)
     used = update.result
     assert (used.noise_multiplier, used.sample_rate, used.steps) == (
-        entry["noise_multiplier"], entry["sample_rate"], entry["steps"]
-    )  # fmt: skip
+        entry["noise_multiplier"],
+        entry["sample_rate"],
+        entry["steps"],
+    )
     # the ledger's numbers give its epsilon back with the accountant
     assert epsilon(spent_segments([entry]), 0.1) == pytest.approx(entry["epsilon"])
 
@@ -90,9 +97,14 @@ def test_a_site_trains_the_sent_subset_on_its_own_copy_of_the_rest(
     sent, frozen, state = _subset(tiny_checkpoint, config)
     assert 0 < len(sent) < len(state) // 2  # the norms subset: a small part travels
     update = run_site_round(
-        settings(tmp_path, phantom_root), config, tiny_checkpoint, sent, 1, seed=0,
+        settings(tmp_path, phantom_root),
+        config,
+        tiny_checkpoint,
+        sent,
+        1,
+        seed=0,
         checkpoint_sha256=frozen,
-    )  # fmt: skip
+    )
     for key, value in state.items():  # the rest is the site's checkpoint, untouched
         if key not in sent:
             assert torch.equal(update.weights[key], value), key
@@ -102,9 +114,19 @@ def test_a_site_trains_the_sent_subset_on_its_own_copy_of_the_rest(
     assert all(float((update.weights[k] - sent[k]).abs().max()) < 0.1 for k in sent)
 
 
-@pytest.mark.parametrize("fault", ["another-unet", "another-statistics", "another-autoencoder",
-                                   "subset-missing", "unknown-tensor", "wrong-shape",
-                                   "wrong-type", "no-hash"])  # fmt: skip
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "another-unet",
+        "another-statistics",
+        "another-autoencoder",
+        "subset-missing",
+        "unknown-tensor",
+        "wrong-shape",
+        "wrong-type",
+        "no-hash",
+    ],
+)
 def test_weights_that_do_not_fit_the_sites_checkpoint_are_refused_before_anything_is_read(
     tmp_path, phantom_root, tiny_checkpoint, fault
 ):
@@ -142,9 +164,14 @@ def test_weights_that_do_not_fit_the_sites_checkpoint_are_refused_before_anythin
         frozen = ""  # a server that sends no hash
     with pytest.raises(ModelMismatch):
         run_site_round(
-            settings(tmp_path, phantom_root), config, tiny_checkpoint, sent, 1, seed=0,
+            settings(tmp_path, phantom_root),
+            config,
+            tiny_checkpoint,
+            sent,
+            1,
+            seed=0,
             checkpoint_sha256=frozen,
-        )  # fmt: skip
+        )
     held = [p.name for p in (tmp_path / "state").iterdir()]
     assert LEDGER not in held and not any(n.startswith("latents-") for n in held)
 
@@ -152,8 +179,16 @@ def test_weights_that_do_not_fit_the_sites_checkpoint_are_refused_before_anythin
 def test_an_exhausted_site_refuses_before_reading_data(tmp_path, phantom_root, tiny_checkpoint):
     config = load_config("tiny", STUDY)
     site = settings(tmp_path, phantom_root, max_epsilon=3.0)
-    spent = {"round": 1, "site": "site-1", "noise_multiplier": 0.5, "sample_rate": 0.5,
-             "steps": 50, "delta": 0.1, "epsilon": 9.0, "status": "trained"}  # fmt: skip
+    spent = {
+        "round": 1,
+        "site": "site-1",
+        "noise_multiplier": 0.5,
+        "sample_rate": 0.5,
+        "steps": 50,
+        "delta": 0.1,
+        "epsilon": 9.0,
+        "status": "trained",
+    }
     append_entry(site.state_dir / LEDGER, spent)
     gone = SiteSettings(site.name, tmp_path / "no-such-folder", site.state_dir, 3.0)
     with pytest.raises(BudgetRefusal, match="site-1 has spent epsilon"):
@@ -217,10 +252,24 @@ def test_a_site_too_large_for_secure_aggregation_stops_before_training_or_spendi
     weights = load_pretrained(tiny_checkpoint).unet.state_dict()
     with pytest.raises(FedsynthError, match=r"2 subjects exceed .* max weight 1: raise"):
         run_site_round(
-            settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
-            max_subjects=1, checkpoint_sha256=every_tensor(tiny_checkpoint),
-        )  # fmt: skip
+            settings(tmp_path, phantom_root),
+            config,
+            tiny_checkpoint,
+            weights,
+            1,
+            seed=0,
+            max_subjects=1,
+            checkpoint_sha256=every_tensor(tiny_checkpoint),
+        )
     assert read_ledger(tmp_path / "state" / LEDGER) == []  # nothing spent
-    run_site_round(settings(tmp_path, phantom_root), config, tiny_checkpoint, weights, 1, seed=0,
-                   max_subjects=2, checkpoint_sha256=every_tensor(tiny_checkpoint))  # fmt: skip
+    run_site_round(
+        settings(tmp_path, phantom_root),
+        config,
+        tiny_checkpoint,
+        weights,
+        1,
+        seed=0,
+        max_subjects=2,
+        checkpoint_sha256=every_tensor(tiny_checkpoint),
+    )
     assert len(read_ledger(tmp_path / "state" / LEDGER)) == 1

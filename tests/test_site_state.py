@@ -28,10 +28,22 @@ from fedsynth.common.ledger import append_entry, read_ledger, spent_segments
 
 MAX_EPSILON = 6.0
 # one round each: a study plans its whole target into it
-STUDY = {"federation.rounds": 1, "privacy.local-steps": 5, "privacy.batch-size": 4,
-         "privacy.target-epsilon": MAX_EPSILON}  # fmt: skip
-ENTRY = {"round": 1, "site": "site-1", "noise_multiplier": 1.1, "sample_rate": 0.2,
-         "steps": 10, "delta": 1e-5, "epsilon": 2.0, "status": "trained"}  # fmt: skip
+STUDY = {
+    "federation.rounds": 1,
+    "privacy.local-steps": 5,
+    "privacy.batch-size": 4,
+    "privacy.target-epsilon": MAX_EPSILON,
+}
+ENTRY = {
+    "round": 1,
+    "site": "site-1",
+    "noise_multiplier": 1.1,
+    "sample_rate": 0.2,
+    "steps": 10,
+    "delta": 1e-5,
+    "epsilon": 2.0,
+    "status": "trained",
+}
 DEADLINE_S = 60.0
 
 
@@ -91,8 +103,10 @@ def test_a_second_study_plans_against_the_first_ones_spend(tmp_path, stand_ins):
     second.start()
     # the second study has its data and now plans: it must wait for the first's round
     wait_for((stand_ins / "second-latents").exists, "the second study to read its data")
-    wait_for(lambda: waits_on_a_lock(second.pid) or (stand_ins / "second-training").exists(),
-             "the second study to wait on the lock, or to plan without it")  # fmt: skip
+    wait_for(
+        lambda: waits_on_a_lock(second.pid) or (stand_ins / "second-training").exists(),
+        "the second study to wait on the lock, or to plan without it",
+    )
     (stand_ins / "go").touch()
     for process in (first, second):
         process.join(DEADLINE_S)
@@ -119,8 +133,10 @@ def test_an_append_never_cuts_a_line_another_process_is_writing(tmp_path):
         writer.flush()
         appender = threading.Thread(target=append_entry, args=(ledger, ENTRY | {"round": 3}))
         appender.start()
-        wait_for(lambda: waits_on_a_lock(os.getpid()) or not appender.is_alive(),
-                 "the append to wait on the ledger, or to go ahead")  # fmt: skip
+        wait_for(
+            lambda: waits_on_a_lock(os.getpid()) or not appender.is_alive(),
+            "the append to wait on the ledger, or to go ahead",
+        )
         writer.write(line[20:])
         writer.flush()
     appender.join(DEADLINE_S)

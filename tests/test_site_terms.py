@@ -20,14 +20,23 @@ from fedsynth.common.protocol import READY_METRICS, SiteStop
 
 
 def _node(tmp_path, **terms):
-    return {"data-path": str(tmp_path / "no-such-data"), "state-dir": str(tmp_path / "state"),
-            "max-epsilon": 10, "site-name": "hospital-a", **terms}  # fmt: skip
+    return {
+        "data-path": str(tmp_path / "no-such-data"),
+        "state-dir": str(tmp_path / "state"),
+        "max-epsilon": 10,
+        "site-name": "hospital-a",
+        **terms,
+    }
 
 
 def _sent(**overrides):
     config = load_config("tiny", {"federation.secure-aggregation": True, **overrides})
-    return {"round": 1, "study": json.dumps(to_dict(config)), "study-id": "s1",
-            "checkpoint": "/nowhere"}  # fmt: skip
+    return {
+        "round": 1,
+        "study": json.dumps(to_dict(config)),
+        "study-id": "s1",
+        "checkpoint": "/nowhere",
+    }
 
 
 def test_a_real_site_must_state_its_own_maximum_epsilon(tmp_path):
@@ -72,8 +81,12 @@ def test_a_study_at_another_delta_than_the_sites_ledger_is_refused(tmp_path):
     budget.record(1, RoundPlan(2.0, 0.5, 10, 1e-6, 3.0, 20), study="s0", accountant="rdp")
     assert ready_answer(_sent(), _node(tmp_path))["code"] == "terms"
     assert ready_answer(_sent(**{"privacy.delta": 1e-6}), _node(tmp_path))["code"] == "ready"
-    assert ready_answer(_sent(**{"privacy.delta": 1e-6, "privacy.accountant": "prv"}),
-                        _node(tmp_path))["code"] == "terms"  # fmt: skip
+    assert (
+        ready_answer(
+            _sent(**{"privacy.delta": 1e-6, "privacy.accountant": "prv"}), _node(tmp_path)
+        )["code"]
+        == "terms"
+    )
 
 
 def test_ready_says_spent_or_failed_from_the_ledger_alone(tmp_path):
@@ -113,8 +126,12 @@ def test_the_one_over_ten_n_check_runs_before_the_round_spends(
     """Wired into the real round: site-1 has 2 subjects, so delta 0.06 > 1/(10 n)."""
     from fedsynth.common.checkpoint import load_pretrained, public_sha256
 
-    node = {"data-path": str(phantom_root / "site-1"), "state-dir": str(tmp_path / "state"),
-            "max-epsilon": 10, "site-name": "site-1"}  # fmt: skip
+    node = {
+        "data-path": str(phantom_root / "site-1"),
+        "state-dir": str(tmp_path / "state"),
+        "max-epsilon": 10,
+        "site-name": "site-1",
+    }
     weights = {k: v.clone() for k, v in load_pretrained(tiny_checkpoint).unet.state_dict().items()}
     sent = {
         **_sent(**{"privacy.delta": 0.06}),

@@ -58,16 +58,24 @@ def test_an_arm_is_run_once_and_a_changed_arm_or_seed_is_run_again(context, monk
     again = context.run(arm, 0, keep_weights=True)
     assert again["loss"] == first["loss"] and again["noise"] == first["noise"]
     assert set(again["weights"]) == set(context.public)
-    for changed, seed in ((arm, 1), (Arm(arm.sites, 5.0), 0), (Arm(arm.sites, None), 0),
-                          (Arm(arm.sites, 10.0, trainable="attention"), 0),
-                          (Arm(arm.sites[:1], 10.0), 0),
-                          (Arm(arm.sites, 10.0, learning_rate=1e-3), 0)):  # fmt: skip
+    for changed, seed in (
+        (arm, 1),
+        (Arm(arm.sites, 5.0), 0),
+        (Arm(arm.sites, None), 0),
+        (Arm(arm.sites, 10.0, trainable="attention"), 0),
+        (Arm(arm.sites[:1], 10.0), 0),
+        (Arm(arm.sites, 10.0, learning_rate=1e-3), 0),
+    ):
         with pytest.raises(AssertionError, match="trained again"):
             context.run(changed, seed)
     faster = load_config(
-        "tiny", {**OVERRIDES, "paths.cache-dir": str(context.cache),
-                 "federation.server-learning-rate": 2.0},
-    )  # fmt: skip
+        "tiny",
+        {
+            **OVERRIDES,
+            "paths.cache-dir": str(context.cache),
+            "federation.server-learning-rate": 2.0,
+        },
+    )
     monkeypatch.setattr(context, "setup", StudySetup(faster, SUBJECTS))
     with pytest.raises(AssertionError, match="trained again"):
         context.run(arm, 0)
@@ -89,8 +97,14 @@ def test_a_pooled_arm_is_one_site_of_every_subject_at_the_sites_sample_rate(cont
 def test_an_arm_at_another_site_rate_scales_fedadams_rate_alike(context, monkeypatch):
     """FedAdam moves each weight by about its rate a round, whatever the sites' rate: an
     arm that slows its sites (from scratch, a larger subset) slows FedAdam by as much."""
-    fedadam = load_config("tiny", {**OVERRIDES, "federation.server-optimizer": "adam",
-                                   "federation.server-learning-rate": 0.01})  # fmt: skip
+    fedadam = load_config(
+        "tiny",
+        {
+            **OVERRIDES,
+            "federation.server-optimizer": "adam",
+            "federation.server-learning-rate": 0.01,
+        },
+    )
     monkeypatch.setattr(context, "setup", StudySetup(fedadam, SUBJECTS))
     site_rate = OVERRIDES["training.finetune-learning-rate"]
     default = context.config_for(Arm(("site-1",), 1.0))
@@ -116,8 +130,10 @@ def test_an_arm_trains_its_subjects_subset_and_start(context):
     public = context.config_for(Arm(("site-1",), 1.0, trainable="all"))
     assert public.training.finetune_learning_rate == OVERRIDES["training.finetune-learning-rate"]
     scratch = context.start(Arm(("site-1",), 1.0, start="scratch"), 0)
-    assert all(torch.equal(v, context.start(Arm(("site-1",), 1.0, start="scratch"), 0)[k])
-               for k, v in scratch.items())  # fmt: skip
+    assert all(
+        torch.equal(v, context.start(Arm(("site-1",), 1.0, start="scratch"), 0)[k])
+        for k, v in scratch.items()
+    )
     floats = [k for k, v in scratch.items() if v.is_floating_point() and v.numel() > 1]
     changed = sum(not torch.equal(scratch[k], context.public[k]) for k in floats)
     assert changed > 0.9 * len(floats)  # a fresh network, not the checkpoint
@@ -142,8 +158,19 @@ def test_controllability_measures_one_sample_per_held_out_volume(context):
 def _study(name: str, cache, tmp_path, *extra: str) -> dict:
     from fedsynth.common.cli import main
 
-    argv = ["study", name, "--config", "tiny", "--subjects", str(SUBJECTS),
-            "--out", str(tmp_path), "-c", f"paths.cache-dir={cache}", *extra]  # fmt: skip
+    argv = [
+        "study",
+        name,
+        "--config",
+        "tiny",
+        "--subjects",
+        str(SUBJECTS),
+        "--out",
+        str(tmp_path),
+        "-c",
+        f"paths.cache-dir={cache}",
+        *extra,
+    ]
     for key, value in OVERRIDES.items():
         argv += ["-c", f"{key}={value}"]
     assert main(argv) == 0
@@ -240,8 +267,14 @@ def test_a_subsets_share_is_not_given_where_its_noiseless_run_gained_less(tmp_pa
     def row(name: str, none: float) -> dict:
         loss = {"1": 0.21, "10": 0.20, "none": none}
         share = {k: (0.22 - loss[k]) / (0.22 - none) for k in ("1", "10")}
-        return {"trainable": name, "weights": 10, "learning_rate": 1e-2, "public": 0.22,
-                "loss": loss, "share": share}  # fmt: skip
+        return {
+            "trainable": name,
+            "weights": 10,
+            "learning_rate": 1e-2,
+            "public": 0.22,
+            "loss": loss,
+            "share": share,
+        }
 
     result = {"runs": [{"seed": 0, "rows": [row("norms", 0.18), row("all", 0.219)]}]}
     table, plot = VIEWS["trainable"]

@@ -28,13 +28,19 @@ SHAPES = {"w": (3, 4), "b": (2,)}
 
 
 def _study(tmp_path, rounds, secure, per_round=3, resume=False, **extra) -> Study:
-    overrides = {"federation.sites": 3, "federation.sites-per-round": per_round,
-                 "federation.rounds": rounds, "federation.secure-aggregation": secure,
-                 "federation.min-sites": 2, "privacy.batch-size": 16,
-                 "privacy.local-steps": 10,
-                 # FedAvg: these tests check its arithmetic (FedAdam: test_server_optimizer)
-                 "federation.server-optimizer": "sgd", "federation.server-learning-rate": 1.0,
-                 **extra}  # fmt: skip
+    overrides = {
+        "federation.sites": 3,
+        "federation.sites-per-round": per_round,
+        "federation.rounds": rounds,
+        "federation.secure-aggregation": secure,
+        "federation.min-sites": 2,
+        "privacy.batch-size": 16,
+        "privacy.local-steps": 10,
+        # FedAvg: these tests check its arithmetic (FedAdam: test_server_optimizer)
+        "federation.server-optimizer": "sgd",
+        "federation.server-learning-rate": 1.0,
+        **extra,
+    }
     config = load_config("default", overrides)
     checkpoint = tmp_path / "pretrained"
     if not checkpoint.is_dir():
@@ -98,8 +104,11 @@ def _lose_train_reply(node: int, rounds: set[int], then_silent: bool = False):
 
 
 def _lines(ledger, site):
-    return [(e["round"], e["status"], bool(e.get("estimate")), bool(e.get("replaces_estimate")))
-            for e in ledger if e["site"] == site]  # fmt: skip
+    return [
+        (e["round"], e["status"], bool(e.get("estimate")), bool(e.get("replaces_estimate")))
+        for e in ledger
+        if e["site"] == site
+    ]
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
@@ -171,8 +180,10 @@ def test_a_site_dropping_mid_secagg_round_is_charged_and_the_rest_aggregate(tmp_
     summary, ledger, _ = _federate(study, sites, monkeypatch, drop)
     assert summary["rounds_done"] == 2
     assert {e["site"]: e["status"] for e in ledger if e["round"] == 2} == {
-        "site-1": "trained", "site-2": "no-reply", "site-3": "trained"
-    }  # fmt: skip
+        "site-1": "trained",
+        "site-2": "no-reply",
+        "site-3": "trained",
+    }
     _never_below(study, sites, ledger)
     before = torch.load(study.run_dir / "rounds" / "round-001" / "unet.pt", weights_only=True)
     after = torch.load(study.run_dir / "rounds" / "round-002" / "unet.pt", weights_only=True)
@@ -230,8 +241,11 @@ def test_a_malformed_reply_does_not_break_the_round_ledger(tmp_path, monkeypatch
     sites[3].metrics_override = {"loss": 0.123}
     _, ledger, _ = _federate(study, sites, monkeypatch)
     statuses = {e["site"]: (e["status"], bool(e.get("estimate"))) for e in ledger}
-    assert statuses == {"site-1": ("trained", False), "site-2": ("no-reply", True),
-                        "site-3": ("no-reply", True)}  # fmt: skip
+    assert statuses == {
+        "site-1": ("trained", False),
+        "site-2": ("no-reply", True),
+        "site-3": ("no-reply", True),
+    }
     out = capsys.readouterr().out
     assert "site-2 sent a reply the server cannot use: history" in out
     assert "site-3 sent a reply the server cannot use: metric keys differ" in out
@@ -339,8 +353,11 @@ def test_a_hostile_reply_is_refused_before_any_line(tmp_path, monkeypatch, capsy
     sites[2].metrics_override = override
     _, ledger, _ = _federate(study, sites, monkeypatch)
     statuses = {e["site"]: (e["status"], bool(e.get("estimate"))) for e in ledger}
-    assert statuses == {"site-1": ("trained", False), "site-2": ("no-reply", True),
-                        "site-3": ("trained", False)}  # fmt: skip
+    assert statuses == {
+        "site-1": ("trained", False),
+        "site-2": ("no-reply", True),
+        "site-3": ("trained", False),
+    }
     assert "site-2 sent a reply the server cannot use" in capsys.readouterr().out
     _never_below(study, sites, ledger)
 
@@ -349,10 +366,17 @@ def test_the_secagg_threshold_follows_the_ready_sites(tmp_path, monkeypatch):
     """sites-per-round 3 with only 2 ready: a threshold of 3 would halt the round after
     both trained; it is 2 (min-sites) and the round aggregates (review finding)."""
     study = _study(tmp_path, 1, True, per_round=3)
-    config = load_config("default", {"federation.sites": 3, "federation.sites-per-round": 3,
-                                     "federation.rounds": 1, "federation.min-sites": 2,
-                                     "federation.secure-aggregation": True,
-                                     "privacy.batch-size": 16})  # fmt: skip
+    config = load_config(
+        "default",
+        {
+            "federation.sites": 3,
+            "federation.sites-per-round": 3,
+            "federation.rounds": 1,
+            "federation.min-sites": 2,
+            "federation.secure-aggregation": True,
+            "privacy.batch-size": 16,
+        },
+    )
     assert config.federation.sites_per_round // 2 + 1 == 2  # majority of 3 is 2: force 3
     study = Study(config, study.run_dir, None, study.checkpoint, False, 4.0, 20.0)
     sites = _sites(tmp_path)

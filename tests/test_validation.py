@@ -19,8 +19,9 @@ def test_validation_loss_is_repeatable_and_tracks_the_weights(
     first = validator(weights, tmp_path / "round-001.png")
     again = validator(weights, tmp_path / "again.png")
     assert first == again  # the same noise and timesteps every round: comparable
-    broken = {k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v
-              for k, v in weights.items()}  # fmt: skip
+    broken = {
+        k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v for k, v in weights.items()
+    }
     assert validator(broken, tmp_path / "broken.png") > first
     image = Image.open(tmp_path / "round-001.png")
     assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 300
