@@ -44,7 +44,7 @@ def load_labelled(
     data_cfg: DataConfig,
     show_progress: bool = True,
     volumes: torch.Tensor | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]] | None:
     """(volumes, labels, requested) of the usable rows whose manifest names a label map.
 
     `requested` maps "lv"/"rv" to the volume the row states for its phase (EDV or ESV).

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.networks.nets import AutoencoderKL
 
 from fedsynth.common.config import Config, config_from_dict, config_hash, to_yaml
 from fedsynth.common.errors import FedsynthError
@@ -69,7 +70,7 @@ class Pretrained:
     """Networks and facts read back from a checkpoint folder."""
 
     config: Config
-    autoencoder: torch.nn.Module
+    autoencoder: AutoencoderKL
     unet: ConditionedUNet
     metadata: dict
     folder: Path  # where it was read from (a cohort's sampling.json names it)

@@ -347,7 +347,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return _convert(value, tp, path)
     if value is None:
         _fail(path, value, "must not be null")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is Literal:
         if value not in args:

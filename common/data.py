@@ -30,6 +30,7 @@ from monai.transforms import (
     Resize,
     ScaleIntensityRangePercentiles,
 )
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
@@ -134,13 +135,13 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
         raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
     try:
         image = nib.load(path)
+        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
+            raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
         zooms = _stored_spacing(path, image)
     except (ImageFileError, HeaderDataError) as exc:
         raise VolumeError(f"not a readable NIfTI file ({_first_line(exc, path)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
-    if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-        raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
     shape = image.shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -166,7 +167,9 @@ def _check_size(path: Path, image: nib.Nifti1Image, max_voxels: int | None) -> N
     `max_voxels`, before an array of the claimed size is allocated (a 300-byte header can
     claim 32767^3 voxels). A .nii.gz is decompressed as a stream, counting bytes only."""
     voxels = math.prod(image.shape)
-    offset, itemsize = image.dataobj.offset, image.get_data_dtype().itemsize
+    proxy = image.dataobj
+    assert isinstance(proxy, ArrayProxy)  # nib.load of a file path: voxels not read yet
+    offset, itemsize = proxy.offset, image.get_data_dtype().itemsize
     claimed = offset + voxels * itemsize
     enough = claimed if max_voxels is None else min(claimed, offset + max_voxels * itemsize + 1)
     held = _bytes_held(path, enough)
@@ -187,7 +190,7 @@ def _bytes_held(path: Path, limit: int) -> int:
     if not path.name.lower().endswith(".gz"):
         return min(path.stat().st_size, limit)
     held = 0
-    with ImageOpener(path) as f:
+    with ImageOpener(path) as f:  # type: ignore[arg-type]  # nibabel opens any PathLike
         while held < limit and (block := f.read(min(1 << 20, limit - held))):
             held += len(block)
     return held
@@ -226,15 +229,15 @@ def _check_affine(affine: np.ndarray, name: str) -> None:
 
 def _stored_spacing(path: Path, image: nib.Nifti1Image) -> np.ndarray:
     """The voxel spacing as the file stores it (nibabel quietly turns a 0 into 1 on load)."""
-    with ImageOpener(path) as f:
+    with ImageOpener(path) as f:  # type: ignore[arg-type]  # nibabel opens any PathLike
         header = type(image.header).from_fileobj(f, check=False)
     return np.asarray(header["pixdim"][1:4], dtype=float)
 
 
 def _root_cause(exc: BaseException, path: Path) -> str:
     """Type and first line of the innermost error (MONAI wraps errors in RuntimeError)."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
     return f"{type(exc).__name__}: {_first_line(exc, path)}"
 
 
@@ -384,7 +387,8 @@ def check_site(
     seen_content: dict[str, int] = {}
     for number, row in enumerate(progress(rows, "site-check", show_progress), start=1):
         file = (row.get("image") or "").strip()
-        path, notes = root, []
+        path = root
+        notes: list[str] = []
         try:
             if None in row or any(v is None for v in row.values()):
                 raise ValueError(
@@ -403,7 +407,7 @@ def check_site(
                 raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
             seen_paths[path] = number
             volume = None
-            if read_images:
+            if transform is not None:  # read_images
                 _, notes = open_nifti(path, data_cfg.max_voxels)
                 checked = load_volume(path, transform)
                 volume = checked if keep_volumes else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, Scheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from fedsynth.common.config import DiffusionConfig
 from fedsynth.common.models import ConditionedUNet
@@ -28,8 +28,11 @@ def training_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(**_schedule_args(cfg), prediction_type=cfg.prediction_type)
 
 
-def sampling_scheduler(cfg: DiffusionConfig, kind: str, steps: int) -> Scheduler:
+def sampling_scheduler(
+    cfg: DiffusionConfig, kind: str, steps: int
+) -> DDIMScheduler | DDPMScheduler:
     """DDIM (deterministic, few steps) or DDPM (the full chain) over the training schedule."""
+    scheduler: DDIMScheduler | DDPMScheduler
     if kind == "ddim":
         scheduler = DDIMScheduler(
             **_schedule_args(cfg), prediction_type=cfg.prediction_type, clip_sample=False
@@ -65,7 +68,10 @@ def per_sample_loss(
 
 
 def prediction_target(
-    scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    scheduler: DDIMScheduler | DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
 ) -> torch.Tensor:
     """What the UNet is trained to predict for these latents, noise and timesteps: the
     noise (epsilon), the velocity (v, Salimans & Ho 2022) or the clean sample."""
@@ -79,12 +85,12 @@ def prediction_target(
 @torch.no_grad()
 def sample_latents(
     unet: ConditionedUNet,
-    scheduler: Scheduler,
+    scheduler: DDIMScheduler | DDPMScheduler,
     attributes: torch.Tensor,
     shape: tuple[int, ...],
     guidance_scale: float,
     generator: torch.Generator | None = None,
-    on_step: Callable[[], None] | None = None,
+    on_step: Callable[[], object] | None = None,
 ) -> torch.Tensor:
     """Run the reverse chain from noise for a batch of attribute vectors (B, A)."""
     device = attributes.device

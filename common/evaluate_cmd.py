@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 HELP = "Fidelity, diversity, controllability and utility of a synthetic cohort vs real volumes."
 SAMPLING_JSON = "sampling.json"  # written by sample/release beside cohort/, names the checkpoint
@@ -32,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def find_checkpoint(synthetic: str, given: str | None):
+def find_checkpoint(synthetic: str, given: str | None) -> Path:
     """The --checkpoint folder, or the one the cohort's sampling.json names."""
     import json
     from pathlib import Path

@@ -21,6 +21,7 @@ import contextlib
 import io
 import math
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,9 @@ def median_distance(features: torch.Tensor) -> float:
     return median if median > 0 else 1.0
 
 
-def gaussian_feature_map(dim: int, bandwidth: float, seed: int, count: int = RANDOM_FEATURES):
+def gaussian_feature_map(
+    dim: int, bandwidth: float, seed: int, count: int = RANDOM_FEATURES
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """phi with phi(x).phi(y) ~ exp(-|x-y|^2 / (2 bandwidth^2)): random Fourier features
     (Rahimi and Recht 2007), phi(x) = sqrt(2/D) cos(x W / bandwidth + b), W ~ N(0, 1),
     b ~ U(0, 2 pi); given to MONAI's MMDMetric, whose own kernel is linear (x.y)."""
@@ -208,7 +211,9 @@ def mean_pairwise_ms_ssim(
     chunks = [pairs[k : k + 32] for k in range(0, len(pairs), 32)]
     for chunk in progress(chunks, f"MS-SSIM {label}", show_progress):
         first, second = (torch.tensor(side) for side in zip(*chunk, strict=True))
-        values.append(metric(volumes[first], volumes[second]).flatten())
+        value = metric(volumes[first], volumes[second])
+        assert isinstance(value, torch.Tensor)  # one tensor of per-pair values
+        values.append(value.flatten())
     return {"mean": float(torch.cat(values).mean()), "pairs": len(pairs)}
 
 
@@ -267,7 +272,9 @@ def split_subjects(manifest: SiteManifest, seed: int) -> tuple[list[int], list[i
 # ----------------------------------------------------------------------------------- cohort
 
 
-def _load(folder: str | Path, config: Config, label: str, show_progress: bool):
+def _load(
+    folder: str | Path, config: Config, label: str, show_progress: bool
+) -> tuple[torch.Tensor, list[dict[str, float]], SiteManifest]:
     """(volumes (N, 1, H, W, D), attribute rows, manifest) of a folder read as a site."""
     dataset, manifest = open_site(folder, config.data, show_progress=show_progress)
     if len(dataset) < MIN_VOLUMES:
@@ -286,7 +293,9 @@ def _check_synthetic_shape(manifest: SiteManifest, config: Config) -> None:
 
     shape = tuple(config.data.shape)
     for record in manifest.records:
-        found = tuple(nib.load(record.image).shape[:3])
+        image = nib.load(record.image)
+        assert isinstance(image, nib.Nifti1Image)  # check_site opened it with open_nifti
+        found = tuple(image.shape[:3])
         if found != shape:
             raise FedsynthError(
                 f"synthetic volume {record.image.name} is {'x'.join(map(str, found))}, but the "
@@ -344,7 +353,7 @@ def evaluate_cohort(
             nets, real, synthetic, split_subjects(real_manifest, seed), seed, notes
         ),
     }
-    settings = ms_ssim_settings(tuple(config.data.shape))
+    settings = ms_ssim_settings(config.data.shape)
     report["diversity"] = {
         "synthetic_ms_ssim": mean_pairwise_ms_ssim(
             synthetic, settings, seed, "synthetic", show_progress

@@ -53,13 +53,14 @@ def build_trunk(
         spatial_dims=spatial_dims,
         n_input_channels=1,
         conv1_t_size=3,
-        conv1_t_stride=stem_stride,
+        # MONAI annotates tuple[int] (a 1-tuple); it takes one stride per spatial axis
+        conv1_t_stride=stem_stride,  # type: ignore[arg-type]
         no_max_pool=True,
         feed_forward=False,
     )
 
 
-def _stem_stride(shape: tuple[int, int, int]) -> tuple[int, int, int]:
+def _stem_stride(shape: tuple[int, ...]) -> tuple[int, int, int]:
     """Halve large in-plane grids at the first convolution (96x96 costs 9x 32x32 otherwise);
     slices are few, so the slice axis keeps its resolution."""
     return (2, 2, 1) if min(shape[:2]) >= 64 else (1, 1, 1)
@@ -75,8 +76,8 @@ def _slices(volumes: torch.Tensor) -> torch.Tensor:
 class FeatureNets:
     """Both trunks (eval mode) and what they were trained on (`info`)."""
 
-    volume_trunk: ResNet
-    slice_trunk: ResNet
+    volume_trunk: torch.nn.Module
+    slice_trunk: torch.nn.Module
     info: dict
 
     @torch.no_grad()
@@ -126,6 +127,8 @@ def fit_regressor(
     (trunk then head, in eval mode) and the loss of every step."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    trunk: torch.nn.Module
+    head: torch.nn.Module
     if start is None:
         trunk = build_trunk(spatial_dims, stem_stride)
         head = torch.nn.Linear(WIDTHS[-1], targets.shape[1])

@@ -46,7 +46,9 @@ def _keep_slices(autoencoder: AutoencoderKL) -> AutoencoderKL:
     """Make every down/upsampling step act on the two in-plane axes only."""
     for module in autoencoder.modules():
         if isinstance(module, AEKLDownsample):
-            module.conv.conv.stride = (2, 2, 1)
+            conv = module.conv.conv
+            assert isinstance(conv, nn.Conv3d)  # MONAI's Convolution, spatial_dims=3
+            conv.stride = (2, 2, 1)
             # torch pads the last axis first: slices (1, 1) keep their count; in-plane (0, 1)
             module.pad.pad = (1, 1, 0, 1, 0, 1)
         elif isinstance(module, nn.Upsample):

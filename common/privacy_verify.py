@@ -77,7 +77,15 @@ def verify_release(folder: str | Path) -> dict[str, float]:
     return recomputed
 
 
-def _check_site(path, ledger_path, site, entry, lines, delta, accountant) -> None:
+def _check_site(
+    path: Path,
+    ledger_path: Path,
+    site: str,
+    entry: dict,
+    lines: list[dict],
+    delta: float,
+    accountant: str,
+) -> None:
     """A site's statement entry lists exactly its counted lines, at the study's terms."""
     for e in lines:
         if float(e["delta"]) != delta or e.get("accountant", accountant) != accountant:

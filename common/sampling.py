@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -74,10 +73,10 @@ def draw_public_attributes(
     return [table[i] for i in picks]
 
 
-def _nifti(volume: np.ndarray, spacing: Sequence[float]) -> nib.Nifti1Image:
+def _nifti(volume: np.ndarray, spacing: tuple[float, float, float]) -> nib.Nifti1Image:
     """A float32 image whose affine and header zooms carry the config's spacing in mm; the
     affine is the short-axis frame's, so the reader gives the volume back as generated."""
-    affine = short_axis_affine(tuple(spacing), volume.shape)
+    affine = short_axis_affine(spacing, volume.shape)
     image = nib.Nifti1Image(volume.astype(np.float32), affine)
     image.header.set_xyzt_units("mm", "sec")
     return image
@@ -137,7 +136,7 @@ def sample_cohort(
     batches = [attributes_rows[i : i + batch_size] for i in range(0, n, batch_size)]
     bar = progress(range(len(batches) * len(chain.timesteps)), "sample", show_progress)
     generator = torch.Generator(device).manual_seed(seed)
-    paths = []
+    paths: list[Path] = []
     for batch in batches:
         values = np.stack([scale_attributes(row, config.data.attributes) for row in batch])
         latents = sample_latents(
@@ -191,12 +190,19 @@ def volume_title(image: Path | str, row: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
+def _written(path: Path) -> nib.Nifti1Image:
+    """A volume of a cohort as `_nifti` wrote it (voxels read when used)."""
+    image = nib.load(path)
+    assert isinstance(image, nib.Nifti1Image)
+    return image
+
+
 def write_montage(
     path: Path, images: list[Path], rows: list[dict[str, float]], config: Config
 ) -> None:
     """Basal-ish, mid and apical-ish slices (slices run base to apex) of the first 8 volumes."""
     shown = list(zip(images[:8], rows, strict=False))
-    volumes = [np.asanyarray(nib.load(image).dataobj) for image, _ in shown]
+    volumes = [np.asanyarray(_written(image).dataobj) for image, _ in shown]
     montage(path, volumes, [volume_title(image, row) for image, row in shown], config)
 
 
@@ -212,8 +218,9 @@ def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Co
     columns["apical"] = round(0.75 * (depth - 1))
     sx, sy, _ = config.data.spacing
     fig = plt.figure(figsize=(7.5, 2.8 * len(volumes)), layout="constrained")
+    subfigs = fig.subfigures(len(volumes), 1)  # an array, or one SubFigure for one volume
     for subfig, volume, title in zip(
-        np.atleast_1d(fig.subfigures(len(volumes), 1)), volumes, titles, strict=True
+        subfigs if isinstance(subfigs, np.ndarray) else [subfigs], volumes, titles, strict=True
     ):
         subfig.suptitle(title, fontsize=10)
         for ax, (label, k) in zip(subfig.subplots(1, 3), columns.items(), strict=True):
@@ -265,7 +272,7 @@ def controllability(
     if not location.is_file():
         return None
     meter = VolumeMeter.from_state(load_torch(location))
-    volumes = torch.stack([torch.from_numpy(np.asarray(nib.load(p).dataobj))[None] for p in paths])
+    volumes = torch.stack([torch.from_numpy(np.asarray(_written(p).dataobj))[None] for p in paths])
     measured = requested_vs_measured(meter, volumes.float(), rows)
     report = {"guidance_scale": guidance_scale} | measured
     report_path = Path(out).expanduser() / "controllability.json"
