@@ -4,7 +4,7 @@ A legacy Flower client (NumPyClient via client_fn) so that Flower SecAgg+ (secag
 used when the server runs SecAggPlusWorkflow) can mask the reply. Mods, outermost first:
 - `site_guard`: no exception text leaves the site except a SiteStop's fixed
   `fedsynth:<code>: ...` (Flower sends a ClientApp exception's text to the server); the
-  details go to the site's own log (client/site_terms.py).
+  details go to the site's own log (client/site_log.py).
 - `answer_ready`: the READY query (common/protocol.py), answered from the node config and
   the site's own ledger, without reading data or loading torch.
 - `secure_aggregation_when_asked`: SecAgg+ for SecAgg+ messages; plain ones pass through.
@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import contextvars
 import json
+import logging
 import os
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.client import NumPyClient
+from flwr.client import Client, NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
@@ -45,20 +46,23 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
-from fedsynth.client.node_config import SiteSettings, site_settings
+from fedsynth.client.node_config import NodeConfig, SiteSettings, site_settings
+from fedsynth.client.site_log import at_site
 from fedsynth.client.site_terms import (
     check_delta_for_subjects,
     check_terms,
-    log_locally,
     refuse,
 )
 from fedsynth.common.config import Config, config_from_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
+from fedsynth.common.logs import show_on_console
 from fedsynth.common.protocol import READY_RECORD, SiteStop
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 FAILED = "failed.json"
 _MASKED = contextvars.ContextVar("fedsynth_masked", default=False)
@@ -69,16 +73,14 @@ def _optional_path(sent: Mapping[str, object], key: str) -> Path | None:
     return Path(value) if value else None
 
 
-def _study(sent: Mapping[str, object]) -> tuple[Config, int]:
+def _study(sent: Mapping[str, Any]) -> tuple[Config, int]:  # the server's values, unchecked
     try:
-        return config_from_dict(json.loads(str(sent["study"]))), int(sent["round"])  # type: ignore[arg-type]
+        return config_from_dict(json.loads(str(sent["study"]))), int(sent["round"])
     except (KeyError, ValueError, TypeError, FedsynthError) as error:
         raise refuse(None, "config", f"the server's study config is unusable: {error}") from None
 
 
-def _settings(
-    sent: Mapping[str, object], node_config: Mapping[str, object], config: Config
-) -> SiteSettings:
+def _settings(sent: Mapping[str, object], node_config: NodeConfig, config: Config) -> SiteSettings:
     try:
         return site_settings(
             node_config,
@@ -96,7 +98,7 @@ def _budget(settings: SiteSettings) -> SiteBudget:
 
 
 def ready_answer(
-    sent: Mapping[str, object], node_config: Mapping[str, object]
+    sent: Mapping[str, object], node_config: NodeConfig
 ) -> dict[str, int | float | str]:
     """The READY reply (protocol.READY_METRICS) from node config and ledger; no data read."""
     config, round_number = _study(sent)
@@ -115,7 +117,9 @@ def ready_answer(
     except SiteStop as stop:
         code = stop.code
     if code != "ready":
-        log_locally(settings.state_dir, f"round {round_number}: not ready ({code})")
+        log.warning(
+            "round %d: not ready (%s)", round_number, code, extra=at_site(settings.state_dir)
+        )
     return {
         "site": settings.name,
         "ready": int(code == "ready"),
@@ -128,7 +132,7 @@ def ready_answer(
 def site_round_reply(
     weights: dict[str, torch.Tensor],
     sent: Mapping[str, object],
-    node_config: Mapping[str, object],
+    node_config: NodeConfig,
     secure: bool = False,
 ) -> tuple[dict[str, np.ndarray], int, dict[str, float | int | str]]:
     """(delta per key, subjects, metrics) for the server's instruction (Flower-free to test).
@@ -185,7 +189,7 @@ def site_round_reply(
     problem = _unsendable(delta, float(sent.get("clipping-range", 0.0) or 0.0))  # type: ignore[arg-type]
     if problem:
         _fail(settings, round_number, "update", problem, spent=True)
-    metrics = {
+    metrics: dict[str, float | int | str] = {
         "site": settings.name,
         "noise_multiplier": float(plan.noise_multiplier),
         "sample_rate": float(plan.sample_rate),
@@ -199,7 +203,9 @@ def site_round_reply(
     return delta, int(plan.subjects), metrics
 
 
-def _fail(settings: SiteSettings, round_number: int, code: str, detail: str, spent: bool):
+def _fail(
+    settings: SiteSettings, round_number: int, code: str, detail: str, spent: bool
+) -> NoReturn:
     """Stop the round; after a spend, mark the site failed so it is not selected again."""
     if spent:
         atomic_write_text(
@@ -230,10 +236,10 @@ def _unsendable(delta: dict[str, np.ndarray], clip: float) -> str:
 class SiteClient(NumPyClient):
     """The legacy client SecAgg+ needs: parameters in `keys` order in, deltas out."""
 
-    def __init__(self, node_config: Mapping[str, object]) -> None:
+    def __init__(self, node_config: NodeConfig) -> None:
         self.node_config = node_config
 
-    def fit(self, parameters, config):  # type: ignore[override]
+    def fit(self, parameters, config):
         import torch
 
         if "OMP_NUM_THREADS" not in os.environ:  # simulated sites share the machine's cores
@@ -247,13 +253,15 @@ class SiteClient(NumPyClient):
 
 
 def site_guard(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Let no exception text leave the site but a SiteStop's fixed one."""
+    """Let no exception text leave the site but a SiteStop's fixed one (the SuperNode's
+    console shows fedsynth's log: the first mod is where the ClientApp starts)."""
+    show_on_console()
     try:
         return call_next(msg, ctxt)
     except SiteStop:
         raise
     except Exception:  # the text may carry site data: log it here only
-        log_locally(None, traceback.format_exc())
+        log.exception("the ClientApp failed (the server is told: internal)")
         raise SiteStop("internal") from None
 
 
@@ -265,11 +273,14 @@ def answer_ready(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     ):
         sent = dict(msg.content.config_records[READY_RECORD])
         answer = ready_answer(sent, ctxt.node_config)
-        return Message(RecordDict({READY_RECORD: ConfigRecord(answer)}), reply_to=msg)
+        # Flower only copies the values; its dict[str, ConfigRecordValues] is needlessly invariant
+        return Message(RecordDict({READY_RECORD: ConfigRecord(answer)}), reply_to=msg)  # type: ignore[arg-type]
     return call_next(msg, ctxt)
 
 
-def secure_aggregation_when_asked(msg: Message, ctxt: Context, call_next: ClientAppCallable):
+def secure_aggregation_when_asked(
+    msg: Message, ctxt: Context, call_next: ClientAppCallable
+) -> Message:
     """SecAgg+ for the server's SecAgg+ messages; plain train messages pass through."""
     if (
         msg.metadata.message_type == MessageType.TRAIN
@@ -316,7 +327,7 @@ def _widened(reply: Message) -> Message:
     return reply
 
 
-def client_fn(context: Context):
+def client_fn(context: Context) -> Client:
     return SiteClient(context.node_config).to_client()
 
 

@@ -1,45 +1,28 @@
-"""A site's own privacy terms, checked before it touches data, and its local log.
+"""A site's own privacy terms, checked before it touches data.
 
 The server proposes a study (delta, accountant, secure aggregation); the site decides.
 Every refusal raises SiteStop with a fixed reason code (common/protocol.py), and the
-details, which may name paths or values, go to the site's own log only: stderr of its
-SuperNode and `site.log` (0600) in its state dir.
+details, which may name paths or values, go to the site's own log only (client/site_log.py:
+its SuperNode's console and `site.log`, 0600, in its state dir).
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import time
-from pathlib import Path
+import logging
 
 from fedsynth.client.budget import LEDGER
 from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.site_log import at_site
 from fedsynth.common.config import Config
-from fedsynth.common.io import private_dir
 from fedsynth.common.ledger import read_ledger
 from fedsynth.common.protocol import SiteStop
 
-LOG = "site.log"
-
-
-def log_locally(state_dir: Path | None, text: str) -> None:
-    """One line to the SuperNode's stderr and, when the state dir is known, its site.log."""
-    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} [fedsynth site] {text}\n"
-    sys.stderr.write(line)
-    if state_dir is None:
-        return
-    try:
-        fd = os.open(private_dir(state_dir) / LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(fd, "a", encoding="utf-8") as f:
-            f.write(line)
-    except OSError:
-        pass  # the stderr line stands
+log = logging.getLogger(__name__)
 
 
 def refuse(settings: SiteSettings | None, code: str, detail: str) -> SiteStop:
     """Log `detail` locally and return the SiteStop (with only `code`) to raise."""
-    log_locally(settings.state_dir if settings else None, f"{code}: {detail}")
+    log.warning("%s: %s", code, detail, extra=at_site(settings.state_dir if settings else None))
     return SiteStop(code)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from fedsynth.common.config import Config, load_config, parse_assignments
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.logs import show_on_console
 
 COMMANDS: dict[str, str] = {
     "phantoms": "fedsynth.simulations.phantoms_cmd",
@@ -77,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    show_on_console()  # what the command's library parts log, on stderr
     try:
         return int(args._run(args) or 0)
     except FedsynthError as exc:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from tqdm import tqdm
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 LOG_INTERVAL_S = 60.0  # when stderr is a log (e.g. a Flower ServerApp's), a line a minute
@@ -19,10 +23,11 @@ def progress(
     is not a terminal, one line at most a minute instead of a redrawn bar.
 
     The log's bar counts every item (`miniters=1`): with tqdm's default dynamic count,
-    its monitor thread re-printed a slow loop's last line with a stale count."""
+    its monitor thread re-printed a slow loop's last line with a stale count; a log's
+    last line says the work is done (the bar's own last line may be a minute old)."""
     if enabled and not sys.stderr.isatty():
         line = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}]\n"
-        return iter(
+        return _ends_with_a_line(
             tqdm(
                 items,
                 desc=desc,
@@ -31,6 +36,16 @@ def progress(
                 miniters=1,
                 bar_format=line,
                 leave=False,
-            )
+            ),
+            desc,
         )
     return iter(tqdm(items, desc=desc, total=total, disable=not enabled, unit="it", leave=False))
+
+
+def _ends_with_a_line(items: Iterable[T], desc: str) -> Iterator[T]:
+    """`items`, then (when all were taken) one log line: how many, in how long."""
+    started, count = time.monotonic(), 0
+    for item in items:
+        count += 1
+        yield item
+    log.info("%s: done, %d in %.0f s", desc, count, time.monotonic() - started)

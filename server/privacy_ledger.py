@@ -19,6 +19,7 @@ recomputes epsilon from a server ledger (summary, selection, release, verify) us
 
 from __future__ import annotations
 
+import logging
 import math
 import uuid
 from collections.abc import Iterable
@@ -28,6 +29,8 @@ from fedsynth.common.config import Config, PrivacyConfig
 from fedsynth.common.ledger import append_entry, charged, read_ledger, segment_of
 from fedsynth.server.run_dir import LEDGER
 from fedsynth.server.study import Study
+
+log = logging.getLogger(__name__)
 
 
 def charged_epsilon(entries: Iterable[dict], site: str, privacy: PrivacyConfig) -> float:
@@ -141,8 +144,9 @@ def compare_reported(study: Study, site: str, reported: float | None) -> None:
         return
     ours = charged_epsilon(read_ledger(study.run_dir / LEDGER), site, study.config.privacy)
     if not math.isclose(float(reported), ours, rel_tol=1e-6, abs_tol=1e-9):
-        print(
-            f"[fedsynth] warning: {site} reports epsilon {float(reported):.6g}, the server's "
-            f"ledger gives {ours:.6g}; the server's figure counts",
-            flush=True,
+        log.warning(
+            "%s reports epsilon %.6g, the server's ledger gives %.6g; the server's figure counts",
+            site,
+            float(reported),
+            ours,
         )

@@ -1,15 +1,18 @@
-"""The coordinator's Flower ServerApp: prepare the study, run its rounds, summarise.
+"""fedsynth's one Flower ServerApp: prepare the study, run its rounds, summarise.
 
-`build_app(simulate)` makes the ServerApp; `app` (this module) is the one for studies
-with real sites (run config `checkpoint` names the public checkpoint), and
-fedsynth.simulations.server_app:app, the one `flwr run .` names, adds the simulation's
-phantom sites. The round loop is server/strategy.py; the ledger server/privacy_ledger.py;
-the run dir server/run_dir.py; SecAgg+ parameters server/secure_aggregation.py.
+The same app runs a `flwr run .` simulation and a study with real hospitals; run config
+`data` chooses ("phantoms", pyproject's default: generated phantom sites; "sites": real
+sites, with the public `checkpoint` named), as Flower's example apps choose simulation or
+deployment by federation, not by app (server/study.py). The round loop: READY
+(server/readiness.py), the fit step (server/round_fit.py) and the strategy
+(server/strategy.py), which charges the ledger (server/round_charges.py,
+server/privacy_ledger.py), aggregates (server/aggregation.py) and validates
+(server/round_validation.py); the run dir is server/run_dir.py.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 
 import torch
 from flwr.app import Context
@@ -21,12 +24,16 @@ from flwr.serverapp import Grid, ServerApp
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.logs import show_on_console
 from fedsynth.common.models import trainable_names
-from fedsynth.server.run_dir import ledger_table, resume_point, write_summary
+from fedsynth.server.round_fit import RoundFit
+from fedsynth.server.round_validation import RoundValidation
+from fedsynth.server.run_dir import SUMMARY, ledger_table, resume_point, write_summary
 from fedsynth.server.secure_aggregation import StudySecAggPlus, secagg_settings
-from fedsynth.server.strategy import RoundFit, StudyStrategy
-from fedsynth.server.study import Simulate, Study, prepare
-from fedsynth.server.validation import validation_text
+from fedsynth.server.strategy import StudyStrategy
+from fedsynth.server.study import Study, prepare
+
+log = logging.getLogger(__name__)
 
 
 def travelling_keys(
@@ -71,11 +78,10 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
     weights = public if weights is None else weights
     keys = list(weights) if whole_unet else travelling_keys(config, unet, weights)
     _check_frozen(weights, public, keys, config)
-    strategy = StudyStrategy(study, weights, done, keys)
+    validation = RoundValidation(study)
+    strategy = StudyStrategy(study, weights, done, keys, validation)
     if done == 0:  # the public checkpoint: the baseline of every later round
-        validated = validation_text(strategy.validate(0))
-        if validated:
-            print(f"[fedsynth] round 0 (public checkpoint): {validated}", flush=True)
+        validation.public_checkpoint(strategy.weights)
     remaining = config.federation.rounds - done
     if remaining > 0:
         if config.federation.secure_aggregation:
@@ -87,30 +93,32 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
         try:
             workflow(grid, legacy)
         except BaseException:
-            strategy.finish_validation(cancel=True)
+            validation.finish(cancel=True)
             raise
-        strategy.finish_validation()
-    strategy.site_domain_fidelity(done + strategy.settled)
+        validation.finish()
+    validation.final_fidelity(done + strategy.settled, strategy.weights)
     return write_summary(study, done + strategy.settled, strategy.over)
 
 
-def build_app(simulate: Simulate | None = None) -> ServerApp:
-    """A ServerApp whose studies get their data from `simulate` when no checkpoint is named."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        try:
-            study = prepare(dict(context.run_config), context.run_id, simulate)
-            print(f"[fedsynth] run dir {study.run_dir}", flush=True)
-            summary = run_federation(grid, study, context)
-        except FedsynthError as error:
-            print(f"[fedsynth] error: {error}", flush=True)
-            raise SystemExit(1) from None
-        print(ledger_table(summary), flush=True)
-        print(f"[fedsynth] study done: {json.dumps(summary)}", flush=True)
-
-    return app
+app = ServerApp()
 
 
-app = build_app()
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the study the run config describes; a FedsynthError ends it in one line."""
+    show_on_console()
+    try:
+        study = prepare(dict(context.run_config), context.run_id)
+        log.info("run dir %s", study.run_dir)
+        summary = run_federation(grid, study, context)
+    except FedsynthError as error:
+        log.error("%s", error)
+        raise SystemExit(1) from None
+    log.info("%s", ledger_table(summary))
+    log.info(
+        "study done: %d of %d rounds; run dir %s; summary %s",
+        summary["rounds_done"],
+        study.config.federation.rounds,
+        study.run_dir,
+        study.run_dir / SUMMARY,
+    )

@@ -1,9 +1,11 @@
 """What a study is: its config, run dir, public checkpoint, and its fixed privacy terms.
 
-The ServerApp runs wherever the SuperLink started, so every path here is absolute. A
-study with real sites names its public checkpoint (run config `checkpoint`); a simulation
-gets its phantom sites and checkpoint from a `Simulate` hook (fedsynth.simulations), so
-that nothing under server/ depends on the phantom generator.
+The ServerApp runs wherever the SuperLink started, so every path here is absolute. Run
+config `data` says where the sites' data is: "sites" (a study with real hospitals; it
+names its public checkpoint, run config `checkpoint`) or "phantoms" (a simulation: phantom
+sites and a public checkpoint generated and cached by fedsynth.simulations.study_data,
+imported only then, so a coordinator's or hospital's deployment never loads the phantom
+generator).
 
 A study's delta and accountant are fixed when it starts (run-dir/terms.json): every
 epsilon in its ledger is computed with them, and a resume that changes either would
@@ -17,7 +19,6 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +27,13 @@ from fedsynth.common.config import Config, load_config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
 from fedsynth.server.run_dir import LEDGER
+from fedsynth.server.validation import SiteDomainCheck
 
 TERMS = "terms.json"
+DATA = ("phantoms", "sites")  # run config `data`: a simulation, or real sites
 RESERVED = (
     "config",
+    "data",
     "run-dir",
     "resume",
     "checkpoint",
@@ -55,22 +59,20 @@ class Study:
     max_weight: float = 1000.0  # SecAgg+: the largest subject count any site may weigh
     validation: Path | None = None  # public held-out data for per-round validation
     study_id: str = "study"  # fixed at the start (terms.json); sites tag their rounds with it
-    site_domain: Path | None = None  # simulation only: held-out subjects of each site's profile
+    site_domain: SiteDomainCheck | None = None  # simulation only: see server/validation.py
 
 
 @dataclass(frozen=True)
 class SimulatedData:
-    """What a simulation prepares: phantom sites, a public checkpoint, validation data and
-    (simulation only) held-out subjects of each site's profile, site-1..K."""
+    """What a simulation prepares: phantom sites, a public checkpoint, validation data,
+    held-out subjects of each site's profile (site-1..K) and the check that measures the
+    model on them (simulation only)."""
 
     phantoms: Path
     checkpoint: Path
     validation: Path | None
-    site_domain: Path | None = None
-
-
-# (config, cache dir, phantom subjects per site) -> the simulation's data
-Simulate = Callable[[Config, Path, int, int], SimulatedData]  # config, cache, site, public
+    held_out: Path | None = None
+    site_domain: SiteDomainCheck | None = None
 
 
 def cache_dir(config: Config) -> Path:
@@ -136,20 +138,45 @@ def fix_terms(config: Config, run_dir: Path, resume: bool) -> str:
     return study_id
 
 
-def prepare(
-    run_config: dict[str, Any], run_id: int | str = "", simulate: Simulate | None = None
-) -> Study:
+def _data(run_config: dict[str, Any]) -> tuple[bool, Path | None]:
+    """(simulated, checkpoint) from run config `data` and `checkpoint`, checked together."""
+    data = str(run_config.get("data", "sites") or "sites").strip()
+    checkpoint = _folder(run_config, "checkpoint")
+    if data not in DATA:
+        raise FedsynthError(
+            f'run config data={data!r}: must be "phantoms" (a simulation on generated '
+            'phantom sites) or "sites" (real sites; name the public checkpoint)'
+        )
+    if data == "sites" and checkpoint is None:
+        raise FedsynthError(
+            'run config data="sites" and checkpoint is empty: name the public checkpoint '
+            "folder (-c checkpoint=DIR), or run a simulation (-c data=phantoms)"
+        )
+    if data == "phantoms" and checkpoint is not None:
+        raise FedsynthError(
+            "run config checkpoint names a public checkpoint, which a study with real sites "
+            'uses, but data is "phantoms" (a simulation pretrains its own): add '
+            "-c data=sites"
+        )
+    return data == "phantoms", checkpoint
+
+
+def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
     """Config, run dir, fixed terms, public checkpoint and (simulation) data.
 
-    With run config `checkpoint` (a public checkpoint folder) real sites are expected and
-    nothing is generated; `validation-data` names public held-out data for validation.
-    Without it, `simulate` prepares phantom sites (cached); without either, an error.
+    Run config `data` "sites" (the default outside pyproject): real sites are expected,
+    `checkpoint` names the public checkpoint and nothing is generated; "phantoms": phantom
+    sites and a public checkpoint are generated once and cached. `validation-data` names
+    public held-out data for validation (a simulation draws its own otherwise).
+    Raises FedsynthError naming the run config key and value that cannot be used.
     """
     config = load_config(
         str(run_config.get("config", "default") or "default"), config_overrides(run_config)
     )
     subjects = _count(run_config, "phantom-subjects", DEFAULT_PHANTOM_SUBJECTS)
     public = _count(run_config, "phantom-public-subjects", DEFAULT_PUBLIC_SUBJECTS)
+    simulated, checkpoint = _data(run_config)
+    validation = _folder(run_config, "validation-data")
     cache = cache_dir(config)
     run_dir_text = str(run_config.get("run-dir", "") or config.paths.run_dir)
     if run_dir_text:
@@ -166,19 +193,15 @@ def prepare(
     run_dir.mkdir(parents=True, exist_ok=True)
     study_id = fix_terms(config, run_dir, resume)
 
-    checkpoint = _folder(run_config, "checkpoint")
-    validation = _folder(run_config, "validation-data")
     phantoms = site_domain = None
-    if checkpoint is None:
-        if simulate is None:
-            raise FedsynthError(
-                "run config checkpoint is empty: name the public checkpoint folder "
-                "(-c checkpoint=DIR), or run the simulation app"
-            )
-        data = simulate(config, cache, subjects, public)
+    if simulated:
+        from fedsynth.simulations.study_data import phantom_study  # a simulation only
+
+        data = phantom_study(config, cache, subjects, public)
         phantoms, checkpoint = data.phantoms, data.checkpoint
         validation = validation or data.validation
         site_domain = data.site_domain
+    assert checkpoint is not None  # _data: real sites name theirs, a simulation made one
     clipping = float(run_config.get("secagg-clipping-range", 0) or CLIPPING_RANGE)
     max_weight = float(run_config.get("secagg-max-weight", 0) or subjects)
     return Study(

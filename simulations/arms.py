@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import sys
+import logging
 import time
 from dataclasses import dataclass
 
@@ -31,9 +31,11 @@ from fedsynth.common.config import (
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS, cache_dir
-from fedsynth.server.validation import SITE_DOMAIN_DRAWS, SiteDomain
 from fedsynth.simulations.federated import Weights, federate, load_sites, subset
+from fedsynth.simulations.site_domain import SITE_DOMAIN_DRAWS, SiteDomain
 from fedsynth.simulations.study_data import simulated_data
+
+log = logging.getLogger(__name__)
 
 ARM_VERSION = 1  # bump when what an arm computes changes: cached results are then rerun
 STARTS = ("public", "scratch")
@@ -98,7 +100,7 @@ class StudyContext:
         self.names = [f"site-{k}" for k in range(1, config.federation.sites + 1)]
         state = self.cache / "studies" / "sites" / self.data.phantoms.name
         self.sites = load_sites(self.pretrained, self.data.phantoms, self.names, state)
-        self.site_domain = SiteDomain(self.pretrained, self.data.site_domain, config)
+        self.site_domain = SiteDomain(self.pretrained, self.data.held_out, config)
         self.public = {k: v.clone() for k, v in self.pretrained.unet.state_dict().items()}
         self.arms = self.cache / "studies" / "arms"
         self.checkpoint_sha = file_sha256(self.pretrained.folder / UNET)  # part of every key
@@ -179,7 +181,7 @@ class StudyContext:
             "config": fingerprint_dict(self.config_for(arm)),
             "unet": self.checkpoint_sha,
             "phantoms": str(self.data.phantoms),
-            "held_out": str(self.data.site_domain),
+            "held_out": str(self.data.held_out),
             "draws": SITE_DOMAIN_DRAWS,
         }
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
@@ -193,7 +195,7 @@ class StudyContext:
         path, weights_path = self.arms / f"{key}.json", self.arms / f"{key}.pt"
         if path.is_file() and weights_path.is_file():
             result = json.loads(path.read_text())
-            print(f"{arm.label} (seed {seed}): cached, {path}", file=sys.stderr, flush=True)
+            log.info("%s (seed %d): cached, %s", arm.label, seed, path)
         else:
             run = federate(
                 self.config_for(arm),

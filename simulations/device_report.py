@@ -10,7 +10,7 @@ Each peak is measured in a process of its own, so nothing else the report did co
 
 from __future__ import annotations
 
-import sys
+import logging
 from dataclasses import replace
 
 import torch
@@ -33,6 +33,8 @@ from fedsynth.simulations.bench import (
 PAPER_VOLUME = (96, 96, 13)  # H, W, slices
 PAPER_SPACING = (1.8, 1.8, 10.0)  # mm: UK Biobank's SAX cine, in-plane and slice
 PAPER_AUTOENCODER_LEVELS = 3  # 2 halvings in-plane: 4x
+
+log = logging.getLogger(__name__)
 
 
 def paper_volume(config: Config) -> Config:
@@ -70,11 +72,7 @@ def size_report(bench: Bench) -> dict:
     with the config's steps and guidance, in batches of sampling.batch-size). Prints a
     progress line naming the size first (a size takes minutes on a CPU)."""
     config = bench.config
-    print(
-        f"bench: device report at {'x'.join(map(str, config.data.shape))} ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    log.info("bench: device report at %s ...", "x".join(map(str, config.data.shape)))
     steps = measured_steps(bench)
     return {
         "shape": list(config.data.shape),

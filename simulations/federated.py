@@ -4,11 +4,11 @@ A study compares many finetunes (DP against none, one site against all, epsilon 
 10), which through `flwr run` would each cost a SuperLink, a ClientApp per stage and a
 ledger. Here each round trains every site with the trainer a real site runs
 (`client.dp_trainer.train_round`, from the global weights, its own Poisson sampling and
-secure-mode noise) and adds the subject-weighted mean of their deltas, as the strategy's
-`mean_delta` does, through the server optimiser (`federation.server-optimizer`). A site's
-noise multiplier is planned once for the whole study, as a site that trains every round
-plans it (`client.budget`): the target epsilon over
-rounds x local steps at its sample rate; `private=False` trains the same steps with noise
+secure-mode noise) and adds the subject-weighted mean of their deltas (server/aggregation.py,
+as a `flwr run` round does) through the server optimiser (`federation.server-optimizer`).
+A site's noise multiplier is planned once for the whole study, as a site that trains every
+round plans it (`client.budget`): the target epsilon over rounds x local steps at its
+sample rate; `private=False` trains the same steps with noise
 0 (still clipped), the non-private reference of the same computation.
 
 What differs from `flwr run`: no SecAgg+ (its quantisation changes a delta by at most
@@ -18,7 +18,7 @@ those runs `flwr run`.
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +32,10 @@ from fedsynth.client.latents import SiteLatents, site_latents
 from fedsynth.common.accountant import plan_noise
 from fedsynth.common.checkpoint import Pretrained
 from fedsynth.common.config import Config
+from fedsynth.server.aggregation import subject_weighted_mean
 from fedsynth.server.server_optimizer import ServerOptimizer
+
+log = logging.getLogger(__name__)
 
 Weights = dict[str, torch.Tensor]
 Evaluate = Callable[[Weights], dict[str, float]]
@@ -98,7 +101,7 @@ def federate(
     `unet` is the ConditionedUNet the sites train (its weights are overwritten). Each site's
     round is seeded from (seed, round, site) so that two calls with one seed differ only in
     what the call changes. `evaluate(weights)` runs before round 1 and after each round.
-    Progress goes to stderr, one line per round, prefixed by `label`.
+    Progress is logged, one line per round, prefixed by `label`.
     """
     weights = {k: v.detach().clone() for k, v in start.items()}
     noise = {
@@ -125,16 +128,12 @@ def federate(
             )
             trained = unet.state_dict()
             deltas.append((site.n_subjects, {key: trained[key] - weights[key] for key in weights}))
-        total = sum(n for n, _ in deltas)
-        mean = {key: sum(d[key].double() * (n / total) for n, d in deltas) for key in weights}
-        server.step(weights, mean)
+        server.step(weights, subject_weighted_mean(deltas))
         run.seconds += time.perf_counter() - started
         if evaluate is not None:
             run.history.append(evaluate(weights))
-        print(
-            f"{label}round {round_number}/{config.federation.rounds} ({run.seconds:.0f} s)",
-            file=sys.stderr,
-            flush=True,
+        log.info(
+            "%sround %d/%d (%.0f s)", label, round_number, config.federation.rounds, run.seconds
         )
     run.weights = weights
     return run

@@ -8,12 +8,16 @@ change while the manifest does not); public held-out validation subjects from an
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 
 from fedsynth.common.checkpoint import METADATA, file_sha256
 from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.feature_net import ensure_feature_net
 from fedsynth.server.study import DEFAULT_PUBLIC_SUBJECTS, SimulatedData
+
+log = logging.getLogger(__name__)
 
 VALIDATION_SUBJECTS = 4  # public held-out phantom subjects (8 volumes) for validation
 SITE_HELD_OUT_SUBJECTS = 10  # per site: held-out subjects of its profile (simulation only)
@@ -44,7 +48,7 @@ def phantom_folder(
         folder = version / f"sites{sites}-subjects{subjects}-seed{seed}-public{public_subjects}"
         count, public, draw = subjects, public_subjects, seed
     if not (folder / f"site-{sites}" / "manifest.csv").is_file():
-        print(f"[fedsynth] generating phantoms in {folder}", flush=True)
+        log.info("generating phantoms in %s", folder)
         generate_cohorts(
             folder,
             sites,
@@ -69,9 +73,22 @@ def simulated_data(
     if not (checkpoint / METADATA).is_file():  # written last: the checkpoint is whole
         from fedsynth.server.pretrain import pretrain
 
-        print(f"[fedsynth] pretraining on public phantoms into {checkpoint}", flush=True)
+        log.info("pretraining on public phantoms into %s", checkpoint)
         pretrain(config, phantoms / "public", checkpoint, show_progress=True)
     # a checkpoint cached before evaluation feature nets existed gets them from the same data
     ensure_feature_net(checkpoint, phantoms / "public", config, show_progress=True)
     held_out = phantom_folder(cache, config, subjects, held_out=True)
-    return SimulatedData(phantoms, checkpoint, held_out / "public", site_domain=held_out)
+    return SimulatedData(phantoms, checkpoint, held_out / "public", held_out=held_out)
+
+
+def phantom_study(
+    config: Config, cache: Path, subjects: int, public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
+) -> SimulatedData:
+    """`simulated_data` and the site-domain check a simulated `flwr run` study passes to
+    the server (fedsynth.simulations.site_domain)."""
+    from fedsynth.simulations.site_domain import SiteDomain
+
+    data = simulated_data(config, cache, subjects, public_subjects)
+    assert data.held_out is not None
+    check = SiteDomain.from_checkpoint(data.checkpoint, data.held_out, config)
+    return replace(data, site_domain=check)

@@ -27,3 +27,18 @@ def test_a_slow_loop_logs_no_stale_repeated_line(monkeypatch):
     counts = [line.split()[1] for line in lines]
     assert len(lines) >= 3, lines  # the interval really passed several times
     assert len(counts) == len(set(counts)), lines
+
+
+def test_a_log_ends_with_a_completion_line(monkeypatch, caplog):
+    """In a log, the last progress line may be a minute old: the work ends with a line that
+    says it is done and how many items it took; a loop left early says nothing of the sort."""
+    stderr = io.StringIO()
+    monkeypatch.setattr(progress_module.sys, "stderr", stderr)
+    monkeypatch.setattr(progress_module, "tqdm", functools.partial(tqdm, file=stderr))
+    assert list(progress_module.progress(range(7), "encode site")) == list(range(7))
+    assert "encode site: done, 7 in 0 s" in caplog.messages
+    caplog.clear()
+    for item in progress_module.progress(range(7), "stopped"):
+        if item == 2:
+            break
+    assert not [m for m in caplog.messages if "done" in m]

@@ -65,6 +65,7 @@ def test_pretraining_cache_key_ignores_privacy_and_federation():
 def test_prepare_with_a_public_checkpoint_generates_nothing(tmp_path, tiny_checkpoint):
     run_config = declared() | {
         "config": "tiny",
+        "data": "sites",
         "run-dir": str(tmp_path / "run"),
         "checkpoint": str(tiny_checkpoint),
         "paths.cache-dir": str(tmp_path / "c"),
@@ -76,6 +77,34 @@ def test_prepare_with_a_public_checkpoint_generates_nothing(tmp_path, tiny_check
         prepare({**run_config, "validation-data": "/nowhere"})
 
 
+@pytest.mark.parametrize(
+    ("data", "checkpoint", "says"),
+    [
+        ("sites", False, 'data="sites" and checkpoint is empty: name the public checkpoint'),
+        ("phantoms", True, r'data is "phantoms" \(a simulation pretrains its own\): add'),
+        ("hospital", True, 'data=\'hospital\': must be "phantoms" .* or "sites"'),
+    ],
+    ids=["sites-without-checkpoint", "phantoms-with-checkpoint", "unknown"],
+)
+def test_data_and_checkpoint_are_checked_together_before_anything_is_made(
+    tmp_path, tiny_checkpoint, data, checkpoint, says
+):
+    """pyproject's `data = "phantoms"` runs the simulation; a study with real sites says
+    `data="sites"` and names its checkpoint: each half alone is one line, and nothing of
+    the simulation is generated or imported for it."""
+    run_config = declared() | {
+        "config": "tiny",
+        "data": data,
+        "run-dir": str(tmp_path / "run"),
+        "checkpoint": str(tiny_checkpoint) if checkpoint else "",
+        "paths.cache-dir": str(tmp_path / "cache"),
+    }
+    assert declared()["data"] == "phantoms"
+    with pytest.raises(FedsynthError, match=says):
+        prepare(run_config)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
 def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_checkpoint):
     """Issue 16, item 9: the same spend is epsilon 9.95 at delta 1e-5 and 5.23 at 0.04, so
     a study's delta and accountant are fixed when it starts (terms.json)."""
@@ -83,6 +112,7 @@ def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_che
 
     run_config = declared() | {
         "config": "tiny",
+        "data": "sites",
         "run-dir": str(tmp_path / "run"),
         "checkpoint": str(tiny_checkpoint),
     }

@@ -156,7 +156,7 @@ def test_moments_saved_for_other_tensors_are_not_loaded(tmp_path):
 
 
 def test_a_failed_validation_is_logged_and_a_failing_study_drops_queued_ones(
-    tmp_path, capsys, monkeypatch
+    tmp_path, caplog, monkeypatch
 ):
     """Validation runs beside the rounds: its failure is one line, not the study's end;
     when the study itself fails, rounds still queued for validation are not validated."""
@@ -164,10 +164,10 @@ def test_a_failed_validation_is_logged_and_a_failing_study_drops_queued_ones(
 
     from test_secure_aggregation import WEIGHTS, _study
 
-    from fedsynth.server.strategy import StudyStrategy
+    from fedsynth.server.round_validation import RoundValidation
 
-    strategy = StudyStrategy(_study(tmp_path, secure=False), dict(WEIGHTS), done=0)
-    strategy.validator = object()  # as if public validation data were named
+    validation = RoundValidation(_study(tmp_path, secure=False))
+    validation.validator = object()  # as if public validation data were named
     running, release, validated = threading.Event(), threading.Event(), []
 
     def validate(round_number, weights):
@@ -178,22 +178,22 @@ def test_a_failed_validation_is_logged_and_a_failing_study_drops_queued_ones(
         validated.append(round_number)
         return {}
 
-    monkeypatch.setattr(strategy, "validate", validate)
-    strategy.validate_later(1)
-    strategy.validate_later(2)
+    monkeypatch.setattr(validation, "validate", validate)
+    validation.later(1, dict(WEIGHTS))
+    validation.later(2, dict(WEIGHTS))
     assert running.wait(10)
     release.set()
-    strategy.finish_validation()
-    out = capsys.readouterr().out
+    validation.finish()
+    out = caplog.text
     assert "round 1 validation failed: RuntimeError: no such volume" in out
     assert validated == [2]  # the next round was still validated
 
     release.clear()
     validated.clear()
     running.clear()
-    strategy.validate_later(1)  # blocks until released
-    strategy.validate_later(2)
+    validation.later(1, dict(WEIGHTS))  # blocks until released
+    validation.later(2, dict(WEIGHTS))
     assert running.wait(10)
     threading.Timer(0.5, release.set).start()
-    strategy.finish_validation(cancel=True)
+    validation.finish(cancel=True)
     assert validated == []  # round 2 was dropped, round 1 finished (and failed) first

@@ -22,12 +22,12 @@ from fedsynth.client.dp_trainer import train_round
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import load_config
 from fedsynth.common.ledger import read_ledger
-from fedsynth.server.strategy import StudyStrategy
+from fedsynth.server.round_validation import RoundValidation
 from fedsynth.server.study import prepare
-from fedsynth.server.validation import SiteDomain
 from fedsynth.simulations.federated import federate, load_sites, noise_multiplier, subset
 from fedsynth.simulations.flwr_overhead import run_overhead
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
+from fedsynth.simulations.site_domain import SiteDomain
 
 FAST = {"sampling.steps": 2, "device": "cpu", "training.finetune-learning-rate": 3e-3}
 
@@ -116,7 +116,7 @@ def test_federation_is_the_subject_weighted_mean_of_the_sites_rounds(
 
 
 def test_a_simulated_study_reports_site_domain_losses_every_round(
-    one_thread, tmp_path, tiny_checkpoint, site_phantoms, capsys
+    one_thread, tmp_path, tiny_checkpoint, site_phantoms, caplog
 ):
     run_config = {
         "config": "tiny",
@@ -131,7 +131,9 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     assert study.site_domain is None  # real sites: nothing reads their data
     from dataclasses import replace
 
-    study = replace(study, site_domain=site_phantoms)  # what a simulation adds
+    # what a simulation passes in (fedsynth.simulations.study_data.phantom_study)
+    check = SiteDomain.from_checkpoint(tiny_checkpoint, site_phantoms, study.config)
+    study = replace(study, site_domain=check)
     nodes = {
         k: {
             "data-path": str(site_phantoms / f"site-{k}"),
@@ -143,7 +145,7 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
         for k in (1, 2, 3)
     }
     validated_on, validated_until = {}, {}  # round -> the validating thread, its end
-    validate = StudyStrategy.validate
+    validate = RoundValidation.validate
 
     def recording(self, round_number, weights=None):
         validated_on[round_number] = threading.current_thread().name
@@ -153,7 +155,7 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
             validated_until[round_number] = time.time()
 
     with task_identity(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(StudyStrategy, "validate", recording)
+        patch.setattr(RoundValidation, "validate", recording)
         summary = server_app.run_federation(
             LoopbackGrid(app, nodes), study, Context(1, 0, {}, RecordDict(), {})
         )
@@ -173,7 +175,7 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     assert fidelity["0"] != fidelity["2"]  # the trained model's samples differ
     [cached] = site_phantoms.glob(".public-fidelity-*.json")  # the public one, kept for reuse
     assert json.loads(cached.read_text()) == fidelity["0"]
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "round 0 (public checkpoint): validation loss" in out
     assert out.count("site-domain loss (simulation only) site-1") == 3
     assert "round 1 validation: validation loss" in out and "round 2 validation: " in out

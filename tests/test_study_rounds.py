@@ -194,7 +194,7 @@ def test_a_site_dropping_mid_secagg_round_is_charged_and_the_rest_aggregate(tmp_
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
-def test_one_ready_site_is_never_aggregated_alone(tmp_path, monkeypatch, capsys, secure):
+def test_one_ready_site_is_never_aggregated_alone(tmp_path, monkeypatch, caplog, secure):
     """Issue 12, item 5: when the other sites will not train, no round runs and nothing is
     unmasked; the study ends saying why (federation.min-sites 2)."""
     study, sites = _study(tmp_path, 3, secure), _sites(tmp_path)
@@ -202,7 +202,7 @@ def test_one_ready_site_is_never_aggregated_alone(tmp_path, monkeypatch, capsys,
         sites[n].budget.record(1, _full_spend(study, SUBJECTS[n]), study="an earlier study")
     summary, ledger, grid = _federate(study, sites, monkeypatch)
     assert summary["rounds_done"] == 0 and "min-sites 2" in summary["ended_early"]
-    out = capsys.readouterr().out
+    out = caplog.text
     assert out.count("will not train: the site's privacy budget is spent") == 2
     assert not [d for d in grid.deliveries if d.message_type.startswith("train")]
     assert not ledger and not (study.run_dir / "rounds").exists()
@@ -232,7 +232,7 @@ def test_a_round_with_fewer_than_min_sites_trained_is_not_aggregated(tmp_path, m
     _never_below(study, sites, ledger)
 
 
-def test_a_malformed_reply_does_not_break_the_round_ledger(tmp_path, monkeypatch, capsys):
+def test_a_malformed_reply_does_not_break_the_round_ledger(tmp_path, monkeypatch, caplog):
     """Issue 12, item 6: one reply with an unparsable history and one with an extra metric
     are both refused before any line is written; the good site's line and the estimates
     are all there, and the round is not aggregated (1 < min-sites)."""
@@ -246,20 +246,20 @@ def test_a_malformed_reply_does_not_break_the_round_ledger(tmp_path, monkeypatch
         "site-2": ("no-reply", True),
         "site-3": ("no-reply", True),
     }
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "site-2 sent a reply the server cannot use: history" in out
     assert "site-3 sent a reply the server cannot use: metric keys differ" in out
     _never_below(study, sites, ledger)
 
 
-def test_a_site_that_fails_after_spending_is_not_selected_again(tmp_path, monkeypatch, capsys):
+def test_a_site_that_fails_after_spending_is_not_selected_again(tmp_path, monkeypatch, caplog):
     """Issue 12, item 7."""
     study, sites = _study(tmp_path, 3, False), _sites(tmp_path)
     sites[3].fail_after_spend = True
     _, ledger, grid = _federate(study, sites, monkeypatch)
     trained_at_3 = [d for d in grid.deliveries if d.node_id == 3 and d.message_type == "train"]
     assert len(trained_at_3) == 1  # round 1 only
-    assert "site-3 will not train: the site failed in an earlier round" in capsys.readouterr().out
+    assert "site-3 will not train: the site failed in an earlier round" in caplog.text
     assert [h[0] for h in sites[3].budget.history()] == [1]
     _never_below(study, sites, ledger)
 
@@ -288,7 +288,7 @@ def test_spent_sites_are_not_selected_and_the_study_ends_when_too_few_are_left(
         assert summary["site_epsilon"][site] >= 0.99 * study.config.privacy.target_epsilon
 
 
-def test_a_site_epsilon_that_disagrees_with_the_server_ledger_is_flagged(tmp_path, capsys):
+def test_a_site_epsilon_that_disagrees_with_the_server_ledger_is_flagged(tmp_path, caplog):
     from fedsynth.common.accountant import Segment, epsilon
     from fedsynth.server.privacy_ledger import append_line, compare_reported
 
@@ -296,10 +296,12 @@ def test_a_site_epsilon_that_disagrees_with_the_server_ledger_is_flagged(tmp_pat
     append_line(study, 1, "site-1", Segment(1.1, 0.5, 2), "trained")
     ours = epsilon([Segment(1.1, 0.5, 2)], study.config.privacy.delta)
     compare_reported(study, "site-1", ours)
-    assert capsys.readouterr().out == ""
+    assert caplog.text == ""
     compare_reported(study, "site-1", 2 * ours)
-    out = capsys.readouterr().out
-    assert "warning: site-1 reports epsilon" in out and "the server's figure counts" in out
+    [record] = caplog.records
+    assert record.levelname == "WARNING"
+    assert "site-1 reports epsilon" in record.getMessage()
+    assert "the server's figure counts" in record.getMessage()
 
 
 def test_an_estimate_written_after_a_replaced_one_still_counts(tmp_path):
@@ -348,7 +350,7 @@ def test_the_worst_case_estimate_reaches_the_target_cheaply(accountant):
     ],
     ids=["tiny-sigma", "huge-int", "deep-nesting", "absurd-steps"],
 )
-def test_a_hostile_reply_is_refused_before_any_line(tmp_path, monkeypatch, capsys, override):
+def test_a_hostile_reply_is_refused_before_any_line(tmp_path, monkeypatch, caplog, override):
     study, sites = _study(tmp_path, 1, False), _sites(tmp_path)
     sites[2].metrics_override = override
     _, ledger, _ = _federate(study, sites, monkeypatch)
@@ -358,7 +360,7 @@ def test_a_hostile_reply_is_refused_before_any_line(tmp_path, monkeypatch, capsy
         "site-2": ("no-reply", True),
         "site-3": ("trained", False),
     }
-    assert "site-2 sent a reply the server cannot use" in capsys.readouterr().out
+    assert "site-2 sent a reply the server cannot use" in caplog.text
     _never_below(study, sites, ledger)
 
 
@@ -381,9 +383,9 @@ def test_the_secagg_threshold_follows_the_ready_sites(tmp_path, monkeypatch):
     study = Study(config, study.run_dir, None, study.checkpoint, False, 4.0, 20.0)
     sites = _sites(tmp_path)
     sites[3].budget.record(1, _full_spend(study, SUBJECTS[3]), study="an earlier study")
-    import fedsynth.server.strategy as strategy
+    import fedsynth.server.round_fit as round_fit
 
-    real = strategy.secagg_settings
+    real = round_fit.secagg_settings
 
     def majority_of_all(study_, sites_=None):  # what a fixed, sites-per-round threshold was
         settings = real(study_, sites_)
@@ -399,15 +401,15 @@ def test_the_secagg_threshold_follows_the_ready_sites(tmp_path, monkeypatch):
     _never_below(study, sites, ledger)
 
 
-def test_a_restarted_node_takes_over_its_name_but_two_connected_nodes_cannot(tmp_path):
-    from fedsynth.server.strategy import StudyStrategy
+def test_a_restarted_node_takes_over_its_name_but_two_connected_nodes_cannot():
+    from fedsynth.server.site_identity import SiteNames
 
-    strategy = StudyStrategy(_study(tmp_path, 1, False), fake_weights(SHAPES), 0)
-    strategy.bind(3, "site-3", {1, 2, 3})
-    strategy.bind(33, "site-3", {1, 2, 33})  # node 3 is gone: a restart
-    assert strategy.site_of == {33: "site-3"}
+    names = SiteNames()
+    names.bind(3, "site-3", {1, 2, 3})
+    names.bind(33, "site-3", {1, 2, 33})  # node 3 is gone: a restart
+    assert (names.get(3), names.get(33)) == (None, "site-3")
     with pytest.raises(FedsynthError, match=r"two nodes \(33 and 34\) claim"):
-        strategy.bind(34, "site-3", {33, 34})
+        names.bind(34, "site-3", {33, 34})
 
 
 def test_a_resume_whose_untrained_tensors_left_the_public_checkpoint_is_refused():

@@ -1,0 +1,44 @@
+"""The round's update: the subject-weighted mean of the sites' deltas (FedAvg).
+
+One function for the federated study (`flwr run`, deltas as Flower Parameters) and the
+in-process studies (simulations/federated.py, deltas as tensors). Under SecAgg+ the
+workflow has already unmasked the weighted mean, which every result then carries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from flwr.common import Parameters, parameters_to_ndarrays
+
+Delta = Mapping[str, torch.Tensor]
+
+
+def subject_weighted_mean(deltas: Iterable[tuple[int, Delta]]) -> dict[str, torch.Tensor]:
+    """sum_k n_k / N * delta_k per tensor, in float64 (McMahan et al. 2017, FedAvg, with
+    subjects as the weight); sites of weight 0 are left out; {} when none is left.
+
+    `deltas`: (subjects, tensor name -> delta) per site, every site with the same names."""
+    weighted = [(n, delta) for n, delta in deltas if n > 0]
+    total = sum(n for n, _ in weighted)
+    if not weighted:
+        return {}
+    names = list(weighted[0][1])
+    return {
+        key: sum(
+            (d[key].double() * (n / total) for n, d in weighted),
+            torch.zeros((), dtype=torch.float64),
+        )
+        for key in names
+    }
+
+
+def as_tensors(keys: Sequence[str], parameters: Parameters) -> dict[str, torch.Tensor]:
+    """Flower Parameters (arrays in `keys` order) as tensor name -> float64 tensor."""
+    arrays = parameters_to_ndarrays(parameters)
+    return {
+        key: torch.from_numpy(np.asarray(value, np.float64))
+        for key, value in zip(keys, arrays, strict=True)
+    }
