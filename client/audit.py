@@ -475,8 +475,8 @@ def write_private_files(
     for i, image in enumerate(synthetic.images):
         holdout = "" if result.to_holdout is None else f"{float(result.to_holdout[i]):.6g}"
         nndr = "" if result.nndr is None else f"{float(result.nndr[i]):.6g}"
-        subject = train.subject_ids[int(result.nearest_subject[i])]
-        writer.writerow([image.name, subject, f"{float(result.to_train[i]):.6g}", holdout, nndr])
+        subject_id = train.subject_ids[int(result.nearest_subject[i])]
+        writer.writerow([image.name, subject_id, f"{float(result.to_train[i]):.6g}", holdout, nndr])
     atomic_write_text(out / "pairs.csv", buffer.getvalue())
     volumes, titles = [], []
     for rank, i in enumerate(result.to_train.argsort()[:PAIRS].tolist(), start=1):

@@ -49,6 +49,7 @@ def sample_rate(privacy: PrivacyConfig, subjects: int) -> float:
     """Poisson rate of subjects: given directly, or expected batch size over n (at most 1)."""
     if privacy.sample_rate is not None:
         return privacy.sample_rate
+    assert privacy.batch_size is not None  # the config sets exactly one of the two
     return min(1.0, privacy.batch_size / subjects)
 
 

@@ -286,11 +286,12 @@ def _quiet_first_layer() -> Iterator[None]:
 
 def _sum_rows_by_subject(param: nn.Parameter, rows: RowBatch) -> None:
     """Turn Opacus' per-volume gradients into per-subject ones, before clipping reads them."""
-    grad_sample = param.grad_sample
+    # Opacus sets grad_sample on each parameter; torch's Parameter stub does not declare it
+    grad_sample = param.grad_sample  # type: ignore[attr-defined]
     if not isinstance(grad_sample, torch.Tensor):  # a list would mean accumulated batches
         raise RuntimeError(f"expected one per-sample gradient tensor, got {type(grad_sample)}")
     summed = grad_sample.new_zeros((rows.n_subjects, *grad_sample.shape[1:]))
-    param.grad_sample = summed.index_add_(0, rows.subject, grad_sample[: len(rows.subject)])
+    param.grad_sample = summed.index_add_(0, rows.subject, grad_sample[: len(rows.subject)])  # type: ignore[attr-defined]
 
 
 def subject_backward(
@@ -469,7 +470,9 @@ def _run_steps(
             counter.pending += rows.n_subjects
             private.optimizer.step()
             private.optimizer.zero_grad(set_to_none=True)
-    return losses, counter.sizes, loader.batch_sampler.sample_rate
+    sampler = loader.batch_sampler
+    assert isinstance(sampler, UniformWithReplacementSampler)  # _poisson_loader's
+    return losses, counter.sizes, sampler.sample_rate
 
 
 class _StepCounter:

@@ -26,6 +26,9 @@ from fedsynth.common.errors import FedsynthError
 
 ACCOUNTANTS = ("rdp", "prv")
 
+# A node config as Flower gives it (flwr.app.user_config.UserConfig's values)
+NodeConfig = Mapping[str, bool | float | int | str]
+
 
 @dataclass(frozen=True)
 class SiteSettings:
@@ -40,7 +43,7 @@ class SiteSettings:
     accountant: str | None = None  # None: either
 
 
-def _positive(node_config: Mapping[str, object], key: str, default: float | None) -> float:
+def _positive(node_config: NodeConfig, key: str, default: float | None) -> float:
     raw = node_config.get(key, default)
     if raw is None:
         raise FedsynthError(
@@ -48,7 +51,7 @@ def _positive(node_config: Mapping[str, object], key: str, default: float | None
             f"--node-config '... {key}=8'"
         )
     try:
-        value = float(raw)  # type: ignore[arg-type]
+        value = float(raw)
     except (TypeError, ValueError):
         raise FedsynthError(f"node config {key}={raw!r}: not a number") from None
     if not value > 0 or math.isinf(value):
@@ -56,7 +59,7 @@ def _positive(node_config: Mapping[str, object], key: str, default: float | None
     return value
 
 
-def _flag(node_config: Mapping[str, object], key: str, default: bool) -> bool:
+def _flag(node_config: NodeConfig, key: str, default: bool) -> bool:
     raw = node_config.get(key, default)
     if isinstance(raw, bool):
         return raw
@@ -69,7 +72,7 @@ def _flag(node_config: Mapping[str, object], key: str, default: bool) -> bool:
 
 
 def site_settings(
-    node_config: Mapping[str, object],
+    node_config: NodeConfig,
     target_epsilon: float,
     simulation_data: Path | None = None,
     simulation_state: Path | None = None,
