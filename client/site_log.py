@@ -10,10 +10,10 @@ file takes only its own site's records.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from pathlib import Path
-from typing import IO, Any
 
 from fedsynth.common.io import private_dir
 
@@ -33,7 +33,7 @@ class SiteLogFile(logging.FileHandler):
         )
         self.addFilter(lambda record: getattr(record, "site_state", None) == state_dir)
 
-    def _open(self) -> IO[Any]:
+    def _open(self) -> io.TextIOWrapper:
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return os.fdopen(fd, "a", encoding="utf-8")
 

@@ -27,7 +27,7 @@ class _Lines(logging.Formatter):
         return f"{PREFIX} {text}"
 
 
-class _Console(logging.StreamHandler):  # type: ignore[type-arg]
+class _Console(logging.StreamHandler):
     """stderr as it is when a record is written: Flower's ServerApp process replaces
     sys.stderr's writer to forward it, and pytest swaps sys.stderr per test."""
 
