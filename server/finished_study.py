@@ -19,10 +19,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeGuard
 
 import yaml
 
-from fedsynth.common.config import Config, config_from_dict
+from fedsynth.common.config import Config, PrivacyConfig, config_from_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
 from fedsynth.server.privacy_ledger import charged_epsilon, site_epsilons
@@ -85,13 +86,14 @@ def _read_ledger(run_dir: Path) -> list[dict]:
     return ledger
 
 
-def _whole(value, low: int) -> bool:
+def _whole(value: object, low: int) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def _real(value, low: float, high: float) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return number and low <= value <= high
+def _real(value: object, low: float, high: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return low <= value <= high
 
 
 def _check_line_types(ledger: list[dict], where: Path) -> None:
@@ -113,7 +115,7 @@ def _check_line_types(ledger: list[dict], where: Path) -> None:
             )
 
 
-def _check_line_history(ledger: list[dict], privacy, where: Path) -> None:
+def _check_line_history(ledger: list[dict], privacy: PrivacyConfig, where: Path) -> None:
     """Every line says the site's epsilon after it (privacy_ledger.append_line computes it
     from the lines before it): recomputing each one catches a line deleted, relabelled or
     edited after it was written unless every later line was rewritten too. A line may
@@ -145,7 +147,9 @@ def _check_line_history(ledger: list[dict], privacy, where: Path) -> None:
             )
 
 
-def _check_terms(ledger: list[dict], terms: dict, summary: dict, config: Config, where: Path):
+def _check_terms(
+    ledger: list[dict], terms: dict, summary: dict, config: Config, where: Path
+) -> None:
     fixed = {"delta": terms.get("delta"), "accountant": terms.get("accountant")}
     ours = {"delta": config.privacy.delta, "accountant": config.privacy.accountant}
     for key, value in fixed.items():

@@ -33,7 +33,7 @@ from fedsynth.common.checkpoint import (
     write_metadata,
 )
 from fedsynth.common.config import Config, pretraining_hash
-from fedsynth.common.data import MANIFEST, open_site
+from fedsynth.common.data import MANIFEST, SiteManifest, open_site
 from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.feature_net import ensure_feature_net
@@ -215,7 +215,7 @@ def pretrain(
 
 
 def _fit_volume_meter(
-    config: Config, manifest, volumes: torch.Tensor, out: Path, show_progress: bool
+    config: Config, manifest: SiteManifest, volumes: torch.Tensor, out: Path, show_progress: bool
 ) -> dict | None:
     """Train the anatomy meter when the public set has label maps; its fit on public data."""
     if config.training.segmenter_steps == 0:

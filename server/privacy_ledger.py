@@ -23,6 +23,7 @@ import logging
 import math
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.config import Config, PrivacyConfig
@@ -78,7 +79,7 @@ def worst_case_segment(history: list[Segment], privacy: PrivacyConfig) -> Segmen
 
 
 def append_line(
-    study: Study, round_number: int, site: str, segment: Segment | None, status: str, **extra
+    study: Study, round_number: int, site: str, segment: Segment | None, status: str, **extra: Any
 ) -> dict:
     """One server ledger line, epsilon recomputed from the site's charges plus this line."""
     privacy = study.config.privacy
@@ -100,7 +101,7 @@ def append_line(
     return entry
 
 
-def charge_estimate(study: Study, round_number: int, site: str, **extra) -> dict:
+def charge_estimate(study: Study, round_number: int, site: str, **extra: Any) -> dict:
     """Charge a site that was sent the round and gave no valid reply (see module doc)."""
     ledger = read_ledger(study.run_dir / LEDGER)
     history = [segment_of(e) for e in charged(ledger, site)]

@@ -40,7 +40,7 @@ def ready_sites(
     those trained least first. `study_text`: the study config as JSON (what each site
     checks against its terms)."""
     nodes = sorted(grid.get_node_ids())
-    content = {
+    content: dict[str, int | str] = {
         "round": round_number,
         "study": study_text,
         "study-id": study.study_id,
@@ -61,7 +61,7 @@ def ready_sites(
     for reply in replies:
         node = reply.metadata.src_node_id
         if reply.has_error():
-            reason = REASONS[code_of(reply.error.reason)]
+            reason = REASONS[code_of(reply.error.reason or "")]
             log.info("round %d: node %d did not answer READY: %s", round_number, node, reason)
             continue
         try:

@@ -77,7 +77,9 @@ def _attributes(study: FinishedStudy, csv_path: str | None, n: int, seed: int) -
     return draw_public_attributes(study.pretrained, config, n, seed)
 
 
-def _command(run_dir, n: int, seed: int, attributes: str | None, reference) -> str:
+def _command(
+    run_dir: str | Path, n: int, seed: int, attributes: str | None, reference: str | Path | None
+) -> str:
     """The command that makes this release again (the same cohort: sampling is seeded)."""
     parts = ["fedsynth release --run", str(Path(run_dir).expanduser().resolve()), "--n", str(n)]
     parts += ["--seed", str(seed)]

@@ -12,6 +12,7 @@ import io
 import math
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.ledger import charged, segment_of
 from fedsynth.common.sampling import MONTAGE
 from fedsynth.server.finished_study import FinishedStudy
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REPORT = "report.html"
 
@@ -44,7 +48,7 @@ pre { padding: 0.7em; white-space: pre-wrap; word-break: break-all; }
 """
 
 
-def _png(fig) -> str:
+def _png(fig: Figure) -> str:
     """A matplotlib figure as an <img> with the PNG inline."""
     import matplotlib.pyplot as plt
 
@@ -118,7 +122,7 @@ def _control_plot(control: dict) -> str:
     return _png(fig)
 
 
-def _number(value) -> str:
+def _number(value: object) -> str:
     if isinstance(value, bool) or value is None:
         return html.escape(str(value))
     if isinstance(value, int):
@@ -142,7 +146,7 @@ def _table(rows: list[tuple], header: tuple) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _leaves(value, prefix: str = "") -> list[tuple[str, object]]:
+def _leaves(value: object, prefix: str = "") -> list[tuple[str, object]]:
     """(dotted key, number or short text) of a nested dict's scalar leaves."""
     if isinstance(value, dict):
         out = []

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
-from flwr.app import Message
+from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
-from flwr.server import LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 from flwr.serverapp import Grid
@@ -54,14 +53,15 @@ class WeightsSentTo:
 class RoundFit:
     """The fit step of Flower's DefaultWorkflow for one study round (see module)."""
 
-    def __init__(self, fit: Any, strategy: StudyStrategy) -> None:
+    def __init__(self, fit: Callable[[Grid, Context], None], strategy: StudyStrategy) -> None:
         self.fit, self.strategy = fit, strategy
 
-    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+    def __call__(self, grid: Grid, context: Context) -> None:
         strategy = self.strategy
         if strategy.over:
             return
-        server_round = int(context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+        server_round = context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND]
+        assert isinstance(server_round, int)  # Flower's DefaultWorkflow sets it
         round_number = strategy.done + server_round
         strategy.round_started = time.time()
         wait_for_nodes(grid, strategy.study.config.federation.sites_per_round)
@@ -77,7 +77,8 @@ class RoundFit:
             self.fit.reconstruction_threshold = settings["reconstruction_threshold"]
             strategy.secagg = {**settings, "sites": sites}
         strategy.sent_weights = set()
-        self.fit(WeightsSentTo(grid, strategy.sent_weights), context)
+        # a Grid by duck typing: every other attribute is the real grid's
+        self.fit(cast(Grid, WeightsSentTo(grid, strategy.sent_weights)), context)
         if strategy.settled != server_round and not strategy.over:
             log.warning("round %d: aggregation halted", round_number)
             strategy.aggregate_fit(server_round, [], [])

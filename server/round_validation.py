@@ -104,6 +104,6 @@ class RoundValidation:
         if self.site_domain is None or round_number < 1:
             return
         log.info("site-domain fidelity (simulation only): sampling the public and the final model")
-        result = self.site_domain.fidelity(round_number, weights)
+        result = self.site_domain.final_fidelity(round_number, weights)
         path = validation_dir(self.study) / SITE_DOMAIN_FIDELITY
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,7 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -165,10 +165,11 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
         "montage": str(montage) if montage.is_file() else None,
     }
     if sites:
-        summary["site_domain"] = {"note": SITE_DOMAIN_NOTE, "loss": sites}
+        domain: dict[str, Any] = {"note": SITE_DOMAIN_NOTE, "loss": sites}
         fidelity = validation_dir(study) / SITE_DOMAIN_FIDELITY
         if fidelity.is_file():
-            summary["site_domain"]["fidelity"] = json.loads(fidelity.read_text())
+            domain["fidelity"] = json.loads(fidelity.read_text())
+        summary["site_domain"] = domain
     atomic_write_text(study.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary
 

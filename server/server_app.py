@@ -13,6 +13,7 @@ server/privacy_ledger.py), aggregates (server/aggregation.py) and validates
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from flwr.app import Context
@@ -25,7 +26,7 @@ from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.logs import show_on_console
-from fedsynth.common.models import trainable_names
+from fedsynth.common.models import ConditionedUNet, trainable_names
 from fedsynth.server.round_fit import RoundFit
 from fedsynth.server.round_validation import RoundValidation
 from fedsynth.server.run_dir import SUMMARY, ledger_table, resume_point, write_summary
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def travelling_keys(
-    config: Config, unet: torch.nn.Module, weights: dict[str, torch.Tensor]
+    config: Config, unet: ConditionedUNet, weights: dict[str, torch.Tensor]
 ) -> list[str]:
     """The UNet tensors that go to the sites and back: the trainable subset of `unet` (the
     public checkpoint's), each of which the global `weights` must hold."""
@@ -84,6 +85,7 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
         validation.public_checkpoint(strategy.weights)
     remaining = config.federation.rounds - done
     if remaining > 0:
+        fit: Callable[[Grid, Context], None]
         if config.federation.secure_aggregation:
             fit = StudySecAggPlus(**secagg_settings(study))
         else:

@@ -57,8 +57,8 @@ class ServerOptimizer:
                 weights[key] = server_step(weights[key], change, self.rate)
             return
         for key, master in self.masters.items():  # no delta: no grad, Adam skips it
-            change = delta.get(key)
-            master.grad = None if change is None else -change.double().reshape(master.shape)
+            moved = delta.get(key)
+            master.grad = None if moved is None else -moved.double().reshape(master.shape)
         self.adam.step()
         for key, master in self.masters.items():
             if key in delta:

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.protocol import READY_METRICS, REASONS, REPLY_METRICS
@@ -47,7 +48,7 @@ class TrainedReply:
     epsilon: float
 
 
-def finite_number(value: object) -> bool:
+def finite_number(value: object) -> TypeGuard[int | float]:
     """A JSON number that is finite and not absurdly large (bools are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return False

@@ -5,8 +5,8 @@ deploy/ scripts; a `flower-superlink` with TLS and `--enable-supernode-auth`; tw
 registered with `flwr supernode register`; two `flower-supernode`s with the root
 certificate, their private keys, the coordinator's app-signing key as their only trusted
 entity and a node config (phantom sites, the tiny public checkpoint). The study runs as the
-coordinator-signed app in deployment mode (a `checkpoint` run config). A third SuperNode
-whose key was never registered must be refused and never join; so must a SuperNode with a
+coordinator-signed app with real sites (run config `data="sites"` and a `checkpoint`). A
+third SuperNode whose key was never registered must be refused and never join; so must a SuperNode with a
 registered key that trusts another study's CA, and a plaintext (`--insecure`) one, while the
 same key with the study's CA gets in. A rogue app (unsigned `flwr run DIR`, or signed by
 another key) must get an error reply from every site and none of its code may run there.
@@ -561,7 +561,7 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
                 "@fedsynth/fedsynth==0.1.0",
                 "study",
                 "-c",
-                f'config="tiny" federation.rounds=1 federation.sites=2 '
+                f'config="tiny" data="sites" federation.rounds=1 federation.sites=2 '
                 f'federation.sites-per-round=2 checkpoint="{tiny_checkpoint}" '
                 f'run-dir="{run_dir}" secagg-max-weight={SUBJECTS}',
                 timeout=120,

@@ -29,6 +29,36 @@ def test_common_imports_neither_client_server_nor_simulations():
     assert offenders == []
 
 
+def test_a_study_with_real_sites_never_imports_the_simulation(tmp_path, tiny_checkpoint):
+    """One ServerApp for simulation and deployment: a coordinator's study with real sites
+    (and a hospital's ClientApp) loads nothing from simulations/, which a phantom study
+    imports when it needs it."""
+    script = f"""
+import sys
+from fedsynth.client.client_app import app as client_app
+from fedsynth.server.server_app import app, run_federation
+from fedsynth.server.study import prepare
+prepare({{"config": "tiny", "data": "sites", "checkpoint": {str(tiny_checkpoint)!r},
+         "run-dir": {str(tmp_path / "run")!r}}})
+print(sorted(m for m in sys.modules if m.startswith("fedsynth.simulations")))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'serverapp = "fedsynth.server.server_app:app"' in pyproject
+    assert not (ROOT / "simulations" / "server_app.py").exists()
+    # and nothing under server/ or client/ imports it at module level
+    pattern = re.compile(r"^(from|import)\s+fedsynth\.simulations\b", re.M)
+    offenders = [
+        p.name
+        for part in ("server", "client")
+        for p in (ROOT / part).glob("*.py")
+        if pattern.search(p.read_text())
+    ]
+    assert offenders == []
+
+
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_every_command_has_help(command):
     args = [sys.executable, "-m", "fedsynth.common.cli", *([command] if command else []), "--help"]
