@@ -6,8 +6,8 @@ registered with `flwr supernode register`; two `flower-supernode`s with the root
 certificate, their private keys, the coordinator's app-signing key as their only trusted
 entity and a node config (phantom sites, the tiny public checkpoint). The study runs as the
 coordinator-signed app with real sites (run config `data="sites"` and a `checkpoint`). A
-third SuperNode whose key was never registered must be refused and never join; so must a SuperNode with a
-registered key that trusts another study's CA, and a plaintext (`--insecure`) one, while the
+third SuperNode whose key was never registered must be refused and never join; so must a
+SuperNode with a registered key that trusts another study's CA, and a plaintext (`--insecure`) one, while the
 same key with the study's CA gets in. A rogue app (unsigned `flwr run DIR`, or signed by
 another key) must get an error reply from every site and none of its code may run there.
 Flower 1.41 attaches app signatures only to apps fetched from Flower Hub, so a Hub stand-in
