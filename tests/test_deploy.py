@@ -11,8 +11,8 @@ SuperNode with a registered key that trusts another study's CA, and a plaintext
 (`--insecure`) one, while the same key with the study's CA gets in. A rogue app (unsigned
 `flwr run DIR`, or signed by another key) must get an error reply from every site and none
 of its code may run there. Flower 1.41 attaches app signatures only to apps fetched from
-Flower Hub, so a Hub stand-in on 127.0.0.1 (`FLWR_SUPERGRID_API_URL`) serves the FABs and their signatures, made as
-`flwr app review` makes them. Only 127.0.0.1 and ports picked at
+Flower Hub, so a Hub stand-in on 127.0.0.1 (`FLWR_SUPERGRID_API_URL`) serves the FABs and
+their signatures, made as `flwr app review` makes them. Only 127.0.0.1 and ports picked at
 run time; every process started here is stopped in `finally`.
 """
 
