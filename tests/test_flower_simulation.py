@@ -66,6 +66,16 @@ def test_flwr_run_trains_two_rounds_with_a_ledger(tmp_path, secure):
         log = _run_study(flower, overrides)
         if secure:
             assert "Secure aggregation completed" in log, log[-4000:]
+        # what the quick start shows: fedsynth's log, forwarded by Flower from the ServerApp
+        for line in (
+            "[fedsynth] run dir ",
+            "[fedsynth] round 0 (public checkpoint): validation loss ",
+            "[fedsynth] round 2/2: 3 trained, 0 no valid reply; epsilon site-1 ",
+            "[fedsynth] round 2 validation: validation loss ",
+            "privacy ledger (rdp, delta 1e-05, target epsilon 8",
+            f"[fedsynth] study done: 2 of 2 rounds; run dir {run_dir}; summary ",
+        ):
+            assert line in log, (line, log[-4000:])
         first = read_ledger(run_dir / "ledger.jsonl")
         summary = json.loads((run_dir / "summary.json").read_text())
         state = json.loads((run_dir / "state.json").read_text())
