@@ -201,8 +201,12 @@ class StudyStrategy(FedAvg):
     def _apply(self, good: Replies) -> None:
         """Step the server optimiser on the round's mean delta (SecAgg+: the unmasked one
         every result carries)."""
-        deltas = [
-            (reply.subjects, as_tensors(self.keys, res.parameters)) for reply, res in good.values()
-        ]
-        mean = deltas[0][1] if self.secure else subject_weighted_mean(deltas)
+        if self.secure:
+            _, res = next(iter(good.values()))
+            mean = as_tensors(self.keys, res.parameters)
+        else:
+            deltas = [
+                (r.subjects, as_tensors(self.keys, res.parameters)) for r, res in good.values()
+            ]
+            mean = subject_weighted_mean(deltas)
         self.server_optimizer.step(self.weights, mean)

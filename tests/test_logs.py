@@ -1,0 +1,62 @@
+"""fedsynth's log: the console the apps and CLI show, and each site's private site.log."""
+
+from __future__ import annotations
+
+import logging
+import stat
+
+import pytest
+
+from fedsynth.client.site_log import LOG, at_site
+from fedsynth.common.logs import ROOT, show_on_console
+
+
+@pytest.fixture
+def console():
+    """The `fedsynth` logger as the apps set it, put back as it was afterwards."""
+    logger = logging.getLogger(ROOT)
+    handlers, level = list(logger.handlers), logger.level
+    yield logger
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+
+
+def test_the_console_shows_fedsynth_lines_once_with_warnings_marked(console, capsys):
+    show_on_console()
+    show_on_console()  # the ClientApp calls it for every message: still one handler
+    log = logging.getLogger("fedsynth.server.strategy")
+    log.info("round %d/%d: 3 trained", 1, 5)
+    log.warning("site-2 reports epsilon %.3g", 7.5)
+    logging.getLogger("fedsynth.server.readiness").debug("not shown at INFO")
+    logging.getLogger("elsewhere").warning("not fedsynth's")
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "[fedsynth] round 1/5: 3 trained",
+        "[fedsynth] warning: site-2 reports epsilon 7.5",
+    ]
+
+
+def test_each_site_log_is_private_and_holds_only_its_own_records(tmp_path, caplog):
+    """In a simulation several sites share a process: each site.log takes its own site's
+    records only; a record without a state dir stays on the console."""
+    first, second = tmp_path / "state-1", tmp_path / "state-2"
+    log = logging.getLogger("fedsynth.client.client_app")
+    log.warning("round %d: not ready (%s)", 1, "terms", extra=at_site(first))
+    log.warning("data: /data/site-2/patient-7.nii.gz unreadable", extra=at_site(second))
+    log.warning("the state dir is not known yet", extra=at_site(None))
+    one, two = (first / LOG).read_text(), (second / LOG).read_text()
+    assert "[fedsynth site] round 1: not ready (terms)" in one and "patient-7" not in one
+    assert "patient-7" in two and "not ready" not in two
+    assert "not known yet" not in one + two
+    assert len(caplog.records) == 3  # all three reached the console's logger too
+    for folder in (first, second):
+        assert stat.S_IMODE((folder / LOG).stat().st_mode) == 0o600
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_an_unwritable_state_dir_loses_only_the_file_line(tmp_path, caplog):
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("")
+    log = logging.getLogger("fedsynth.client.site_terms")
+    log.warning("terms: refused", extra=at_site(blocked / "state"))
+    assert [r.getMessage() for r in caplog.records] == ["terms: refused"]
