@@ -27,6 +27,7 @@ import fedsynth.server.privacy_ledger as privacy_ledger
 import fedsynth.server.server_app as server_app
 import fedsynth.server.strategy as strategy
 from fedsynth.client.client_app import app
+from fedsynth.common.logs import show_on_console
 from fedsynth.server.run_dir import ledger_table
 from fedsynth.server.study import prepare
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
@@ -81,6 +82,7 @@ def main(argv: list[str]) -> None:
     run_dir, checkpoint, phantoms, states, rounds, secure, resume = argv[:7]
     kill = argv[7] if len(argv) > 7 else ""
     torch.set_num_threads(1)
+    show_on_console()  # as the ServerApp does: fedsynth's lines on stderr
     if kill:
         where, n = kill.split(":")
         n = int(n)

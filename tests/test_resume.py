@@ -80,7 +80,7 @@ def test_a_killed_study_resumes_without_losing_or_double_counting_spend(
     after = read_ledger(tmp_path / "run" / "ledger.jsonl")
     assert after[: len(before)] == before  # continued, never rewritten
     # each site's own epsilon, reported with every reply, agrees with the server's ledger
-    assert "warning" not in resumed.stdout
+    assert "[fedsynth] warning" not in resumed.stderr
     summary = _finish(tmp_path)
     for site in SITES:
         # each site plans on what it has spent, so even a round trained twice lands the
@@ -89,7 +89,7 @@ def test_a_killed_study_resumes_without_losing_or_double_counting_spend(
         assert summary["site_epsilon"][site] == pytest.approx(want, rel=0.01)
         assert summary["site_epsilon"][site] <= summary["target_epsilon"]
     if kill.startswith("site-ledger"):
-        assert "charged 1 round(s) from its own ledger" in resumed.stdout
+        assert "charged 1 round(s) from its own ledger" in resumed.stderr
         assert any(e.get("reported_by_site") for e in after)
 
 

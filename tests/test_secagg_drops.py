@@ -61,7 +61,7 @@ def _moved_by(before, after, sites, nodes) -> None:
 
 
 def test_a_round_halted_at_unmask_charges_estimates_applies_nothing_and_goes_on(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, caplog
 ):
     """Round 2: all three train, then two vanish at unmask: one share per secret is below
     the threshold (2), Flower halts. The round is charged (estimates), its checkpoint holds
@@ -70,7 +70,7 @@ def test_a_round_halted_at_unmask_charges_estimates_applies_nothing_and_goes_on(
     study, sites = _study(tmp_path, 3, True), _sites(tmp_path)
     drop = _in_round(2, _any(drop_at(2, "unmask"), drop_at(3, "unmask")))
     summary, ledger, grid = _federate(study, sites, monkeypatch, drop)
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "round 2: aggregation halted" in out
     assert "round 2 not aggregated: only 0 site(s) trained" in out
     assert _trained(sites) == {f"site-{n}": [1, 2, 3] for n in (1, 2, 3)}
@@ -93,7 +93,7 @@ def test_a_round_halted_at_unmask_charges_estimates_applies_nothing_and_goes_on(
 
 
 def test_two_of_three_vanishing_after_setup_halt_before_anyone_trains(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, caplog
 ):
     """Sites 2 and 3 answer setup, then never again: the share-keys stage leaves one site,
     Flower halts before any site is sent the weights. Nothing is applied, nobody has spent,
@@ -101,7 +101,7 @@ def test_two_of_three_vanishing_after_setup_halt_before_anyone_trains(
     study, sites = _study(tmp_path, 3, True), _sites(tmp_path)
     drop = _any(drop_at(2, "share_keys"), drop_at(3, "share_keys"))
     summary, ledger, grid = _federate(study, sites, monkeypatch, drop)
-    assert "round 1: aggregation halted" in capsys.readouterr().out
+    assert "round 1: aggregation halted" in caplog.text
     assert not [d for d in grid.deliveries if d.stage == "collect_masked_vectors"]
     assert _trained(sites) == {"site-1": [], "site-2": [], "site-3": []}
     # the server cannot tell; it may charge an estimate, never a trained line
@@ -115,7 +115,7 @@ def test_two_of_three_vanishing_after_setup_halt_before_anyone_trains(
 
 
 def test_a_site_vanishing_at_share_keys_leaves_the_others_round_whole(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, caplog
 ):
     """Site 2 drops at share-keys in round 1 and stays away. Flower 1.41's workflow would
     list it as dead at unmask, where the others hold no share of its key (a KeyError in
@@ -124,7 +124,8 @@ def test_a_site_vanishing_at_share_keys_leaves_the_others_round_whole(
     the weights and is not charged. Rounds 2 and 3 run with sites 1 and 3 (threshold 2)."""
     study, sites = _study(tmp_path, 3, True), _sites(tmp_path)
     summary, ledger, grid = _federate(study, sites, monkeypatch, drop_at(2, "share_keys"))
-    assert "aggregation halted" not in capsys.readouterr().out
+    assert "aggregation halted" not in caplog.text
+    assert "round 1/3: 2 trained, 0 no valid reply" in caplog.text  # the log was seen
     assert _answered(grid, 2) == [None, "setup"]  # READY and setup of round 1, then nothing
     assert "collect_masked_vectors" not in [d.stage for d in grid.deliveries if d.node_id == 2]
     assert _trained(sites) == {"site-1": [1, 2, 3], "site-2": [], "site-3": [1, 2, 3]}
