@@ -36,10 +36,25 @@ def progress(
                 miniters=1,
                 bar_format=line,
                 leave=False,
+                file=_LogLines(),
             ),
             desc,
         )
     return iter(tqdm(items, desc=desc, total=total, disable=not enabled, unit="it", leave=False))
+
+
+class _LogLines:
+    """stderr for a bar in a log: whole lines only. tqdm starts each redraw with a carriage
+    return and, closing, blanks its line with spaces; a log keeps neither."""
+
+    def write(self, text: str) -> int:
+        text = text.lstrip("\r")
+        if text.strip():
+            sys.stderr.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def _ends_with_a_line(items: Iterable[T], desc: str) -> Iterator[T]:

@@ -37,6 +37,8 @@ def test_a_log_ends_with_a_completion_line(monkeypatch, caplog):
     monkeypatch.setattr(progress_module, "tqdm", functools.partial(tqdm, file=stderr))
     assert list(progress_module.progress(range(7), "encode site")) == list(range(7))
     assert "encode site: done, 7 in 0 s" in caplog.messages
+    # the bar's own lines are whole: no carriage returns, no line of blanks when it closes
+    assert stderr.getvalue() == "encode site: 0/7 [00:00<?]\n"
     caplog.clear()
     for item in progress_module.progress(range(7), "stopped"):
         if item == 2:
