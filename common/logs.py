@@ -3,9 +3,14 @@
 Every module logs to `logging.getLogger(__name__)` (fedsynth.server.strategy, ...), so a
 hospital or coordinator sets levels and handlers for `fedsynth` as it does for Flower's
 `flwr` logger. Nothing is configured at import: the entry points (the ServerApp, the
-ClientApp, the `fedsynth` command) call `show_on_console`, which adds one stderr handler
-with the `[fedsynth]` prefix that `flwr run` shows in its stream (Flower forwards what a
-ServerApp writes to stdout and stderr).
+ClientApp, the `fedsynth` command) call `show_on_console`, which puts one stderr handler on
+the root logger, as an application's `logging.basicConfig` would: fedsynth's lines appear
+as `[fedsynth] ...` (Flower forwards what a ServerApp writes to `flwr run --stream`).
+
+The handler sits on the root logger, not on `fedsynth`, because Opacus calls
+`logging.basicConfig` when it is first imported (opacus.utils.module_utils): on a root
+logger without handlers that adds a second console, which printed every fedsynth and
+Flower line twice; once the root has a handler, that call does nothing.
 """
 
 from __future__ import annotations
@@ -18,22 +23,43 @@ PREFIX = "[fedsynth]"
 
 
 class _Lines(logging.Formatter):
-    """`[fedsynth] message`; a warning or error says so: `[fedsynth] warning: message`."""
+    """`[fedsynth] message`; a warning or error says so (`[fedsynth] warning: message`);
+    another library's record is named by its logger (`[opacus.x] warning: message`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
+        ours = record.name == ROOT or record.name.startswith(f"{ROOT}.")
+        prefix = PREFIX if ours else f"[{record.name}]"
         if record.levelno >= logging.WARNING:
-            return f"{PREFIX} {record.levelname.lower()}: {text}"
-        return f"{PREFIX} {text}"
+            return f"{prefix} {record.levelname.lower()}: {text}"
+        return f"{prefix} {text}"
+
+
+def _shown_elsewhere(name: str) -> bool:
+    """Whether a logger below the root on `name`'s path has a handler of its own (Flower's
+    `flwr` has its console)."""
+    logger: logging.Logger | None = logging.getLogger(name)
+    while logger is not None and logger is not logging.root:
+        if logger.handlers:
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
 
 
 class _Console(logging.StreamHandler):
-    """stderr as it is when a record is written: Flower's ServerApp process replaces
-    sys.stderr's writer to forward it, and pytest swaps sys.stderr per test."""
+    """stderr as it is when a record is written (Flower's ServerApp process replaces
+    sys.stderr's writer to forward it; pytest swaps sys.stderr per test). It shows
+    fedsynth's records, and another library's warnings that no handler of that library
+    shows, as Python's last-resort handler would have had the root no handler."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
         self.setFormatter(_Lines())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == ROOT or record.name.startswith(f"{ROOT}."):
+            return super().filter(record)
+        return record.levelno >= logging.WARNING and not _shown_elsewhere(record.name)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.stream = sys.stderr
@@ -42,15 +68,9 @@ class _Console(logging.StreamHandler):
 
 def show_on_console(level: int = logging.INFO) -> None:
     """Show fedsynth's records of `level` and above on stderr as `[fedsynth] message`;
-    once per process (a second call only sets the level). Records still propagate, so a
-    handler the host application put on the root logger sees them too."""
+    once per process (a second call only lowers the level where it asks for more)."""
     logger = logging.getLogger(ROOT)
     if logger.level == logging.NOTSET or logger.level > level:
         logger.setLevel(level)
-    for handler in logger.handlers:
-        if isinstance(handler, _Console):
-            handler.setLevel(level)
-            return
-    console = _Console()
-    console.setLevel(level)
-    logger.addHandler(console)
+    if not any(isinstance(h, _Console) for h in logging.root.handlers):
+        logging.root.addHandler(_Console())

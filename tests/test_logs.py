@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import logging
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from fedsynth.client.site_log import LOG, at_site
+from fedsynth.common import logs
 from fedsynth.common.logs import ROOT, show_on_console
 
 
 @pytest.fixture
 def console():
-    """The `fedsynth` logger as the apps set it, put back as it was afterwards."""
+    """The loggers as the apps set them, put back as they were afterwards."""
     logger = logging.getLogger(ROOT)
-    handlers, level = list(logger.handlers), logger.level
+    handlers, level = list(logging.root.handlers), logger.level
+    logging.root.handlers[:] = [h for h in handlers if not isinstance(h, logs._Console)]
     yield logger
-    logger.handlers[:] = handlers
+    logging.root.handlers[:] = handlers
     logger.setLevel(level)
 
 
@@ -28,12 +32,33 @@ def test_the_console_shows_fedsynth_lines_once_with_warnings_marked(console, cap
     log.info("round %d/%d: 3 trained", 1, 5)
     log.warning("site-2 reports epsilon %.3g", 7.5)
     logging.getLogger("fedsynth.server.readiness").debug("not shown at INFO")
-    logging.getLogger("elsewhere").warning("not fedsynth's")
+    logging.getLogger("elsewhere").info("another library's INFO: not shown")
+    logging.getLogger("elsewhere").warning("another library's warning")
+    shown_by_its_own = logging.getLogger("own-console")
+    shown_by_its_own.addHandler(logging.NullHandler())
+    shown_by_its_own.warning("shown by its own handler, not again")
     err = capsys.readouterr().err.splitlines()
     assert err == [
         "[fedsynth] round 1/5: 3 trained",
         "[fedsynth] warning: site-2 reports epsilon 7.5",
+        "[elsewhere] warning: another library's warning",
     ]
+
+
+def test_a_library_that_configures_logging_on_import_prints_nothing_twice():
+    """Opacus calls logging.basicConfig when first imported (the ServerApp's accountant
+    imports it mid-study): after the apps' console that adds nothing, and each line shows
+    once (in its own process: pytest's handlers on the root would hide the case)."""
+    script = """
+import logging
+from fedsynth.common.logs import show_on_console
+show_on_console()
+import opacus.utils.module_utils  # logging.basicConfig(...) at import
+logging.getLogger("fedsynth.server.strategy").info("round 1/5: 3 trained")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["[fedsynth] round 1/5: 3 trained"]
 
 
 def test_each_site_log_is_private_and_holds_only_its_own_records(tmp_path, caplog):
