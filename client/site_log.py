@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from pathlib import Path
 
 from fedsynth.common.io import private_dir
@@ -20,6 +21,7 @@ from fedsynth.common.io import private_dir
 LOG = "site.log"
 _SITE_LOGGER = "fedsynth.client"
 _files: dict[Path, SiteLogFile] = {}
+_attaching = threading.Lock()  # one handler per state dir, whichever thread logs first
 
 
 class SiteLogFile(logging.FileHandler):
@@ -34,8 +36,17 @@ class SiteLogFile(logging.FileHandler):
         self.addFilter(lambda record: getattr(record, "site_state", None) == state_dir)
 
     def _open(self) -> io.TextIOWrapper:
+        private_dir(self.state_dir)  # 0700, made again if it was removed
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         return os.fdopen(fd, "a", encoding="utf-8")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the line to site.log as it is now: a file removed since (an operator
+        cleared the state dir) is made again rather than written to unseen."""
+        if self.stream is not None and not os.path.exists(self.baseFilename):
+            self.stream.close()
+            self.stream = None  # FileHandler.emit opens it again
+        super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:
         """An unwritable site.log loses the line there; the console's copy stands."""
@@ -47,11 +58,12 @@ def at_site(state_dir: Path | None) -> dict[str, Path | None]:
     if state_dir is None:
         return {"site_state": None}
     state_dir = Path(state_dir)
-    if state_dir not in _files:
-        try:
-            handler = SiteLogFile(state_dir)
-        except OSError:  # no state dir to write in: the console line stands
-            return {"site_state": None}
-        logging.getLogger(_SITE_LOGGER).addHandler(handler)
-        _files[state_dir] = handler
+    with _attaching:
+        if state_dir not in _files:
+            try:
+                handler = SiteLogFile(state_dir)
+            except OSError:  # no state dir to write in: the console line stands
+                return {"site_state": None}
+            logging.getLogger(_SITE_LOGGER).addHandler(handler)
+            _files[state_dir] = handler
     return {"site_state": state_dir}

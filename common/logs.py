@@ -67,10 +67,10 @@ class _Console(logging.StreamHandler):
 
 
 def show_on_console(level: int = logging.INFO) -> None:
-    """Show fedsynth's records of `level` and above on stderr as `[fedsynth] message`;
-    once per process (a second call only lowers the level where it asks for more)."""
+    """Show fedsynth's records on stderr as `[fedsynth] message`, once per process; the
+    `fedsynth` logger gets `level` unless the host application set one (which stands)."""
     logger = logging.getLogger(ROOT)
-    if logger.level == logging.NOTSET or logger.level > level:
+    if logger.level == logging.NOTSET:
         logger.setLevel(level)
     if not any(isinstance(h, _Console) for h in logging.root.handlers):
         logging.root.addHandler(_Console())

@@ -16,23 +16,24 @@ from flwr.common import Parameters, parameters_to_ndarrays
 Delta = Mapping[str, torch.Tensor]
 
 
-def subject_weighted_mean(deltas: Iterable[tuple[int, Delta]]) -> dict[str, torch.Tensor]:
+def subject_weighted_mean(
+    subjects: Sequence[int], deltas: Iterable[Delta]
+) -> dict[str, torch.Tensor]:
     """sum_k n_k / N * delta_k per tensor, in float64 (McMahan et al. 2017, FedAvg, with
     subjects as the weight); sites of weight 0 are left out; {} when none is left.
 
-    `deltas`: (subjects, tensor name -> delta) per site, every site with the same names."""
-    weighted = [(n, delta) for n, delta in deltas if n > 0]
-    total = sum(n for n, _ in weighted)
-    if not weighted:
-        return {}
-    names = list(weighted[0][1])
-    return {
-        key: sum(
-            (d[key].double() * (n / total) for n, d in weighted),
-            torch.zeros((), dtype=torch.float64),
-        )
-        for key in names
-    }
+    `subjects`: n_k per site; `deltas`: tensor name -> delta per site, in the same order,
+    every site with the same names, taken one at a time (an iterator converts each site's
+    delta only when it is added)."""
+    total = sum(n for n in subjects if n > 0)
+    mean: dict[str, torch.Tensor] = {}
+    for n, delta in zip(subjects, deltas, strict=True):
+        if n <= 0:
+            continue
+        for key, value in delta.items():
+            scaled = value.double() * (n / total)
+            mean[key] = scaled if key not in mean else mean[key] + scaled
+    return mean
 
 
 def as_tensors(keys: Sequence[str], parameters: Parameters) -> dict[str, torch.Tensor]:

@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.io import atomic_write_text
+from fedsynth.common.models import resolve_device
 from fedsynth.server.run_dir import RECONSTRUCTION_PNG, SITE_DOMAIN_FIDELITY, validation_dir
 from fedsynth.server.study import Study
-from fedsynth.server.validation import Validator, validation_text
+from fedsynth.server.validation import SiteDomainCheck, Validator, validation_text
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,14 @@ class RoundValidation:
         self.validator: Validator | None = None
         if study.validation is not None:
             self.validator = Validator(study.checkpoint, study.validation, study.config)
-        self.site_domain = study.site_domain
+        self.site_domain: SiteDomainCheck | None = None
+        if study.site_domain is not None:  # a simulation's: on the validator's model copy
+            pretrained = (
+                self.validator.pretrained
+                if self.validator is not None
+                else load_pretrained(study.checkpoint, resolve_device(study.config.device))
+            )
+            self.site_domain = study.site_domain(pretrained)
         self._thread: ThreadPoolExecutor | None = None  # see later
 
     @property

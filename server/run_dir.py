@@ -10,7 +10,7 @@ run-dir/state.json            the last whole round and the SHA-256 of its checkp
 run-dir/validation/           per-round public validation loss and montage, the held-out
                               volumes beside their autoencoder reconstructions
                               (reconstruction.png, round 0); in a simulation also the
-                              site-domain losses (server/validation.py)
+                              site-domain losses (simulations/site_domain.py)
 run-dir/summary.json          epsilon per site and for the study, recomputed
 run-dir/timing.json           each round's wall-clock start, when the sites' replies were
                               in, and end (Unix seconds; `fedsynth bench` reads it)

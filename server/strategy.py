@@ -205,8 +205,7 @@ class StudyStrategy(FedAvg):
             _, res = next(iter(good.values()))
             mean = as_tensors(self.keys, res.parameters)
         else:
-            deltas = [
-                (r.subjects, as_tensors(self.keys, res.parameters)) for r, res in good.values()
-            ]
-            mean = subject_weighted_mean(deltas)
+            subjects = [reply.subjects for reply, _ in good.values()]
+            deltas = (as_tensors(self.keys, res.parameters) for _, res in good.values())
+            mean = subject_weighted_mean(subjects, deltas)
         self.server_optimizer.step(self.weights, mean)

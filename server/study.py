@@ -27,7 +27,7 @@ from fedsynth.common.config import Config, load_config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
 from fedsynth.server.run_dir import LEDGER
-from fedsynth.server.validation import SiteDomainCheck
+from fedsynth.server.validation import SiteDomainFactory
 
 TERMS = "terms.json"
 DATA = ("phantoms", "sites")  # run config `data`: a simulation, or real sites
@@ -59,20 +59,20 @@ class Study:
     max_weight: float = 1000.0  # SecAgg+: the largest subject count any site may weigh
     validation: Path | None = None  # public held-out data for per-round validation
     study_id: str = "study"  # fixed at the start (terms.json); sites tag their rounds with it
-    site_domain: SiteDomainCheck | None = None  # simulation only: see server/validation.py
+    site_domain: SiteDomainFactory | None = None  # simulation only: see server/validation.py
 
 
 @dataclass(frozen=True)
 class SimulatedData:
     """What a simulation prepares: phantom sites, a public checkpoint, validation data,
-    held-out subjects of each site's profile (site-1..K) and the check that measures the
-    model on them (simulation only)."""
+    held-out subjects of each site's profile (site-1..K) and what builds the check that
+    measures the model on them (simulation only)."""
 
     phantoms: Path
     checkpoint: Path
     validation: Path | None
     held_out: Path | None = None
-    site_domain: SiteDomainCheck | None = None
+    site_domain: SiteDomainFactory | None = None
 
 
 def cache_dir(config: Config) -> Path:

@@ -7,14 +7,15 @@ comparable across rounds, and the same attributes and seed give a montage of gen
 volumes, so a reader can see whether finetuning improves or damages anatomy.
 
 Public data cannot tell whether the sites' data helped. A simulation knows its sites'
-profiles and passes in a `SiteDomainCheck` (fedsynth.simulations.site_domain) that
-measures the global model on held-out subjects of each. Only a simulation can: in a real
+profiles and passes in a `SiteDomainFactory` (fedsynth.simulations.site_domain) whose
+check measures the global model on held-out subjects of each. Only a simulation can: in a real
 study the sites' data never reaches the coordinator, and a site that measured this on its
 own data would have to spend privacy to report it; nothing under server/ offers that.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -52,6 +53,10 @@ class SiteDomainCheck(Protocol):
         """{"0": public checkpoint's, "N": round N's `weights`'} site -> distances of
         samples to held-out volumes (at the end of a study)."""
         ...
+
+
+# the check on a loaded public checkpoint (shared with public validation: one model copy)
+SiteDomainFactory = Callable[[Pretrained], SiteDomainCheck]
 
 
 def encode_folder(

@@ -127,8 +127,9 @@ def federate(
                 seed=seed * 1_000_003 + round_number * 1009 + k,
             )
             trained = unet.state_dict()
-            deltas.append((site.n_subjects, {key: trained[key] - weights[key] for key in weights}))
-        server.step(weights, subject_weighted_mean(deltas))
+            deltas.append({key: trained[key] - weights[key] for key in weights})
+        subjects = [site.n_subjects for site in sites.values()]
+        server.step(weights, subject_weighted_mean(subjects, deltas))
         run.seconds += time.perf_counter() - started
         if evaluate is not None:
             run.history.append(evaluate(weights))

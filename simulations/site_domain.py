@@ -2,9 +2,10 @@
 
 A simulation knows its sites' profiles, so it draws held-out phantom subjects of each
 (another seed: no site trained on them). `SiteDomain` is the check a simulated study passes
-to the server (server/validation.py `SiteDomainCheck`): the fixed-noise diffusion loss every
-round and, at the end, the fidelity of samples; the in-process studies use it too. A real
-study cannot look at site data without spending privacy, so nothing here exists for one.
+to the server (server/validation.py `SiteDomainCheck`, built on the server's model copy):
+the fixed-noise diffusion loss every round and, at the end, the fidelity of samples; the
+in-process studies use it too. A real study cannot look at site data without spending
+privacy, so nothing here exists for one.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pathlib import Path
 import torch
 
 from fedsynth.common.anatomy import VolumeMeter
-from fedsynth.common.checkpoint import UNET, Pretrained, file_sha256, load_pretrained
+from fedsynth.common.checkpoint import UNET, Pretrained, file_sha256
 from fedsynth.common.config import Config
 from fedsynth.common.diffusion import fixed_noise_losses, sample_latents, sampling_scheduler
 from fedsynth.common.evaluation import fidelity
 from fedsynth.common.feature_net import FeatureNets, feature_net_path, load_feature_nets
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
-from fedsynth.common.models import latent_shape, resolve_device
+from fedsynth.common.models import latent_shape
 from fedsynth.common.sampling import agreement_only, requested_vs_measured
 from fedsynth.server.validation import encode_folder
 
@@ -153,12 +154,6 @@ class SiteDomain:
         result = self.fidelity(weights, nets)
         atomic_write_text(path, json.dumps(result) + "\n", PUBLIC_MODE)
         return result
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Path, folder: Path, config: Config) -> SiteDomain:
-        """The check of a simulated study: its own copy of the public checkpoint (on the
-        config's device) and the held-out site folders in `folder`."""
-        return cls(load_pretrained(checkpoint, resolve_device(config.device)), folder, config)
 
     def final_fidelity(
         self, round_number: int, weights: dict[str, torch.Tensor]

@@ -85,10 +85,10 @@ def phantom_study(
     config: Config, cache: Path, subjects: int, public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
 ) -> SimulatedData:
     """`simulated_data` and the site-domain check a simulated `flwr run` study passes to
-    the server (fedsynth.simulations.site_domain)."""
+    the server (fedsynth.simulations.site_domain), built on the server's loaded checkpoint."""
     from fedsynth.simulations.site_domain import SiteDomain
 
     data = simulated_data(config, cache, subjects, public_subjects)
-    assert data.held_out is not None
-    check = SiteDomain.from_checkpoint(data.checkpoint, data.held_out, config)
-    return replace(data, site_domain=check)
+    held_out = data.held_out
+    assert held_out is not None
+    return replace(data, site_domain=lambda pretrained: SiteDomain(pretrained, held_out, config))

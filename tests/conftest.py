@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,19 @@ TINY_PRETRAIN = {
     "diffusion.train-timesteps": 12,  # keeps the full DDPM chain short
     "sampling.steps": 3,
 }
+
+
+@pytest.fixture(autouse=True)
+def console_as_it_was():
+    """A test that runs an app or the CLI in process gets fedsynth's console (a handler on
+    the root logger, common/logs.py); the next test starts without it, whatever the order."""
+    root, fedsynth = logging.getLogger(), logging.getLogger("fedsynth")
+    handlers, level = list(root.handlers), fedsynth.level
+    yield
+    added = [h for h in root.handlers if h not in handlers and type(h).__name__ == "_Console"]
+    for handler in added:
+        root.removeHandler(handler)
+    fedsynth.setLevel(level)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import stat
 import subprocess
 import sys
@@ -77,6 +78,31 @@ def test_each_site_log_is_private_and_holds_only_its_own_records(tmp_path, caplo
     for folder in (first, second):
         assert stat.S_IMODE((folder / LOG).stat().st_mode) == 0o600
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+
+
+def test_a_site_log_removed_while_the_site_runs_is_made_again(tmp_path):
+    state = tmp_path / "state"
+    log = logging.getLogger("fedsynth.client.client_app")
+    log.warning("round 1: not ready (terms)", extra=at_site(state))
+    shutil.rmtree(state)  # an operator clears the state dir; the ClientApp process goes on
+    log.warning("round 2: not ready (budget-spent)", extra=at_site(state))
+    text = (state / LOG).read_text()
+    assert "round 2: not ready" in text and "round 1" not in text
+    assert stat.S_IMODE((state / LOG).stat().st_mode) == 0o600
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_a_level_the_host_set_stands(console, capsys):
+    """A hospital that wants warnings only sets it once; the ClientApp's console, set up
+    again for every message, does not lower it back to INFO."""
+    console.setLevel(logging.WARNING)
+    show_on_console()
+    log = logging.getLogger("fedsynth.client.client_app")
+    log.info("round 3: trained")
+    log.warning("round 4: not ready (terms)")
+    assert capsys.readouterr().err.splitlines() == [
+        "[fedsynth] warning: round 4: not ready (terms)"
+    ]
 
 
 def test_an_unwritable_state_dir_loses_only_the_file_line(tmp_path, caplog):

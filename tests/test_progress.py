@@ -38,7 +38,9 @@ def test_a_log_ends_with_a_completion_line(monkeypatch, caplog):
     assert list(progress_module.progress(range(7), "encode site")) == list(range(7))
     assert "encode site: done, 7 in 0 s" in caplog.messages
     # the bar's own lines are whole: no carriage returns, no line of blanks when it closes
-    assert stderr.getvalue() == "encode site: 0/7 [00:00<?]\n"
+    assert stderr.getvalue().splitlines()[0] == "encode site: 0/7 [00:00<?]"
+    assert "\r" not in stderr.getvalue()
+    assert all(line.strip() for line in stderr.getvalue().splitlines())
     caplog.clear()
     for item in progress_module.progress(range(7), "stopped"):
         if item == 2:

@@ -132,8 +132,9 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     from dataclasses import replace
 
     # what a simulation passes in (fedsynth.simulations.study_data.phantom_study)
-    check = SiteDomain.from_checkpoint(tiny_checkpoint, site_phantoms, study.config)
-    study = replace(study, site_domain=check)
+    study = replace(
+        study, site_domain=lambda pretrained: SiteDomain(pretrained, site_phantoms, study.config)
+    )
     nodes = {
         k: {
             "data-path": str(site_phantoms / f"site-{k}"),
