@@ -22,14 +22,17 @@ ROOT = "fedsynth"
 PREFIX = "[fedsynth]"
 
 
+def _ours(name: str) -> bool:
+    return name == ROOT or name.startswith(f"{ROOT}.")
+
+
 class _Lines(logging.Formatter):
     """`[fedsynth] message`; a warning or error says so (`[fedsynth] warning: message`);
     another library's record is named by its logger (`[opacus.x] warning: message`)."""
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        ours = record.name == ROOT or record.name.startswith(f"{ROOT}.")
-        prefix = PREFIX if ours else f"[{record.name}]"
+        prefix = PREFIX if _ours(record.name) else f"[{record.name}]"
         if record.levelno >= logging.WARNING:
             return f"{prefix} {record.levelname.lower()}: {text}"
         return f"{prefix} {text}"
@@ -57,7 +60,7 @@ class _Console(logging.StreamHandler):
         self.setFormatter(_Lines())
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == ROOT or record.name.startswith(f"{ROOT}."):
+        if _ours(record.name):
             return super().filter(record)
         return record.levelno >= logging.WARNING and not _shown_elsewhere(record.name)
 

@@ -71,8 +71,8 @@ class SimulatedData:
     phantoms: Path
     checkpoint: Path
     validation: Path | None
-    held_out: Path | None = None
-    site_domain: SiteDomainFactory | None = None
+    held_out: Path
+    site_domain: SiteDomainFactory
 
 
 def cache_dir(config: Config) -> Path:
@@ -195,9 +195,9 @@ def prepare(run_config: dict[str, Any], run_id: int | str = "") -> Study:
 
     phantoms = site_domain = None
     if simulated:
-        from fedsynth.simulations.study_data import phantom_study  # a simulation only
+        from fedsynth.simulations.study_data import simulated_data  # a simulation only
 
-        data = phantom_study(config, cache, subjects, public)
+        data = simulated_data(config, cache, subjects, public)
         phantoms, checkpoint = data.phantoms, data.checkpoint
         validation = validation or data.validation
         site_domain = data.site_domain

@@ -9,13 +9,14 @@ change while the manifest does not); public held-out validation subjects from an
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from fedsynth.common.checkpoint import METADATA, file_sha256
 from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.feature_net import ensure_feature_net
 from fedsynth.server.study import DEFAULT_PUBLIC_SUBJECTS, SimulatedData
+from fedsynth.simulations.site_domain import SiteDomain
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,9 @@ def simulated_data(
     config: Config, cache: Path, subjects: int, public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
 ) -> SimulatedData:
     """Phantoms (sites of `subjects`, a public set of `public_subjects`), a public
-    checkpoint pretrained on their public set, and validation data."""
+    checkpoint pretrained on their public set, validation data, held-out subjects of each
+    site's profile and the site-domain check on them, which the server builds on its own
+    loaded checkpoint (a `flwr run` simulation passes it to the ServerApp)."""
     phantoms = phantom_folder(cache, config, subjects, public_subjects=public_subjects)
     data_hash = file_sha256(phantoms / "public" / "manifest.csv")
     key = f"{pretraining_hash(config)}-{data_hash[:12]}-{phantoms.parent.name}"
@@ -78,17 +81,5 @@ def simulated_data(
     # a checkpoint cached before evaluation feature nets existed gets them from the same data
     ensure_feature_net(checkpoint, phantoms / "public", config, show_progress=True)
     held_out = phantom_folder(cache, config, subjects, held_out=True)
-    return SimulatedData(phantoms, checkpoint, held_out / "public", held_out=held_out)
-
-
-def phantom_study(
-    config: Config, cache: Path, subjects: int, public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
-) -> SimulatedData:
-    """`simulated_data` and the site-domain check a simulated `flwr run` study passes to
-    the server (fedsynth.simulations.site_domain), built on the server's loaded checkpoint."""
-    from fedsynth.simulations.site_domain import SiteDomain
-
-    data = simulated_data(config, cache, subjects, public_subjects)
-    held_out = data.held_out
-    assert held_out is not None
-    return replace(data, site_domain=lambda pretrained: SiteDomain(pretrained, held_out, config))
+    check = partial(SiteDomain, folder=held_out, config=config)
+    return SimulatedData(phantoms, checkpoint, held_out / "public", held_out, check)

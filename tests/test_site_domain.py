@@ -131,7 +131,7 @@ def test_a_simulated_study_reports_site_domain_losses_every_round(
     assert study.site_domain is None  # real sites: nothing reads their data
     from dataclasses import replace
 
-    # what a simulation passes in (fedsynth.simulations.study_data.phantom_study)
+    # what a simulation passes in (fedsynth.simulations.study_data.simulated_data)
     study = replace(
         study, site_domain=lambda pretrained: SiteDomain(pretrained, site_phantoms, study.config)
     )
