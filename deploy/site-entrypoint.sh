@@ -10,14 +10,23 @@
 #   SUPERLINK         the SuperLink as host:port
 #   SITE_NAME         the site's name in the ledgers
 #   MAX_EPSILON       the most this site allows to spend (a number)
+# The site's other terms (client/node_config.py), each passed only when set, so that unset
+# ones keep the node config's default:
+#   MAX_DELTA                   the largest delta it accepts, a number between 0 and 1
+#   ACCOUNTANT                  rdp or prv: refuse studies that account with the other
+#   REQUIRE_SECURE_AGGREGATION  true or false: refuse rounds not under SecAgg+
+#   DISCLOSE_SUBJECT_COUNT      true or false: whether its exact subject count may be published
+#   PUBLIC_SUBJECTS             a whole number: the subject count it declares public
 #   DATA_PATH (/data), STATE_DIR (/state), CHECKPOINT (/public/checkpoint)
 #   ROOT_CERT (/certs/ca.crt), NODE_KEY (/keys/site.key)
 #   TRUSTED_ENTITIES  (/trust/trusted-entities.yaml) the app signers this site accepts (see
 #                     trusted-entities.sh): the SuperNode runs no app they did not sign.
 #                     `none` turns the check off (a try-out on one machine only: the
 #                     SuperNode then runs ANY app the SuperLink sends)
-# The node config is one space-separated string of key="value" pairs, so a value with
-# whitespace, a quote, '=', '\' or a control character is refused (one line naming it).
+# The node config is one space-separated string of key="value" pairs that Flower reads as
+# TOML, so a text value with whitespace, a quote, '=', '\' or a control character, a number
+# TOML would not read (e.g. 07.5, .5) and any other malformed value are refused, in one
+# line naming the variable.
 # Extra arguments are passed on to flower-supernode (e.g. --max-retries 10).
 set -euo pipefail
 
@@ -43,15 +52,50 @@ check() { # check VAR VALUE: the value must survive Flower's key="value" node-co
         fail "$1: must be non-empty, without whitespace, quotes, '=' or '\\'"
     fi
 }
+# numbers as TOML reads them (Flower parses each value as TOML: no leading zeros, no
+# trailing or leading '.'); awk compares them as numbers
+number='^(0|[1-9][0-9]*)([.][0-9]+)?([eE][-+]?[0-9]+)?$'
+in_range() { # in_range VALUE CONDITION: VALUE is a number and awk finds CONDITION on v true
+    [[ $1 =~ $number ]] && awk -v v="$1" "BEGIN { v += 0; exit !($2) }"
+}
+flag() { # flag VAR KEY: append KEY=true|false when VAR is set (true or false, any case)
+    if [[ -n ${!1+set} ]]; then
+        local value=${!1,,}
+        if [[ $value != true && $value != false ]]; then
+            fail "$1: must be true or false"
+        fi
+        node_config+=" $2=$value"
+    fi
+}
 check DATA_PATH "$data"
 check STATE_DIR "$state"
 check SITE_NAME "${SITE_NAME:-}"
 check CHECKPOINT "$checkpoint"
-if [[ ! ${MAX_EPSILON:-} =~ ^[0-9]+([.][0-9]+)?$ ]]; then
-    fail "MAX_EPSILON: must be a number, e.g. 10 or 7.5"
+if ! in_range "${MAX_EPSILON:-}" 'v > 0'; then
+    fail "MAX_EPSILON: must be a positive number, e.g. 10 or 7.5"
 fi
 node_config="data-path=\"$data\" state-dir=\"$state\" site-name=\"$SITE_NAME\""
 node_config+=" checkpoint=\"$checkpoint\" max-epsilon=$MAX_EPSILON"
+if [[ -n ${MAX_DELTA+set} ]]; then
+    if ! in_range "$MAX_DELTA" 'v > 0 && v < 1'; then
+        fail "MAX_DELTA: must be a number between 0 and 1, e.g. 1e-5 or 0.00001"
+    fi
+    node_config+=" max-delta=$MAX_DELTA"
+fi
+if [[ -n ${ACCOUNTANT+set} ]]; then
+    if [[ $ACCOUNTANT != rdp && $ACCOUNTANT != prv ]]; then
+        fail "ACCOUNTANT: must be rdp or prv"
+    fi
+    node_config+=" accountant=\"$ACCOUNTANT\""
+fi
+flag REQUIRE_SECURE_AGGREGATION require-secure-aggregation
+flag DISCLOSE_SUBJECT_COUNT disclose-subject-count
+if [[ -n ${PUBLIC_SUBJECTS+set} ]]; then
+    if [[ ! $PUBLIC_SUBJECTS =~ ^[1-9][0-9]*$ ]]; then
+        fail "PUBLIC_SUBJECTS: must be a whole number of at least 1, e.g. 120"
+    fi
+    node_config+=" public-subjects=$PUBLIC_SUBJECTS"
+fi
 
 trust=(--trusted-entities "$trusted")
 if [[ $trusted == none ]]; then

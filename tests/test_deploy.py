@@ -723,6 +723,56 @@ def test_site_entrypoint_checks_the_study_config_and_passes_the_node_config_inta
     }
 
 
+def test_site_entrypoint_passes_every_site_term_to_the_node_config_exactly(tmp_path):
+    """Each site term of client/node_config.py, set in the environment, reaches the node
+    config flower-supernode parses with the type and value the SuperNode checks."""
+    from flwr.common.config import parse_config_args
+
+    done, _, supernode = _entrypoint(
+        tmp_path,
+        MAX_EPSILON="3",
+        MAX_DELTA="1e-6",
+        ACCOUNTANT="prv",
+        REQUIRE_SECURE_AGGREGATION="False",
+        DISCLOSE_SUBJECT_COUNT="TRUE",
+        PUBLIC_SUBJECTS="120",
+    )
+    assert done.returncode == 0, done.stderr
+    flags = dict(zip(supernode[:-2:2], supernode[1:-2:2], strict=True))
+    config = parse_config_args([flags["--node-config"]])
+    site = tmp_path / "site"
+    assert config == {
+        "data-path": str(site / "data"),
+        "state-dir": str(site / "state"),
+        "site-name": "site-1",
+        "checkpoint": str(site / "ckpt"),
+        "max-epsilon": 3,
+        "max-delta": 1e-6,
+        "accountant": "prv",
+        "require-secure-aggregation": False,
+        "disclose-subject-count": True,
+        "public-subjects": 120,
+    }
+    assert [type(config[k]) for k in ("max-delta", "public-subjects")] == [float, int]
+    assert type(config["require-secure-aggregation"]) is bool
+
+
+def test_site_entrypoint_node_config_is_read_by_the_site(tmp_path):
+    """The same string, through Flower's parser, into client/node_config.py's site terms."""
+    from flwr.common.config import parse_config_args
+
+    from fedsynth.client.node_config import site_settings
+
+    done, _, supernode = _entrypoint(
+        tmp_path, MAX_DELTA="0.00001", ACCOUNTANT="rdp", REQUIRE_SECURE_AGGREGATION="true"
+    )
+    assert done.returncode == 0, done.stderr
+    flags = dict(zip(supernode[:-2:2], supernode[1:-2:2], strict=True))
+    settings = site_settings(parse_config_args([flags["--node-config"]]), target_epsilon=1.0)
+    assert (settings.max_epsilon, settings.max_delta) == (7.5, 1e-5)
+    assert (settings.accountant, settings.require_secure_aggregation) == ("rdp", True)
+
+
 @pytest.mark.parametrize(
     ("var", "value"),
     [
@@ -736,7 +786,27 @@ def test_site_entrypoint_checks_the_study_config_and_passes_the_node_config_inta
         ("SITE_NAME", ""),
         ("MAX_EPSILON", "10 checkpoint=/x"),
         ("MAX_EPSILON", "inf"),
+        ("MAX_EPSILON", "07.5"),  # TOML: no leading zeros (Flower's parser would fail)
+        ("MAX_EPSILON", ".5"),
+        ("MAX_EPSILON", "0"),
         ("STUDY_CONFIG", ""),
+        ("MAX_DELTA", ""),
+        ("MAX_DELTA", "1"),
+        ("MAX_DELTA", "0"),
+        ("MAX_DELTA", "2e-1x"),
+        ("MAX_DELTA", "1e-5 max-epsilon=1000"),
+        ("MAX_DELTA", "01e-5"),
+        ("ACCOUNTANT", "gdp"),
+        ("ACCOUNTANT", 'rdp" max-epsilon="1000'),
+        ("REQUIRE_SECURE_AGGREGATION", "no"),
+        ("REQUIRE_SECURE_AGGREGATION", "false max-epsilon=1000"),
+        ("DISCLOSE_SUBJECT_COUNT", "1"),
+        ("DISCLOSE_SUBJECT_COUNT", ""),
+        ("PUBLIC_SUBJECTS", "12.5"),
+        ("PUBLIC_SUBJECTS", "0"),
+        ("PUBLIC_SUBJECTS", "012"),
+        ("PUBLIC_SUBJECTS", "-3"),
+        ("PUBLIC_SUBJECTS", "120 disclose-subject-count=true"),
     ],
 )
 def test_site_entrypoint_refuses_unsafe_values_in_one_line(tmp_path, var, value):
