@@ -10,6 +10,12 @@
 #   SUPERLINK         the SuperLink as host:port
 #   SITE_NAME         the site's name in the ledgers
 #   MAX_EPSILON       the most this site allows to spend (a number)
+#   DATA_PATH (/data), STATE_DIR (/state), CHECKPOINT (/public/checkpoint)
+#   ROOT_CERT (/certs/ca.crt), NODE_KEY (/keys/site.key)
+#   TRUSTED_ENTITIES  (/trust/trusted-entities.yaml) the app signers this site accepts (see
+#                     trusted-entities.sh): the SuperNode runs no app they did not sign.
+#                     `none` turns the check off (a try-out on one machine only: the
+#                     SuperNode then runs ANY app the SuperLink sends)
 # The site's other terms (client/node_config.py), each passed only when set, so that unset
 # ones keep the node config's default:
 #   MAX_DELTA                   the largest delta it accepts, a number between 0 and 1
@@ -17,12 +23,6 @@
 #   REQUIRE_SECURE_AGGREGATION  true or false: refuse rounds not under SecAgg+
 #   DISCLOSE_SUBJECT_COUNT      true or false: whether its exact subject count may be published
 #   PUBLIC_SUBJECTS             a whole number: the subject count it declares public
-#   DATA_PATH (/data), STATE_DIR (/state), CHECKPOINT (/public/checkpoint)
-#   ROOT_CERT (/certs/ca.crt), NODE_KEY (/keys/site.key)
-#   TRUSTED_ENTITIES  (/trust/trusted-entities.yaml) the app signers this site accepts (see
-#                     trusted-entities.sh): the SuperNode runs no app they did not sign.
-#                     `none` turns the check off (a try-out on one machine only: the
-#                     SuperNode then runs ANY app the SuperLink sends)
 # The node config is one space-separated string of key="value" pairs that Flower reads as
 # TOML, so a text value with whitespace, a quote, '=', '\' or a control character, a number
 # TOML would not read (e.g. 07.5, .5) and any other malformed value are refused, in one

@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsynth.common.ledger import read_ledger
 
@@ -648,8 +649,11 @@ def test_scripts_are_strict_bash_with_usage(script):
     assert subprocess.run(["bash", "-n", DEPLOY / script], check=False).returncode == 0
 
 
-def _entrypoint(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess, list, list]:
-    """Run site-entrypoint.sh with fake `fedsynth` and `flower-supernode` on PATH.
+def _entrypoint(
+    tmp_path: Path, **env: str | None
+) -> tuple[subprocess.CompletedProcess, list, list]:
+    """Run site-entrypoint.sh with fake `fedsynth` and `flower-supernode` on PATH; a
+    variable given as None is left unset.
 
     Returns the process and the argv each fake was called with (empty: not called).
     """
@@ -682,7 +686,7 @@ def _entrypoint(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess
     }
     done = subprocess.run(
         ["bash", str(DEPLOY / "site-entrypoint.sh"), "--max-retries", "3"],
-        env={**base, **env},
+        env={k: v for k, v in {**base, **env}.items() if v is not None},
         capture_output=True,
         text=True,
         timeout=30,
@@ -815,6 +819,18 @@ def test_site_entrypoint_refuses_unsafe_values_in_one_line(tmp_path, var, value)
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"site: {var}")
 
 
+@pytest.mark.parametrize("var", ["SITE_NAME", "MAX_EPSILON"])
+def test_site_image_has_no_default_site_name_or_ceiling(tmp_path, var):
+    """The site image's ENV gives neither: the entrypoint refuses a site that states none."""
+    image_env = " ".join(
+        args for op, args in _instructions(DEPLOY / "Dockerfile.site") if op == "ENV"
+    )
+    assert var not in {word.split("=")[0] for word in image_env.split()}
+    done, check, supernode = _entrypoint(tmp_path, **{var: None})
+    assert done.returncode == 2 and check == [] and supernode == []
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"site: {var}")
+
+
 def test_site_entrypoint_needs_trusted_signers_unless_explicitly_off(tmp_path):
     done, _, supernode = _entrypoint(tmp_path, TRUSTED_ENTITIES=str(tmp_path / "missing.yaml"))
     assert done.returncode == 1 and "missing.yaml is missing" in done.stderr and not supernode
@@ -839,7 +855,23 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
 def test_dockerfiles_pin_the_base_and_dependencies_and_run_unprivileged(dockerfile):
     steps = _instructions(DEPLOY / dockerfile)
     [base] = [args for op, args in steps if op == "FROM"]
-    assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base), base
+    # the base image by tag, and by digest when the build passes PYTHON_DIGEST (an ARG
+    # before FROM; Docker's ${VAR:+word} gives "@" only when it is set)
+    assert steps[0] == ("ARG", 'PYTHON_DIGEST=""') and ("ARG", "PYTHON_DIGEST") in steps
+    tag = r"python:3\.11\.\d+-slim-bookworm"
+    digest = "sha256:" + "0123456789abcdef" * 4
+    for given, wanted in (("", tag), (digest, f"{tag}@{digest}")):
+        named = base.replace("${PYTHON_DIGEST:+@}", "@" if given else "")
+        assert re.fullmatch(wanted, named.replace("${PYTHON_DIGEST}", given)), base
+    assert 'org.opencontainers.image.base.digest="${PYTHON_DIGEST}"' in dict(steps)["LABEL"]
+    # compose.yaml passes the digest on to every build of this Dockerfile
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"].values()
+    builds = [
+        s["build"]
+        for s in services
+        if s.get("build", {}).get("dockerfile", "").endswith(dockerfile)
+    ]
+    assert builds and all(b["args"] == {"PYTHON_DIGEST": "${PYTHON_DIGEST:-}"} for b in builds)
     assert "latest" not in (DEPLOY / dockerfile).read_text()
     installs = [args for op, args in steps if op == "RUN" and "pip install" in args]
     assert installs and all("PIP_CONSTRAINT=" in args for args in installs)
