@@ -16,6 +16,7 @@ import contextlib
 import http.client
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -127,7 +128,7 @@ def _nginx_config(tmp_path: Path, listen: str, link_port: int, certs: Path) -> P
     )
     conf = tmp_path / "nginx.conf"
     conf.write_text(
-        ("user root;\n" if Path("/proc/self").owner() == "root" else "")
+        ("user root;\n" if os.geteuid() == 0 else "")  # workers reach tmp_path (0700)
         + f"pid {tmp_path / 'nginx.pid'};\nerror_log {tmp_path / 'nginx-error.log'};\n"
         + "daemon off;\nevents {}\n"
         + f"http {{ access_log {tmp_path / 'nginx-access.log'}; {temp}\n"
