@@ -4,8 +4,8 @@ OUTSIDE THE DP GUARANTEE. The audit reads the site's private volumes (the subjec
 trained on and subjects it never trained on) without any DP mechanism, so its numbers are
 computed from private data: they are for the site to look at and to decide whether to
 share (`fedsynth release --audit FILE` puts them in report.html). What is printed is
-aggregate only (no paths, no subject ids, no per-subject values); anything per pair or per
-subject goes to the private `--out` folder (0700, files 0600).
+aggregate only (no paths, no subject ids, no per-subject values) and follows the rule
+below; anything per pair or per subject goes to the private `--out` folder.
 
 Two questions:
 
@@ -42,11 +42,27 @@ Two questions:
    n non-members the smallest non-zero FPR is 1/n (`fpr_resolution`): where it exceeds the
    target, the TPR reported is the TPR at zero false positives among the n.
 
-The JSON (`fedsynth audit --json`, also written to `--out`/audit.json, 0600):
+What may be shared (common/audit_publication.py): the distances are between one synthetic
+volume and one patient's record, and with a small cohort or site an exact quantile of them
+picks out who was in training. So what `--json` prints (and --out/shared.json holds, the
+file a site shares and `fedsynth release --audit` accepts) carries a figure only when at
+least `MIN_RECORDS` (11, the small-cell rule of health statistics) synthetic volumes and 11
+distinct subjects stand behind it, a quantile being the mean of 11 order statistics around
+its rank, rounded to 2 significant digits; below that the field reads "withheld: fewer than
+11 ...". The exact figures, per-pair distances and the pairs montage stay in --out.
+
+The audited cohort is a release's: `--release RELEASE` reads RELEASE/cohort and refuses it
+unless it holds exactly the files RELEASE/cohort.sha256 lists, with their SHA-256
+(common/cohort_hashes.py); a coordinator cannot pass patients' volumes off as the cohort
+without the audit naming the cohort's fingerprint, which report.html publishes.
+
+The shared JSON (`fedsynth audit --json`, --out/shared.json):
 
     outside_dp_guarantee  true
-    note                  the sentence above, for a report
+    note                  the sentence above, for a report (and the few-records warning)
     distance              what DCR measures (per-voxel RMSE at the model's resolution)
+    published             {min_records, significant_digits, rule}
+    cohort_sha256         the audited cohort's fingerprint (SHA-256 of cohort.sha256)
     cohort_volumes        synthetic volumes audited
     training_subjects     subjects in --data-path (counted as the study's DP counts them)
     holdout_subjects      subjects in --holdout, or null
@@ -61,11 +77,13 @@ The JSON (`fedsynth audit --json`, also written to `--out`/audit.json, 0600):
                            auc, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr, fpr_resolution,
                            n_members, n_nonmembers, loss_draws,
                            auc_uncalibrated (-model loss; null without --reference)}
+    (each figure a number rounded to 2 significant digits or "withheld: fewer than 11 ...")
 
-Private files in `--out`: pairs.png (the `PAIRS` most similar synthetic/training pairs,
-each synthetic volume above its nearest training volume, basal, mid and apical slices, for
-a human to judge), pairs.csv (each synthetic volume's nearest training subject, DCRs and
-NNDR), audit.json.
+Private files in `--out` (0700, files 0600): pairs.png (the `PAIRS` most similar
+synthetic/training pairs, each synthetic volume above its nearest training volume, basal,
+mid and apical slices, for a human to judge), pairs.csv (each synthetic volume's nearest
+training subject, DCRs and NNDR), audit.json (the same keys with exact figures: quantiles
+read off the values, np.quantile's linear interpolation), shared.json.
 """
 
 from __future__ import annotations
@@ -82,7 +100,10 @@ import numpy as np
 import torch
 import yaml
 
+from fedsynth.common import audit_publication as publish
+from fedsynth.common.audit_publication import FPR_TARGETS, MIN_RECORDS
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
+from fedsynth.common.cohort_hashes import check_cohort_hashes
 from fedsynth.common.config import Config, DataConfig
 from fedsynth.common.data import MANIFEST, SiteManifest, check_site, open_nifti, open_site
 from fedsynth.common.diffusion import fixed_noise_losses
@@ -91,7 +112,7 @@ from fedsynth.common.io import PRIVATE_MODE, atomic_write_text, private_dir
 from fedsynth.common.models import ConditionedUNet, resolve_device
 from fedsynth.common.orientation import short_axis_ornt
 from fedsynth.common.progress import progress
-from fedsynth.common.sampling import montage
+from fedsynth.common.sampling import COHORT, montage
 
 NOTE = (
     "Outside the DP guarantee: computed at the site from its private training and held-out "
@@ -105,12 +126,13 @@ SHARE_SUBSAMPLES = 25  # seeded subsamples of the larger set, averaged, for the 
 LOSS_DRAWS = 8  # fixed (noise, timestep) draws per volume for the membership loss
 LOSS_BATCH = 16  # volumes per UNet forward in the membership loss
 PAIRS = 3  # most similar (synthetic, training) pairs in the private montage
-OUT_FILES = ("pairs.png", "pairs.csv", "audit.json")
-FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
-FEW_SUBJECTS = 20  # below this, a quantile or a share is close to one subject's own value
+SHARED = "shared.json"  # what --json prints: the file a site shares
+OUT_FILES = ("pairs.png", "pairs.csv", "audit.json", SHARED)
+FEW_SUBJECTS = 20  # below this, an aggregate is close to one record's own value
 FEW_NOTE = (
-    "few subjects: with fewer than {n} subjects in a set, these aggregates are close to "
-    "single subjects' values; weigh that before sharing them"
+    "few records: with fewer than {n} subjects in a set or volumes in the cohort, these "
+    "aggregates are close to single records' values (those resting on fewer than "
+    f"{MIN_RECORDS} are withheld); weigh that before sharing them"
 )
 
 
@@ -118,7 +140,7 @@ FEW_NOTE = (
 class AuditInputs:
     """The folders of one audit, checked to exist (each error names its option)."""
 
-    cohort: Path
+    release: Path
     data_path: Path
     holdout: Path | None
     checkpoint: Path | None
@@ -148,6 +170,11 @@ class AuditInputs:
                     "(it is made owner-only)"
                 )
         return cls(**given)  # type: ignore[arg-type]
+
+    @property
+    def cohort(self) -> Path:
+        """The release's cohort folder (checked against its cohort.sha256 by run_audit)."""
+        return self.release / COHORT
 
 
 @dataclass(frozen=True)
@@ -207,12 +234,12 @@ def check_cohort(folder: Path, data_cfg: DataConfig) -> None:
     config would be silently resampled by the reader, and its distances would not be those
     of the model audited. Headers only, before any volume is read."""
     expected = tuple(data_cfg.shape)
-    for record in _manifest(folder, data_cfg, "--cohort").records:
+    for record in _manifest(folder, data_cfg, "--release").records:
         shape = _frame_shape(record.image)
         if shape is not None and shape != expected:
             found, model = "x".join(map(str, shape)), "x".join(map(str, expected))
             raise FedsynthError(
-                f"--cohort: {record.image.name} is {found} but the model's resolution is "
+                f"--release: {record.image.name} is {found} but the model's resolution is "
                 f"{model}: audit a cohort with the config (--checkpoint) it was sampled with"
             )
 
@@ -222,7 +249,7 @@ def check_complete(manifest: SiteManifest) -> None:
     if manifest.rejected:
         first = manifest.rejected[0]
         raise FedsynthError(
-            f"--cohort: {len(manifest.rejected)} row(s) unusable (e.g. row {first.row}, "
+            f"--release: {len(manifest.rejected)} row(s) unusable (e.g. row {first.row}, "
             f"{first.file}: {first.reason})"
         )
 
@@ -296,13 +323,32 @@ def _quantiles(values: torch.Tensor | None, prefix: str) -> dict[str, float | No
 
 @dataclass(frozen=True)
 class DcrResult:
-    """Aggregates for the report, and per-volume figures that stay in --out."""
+    """Exact aggregates (private), and per-volume figures that stay in --out."""
 
     summary: dict
     nearest_subject: torch.Tensor  # (M,) index of the nearest training subject
     to_train: torch.Tensor  # (M,) DCR to training
     to_holdout: torch.Tensor | None  # (M,)
+    nearest_holdout: torch.Tensor | None  # (M,) index of the nearest held-out subject
     nndr: torch.Tensor | None  # (M,)
+
+    def shared(self) -> dict:
+        """The summary as a site may share it (common/audit_publication.py): quantiles as
+        means of MIN_RECORDS order statistics from as many distinct subjects, the share
+        over enough volumes and subjects, all rounded; else withheld."""
+        nearest = self.nearest_subject.numpy()
+        out = publish.quantiles(self.to_train.double().numpy(), nearest, "train")
+        holdout = None if self.to_holdout is None else self.to_holdout.double().numpy()
+        near_holdout = None if self.nearest_holdout is None else self.nearest_holdout.numpy()
+        out |= publish.quantiles(holdout, near_holdout, "holdout")
+        size = self.summary["share_subsampled_to"]
+        out["closer_to_training_share"] = publish.share(
+            self.summary["closer_to_training_share"], len(nearest), size
+        )
+        out["share_subsampled_to"] = size
+        nndr = None if self.nndr is None else self.nndr.double().numpy()
+        nndr_q = publish.quantiles(nndr, nearest, "nndr")
+        return out | {"nndr_q05": nndr_q["nndr_q05"], "nndr_median": nndr_q["nndr_median"]}
 
 
 def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed: int) -> DcrResult:
@@ -315,16 +361,16 @@ def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed:
     if train.n_subjects >= 2:
         nndr = nearest.values[:, 0] / nearest.values[:, 1].clamp_min(1e-12)
     summary: dict = _quantiles(dcr_train, "train")
-    dcr_holdout, share, size = None, None, None
+    dcr_holdout, nearest_holdout, share, size = None, None, None, None
     if holdout is not None:
         to_holdout = subject_distances(synthetic, holdout)
-        dcr_holdout = to_holdout.min(dim=1).values
+        dcr_holdout, nearest_holdout = to_holdout.min(dim=1)
         share, size = closer_share(to_train, to_holdout, seed)
     summary |= _quantiles(dcr_holdout, "holdout")
     summary |= {"closer_to_training_share": share, "share_subsampled_to": size}
     nndr_q = _quantiles(nndr, "nndr")
     summary |= {"nndr_q05": nndr_q["nndr_q05"], "nndr_median": nndr_q["nndr_median"]}
-    return DcrResult(summary, nearest.indices[:, 0], dcr_train, dcr_holdout, nndr)
+    return DcrResult(summary, nearest.indices[:, 0], dcr_train, dcr_holdout, nearest_holdout, nndr)
 
 
 # --------------------------------------------------------------- membership inference
@@ -462,12 +508,14 @@ def load_checkpoint(path: Path, option: str, device: torch.device | str = "cpu")
 def write_private_files(
     out: Path,
     report: dict,
+    shared: dict,
     result: DcrResult,
     synthetic: VolumeSet,
     train: VolumeSet,
     config: Config,
 ) -> None:
-    """pairs.png, pairs.csv and audit.json in `out` (0700), each file 0600."""
+    """pairs.png, pairs.csv, audit.json (exact) and shared.json in `out` (0700), each
+    file 0600."""
     out = private_dir(out)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -494,17 +542,23 @@ def write_private_files(
     montage(out / "pairs.png", volumes, titles, config)
     os.chmod(out / "pairs.png", PRIVATE_MODE)
     atomic_write_text(out / "audit.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / SHARED, json.dumps(shared, indent=2) + "\n")
 
 
 def run_audit(
     inputs: AuditInputs, config: Config | None, seed: int = 0, show_progress: bool = True
 ) -> dict:
-    """Read the cohort and the site's subjects, measure, write the private files in
-    inputs.out and return the aggregate report (the JSON of the module docstring).
+    """Check the release's cohort against its hashes, read it and the site's subjects,
+    measure, write the private files in inputs.out and return the report a site may share
+    (the JSON of the module docstring).
 
     `config` gives the model's resolution when there is no checkpoint (the checkpoint's
     own config wins otherwise). Raises FedsynthError with one line on bad input.
     """
+    try:
+        fingerprint = check_cohort_hashes(inputs.release)
+    except FedsynthError as exc:
+        raise FedsynthError(f"--release: {exc}") from None
     model = reference = None
     if inputs.checkpoint is not None:
         model = load_checkpoint(inputs.checkpoint, "--checkpoint")
@@ -521,7 +575,7 @@ def run_audit(
     check_cohort(inputs.cohort, data_cfg)
     if inputs.holdout is not None:
         check_disjoint(inputs.data_path, inputs.holdout, data_cfg)
-    synthetic, cohort = read_volumes(inputs.cohort, data_cfg, "--cohort", show_progress)
+    synthetic, cohort = read_volumes(inputs.cohort, data_cfg, "--release", show_progress)
     check_complete(cohort)
     train = read_volumes(inputs.data_path, data_cfg, "--data-path", show_progress)[0]
     holdout = None
@@ -531,29 +585,46 @@ def run_audit(
     attack = None
     if model is not None and holdout is not None:
         attack = membership(model, reference, train, holdout, seed, show_progress)
-    counts = [train.n_subjects, *([] if holdout is None else [holdout.n_subjects])]
+    counts = [len(synthetic.images), train.n_subjects]
+    counts += [] if holdout is None else [holdout.n_subjects]
     few = min(counts) < FEW_SUBJECTS
     report = {
         "outside_dp_guarantee": True,
         "note": NOTE + (" " + FEW_NOTE.format(n=FEW_SUBJECTS).capitalize() + "." if few else ""),
         "distance": DISTANCE,
+        "published": {
+            "min_records": MIN_RECORDS,
+            "significant_digits": publish.SIGNIFICANT_DIGITS,
+            "rule": publish.RULE,
+        },
+        "cohort_sha256": fingerprint,
         "cohort_volumes": len(synthetic.images),
         "training_subjects": train.n_subjects,
         "holdout_subjects": None if holdout is None else holdout.n_subjects,
         "seed": seed,
+        "dcr": result.shared(),
+        "membership_inference": None if attack is None else publish.attack(attack),
+    }
+    exact = report | {
+        "published": "exact figures: private to the site, share shared.json",
         "dcr": result.summary,
         "membership_inference": attack,
     }
-    write_private_files(inputs.out, report, result, synthetic, train, config)
+    write_private_files(inputs.out, exact, report, result, synthetic, train, config)
     return report
 
 
-def _number(value: float | None, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+def _number(value: publish.Published | None) -> str:
+    """A shared figure as printed: already rounded, or why it is withheld."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return f"withheld ({value.removeprefix('withheld: ')})"
+    return f"{value:g}"
 
 
 def summary_lines(report: dict) -> list[str]:
-    """The report as a few printed lines: aggregates only, no paths, no subject ids."""
+    """The shared report as a few printed lines: aggregates only, no paths, no subject ids."""
     d = report["dcr"]
     holdout = report["holdout_subjects"]
     lines = [
@@ -570,7 +641,7 @@ def summary_lines(report: dict) -> list[str]:
             f"distance to closest held-out record: median {_number(d['holdout_median'])}, 5% "
             f"{_number(d['holdout_q05'])}, 25% {_number(d['holdout_q25'])}",
             f"closer to a training than to a held-out record: "
-            f"{_number(d['closer_to_training_share'], 2)} of the cohort (0.5 expected without "
+            f"{_number(d['closer_to_training_share'])} of the cohort (0.5 expected without "
             f"memorisation; both sets subsampled to {d['share_subsampled_to']} subjects)",
         ]
     if d["nndr_median"] is not None:
@@ -591,9 +662,15 @@ def summary_lines(report: dict) -> list[str]:
         )
         lines.append(
             f"membership inference ({mia['score']}, {mia['n_members']} members vs "
-            f"{mia['n_nonmembers']} non-members): AUC {mia['auc']:.3f} (0.5: chance), TPR "
-            f"{mia['tpr_at_1pct_fpr']:.3f} at 1% FPR, {mia['tpr_at_0_1pct_fpr']:.3f} at 0.1% "
-            f"FPR{caveat}"
+            f"{mia['n_nonmembers']} non-members): AUC {_number(mia['auc'])} (0.5: chance), "
+            f"TPR {_number(mia['tpr_at_1pct_fpr'])} at 1% FPR, "
+            f"{_number(mia['tpr_at_0_1pct_fpr'])} at 0.1% FPR{caveat}"
         )
-    lines.append("pairs montage and per-pair distances: in --out (owner-only)")
+    lines += [
+        f"cohort audited: the release's cohort, fingerprint {report['cohort_sha256']} (check "
+        "it against the published report.html)",
+        f"shared figures: {report['published']['rule']}",
+        f"exact figures, pairs montage and per-pair distances: in --out (owner-only); "
+        f"{SHARED} there is what may be shared",
+    ]
     return lines

@@ -1,7 +1,8 @@
 """`fedsynth audit`: a site's own memorisation audit of a released synthetic cohort.
 
 Run at the hospital, on its own machine: it reads the site's private volumes without DP,
-so what it prints is for the site to decide whether to share (see client/audit.py).
+so what it prints is for the site to decide whether to share, and only figures over enough
+records, rounded (see client/audit.py and common/audit_publication.py).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ HELP = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--cohort", required=True, metavar="DIR", help="synthetic cohort (manifest.csv + NIfTI)"
+        "--release",
+        required=True,
+        metavar="DIR",
+        help="the release folder: its cohort/ is audited only if it matches the SHA-256 of "
+        "every file in its cohort.sha256",
     )
     parser.add_argument(
         "--data-path", required=True, metavar="DIR", help="the site's training subjects"
@@ -49,7 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_config_arguments(parser)  # the model's resolution when no --checkpoint is given
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default: 0")
-    parser.add_argument("--json", action="store_true", help="print the aggregate numbers as JSON")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the figures a site may share as JSON (rounded; withheld below the minimum "
+        "counts), as in --out/shared.json",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -60,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from fedsynth.common.cli import config_from_args
 
     inputs = AuditInputs.from_paths(
-        cohort=args.cohort,
+        release=args.release,
         data_path=args.data_path,
         holdout=args.holdout,
         checkpoint=args.checkpoint,

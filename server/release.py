@@ -8,6 +8,8 @@ interrupted release leaves nothing behind:
 
 out/cohort/            NIfTI (spacing and affine) + manifest.csv (attributes asked for,
                        synthetic = yes)
+out/cohort.sha256      the SHA-256 of every file in cohort/ (common/cohort_hashes.py): a
+                       site's `fedsynth audit --release` audits only a cohort that matches
 out/privacy.json       the statement (server/privacy_statement.py)
 out/ledger.jsonl       the study's ledger, from which every epsilon in it recomputes
 out/controllability.json, out/evaluation.json (with --reference), out/audits.json
@@ -22,7 +24,9 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedsynth.common.audit_publication import check_shared
 from fedsynth.common.checkpoint import load_pretrained
+from fedsynth.common.cohort_hashes import write_cohort_hashes
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import resolve_device
@@ -52,8 +56,9 @@ def _check_out(out: Path) -> None:
 
 def read_audits(given: Sequence[str]) -> list[dict]:
     """Sites' `fedsynth audit --json` outputs, each `FILE` or `SITE=FILE`, labelled with
-    SITE (else the file's folder name). Raises FedsynthError for a file that is missing or
-    not an audit."""
+    SITE (else the file's folder name). Raises FedsynthError for a file that is missing,
+    not an audit, or publishing more than the sharing rule allows (an exact figure, one
+    below the minimum counts; common/audit_publication.py) or no audited cohort."""
     audits = []
     for text in given:
         label, _, name = str(text).rpartition("=")
@@ -66,6 +71,7 @@ def read_audits(given: Sequence[str]) -> list[dict]:
             raise FedsynthError(f"audit {path} is not the output of fedsynth audit --json")
         if not isinstance(audit.get("dcr"), dict) or "cohort_volumes" not in audit:
             raise FedsynthError(f"audit {path} lacks dcr or cohort_volumes")
+        check_shared(audit, str(path))
         audits.append({"label": label or path.resolve().parent.name, **audit})
     return audits
 
@@ -137,6 +143,7 @@ def release(
             show_progress,
         )
         control = controllability(study.checkpoint, work, paths, rows, sampling.guidance_scale)
+        write_cohort_hashes(work)  # the cohort is complete: sites audit against this record
         atomic_write_text(work / STATEMENT, json.dumps(statement, indent=2) + "\n", PUBLIC_MODE)
         shutil.copyfile(study.run_dir / "ledger.jsonl", work / LEDGER_COPY)
         (work / LEDGER_COPY).chmod(PUBLIC_MODE)

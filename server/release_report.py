@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fedsynth.common.accountant import epsilon
+from fedsynth.common.audit_publication import RULE
+from fedsynth.common.checkpoint import file_sha256
+from fedsynth.common.cohort_hashes import COHORT_HASHES
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.ledger import charged, segment_of
 from fedsynth.common.sampling import MONTAGE
@@ -318,25 +321,41 @@ def _audit_rows(audit: dict) -> list[tuple]:
     return rows
 
 
-def _audit_section(audits: list[dict]) -> str:
+def _audit_section(audits: list[dict], fingerprint: str) -> str:
+    """The sites' shared audits (already checked against the sharing rule by read_audits),
+    each with whether it measured this release's cohort (`fingerprint`: the SHA-256 of
+    cohort.sha256)."""
+    cohort = (
+        f"<p>This release's cohort fingerprint (SHA-256 of <code>{COHORT_HASHES}</code>): "
+        f"<code>{fingerprint}</code>. <code>fedsynth audit --release</code> audits only a "
+        "cohort whose every file matches that record, and names the fingerprint it audited."
+        "</p>"
+    )
     if not audits:
         return (
             "<h2>Memorisation audits</h2><p>No site audit was given (<code>--audit</code>). "
             "A site runs <code>fedsynth audit</code> on its own machine and shares the "
-            "aggregate numbers if it chooses.</p>"
+            f"aggregate numbers if it chooses.</p>{cohort}"
         )
     parts = []
     for audit in audits:
         facts = (
             f"{audit['cohort_volumes']} synthetic volumes, {audit['training_subjects']} "
-            f"training and {audit.get('holdout_subjects') or 0} held-out subjects"
+            f"training and {audit.get('holdout_subjects') or 0} held-out subjects; "
+        )
+        facts += (
+            "audited this release's cohort"
+            if audit["cohort_sha256"] == fingerprint
+            else "audited another cohort, fingerprint "
+            f"<code>{html.escape(audit['cohort_sha256'])}</code> (an earlier release)"
         )
         table = _table(_audit_rows(audit), ("measure", "value", "how to read it"))
         parts.append(f"<h3>{html.escape(audit['label'])}</h3><p>{facts}</p>{table}")
     return (
         '<h2>Memorisation audits</h2><div class="warn">These numbers were computed by the '
         "sites on their private data without differential privacy: they are outside the DP "
-        "guarantee, shared at each site's discretion.</div>" + "".join(parts)
+        "guarantee, shared at each site's discretion. What a site shares is aggregate only: "
+        f"{html.escape(RULE)}.</div>{cohort}" + "".join(parts)
     )
 
 
@@ -396,7 +415,7 @@ public label maps, against the volume requested for its phase (ED or ES).</p>
 {control_html}
 {_quality_section(evaluation)}
 {_privacy_section(study, statement)}
-{_audit_section(audits)}
+{_audit_section(audits, file_sha256(folder / COHORT_HASHES))}
 
 <h2>Check and reproduce</h2>
 <pre>fedsynth privacy verify --release RELEASE_DIR   # every epsilon, from ledger.jsonl

@@ -3,7 +3,8 @@
 Phantom subjects of one site profile, drawn with three seeds: members (the "training"
 subjects), non-members (held out) and fresh subjects (a cohort of new people). Subject ids
 are prefixed per draw: the phantom generator names subjects by index, and the audit
-refuses held-out subjects whose ids are training ids.
+refuses held-out subjects whose ids are training ids. Cohorts are written as a release
+writes them (cohort/ and its cohort.sha256): the audit takes only a release's cohort.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fedsynth.client.audit import (
     FEW_SUBJECTS,
     LOSS_DRAWS,
     NOTE,
+    SHARED,
     VolumeSet,
     attack_metrics,
     closer_share,
@@ -42,8 +44,16 @@ from fedsynth.client.dp_trainer import (
     trainable_parameters,
 )
 from fedsynth.common.accountant import plan_noise
+from fedsynth.common.audit_publication import (
+    MIN_RECORDS,
+    WITHHELD,
+    check_shared,
+    quantile,
+    rounded,
+)
 from fedsynth.common.checkpoint import UNET, load_pretrained, save_torch
 from fedsynth.common.cli import main
+from fedsynth.common.cohort_hashes import write_cohort_hashes
 from fedsynth.common.config import Config
 from fedsynth.common.orientation import short_axis_affine
 from fedsynth.simulations.phantoms import generate_cohorts
@@ -58,6 +68,8 @@ TOP_KEYS = {
     "outside_dp_guarantee",
     "note",
     "distance",
+    "published",
+    "cohort_sha256",
     "cohort_volumes",
     "training_subjects",
     "holdout_subjects",
@@ -125,6 +137,25 @@ def write_cohort(folder: Path, volumes: torch.Tensor, source: VolumeSet, config:
     return folder
 
 
+def write_release(folder: Path, volumes: torch.Tensor, source: VolumeSet, config: Config) -> Path:
+    """A release-like folder: the cohort (write_cohort) in folder/cohort and the release's
+    record of its hashes, as `fedsynth release` writes it."""
+    write_cohort(folder / "cohort", volumes, source, config)
+    write_cohort_hashes(folder)
+    return folder
+
+
+def assert_shareable(report: dict) -> None:
+    """Every figure of a shared report rounded or withheld, as `release --audit` checks."""
+    figures = [*report["dcr"].values(), *(report["membership_inference"] or {}).values()]
+    for value in figures:
+        if isinstance(value, float):
+            assert rounded(value) == value
+        elif isinstance(value, str):
+            assert value.startswith(WITHHELD) or value.endswith("model loss")
+    check_shared(report, "test")
+
+
 def checkpoint_with(unet: torch.nn.Module, base: Path, out: Path) -> Path:
     """A copy of checkpoint `base` with these UNet weights (a study's final model)."""
     shutil.copytree(base, out)
@@ -174,16 +205,18 @@ def site(tmp_path_factory, tiny_checkpoint) -> dict:
 
 @pytest.fixture(scope="module")
 def cohorts(site) -> dict[str, Path]:
-    """A cohort of near-copies of the members' volumes, one of fresh subjects, and a small
-    one of fresh subjects (for audits that look at the model, not at the cohort)."""
+    """Releases of: near-copies of the members' volumes, fresh subjects, a small one of
+    fresh subjects (for audits that look at the model, not at the cohort) and one of five
+    (an odd count: its median is one volume's distance)."""
     sets, config, root = site["sets"], site["config"], site["root"]
     members, fresh = sets["members"], sets["fresh"]
     noise = 0.02 * torch.randn(members.volumes.shape, generator=torch.Generator().manual_seed(5))
     copies = (members.volumes + noise).clamp(0, 1)
     return {
-        "copies": write_cohort(root / "cohort-copies", copies, members, config),
-        "fresh": write_cohort(root / "cohort-fresh", fresh.volumes, fresh, config),
-        "small": write_cohort(root / "cohort-small", fresh.volumes[:4], fresh, config),
+        "copies": write_release(root / "release-copies", copies, members, config),
+        "fresh": write_release(root / "release-fresh", fresh.volumes, fresh, config),
+        "small": write_release(root / "release-small", fresh.volumes[:4], fresh, config),
+        "five": write_release(root / "release-five", fresh.volumes[:5], fresh, config),
     }
 
 
@@ -291,7 +324,7 @@ def test_closer_share_subsamples_the_larger_set():
 
 def test_near_copies_of_training_volumes_are_flagged(site, cohorts):
     sets = site["sets"]
-    synthetic = read_volumes(cohorts["copies"], site["config"].data, "c", False)[0]
+    synthetic = read_volumes(cohorts["copies"] / "cohort", site["config"].data, "c", False)[0]
     result = dcr(synthetic, sets["members"], sets["nonmembers"], seed=0)
     d = result.summary
     assert d["closer_to_training_share"] == 1.0
@@ -304,7 +337,7 @@ def test_near_copies_of_training_volumes_are_flagged(site, cohorts):
 
 def test_fresh_subjects_sit_between_training_and_holdout(site, cohorts):
     sets = site["sets"]
-    synthetic = read_volumes(cohorts["fresh"], site["config"].data, "c", False)[0]
+    synthetic = read_volumes(cohorts["fresh"] / "cohort", site["config"].data, "c", False)[0]
     assert len(synthetic.images) == 2 * FRESH
     result = dcr(synthetic, sets["members"], sets["nonmembers"], seed=0)
     d = result.summary
@@ -325,7 +358,7 @@ def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_
     folders = site["folders"]
     out = tmp_path / "audit-out"
     args = [
-        "--cohort",
+        "--release",
         str(cohorts["copies"]),
         "--data-path",
         str(folders["members"]),
@@ -338,20 +371,26 @@ def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_
     ]
     assert main(["audit", *args, "--quiet"]) == 0
     printed = capsys.readouterr().out
-    report = json.loads((out / "audit.json").read_text())  # what --json prints
+    report = json.loads((out / SHARED).read_text())  # what --json prints
+    exact = json.loads((out / "audit.json").read_text())  # private
     assert set(report) == TOP_KEYS and set(report["dcr"]) == DCR_KEYS
     assert report["outside_dp_guarantee"] is True and report["note"].startswith(NOTE)
-    assert ("few subjects" in report["note"].lower()) is (min(MEMBERS, NONMEMBERS) < FEW_SUBJECTS)
+    few = min(2 * MEMBERS, MEMBERS, NONMEMBERS) < FEW_SUBJECTS
+    assert ("few records" in report["note"].lower()) is few
     assert report["membership_inference"] is None  # no checkpoint
-    assert report["dcr"]["closer_to_training_share"] == 1.0
+    assert report["dcr"]["closer_to_training_share"] == 1.0  # 24 volumes, 12 subjects a set
+    assert exact["dcr"]["closer_to_training_share"] == 1.0
+    assert exact["dcr"]["train_median"] < 0.05  # the exact figures stay in --out
+    assert_shareable(report)
     assert (report["cohort_volumes"], report["training_subjects"]) == (2 * MEMBERS, MEMBERS)
     assert report["holdout_subjects"] == NONMEMBERS
-    assert "OUTSIDE THE DP GUARANTEE" in printed and "1.00 of the cohort" in printed
+    assert report["cohort_sha256"] in printed
+    assert "OUTSIDE THE DP GUARANTEE" in printed and "1 of the cohort" in printed
     text = printed + json.dumps(report)
     assert "sub-0" not in text and ".nii" not in text and str(site["root"]) not in text
     assert str(out) not in text and str(tmp_path) not in text
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
-    for name in ("pairs.png", "pairs.csv", "audit.json"):
+    for name in ("pairs.png", "pairs.csv", "audit.json", SHARED):
         assert stat.S_IMODE((out / name).stat().st_mode) == 0o600
     assert (out / "pairs.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with (out / "pairs.csv").open() as f:
@@ -373,7 +412,7 @@ def refusal(capsys, *args: str) -> str:
 def test_cli_refuses_bad_input_in_one_line(site, cohorts, tmp_path, tiny_checkpoint, capsys):
     folders, config = site["folders"], site["config"]
     good = [
-        "--cohort",
+        "--release",
         str(cohorts["fresh"]),
         "--data-path",
         str(folders["members"]),
@@ -384,8 +423,8 @@ def test_cli_refuses_bad_input_in_one_line(site, cohorts, tmp_path, tiny_checkpo
     def run(*extra: str, out: str = "") -> str:
         return refusal(capsys, *good, *extra, "--out", out or str(tmp_path / "out"))
 
-    assert "--cohort" in refusal(
-        capsys, "--cohort", str(tmp_path / "none"), "--data-path", str(folders["members"])
+    assert "--release" in refusal(
+        capsys, "--release", str(tmp_path / "none"), "--data-path", str(folders["members"])
     )
     assert "--holdout" in run("--holdout", str(tmp_path / "missing"))
     empty = tmp_path / "empty"
@@ -398,10 +437,10 @@ def test_cli_refuses_bad_input_in_one_line(site, cohorts, tmp_path, tiny_checkpo
 
     small = site["sets"]["fresh"]
     small_volumes = torch.nn.functional.interpolate(small.volumes[:2], size=(16, 16, 8))
-    wrong = write_cohort(tmp_path / "wrong-shape", small_volumes, small, config)
+    wrong = write_release(tmp_path / "wrong-shape", small_volumes, small, config)
     line = refusal(
         capsys,
-        "--cohort",
+        "--release",
         str(wrong),
         "--data-path",
         str(folders["members"]),
@@ -436,7 +475,7 @@ def test_cli_attack_on_a_model_that_is_its_own_reference(
     folders = site["folders"]
     report = audit_json(
         capsys,
-        "--cohort",
+        "--release",
         str(cohorts["small"]),
         "--data-path",
         str(folders["members-ed"]),
@@ -453,10 +492,15 @@ def test_cli_attack_on_a_model_that_is_its_own_reference(
     mia = report["membership_inference"]
     assert set(mia) == MIA_KEYS and mia["score"] == "reference loss - model loss"
     assert mia["auc"] == 0.5  # all tied: the ROC is the diagonal
-    assert mia["tpr_at_1pct_fpr"] == mia["tpr_at_0_1pct_fpr"] == 0.0
+    # 1% of 24 non-members is not 11: the TPR would rest on one non-member's score
+    assert mia["tpr_at_1pct_fpr"].startswith(WITHHELD)
+    assert mia["tpr_at_0_1pct_fpr"].startswith(WITHHELD)
+    exact = json.loads((tmp_path / "self" / "audit.json").read_text())["membership_inference"]
+    assert exact["tpr_at_1pct_fpr"] == exact["tpr_at_0_1pct_fpr"] == 0.0
     assert (mia["n_members"], mia["n_nonmembers"]) == (MEMBERS, NONMEMBERS)
-    assert mia["fpr_resolution"] == pytest.approx(1 / NONMEMBERS)
+    assert mia["fpr_resolution"] == rounded(1 / NONMEMBERS)
     assert mia["loss_draws"] == LOSS_DRAWS and 0 <= mia["auc_uncalibrated"] <= 1
+    assert_shareable(report)
 
 
 @pytest.mark.slow  # ~50 s on one thread: 160 training steps, a DP round, two audits
@@ -465,7 +509,7 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
 ):
     folders = site["folders"]
     common = [
-        "--cohort",
+        "--release",
         str(cohorts["small"]),
         "--data-path",
         str(folders["members-ed"]),
@@ -485,8 +529,67 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
     assert set(overfit) == MIA_KEYS and overfit["score"] == "reference loss - model loss"
     assert (overfit["n_members"], overfit["n_nonmembers"]) == (MEMBERS, NONMEMBERS)
     assert overfit["loss_draws"] == LOSS_DRAWS
-    assert overfit["fpr_resolution"] == pytest.approx(1 / NONMEMBERS)
+    assert overfit["fpr_resolution"] == rounded(1 / NONMEMBERS)
     sd = null_sd(MEMBERS, NONMEMBERS)  # about 0.10 here
     assert overfit["auc"] >= 0.8
-    assert abs(dp["auc"] - 0.5) <= 1.5 * sd  # as a model that learnt nothing of who
-    assert overfit["tpr_at_1pct_fpr"] > dp["tpr_at_1pct_fpr"]
+    assert abs(dp["auc"] - 0.5) <= 1.5 * sd + 0.005  # as a model that learnt nothing of who
+    # the TPRs at 1% FPR rest on one non-member of 24: only the private files have them
+    tpr = [
+        json.loads((tmp_path / x / "audit.json").read_text())["membership_inference"][
+            "tpr_at_1pct_fpr"
+        ]
+        for x in ("a", "b")
+    ]
+    assert tpr[0] > tpr[1]
+
+
+# ------------------------------------------------------------- what a site may share
+
+
+def test_a_shared_quantile_is_a_mean_over_enough_records():
+    values = np.linspace(0.01, 0.4, 40)
+    distinct = np.arange(40)
+    # q05 of 40: nearest rank 2, the window of 11 at the low end; the median: rank 20,
+    # the 11 order statistics 15..25 (indices 14..24)
+    assert quantile(values, distinct, 0.05) == rounded(float(values[:MIN_RECORDS].mean()))
+    assert quantile(values, distinct, 0.5) == rounded(float(values[14:25].mean()))
+    assert rounded(0.0432178) == 0.043 and rounded(12345.0) == 12000.0
+    few = quantile(values[:10], distinct[:10], 0.5)
+    assert few == f"{WITHHELD} {MIN_RECORDS} synthetic volumes"
+    # 40 volumes near 5 subjects (copies): no window has 11 distinct subjects behind it
+    assert quantile(values, distinct % 5, 0.05) == f"{WITHHELD} 11 distinct subjects behind it"
+
+
+def test_a_small_cohort_publishes_no_single_record_distance(site, cohorts, tmp_path, capsys):
+    """Five synthetic volumes against 24 subjects: an exact median of five distances is one
+    volume's distance to one patient, which the shared JSON must not carry."""
+    folders, config = site["folders"], site["config"]
+    out = tmp_path / "five"
+    report = audit_json(
+        capsys,
+        "--release",
+        str(cohorts["five"]),
+        "--data-path",
+        str(folders["nonmembers"]),
+        "--config",
+        "tiny",
+        "--out",
+        str(out),
+    )
+    # each volume's distance to its nearest record, straight from the voxels
+    synthetic = read_volumes(cohorts["five"] / "cohort", config.data, "c", False)[0].volumes
+    records = site["sets"]["nonmembers"].volumes
+    gaps = (synthetic[:, None] - records[None]).double().pow(2).flatten(2).mean(-1).sqrt()
+    distances = sorted(gaps.min(dim=1).values.tolist())
+    exact = json.loads((out / "audit.json").read_text())["dcr"]
+    assert exact["train_median"] == pytest.approx(distances[2], rel=1e-6)  # one record's
+    d = report["dcr"]
+    for key in ("train_q05", "train_q25", "train_median", "nndr_q05", "nndr_median"):
+        assert d[key] == f"{WITHHELD} {MIN_RECORDS} synthetic volumes", key
+    shared = json.dumps(report)
+    for distance in distances:
+        assert f"{distance:.3f}" not in shared and str(distance) not in shared
+    # the few-records warning counts the cohort too (24 training subjects would not warn)
+    assert report["training_subjects"] == NONMEMBERS >= FEW_SUBJECTS
+    assert "few records" in report["note"].lower()
+    assert_shareable(report)

@@ -6,6 +6,7 @@ written."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 from study_driver import drive
 
 from fedsynth.common.cli import main
+from fedsynth.common.cohort_hashes import COHORT_HASHES
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
 from fedsynth.common.privacy_verify import verify_release
@@ -80,6 +82,13 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and {r["synthetic"] for r in rows} == {"yes"}
     assert all((out / "cohort" / r["image"]).is_file() for r in rows)
+    # the record a site's audit checks: every file of cohort/ with its SHA-256
+    record = (out / COHORT_HASHES).read_text().splitlines()
+    names = ["manifest.csv", *(r["image"] for r in rows)]
+    assert sorted(line.split("  ")[1] for line in record) == sorted(f"cohort/{n}" for n in names)
+    for line in record:
+        digest, name = line.split("  ")
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
 
     statement = json.loads((out / "privacy.json").read_text())
     ledger = read_ledger(finished_run / "ledger.jsonl")
@@ -244,6 +253,25 @@ def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_
     with pytest.raises(FedsynthError, match="not the output of fedsynth audit"):
         release(finished_run, 2, out, audit_files=[bad_audit], show_progress=False)
     _nothing_written(out)
+    # a site's private, exact figures (5 volumes: the median is one patient's distance)
+    exact = {
+        "outside_dp_guarantee": True,
+        "cohort_sha256": "0" * 64,
+        "cohort_volumes": 5,
+        "training_subjects": 24,
+        "holdout_subjects": None,
+        "dcr": {"train_median": 0.0731946, "train_q05": "withheld: fewer than 11 volumes"},
+        "membership_inference": None,
+    }
+    for audit, message in (
+        (exact, r"dcr.train_median is not a figure the site may share"),
+        (exact | {"dcr": {"train_median": 0.073}}, r"dcr.train_median is not a figure"),
+        (exact | {"cohort_volumes": 50, "cohort_sha256": None}, "names no audited cohort"),
+    ):
+        bad_audit.write_text(json.dumps(audit))
+        with pytest.raises(FedsynthError, match=message):
+            release(finished_run, 2, out, audit_files=[bad_audit], show_progress=False)
+        _nothing_written(out)
     with pytest.raises(FedsynthError, match="no manifest"):
         release(finished_run, 2, out, reference=tmp_path, show_progress=False)
     _nothing_written(out)
@@ -261,7 +289,8 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
     finished_run, site_phantoms, tiny_checkpoint, tmp_path, capsys, one_thread
 ):
     """site-1 audits a released cohort on its own data (site-2's subjects stand in for its
-    held-out ones) and shares the JSON; the next release reports it, labelled and marked."""
+    held-out ones) and shares the JSON; the next release (the same command: the same
+    cohort) reports it, labelled and marked, with only the figures the rule lets through."""
     first = tmp_path / "first"
     release(finished_run, 2, first, show_progress=False)
     capsys.readouterr()
@@ -269,8 +298,8 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
         main(
             [
                 "audit",
-                "--cohort",
-                str(first / "cohort"),
+                "--release",
+                str(first),
                 "--data-path",
                 str(site_phantoms / "site-1"),
                 "--holdout",
@@ -294,10 +323,70 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
     [audit] = json.loads((out / "audits.json").read_text())
     assert audit["label"] == "site-1" and audit["outside_dp_guarantee"] is True
     assert audit["membership_inference"]["n_members"] == 6
+    fingerprint = hashlib.sha256((out / COHORT_HASHES).read_bytes()).hexdigest()
+    assert audit["cohort_sha256"] == fingerprint
     report = (out / "report.html").read_text()
     section = report[report.index("<h2>Memorisation audits</h2>") :]
     assert "outside the DP guarantee" in section and "<h3>site-1</h3>" in section
-    assert f"{audit['membership_inference']['auc']:.4g}" in section
+    assert fingerprint in section and "audited this release's cohort" in section
+    # 2 volumes, 6 members: every figure rests on fewer than 11 records
+    assert audit["membership_inference"]["auc"] == "withheld: fewer than 11 members or non-members"
+    assert audit["dcr"]["train_median"] == "withheld: fewer than 11 synthetic volumes"
+    assert "withheld: fewer than 11 members or non-members" in section
+    exact = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    for value in (exact["dcr"]["train_median"], exact["membership_inference"]["auc"]):
+        assert f"{value:.4g}" not in section and f"{value:.2g}" not in json.dumps(audit)
+
+
+def _first_training_volume(site: Path) -> Path:
+    with (site / "manifest.csv").open(newline="") as f:
+        return site / next(csv.DictReader(f))["image"]
+
+
+def _slip_in(cohort: Path, volume: Path) -> None:
+    shutil.copyfile(volume, cohort / "syn-0002.nii.gz")
+
+
+def _swap(cohort: Path, volume: Path) -> None:
+    shutil.copyfile(volume, cohort / "syn-0001.nii.gz")
+
+
+def _tamper(cohort: Path, volume: Path) -> None:
+    data = bytearray((cohort / "syn-0001.nii.gz").read_bytes())
+    data[-9] ^= 1
+    (cohort / "syn-0001.nii.gz").write_bytes(bytes(data))
+
+
+COHORT_CHANGES = {
+    "a training volume slipped in": (_slip_in, "syn-0002.nii.gz is not in the release's"),
+    "a volume swapped for a patient's": (_swap, "syn-0001.nii.gz differs from its SHA-256"),
+    "a tampered volume": (_tamper, "syn-0001.nii.gz differs from its SHA-256"),
+    "a volume missing": (
+        lambda cohort, _: (cohort / "syn-0001.nii.gz").unlink(),
+        "syn-0001.nii.gz is listed in cohort.sha256 but missing",
+    ),
+    "no record of hashes": (
+        lambda cohort, _: (cohort.parent / COHORT_HASHES).unlink(),
+        "cohort.sha256 is missing or unreadable",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(COHORT_CHANGES))
+def test_the_audit_takes_only_the_releases_own_cohort(
+    a_release, site_phantoms, tmp_path, capsys, case
+):
+    """A coordinator passing patients' volumes off as the cohort: refused in one line
+    naming the file, before any volume is read."""
+    copy = Path(shutil.copytree(a_release, tmp_path / "release"))
+    change, message = COHORT_CHANGES[case]
+    change(copy / "cohort", _first_training_volume(site_phantoms / "site-1"))
+    args = ["audit", "--release", str(copy), "--data-path", str(site_phantoms / "site-1")]
+    args += ["--config", "tiny", "--out", str(tmp_path / "audit"), "--quiet"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "audit").exists()
 
 
 # -- found by review: consistent edits, malformed values, verify, a plain study ---------------
