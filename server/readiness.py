@@ -5,11 +5,11 @@ will train under the study's terms; it answers with its name, a fixed reason cod
 own ledger history. All answers are checked before anything is written; then each claimed
 name is checked against the identity it is bound to (server/site_identity.py: a node
 whose claim does not hold is refused in one warning line, not picked, and nothing is
-written for it, the study goes on), rounds the server never heard of are charged from the
-histories of the claims that hold (server/privacy_ledger.py), and this round's sites are
-picked: ready, with budget left by the server's own ledger, those trained least first. Knowing them
-before SecAgg+ starts keeps a site that will not train from adding a zero update to the
-masked sum.
+written for it; the study goes on), rounds the server never heard of are charged from
+the histories of the claims that hold (server/privacy_ledger.py), and this round's sites
+are picked: ready, with budget left by the server's own ledger, those trained least
+first. Knowing them before SecAgg+ starts keeps a site that will not train from adding a
+zero update to the masked sum.
 """
 
 from __future__ import annotations
@@ -63,9 +63,6 @@ def ready_sites(
     checked: list[tuple[int, ReadyReply]] = []
     for reply in replies:
         node = reply.metadata.src_node_id
-        if node not in identities:
-            log.warning("round %d: a READY answer from node %d, never asked", round_number, node)
-            continue
         if reply.has_error():
             reason = REASONS[code_of(reply.error.reason or "")]
             log.info("round %d: node %d did not answer READY: %s", round_number, node, reason)

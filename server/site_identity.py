@@ -53,7 +53,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.proto.node_pb2 import NodeInfo
 
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fake_sites import FakeSite, fake_weights, site_app
 from flwr.app import Context, Message, RecordDict
-from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=E0611
+from flwr.proto.node_pb2 import NodeInfo
 from test_study_rounds import SHAPES, SUBJECTS, _lose_train_reply, _never_below, _study
 
 import fedsynth.server.server_app as server_app
