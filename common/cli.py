@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "fedsynth.common.evaluate_cmd",
     "audit": "fedsynth.client.audit_cmd",
     "release": "fedsynth.server.release_cmd",
+    "unbind-site": "fedsynth.server.unbind_site_cmd",
 }
 
 

@@ -120,23 +120,24 @@ def _check_line_history(ledger: list[dict], privacy: PrivacyConfig, where: Path)
     from the lines before it): recomputing each one catches a line deleted, relabelled or
     edited after it was written unless every later line was rewritten too. A line may
     replace only an earlier no-reply estimate of the same site and round, and only with
-    the site's own report of a trained round."""
-    estimates: dict[tuple[str, str], int] = {}
+    the site's own report of a trained round, from the identity the estimate was charged
+    to (server/site_identity.py)."""
+    estimates: dict[tuple[str, str], tuple[int, object]] = {}
     for number, e in enumerate(ledger, 1):
         site = e["site"]
         if e.get("estimate"):
-            estimates[(site, str(e["estimate"]))] = e["round"]
+            estimates[(site, str(e["estimate"]))] = (e["round"], e.get("identity"))
         replaced = e.get("replaces_estimate")
         if replaced and not (
             e["status"] == "trained"
             and e.get("reported_by_site")
             and e["steps"] > 0
-            and estimates.get((site, str(replaced))) == e["round"]
+            and estimates.get((site, str(replaced))) == (e["round"], e.get("identity"))
         ):
             raise FedsynthError(
                 f"{where}, line {number}: replaces estimate {replaced!r}, which is not an "
-                f"earlier no-reply estimate of {site} in round {e['round']} replaced by a "
-                "trained round the site reported"
+                f"earlier no-reply estimate of {site} in round {e['round']}, charged to the "
+                "same identity, replaced by a trained round the site reported"
             )
         recomputed = charged_epsilon(ledger[:number], site, privacy)
         if not math.isclose(e["epsilon"], recomputed, rel_tol=TOLERANCE, abs_tol=TOLERANCE):

@@ -2,16 +2,22 @@
 
 Lines (common/ledger.py format) the server writes for a site in a round:
 - `trained`: the site's reply, with the (noise multiplier, sample rate, steps) it used.
-- `no-reply` with `estimate: <id>`: the site was sent the round and no valid reply came
-  back (lost, failed, malformed). The server cannot know what it spent, so it charges the
-  most it could have: a segment that takes the site's epsilon to the study's target
-  (`worst_case_segment`). A site never goes past the target (it refuses before), so the
-  estimate is never below the truth.
+- `no-reply` with `estimate: <id>` and `identity`: the site was sent the round and no
+  valid reply came back (lost, failed, malformed); `identity` is the one its name was
+  bound to when it was sent the round (server/site_identity.py). The server cannot know
+  what it spent, so it charges the most it could have: a segment that takes the site's
+  epsilon to the study's target (`worst_case_segment`). A site never goes past the
+  target (it refuses before), so the estimate is never below the truth.
 - a line with `reported_by_site: true`: a round from the site's own ledger (sites record a
   round before its update leaves them, and report their history with every message) that
   the server had not charged; when the server holds an estimate for that round, the line
   carries `replaces_estimate: <id>` and the site's true spend takes that one estimate's
-  place (an estimate written later for a retried round still counts).
+  place (an estimate written later for a retried round still counts). Only a history
+  from the estimate's own identity replaces it: after the operator rebinds a name, the
+  old identity's estimates stay, and the new one's history only adds lines, so no
+  history can lower what another identity was charged.
+Lines the server writes from a site's word (`trained`, reported) carry the `identity`
+that spoke too.
 
 `charged` (common/ledger.py) is the one reading of which lines count; everyone who
 recomputes epsilon from a server ledger (summary, selection, release, verify) uses it.
@@ -101,30 +107,46 @@ def append_line(
     return entry
 
 
-def charge_estimate(study: Study, round_number: int, site: str, **extra: Any) -> dict:
-    """Charge a site that was sent the round and gave no valid reply (see module doc)."""
+def charge_estimate(
+    study: Study, round_number: int, site: str, *, identity: str, **extra: Any
+) -> dict:
+    """Charge a site that was sent the round and gave no valid reply (see module doc);
+    `identity`: the one the site's name was bound to, which alone may replace the line."""
     ledger = read_ledger(study.run_dir / LEDGER)
     history = [segment_of(e) for e in charged(ledger, site)]
     segment = worst_case_segment(history, study.config.privacy)
     estimate = f"{round_number}-{uuid.uuid4().hex[:12]}"
-    return append_line(study, round_number, site, segment, "no-reply", estimate=estimate, **extra)
+    return append_line(
+        study,
+        round_number,
+        site,
+        segment,
+        "no-reply",
+        estimate=estimate,
+        identity=identity,
+        **extra,
+    )
 
 
-def reconcile(study: Study, site: str, reported: list[tuple[int, Segment]]) -> int:
+def reconcile(
+    study: Study, site: str, reported: list[tuple[int, Segment]], *, identity: str
+) -> int:
     """Charge rounds the site's own ledger holds and the server's does not; return how many.
 
     Matched round by round on the exact numbers (as multisets: a retried round may appear
     twice). A reported round the server only estimated gets the site's true line, which
-    replaces one estimate of that round, oldest first (`charged`).
+    replaces one estimate of that round, oldest first (`charged`), but only an estimate
+    charged to `identity`, the one reporting: another identity's estimate (one before an
+    operator rebind, or one written before estimates named theirs) stays charged.
     """
     ledger = read_ledger(study.run_dir / LEDGER)
     known: dict[int, list[Segment]] = {}
     estimates: dict[int, list[str]] = {}
     for e in charged(ledger, site):
-        if e.get("estimate"):
-            estimates.setdefault(int(e["round"]), []).append(str(e["estimate"]))
-        else:
+        if not e.get("estimate"):
             known.setdefault(int(e["round"]), []).append(segment_of(e))
+        elif e.get("identity") == identity:
+            estimates.setdefault(int(e["round"]), []).append(str(e["estimate"]))
     added = 0
     for r, segment in reported:
         if segment in known.get(r, []):
@@ -132,7 +154,9 @@ def reconcile(study: Study, site: str, reported: list[tuple[int, Segment]]) -> i
             continue
         pending = estimates.get(r, [])
         extra = {"replaces_estimate": pending.pop(0)} if pending else {}
-        append_line(study, r, site, segment, "trained", reported_by_site=True, **extra)
+        append_line(
+            study, r, site, segment, "trained", reported_by_site=True, identity=identity, **extra
+        )
         added += 1
     return added
 

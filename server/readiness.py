@@ -2,12 +2,14 @@
 
 Every connected site is asked (a Flower query message; the site reads no data) whether it
 will train under the study's terms; it answers with its name, a fixed reason code and its
-own ledger history. All answers are checked before anything is written; then each name is
-bound to its node (server/site_identity.py), rounds the server never heard of are charged
-from the histories (server/privacy_ledger.py), and this round's sites are picked: ready,
-with budget left by the server's own ledger, those trained least first. Knowing them
-before SecAgg+ starts keeps a site that will not train from adding a zero update to the
-masked sum.
+own ledger history. All answers are checked before anything is written; then each claimed
+name is checked against the identity it is bound to (server/site_identity.py: a node
+whose claim does not hold is refused in one warning line, not picked, and nothing is
+written for it; the study goes on), rounds the server never heard of are charged from
+the histories of the claims that hold (server/privacy_ledger.py), and this round's sites
+are picked: ready, with budget left by the server's own ledger, those trained least
+first. Knowing them before SecAgg+ starts keeps a site that will not train from adding a
+zero update to the masked sum.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fedsynth.common.ledger import read_ledger
 from fedsynth.common.protocol import READY_RECORD, REASONS, code_of
 from fedsynth.server.privacy_ledger import compare_reported, reconcile, site_is_spent
 from fedsynth.server.run_dir import LEDGER
-from fedsynth.server.site_identity import SiteNames
+from fedsynth.server.site_identity import SiteNames, node_identity
 from fedsynth.server.site_replies import ReadyReply, accountable, ready_reply
 from fedsynth.server.study import Study
 
@@ -39,7 +41,8 @@ def ready_sites(
     and (by the server's ledger) have budget left, at most `federation.sites-per-round`,
     those trained least first. `study_text`: the study config as JSON (what each site
     checks against its terms)."""
-    nodes = sorted(grid.get_node_ids())
+    identities = {int(info.node_id): node_identity(info) for info in grid.get_nodes()}
+    nodes = sorted(identities)
     content: dict[str, int | str] = {
         "round": round_number,
         "study": study_text,
@@ -72,11 +75,13 @@ def ready_sites(
             checked.append((node, answer))
         except (KeyError, TypeError, ValueError) as error:  # BadReply is a ValueError
             log.warning("round %d: node %d sent a malformed READY (%s)", round_number, node, error)
-    for node, answer in checked:  # all checked before anything is written
-        names.bind(node, answer.site, set(nodes))
+    claims = [(node, identities[node], answer.site) for node, answer in checked]
+    held = names.claim(round_number, claims, grid.run.run_id)  # all checked: now written
     ready = []
     for node, answer in checked:
-        missed = reconcile(study, answer.site, answer.history)
+        if node not in held:
+            continue
+        missed = reconcile(study, answer.site, answer.history, identity=names.identity(node))
         if missed:
             log.info("%s: charged %d round(s) from its own ledger", answer.site, missed)
         compare_reported(study, answer.site, answer.epsilon)

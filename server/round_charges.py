@@ -90,9 +90,10 @@ def charge_round(
     `sent_weights`: the nodes the global weights reached (None: not tracked, every chosen
     node counts as sent); a chosen node they never reached cannot have trained and is not
     charged. Returns how many sites were charged an estimate."""
-    for reply, _ in good.values():
-        append_line(study, round_number, reply.site, reply.segment, "trained")
-        missed = reconcile(study, reply.site, reply.history)
+    for node, (reply, _) in good.items():
+        identity = names.identity(node)  # the one its name was bound to at READY
+        append_line(study, round_number, reply.site, reply.segment, "trained", identity=identity)
+        missed = reconcile(study, reply.site, reply.history, identity=identity)
         if missed:
             log.info("%s: charged %d round(s) from its own ledger", reply.site, missed)
         compare_reported(study, reply.site, reply.epsilon)
@@ -107,6 +108,6 @@ def charge_round(
                 round_number,
                 site,
             )
-            charge_estimate(study, round_number, site)
+            charge_estimate(study, round_number, site, identity=names.identity(node))
             silent += 1
     return silent

@@ -2,6 +2,12 @@
 
 run-dir/ledger.jsonl          the server's privacy ledger (server/privacy_ledger.py)
 run-dir/terms.json            delta and accountant, fixed when the study started
+run-dir/site-identities.json  each site name's binding to the identity that first claimed
+                              it (its node key, or node id) and every release of one (the
+                              operator's `fedsynth unbind-site`, a simulation's new Flower
+                              run), written atomically before that site's first ledger
+                              line; site-identities.json.lock serialises its writers
+                              (server/site_identity.py)
 run-dir/rounds/round-NNN/     a full checkpoint folder per round (with FedAdam also the
                               server optimiser's state, server/server_optimizer.py)
 run-dir/state.json            the last whole round and the SHA-256 of its checkpoint files

@@ -94,7 +94,8 @@ class StudyStrategy(FedAvg):
         self.checkpoint_sha256 = public_sha256(study.checkpoint, self.weights, frozen)
         self.done = done
         self.validation = validation
-        self.names = SiteNames()  # node id -> site name, bound at READY
+        # node id -> site name, checked at READY against the run dir's bindings
+        self.names = SiteNames(study.run_dir, simulated=study.phantoms is not None)
         self.picked: list[int] = []  # this round's sites, picked at READY
         self.chosen: list[int] = []
         self.secagg: dict[str, Any] | None = None  # this round's SecAgg+ parameters

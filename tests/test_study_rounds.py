@@ -264,15 +264,6 @@ def test_a_site_that_fails_after_spending_is_not_selected_again(tmp_path, monkey
     _never_below(study, sites, ledger)
 
 
-def test_two_nodes_claiming_one_site_name_end_the_study(tmp_path, monkeypatch):
-    """Issue 12, item 18: one server ledger per site, bound to its node."""
-    study, sites = _study(tmp_path, 2, False), _sites(tmp_path)
-    sites[3].name = "site-1"
-    with pytest.raises(FedsynthError, match="claim the site name 'site-1'"):
-        _federate(study, sites, monkeypatch)
-    assert not (study.run_dir / "ledger.jsonl").exists()
-
-
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secagg"])
 def test_spent_sites_are_not_selected_and_the_study_ends_when_too_few_are_left(
     tmp_path, monkeypatch, secure
@@ -311,9 +302,9 @@ def test_an_estimate_written_after_a_replaced_one_still_counts(tmp_path):
     from fedsynth.server.privacy_ledger import charge_estimate, charged, reconcile
 
     study = _study(tmp_path, 5, False)
-    first = charge_estimate(study, 3, "site-2")
-    assert reconcile(study, "site-2", [(3, Segment(2.7, 0.8, 10))]) == 1
-    second = charge_estimate(study, 3, "site-2")
+    first = charge_estimate(study, 3, "site-2", identity="node:2")
+    assert reconcile(study, "site-2", [(3, Segment(2.7, 0.8, 10))], identity="node:2") == 1
+    second = charge_estimate(study, 3, "site-2", identity="node:2")
     ledger = read_ledger(study.run_dir / "ledger.jsonl")
     kept = [e.get("estimate") for e in charged(ledger, "site-2")]
     assert first["estimate"] not in kept and second["estimate"] in kept
@@ -399,17 +390,6 @@ def test_the_secagg_threshold_follows_the_ready_sites(tmp_path, monkeypatch):
     after = torch.load(study.run_dir / "rounds" / "round-001" / "unet.pt", weights_only=True)
     assert any(float(v.abs().max()) > 0 for v in after.values())  # aggregated
     _never_below(study, sites, ledger)
-
-
-def test_a_restarted_node_takes_over_its_name_but_two_connected_nodes_cannot():
-    from fedsynth.server.site_identity import SiteNames
-
-    names = SiteNames()
-    names.bind(3, "site-3", {1, 2, 3})
-    names.bind(33, "site-3", {1, 2, 33})  # node 3 is gone: a restart
-    assert (names.get(3), names.get(33)) == (None, "site-3")
-    with pytest.raises(FedsynthError, match=r"two nodes \(33 and 34\) claim"):
-        names.bind(34, "site-3", {33, 34})
 
 
 def test_a_resume_whose_untrained_tensors_left_the_public_checkpoint_is_refused():
