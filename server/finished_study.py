@@ -28,9 +28,10 @@ from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
 from fedsynth.server.privacy_ledger import charged_epsilon, site_epsilons
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
-from fedsynth.server.study import TERMS
+from fedsynth.server.study_terms import FIXED, TERMS
 
 TOLERANCE = 1e-9  # relative: the same accountant on the same history gives the same float
+IN_LINES = ("delta", "accountant")  # the fixed terms every ledger line carries
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,11 @@ def _check_line_history(ledger: list[dict], privacy: PrivacyConfig, where: Path)
 def _check_terms(
     ledger: list[dict], terms: dict, summary: dict, config: Config, where: Path
 ) -> None:
-    fixed = {"delta": terms.get("delta"), "accountant": terms.get("accountant")}
-    ours = {"delta": config.privacy.delta, "accountant": config.privacy.accountant}
+    """The fixed terms (server/study_terms.py) hold in the checkpoint's config, the summary
+    and every ledger line. Delta and accountant are always fixed; a terms.json that
+    predates a later term leaves it to the per-round records (the statement reads those)."""
+    fixed = {t.key: terms.get(t.key) for t in FIXED if t.key in terms or t.key in IN_LINES}
+    ours = {t.key: t.value(config) for t in FIXED}
     for key, value in fixed.items():
         if ours[key] != value or summary.get(key) != value:
             raise FedsynthError(
@@ -159,7 +163,8 @@ def _check_terms(
                 f"{ours[key]!r} and summary.json {summary.get(key)!r}"
             )
     for number, entry in enumerate(ledger, 1):
-        for key, value in fixed.items():
+        for key in IN_LINES:
+            value = fixed[key]
             if key in entry and entry[key] != value:
                 raise FedsynthError(
                     f"{where / LEDGER}, line {number}: {key} {entry[key]!r}, but the study's "

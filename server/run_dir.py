@@ -1,7 +1,7 @@
 """A study's run dir: round checkpoints, state.json, summary.json and the ledger table.
 
 run-dir/ledger.jsonl          the server's privacy ledger (server/privacy_ledger.py)
-run-dir/terms.json            delta and accountant, fixed when the study started
+run-dir/terms.json            the privacy terms fixed when the study started (study_terms.py)
 run-dir/rounds/round-NNN/     a full checkpoint folder per round (with FedAdam also the
                               server optimiser's state, server/server_optimizer.py)
 run-dir/state.json            the last whole round and the SHA-256 of its checkpoint files
