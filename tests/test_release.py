@@ -203,6 +203,12 @@ BAD_RUNS = {
         lambda run: (run / "terms.json").write_text('{"delta": 0.001, "accountant": "rdp"}'),
         "terms.json fixes delta 0.001",
     ),
+    "target in terms changed": (
+        lambda run: (run / "terms.json").write_text(
+            json.dumps({**json.loads((run / "terms.json").read_text()), "target_epsilon": 5.0})
+        ),
+        "terms.json fixes target_epsilon 5.0, the checkpoint's config says 10.0",
+    ),
     "summary damaged": (
         lambda run: (run / "summary.json").write_text("{"),
         "summary.json is damaged",
