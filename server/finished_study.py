@@ -8,7 +8,8 @@ file and the fault:
 - the study stopped mid-round (the ledger charges a round after the last saved one, or the
   summary lags the last saved round) or before its planned rounds without a stated reason;
 - the epsilon recomputed from the ledger differs from summary.json, or exceeds the study's
-  target for any site;
+  target for any site (a no-reply estimate lands on the target up to
+  privacy_ledger.ESTIMATE_TOLERANCE, relative, and is accepted there);
 - the checkpoint is not the one the study saved (SHA-256 of both networks against
   state.json and summary.json).
 """
@@ -26,11 +27,12 @@ import yaml
 from fedsynth.common.config import Config, PrivacyConfig, config_from_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
-from fedsynth.server.privacy_ledger import charged_epsilon, site_epsilons
+from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, charged_epsilon, site_epsilons
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
-from fedsynth.server.study import TERMS
+from fedsynth.server.study_terms import FIXED, TERMS
 
 TOLERANCE = 1e-9  # relative: the same accountant on the same history gives the same float
+IN_LINES = ("delta", "accountant")  # the fixed terms every ledger line carries
 
 
 @dataclass(frozen=True)
@@ -151,8 +153,11 @@ def _check_line_history(ledger: list[dict], privacy: PrivacyConfig, where: Path)
 def _check_terms(
     ledger: list[dict], terms: dict, summary: dict, config: Config, where: Path
 ) -> None:
-    fixed = {"delta": terms.get("delta"), "accountant": terms.get("accountant")}
-    ours = {"delta": config.privacy.delta, "accountant": config.privacy.accountant}
+    """The fixed terms (server/study_terms.py) hold in the checkpoint's config, the summary
+    and every ledger line. Delta and accountant are always fixed; a terms.json that
+    predates a later term leaves it to the per-round records (the statement reads those)."""
+    fixed = {t.key: terms.get(t.key) for t in FIXED if t.key in terms or t.key in IN_LINES}
+    ours = {t.key: t.value(config) for t in FIXED}
     for key, value in fixed.items():
         if ours[key] != value or summary.get(key) != value:
             raise FedsynthError(
@@ -160,7 +165,8 @@ def _check_terms(
                 f"{ours[key]!r} and summary.json {summary.get(key)!r}"
             )
     for number, entry in enumerate(ledger, 1):
-        for key, value in fixed.items():
+        for key in IN_LINES:
+            value = fixed[key]
             if key in entry and entry[key] != value:
                 raise FedsynthError(
                     f"{where / LEDGER}, line {number}: {key} {entry[key]!r}, but the study's "
@@ -237,7 +243,7 @@ def _check_epsilons(ledger: list[dict], summary: dict, config: Config, run_dir: 
                 f"ledger gives {value:.6g}"
             )
         target = config.privacy.target_epsilon
-        if value > target * (1 + TOLERANCE):
+        if value > target * (1 + ESTIMATE_TOLERANCE):  # a no-reply estimate lands in there
             estimates = sum(1 for e in charged(ledger, site) if e.get("estimate"))
             why = f" ({estimates} no-reply estimate(s) its own ledger has not replaced)"
             raise FedsynthError(

@@ -23,14 +23,22 @@ DP_TRUST = (
     "against anyone who sees the model or the cohort, the coordinator included."
 )
 SECAGG_TRUST = (
-    " Secure aggregation (Flower SecAgg+) kept each site's update from the coordinator, "
-    "assuming an honest-but-curious server; it does not hold against the reconstruction "
-    "threshold or more parties colluding, and with 2 sites in a round each site learns the "
-    "other's update from the next model."
+    " Secure aggregation (Flower SecAgg+) kept each site's update from the coordinator in "
+    "{rounds}, assuming an honest-but-curious server; it does not hold against the "
+    "reconstruction threshold or more parties colluding, and with 2 sites in a round each "
+    "site learns the other's update from the next model."
 )
 PLAIN_TRUST = (
-    " Secure aggregation was off: the coordinator saw each site's noised update (the DP "
-    "guarantee above still holds for it)."
+    " Secure aggregation was off in {rounds}: the coordinator saw each site's noised update "
+    "there (the DP guarantee above still holds for it)."
+)
+ESTIMATES_MEANING = (
+    "A no-reply estimate is charged for a round a site was sent and whose reply never "
+    "came: the server cannot know what the site spent, so it charges the most it could "
+    "have, the site's epsilon taken to the study's target (a site never spends past the "
+    "target, it refuses first). The site's true spend is at most that. An estimate is "
+    "replaced by the site's own ledger line when the site reports it; those counted here "
+    "never were, so these sites' epsilons are upper bounds."
 )
 REFERENCE_NOT_COVERED = (
     "the quality numbers measured against the --reference data: computed without DP from "
@@ -69,22 +77,51 @@ def _site_entry(study: FinishedStudy, site: str) -> dict:
     }
 
 
+def _rounds_text(numbers: list[int]) -> str:
+    """'round 3', 'rounds 1-4, 6': runs of consecutive rounds."""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    text = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return f"round{'s' if len(numbers) > 1 else ''} {text}"
+
+
 def _secure_aggregation(study: FinishedStudy) -> dict:
-    if not study.summary.get("secure_aggregation"):
-        return {"enabled": False}
-    rounds = {}
+    """Per round, from each round checkpoint's metadata: a round that ran under SecAgg+
+    records its parameters there (`secagg`, server/strategy.py), also when it was halted
+    and not aggregated; a round that ran plain records none. A round with no record is
+    not claimed, so a study resumed under another setting is stated round by round."""
+    rounds, plain = {}, []
     for number in range(1, study.rounds_done + 1):
         secagg = study.round_metadata(number).get("secagg")
-        if secagg:
+        if isinstance(secagg, dict) and secagg:
             rounds[str(number)] = secagg
-    return {
-        "enabled": True,
-        "protocol": f"Flower SecAgg+ (flwr {version('flwr')})",
-        "rounds": rounds,
-        "note": "per round: sites, reconstruction_threshold (never below min_sites), "
-        "clipping_range (|delta| bound), quantization_range, num_shares, max_weight",
-        "min_sites": study.summary.get("min_sites"),
-    }
+        else:
+            plain.append(number)
+    stated: dict = {"enabled": not plain, "rounds": rounds, "plain_rounds": plain}
+    if rounds:
+        stated |= {
+            "protocol": f"Flower SecAgg+ (flwr {version('flwr')})",
+            "note": "per round that ran under it: sites, reconstruction_threshold (never "
+            "below min_sites), clipping_range (|delta| bound), quantization_range, "
+            "num_shares, max_weight; plain_rounds ran without it",
+        }
+    return {**stated, "min_sites": study.summary.get("min_sites")}
+
+
+def _trust_model(secagg: dict) -> str:
+    """DP's trust model, then SecAgg+'s claimed only for the rounds it covered."""
+    secure = sorted(int(n) for n in secagg["rounds"])
+    plain = secagg["plain_rounds"]
+    text = DP_TRUST
+    if secure:
+        text += SECAGG_TRUST.format(rounds=_rounds_text(secure) if plain else "every round")
+    if plain:
+        text += PLAIN_TRUST.format(rounds=_rounds_text(plain) if secure else "every round")
+    return text
 
 
 def privacy_statement(study: FinishedStudy, cohort_size: int, with_reference: bool) -> dict:
@@ -96,7 +133,8 @@ def privacy_statement(study: FinishedStudy, cohort_size: int, with_reference: bo
             "fedsynth releases only differentially private studies"
         )
     sites = {site: _site_entry(study, site) for site in sorted(study.site_epsilon)}
-    secure = bool(study.summary.get("secure_aggregation"))
+    secagg = _secure_aggregation(study)
+    estimates = sum(entry["no_reply_estimates"] for entry in sites.values())
     accountant_version = f"opacus {version('opacus')}"
     return {
         "privacy_unit": "subject (a person: all of their volumes and attributes) at one site",
@@ -117,8 +155,13 @@ def privacy_statement(study: FinishedStudy, cohort_size: int, with_reference: bo
         "rounds_done": study.rounds_done,
         "rounds_planned": federation.rounds,
         "ended_early": study.summary.get("ended_early"),
-        "secure_aggregation": _secure_aggregation(study),
-        "trust_model": DP_TRUST + (SECAGG_TRUST if secure else PLAIN_TRUST),
+        "secure_aggregation": secagg,
+        "trust_model": _trust_model(secagg),
+        "no_reply_estimates": {
+            "count": estimates,
+            "sites": sorted(s for s, entry in sites.items() if entry["no_reply_estimates"]),
+            "meaning": ESTIMATES_MEANING,
+        },
         "in_clear": IN_CLEAR,
         "not_covered": NOT_COVERED + ([REFERENCE_NOT_COVERED] if with_reference else []),
         "study_id": study.terms.get("study_id"),

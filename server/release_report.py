@@ -188,15 +188,26 @@ def _privacy_section(study: FinishedStudy, statement: dict) -> str:
         "no-reply estimates",
     )
     secagg = statement["secure_aggregation"]
-    if secagg["enabled"]:
+    if secagg["rounds"]:
         thresholds = sorted({r["reconstruction_threshold"] for r in secagg["rounds"].values()})
         secure = (
             f"on ({html.escape(secagg['protocol'])}; reconstruction threshold "
             f"{', '.join(map(str, thresholds)) or 'n/a'}; a round is aggregated only when at "
             f"least {secagg['min_sites']} sites trained)"
         )
+        if secagg["plain_rounds"]:
+            plain = ", ".join(map(str, secagg["plain_rounds"]))
+            secure += f", except in round(s) {plain}, where it was off"
     else:
         secure = "off: the coordinator saw each site's update (DP still holds)"
+    estimates = statement["no_reply_estimates"]
+    counted = (
+        f"<p><b>No-reply estimates:</b> {estimates['count']} "
+        f"({html.escape(', '.join(estimates['sites']))}). "
+        f"{html.escape(estimates['meaning'])}</p>"
+        if estimates["count"]
+        else ""
+    )
     items = "".join(f"<li>{html.escape(t)}</li>" for t in statement["not_covered"])
     clear = "".join(f"<li>{html.escape(t)}</li>" for t in statement["in_clear"])
     return f"""
@@ -212,6 +223,7 @@ Each site's epsilon is recomputed from the ledger shipped with this release
 to norm {statement["clip"]:g}, the {html.escape(statement["trainable"])} layers of the latent
 UNet were trained.</p>
 {_table(rows, header)}
+{counted}
 {_epsilon_plot(study)}
 <p><b>Secure aggregation</b> {secure}.</p>
 <p><b>Trust model.</b> {html.escape(statement["trust_model"])}</p>

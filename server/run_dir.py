@@ -1,7 +1,7 @@
 """A study's run dir: round checkpoints, state.json, summary.json and the ledger table.
 
 run-dir/ledger.jsonl          the server's privacy ledger (server/privacy_ledger.py)
-run-dir/terms.json            delta and accountant, fixed when the study started
+run-dir/terms.json            the privacy terms fixed when the study started (study_terms.py)
 run-dir/site-identities.json  each site name's binding to the identity that first claimed
                               it (its node key, or node id) and every release of one (the
                               operator's `fedsynth unbind-site`, a simulation's new Flower

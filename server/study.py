@@ -7,29 +7,25 @@ sites and a public checkpoint generated and cached by fedsynth.simulations.study
 imported only then, so a coordinator's or hospital's deployment never loads the phantom
 generator).
 
-A study's delta and accountant are fixed when it starts (run-dir/terms.json): every
-epsilon in its ledger is computed with them, and a resume that changes either would
-silently restate all of them (the same spend is epsilon 9.95 at delta 1e-5 and 5.23 at
-0.04), so it is refused.
+A study's privacy terms (delta, accountant, target epsilon, min-sites, secure
+aggregation) are fixed when it starts, and a resume that changes one is refused
+(server/study_terms.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedsynth.common.config import Config, load_config
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import atomic_write_text
 from fedsynth.server.run_dir import LEDGER
+from fedsynth.server.study_terms import fix_terms
 from fedsynth.server.validation import SiteDomainFactory
 
-TERMS = "terms.json"
 DATA = ("phantoms", "sites")  # run config `data`: a simulation, or real sites
 RESERVED = (
     "config",
@@ -113,29 +109,6 @@ def _folder(run_config: dict[str, Any], key: str) -> Path | None:
     if not folder.is_dir():
         raise FedsynthError(f"run config {key}={text!r}: no such folder")
     return folder
-
-
-def fix_terms(config: Config, run_dir: Path, resume: bool) -> str:
-    """Record the study's id, delta and accountant at its start; refuse a resume that
-    changes delta or accountant. Returns the study id (a random hex string).
-
-    Raises FedsynthError naming the changed term and both values.
-    """
-    path = run_dir / TERMS
-    ours = {"delta": config.privacy.delta, "accountant": config.privacy.accountant}
-    if resume and path.is_file():
-        fixed = json.loads(path.read_text())
-        for key, value in ours.items():
-            if fixed.get(key) != value:
-                raise FedsynthError(
-                    f"{run_dir}: this study's privacy.{key} is {fixed.get(key)!r}, fixed when "
-                    f"it started; the resume asks for {value!r}. Every epsilon in its ledger "
-                    "is computed with it: resume with the same value, or start a new study"
-                )
-        return str(fixed["study_id"])
-    study_id = uuid.uuid4().hex
-    atomic_write_text(path, json.dumps({**ours, "study_id": study_id}) + "\n")
-    return study_id
 
 
 def _data(run_config: dict[str, Any]) -> tuple[bool, Path | None]:

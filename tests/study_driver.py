@@ -57,6 +57,8 @@ def drive(
         str(resume).lower(),
     ]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):  # the package the tests import, not another copy
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run(
         [*args, *([kill] if kill else [])], capture_output=True, text=True, env=env, timeout=600
     )

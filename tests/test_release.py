@@ -212,6 +212,12 @@ BAD_RUNS = {
         lambda run: (run / "terms.json").write_text('{"delta": 0.001, "accountant": "rdp"}'),
         "terms.json fixes delta 0.001",
     ),
+    "target in terms changed": (
+        lambda run: (run / "terms.json").write_text(
+            json.dumps({**json.loads((run / "terms.json").read_text()), "target_epsilon": 5.0})
+        ),
+        "terms.json fixes target_epsilon 5.0, the checkpoint's config says 10.0",
+    ),
     "summary damaged": (
         lambda run: (run / "summary.json").write_text("{"),
         "summary.json is damaged",
@@ -532,6 +538,85 @@ def test_a_plain_study_is_not_described_as_securely_aggregated(
     assert done.returncode == 0, done.stderr[-2000:]
     out = tmp_path / "release"
     statement = release(tmp_path / "run", 1, out, show_progress=False)
-    assert statement["secure_aggregation"] == {"enabled": False}
+    assert statement["secure_aggregation"] == {
+        "enabled": False,
+        "rounds": {},
+        "plain_rounds": [1],
+        "min_sites": 2,
+    }
     assert "SecAgg+" not in statement["trust_model"] and "was off" in statement["trust_model"]
     assert "securely aggregated" not in (out / "report.html").read_text()
+
+
+def test_a_study_whose_rounds_differ_states_secure_aggregation_round_by_round(
+    run_copy, tmp_path, one_thread
+):
+    """A study run plain, then resumed under SecAgg+ (before the terms fixed secure
+    aggregation, as such a run dir was left): round 1's checkpoint records no SecAgg+ and
+    its config says plain, round 2 ran under it. The statement claims SecAgg+ for round 2
+    only and says round 1 ran plain."""
+    (run_copy / "terms.json").write_text(
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((run_copy / "terms.json").read_text()).items()
+                if k in ("delta", "accountant", "study_id")
+            }
+        )
+    )
+    folder = run_copy / "rounds" / "round-001"
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["secagg"] = None
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    config = (folder / "config.yaml").read_text()
+    assert "secure-aggregation: true" in config
+    (folder / "config.yaml").write_text(
+        config.replace("secure-aggregation: true", "secure-aggregation: false")
+    )
+    out = tmp_path / "release"
+    statement = release(run_copy, 1, out, show_progress=False)
+    secagg = statement["secure_aggregation"]
+    assert secagg["enabled"] is False and secagg["plain_rounds"] == [1]
+    assert set(secagg["rounds"]) == {"2"} and secagg["rounds"]["2"]["sites"] == 3
+    trust = statement["trust_model"]
+    assert "SecAgg+) kept each site's update from the coordinator in round 2, " in trust
+    assert "Secure aggregation was off in round 1: the coordinator saw" in trust
+    assert "except in round(s) 1, where it was off" in (out / "report.html").read_text()
+    assert verify_release(out)
+
+
+def test_a_study_with_an_unreplaced_estimate_is_released_counting_it(
+    run_copy, tiny_checkpoint, tmp_path, one_thread
+):
+    """site-3's reply in the last round never came (its line taken out, and the round
+    charged for it as the server does, charge_estimate, with the round saved with one site
+    fewer): the estimate lands on the target, not above, so the study is released and its
+    statement counts the estimate and says what it means."""
+    import yaml
+
+    from fedsynth.common.config import config_from_dict
+    from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, charge_estimate
+    from fedsynth.server.study import Study
+
+    lines = _lines(run_copy)
+    [lost] = [e for e in lines if e["site"] == "site-3" and e["round"] == ROUNDS]
+    _write(run_copy, [e for e in lines if e is not lost])
+    folder = run_copy / "rounds" / f"round-{ROUNDS:03d}"
+    config = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
+    charge_estimate(Study(config, run_copy, None, tiny_checkpoint, True), ROUNDS, "site-3")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    metadata["sites_trained"] -= 1
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    _summary_agrees(run_copy)
+    out = tmp_path / "release"
+    statement = release(run_copy, 1, out, show_progress=False)
+    target = statement["target_epsilon"]
+    site = statement["sites"]["site-3"]
+    assert site["no_reply_estimates"] == 1
+    assert target <= site["epsilon"] <= target * (1 + ESTIMATE_TOLERANCE)
+    assert statement["study_epsilon"] == site["epsilon"]
+    estimates = statement["no_reply_estimates"]
+    assert estimates["count"] == 1 and estimates["sites"] == ["site-3"]
+    assert "never came" in estimates["meaning"] and "at most that" in estimates["meaning"]
+    assert "No-reply estimates:</b> 1 (site-3)" in (out / "report.html").read_text()
+    assert verify_release(out)["site-3"] == pytest.approx(site["epsilon"], rel=1e-12)

@@ -115,3 +115,23 @@ def test_a_finished_study_refuses_to_start_again_without_resume(
     again = _drive(tmp_path, tiny_checkpoint, site_phantoms, False, False)
     assert again.returncode != 0
     assert "already holds a study" in again.stdout + again.stderr
+
+
+def test_a_plain_study_is_not_resumed_under_secure_aggregation(
+    tmp_path, tiny_checkpoint, site_phantoms
+):
+    """Its statement would claim SecAgg+ for rounds that ran plain: the resume is refused
+    before anything runs (the study's terms fix secure aggregation), nothing is written."""
+    first = _drive(tmp_path, tiny_checkpoint, site_phantoms, False, False, "checkpoint:1")
+    assert first.returncode == -signal.SIGKILL
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in (run / "ledger.jsonl", run / "state.json")}
+    resumed = _drive(tmp_path, tiny_checkpoint, site_phantoms, True, True)
+    assert resumed.returncode != 0
+    assert (
+        "FedsynthError: " + str(run) + ": this study's federation.secure-aggregation is False, "
+        "fixed when it started; the resume asks for True. Its privacy statement says which "
+        "rounds ran under SecAgg+: resume with the same value, or start a new study"
+    ) in resumed.stderr
+    assert {p.name: p.read_bytes() for p in (run / "ledger.jsonl", run / "state.json")} == before
+    assert not (run / "rounds" / "round-002").exists()

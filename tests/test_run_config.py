@@ -105,29 +105,6 @@ def test_data_and_checkpoint_are_checked_together_before_anything_is_made(
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
-def test_a_resume_that_changes_delta_or_accountant_is_refused(tmp_path, tiny_checkpoint):
-    """Issue 16, item 9: the same spend is epsilon 9.95 at delta 1e-5 and 5.23 at 0.04, so
-    a study's delta and accountant are fixed when it starts (terms.json)."""
-    import json
-
-    run_config = declared() | {
-        "config": "tiny",
-        "data": "sites",
-        "run-dir": str(tmp_path / "run"),
-        "checkpoint": str(tiny_checkpoint),
-    }
-    first = prepare(run_config)
-    terms = json.loads((tmp_path / "run" / "terms.json").read_text())
-    assert terms == {"delta": 1e-5, "accountant": "rdp", "study_id": first.study_id}
-    (tmp_path / "run" / "ledger.jsonl").write_text("")  # the study has started
-    resume = {**run_config, "resume": "true"}
-    assert prepare(resume).study_id == first.study_id  # a resume keeps the study's id
-    for key, value in (("privacy.delta", "0.04"), ("privacy.accountant", "prv")):
-        with pytest.raises(FedsynthError, match=f"this study's {key} is .* fixed when it started"):
-            prepare({**resume, key: value})
-    assert prepare({**run_config, "run-dir": str(tmp_path / "new"), "privacy.delta": "0.04"})
-
-
 def test_phantom_site_size_has_one_default():
     """`flwr run .` and `fedsynth study` simulate sites of the same size by default."""
     from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS

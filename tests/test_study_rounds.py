@@ -312,23 +312,30 @@ def test_an_estimate_written_after_a_replaced_one_still_counts(tmp_path):
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
-def test_the_worst_case_estimate_reaches_the_target_cheaply(accountant):
-    """At least the target, whatever the history, without the accountant blowing up (PRV
-    at sigma 0.01 needed gigabytes)."""
+def test_the_worst_case_estimate_lands_on_the_target_cheaply(accountant):
+    """At the target, never below it and at most ESTIMATE_TOLERANCE above (a site never
+    spends past the target, so the release accepts a site there), whatever the history,
+    without the accountant blowing up (PRV at sigma 0.01 needed gigabytes). The second
+    history is the one whose estimate used to land at 10.43 (RDP), 10.26 (PRV)."""
     import time
 
     from fedsynth.common.accountant import Segment, epsilon
-    from fedsynth.server.privacy_ledger import worst_case_segment
+    from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, worst_case_segment
 
     privacy = load_config("default", {"privacy.accountant": accountant}).privacy
-    for history in ([], [Segment(3.07, 0.8, 10)] * 4, [Segment(1.0, 1.0, 40)]):
+    target = privacy.target_epsilon
+    for history in ([], [Segment(3.07, 0.8, 10)] * 4):
         start = time.monotonic()
         segment = worst_case_segment(history, privacy)
         total = epsilon([*history, segment], privacy.delta, accountant)
-        assert total >= privacy.target_epsilon and time.monotonic() - start < 30
-        if segment.steps > 1:  # the fewest such steps
-            fewer = Segment(segment.noise_multiplier, segment.sample_rate, segment.steps - 1)
-            assert epsilon([*history, fewer], privacy.delta, accountant) < privacy.target_epsilon
+        assert target <= total <= target * (1 + ESTIMATE_TOLERANCE), (history, total)
+        assert segment.noise_multiplier == 1.0 and 0 < segment.sample_rate <= 1
+        assert time.monotonic() - start < 30
+        if segment.steps > 1:  # the fewest whole steps that reach it
+            fewer = Segment(1.0, 1.0, segment.steps - 1)
+            assert epsilon([*history, fewer], privacy.delta, accountant) < target
+    spent = [Segment(1.0, 1.0, 40)]  # already past the target: the site refuses there
+    assert worst_case_segment(spent, privacy).steps == 0
 
 
 @pytest.mark.parametrize(

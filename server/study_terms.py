@@ -1,0 +1,168 @@
+"""A study's fixed terms (run-dir/terms.json): what a resume may not change.
+
+Each term is fixed when the study starts, because what the study already did or will
+state rests on it:
+- delta, accountant: every epsilon in the ledger is computed with them (the same spend is
+  epsilon 9.95 at delta 1e-5 and 5.23 at 0.04);
+- target epsilon: the sites planned their noise to land on it, and a site that gave no
+  reply is charged up to it (server/privacy_ledger.py);
+- min-sites: every aggregated round holds at least that many sites' updates, which the
+  privacy statement says (and SecAgg+'s threshold is never below it);
+- secure aggregation: the statement claims SecAgg+ only for the rounds that ran under it.
+
+A resume that changes one is refused in one line. A run dir whose terms.json predates a
+term (it fixed only delta and accountant) gets it from the run dir's own records: the
+`config.yaml` each saved round checkpoint holds (the config of the run that saved it).
+When those rounds agree, that value is the term and terms.json is completed with it; with
+no saved round and nothing charged the study has not started, so the resume's value is
+fixed; otherwise (rounds that disagree, or spend charged before any round was saved) the
+term cannot be shown and the resume is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedsynth.common.config import Config
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import atomic_write_text
+from fedsynth.common.ledger import read_ledger
+from fedsynth.server.run_dir import LEDGER
+
+TERMS = "terms.json"
+
+
+@dataclass(frozen=True)
+class Term:
+    """One fixed term: its key in terms.json, its config key, and why it is fixed."""
+
+    key: str  # in terms.json
+    section: str  # config section
+    name: str  # config key within the section (as config files spell it)
+    why: str
+    value: Callable[[Config], Any]
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+
+FIXED = (
+    Term(
+        "delta",
+        "privacy",
+        "delta",
+        "every epsilon in its ledger is computed with it",
+        lambda c: c.privacy.delta,
+    ),
+    Term(
+        "accountant",
+        "privacy",
+        "accountant",
+        "every epsilon in its ledger is computed with it",
+        lambda c: c.privacy.accountant,
+    ),
+    Term(
+        "target_epsilon",
+        "privacy",
+        "target-epsilon",
+        "the sites planned their noise for it and no-reply estimates are charged up to it",
+        lambda c: c.privacy.target_epsilon,
+    ),
+    Term(
+        "min_sites",
+        "federation",
+        "min-sites",
+        "its privacy statement says every aggregated round holds at least that many sites",
+        lambda c: c.federation.min_sites,
+    ),
+    Term(
+        "secure_aggregation",
+        "federation",
+        "secure-aggregation",
+        "its privacy statement says which rounds ran under SecAgg+",
+        lambda c: bool(c.federation.secure_aggregation),
+    ),
+)
+
+
+def _round_values(run_dir: Path, term: Term) -> dict[Any, list[int]]:
+    """The term's value in each saved round checkpoint's config.yaml -> those rounds."""
+    values: dict[Any, list[int]] = {}
+    for path in sorted((run_dir / "rounds").glob("round-*/config.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text())
+            value = raw[term.section][term.name]
+            number = int(path.parent.name.removeprefix("round-"))
+        except (OSError, yaml.YAMLError, TypeError, KeyError, ValueError):
+            raise FedsynthError(
+                f"{path} is damaged: cannot read the {term.config_key} that round ran with"
+            ) from None
+        values.setdefault(value, []).append(number)
+    return values
+
+
+def _established(run_dir: Path, term: Term, asked: Any) -> Any:
+    """The value of a term terms.json predates, from the run dir's records (module doc).
+    Raises FedsynthError when the records cannot show one value."""
+    values = _round_values(run_dir, term)
+    if len(values) == 1:
+        return next(iter(values))
+    where = run_dir / TERMS
+    if len(values) > 1:
+        ran = "; ".join(f"{v!r} in round(s) {', '.join(map(str, r))}" for v, r in values.items())
+        raise FedsynthError(
+            f"{where} predates a fixed {term.config_key} and the study's rounds ran with "
+            f"different ones ({ran}): it cannot be resumed; release it as it is or start a "
+            "new study"
+        )
+    if read_ledger(run_dir / LEDGER):
+        raise FedsynthError(
+            f"{where} predates a fixed {term.config_key}, and the study charged spend before "
+            "it saved any round, so nothing shows which one that spend was planned for: it "
+            "cannot be resumed; start a new study"
+        )
+    return asked  # nothing done yet: the resume's value is the study's
+
+
+def fix_terms(config: Config, run_dir: Path, resume: bool) -> str:
+    """Record the study's id and fixed terms at its start; on a resume, refuse one that
+    changes any of them, and complete a terms.json that predates some (module doc).
+    Returns the study id (a random hex string).
+
+    Raises FedsynthError naming the changed term, both values and what to do.
+    """
+    path = run_dir / TERMS
+    ours = {term.key: term.value(config) for term in FIXED}
+    if not (resume and path.is_file()):
+        study_id = uuid.uuid4().hex
+        atomic_write_text(path, json.dumps({**ours, "study_id": study_id}) + "\n")
+        return study_id
+    try:
+        fixed = json.loads(path.read_text())
+        study_id = str(fixed["study_id"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise FedsynthError(f"{path} is damaged (not the study's terms)") from None
+    missing = [term for term in FIXED if term.key not in fixed]
+    for term in FIXED:
+        if term.key in fixed:
+            value, since = fixed[term.key], "fixed when it started"
+        else:
+            value = _established(run_dir, term, ours[term.key])
+            since = "the value its saved rounds ran with"
+        if value != ours[term.key]:
+            raise FedsynthError(
+                f"{run_dir}: this study's {term.config_key} is {value!r}, {since}; the "
+                f"resume asks for {ours[term.key]!r}. {term.why[0].upper()}{term.why[1:]}: "
+                "resume with the same value, or start a new study"
+            )
+    if missing:
+        atomic_write_text(path, json.dumps({**ours, **fixed}) + "\n")
+    return study_id
