@@ -603,7 +603,9 @@ def test_a_study_with_an_unreplaced_estimate_is_released_counting_it(
     _write(run_copy, [e for e in lines if e is not lost])
     folder = run_copy / "rounds" / f"round-{ROUNDS:03d}"
     config = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text()))
-    charge_estimate(Study(config, run_copy, None, tiny_checkpoint, True), ROUNDS, "site-3")
+    charge_estimate(
+        Study(config, run_copy, None, tiny_checkpoint, True), ROUNDS, "site-3", identity="node:3"
+    )
     metadata = json.loads((folder / "metadata.json").read_text())
     metadata["sites_trained"] -= 1
     (folder / "metadata.json").write_text(json.dumps(metadata))
