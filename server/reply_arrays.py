@@ -68,12 +68,13 @@ def aggregate_problem(
 ) -> str:
     """Why the unmasked SecAgg+ mean every result carries is not one honest sites can
     produce ('' when it is): not one array per tensor of `weights` with its number of
-    values, not finite, a site's weight above 1 (subjects above `max_weight`), or a value
-    beyond `clipping_range` by more than the sites' stochastic rounding (see module)."""
+    values, not finite, a site's weight not in (0, 1] (subjects not between 1 and
+    `max_weight`), or a value beyond `clipping_range` by more than the sites' stochastic
+    rounding (see module)."""
     if not results:
         return ""
-    if any(res.num_examples > max_weight for res in results):
-        return "a site's subjects exceed secagg-max-weight"
+    if any(not 1 <= res.num_examples <= max_weight for res in results):
+        return "a site's subjects are not between 1 and secagg-max-weight"
     total = sum(res.num_examples for res in results) / max_weight
     step = 2 * clipping_range / quantization_range
     bound = clipping_range + 2 * len(results) * step / total

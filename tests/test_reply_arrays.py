@@ -152,3 +152,33 @@ def test_a_delta_beyond_the_clipping_range_from_one_secagg_site_discards_the_rou
 
     sites[2].fault = too_large
     _secagg_round(tmp_path, monkeypatch, caplog, sites)
+
+
+def test_the_aggregate_check_allows_the_rounding_of_honest_sites_and_no_more():
+    """Unit check of `aggregate_problem`: an honest mean at the clipping range plus the
+    sites' stochastic rounding passes; beyond it, or with a weight no honest site has
+    (0 subjects, more than max-weight), the round is refused, without dividing by 0."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    from fedsynth.server.reply_arrays import aggregate_problem
+
+    weights = {"w": torch.zeros(2, 2), "b": torch.zeros(())}
+    clip, levels, max_weight = 4.0, 2**29, 10.0
+    rounding = 2 * 3 * (2 * clip / levels) / 3.0  # 3 sites of weight 1: see the module
+
+    def check(w_value, subjects=(10, 10, 10), arrays=None):
+        mean = arrays or [np.full((2, 2), w_value), np.zeros(1)]
+        params = ndarrays_to_parameters(mean)
+        results = [FitRes(Status(Code.OK, ""), params, n, {}) for n in subjects]
+        return aggregate_problem(results, weights, clip, levels, max_weight)
+
+    assert check(clip) == check(-clip) == check(clip + 0.9 * rounding) == ""
+    assert "w is beyond the clipping range 4" in check(clip + 1.1 * rounding)
+    assert "w is not finite" in check(np.nan)
+    for subjects in ((0, 0, 0), (10, 11, 10)):
+        assert "subjects are not between 1 and secagg-max-weight" in check(0.0, subjects)
+    assert "1 arrays for 2 tensors" in check(0.0, arrays=[np.zeros((2, 2))])
+    assert "w has another number of values" in check(0.0, arrays=[np.zeros(3), np.zeros(1)])
+    assert "b is not finite floating point" in check(
+        0.0, arrays=[np.zeros((2, 2)), np.ones(1, int)]
+    )
