@@ -1,17 +1,20 @@
 """A round's replies checked, then charged: the server's ledger lines for the round.
 
-Every reply is checked first (server/site_replies.py), so one malformed reply never leaves
-a round's ledger half written; then the lines are written: each trained site's spend, the
-rounds its own history holds that the server's ledger lacks, and, for every site that was
-sent the global weights and gave no valid reply, the most it could have spent (replaced
-by the site's own line when it next reports). All before the round's model is saved.
+Every reply is checked first, its metrics (server/site_replies.py) and in a plain round
+its arrays (server/reply_arrays.py), so one malformed reply never leaves a round's ledger
+half written nor reaches the global model; then the lines are written: each trained
+site's spend, the rounds its own history holds that the server's ledger lacks, and, for
+every site that was sent the global weights and gave no valid reply, the most it could
+have spent (replaced by the site's own line when it next reports). All before the
+round's model is saved.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+import torch
 from flwr.common import FitRes
 from flwr.server.client_proxy import ClientProxy
 
@@ -22,6 +25,7 @@ from fedsynth.server.privacy_ledger import (
     compare_reported,
     reconcile,
 )
+from fedsynth.server.reply_arrays import check_reply_arrays
 from fedsynth.server.site_identity import SiteNames
 from fedsynth.server.site_replies import BadReply, TrainedReply, accountable, trained_reply
 from fedsynth.server.study import Study
@@ -46,9 +50,14 @@ def check_replies(
     chosen: list[int],
     round_number: int,
     results: Iterable[tuple[ClientProxy, FitRes]],
+    weights: Mapping[str, torch.Tensor] | None,
 ) -> Replies:
     """The usable replies of this round's `chosen` nodes, every one checked before any
-    ledger line; an unusable one is logged with the check it failed and counts as none."""
+    ledger line; an unusable one is logged with the check it failed and counts as none.
+
+    `weights`: the travelling global tensors, in order, which a plain reply's arrays must
+    match (server/reply_arrays.py); None under SecAgg+, where every result carries the
+    same unmasked aggregate, which the strategy checks once (`aggregate_problem`)."""
     privacy = study.config.privacy
     good: Replies = {}
     for proxy, res in results:
@@ -65,6 +74,8 @@ def check_replies(
             )
             segments = [reply.segment, *(s for _, s in reply.history)]
             accountable(segments, privacy.delta, privacy.accountant)
+            if weights is not None:
+                check_reply_arrays(res.parameters, weights)
         except (KeyError, TypeError, ValueError) as error:  # BadReply is a ValueError
             log.warning(
                 "round %d: %s sent a reply the server cannot use: %s",

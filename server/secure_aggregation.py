@@ -11,8 +11,11 @@ spend metrics travel in clear.
   small (AdamW moves a weight about lr per step; with `training.finetune-optimizer: sgd`
   a step is lr times a mean clipped gradient, so a large SGD rate needs a larger range);
   a site whose max |delta| exceeds it fails loudly after it spent, rather than be clipped.
-- quantization_range 2**(32 - bit_length(sites)): as large as the 2**32 modulus allows
-  with no wrap-around of the sum (2**30 for 3 sites): step 2*clip/range ~ 7e-9.
+- quantization_range 2**(31 - bit_length(sites)) (2**29 for 3 sites; step 2*clip/range
+  ~ 1.5e-8): every sum of honest values stays below 2**31, half the 2**32 modulus. That
+  leaves no wrap-around, and a NaN from a faulty site visible: Flower's quantize casts it
+  to int32 as -2**31 (2**31 modulo 2**32), so that weight's unmasked mean lies beyond the
+  clipping range, which the server checks (server/reply_arrays.py).
 - max_weight: the largest subject count a site may have (run config `secagg-max-weight`,
   default `phantom-subjects`): weights are subjects / max_weight, so a tight bound keeps
   precision; a site with more subjects fails loudly.
@@ -70,7 +73,7 @@ def secagg_settings(study: Study, sites: int | None = None) -> dict[str, Any]:
         "num_shares": 1.0,  # every sampled site holds a share of every other's secrets
         "reconstruction_threshold": max(federation.min_sites, sites // 2 + 1),
         "clipping_range": study.clipping_range,
-        # sites x quantization_range must stay below the 2**32 modulus (no wrap-around)
-        "quantization_range": 2 ** (32 - sites.bit_length()),
+        # sites x quantization_range below 2**31: no wrap-around, a NaN shows (see module)
+        "quantization_range": 2 ** (31 - sites.bit_length()),
         "max_weight": study.max_weight,
     }

@@ -6,14 +6,18 @@ Each round (Flower's legacy DefaultWorkflow; server/round_fit.py wraps its fit s
    in `keys` order; the frozen rest is the public checkpoint every site holds, checked
    there by `checkpoint-sha256`) and the study config to those sites; they answer DELTAS
    (trained - global) of those tensors, so SecAgg+ masks and the wire carries the subset.
-3. `aggregate_fit` checks every reply, then writes the round's ledger lines
+3. `aggregate_fit` checks every reply (metrics, and in a plain round each site's arrays:
+   server/reply_arrays.py), then writes the round's ledger lines
    (server/round_charges.py), then steps the server optimiser on the subject-weighted mean
    delta (server/aggregation.py) only if at least `federation.min-sites` sites trained
    (else the round is skipped with a line saying why), then saves the round checkpoint and
    hands it to validation (server/round_validation.py), which runs while the next round
    trains.
 Under SecAgg+ every result's parameters are the same unmasked weighted mean (the workflow
-replaced them); num_examples and metrics travel in clear, so the ledger is the same.
+replaced them); num_examples and metrics travel in clear, so the ledger is the same. The
+mean is checked against what honest sites can produce (finite, within the clipping
+range: server/reply_arrays.py) before any line is written; a round whose mean fails is
+skipped (the sites spent: their lines stay; the model is unchanged).
 """
 
 from __future__ import annotations
@@ -38,9 +42,11 @@ from flwr.server.strategy import FedAvg
 from fedsynth.common.checkpoint import public_sha256
 from fedsynth.common.config import to_dict
 from fedsynth.server.aggregation import as_tensors, subject_weighted_mean
+from fedsynth.server.reply_arrays import aggregate_problem
 from fedsynth.server.round_charges import Replies, charge_round, check_replies, log_failures
 from fedsynth.server.round_validation import RoundValidation
 from fedsynth.server.run_dir import record_round_time, round_dir, save_round, write_summary
+from fedsynth.server.secure_aggregation import secagg_settings
 from fedsynth.server.server_optimizer import ServerOptimizer
 from fedsynth.server.site_identity import SiteNames
 from fedsynth.server.study import Study
@@ -160,15 +166,27 @@ class StudyStrategy(FedAvg):
         study, round_number = self.study, self.done + server_round
         replies = time.time()
         log_failures(round_number, failures)
-        good = check_replies(study, self.names, self.chosen, round_number, results)
+        travelling = {k: self.weights[k] for k in self.keys}
+        good = check_replies(
+            study,
+            self.names,
+            self.chosen,
+            round_number,
+            results,
+            None if self.secure else travelling,
+        )
+        unusable = self._aggregate_problem([res for _, res in results], travelling) if good else ""
         silent = charge_round(study, self.names, round_number, good, self.chosen, self.sent_weights)
         trained = len(good)
         need = study.config.federation.min_sites
         skipped = ""
-        if trained >= need:
-            self._apply(good)
-        else:
+        if unusable:
+            skipped = f"{unusable}: not what honest sites can send"
+        elif trained < need:
             skipped = f"only {trained} site(s) trained, federation.min-sites is {need}"
+        else:
+            self._apply(good)
+        if skipped:
             log.warning(
                 "round %d not aggregated: %s; the model is unchanged", round_number, skipped
             )
@@ -198,6 +216,22 @@ class StudyStrategy(FedAvg):
             self.validation.later(round_number, self.weights)
         self.settled = server_round
         return self._parameters(), {}
+
+    def _aggregate_problem(self, results: list[FitRes], travelling: dict[str, torch.Tensor]) -> str:
+        """Under SecAgg+, why the unmasked mean the results carry cannot be applied ('' when
+        it can; always '' in a plain round, whose replies were checked one by one). The
+        quantisation range is the workflow's (server_app builds it from
+        `secagg_settings(study)`); the clipping range and max weight are the study's."""
+        if not self.secure:
+            return ""
+        settings = secagg_settings(self.study)
+        return aggregate_problem(
+            results,
+            travelling,
+            settings["clipping_range"],
+            settings["quantization_range"],
+            settings["max_weight"],
+        )
 
     def _apply(self, good: Replies) -> None:
         """Step the server optimiser on the round's mean delta (SecAgg+: the unmasked one

@@ -84,7 +84,9 @@ class FakeSite(NumPyClient):
             "epsilon": self.budget.spent_epsilon(study.privacy, str(config["study-id"])),
         }
         metrics.update(self.metrics_override)
-        return self.delta, self.subjects, metrics
+        # in the global tensors' dtypes, as a real site sends trained - global
+        arrays = [d.astype(p.dtype) for d, p in zip(self.delta, parameters, strict=True)]
+        return arrays, self.subjects, metrics
 
 
 def site_app(sites: dict[int, FakeSite]) -> ClientApp:

@@ -105,7 +105,7 @@ def _expected(sites, trained):
 def test_secagg_settings_keep_the_sum_below_the_modulus(tmp_path):
     s = secagg_settings(_study(tmp_path, True))
     assert s["reconstruction_threshold"] == 2 and s["num_shares"] == 1.0
-    assert 3 * s["quantization_range"] < 2**32 and s["quantization_range"] == 2**30
+    assert 3 * s["quantization_range"] < 2**31 and s["quantization_range"] == 2**29
     assert s["clipping_range"] == 4.0 and s["max_weight"] == MAX_WEIGHT
 
 
@@ -138,7 +138,7 @@ def test_secure_mean_equals_plain_mean_within_quantisation(tmp_path, monkeypatch
     assert {d.node_id for d in grid.deliveries if d.message_type == "train"} == set(trained)
     # the unmasked aggregate (float64): below one quantisation step (2 * clip / range) per
     # site, over the summed weights subjects / max_weight
-    step = 2 * 4.0 / 2**30
+    step = 2 * 4.0 / 2**29
     weight = sum(SUBJECTS[n] for n in trained) / MAX_WEIGHT
     for got, want in zip(seen[0], expected, strict=True):
         assert np.abs(got.reshape(np.shape(want)) - want).max() <= 3 * step / weight
@@ -182,14 +182,14 @@ def test_fedadam_moves_each_weight_by_the_rate_where_the_sites_mean_delta_points
 
 def test_with_secure_aggregation_the_server_never_holds_a_single_sites_delta(tmp_path, monkeypatch):
     """What the server receives is masked: uniformly spread over the 2**32 modulus, so
-    every masked vector holds values above the quantisation range (2**30), which no
+    every masked vector holds values above the quantisation range (2**29), which no
     quantised-but-unmasked vector can (issue 16, item 2)."""
     from flwr.common import bytes_to_ndarray
     from flwr.common.secure_aggregation.quantization import quantize
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
     _, _, seen, grid, _, sites = _federate(tmp_path, monkeypatch, True)
-    q_range = 2**30
+    q_range = 2**29
     singles = [np.asarray(d) for s in sites.values() for d in s.delta]
 
     def holds_a_single(arrays) -> bool:
@@ -201,7 +201,7 @@ def test_with_secure_aggregation_the_server_never_holds_a_single_sites_delta(tmp
         np.array_equal(x, y) for s in seen[1:] for x, y in zip(seen[0], s, strict=True)
     )
     assert not holds_a_single(seen[0])
-    # the check can fail: a quantised, unmasked update stays inside [0, 2**30]
+    # the check can fail: a quantised, unmasked update stays inside [0, 2**29]
     unmasked = quantize([np.asarray(d, np.float64) for d in sites[1].delta[:2]], 4.0, q_range)
     assert max(int(v.max()) for v in unmasked) <= q_range
     masked = 0
