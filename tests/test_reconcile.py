@@ -42,7 +42,7 @@ def test_a_line_of_the_same_round_with_another_spend_does_not_cover_a_report(tmp
     study = _study(tmp_path, 5, False)
     append_line(study, 3, SITE, A, "trained")
     reported = [(3, A), (3, B)]
-    assert reconcile(study, SITE, reported) == 1
+    assert reconcile(study, SITE, reported, identity="node:1") == 1
     assert _reported_lines(study) == [(3, B)]
     _never_below(study, reported)
 
@@ -51,7 +51,7 @@ def test_a_report_that_differs_from_the_servers_line_is_charged(tmp_path):
     """The server's round-3 line says A, the site says it spent B in round 3: B counts."""
     study = _study(tmp_path, 5, False)
     append_line(study, 3, SITE, A, "trained")
-    assert reconcile(study, SITE, [(3, B)]) == 1
+    assert reconcile(study, SITE, [(3, B)], identity="node:1") == 1
     assert _reported_lines(study) == [(3, B)]
     _never_below(study, [(3, B)])
 
@@ -61,7 +61,7 @@ def test_one_server_line_covers_one_report_only(tmp_path):
     study = _study(tmp_path, 5, False)
     append_line(study, 3, SITE, A, "trained")
     reported = [(3, A), (3, A)]
-    assert reconcile(study, SITE, reported) == 1
+    assert reconcile(study, SITE, reported, identity="node:1") == 1
     _never_below(study, reported)
 
 
@@ -70,7 +70,7 @@ def test_an_exact_match_is_charged_once(tmp_path):
     study = _study(tmp_path, 5, False)
     append_line(study, 2, SITE, B, "trained")
     append_line(study, 3, SITE, A, "trained")
-    assert reconcile(study, SITE, [(2, B), (3, A)]) == 0
+    assert reconcile(study, SITE, [(2, B), (3, A)], identity="node:1") == 0
     assert len(_ledger(study)) == 2
-    assert reconcile(study, SITE, [(2, B), (3, A), (4, A)]) == 1
+    assert reconcile(study, SITE, [(2, B), (3, A), (4, A)], identity="node:1") == 1
     assert _reported_lines(study) == [(4, A)]

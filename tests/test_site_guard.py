@@ -42,7 +42,9 @@ def test_a_damaged_site_ledger_at_ready_reaches_the_server_as_a_reason_code_only
     damaged.write_text("not a ledger line\n")
     grid = LoopbackGrid(app, nodes)
     with caplog.at_level(logging.INFO), task_identity():
-        picked = ready_sites(grid, study, SiteNames(), 1, json.dumps(to_dict(study.config)))
+        picked = ready_sites(
+            grid, study, SiteNames(study.run_dir, False), 1, json.dumps(to_dict(study.config))
+        )
     assert picked == [2]  # the healthy site answers as usual
     [error] = [r.error for r in grid.received if r.metadata.src_node_id == 1]
     assert error is not None and code_of(error.reason) == "internal"
