@@ -216,7 +216,8 @@ def make_private(
     """Attach Opacus to `unet` in place (hooks on its modules; undo with `release`).
 
     Rows are weighted and summed by our loss (GSM reduction "sum"), while the optimizer
-    divides the noisy sum by the expected number of subjects per step, as DP-SGD's mean.
+    divides the noisy sum by `expected_batch_size`, as DP-SGD's mean (train_round gives
+    q m: the expected subjects per step of the site's public size m, see there).
     """
     privacy = config.privacy
     params = trainable_parameters(unet, privacy.trainable)

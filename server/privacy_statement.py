@@ -43,8 +43,8 @@ IN_CLEAR = [
     "declared (node config public-subjects), or the exact count for a site that opted in "
     "(disclose-subject-count)",
     "each round's noise multiplier, sample rate and steps per site, and each site's own "
-    "ledger of them (the accounting needs them): a site's sample rate is the expected "
-    "batch over that public count, so it reveals that count and no more",
+    "ledger of them (the accounting needs them): a site's sample rate is the study's, or "
+    "its expected batch over that public count, so it reveals that count and no more",
     "a fixed reason code when a site does not train",
 ]
 SUBJECT_COUNT = (
