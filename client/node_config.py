@@ -3,7 +3,8 @@
 A hospital starts its SuperNode with
 `--node-config 'data-path=DIR state-dir=DIR site-name=NAME max-epsilon=E'` and may add:
 - `site-name` (required): the name its spend is recorded under, sent in clear;
-- `max-delta`: the largest delta it accepts (default: below 1/(10 n), n its subjects);
+- `max-delta`: the largest delta it accepts (default: below 1/(10 n), n its subjects, taken
+  as the top of its rounding bucket unless it discloses n: client/public_size.py);
 - `require-secure-aggregation` (default true): refuse rounds not under SecAgg+;
 - `accountant` (`rdp` or `prv`): refuse studies that account with another one;
 - `public-subjects`: the subject count the site declares public (a whole number, at most
