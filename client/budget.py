@@ -1,13 +1,15 @@
 """A site's privacy budget: it plans its own noise and refuses rounds past its maximum.
 
-The site, not the server, decides: from its own subject count and the study's target
+The site, not the server, decides: from its public subject count (client/public_size.py:
+the size its Poisson rate is planned from and its FedAvg weight) and the study's target
 (capped by the maximum epsilon in its node config) it picks the noise multiplier that
 lands the study's remaining rounds on the target, given what its ledger says it has spent
 already. Spend is always read back from the ledger in the site's state dir, so a restarted
 site continues from its true spend, never from zero. An exhausted site refuses from the
 ledger alone, before it reads any data; a site with too little left for another round
 refuses once it knows its subject count (its sample rate depends on it), before it trains
-or records anything.
+or records anything. The rate planned is the rate the site trains with (dp_trainer's
+Poisson sampler runs at `RoundPlan.sample_rate`), so the ledger's epsilon is exact.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
+from fedsynth.client.public_size import SubjectCount
 from fedsynth.common.accountant import (
     MAX_SIGMA,
     Segment,
@@ -42,11 +45,13 @@ class RoundPlan:
     steps: int
     delta: float
     epsilon: float
-    subjects: int
+    subjects: int  # the public size m: the FedAvg weight, never the real count
 
 
 def sample_rate(privacy: PrivacyConfig, subjects: int) -> float:
-    """Poisson rate of subjects: given directly, or expected batch size over n (at most 1)."""
+    """Poisson rate of subjects: given directly, or the expected batch size over `subjects`
+    (at most 1). A site passes its public size m <= n: any rate is exact for the accountant,
+    and batch / m keeps the expected batch q n at least the study's batch."""
     if privacy.sample_rate is not None:
         return privacy.sample_rate
     assert privacy.batch_size is not None  # the config sets exactly one of the two
@@ -100,8 +105,10 @@ class SiteBudget:
                 f"(ledger {self.ledger_path}): no further rounds"
             )
 
-    def plan_round(self, config: Config, subjects: int, round_number: int) -> RoundPlan:
-        """Noise for this round so that the study's remaining rounds land on the target.
+    def plan_round(self, config: Config, count: SubjectCount, round_number: int) -> RoundPlan:
+        """Noise for this round so that the study's remaining rounds land on the target,
+        at the rate planned from the public size `count.public` (delta is checked against
+        `count.bound` >= the real count).
 
         The ceiling is the study's target capped by the site's maximum. Raises
         BudgetRefusal when the ledger already reaches it, or when too little is left for
@@ -112,8 +119,8 @@ class SiteBudget:
         privacy = config.privacy
         spent = self.spent()
         self._refuse_if_spent(spent, privacy)
-        check_delta(privacy.delta, subjects)
-        rate = sample_rate(privacy, subjects)
+        check_delta(privacy.delta, count.bound)
+        rate = sample_rate(privacy, count.public)
         remaining = max(1, config.federation.rounds - round_number + 1)
         ceiling = min(privacy.target_epsilon, self.max_epsilon)
         least = Segment(MAX_SIGMA, rate, remaining * privacy.local_steps)
@@ -133,7 +140,7 @@ class SiteBudget:
         )
         this_round = Segment(sigma, rate, privacy.local_steps)
         after = epsilon([*spent, this_round], privacy.delta, privacy.accountant)
-        return RoundPlan(sigma, rate, privacy.local_steps, privacy.delta, after, subjects)
+        return RoundPlan(sigma, rate, privacy.local_steps, privacy.delta, after, count.public)
 
     def record(
         self, round_number: int, plan: RoundPlan, status: str = "trained", **extra: object

@@ -216,7 +216,8 @@ def make_private(
     """Attach Opacus to `unet` in place (hooks on its modules; undo with `release`).
 
     Rows are weighted and summed by our loss (GSM reduction "sum"), while the optimizer
-    divides the noisy sum by the expected number of subjects per step, as DP-SGD's mean.
+    divides the noisy sum by `expected_batch_size`, as DP-SGD's mean (train_round gives
+    q m: the expected subjects per step of the site's public size m, see there).
     """
     privacy = config.privacy
     params = trainable_parameters(unet, privacy.trainable)
@@ -394,12 +395,18 @@ def train_round(
     device: torch.device | str = "cpu",
     optimizer: OptimizerName | None = None,
     learning_rate: float | None = None,
+    public_subjects: int | None = None,
 ) -> RoundResult:
     """Run `steps` DP-SGD steps on one site's data; `unet` is updated in place.
 
     latents (N, C, H, W, D), attributes (N, A) in [0, 1], subjects (N,) integer ids.
     The optimizer (None: `training.finetune-optimizer`) starts fresh each round (FedAvg
     sends weights, not optimizer state).
+
+    `public_subjects`: the size m <= n the site publishes (client/public_size.py; None: n).
+    The noisy sum of clipped gradients is divided by q m, not q n: a normaliser that
+    depends on n would scale the update's noise (std sigma C / (q n), which a model's
+    millions of weights estimate closely) and so give n away; q m is public.
     """
     if not 0 < sample_rate <= 1:
         raise FedsynthError(f"sample rate must be in (0, 1], got {sample_rate}")
@@ -409,13 +416,18 @@ def train_round(
         seed = secrets.randbits(63)
     device = torch.device(device)
     data = group_by_subject(latents, attributes, subjects)
+    size = data.n_subjects if public_subjects is None else public_subjects
+    if not 1 <= size <= data.n_subjects:
+        raise FedsynthError(
+            f"public size {size} must be from 1 to the site's {data.n_subjects} subjects"
+        )
     started = time.perf_counter()
     with _training_on(unet, device):
         private = make_private(
             unet,
             config,
             noise_multiplier,
-            expected_batch_size=sample_rate * data.n_subjects,
+            expected_batch_size=sample_rate * size,
             noise_generator=_generator(seed, 2, device),
             optimizer=optimizer,
             learning_rate=learning_rate,

@@ -3,16 +3,24 @@
 A hospital starts its SuperNode with
 `--node-config 'data-path=DIR state-dir=DIR site-name=NAME max-epsilon=E'` and may add:
 - `site-name` (required): the name its spend is recorded under, sent in clear;
-- `max-delta`: the largest delta it accepts (default: below 1/(10 n), n its subjects);
+- `max-delta`: the largest delta it accepts (default: below 1/(10 n), n its subjects, taken
+  as the top of its rounding bucket unless it discloses n: client/public_size.py);
 - `require-secure-aggregation` (default true): refuse rounds not under SecAgg+;
-- `accountant` (`rdp` or `prv`): refuse studies that account with another one.
+- `accountant` (`rdp` or `prv`): refuse studies that account with another one;
+- `public-subjects`: the subject count the site declares public (a whole number, at most
+  its real count, else it refuses with reason `config`): its FedAvg weight, and what its
+  Poisson rate is planned from (client/public_size.py);
+- `disclose-subject-count` (default false): publish the exact subject count instead.
+  With neither, the published count is the real one rounded down to two significant
+  figures and a multiple of 10 (347 -> 340; at least 1).
 `site-name` and `max-epsilon` are required for a real site: a hospital names itself (the
 data folder's name may be a patient or study id) and states its own ceiling.
 
 In a `flwr run` simulation Flower gives each node only its `partition-id`, so the site is
 the phantom site of that number, with its state inside the study's run dir (a new
 simulated study starts with fresh phantom hospitals), its maximum epsilon the study's
-target and secure aggregation required only when the study uses it.
+target and secure aggregation required only when the study uses it; it publishes its
+subject count rounded, as a hospital does by default (a 300-subject phantom site: 300).
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ class SiteSettings:
     max_delta: float | None = None  # None: below 1/(10 n)
     require_secure_aggregation: bool = True
     accountant: str | None = None  # None: either
+    public_subjects: int | None = None  # the declared public size; None: not declared
+    disclose_subject_count: bool = False  # publish the exact count (opt-in)
 
 
 def _positive(node_config: NodeConfig, key: str, default: float | None) -> float:
@@ -69,6 +79,19 @@ def _flag(node_config: NodeConfig, key: str, default: bool) -> bool:
     if text in ("false", "0", "no"):
         return False
     raise FedsynthError(f"node config {key}={raw!r}: must be true or false")
+
+
+def _whole(node_config: NodeConfig, key: str) -> int | None:
+    raw = node_config.get(key)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(raw, bool) or not (value >= 1 and value.is_integer()):
+        raise FedsynthError(f"node config {key}={raw!r}: must be a whole number of at least 1")
+    return int(value)
 
 
 def site_settings(
@@ -113,6 +136,13 @@ def site_settings(
     require = _flag(
         node_config, "require-secure-aggregation", secure_aggregation if simulated else True
     )
+    public_subjects = _whole(node_config, "public-subjects")
+    disclose = _flag(node_config, "disclose-subject-count", False)
+    if disclose and public_subjects is not None:
+        raise FedsynthError(
+            "node config sets both public-subjects and disclose-subject-count=true: "
+            "set one (disclose-subject-count publishes the exact count)"
+        )
     return SiteSettings(
         name,
         data_path,
@@ -121,4 +151,6 @@ def site_settings(
         max_delta,
         require,
         str(accountant) if accountant is not None else None,
+        public_subjects,
+        disclose,
     )

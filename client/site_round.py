@@ -2,7 +2,8 @@
 
 1. Refuse from the ledger alone if the site's budget is spent (no data read yet).
 2. Load (or encode once and cache) the site's latents with the frozen public autoencoder.
-3. Plan this round's noise from the site's own subject count and ledger.
+3. Plan this round's noise from the site's public subject count (client/public_size.py:
+   the rate and the weight reveal only that size, never the real count) and its ledger.
 4. Train with DP-SGD from the global weights.
 5. Append the round to the site's ledger, fsync'd, and only then hand the update back.
    The line also holds the DP-SGD's wall-clock start and end (`dp_sgd`, Unix seconds):
@@ -30,6 +31,8 @@ from fedsynth.client.budget import RoundPlan, SiteBudget
 from fedsynth.client.dp_trainer import RoundResult, train_round
 from fedsynth.client.latents import site_latents
 from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.public_size import PublicSizeAboveCount, subject_count
+from fedsynth.client.site_terms import refuse
 from fedsynth.common.checkpoint import Pretrained, load_pretrained, public_sha256
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
@@ -129,10 +132,14 @@ def run_site_round(
     else ModelMismatch before anything is read or spent.
 
     `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
-    `max_subjects` > 0 (SecAgg+'s max weight) refuses a larger site before it trains or
-    spends anything: its weight could not be carried. `check_subjects(n)` (the site's own
-    terms that need its subject count) runs before the round is planned. `study_id` is
-    recorded with the round: a site reports each study's rounds to that study only.
+    The site's weight (`plan.subjects`) and rate are those of its public size m
+    (public_size.subject_count); a declared public-subjects above its real count is
+    refused (SiteStop `config`, the numbers in the site's log only) before anything is
+    spent. `max_subjects` > 0 (SecAgg+'s max weight) refuses a site whose weight m is
+    larger before it trains or spends anything: its weight could not be carried.
+    `check_subjects(n)` (the site's own terms that need its real subject count) runs
+    before the round is planned. `study_id` is recorded with the round: a site reports
+    each study's rounds to that study only.
     """
     if not config.privacy.enabled:
         raise FedsynthError("privacy.enabled is false: sites train only with DP-SGD")
@@ -144,18 +151,22 @@ def run_site_round(
     site = site_latents(
         pretrained, checkpoint, settings.data_path, settings.state_dir, show_progress
     )
-    if max_subjects and site.n_subjects > max_subjects:
+    try:
+        count = subject_count(settings, site.n_subjects)
+    except PublicSizeAboveCount as error:
+        raise refuse(settings, "config", f"{error} (nothing was trained or spent)") from None
+    if max_subjects and count.public > max_subjects:
         raise FedsynthError(
-            f"{settings.name}: {site.n_subjects} subjects exceed the secure aggregation max "
-            f"weight {max_subjects:g}: raise the server's run config secagg-max-weight "
-            "(nothing was trained or spent)"
+            f"{settings.name}: its weight ({count.public} subjects) exceeds the secure "
+            f"aggregation max weight {max_subjects:g}: raise the server's run config "
+            "secagg-max-weight (nothing was trained or spent)"
         )
     if check_subjects is not None:  # the site's own terms that depend on its size
         check_subjects(site.n_subjects)
     # plan to append under one lock: another ClientApp sharing this state dir (a
     # second study) must not plan against the same spend before this round is on it
     with ledger_lock(budget.ledger_path):
-        plan = budget.plan_round(config, site.n_subjects, round_number)
+        plan = budget.plan_round(config, count, round_number)
         unet = pretrained.unet
         unet.load_state_dict(start)
         started = time.time()
@@ -170,6 +181,7 @@ def run_site_round(
             plan.steps,
             seed=seed,
             device=device,
+            public_subjects=count.public,
         )
         budget.record(
             round_number,

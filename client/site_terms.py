@@ -12,6 +12,7 @@ import logging
 
 from fedsynth.client.budget import LEDGER
 from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.public_size import subject_bound
 from fedsynth.client.site_log import at_site
 from fedsynth.common.config import Config
 from fedsynth.common.ledger import read_ledger
@@ -58,13 +59,19 @@ def check_terms(settings: SiteSettings, config: Config, secure: bool) -> None:
 
 
 def check_delta_for_subjects(settings: SiteSettings, delta: float, subjects: int) -> None:
-    """Once the site knows its subject count: delta below 1/(10 n) unless the site's
-    max-delta allows more (Dwork & Roth: delta well below 1/n), and always below 1/n."""
-    limit = 1 / subjects if settings.max_delta is not None else 1 / (10 * subjects)
+    """Once the site knows its subject count n: delta below 1/(10 n) unless the site's
+    max-delta allows more (Dwork & Roth: delta well below 1/n), and always below 1/n.
+
+    Checked for the top of n's rounding bucket (public_size.subject_bound, n itself when
+    the site disclosed n): stricter than n, and a refusal, which the server sees and whose
+    delta it chooses, tells no more of n than its bucket (what the default publishes)."""
+    bound = subject_bound(settings, subjects)
+    limit = 1 / bound if settings.max_delta is not None else 1 / (10 * bound)
     if delta >= limit:
         raise refuse(
             settings,
             "terms",
-            f"delta {delta:g} is not below {limit:.3g} for {subjects} subjects"
+            f"delta {delta:g} is not below {limit:.3g} for {subjects} subjects (checked for "
+            f"{bound}, the largest count publishing the same size)"
             + ("" if settings.max_delta is not None else " (1/(10 n); set max-delta to allow)"),
         )

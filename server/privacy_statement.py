@@ -45,11 +45,21 @@ REFERENCE_NOT_COVERED = (
     "it, so the coordinator must give only data whose statistics it may publish"
 )
 IN_CLEAR = [
-    "each site's name and its subject count (the FedAvg weight)",
+    "each site's name and its public subject count (the FedAvg weight): a size the site "
+    "publishes, at most its real count: by default the count rounded down to two "
+    "significant figures and a multiple of 10 (1 below 10 subjects), a size the site "
+    "declared (node config public-subjects), or the exact count for a site that opted in "
+    "(disclose-subject-count)",
     "each round's noise multiplier, sample rate and steps per site, and each site's own "
-    "ledger of them (the accounting needs them; the sample rate implies the subject count)",
+    "ledger of them (the accounting needs them): a site's sample rate is the study's, or "
+    "its expected batch over that public count, so it reveals that count and no more",
     "a fixed reason code when a site does not train",
 ]
+SUBJECT_COUNT = (
+    "public size: the site's sample rates and FedAvg weight give a size at most its real "
+    "subject count (by default rounded down, or declared); exact only if the site opted in "
+    "with disclose-subject-count, which the site does not report to the coordinator"
+)
 NOT_COVERED = [
     "the public pretraining data, the autoencoder and the anatomy and feature networks "
     "(trained on public data only; public data carries no DP claim)",
@@ -74,6 +84,7 @@ def _site_entry(study: FinishedStudy, site: str) -> dict:
         "steps": [int(e["steps"]) for e in lines],
         "total_steps": sum(int(e["steps"]) for e in lines),
         "no_reply_estimates": sum(1 for e in lines if e.get("estimate")),
+        "subject_count": SUBJECT_COUNT,
     }
 
 

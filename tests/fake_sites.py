@@ -21,12 +21,19 @@ from flwr.clientapp import ClientApp
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget
 from fedsynth.client.client_app import secure_aggregation_when_asked, site_guard
+from fedsynth.client.public_size import SubjectCount
 from fedsynth.common.config import Config, config_from_dict
 from fedsynth.common.protocol import READY_RECORD, SiteStop
 
 
+def disclosed(subjects: int) -> SubjectCount:
+    """The count of a site that publishes its exact count (disclose-subject-count)."""
+    return SubjectCount(subjects, subjects, subjects, exact=True)
+
+
 class FakeSite(NumPyClient):
-    """One site: `subjects` subjects, a fixed delta per weight, a real ledger."""
+    """One site: `subjects` subjects (published as they are), a fixed delta per weight, a
+    real ledger."""
 
     def __init__(
         self,
@@ -65,7 +72,7 @@ class FakeSite(NumPyClient):
         study = config_from_dict(json.loads(str(config["study"])))
         round_number = int(config["round"])
         try:
-            plan = self.budget.plan_round(study, self.subjects, round_number)
+            plan = self.budget.plan_round(study, disclosed(self.subjects), round_number)
         except BudgetRefusal:
             raise SiteStop("budget-spent") from None
         self.budget.record(round_number, plan, study=str(config["study-id"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from fake_sites import disclosed
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget, sample_rate
 from fedsynth.common.accountant import Segment, epsilon
@@ -37,7 +38,7 @@ def study(**overrides):
 def run_study(budget: SiteBudget, config, subjects: int, rounds: range) -> list[float]:
     spent = []
     for r in rounds:
-        plan = budget.plan_round(config, subjects, r)
+        plan = budget.plan_round(config, disclosed(subjects), r)
         budget.record(r, plan)
         spent.append(plan.epsilon)
     return spent
@@ -112,7 +113,7 @@ def test_an_exhausted_site_is_refused_from_its_ledger_before_anything_is_recorde
     with pytest.raises(BudgetRefusal, match=r"has spent epsilon 23\.9 of its 6"):
         budget.refuse_if_exhausted(study().privacy)  # what a site checks before its data
     with pytest.raises(BudgetRefusal, match=r"has spent epsilon 23\.9 of its 6"):
-        budget.plan_round(study(), 20, 2)
+        budget.plan_round(study(), disclosed(20), 2)
     assert budget.ledger_path.read_bytes() == before
 
 
@@ -131,7 +132,7 @@ def test_a_round_that_would_cross_even_at_the_largest_noise_is_refused_unrecorde
     before = budget.ledger_path.read_bytes() if spent else b""
     budget.refuse_if_exhausted(config.privacy)  # not exhausted: the data is read
     with pytest.raises(BudgetRefusal, match=r"would cross its epsilon .* multiplier 10000 \("):
-        budget.plan_round(config, 20, 2)
+        budget.plan_round(config, disclosed(20), 2)
     assert (budget.ledger_path.read_bytes() if spent else b"") == before
     assert budget.ledger_path.exists() == spent  # nothing recorded
 
@@ -139,7 +140,7 @@ def test_a_round_that_would_cross_even_at_the_largest_noise_is_refused_unrecorde
 def test_delta_must_be_below_one_over_the_site_size(tmp_path):
     budget = SiteBudget("site-1", tmp_path, max_epsilon=10.0)
     with pytest.raises(FedsynthError, match=r"delta 0\.01 must be below 1/n"):
-        budget.plan_round(study(**{"privacy.delta": 0.01}), 100, 1)
+        budget.plan_round(study(**{"privacy.delta": 0.01}), disclosed(100), 1)
 
 
 def test_sample_rate_from_batch_size_or_given():

@@ -417,6 +417,57 @@ def test_dp_sgd_runs_with_the_planned_sigma_rate_and_steps(
     assert (result.noise_multiplier, result.sample_rate, result.steps) == (sigma, q, steps)
 
 
+def test_the_noisy_sum_is_divided_by_the_public_size_not_the_count(tiny_config, monkeypatch):
+    """A site that publishes m < n subjects samples its n at the planned q and divides by
+    q m: a divisor q n would scale the update's noise by 1/n and so show n."""
+    samplers, divisors = [], []
+
+    class RecordingSampler(dp_trainer.UniformWithReplacementSampler):
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            samplers.append(self)
+
+    scale_grad = opacus_optimizer.DPOptimizer.scale_grad
+
+    def spy_scale_grad(self) -> None:
+        divisors.append(self.expected_batch_size)
+        scale_grad(self)
+
+    monkeypatch.setattr(dp_trainer, "UniformWithReplacementSampler", RecordingSampler)
+    monkeypatch.setattr(opacus_optimizer.DPOptimizer, "scale_grad", spy_scale_grad)
+    config = with_privacy(tiny_config, trainable="attention")
+    latents, attributes = site_data(config)
+    q, steps = 0.5, 2
+    train_round(
+        awake_unet(config),
+        latents,
+        attributes,
+        SUBJECTS,
+        config,
+        1.0,
+        q,
+        steps,
+        seed=1,
+        public_subjects=3,
+    )
+    [sampler] = samplers
+    assert (sampler.num_samples, sampler.sample_rate) == (4, q)  # all 4 subjects, at q
+    assert divisors == [q * 3] * steps
+    with pytest.raises(FedsynthError, match="public size 5 must be from 1 to the site's 4"):
+        train_round(
+            awake_unet(config),
+            latents,
+            attributes,
+            SUBJECTS,
+            config,
+            1.0,
+            q,
+            1,
+            seed=1,
+            public_subjects=5,
+        )
+
+
 def test_poisson_sampling_over_many_steps_has_the_planned_rate():
     n, q, steps = 10, 0.3, 4000
     loader = dp_trainer._poisson_loader(n, q, steps, torch.Generator().manual_seed(0))

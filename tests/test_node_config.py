@@ -7,7 +7,10 @@ from pathlib import Path
 import pytest
 
 from fedsynth.client.node_config import site_settings
+from fedsynth.client.public_size import PublicSizeAboveCount, subject_count
 from fedsynth.common.errors import FedsynthError
+
+HOSPITAL = {"data-path": "/d", "state-dir": "/s", "site-name": "a", "max-epsilon": 5}
 
 
 def test_a_hospital_node_config_is_taken_as_given():
@@ -23,6 +26,8 @@ def test_a_hospital_node_config_is_taken_as_given():
     assert settings.data_path == Path("/data/cardiac")
     assert settings.state_dir == Path("/var/fedsynth")
     assert settings.max_epsilon == 4.5 and settings.name == "hospital-a"
+    # its subject count is published rounded unless it says otherwise
+    assert settings.public_subjects is None and not settings.disclose_subject_count
 
 
 def test_a_simulated_node_is_its_phantom_site_with_state_in_the_run(tmp_path):
@@ -84,8 +89,66 @@ def test_a_simulated_node_is_its_phantom_site_with_state_in_the_run(tmp_path):
             "accountant='gdp': one of rdp, prv",
         ),
         ({"partition-id": 0}, "a simulated node needs the phantom and run folders"),
+        (
+            {**HOSPITAL, "public-subjects": "300.5"},
+            "public-subjects='300.5': must be a whole number of at least 1",
+        ),
+        ({**HOSPITAL, "public-subjects": 0}, "public-subjects=0: must be a whole number"),
+        ({**HOSPITAL, "public-subjects": True}, "public-subjects=True: must be a whole number"),
+        ({**HOSPITAL, "disclose-subject-count": "perhaps"}, "must be true or false"),
+        (
+            {**HOSPITAL, "public-subjects": 300, "disclose-subject-count": "true"},
+            "sets both public-subjects and disclose-subject-count=true",
+        ),
     ],
 )
 def test_bad_node_configs_are_one_clear_line(node_config, message):
     with pytest.raises(FedsynthError, match=message):
         site_settings(node_config, target_epsilon=10.0)
+
+
+@pytest.mark.parametrize(
+    ("terms", "subjects", "public", "bound"),
+    [
+        ({}, 300, 300, 309),
+        ({}, 347, 340, 349),
+        ({}, 1234, 1200, 1299),
+        ({}, 45, 40, 49),
+        ({}, 10, 10, 19),
+        ({}, 99, 90, 99),
+        ({}, 100, 100, 109),
+        ({}, 9, 1, 9),  # below 10 subjects: 1 (q = batch / 1, at most 1)
+        ({}, 1, 1, 9),
+        ({"public-subjects": "250"}, 347, 250, 349),
+        ({"public-subjects": 347}, 347, 347, 349),
+        ({"disclose-subject-count": "true"}, 347, 347, 347),
+        ({"disclose-subject-count": True}, 3, 3, 3),
+    ],
+)
+def test_a_site_publishes_its_count_rounded_declared_or_on_its_opt_in(
+    terms, subjects, public, bound
+):
+    settings = site_settings(HOSPITAL | terms, target_epsilon=10.0)
+    count = subject_count(settings, subjects)
+    assert (count.real, count.public, count.bound) == (subjects, public, bound)
+    assert count.exact == ("disclose-subject-count" in terms)
+    assert count.public <= subjects <= count.bound
+
+
+def test_a_declared_size_above_the_count_is_refused():
+    settings = site_settings(HOSPITAL | {"public-subjects": 348}, target_epsilon=10.0)
+    with pytest.raises(PublicSizeAboveCount, match="public-subjects=348 exceeds"):
+        subject_count(settings, 347)
+
+
+def test_a_simulated_node_publishes_its_phantom_count_rounded(tmp_path):
+    """Flower gives a simulated node no node config to opt in with: the default holds
+    (a 300-subject phantom site publishes 300, as before)."""
+    settings = site_settings(
+        {"partition-id": 0, "num-partitions": 3},
+        target_epsilon=8.0,
+        simulation_data=tmp_path,
+        simulation_state=tmp_path,
+    )
+    assert subject_count(settings, 300).public == 300
+    assert subject_count(settings, 347).public == 340

@@ -9,6 +9,7 @@ line it printed is searched for the id, the path, the value and site-3's subject
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -155,4 +156,80 @@ def test_a_trained_reply_carries_exactly_the_allowed_metrics(
     delta, subjects, metrics = site_round_reply(weights, sent, node, secure=True)
     assert set(delta) == set(keys)  # only the subset goes back
     assert set(metrics) == REPLY_METRICS
-    assert subjects == metrics["subjects"] == 3
+    # 3 subjects, published as 1 (below 10: n rounded down to a multiple of 10 is 0)
+    assert subjects == metrics["subjects"] == 1 and metrics["sample_rate"] == 1.0
+
+
+def _tiled(site, subjects: int):
+    """`site`'s subjects repeated (volumes and all) to `subjects` subjects."""
+    from fedsynth.client.latents import SiteLatents
+
+    rows = [(site.subjects == k % site.n_subjects).nonzero().flatten() for k in range(subjects)]
+    ids = torch.cat([torch.full((len(r),), k) for k, r in enumerate(rows)])
+    index = torch.cat(rows)
+    return SiteLatents(site.latents[index], site.attributes[index], ids)
+
+
+@pytest.mark.parametrize("disclose", [False, True], ids=["default", "opted-in"])
+def test_a_sites_exact_count_reaches_the_release_only_when_it_opts_in(
+    tmp_path, monkeypatch, caplog, three_sites, tiny_checkpoint, disclose
+):
+    """Site-3 has 347 subjects. By default nothing the server receives, logs, keeps in its
+    ledger or publishes in privacy.json gives 347: the weight is 340 and every sample
+    rate is batch / 340. With disclose-subject-count=true, 347 as before."""
+    import json
+
+    from fedsynth.common.ledger import read_ledger
+    from fedsynth.server.finished_study import read_finished_study
+    from fedsynth.server.privacy_statement import privacy_statement
+
+    root, _ = three_sites
+    real = site_round.site_latents
+
+    def latents(pretrained, checkpoint, data_path, *args, **kwargs):
+        site = real(pretrained, checkpoint, data_path, *args, **kwargs)
+        return _tiled(site, 347) if data_path.name == "site-3" else site
+
+    monkeypatch.setattr(site_round, "site_latents", latents)
+    run_config = {
+        "config": "tiny",
+        "run-dir": str(tmp_path / "run"),
+        "checkpoint": str(tiny_checkpoint),
+        "secagg-max-weight": 400,
+        "federation.rounds": 1,
+        "federation.sites": 3,
+        "federation.sites-per-round": 3,
+        "federation.secure-aggregation": True,
+    }
+    nodes = {
+        n: {
+            "data-path": str(root / f"site-{n}"),
+            "state-dir": str(tmp_path / "states" / f"site-{n}"),
+            "max-epsilon": 10,
+            "site-name": f"site-{n}",
+        }
+        | ({"disclose-subject-count": "true"} if disclose and n == 3 else {})
+        for n in (1, 2, 3)
+    }
+    grid = LoopbackGrid(app, nodes)
+    with task_identity():
+        summary = run_federation(grid, prepare(run_config), Context(1, 0, {}, RecordDict(), {}))
+    assert summary["rounds_done"] == 1 and "site-3" in summary["site_epsilon"]
+    statement = privacy_statement(read_finished_study(tmp_path / "run"), 3, False)
+    ledger = read_ledger(tmp_path / "run" / "ledger.jsonl")
+    published = 347 if disclose else 340
+    [line] = [e for e in ledger if e["site"] == "site-3"]
+    assert line["sample_rate"] == 4 / published
+    assert statement["sites"]["site-3"]["sample_rates"] == [4 / published]
+    assert "public size" in statement["sites"]["site-3"]["subject_count"]
+    server_side = [repr(m.content) if m.has_content() else repr(m.error) for m in grid.received]
+    server_side += [
+        r.getMessage() for r in caplog.records if not r.name.startswith("fedsynth.client")
+    ]
+    text = "\n".join(
+        [*server_side, (tmp_path / "run" / "ledger.jsonl").read_text(), json.dumps(statement)]
+    )
+    # the weight as a whole number, or a rate of batch / 347
+    leaks = [re.search(r"(?<![\d.])347(?!\d)", text), repr(4 / 347) in text]
+    assert any(leaks) == disclose, leaks
+    assert repr(4 / published) in text

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from fake_sites import disclosed
 from flwr.app import Context, RecordDict
 
 import fedsynth.server.server_app as server_app
@@ -69,7 +70,7 @@ def test_federation_plans_the_noise_a_real_site_plans(tmp_path):
     config = load_config("default", {"federation.rounds": 4, "privacy.local-steps": 3})
     for subjects in (20, 300):
         site = SiteBudget("site-1", tmp_path / f"s{subjects}", 100.0)
-        planned = site.plan_round(config, subjects, 1).noise_multiplier
+        planned = site.plan_round(config, disclosed(subjects), 1).noise_multiplier
         assert noise_multiplier(config, subjects) == pytest.approx(planned, rel=1e-6)
     assert noise_multiplier(config, 20, private=False) == 0.0
 

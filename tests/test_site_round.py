@@ -14,7 +14,9 @@ import time
 import pytest
 import torch
 
+import fedsynth.client.site_round as site_round
 from fedsynth.client.budget import LEDGER, BudgetRefusal
+from fedsynth.client.latents import SiteLatents
 from fedsynth.client.node_config import SiteSettings
 from fedsynth.client.site_round import ModelMismatch, run_site_round
 from fedsynth.common.accountant import epsilon
@@ -40,8 +42,10 @@ def every_tensor(checkpoint) -> str:
     return public_sha256(checkpoint, {}, [])
 
 
-def settings(tmp_path, phantom_root, max_epsilon: float = 100.0) -> SiteSettings:
-    return SiteSettings("site-1", phantom_root / "site-1", tmp_path / "state", max_epsilon)
+def settings(tmp_path, phantom_root, max_epsilon: float = 100.0, **terms) -> SiteSettings:
+    """Site-1 of the phantoms; it publishes its exact count unless `terms` say otherwise."""
+    terms = {"disclose_subject_count": True} | terms
+    return SiteSettings("site-1", phantom_root / "site-1", tmp_path / "state", max_epsilon, **terms)
 
 
 def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
@@ -250,7 +254,9 @@ def test_a_site_too_large_for_secure_aggregation_stops_before_training_or_spendi
 
     config = load_config("tiny", STUDY)
     weights = load_pretrained(tiny_checkpoint).unet.state_dict()
-    with pytest.raises(FedsynthError, match=r"2 subjects exceed .* max weight 1: raise"):
+    with pytest.raises(
+        FedsynthError, match=r"weight \(2 subjects\) exceeds .* max weight 1: raise"
+    ):
         run_site_round(
             settings(tmp_path, phantom_root),
             config,
@@ -273,3 +279,81 @@ def test_a_site_too_large_for_secure_aggregation_stops_before_training_or_spendi
         checkpoint_sha256=every_tensor(tiny_checkpoint),
     )
     assert len(read_ledger(tmp_path / "state" / LEDGER)) == 1
+
+
+def tiled(site: SiteLatents, subjects: int) -> SiteLatents:
+    """`site`'s subjects repeated (volumes and all) to `subjects` subjects."""
+    rows = [(site.subjects == k % site.n_subjects).nonzero().flatten() for k in range(subjects)]
+    index = torch.cat(rows)
+    ids = torch.cat([torch.full((len(r),), k) for k, r in enumerate(rows)])
+    return SiteLatents(site.latents[index], site.attributes[index], ids)
+
+
+@pytest.fixture
+def site_of_347(monkeypatch):
+    """Site-1 with 347 subjects (its phantoms tiled): not a round number."""
+    real = site_round.site_latents
+
+    def latents(*args, **kwargs) -> SiteLatents:
+        return tiled(real(*args, **kwargs), 347)
+
+    monkeypatch.setattr(site_round, "site_latents", latents)
+
+
+LARGE_SITE = {"privacy.batch-size": 4, "privacy.delta": 1e-5, "federation.rounds": 3}
+
+
+@pytest.mark.usefixtures("site_of_347")
+@pytest.mark.parametrize(
+    ("terms", "published"),
+    [
+        ({"disclose_subject_count": False}, 340),  # the default: rounded down
+        ({"disclose_subject_count": False, "public_subjects": 100}, 100),  # declared
+        ({"disclose_subject_count": True}, 347),  # opted in: as before
+    ],
+    ids=["rounded", "declared", "disclosed"],
+)
+def test_a_site_samples_at_its_public_size_and_its_ledger_is_exact_there(
+    tmp_path, phantom_root, tiny_checkpoint, terms, published
+):
+    """A site of 347 subjects plans q = batch / m from its public size m and weighs its
+    update by m; Opacus' sampler really runs at that q, and the ledger's epsilon is the
+    accountant's at it."""
+    config = load_config("tiny", LARGE_SITE)
+    update = run_site_round(
+        settings(tmp_path, phantom_root, **terms),
+        config,
+        tiny_checkpoint,
+        load_pretrained(tiny_checkpoint).unet.state_dict(),
+        1,
+        seed=0,
+        checkpoint_sha256=every_tensor(tiny_checkpoint),
+    )
+    assert update.plan.subjects == published  # the FedAvg weight the reply carries
+    assert update.plan.sample_rate == 4 / published
+    assert update.result.sample_rate == 4 / published  # the UniformWithReplacementSampler's
+    [entry] = read_ledger(tmp_path / "state" / LEDGER)
+    assert entry["sample_rate"] == 4 / published and entry["subjects"] == published
+    assert entry["epsilon"] == pytest.approx(epsilon(spent_segments([entry]), 1e-5), rel=1e-12)
+
+
+@pytest.mark.usefixtures("site_of_347")
+def test_a_declared_size_above_the_real_count_is_refused_without_the_count(
+    tmp_path, phantom_root, tiny_checkpoint, caplog
+):
+    from fedsynth.common.protocol import SiteStop
+
+    with pytest.raises(SiteStop) as stop:
+        run_site_round(
+            settings(tmp_path, phantom_root, disclose_subject_count=False, public_subjects=348),
+            load_config("tiny", LARGE_SITE),
+            tiny_checkpoint,
+            load_pretrained(tiny_checkpoint).unet.state_dict(),
+            1,
+            seed=0,
+            checkpoint_sha256=every_tensor(tiny_checkpoint),
+        )
+    assert stop.value.code == "config" and "347" not in str(stop.value)  # what leaves
+    assert read_ledger(tmp_path / "state" / LEDGER) == []  # nothing trained or spent
+    log = (tmp_path / "state" / "site.log").read_text()  # the reason stays at the site
+    assert "public-subjects=348 exceeds the site's 347 subjects" in log

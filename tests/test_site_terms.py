@@ -110,13 +110,38 @@ def test_ready_says_spent_or_failed_from_the_ledger_alone(tmp_path):
 def test_delta_must_be_below_one_over_ten_n_unless_the_site_allows_more(
     tmp_path, delta, max_delta, refused
 ):
-    terms = {} if max_delta is None else {"max-delta": max_delta}
+    terms = {"disclose-subject-count": True}  # n is public: checked for n itself
+    terms |= {} if max_delta is None else {"max-delta": max_delta}
     settings = site_settings(_node(tmp_path, **terms), target_epsilon=10.0)
     if refused:  # n = 2: 1/(10 n) = 0.05 by default; with max-delta set, 1/n = 0.5
         with pytest.raises(SiteStop, match="fedsynth:terms:"):
             check_delta_for_subjects(settings, delta, 2)
     else:
         check_delta_for_subjects(settings, delta, 2)
+
+
+@pytest.mark.parametrize("max_delta", [None, 0.5])
+def test_a_delta_refusal_tells_no_more_than_the_published_size(tmp_path, max_delta):
+    """Without the opt-in a site of 347 is checked as 349, the largest count publishing
+    340: the server, which picks delta, cannot tell 340..349 apart by refusals (checked
+    against n, 347 accepts 1/(10 * 348), which 349 refuses)."""
+    terms = {} if max_delta is None else {"max-delta": max_delta}
+    settings = site_settings(_node(tmp_path, **terms), target_epsilon=10.0)
+    factor = 1 if max_delta is not None else 10
+    for delta in (1 / (factor * 348), 1 / (factor * 349), 1 / (factor * 350)):
+        refusals = set()
+        for n in range(340, 350):
+            try:
+                check_delta_for_subjects(settings, delta, n)
+                refusals.add(False)
+            except SiteStop:
+                refusals.add(True)
+        assert len(refusals) == 1, delta  # one answer for the whole bucket
+    with pytest.raises(SiteStop, match="fedsynth:terms:"):  # stricter than n = 347
+        check_delta_for_subjects(settings, 1 / (factor * 348), 347)
+    check_delta_for_subjects(settings, 0.999 / (factor * 349), 347)
+    with pytest.raises(SiteStop, match="fedsynth:terms:"):  # below 10 subjects: as 9
+        check_delta_for_subjects(settings, 1 / (factor * 9), 2)
 
 
 @pytest.mark.usefixtures("one_thread")
