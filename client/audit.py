@@ -64,26 +64,34 @@ The shared JSON (`fedsynth audit --json`, --out/shared.json):
     published             {min_records, significant_digits, rule}
     cohort_sha256         the audited cohort's fingerprint (SHA-256 of cohort.sha256)
     cohort_volumes        synthetic volumes audited
-    training_subjects     subjects in --data-path (counted as the study's DP counts them)
-    holdout_subjects      subjects in --holdout, or null
+    training_subjects     subjects in --data-path (counted as the study's DP counts them),
+                          as the site's public size (below)
+    holdout_subjects      subjects in --holdout as its public size, or null
+    subject_counts        how they are published (client/public_size.py's rule): "rounded"
+                          (n rounded down to two significant figures and a multiple of 10,
+                          1 below 10; the default), "declared" (--public-subjects M for
+                          --data-path, at most its count; held-out rounded) or "exact"
+                          (--disclose-subject-count: the site opted in)
     seed                  the seed of the subsampling and the loss noise
     dcr                   {train_q05, train_q25, train_median: DCR to training quantiles,
                            holdout_q05, holdout_q25, holdout_median (null without holdout),
                            closer_to_training_share (null without holdout),
-                           share_subsampled_to (subjects per set in the share, or null),
+                           share_subsampled_to (the smaller set's public size, or null),
                            nndr_q05, nndr_median (null with fewer than 2 training subjects)}
     membership_inference  null without --checkpoint and --holdout, else
                           {score: "reference loss - model loss" or "-model loss",
                            auc, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr, fpr_resolution,
-                           n_members, n_nonmembers, loss_draws,
+                           n_members, n_nonmembers (the public sizes), loss_draws,
                            auc_uncalibrated (-model loss; null without --reference)}
-    (each figure a number rounded to 2 significant digits or "withheld: fewer than 11 ...")
+    (each figure a number rounded to 2 significant digits or "withheld: fewer than 11 ...";
+     fpr_resolution is 1 / n_nonmembers as published, at least the true 1 / n)
 
 Private files in `--out` (0700, files 0600): pairs.png (the `PAIRS` most similar
 synthetic/training pairs, each synthetic volume above its nearest training volume, basal,
 mid and apical slices, for a human to judge), pairs.csv (each synthetic volume's nearest
 training subject, DCRs and NNDR), audit.json (the same keys with exact figures: quantiles
-read off the values, np.quantile's linear interpolation), shared.json.
+read off the values, np.quantile's linear interpolation, and the exact subject counts),
+shared.json.
 """
 
 from __future__ import annotations
@@ -100,6 +108,7 @@ import numpy as np
 import torch
 import yaml
 
+from fedsynth.client.public_size import PublicSizeAboveCount
 from fedsynth.common import audit_publication as publish
 from fedsynth.common.audit_publication import FPR_TARGETS, MIN_RECORDS
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
@@ -128,6 +137,11 @@ LOSS_BATCH = 16  # volumes per UNet forward in the membership loss
 PAIRS = 3  # most similar (synthetic, training) pairs in the private montage
 SHARED = "shared.json"  # what --json prints: the file a site shares
 OUT_FILES = ("pairs.png", "pairs.csv", "audit.json", SHARED)
+COUNTS_SHOWN = {  # subject_counts, as the printed summary says it
+    "rounded": "rounded down to the site's public size; --disclose-subject-count for exact",
+    "declared": "training as declared by --public-subjects, held-out rounded down",
+    "exact": "exact: --disclose-subject-count",
+}
 FEW_SUBJECTS = 20  # below this, an aggregate is close to one record's own value
 FEW_NOTE = (
     "few records: with fewer than {n} subjects in a set or volumes in the cohort, these "
@@ -175,6 +189,49 @@ class AuditInputs:
     def cohort(self) -> Path:
         """The release's cohort folder (checked against its cohort.sha256 by run_audit)."""
         return self.release / COHORT
+
+
+@dataclass(frozen=True)
+class PublicSizes:
+    """How the shared audit publishes the site's subject counts: the node config's rule
+    (client/public_size.py), from the audit's own options of the same names."""
+
+    disclose: bool = False  # --disclose-subject-count: the exact counts (opt-in)
+    declared: int | None = None  # --public-subjects M: the training set's public size
+
+    def __post_init__(self) -> None:
+        if self.disclose and self.declared is not None:
+            raise FedsynthError(
+                "--disclose-subject-count publishes the exact count, --public-subjects a "
+                "declared one: give one"
+            )
+        if self.declared is not None and self.declared < 1:
+            raise FedsynthError("--public-subjects must be at least 1")
+
+    @property
+    def mode(self) -> str:
+        """The shared audit's `subject_counts`."""
+        if self.disclose:
+            return "exact"
+        return "rounded" if self.declared is None else "declared"
+
+    def training(self, subjects: int) -> int:
+        """--data-path's public size; PublicSizeAboveCount when the declared one exceeds
+        the real count (the site's own terminal: it names both)."""
+        if self.disclose:
+            return subjects
+        if self.declared is None:
+            return publish.public_count(subjects)
+        if self.declared > subjects:
+            raise PublicSizeAboveCount(
+                f"--public-subjects {self.declared} exceeds the {subjects} subjects in "
+                "--data-path: the published size must be at most the real count"
+            )
+        return self.declared
+
+    def holdout(self, subjects: int) -> int:
+        """--holdout's public size: exact when disclosed, else rounded down."""
+        return subjects if self.disclose else publish.public_count(subjects)
 
 
 @dataclass(frozen=True)
@@ -332,23 +389,27 @@ class DcrResult:
     nearest_holdout: torch.Tensor | None  # (M,) index of the nearest held-out subject
     nndr: torch.Tensor | None  # (M,)
 
-    def shared(self) -> dict:
+    def shared(self, set_size: int | None = None) -> dict:
         """The summary as a site may share it (common/audit_publication.py): quantiles as
-        means of MIN_RECORDS order statistics from as many distinct subjects, the share
-        over enough volumes and subjects, all rounded; else withheld."""
+        means of MIN_RECORDS order statistics from as many distinct subjects, windows
+        identical or disjoint, the share over enough volumes and distinct nearest subjects,
+        all rounded; else withheld. `set_size`: the subjects per set in the share as
+        published (the smaller set's public size; None: the exact one)."""
         nearest = self.nearest_subject.numpy()
         out = publish.quantiles(self.to_train.double().numpy(), nearest, "train")
         holdout = None if self.to_holdout is None else self.to_holdout.double().numpy()
         near_holdout = None if self.nearest_holdout is None else self.nearest_holdout.numpy()
         out |= publish.quantiles(holdout, near_holdout, "holdout")
-        size = self.summary["share_subsampled_to"]
+        size = self.summary["share_subsampled_to"]  # exact: the rule's condition
+        distinct = len(np.unique(nearest))
+        if near_holdout is not None:
+            distinct = min(distinct, len(np.unique(near_holdout)))
         out["closer_to_training_share"] = publish.share(
-            self.summary["closer_to_training_share"], len(nearest), size
+            self.summary["closer_to_training_share"], len(nearest), size, distinct
         )
-        out["share_subsampled_to"] = size
+        out["share_subsampled_to"] = size if set_size is None or size is None else set_size
         nndr = None if self.nndr is None else self.nndr.double().numpy()
-        nndr_q = publish.quantiles(nndr, nearest, "nndr")
-        return out | {"nndr_q05": nndr_q["nndr_q05"], "nndr_median": nndr_q["nndr_median"]}
+        return out | publish.quantiles(nndr, nearest, "nndr", ("q05", "median"))
 
 
 def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed: int) -> DcrResult:
@@ -546,14 +607,19 @@ def write_private_files(
 
 
 def run_audit(
-    inputs: AuditInputs, config: Config | None, seed: int = 0, show_progress: bool = True
+    inputs: AuditInputs,
+    config: Config | None,
+    seed: int = 0,
+    show_progress: bool = True,
+    sizes: PublicSizes = PublicSizes(),
 ) -> dict:
     """Check the release's cohort against its hashes, read it and the site's subjects,
     measure, write the private files in inputs.out and return the report a site may share
     (the JSON of the module docstring).
 
     `config` gives the model's resolution when there is no checkpoint (the checkpoint's
-    own config wins otherwise). Raises FedsynthError with one line on bad input.
+    own config wins otherwise); `sizes` how the subject counts are published. Raises
+    FedsynthError with one line on bad input.
     """
     try:
         fingerprint = check_cohort_hashes(inputs.release)
@@ -581,13 +647,16 @@ def run_audit(
     holdout = None
     if inputs.holdout is not None:
         holdout = read_volumes(inputs.holdout, data_cfg, "--holdout", show_progress)[0]
+    public_train = sizes.training(train.n_subjects)
+    public_holdout = None if holdout is None else sizes.holdout(holdout.n_subjects)
     result = dcr(synthetic, train, holdout, seed)
     attack = None
     if model is not None and holdout is not None:
         attack = membership(model, reference, train, holdout, seed, show_progress)
-    counts = [len(synthetic.images), train.n_subjects]
-    counts += [] if holdout is None else [holdout.n_subjects]
+    counts = [len(synthetic.images), public_train]  # as published: the note is shared
+    counts += [] if public_holdout is None else [public_holdout]
     few = min(counts) < FEW_SUBJECTS
+    share_size = None if public_holdout is None else min(public_train, public_holdout)
     report = {
         "outside_dp_guarantee": True,
         "note": NOTE + (" " + FEW_NOTE.format(n=FEW_SUBJECTS).capitalize() + "." if few else ""),
@@ -599,14 +668,20 @@ def run_audit(
         },
         "cohort_sha256": fingerprint,
         "cohort_volumes": len(synthetic.images),
-        "training_subjects": train.n_subjects,
-        "holdout_subjects": None if holdout is None else holdout.n_subjects,
+        "training_subjects": public_train,
+        "holdout_subjects": public_holdout,
+        "subject_counts": sizes.mode,
         "seed": seed,
-        "dcr": result.shared(),
-        "membership_inference": None if attack is None else publish.attack(attack),
+        "dcr": result.shared(share_size),
+        "membership_inference": (
+            None if attack is None else publish.attack(attack, public_train, public_holdout)
+        ),
     }
     exact = report | {
         "published": "exact figures: private to the site, share shared.json",
+        "training_subjects": train.n_subjects,
+        "holdout_subjects": None if holdout is None else holdout.n_subjects,
+        "subject_counts": "exact (private)",
         "dcr": result.summary,
         "membership_inference": attack,
     }
@@ -631,7 +706,8 @@ def summary_lines(report: dict) -> list[str]:
         "OUTSIDE THE DP GUARANTEE: " + report["note"].split(": ", 1)[1],
         f"cohort: {report['cohort_volumes']} synthetic volumes; training: "
         f"{report['training_subjects']} subjects; held-out: "
-        f"{'none given' if holdout is None else f'{holdout} subjects'}",
+        f"{'none given' if holdout is None else f'{holdout} subjects'} (subject counts "
+        f"{COUNTS_SHOWN[report['subject_counts']]})",
         f"distance to closest training record ({DISTANCE.split(' (')[0]}): median "
         f"{_number(d['train_median'])}, 5% {_number(d['train_q05'])}, 25% "
         f"{_number(d['train_q25'])}",
@@ -642,7 +718,8 @@ def summary_lines(report: dict) -> list[str]:
             f"{_number(d['holdout_q05'])}, 25% {_number(d['holdout_q25'])}",
             f"closer to a training than to a held-out record: "
             f"{_number(d['closer_to_training_share'])} of the cohort (0.5 expected without "
-            f"memorisation; both sets subsampled to {d['share_subsampled_to']} subjects)",
+            f"memorisation; both sets subsampled to the smaller's size, published as "
+            f"{d['share_subsampled_to']} subjects)",
         ]
     if d["nndr_median"] is not None:
         lines.append(

@@ -2,7 +2,8 @@
 
 Run at the hospital, on its own machine: it reads the site's private volumes without DP,
 so what it prints is for the site to decide whether to share, and only figures over enough
-records, rounded (see client/audit.py and common/audit_publication.py).
+records, rounded, with the site's subject counts as its public size unless it opts in to
+disclose them, as in its node config (see client/audit.py and common/audit_publication.py).
 """
 
 from __future__ import annotations
@@ -55,6 +56,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)  # the model's resolution when no --checkpoint is given
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default: 0")
     parser.add_argument(
+        "--disclose-subject-count",
+        action="store_true",
+        help="publish the exact subject counts of --data-path and --holdout (as the node "
+        "config's disclose-subject-count); default: each rounded down to two significant "
+        "figures and a multiple of 10",
+    )
+    parser.add_argument(
+        "--public-subjects",
+        type=int,
+        metavar="M",
+        help="publish M (at most the real count, as the node config's public-subjects) as "
+        "--data-path's subject count; --holdout's is rounded down",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         help="print the figures a site may share as JSON (rounded; withheld below the minimum "
@@ -66,9 +81,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from fedsynth.client.audit import AuditInputs, run_audit, summary_lines
+    from fedsynth.client.audit import AuditInputs, PublicSizes, run_audit, summary_lines
     from fedsynth.common.cli import config_from_args
 
+    sizes = PublicSizes(args.disclose_subject_count, args.public_subjects)
     inputs = AuditInputs.from_paths(
         release=args.release,
         data_path=args.data_path,
@@ -82,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         config=None if inputs.checkpoint else config_from_args(args),
         seed=args.seed,
         show_progress=not args.quiet,
+        sizes=sizes,
     )
     print(json.dumps(report, indent=2) if args.json else "\n".join(summary_lines(report)))
     return 0

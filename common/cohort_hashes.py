@@ -5,19 +5,28 @@
 folder). `fedsynth audit --release RELEASE` audits only a cohort that matches it file for
 file: a folder with a file the release does not list (e.g. a patient's volume slipped in
 as "the cohort"), a file whose bytes differ, or a listed file missing is refused in one
-line naming the file. The record's own SHA-256 is the cohort's fingerprint: report.html
+line naming the file. The record's own SHA-256 is the cohort's fingerprint: the release's
+privacy.json names it (`cohort_sha256`, beside the study's `study_id`) and report.html
 shows it, and each audit carries the fingerprint of the cohort it measured, so a reader can
 see that the audit and the published release concern the same volumes.
+
+The record cannot vouch for itself (anyone can write a cohort.sha256 for any folder), so
+the audit also requires the folder's privacy.json, written by `fedsynth release`, to name
+a study and this fingerprint. A folder faked whole could carry a matching privacy.json too:
+the site compares the fingerprint the audit prints with the one in the coordinator's
+published report before sharing (README.md, "Releasing a cohort").
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from fedsynth.common.checkpoint import file_sha256
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
+from fedsynth.common.privacy_verify import STATEMENT
 from fedsynth.common.sampling import COHORT
 
 COHORT_HASHES = "cohort.sha256"
@@ -61,9 +70,31 @@ def read_cohort_hashes(record: Path) -> dict[str, str]:
     return listed
 
 
+def check_statement(release: Path, fingerprint: str) -> str:
+    """The study id of release/privacy.json, refused unless that statement names a study
+    and the cohort `fingerprint` (a folder the study never released has no such record)."""
+    path = release / STATEMENT
+    try:
+        statement = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise FedsynthError(
+            f"{path} is missing or not JSON: audit a folder `fedsynth release` wrote"
+        ) from None
+    study = statement.get("study_id") if isinstance(statement, dict) else None
+    if not isinstance(study, str) or not study:
+        raise FedsynthError(f"{path} names no study (study_id): not a fedsynth release")
+    if statement.get("cohort_sha256") != fingerprint:
+        raise FedsynthError(
+            f"{path} does not name this cohort's fingerprint (cohort_sha256): the cohort is "
+            "not the one the study released"
+        )
+    return study
+
+
 def check_cohort_hashes(release: Path) -> str:
     """Refuse release/cohort unless it holds exactly the files release/cohort.sha256 lists,
-    each with its SHA-256; return the fingerprint. Each refusal is one line naming a file."""
+    each with its SHA-256, and release/privacy.json names that record's fingerprint
+    (check_statement); return the fingerprint. Each refusal is one line naming a file."""
     record = release / COHORT_HASHES
     listed = read_cohort_hashes(record)
     present = cohort_files(release)
@@ -75,4 +106,6 @@ def check_cohort_hashes(release: Path) -> str:
             raise FedsynthError(f"{release / name} is listed in {COHORT_HASHES} but missing")
         if file_sha256(release / name) != expected:
             raise FedsynthError(f"{release / name} differs from its SHA-256 in {COHORT_HASHES}")
-    return file_sha256(record)
+    fingerprint = file_sha256(record)
+    check_statement(release, fingerprint)
+    return fingerprint

@@ -135,8 +135,11 @@ def _trust_model(secagg: dict) -> str:
     return text
 
 
-def privacy_statement(study: FinishedStudy, cohort_size: int, with_reference: bool) -> dict:
-    """The statement as a JSON-able dict (written as privacy.json by the release)."""
+def privacy_statement(
+    study: FinishedStudy, cohort_size: int, with_reference: bool, cohort_sha256: str | None = None
+) -> dict:
+    """The statement as a JSON-able dict (written as privacy.json by the release, with the
+    fingerprint of the cohort written, `cohort_sha256`: a site's audit checks it)."""
     privacy, federation = study.config.privacy, study.config.federation
     if not privacy.enabled:
         raise FedsynthError(
@@ -178,6 +181,7 @@ def privacy_statement(study: FinishedStudy, cohort_size: int, with_reference: bo
         "study_id": study.terms.get("study_id"),
         "fedsynth": version("fedsynth"),
         "cohort_volumes": cohort_size,
+        "cohort_sha256": cohort_sha256,
         "ledger": LEDGER_COPY,
         "recompute": (
             f"for each site, the lines of {LEDGER_COPY} with its name whose status is not "

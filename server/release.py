@@ -10,7 +10,8 @@ out/cohort/            NIfTI (spacing and affine) + manifest.csv (attributes ask
                        synthetic = yes)
 out/cohort.sha256      the SHA-256 of every file in cohort/ (common/cohort_hashes.py): a
                        site's `fedsynth audit --release` audits only a cohort that matches
-out/privacy.json       the statement (server/privacy_statement.py)
+out/privacy.json       the statement (server/privacy_statement.py), naming the cohort's
+                       fingerprint (the SHA-256 of cohort.sha256) that the audit checks
 out/ledger.jsonl       the study's ledger, from which every epsilon in it recomputes
 out/controllability.json, out/evaluation.json (with --reference), out/audits.json
 out/report.html        self-contained report (server/release_report.py)
@@ -123,7 +124,7 @@ def release(
         raise FedsynthError(f"--reference {reference}: no manifest.csv (a site-style folder)")
     if reference is not None and n < 2:
         raise FedsynthError("--reference needs --n of at least 2 (a pair, a covariance)")
-    statement = privacy_statement(study, n, reference is not None)
+    privacy_statement(study, n, reference is not None)  # refuses a non-DP study up front
     rows = _attributes(study, attributes_csv, n, seed)
     pretrained = load_pretrained(study.checkpoint, resolve_device(device or config.device))
 
@@ -143,7 +144,9 @@ def release(
             show_progress,
         )
         control = controllability(study.checkpoint, work, paths, rows, sampling.guidance_scale)
-        write_cohort_hashes(work)  # the cohort is complete: sites audit against this record
+        # the cohort is complete: sites audit against this record, which privacy.json names
+        fingerprint = write_cohort_hashes(work)
+        statement = privacy_statement(study, n, reference is not None, fingerprint)
         atomic_write_text(work / STATEMENT, json.dumps(statement, indent=2) + "\n", PUBLIC_MODE)
         shutil.copyfile(study.run_dir / "ledger.jsonl", work / LEDGER_COPY)
         (work / LEDGER_COPY).chmod(PUBLIC_MODE)

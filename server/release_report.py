@@ -326,11 +326,19 @@ def _audit_rows(audit: dict) -> list[tuple]:
             (
                 "membership attack, TPR at 1% FPR",
                 attack["tpr_at_1pct_fpr"],
-                f"FPR resolution {_number(attack['fpr_resolution'])} "
-                f"({attack['n_members']} members, {attack['n_nonmembers']} non-members)",
+                f"FPR resolution {_number(attack['fpr_resolution'])} or finer "
+                f"({attack['n_members']} members, {attack['n_nonmembers']} non-members, as "
+                "published)",
             ),
         ]
     return rows
+
+
+COUNTS_READ = {  # an audit's subject_counts, as the report says it
+    "rounded": "the site's public sizes: its counts rounded down",
+    "declared": "training as the site's declared public size, held-out rounded down",
+    "exact": "exact counts, disclosed by the site",
+}
 
 
 def _audit_section(audits: list[dict], fingerprint: str) -> str:
@@ -339,9 +347,10 @@ def _audit_section(audits: list[dict], fingerprint: str) -> str:
     cohort.sha256)."""
     cohort = (
         f"<p>This release's cohort fingerprint (SHA-256 of <code>{COHORT_HASHES}</code>): "
-        f"<code>{fingerprint}</code>. <code>fedsynth audit --release</code> audits only a "
-        "cohort whose every file matches that record, and names the fingerprint it audited."
-        "</p>"
+        f"<code>{fingerprint}</code>, also named in <code>privacy.json</code>. "
+        "<code>fedsynth audit --release</code> audits only a cohort whose every file matches "
+        "that record and whose <code>privacy.json</code> names it, and prints the "
+        "fingerprint it audited: a site compares it with this one before sharing.</p>"
     )
     if not audits:
         return (
@@ -353,7 +362,8 @@ def _audit_section(audits: list[dict], fingerprint: str) -> str:
     for audit in audits:
         facts = (
             f"{audit['cohort_volumes']} synthetic volumes, {audit['training_subjects']} "
-            f"training and {audit.get('holdout_subjects') or 0} held-out subjects; "
+            f"training and {audit.get('holdout_subjects') or 0} held-out subjects "
+            f"({COUNTS_READ[audit['subject_counts']]}); "
         )
         facts += (
             "audited this release's cohort"

@@ -27,6 +27,7 @@ from fedsynth.client.audit import (
     LOSS_DRAWS,
     NOTE,
     SHARED,
+    DcrResult,
     VolumeSet,
     attack_metrics,
     closer_share,
@@ -46,15 +47,22 @@ from fedsynth.client.dp_trainer import (
 from fedsynth.common.accountant import plan_noise
 from fedsynth.common.audit_publication import (
     MIN_RECORDS,
+    PUBLISHED,
     WITHHELD,
+    attack,
     check_shared,
     quantile,
+    quantiles,
     rounded,
+    share,
+    small_count,
+    window_start,
 )
 from fedsynth.common.checkpoint import UNET, load_pretrained, save_torch
 from fedsynth.common.cli import main
-from fedsynth.common.cohort_hashes import write_cohort_hashes
+from fedsynth.common.cohort_hashes import check_cohort_hashes, write_cohort_hashes
 from fedsynth.common.config import Config
+from fedsynth.common.errors import FedsynthError
 from fedsynth.common.orientation import short_axis_affine
 from fedsynth.simulations.phantoms import generate_cohorts
 
@@ -73,6 +81,7 @@ TOP_KEYS = {
     "cohort_volumes",
     "training_subjects",
     "holdout_subjects",
+    "subject_counts",
     "seed",
     "dcr",
     "membership_inference",
@@ -138,10 +147,13 @@ def write_cohort(folder: Path, volumes: torch.Tensor, source: VolumeSet, config:
 
 
 def write_release(folder: Path, volumes: torch.Tensor, source: VolumeSet, config: Config) -> Path:
-    """A release-like folder: the cohort (write_cohort) in folder/cohort and the release's
-    record of its hashes, as `fedsynth release` writes it."""
+    """A release-like folder: the cohort (write_cohort) in folder/cohort, the release's
+    record of its hashes and a privacy.json naming the study and the record's fingerprint,
+    as `fedsynth release` writes them."""
     write_cohort(folder / "cohort", volumes, source, config)
-    write_cohort_hashes(folder)
+    fingerprint = write_cohort_hashes(folder)
+    statement = {"study_id": "study-audit", "cohort_sha256": fingerprint}
+    (folder / "privacy.json").write_text(json.dumps(statement))
     return folder
 
 
@@ -378,14 +390,20 @@ def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_
     few = min(2 * MEMBERS, MEMBERS, NONMEMBERS) < FEW_SUBJECTS
     assert ("few records" in report["note"].lower()) is few
     assert report["membership_inference"] is None  # no checkpoint
-    assert report["dcr"]["closer_to_training_share"] == 1.0  # 24 volumes, 12 subjects a set
+    # 24 volumes, 12 subjects a set, but fewer than 11 distinct held-out subjects nearest
+    assert report["dcr"]["closer_to_training_share"] == (
+        f"{WITHHELD} {MIN_RECORDS} distinct nearest subjects in a set"
+    )
     assert exact["dcr"]["closer_to_training_share"] == 1.0
     assert exact["dcr"]["train_median"] < 0.05  # the exact figures stay in --out
     assert_shareable(report)
-    assert (report["cohort_volumes"], report["training_subjects"]) == (2 * MEMBERS, MEMBERS)
-    assert report["holdout_subjects"] == NONMEMBERS
+    # the site's counts as its public sizes (12 -> 10, 24 -> 20), as its node config does
+    assert (report["cohort_volumes"], report["training_subjects"]) == (2 * MEMBERS, 10)
+    assert (report["holdout_subjects"], report["subject_counts"]) == (20, "rounded")
+    assert report["dcr"]["share_subsampled_to"] == 10
+    assert (exact["training_subjects"], exact["holdout_subjects"]) == (MEMBERS, NONMEMBERS)
     assert report["cohort_sha256"] in printed
-    assert "OUTSIDE THE DP GUARANTEE" in printed and "1 of the cohort" in printed
+    assert "OUTSIDE THE DP GUARANTEE" in printed and "nearest subjects in a set) of" in printed
     text = printed + json.dumps(report)
     assert "sub-0" not in text and ".nii" not in text and str(site["root"]) not in text
     assert str(out) not in text and str(tmp_path) not in text
@@ -497,8 +515,8 @@ def test_cli_attack_on_a_model_that_is_its_own_reference(
     assert mia["tpr_at_0_1pct_fpr"].startswith(WITHHELD)
     exact = json.loads((tmp_path / "self" / "audit.json").read_text())["membership_inference"]
     assert exact["tpr_at_1pct_fpr"] == exact["tpr_at_0_1pct_fpr"] == 0.0
-    assert (mia["n_members"], mia["n_nonmembers"]) == (MEMBERS, NONMEMBERS)
-    assert mia["fpr_resolution"] == rounded(1 / NONMEMBERS)
+    assert (mia["n_members"], mia["n_nonmembers"]) == (10, 20)  # public sizes
+    assert mia["fpr_resolution"] == rounded(1 / 20)
     assert mia["loss_draws"] == LOSS_DRAWS and 0 <= mia["auc_uncalibrated"] <= 1
     assert_shareable(report)
 
@@ -527,9 +545,9 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
         capsys, *common, "--checkpoint", str(models["dp"]), "--out", str(tmp_path / "b")
     )["membership_inference"]
     assert set(overfit) == MIA_KEYS and overfit["score"] == "reference loss - model loss"
-    assert (overfit["n_members"], overfit["n_nonmembers"]) == (MEMBERS, NONMEMBERS)
+    assert (overfit["n_members"], overfit["n_nonmembers"]) == (10, 20)  # public sizes
     assert overfit["loss_draws"] == LOSS_DRAWS
-    assert overfit["fpr_resolution"] == rounded(1 / NONMEMBERS)
+    assert overfit["fpr_resolution"] == rounded(1 / 20)
     sd = null_sd(MEMBERS, NONMEMBERS)  # about 0.10 here
     assert overfit["auc"] >= 0.8
     assert abs(dp["auc"] - 0.5) <= 1.5 * sd + 0.005  # as a model that learnt nothing of who
@@ -590,6 +608,193 @@ def test_a_small_cohort_publishes_no_single_record_distance(site, cohorts, tmp_p
     for distance in distances:
         assert f"{distance:.3f}" not in shared and str(distance) not in shared
     # the few-records warning counts the cohort too (24 training subjects would not warn)
-    assert report["training_subjects"] == NONMEMBERS >= FEW_SUBJECTS
+    assert report["training_subjects"] == 20 >= FEW_SUBJECTS  # 24, published as 20
     assert "few records" in report["note"].lower()
     assert_shareable(report)
+
+
+def test_no_two_shared_quantiles_differ_by_fewer_than_11_records():
+    """13 volumes of 13 subjects, one a near copy (0.001) of its patient: the q05 window
+    (order statistics 0-10) and the median's (1-11) differ by one record, and 11 x their
+    difference would be the copy's distance to the 12th volume. Only windows identical or
+    disjoint are published, the median first."""
+    values = np.array([0.001] + [0.1] * 12)
+    shared = quantiles(values, np.arange(13), "train")
+    assert shared["train_median"] == rounded(float(values[1:12].mean()))
+    for key in ("train_q05", "train_q25"):  # windows 0-10: one record from the median's
+        assert shared[key] == f"{WITHHELD} {MIN_RECORDS} records apart from a published " + (
+            f"quantile's window ({key.removeprefix('train_')})"
+        )
+    # 40 volumes: q05 (0-10) and q25 (4-14) overlap, the median's (14-24) is disjoint
+    # from q05's: median and q05 published, q25 (one record from the median's) withheld
+    spread = quantiles(np.linspace(0.01, 0.4, 40), np.arange(40), "t")
+    assert isinstance(spread["t_median"], float) and isinstance(spread["t_q05"], float)
+    assert spread["t_q25"].startswith(WITHHELD)
+    # the same windows, published: the same figure, nothing to difference
+    assert window_start(0.05, 11) == window_start(0.5, 11) == 0
+    assert all(isinstance(v, float) for v in quantiles(values[1:12], np.arange(11), "x").values())
+
+
+def _attack(tpr: float, members: int = 50, nonmembers: int = 12000) -> dict:
+    return {
+        "score": "reference loss - model loss",
+        "auc": 0.51234,
+        "auc_uncalibrated": 0.5,
+        "tpr_at_1pct_fpr": tpr,
+        "tpr_at_0_1pct_fpr": 0.0,
+        "fpr_resolution": 1 / nonmembers,
+        "n_members": members,
+        "n_nonmembers": nonmembers,
+        "loss_draws": 8,
+    }
+
+
+@pytest.mark.parametrize(
+    ("tpr", "shown"),
+    [(1 / 50, False), (10 / 50, False), (45 / 50, False), (11 / 50, True), (1.0, True)],
+)
+def test_a_rate_is_not_a_count_of_1_to_10_records(tpr, shown):
+    """TPR 0.02 of 50 members is one patient flagged; 0.9 leaves 5 unflagged."""
+    shared = attack(_attack(tpr))
+    assert isinstance(shared["tpr_at_1pct_fpr"], float) is shown, shared["tpr_at_1pct_fpr"]
+    assert shared["tpr_at_0_1pct_fpr"] == 0.0  # no member flagged: no cell to suppress
+    # the share is a count of volumes over the published cohort size, likewise
+    assert isinstance(share(tpr, 50, 40, 40), float) is shown
+    assert small_count(tpr, 50) is not shown
+
+
+def test_the_closer_to_training_share_rests_on_11_distinct_subjects():
+    """50 volumes all nearest to one training patient: the share (1.0, "a training record
+    is reproduced") would rest on that one patient."""
+    m = 50
+    distances = torch.full((m,), 0.01, dtype=torch.float64)
+    result = DcrResult(
+        summary={"closer_to_training_share": 1.0, "share_subsampled_to": 40},
+        nearest_subject=torch.zeros(m, dtype=torch.long),
+        to_train=distances,
+        to_holdout=distances + 0.2,
+        nearest_holdout=torch.arange(m) % 40,
+        nndr=None,
+    )
+    shared = result.shared()
+    assert shared["train_median"] == f"{WITHHELD} 11 distinct subjects behind it"
+    assert shared["closer_to_training_share"] == (
+        f"{WITHHELD} 11 distinct nearest subjects in a set"
+    )
+    spread = dataclasses.replace(result, nearest_subject=torch.arange(m) % 12)
+    assert spread.shared()["closer_to_training_share"] == 1.0
+
+
+# ------------------------------------------------------- what release --audit accepts
+
+
+def shared_audit(**changes: object) -> dict:
+    """A shared audit as fedsynth audit --json writes one (50 volumes, 40 training and
+    12000 held-out subjects by default rounding), with `changes`."""
+    audit = {
+        "outside_dp_guarantee": True,
+        "note": NOTE,
+        "distance": "per-voxel RMSE",
+        "published": PUBLISHED,
+        "cohort_sha256": "0" * 64,
+        "cohort_volumes": 50,
+        "training_subjects": 40,
+        "holdout_subjects": 12000,
+        "subject_counts": "rounded",
+        "seed": 0,
+        "dcr": {"train_median": 0.073, "share_subsampled_to": 40},
+        "membership_inference": attack(_attack(0.5, 40)),
+    }
+    return audit | changes
+
+
+def test_a_shared_audit_carries_only_the_fields_the_rule_knows():
+    check_shared(shared_audit(), "audit.json")
+    mia = shared_audit()["membership_inference"]
+    for audit, field in (
+        (shared_audit(dcr={"train_median": 0.073, "train_min": 0.00123456}), "dcr.train_min"),
+        (shared_audit(membership_inference=mia | {"scores": [0.1234]}), "inference.scores"),
+        (shared_audit(site_subjects=137), "site_subjects"),
+        (shared_audit(published=PUBLISHED | {"extra": 1}), "published.extra"),
+    ):
+        with pytest.raises(FedsynthError, match=rf"{field} is not a field of a shared audit"):
+            check_shared(audit, "audit.json")
+
+
+def test_a_shared_audit_publishes_subject_counts_as_the_site_chose():
+    """Exact counts only when the audit says the site disclosed them; the attack's set
+    sizes, the share's and the FPR resolution are the published ones."""
+    undisclosed = shared_audit(training_subjects=137, holdout_subjects=41)
+    undisclosed["dcr"] = undisclosed["dcr"] | {"share_subsampled_to": 41}
+    undisclosed["membership_inference"] = attack(_attack(0.5, 137, 41))
+    with pytest.raises(FedsynthError, match="training_subjects is not a public size"):
+        check_shared(undisclosed, "audit.json")
+    check_shared(undisclosed | {"subject_counts": "exact"}, "audit.json")
+    declared = undisclosed | {"subject_counts": "declared"}
+    with pytest.raises(FedsynthError, match="holdout_subjects is not a public size"):
+        check_shared(declared, "audit.json")  # --public-subjects declares the training set's
+    with pytest.raises(FedsynthError, match="subject_counts is not one of"):
+        check_shared({k: v for k, v in shared_audit().items() if k != "subject_counts"}, "a")
+    audit = shared_audit()
+    for change, field in (
+        ({"n_members": 47}, "n_members"),
+        ({"fpr_resolution": rounded(1 / 47)}, "fpr_resolution"),
+    ):
+        wrong = audit | {"membership_inference": audit["membership_inference"] | change}
+        with pytest.raises(FedsynthError, match=field):
+            check_shared(wrong, "audit.json")
+    with pytest.raises(FedsynthError, match="share_subsampled_to"):
+        check_shared(audit | {"dcr": {"share_subsampled_to": 47}}, "audit.json")
+
+
+def test_a_shared_audit_with_a_figure_the_rule_withholds_is_refused():
+    audit = shared_audit()
+    tpr = audit | {"membership_inference": audit["membership_inference"] | {"tpr_at_1pct_fpr": 0}}
+    check_shared(tpr, "audit.json")  # no member flagged
+    for figure, value in (("tpr_at_1pct_fpr", 0.05), ("tpr_at_1pct_fpr", 0.95)):
+        tpr["membership_inference"] = audit["membership_inference"] | {figure: value}
+        with pytest.raises(FedsynthError, match=f"{figure} is not a figure"):
+            check_shared(tpr, "audit.json")  # 2 of 40 members flagged; 2 not
+    overlapping = audit | {"dcr": audit["dcr"] | {"train_q05": 0.01, "train_q25": 0.02}}
+    with pytest.raises(FedsynthError, match="train_q05 and another quantile differ by fewer"):
+        check_shared(overlapping, "audit.json")  # windows 0-10 and 7-17 of 50 (median 19-29)
+    with pytest.raises(FedsynthError, match="closer_to_training_share is not a figure"):
+        check_shared(audit | {"dcr": audit["dcr"] | {"closer_to_training_share": 0.04}}, "a")
+
+
+def test_a_folder_the_study_never_released_is_not_audited_as_its_release(tmp_path):
+    """Patients' volumes copied into cohort/, the record written by anyone: the release's
+    privacy.json must name the record's fingerprint."""
+    (tmp_path / "cohort").mkdir()
+    (tmp_path / "cohort" / "subject-0042.nii.gz").write_bytes(b"a patient's scan")
+    fingerprint = write_cohort_hashes(tmp_path)
+    with pytest.raises(FedsynthError, match=r"privacy.json is missing or not JSON"):
+        check_cohort_hashes(tmp_path)
+    statement = tmp_path / "privacy.json"
+    statement.write_text(json.dumps({"cohort_sha256": fingerprint}))
+    with pytest.raises(FedsynthError, match=r"names no study"):
+        check_cohort_hashes(tmp_path)
+    statement.write_text(json.dumps({"study_id": "s", "cohort_sha256": "1" * 64}))
+    with pytest.raises(FedsynthError, match=r"does not name this cohort's fingerprint"):
+        check_cohort_hashes(tmp_path)
+    statement.write_text(json.dumps({"study_id": "s", "cohort_sha256": fingerprint}))
+    assert check_cohort_hashes(tmp_path) == fingerprint
+
+
+def test_cli_publishes_exact_counts_only_when_the_site_opts_in(site, cohorts, tmp_path, capsys):
+    """The audit's options of the node config's names: rounded by default (24 -> 20),
+    exact with --disclose-subject-count, a declared size at most the real count."""
+    base = ["--release", str(cohorts["five"]), "--data-path", str(site["folders"]["nonmembers"])]
+    base += ["--config", "tiny"]
+    for extra, count, mode in (
+        ([], 20, "rounded"),
+        (["--disclose-subject-count"], NONMEMBERS, "exact"),
+        (["--public-subjects", "22"], 22, "declared"),
+    ):
+        report = audit_json(capsys, *base, *extra, "--out", str(tmp_path / mode))
+        assert (report["training_subjects"], report["subject_counts"]) == (count, mode)
+        assert_shareable(report)
+    out = ["--out", str(tmp_path / "refused")]
+    assert "exceeds the 24 subjects" in refusal(capsys, *base, "--public-subjects", "25", *out)
+    both = ["--public-subjects", "20", "--disclose-subject-count"]
+    assert "give one" in refusal(capsys, *base, *both, *out)

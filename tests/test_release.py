@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from study_driver import drive
 
+from fedsynth.common.audit_publication import PUBLISHED
 from fedsynth.common.cli import main
 from fedsynth.common.cohort_hashes import COHORT_HASHES
 from fedsynth.common.errors import FedsynthError
@@ -91,6 +92,9 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
 
     statement = json.loads((out / "privacy.json").read_text())
+    # the release vouches for its cohort record: an audit checks this fingerprint
+    fingerprint = hashlib.sha256((out / COHORT_HASHES).read_bytes()).hexdigest()
+    assert statement["cohort_sha256"] == fingerprint and statement["study_id"]
     ledger = read_ledger(finished_run / "ledger.jsonl")
     assert (out / "ledger.jsonl").read_bytes() == (finished_run / "ledger.jsonl").read_bytes()
     summary = json.loads((finished_run / "summary.json").read_text())
@@ -262,10 +266,12 @@ def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_
     # a site's private, exact figures (5 volumes: the median is one patient's distance)
     exact = {
         "outside_dp_guarantee": True,
+        "published": PUBLISHED,
         "cohort_sha256": "0" * 64,
         "cohort_volumes": 5,
-        "training_subjects": 24,
+        "training_subjects": 20,
         "holdout_subjects": None,
+        "subject_counts": "rounded",
         "dcr": {"train_median": 0.0731946, "train_q05": "withheld: fewer than 11 volumes"},
         "membership_inference": None,
     }
@@ -273,6 +279,8 @@ def test_bad_arguments_are_refused_before_anything_is_written(finished_run, tmp_
         (exact, r"dcr.train_median is not a figure the site may share"),
         (exact | {"dcr": {"train_median": 0.073}}, r"dcr.train_median is not a figure"),
         (exact | {"cohort_volumes": 50, "cohort_sha256": None}, "names no audited cohort"),
+        (exact | {"training_subjects": 24}, "training_subjects is not a public size"),
+        (exact | {"site_count": 24}, "site_count is not a field of a shared audit"),
     ):
         bad_audit.write_text(json.dumps(audit))
         with pytest.raises(FedsynthError, match=message):
@@ -328,7 +336,9 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
     release(finished_run, 2, out, audit_files=[f"site-1={shared}"], show_progress=False)
     [audit] = json.loads((out / "audits.json").read_text())
     assert audit["label"] == "site-1" and audit["outside_dp_guarantee"] is True
-    assert audit["membership_inference"]["n_members"] == 6
+    # 6 training subjects, published as the public size 1 (the default rounding)
+    assert audit["membership_inference"]["n_members"] == audit["training_subjects"] == 1
+    assert audit["subject_counts"] == "rounded"
     fingerprint = hashlib.sha256((out / COHORT_HASHES).read_bytes()).hexdigest()
     assert audit["cohort_sha256"] == fingerprint
     report = (out / "report.html").read_text()
