@@ -48,13 +48,18 @@ picks out who was in training. So what `--json` prints (and --out/shared.json ho
 file a site shares and `fedsynth release --audit` accepts) carries a figure only when at
 least `MIN_RECORDS` (11, the small-cell rule of health statistics) synthetic volumes and 11
 distinct subjects stand behind it, a quantile being the mean of 11 order statistics around
-its rank, rounded to 2 significant digits; below that the field reads "withheld: fewer than
-11 ...". The exact figures, per-pair distances and the pairs montage stay in --out.
+its rank (of one series, only quantiles whose windows are identical or disjoint), rounded to
+2 significant digits, no rate a count of 1 to 10 records; below that the field reads
+"withheld: fewer than 11 ...". The site's subject counts are published as its public size
+(PublicSizes: the node config's rule, exact only when the site opts in). The exact
+figures and counts, per-pair distances and the pairs montage stay in --out.
 
 The audited cohort is a release's: `--release RELEASE` reads RELEASE/cohort and refuses it
-unless it holds exactly the files RELEASE/cohort.sha256 lists, with their SHA-256
-(common/cohort_hashes.py); a coordinator cannot pass patients' volumes off as the cohort
-without the audit naming the cohort's fingerprint, which report.html publishes.
+unless it holds exactly the files RELEASE/cohort.sha256 lists, with their SHA-256, and
+RELEASE/privacy.json names a study and that record's fingerprint (common/cohort_hashes.py);
+a coordinator cannot pass patients' volumes off as the cohort without the audit naming a
+fingerprint other than the one report.html publishes, which the site compares before
+sharing.
 
 The shared JSON (`fedsynth audit --json`, --out/shared.json):
 
