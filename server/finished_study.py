@@ -29,7 +29,7 @@ from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
 from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, charged_epsilon, site_epsilons
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
-from fedsynth.server.study_terms import FIXED, TERMS
+from fedsynth.server.study_terms import FIXED, TERMS, read_terms
 
 TOLERANCE = 1e-9  # relative: the same accountant on the same history gives the same float
 IN_LINES = ("delta", "accountant")  # the fixed terms every ledger line carries
@@ -296,7 +296,7 @@ def read_finished_study(run_dir: str | Path) -> FinishedStudy:
             )
     ledger = _read_ledger(run_dir)
     _check_line_types(ledger, run_dir / LEDGER)
-    state, terms = _json(run_dir / STATE), _json(run_dir / TERMS)
+    state, terms = _json(run_dir / STATE), read_terms(run_dir / TERMS)
     if not (run_dir / SUMMARY).is_file():
         raise FedsynthError(
             f"{run_dir}: no summary.json after round {state.get('rounds_done')}: the study "

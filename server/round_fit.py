@@ -1,10 +1,11 @@
 """One round's fit step: READY, then the fit workflow (plain or SecAgg+), then the ledger.
 
-`RoundFit` wraps Flower's fit workflow: READY first (server/readiness.py), the SecAgg+
-threshold set for the sites really ready, the grid watched for which nodes the global
-weights reached, and `aggregate_fit` called with nothing when the workflow halted (SecAgg+
-with too few sites left), so that the round still gets its ledger lines (estimates) and
-its checkpoint. Once the study is over, rounds do nothing.
+`RoundFit` wraps Flower's fit workflow: READY first (server/readiness.py), every SecAgg+
+parameter (threshold, quantisation range) set on the workflow for the sites really ready
+and recorded as the round's, the grid watched for which nodes the global weights reached,
+and `aggregate_fit` called with nothing when the workflow halted (SecAgg+ with too few
+sites left), so that the round still gets its ledger lines (estimates) and its
+checkpoint. Once the study is over, rounds do nothing.
 """
 
 from __future__ import annotations
@@ -71,10 +72,14 @@ class RoundFit:
         sites = len(strategy.picked)
         strategy.secagg = None
         if isinstance(self.fit, SecAggPlusWorkflow) and sites >= 2:
-            # the threshold of this round's sites, never below min-sites: a threshold set
-            # for more sites than are ready would halt the round after they spent
+            # every parameter for this round's sites (the workflow reads them at its setup
+            # stage): a threshold set for more sites than are ready would halt the round
+            # after they spent, and the quantisation range depends on the site count
             settings = secagg_settings(strategy.study, sites)
-            self.fit.reconstruction_threshold = settings["reconstruction_threshold"]
+            for name, value in settings.items():
+                setattr(self.fit, name, value)
+            # exactly what the workflow runs with: stated in privacy.json, and the step of
+            # the server's check of the unmasked aggregate (StudyStrategy.aggregate_fit)
             strategy.secagg = {**settings, "sites": sites}
         strategy.sent_weights = set()
         # a Grid by duck typing: every other attribute is the real grid's

@@ -12,10 +12,13 @@ spend metrics travel in clear.
   a step is lr times a mean clipped gradient, so a large SGD rate needs a larger range);
   a site whose max |delta| exceeds it fails loudly after it spent, rather than be clipped.
 - quantization_range 2**(31 - bit_length(sites)) (2**29 for 3 sites; step 2*clip/range
-  ~ 1.5e-8): every sum of honest values stays below 2**31, half the 2**32 modulus. That
-  leaves no wrap-around, and a NaN from a faulty site visible: Flower's quantize casts it
-  to int32 as -2**31 (2**31 modulo 2**32), so that weight's unmasked mean lies beyond the
-  clipping range, which the server checks (server/reply_arrays.py).
+  ~ 1.5e-8), for the sites of the round (server/round_fit.py sets it, with the threshold,
+  on the workflow before each round; Flower's workflow reads both at its setup stage, and
+  the server's check of the unmasked mean uses the same step): every sum of honest values
+  stays below 2**31, half the 2**32 modulus. That leaves no wrap-around, and a NaN from a
+  faulty site visible: Flower's quantize casts it to int32 as -2**31 (2**31 modulo
+  2**32), so that weight's unmasked mean lies beyond the clipping range, which the server
+  checks (server/reply_arrays.py).
 - max_weight: the largest subject count a site may have (run config `secagg-max-weight`,
   default `phantom-subjects`): weights are subjects / max_weight, so a tight bound keeps
   precision; a site with more subjects fails loudly.

@@ -46,7 +46,6 @@ from fedsynth.server.reply_arrays import aggregate_problem
 from fedsynth.server.round_charges import Replies, charge_round, check_replies, log_failures
 from fedsynth.server.round_validation import RoundValidation
 from fedsynth.server.run_dir import record_round_time, round_dir, save_round, write_summary
-from fedsynth.server.secure_aggregation import secagg_settings
 from fedsynth.server.server_optimizer import ServerOptimizer
 from fedsynth.server.site_identity import SiteNames
 from fedsynth.server.study import Study
@@ -220,17 +219,17 @@ class StudyStrategy(FedAvg):
     def _aggregate_problem(self, results: list[FitRes], travelling: dict[str, torch.Tensor]) -> str:
         """Under SecAgg+, why the unmasked mean the results carry cannot be applied ('' when
         it can; always '' in a plain round, whose replies were checked one by one). The
-        quantisation range is the workflow's (server_app builds it from
-        `secagg_settings(study)`); the clipping range and max weight are the study's."""
+        parameters are the round's, which RoundFit set on the workflow (`self.secagg`): the
+        quantisation step depends on the round's site count."""
         if not self.secure:
             return ""
-        settings = secagg_settings(self.study)
+        assert self.secagg is not None  # RoundFit sets it for every SecAgg+ round that ran
         return aggregate_problem(
             results,
             travelling,
-            settings["clipping_range"],
-            settings["quantization_range"],
-            settings["max_weight"],
+            self.secagg["clipping_range"],
+            self.secagg["quantization_range"],
+            self.secagg["max_weight"],
         )
 
     def _apply(self, good: Replies) -> None:

@@ -10,7 +10,13 @@ state rests on it:
   privacy statement says (and SecAgg+'s threshold is never below it);
 - secure aggregation: the statement claims SecAgg+ only for the rounds that ran under it.
 
-A resume that changes one is refused in one line. A run dir whose terms.json predates a
+A resume that changes one is refused in one line. So is a resume of a study whose
+terms.json is gone (the run dir holds its ledger, site bindings, saved rounds or state):
+its study id, which the sites tag their rounds with, cannot be recovered, and fresh terms
+would let it continue under other ones as a new study whose sites no longer report the
+old one's spend; the operator restores terms.json from a backup or starts a new study. A
+terms.json that is not the study's terms (unreadable, not a JSON object, a term or the
+study id of the wrong type) is refused likewise. A run dir whose terms.json predates a
 term (it fixed only delta and accountant) gets it from the run dir's own records: the
 `config.yaml` each saved round checkpoint holds (the config of the run that saved it).
 When those rounds agree, that value is the term and terms.json is completed with it; with
@@ -34,7 +40,8 @@ from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.ledger import read_ledger
-from fedsynth.server.run_dir import LEDGER
+from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY
+from fedsynth.server.site_identity import SITE_IDENTITIES
 
 TERMS = "terms.json"
 
@@ -48,6 +55,7 @@ class Term:
     name: str  # config key within the section (as config files spell it)
     why: str
     value: Callable[[Config], Any]
+    kind: type  # of its value in terms.json (a float term may be written as an int)
 
     @property
     def config_key(self) -> str:
@@ -61,6 +69,7 @@ FIXED = (
         "delta",
         "every epsilon in its ledger is computed with it",
         lambda c: c.privacy.delta,
+        float,
     ),
     Term(
         "accountant",
@@ -68,6 +77,7 @@ FIXED = (
         "accountant",
         "every epsilon in its ledger is computed with it",
         lambda c: c.privacy.accountant,
+        str,
     ),
     Term(
         "target_epsilon",
@@ -75,6 +85,7 @@ FIXED = (
         "target-epsilon",
         "the sites planned their noise for it and no-reply estimates are charged up to it",
         lambda c: c.privacy.target_epsilon,
+        float,
     ),
     Term(
         "min_sites",
@@ -82,6 +93,7 @@ FIXED = (
         "min-sites",
         "its privacy statement says every aggregated round holds at least that many sites",
         lambda c: c.federation.min_sites,
+        int,
     ),
     Term(
         "secure_aggregation",
@@ -89,6 +101,7 @@ FIXED = (
         "secure-aggregation",
         "its privacy statement says which rounds ran under SecAgg+",
         lambda c: bool(c.federation.secure_aggregation),
+        bool,
     ),
 )
 
@@ -132,24 +145,80 @@ def _established(run_dir: Path, term: Term, asked: Any) -> Any:
     return asked  # nothing done yet: the resume's value is the study's
 
 
+KINDS = {float: "a number", int: "a whole number", str: "a string", bool: "true or false"}
+
+
+def _of_kind(value: Any, kind: type) -> bool:
+    """Whether a terms.json value is of a term's kind (JSON writes 10.0 as 10.0, but a
+    hand-restored file may say 10; a bool is never a number here)."""
+    if isinstance(value, bool) != (kind is bool):
+        return False
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def read_terms(path: Path) -> dict[str, Any]:
+    """terms.json's fixed terms, each of its kind, and study id (a non-empty string where
+    present: a resume requires it, a release checks it against every saved round's).
+    Raises FedsynthError naming the file when it is missing or not the study's terms."""
+    what = "restore it from a backup, or start a new study"
+    try:
+        fixed = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FedsynthError(f"{path} is missing: {what}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise FedsynthError(f"{path} is damaged (not readable JSON): {what}") from None
+    if not isinstance(fixed, dict):
+        raise FedsynthError(f"{path} is damaged (not a JSON object): {what}")
+    if "study_id" in fixed and not (isinstance(fixed["study_id"], str) and fixed["study_id"]):
+        raise FedsynthError(f"{path} is damaged (its study id is not a string): {what}")
+    for term in FIXED:
+        if term.key in fixed and not _of_kind(fixed[term.key], term.kind):
+            raise FedsynthError(
+                f"{path} is damaged (its {term.key} is {json.dumps(fixed[term.key])}, not "
+                f"{KINDS[term.kind]}): {what}"
+            )
+    return fixed
+
+
+def _begun(run_dir: Path) -> list[str]:
+    """What in the run dir shows that a study began there: the records written only after
+    its terms.json (the ledger, the site bindings made at the first READY, a state or
+    summary, a saved round)."""
+    found = [
+        name for name in (LEDGER, SITE_IDENTITIES, STATE, SUMMARY) if (run_dir / name).exists()
+    ]
+    if any((run_dir / "rounds").glob("round-*")):
+        found.append("rounds/")
+    return found
+
+
 def fix_terms(config: Config, run_dir: Path, resume: bool) -> str:
     """Record the study's id and fixed terms at its start; on a resume, refuse one that
-    changes any of them, and complete a terms.json that predates some (module doc).
-    Returns the study id (a random hex string).
+    changes any of them, or whose terms.json is gone or damaged, and complete a terms.json
+    that predates some (module doc). Returns the study id (a random hex string).
 
-    Raises FedsynthError naming the changed term, both values and what to do.
+    Raises FedsynthError naming the file or the changed term, both values and what to do.
     """
     path = run_dir / TERMS
     ours = {term.key: term.value(config) for term in FIXED}
-    if not (resume and path.is_file()):
+    begun = _begun(run_dir) if resume else []
+    if not (resume and (path.exists() or begun)):  # a new study, or one that never began
         study_id = uuid.uuid4().hex
         atomic_write_text(path, json.dumps({**ours, "study_id": study_id}) + "\n")
         return study_id
-    try:
-        fixed = json.loads(path.read_text())
-        study_id = str(fixed["study_id"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise FedsynthError(f"{path} is damaged (not the study's terms)") from None
+    if not path.exists():
+        raise FedsynthError(
+            f"{path} is missing, but {run_dir} holds a study that began ({', '.join(begun)}): "
+            "its study id, which the sites tag their rounds with, and its fixed terms cannot "
+            "be recovered, so it cannot be resumed; restore terms.json from a backup, or "
+            "start a new study in a new run-dir"
+        )
+    fixed = read_terms(path)
+    if "study_id" not in fixed:
+        raise FedsynthError(
+            f"{path} is damaged (no study id): restore it from a backup, or start a new study"
+        )
+    study_id = fixed["study_id"]
     missing = [term for term in FIXED if term.key not in fixed]
     for term in FIXED:
         if term.key in fixed:

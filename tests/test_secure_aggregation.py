@@ -9,6 +9,8 @@ ledger and round checkpoints.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -36,12 +38,17 @@ MAX_WEIGHT = 10.0
 
 
 def _study(
-    tmp_path, secure: bool, rounds: int = 1, rate: float = 1.0, optimizer: str = "sgd"
+    tmp_path,
+    secure: bool,
+    rounds: int = 1,
+    rate: float = 1.0,
+    optimizer: str = "sgd",
+    sites: int = 3,
 ) -> Study:
     tmp_path.mkdir(parents=True, exist_ok=True)
     overrides = {
-        "federation.sites": 3,
-        "federation.sites-per-round": 3,
+        "federation.sites": sites,
+        "federation.sites-per-round": sites,
         "federation.rounds": rounds,
         "federation.secure-aggregation": secure,
         "federation.server-learning-rate": rate,
@@ -59,20 +66,27 @@ def _study(
 
 
 def _federate(
-    tmp_path, monkeypatch, secure: bool, spent=(), rate: float = 1.0, optimizer: str = "sgd"
+    tmp_path,
+    monkeypatch,
+    secure: bool,
+    spent=(),
+    rate: float = 1.0,
+    optimizer: str = "sgd",
+    subjects: dict[int, int] = SUBJECTS,
 ):
-    """One round; sites in `spent` used up their budget in an earlier study."""
+    """One round of the sites `subjects` names (all of them per round); sites in `spent`
+    used up their budget in an earlier study."""
     from flwr.common import parameters_to_ndarrays
 
-    study = _study(tmp_path, secure, rate=rate, optimizer=optimizer)
+    study = _study(tmp_path, secure, rate=rate, optimizer=optimizer, sites=len(subjects))
     shapes = {k: tuple(v.shape) for k, v in WEIGHTS.items()}
     folder = tmp_path / "sites"
-    sites = {n: FakeSite(n, s, shapes, folder / f"site-{n}") for n, s in SUBJECTS.items()}
+    sites = {n: FakeSite(n, s, shapes, folder / f"site-{n}") for n, s in subjects.items()}
     for n in sites.values():  # integer buffers never move
         n.delta[list(WEIGHTS).index("count")] = np.zeros(())
     for n in spent:
         sites[n].budget.record(1, RoundPlan(0.3, 0.5, 50, 1e-5, 99.0, 4), study="earlier")
-    grid = LoopbackGrid(site_app(sites), list(SUBJECTS))
+    grid = LoopbackGrid(site_app(sites), list(subjects))
     seen: list[list[np.ndarray]] = []
 
     class Recording(StudyStrategy):
@@ -116,6 +130,64 @@ def test_the_reconstruction_threshold_is_never_below_min_sites(tmp_path):
     )
     strict = Study(config, study.run_dir, None, study.checkpoint, False)
     assert secagg_settings(strict)["reconstruction_threshold"] == 4  # a majority would be 3
+
+
+def test_a_round_with_fewer_sites_ready_states_the_quantisation_its_sites_used(
+    tmp_path, monkeypatch
+):
+    """4 sites per round, one spent (not ready): the 3 others run SecAgg+ with the range
+    for 3 sites (2**29, not the 2**28 of 4), and the round's checkpoint (what privacy.json
+    states) records the range each site's secaggplus_mod quantised with."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
+
+    subjects = {**SUBJECTS, 4: 8}
+    _, _, seen, grid, study, sites = _federate(
+        tmp_path, monkeypatch, True, spent=(4,), subjects=subjects
+    )
+    metadata = json.loads((study.run_dir / "rounds" / "round-001" / "metadata.json").read_text())
+    stated = metadata["secagg"]  # what privacy.json states for the round
+    assert stated["sites"] == 3 and stated == {**secagg_settings(study, 3), "sites": 3}
+    used = {n: grid.contexts[n].state.config_records[RECORD_KEY_STATE] for n in SUBJECTS}
+    assert {n: u["target_range"] for n, u in used.items()} == dict.fromkeys(SUBJECTS, 2**29)
+    assert {n: u["threshold"] for n, u in used.items()} == dict.fromkeys(SUBJECTS, 2)
+    assert stated["quantization_range"] == 2**29 != secagg_settings(study)["quantization_range"]
+    # the server's check of the unmasked aggregate used that step: the round was applied
+    assert len(seen) == 3 and metadata["skipped"] is None
+    expected = _expected(sites, list(SUBJECTS))
+    weight = sum(SUBJECTS.values()) / MAX_WEIGHT
+    for got, want in zip(seen[0], expected, strict=True):
+        assert np.abs(got.reshape(np.shape(want)) - want).max() <= 3 * (8.0 / 2**29) / weight
+
+
+def test_round_fit_runs_the_workflow_with_the_secagg_parameters_it_records(tmp_path, monkeypatch):
+    """RoundFit sets every parameter it records for the round (strategy.secagg: the round
+    checkpoint and privacy.json) on the workflow before running it, for the sites really
+    ready: 3 of 4 here, whose quantisation range differs from that of 4."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+
+    import fedsynth.server.round_fit as round_fit
+    from fedsynth.server.secure_aggregation import StudySecAggPlus
+
+    study = _study(tmp_path, True, sites=4)
+    used: dict[str, object] = {}
+
+    class Recorded(StudySecAggPlus):  # the workflow server_app builds, recording its run
+        def __call__(self, grid, context):
+            used.update({name: getattr(self, name) for name in secagg_settings(study)})
+
+    fit = Recorded(**secagg_settings(study))  # as server_app.run_federation builds it
+    monkeypatch.setattr(round_fit, "wait_for_nodes", lambda grid, wanted: None)
+    monkeypatch.setattr(round_fit, "ready_sites", lambda *a: [1, 2, 3])  # one not ready
+    strategy = SimpleNamespace(
+        over=False, done=0, study=study, names=None, study_text="", settled=1
+    )
+    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: 1})})
+    round_fit.RoundFit(fit, strategy)(SimpleNamespace(), Context(1, 0, {}, state, {}))
+    assert strategy.secagg == {**used, "sites": 3}
+    assert used["quantization_range"] == 2**29 != secagg_settings(study)["quantization_range"]
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,9 @@ from test_run_config import declared
 
 from fedsynth.common.config import load_config, to_yaml
 from fedsynth.common.errors import FedsynthError
-from fedsynth.server.study import prepare
+from fedsynth.server.finished_study import read_finished_study
+from fedsynth.server.privacy_ledger import charge_estimate
+from fedsynth.server.study import Study, prepare
 
 FIXED = {
     "delta": 1e-5,
@@ -153,3 +155,124 @@ def test_a_damaged_round_config_is_named_in_one_line(tmp_path, tiny_checkpoint):
     assert "round-001/config.yaml is damaged: cannot read the privacy.target-epsilon" in (
         _one_line(refused)
     )
+
+
+def _charge(study: Study) -> None:
+    charge_estimate(study, 1, "site-1", identity="node:1")  # a site sent round 1, no reply
+
+
+def _bind(study: Study) -> None:
+    (study.run_dir / "site-identities.json").write_text('{"sites": {}}\n')  # at READY
+
+
+def _save_round(study: Study) -> None:
+    (study.run_dir / "rounds" / "round-001").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("began", [_charge, _bind, _save_round], ids=["ledger", "bound", "round"])
+def test_a_resume_of_a_study_whose_terms_json_is_gone_is_refused(tmp_path, tiny_checkpoint, began):
+    """Fresh terms would be a new study id (the sites would stop reporting the old one's
+    spend) under any terms the resume asks for (target epsilon 50 here): refused in one
+    line that says how to go on, and nothing is written."""
+    run_config = _run_config(tmp_path, tiny_checkpoint)
+    began(prepare(run_config))
+    path = tmp_path / "run" / "terms.json"
+    path.unlink()
+    with pytest.raises(FedsynthError) as refused:
+        prepare({**run_config, "resume": "true", "privacy.target-epsilon": "50"})
+    said = _one_line(refused)
+    assert said.startswith(f"{path} is missing, but {tmp_path / 'run'} holds a study that began")
+    assert "restore terms.json from a backup, or start a new study" in said
+    assert not path.exists()
+
+
+def test_a_resume_of_a_study_that_never_began_fixes_its_terms(tmp_path, tiny_checkpoint):
+    """Nothing but terms.json was written (a crash before the first READY): nothing rests
+    on the terms yet, so a resume without terms.json starts the study afresh."""
+    run_config = _run_config(tmp_path, tiny_checkpoint)
+    first = prepare(run_config)
+    (tmp_path / "run" / "terms.json").unlink()
+    again = prepare({**run_config, "resume": "true", "privacy.target-epsilon": "5"})
+    assert again.study_id != first.study_id
+    assert _terms(tmp_path) == {**FIXED, "target_epsilon": 5.0, "study_id": again.study_id}
+
+
+def _replace(terms: dict, **changes: object) -> bytes:
+    return json.dumps({**terms, **changes}).encode()
+
+
+# a terms.json's damage (from the study's terms) -> what the refusal says
+DAMAGED = {
+    "not UTF-8": (lambda t: b"\xff\xfe{", "not readable JSON"),
+    "torn": (lambda t: b'{"delta": 1e-5,', "not readable JSON"),
+    "a list": (lambda t: b"[1, 2]", "not a JSON object"),
+    "id a number": (lambda t: _replace(t, study_id=7), "its study id is not a string"),
+    "id empty": (lambda t: _replace(t, study_id=""), "its study id is not a string"),
+    "delta a string": (lambda t: _replace(t, delta="1e-5"), 'its delta is "1e-5", not a number'),
+    "target null": (
+        lambda t: _replace(t, target_epsilon=None),
+        "its target_epsilon is null, not a number",
+    ),
+    "min-sites a float": (
+        lambda t: _replace(t, min_sites=2.0),
+        "its min_sites is 2.0, not a whole number",
+    ),
+    "secagg a number": (
+        lambda t: _replace(t, secure_aggregation=1),
+        "its secure_aggregation is 1, not true or false",
+    ),
+    "accountant a list": (
+        lambda t: _replace(t, accountant=["rdp"]),
+        'its accountant is ["rdp"], not a string',
+    ),
+}
+NO_ID = {"no study id": (lambda t: json.dumps({"delta": 1e-5}).encode(), "no study id")}
+
+
+@pytest.mark.parametrize("case", [*DAMAGED, *NO_ID])
+def test_a_resume_with_a_damaged_terms_json_is_refused_in_one_line(tmp_path, tiny_checkpoint, case):
+    damage, why = (DAMAGED | NO_ID)[case]
+    run_config = _run_config(tmp_path, tiny_checkpoint)
+    prepare(run_config)
+    (tmp_path / "run" / "ledger.jsonl").write_text("")  # the study has started
+    path = tmp_path / "run" / "terms.json"
+    written = damage(_terms(tmp_path))
+    path.write_bytes(written)
+    with pytest.raises(FedsynthError) as refused:
+        prepare({**run_config, "resume": "true"})
+    said = _one_line(refused)
+    assert said.startswith(f"{path} is damaged (") and why in said, said
+    assert "restore it from a backup, or start a new study" in said
+    assert path.read_bytes() == written  # nothing saved is lost
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_a_release_of_a_run_dir_with_a_damaged_terms_json_is_refused_in_one_line(
+    tmp_path, tiny_checkpoint, case
+):
+    """A release reads terms.json as a resume does (its study id it checks against every
+    saved round's): right after the ledger, whose one line here is well formed."""
+    damage, why = DAMAGED[case]
+    run_config = _run_config(tmp_path, tiny_checkpoint)
+    prepare(run_config)
+    run = tmp_path / "run"
+    line = {"round": 1, "site": "site-1", "noise_multiplier": 1.0, "sample_rate": 0.5}
+    line |= {"steps": 2, "delta": 1e-5, "accountant": "rdp", "epsilon": 1.0, "status": "trained"}
+    (run / "ledger.jsonl").write_text(json.dumps(line) + "\n")
+    (run / "state.json").write_text(json.dumps({"rounds_done": 1}))
+    (run / "terms.json").write_bytes(damage(_terms(tmp_path)))
+    with pytest.raises(FedsynthError) as refused:
+        read_finished_study(run)
+    said = _one_line(refused)
+    assert said.startswith(f"{run / 'terms.json'} is damaged (") and why in said, said
+
+
+def test_a_resume_whose_terms_json_is_not_a_file_is_refused(tmp_path, tiny_checkpoint):
+    run_config = _run_config(tmp_path, tiny_checkpoint)
+    prepare(run_config)
+    path = tmp_path / "run" / "terms.json"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(FedsynthError) as refused:
+        prepare({**run_config, "resume": "true"})
+    assert _one_line(refused).startswith(f"{path} is damaged (not readable JSON)")
