@@ -27,21 +27,11 @@ from dataclasses import dataclass
 
 from fedsynth.client.node_config import SiteSettings
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.subject_rounding import rounded_down, rounding_step
 
 
 class PublicSizeAboveCount(FedsynthError):
     """The node config's public-subjects exceeds the site's real subject count."""
-
-
-def rounding_step(subjects: int) -> int:
-    """The step n is rounded down by: 10, or the second significant figure's unit."""
-    return max(10, 10 ** (len(str(subjects)) - 2))
-
-
-def rounded_down(subjects: int) -> int:
-    """n rounded down to two significant figures and a multiple of 10 (0 below 10)."""
-    step = rounding_step(subjects)
-    return subjects // step * step
 
 
 @dataclass(frozen=True)

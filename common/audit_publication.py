@@ -57,8 +57,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fedsynth.client.public_size import rounded_down, rounding_step
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.subject_rounding import rounded_down, rounding_step
 
 MIN_RECORDS = 11
 SIGNIFICANT_DIGITS = 2
