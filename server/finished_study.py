@@ -163,7 +163,8 @@ class _Replacing:
             (at, e)
             for at, e in enumerate(self.ledger[: number - 1], 1)
             if e["site"] == line["site"]
-            and str(e.get("estimate")) == str(line["replaces_estimate"])
+            and e.get("estimate")
+            and str(e["estimate"]) == str(line["replaces_estimate"])
         ]
         if not found or found[0][1]["round"] != line["round"]:
             return False

@@ -368,7 +368,12 @@ class SiteNames:
         """A simulated run binding a name its simulation released: the same phantom site
         (same state folder, no outside node can join), so attested like the operator's."""
         released = [r for r in data["released"] if r["site"] == site]
-        if self.simulated and released and released[-1]["by"] == "simulation":
+        if (
+            self.simulated
+            and released
+            and released[-1]["by"] == "simulation"
+            and released[-1]["identity"] != identity
+        ):
             reason = f"the same simulated site in Flower run {run_id}"
             _attest(data, site, released[-1]["identity"], identity, "simulation", reason)
 
