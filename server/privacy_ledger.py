@@ -13,9 +13,17 @@ Lines (common/ledger.py format) the server writes for a site in a round:
   the server had not charged; when the server holds an estimate for that round, the line
   carries `replaces_estimate: <id>` and the site's true spend takes that one estimate's
   place (an estimate written later for a retried round still counts). Only a history
-  from the estimate's own identity replaces it: after the operator rebinds a name, the
-  old identity's estimates stay, and the new one's history only adds lines, so no
-  history can lower what another identity was charged.
+  from an identity that speaks for the estimate's replaces it: the estimate's own, or a
+  successor by attested same-site chain (server/site_identity.py: the operator's
+  `fedsynth unbind-site --same-site`, a simulated study's new Flower run); an estimate
+  without `identity` (written before estimates named one) counts as charged to the first
+  identity the name was bound to. After a plain unbind the old identity's estimates stay,
+  and the new one's history only adds lines, so no unattested history can lower what
+  another identity was charged (the site then stands above the target, and the release
+  says why).
+- a settling line (`settles_with_line: N`, steps 0, `replaces_estimate`): a line N the
+  site reported beside an estimate, from an identity later attested to speak for the
+  estimate's, takes the estimate's place; the settling line charges nothing itself.
 Lines the server writes from a site's word (`trained`, reported) carry the `identity`
 that spoke too.
 
@@ -29,12 +37,19 @@ import logging
 import math
 import uuid
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.config import Config, PrivacyConfig
-from fedsynth.common.ledger import append_entry, charged, read_ledger, segment_of
+from fedsynth.common.ledger import append_entry, charged, ledger_lock, read_ledger, segment_of
 from fedsynth.server.run_dir import LEDGER
+from fedsynth.server.site_identity import (
+    SITE_IDENTITIES,
+    is_identity,
+    read_identities,
+    same_site_identities,
+)
 from fedsynth.server.study import Study
 
 log = logging.getLogger(__name__)
@@ -173,6 +188,12 @@ def charge_estimate(
     )
 
 
+def _replaceable(estimate: dict, speaks: set[str | None]) -> bool:
+    """Whether a reporter speaking for `speaks` (site_identity.same_site_identities) may
+    replace `estimate`: one without an identity predates estimates naming theirs."""
+    return estimate.get("identity") in speaks
+
+
 def reconcile(
     study: Study, site: str, reported: list[tuple[int, Segment]], *, identity: str
 ) -> int:
@@ -181,29 +202,113 @@ def reconcile(
     Matched round by round on the exact numbers (as multisets: a retried round may appear
     twice). A reported round the server only estimated gets the site's true line, which
     replaces one estimate of that round, oldest first (`charged`), but only an estimate
-    charged to `identity`, the one reporting: another identity's estimate (one before an
-    operator rebind, or one written before estimates named theirs) stays charged.
+    `identity` speaks for: its own, or one charged to an identity it succeeds by attested
+    same-site chain (server/site_identity.py); any other identity's estimate stays charged.
+    Lines reported beside such an estimate before an attestation are settled first.
+    Runs under the site identities lock, which the operator's attestation holds too.
     """
-    ledger = read_ledger(study.run_dir / LEDGER)
-    known: dict[int, list[Segment]] = {}
-    estimates: dict[int, list[str]] = {}
-    for e in charged(ledger, site):
-        if not e.get("estimate"):
-            known.setdefault(int(e["round"]), []).append(segment_of(e))
-        elif e.get("identity") == identity:
-            estimates.setdefault(int(e["round"]), []).append(str(e["estimate"]))
-    added = 0
-    for r, segment in reported:
-        if segment in known.get(r, []):
-            known[r].remove(segment)
-            continue
-        pending = estimates.get(r, [])
-        extra = {"replaces_estimate": pending.pop(0)} if pending else {}
-        append_line(
-            study, r, site, segment, "trained", reported_by_site=True, identity=identity, **extra
-        )
-        added += 1
+    with ledger_lock(study.run_dir / SITE_IDENTITIES):
+        settle_attested(study.run_dir, site)
+        speaks = same_site_identities(read_identities(study.run_dir), site, identity)
+        ledger = read_ledger(study.run_dir / LEDGER)
+        known: dict[int, list[Segment]] = {}
+        estimates: dict[int, list[str]] = {}
+        for e in charged(ledger, site):
+            if not e.get("estimate"):
+                known.setdefault(int(e["round"]), []).append(segment_of(e))
+            elif _replaceable(e, speaks):
+                estimates.setdefault(int(e["round"]), []).append(str(e["estimate"]))
+        added = 0
+        for r, segment in reported:
+            if segment in known.get(r, []):
+                known[r].remove(segment)
+                continue
+            pending = estimates.get(r, [])
+            extra = {"replaces_estimate": pending.pop(0)} if pending else {}
+            append_line(
+                study,
+                r,
+                site,
+                segment,
+                "trained",
+                reported_by_site=True,
+                identity=identity,
+                **extra,
+            )
+            added += 1
     return added
+
+
+def beside_pairs(ledger: list[dict], site: str, data: dict[str, Any]) -> list[tuple[int, int]]:
+    """(estimate line, beside line) indexes, 0-based: each estimate of `site` still charged
+    paired with the oldest unpaired line the site reported for the same round after it,
+    from an identity that (by now) speaks for the estimate's, that replaces nothing: the
+    site's true line for a round that was added beside the estimate because no attestation
+    said yet that its identity is the estimate's site. Lines already settled are skipped."""
+    used = {int(e["settles_with_line"]) - 1 for e in ledger if e.get("settles_with_line")}
+    counted = {id(e) for e in charged(ledger, site)}
+    pairs = []
+    for i, estimate in enumerate(ledger):
+        if not (estimate["site"] == site and estimate.get("estimate") and id(estimate) in counted):
+            continue
+        for j in range(i + 1, len(ledger)):
+            line = ledger[j]
+            if (
+                j not in used
+                and line["site"] == site
+                and line["round"] == estimate["round"]
+                and line.get("reported_by_site")
+                and line["status"] == "trained"
+                and int(line["steps"]) > 0
+                and not line.get("replaces_estimate")
+                and is_identity(line.get("identity"))
+                and _replaceable(estimate, same_site_identities(data, site, line["identity"]))
+            ):
+                pairs.append((i, j))
+                used.add(j)
+                break
+    return pairs
+
+
+def settle_attested(run_dir: Path, site: str) -> int:
+    """Settle `site`'s estimates that a line it reported beside them now replaces (after an
+    attestation, server/site_identity.py): one line each, steps 0 (it charges nothing),
+    `replaces_estimate` the estimate and `settles_with_line` the beside line's number
+    (1-based), so the site's true line alone counts for that round. The caller holds the
+    site identities lock. Returns how many were settled."""
+    path = run_dir / LEDGER
+    ledger = read_ledger(path)
+    pairs = beside_pairs(ledger, site, read_identities(run_dir))
+    for i, j in pairs:
+        estimate, beside = ledger[i], ledger[j]
+        entry = {
+            "round": estimate["round"],
+            "site": site,
+            "noise_multiplier": 0.0,
+            "sample_rate": 0.0,
+            "steps": 0,
+            "delta": estimate["delta"],
+            "epsilon": 0.0,
+            "accountant": estimate["accountant"],
+            "status": "trained",
+            "reported_by_site": True,
+            "identity": beside["identity"],
+            "replaces_estimate": estimate["estimate"],
+            "settles_with_line": j + 1,
+        }
+        lines = [*read_ledger(path), entry]
+        segments = [segment_of(e) for e in charged(lines, site)]
+        entry["epsilon"] = epsilon(segments, float(entry["delta"]), str(entry["accountant"]))
+        append_entry(path, entry)
+        log.info(
+            "%s: estimate %s of round %d settled by the round it reported as %s (line %d)",
+            site,
+            estimate["estimate"],
+            estimate["round"],
+            beside["identity"],
+            j + 1,
+        )
+    return len(pairs)
 
 
 def compare_reported(study: Study, site: str, reported: float | None) -> None:

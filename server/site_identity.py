@@ -26,21 +26,39 @@ What the identity is, from Flower 1.41's source:
 - A `flwr run` simulation draws every node's id and key at random in each run
   (flwr/server/superlink/fleet/vce/vce_api.py `_register_nodes`: random id, 32 random key
   bytes), so neither survives a resume, and no node outside the run can join it (the
-  simulation has no Fleet API). A simulated study (run config `data="phantoms"`) therefore
-  binds its names for one Flower run: bindings made in an earlier run are released when a
-  new run first asks READY, and the release is logged and recorded like the operator's.
+  simulation has no Fleet API). A simulated study's run (run config `data="phantoms"`)
+  therefore binds its names for one Flower run, and marks them `simulated`: such a binding
+  made in an earlier run is released when a simulated run first asks READY (logged and
+  recorded like the operator's). A binding a real run made (or one written before
+  bindings said which: conservatively real) is never released by a run's config.
 
 Claims at a READY: the bound identity keeps its name; any other identity claiming it is
-refused (one warning line; the node is not picked, its history is not reconciled, nothing
-is written for it), as is an identity that already speaks for another name. A name no
-one holds yet goes to its claimant, unless two identities claim it in the same READY: then
-neither gets it (the operator must take one off). The binding is written (atomically,
-under a lock the CLI shares) before the READY writes any ledger line for that site.
+refused (one warning line naming its identity; the node is not picked, its history is not
+reconciled, nothing is written for it), as is an identity that already speaks for another
+name. A name no one holds yet goes to its claimant, unless two identities claim it in the
+same READY: then neither gets it (the operator must take one off). The binding is written
+(atomically, under a lock the CLI shares) before the READY writes any ledger line for that
+site. A missing file while the ledger charges identities is refused (it would free every
+name), as is a file whose bindings are not what this module writes.
+
+Same site, new identity: an estimate (server/privacy_ledger.py) is replaced only by a
+report from an identity that speaks for the identity it was charged to: itself, or a
+successor by a chain of `same_site` attestations, each old -> new for one name. The
+operator attests one with `fedsynth unbind-site --same-site IDENTITY` (the name passes to
+IDENTITY); a simulated run records one for each name it binds after its simulation
+released it (the same phantom site: its state folder is the run dir's, and no outside
+node can join). A plain unbind attests nothing: the new identity's reports only add. An
+estimate written before estimates named an identity counts as charged to the first
+identity the name was bound to in this run dir (the first claim after it; its successors
+by attestation may replace it too).
 
 run-dir/site-identities.json:
-  {"bindings": {site: {"identity", "run" (Flower run id), "node", "bound" (UTC)}},
+  {"bindings": {site: {"identity", "run" (Flower run id, null when the operator bound it),
+                       "node" (null likewise), "bound" (UTC), "simulated" (bool)}},
    "released": [{"site", "identity", "released" (UTC), "by" ("operator"|"simulation"),
-                 "reason"}, ...]}
+                 "reason"}, ...],
+   "same_site": [{"site", "from", "to" (identities), "by", "at" (UTC), "reason"}, ...]}
+An identity is `key:<64 hex>` or `node:<int>`.
 """
 
 from __future__ import annotations
@@ -48,6 +66,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,7 +76,8 @@ from flwr.proto.node_pb2 import NodeInfo
 
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
-from fedsynth.common.ledger import ledger_lock
+from fedsynth.common.ledger import ledger_lock, read_ledger
+from fedsynth.server.run_dir import LEDGER
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +97,112 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+IDENTITY = re.compile(r"key:[0-9a-f]{64}|node:-?[0-9]+")
+
+
+def is_identity(value: object) -> bool:
+    """`key:<64 hex>` or `node:<int>`: what node_identity makes."""
+    return isinstance(value, str) and IDENTITY.fullmatch(value) is not None
+
+
+def _optional_int(value: object) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _valid_binding(binding: object) -> bool:
+    return (
+        isinstance(binding, dict)
+        and is_identity(binding.get("identity"))
+        and _optional_int(binding.get("run"))
+        and _optional_int(binding.get("node"))
+        and isinstance(binding.get("bound"), str)
+        and isinstance(binding.get("simulated", False), bool)
+    )
+
+
+def _valid_release(record: object) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("site"), str)
+        and is_identity(record.get("identity"))
+        and record.get("by") in ("operator", "simulation")
+    )
+
+
+def _valid_attestation(record: object) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("site"), str)
+        and is_identity(record.get("from"))
+        and is_identity(record.get("to"))
+        and record.get("by") in ("operator", "simulation")
+    )
+
+
 def read_identities(run_dir: Path) -> dict[str, Any]:
-    """The run dir's bindings and releases; empty ones before any site was bound. Raises
-    FedsynthError naming the file when it is not what this module writes."""
+    """The run dir's bindings, releases and attestations; empty ones before any site was
+    bound (a missing file). Every record is checked strictly (identities as node_identity
+    makes them, the other fields' types). Raises FedsynthError naming the file otherwise."""
     path = run_dir / SITE_IDENTITIES
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        return {"bindings": {}, "released": []}
+        return {"bindings": {}, "released": [], "same_site": []}
     except (OSError, ValueError):
         raise FedsynthError(f"{path}: not a readable site identities file") from None
-    if not (
-        isinstance(data, dict)
-        and isinstance(data.get("bindings"), dict)
-        and isinstance(data.get("released"), list)
-        and all(isinstance(b, dict) and "identity" in b for b in data["bindings"].values())
-    ):
+    if not isinstance(data, dict):
         raise FedsynthError(f"{path}: not a site identities file (bindings, released)")
+    data.setdefault("same_site", [])  # files written before attestations
+    parts = [("bindings", dict), ("released", list), ("same_site", list)]
+    for key, kind in parts:
+        if not isinstance(data.get(key), kind):
+            raise FedsynthError(f"{path}: {key} is not a JSON {kind.__name__}")
+    for site, binding in data["bindings"].items():
+        if not _valid_binding(binding):
+            raise FedsynthError(
+                f"{path}: the binding of {site!r} is not an identity (key:<64 hex> or "
+                "node:<int>) with its run, node, bound and simulated fields"
+            )
+    checks = (("released", _valid_release), ("same_site", _valid_attestation))
+    for key, valid in checks:
+        for number, record in enumerate(data[key], 1):
+            if not valid(record):
+                raise FedsynthError(f"{path}: {key} record {number} is not well formed")
     return data
+
+
+def _read_guarded(run_dir: Path) -> dict[str, Any]:
+    """read_identities, refusing a missing file while the ledger charges identities: it
+    would hand every name to whoever claims it first."""
+    data = read_identities(run_dir)
+    path = run_dir / SITE_IDENTITIES
+    if not path.exists() and any(e.get("identity") for e in read_ledger(run_dir / LEDGER)):
+        raise FedsynthError(
+            f"{path} is missing while {run_dir / LEDGER} charges sites to identities: restore "
+            "it from a backup (without it any node could take any site's name); nothing was "
+            "bound"
+        )
+    return data
+
+
+def same_site_identities(data: dict[str, Any], site: str, identity: str) -> set[str | None]:
+    """`identity` and every identity it speaks for at `site` by a chain of same-site
+    attestations (module doc); None too when the chain holds the first identity the name
+    was bound to (which estimates written before estimates named an identity count as)."""
+    speaks: set[str | None] = {identity}
+    todo = [identity]
+    while todo:
+        current = todo.pop()
+        for edge in data["same_site"]:
+            if edge["site"] == site and edge["to"] == current and edge["from"] not in speaks:
+                speaks.add(edge["from"])
+                todo.append(edge["from"])
+    released = [r["identity"] for r in data["released"] if r["site"] == site]
+    bound = data["bindings"].get(site, {}).get("identity")
+    first = released[0] if released else bound
+    if first is not None and first in speaks:
+        speaks.add(None)
+    return speaks
 
 
 def _write(run_dir: Path, data: dict[str, Any]) -> None:
@@ -114,27 +222,78 @@ def _release(data: dict[str, Any], site: str, by: str, reason: str) -> dict[str,
     return released
 
 
-def unbind(run_dir: Path, site: str, reason: str) -> dict[str, Any]:
+def _attest(data: dict[str, Any], site: str, old: str, new: str, by: str, reason: str) -> None:
+    edge = {"site": site, "from": old, "to": new, "by": by, "at": _now(), "reason": reason}
+    data["same_site"].append(edge)
+
+
+def unbind(run_dir: Path, site: str, reason: str, same_site: str | None = None) -> dict[str, Any]:
     """The operator's step: release `site`'s binding so that the next identity to claim it
-    at READY is bound to it (a running study sees it at its next READY). The estimates
-    charged to the old identity stay charged. Returns the release record; raises
-    FedsynthError when the run dir binds no such site."""
+    at READY is bound to it (a running study sees it at its next READY); the estimates
+    charged to the old identity stay charged. With `same_site` (an identity) the operator
+    attests that it is the same site: the name passes to it at once, and its reports may
+    replace the old identity's estimates (lines it reported beside them already are
+    settled, server/privacy_ledger.py). When the name is already bound to `same_site`
+    (after a plain unbind), the attestation is from the identity last released from it.
+    Returns the release record (or the attestation); raises FedsynthError when the run dir
+    binds no such site, or `same_site` is not an identity or speaks for another name."""
+    from fedsynth.server.privacy_ledger import settle_attested  # it reads this module
+
     with ledger_lock(run_dir / SITE_IDENTITIES):
-        data = read_identities(run_dir)
-        if site not in data["bindings"]:
-            bound = ", ".join(sorted(data["bindings"])) or "none"
-            raise FedsynthError(f"{run_dir}: no binding for site {site!r} (bound: {bound})")
-        released = _release(data, site, "operator", reason)
+        data = _read_guarded(run_dir)
+        bound = data["bindings"].get(site, {}).get("identity")
+        if bound is None:
+            names = ", ".join(sorted(data["bindings"])) or "none"
+            raise FedsynthError(f"{run_dir}: no binding for site {site!r} (bound: {names})")
+        if same_site is None:
+            record = _release(data, site, "operator", reason)
+            _write(run_dir, data)
+            log.warning(
+                "%s unbound from %s in %s by the operator (%s): the next node to claim it "
+                "at READY is bound to it; what the old identity was charged stays",
+                site,
+                record["identity"],
+                run_dir,
+                reason,
+            )
+            return record
+        if not is_identity(same_site):
+            raise FedsynthError(f"--same-site {same_site!r}: not an identity (key:<64 hex>)")
+        other = next((s for s, b in data["bindings"].items() if b["identity"] == same_site), None)
+        if bound == same_site:
+            released = [r["identity"] for r in data["released"] if r["site"] == site]
+            if not released or released[-1] == same_site:
+                raise FedsynthError(
+                    f"{run_dir}: {site} is bound to {same_site} and no earlier identity was "
+                    "released from it: nothing to attest"
+                )
+            old = released[-1]
+        elif other is not None:
+            raise FedsynthError(f"{run_dir}: {same_site} speaks for {other} already")
+        else:
+            old = _release(data, site, "operator", reason)["identity"]
+            data["bindings"][site] = {
+                "identity": same_site,
+                "run": None,
+                "node": None,
+                "bound": _now(),
+                "simulated": False,
+            }
+        _attest(data, site, old, same_site, "operator", reason)
         _write(run_dir, data)
+        settled = settle_attested(run_dir, site)
     log.warning(
-        "%s unbound from %s in %s by the operator (%s): the next node to claim it at READY "
-        "is bound to it; what the old identity was charged stays",
+        "%s: the operator attests that %s is the same site as %s in %s (%s): its reports "
+        "may replace what %s was charged as estimates (%d settled now)",
         site,
-        released["identity"],
+        same_site,
+        old,
         run_dir,
         reason,
+        old,
+        settled,
     )
-    return released
+    return data["same_site"][-1]
 
 
 class SiteNames:
@@ -153,7 +312,7 @@ class SiteNames:
         claimant and write the bindings (before any ledger line of this READY); returns
         the nodes whose claim holds. Every refused claim is logged in one warning line."""
         with ledger_lock(self.run_dir / SITE_IDENTITIES):
-            data = read_identities(self.run_dir)
+            data = _read_guarded(self.run_dir)
             changed = self._release_earlier_runs(data, run_id)
             bindings: dict[str, dict[str, Any]] = data["bindings"]
             claimants: dict[str, set[str]] = defaultdict(set)
@@ -170,10 +329,12 @@ class SiteNames:
                         "run": run_id,
                         "node": node,
                         "bound": _now(),
+                        "simulated": self.simulated,
                     }
                     speaks_for[identity] = site
                     changed = True
                     log.info("%s bound to %s (node %d)", site, identity, node)
+                    self._attest_rebind(data, site, identity, run_id)
                 elif holder != identity:
                     self._refuse(round_number, node, identity, site, holder, other)
                     continue
@@ -188,15 +349,33 @@ class SiteNames:
         return accepted
 
     def _release_earlier_runs(self, data: dict[str, Any], run_id: int) -> bool:
-        """A simulation's bindings made in another Flower run: released, logged, recorded."""
+        """In a simulated run, the bindings another simulated Flower run made: released,
+        logged, recorded. A real run's binding stays, whatever this run's config says."""
         if not self.simulated:
             return False
-        stale = [s for s, b in data["bindings"].items() if b.get("run") != run_id]
+        stale = [
+            s
+            for s, b in data["bindings"].items()
+            if b.get("simulated", False) and b.get("run") != run_id
+        ]
         for site in stale:
             reason = f"simulated study resumed in Flower run {run_id}: new node ids and keys"
             released = _release(data, site, "simulation", reason)
             log.info("%s unbound from %s: %s", site, released["identity"], reason)
         return bool(stale)
+
+    def _attest_rebind(self, data: dict[str, Any], site: str, identity: str, run_id: int) -> None:
+        """A simulated run binding a name its simulation released: the same phantom site
+        (same state folder, no outside node can join), so attested like the operator's."""
+        released = [r for r in data["released"] if r["site"] == site]
+        if (
+            self.simulated
+            and released
+            and released[-1]["by"] == "simulation"
+            and released[-1]["identity"] != identity
+        ):
+            reason = f"the same simulated site in Flower run {run_id}"
+            _attest(data, site, released[-1]["identity"], identity, "simulation", reason)
 
     def _refuse(
         self,
@@ -210,16 +389,20 @@ class SiteNames:
         if other is not None and other != site:
             why = f"its identity {identity} speaks for {other}"
         elif holder is not None:
-            why = f"the name is bound to {holder} (`fedsynth unbind-site` releases it)"
+            why = (
+                f"the name is bound to {holder} (`fedsynth unbind-site` releases it; "
+                "--same-site IDENTITY when the node is the same site under a new key)"
+            )
         else:
             why = "another identity claims it in the same READY; neither is bound"
         log.warning(
             "round %d: node %d claims %s and is refused (not picked, its history not "
-            "reconciled): %s",
+            "reconciled): %s; the node's identity is %s",
             round_number,
             node,
             site,
             why,
+            identity,
         )
 
     def get(self, node: int) -> str | None:

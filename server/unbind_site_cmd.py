@@ -6,7 +6,14 @@ When a site really changed its key (a new node key, a SuperNode without node
 authentication restarted), the operator releases the binding here; the release is logged
 and recorded in the run dir's site-identities.json, and the next identity to claim the
 name at READY (in a running study, at its next round) is bound to it. What the old
-identity was charged stays charged.
+identity was charged stays charged, and its no-reply estimates stay: a plain unbind says
+nothing about who the new identity is.
+
+`--same-site IDENTITY` attests that IDENTITY (the refused node's, from the study's log
+line) is the same site under a new key: the name passes to it at once, the attestation
+is recorded old -> new, and its reports may replace the old identity's estimates (lines
+it already reported beside them are settled now). Given after a plain unbind, once
+IDENTITY holds the name, it attests from the identity released last.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="why (recorded), e.g. 'site-2 rotated its node key'",
     )
+    parser.add_argument(
+        "--same-site",
+        metavar="IDENTITY",
+        help="attest that this identity (key:<sha256>, as the study logs it) is the same "
+        "site: the name passes to it and its reports may replace the old identity's estimates",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run).expanduser().resolve()
     if not run_dir.is_dir():
         raise FedsynthError(f"{run_dir}: no such run dir")
-    unbind(run_dir, args.site, args.reason)  # logs the one line the operator sees
+    unbind(run_dir, args.site, args.reason, args.same_site)  # logs the operator's line
     return 0

@@ -24,11 +24,17 @@ from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.cli import main as fedsynth_main
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger
-from fedsynth.server.privacy_ledger import charge_estimate, charged_epsilon, reconcile
+from fedsynth.server.privacy_ledger import (
+    charge_estimate,
+    charged_epsilon,
+    reconcile,
+    site_epsilons,
+)
 from fedsynth.server.site_identity import SITE_IDENTITIES, SiteNames, node_identity, unbind
 from fedsynth.simulations.loopback import LoopbackGrid, task_identity
 
 REFUSED = "node 4 claims site-{} and is refused"
+KEY_A, KEY_B, KEY_C = ("key:" + c * 64 for c in "abc")  # what node_identity makes of a key
 
 
 class ChangingGrid(LoopbackGrid):
@@ -223,11 +229,11 @@ def test_the_operator_unbinds_a_name_and_the_old_identitys_estimate_stays(
 
 def test_only_the_estimates_own_identity_replaces_it(tmp_path):
     study = _study(tmp_path, 5, False)
-    first = charge_estimate(study, 3, "site-2", identity="key:aa")
-    assert reconcile(study, "site-2", [(3, Segment(2.7, 0.8, 10))], identity="key:bb") == 1
+    first = charge_estimate(study, 3, "site-2", identity=KEY_A)
+    assert reconcile(study, "site-2", [(3, Segment(2.7, 0.8, 10))], identity=KEY_B) == 1
     ledger = read_ledger(study.run_dir / "ledger.jsonl")
     assert first in charged(ledger, "site-2")  # another identity's report only adds
-    assert reconcile(study, "site-2", [(3, Segment(2.9, 0.8, 10))], identity="key:aa") == 1
+    assert reconcile(study, "site-2", [(3, Segment(2.9, 0.8, 10))], identity=KEY_A) == 1
     ledger = read_ledger(study.run_dir / "ledger.jsonl")
     assert first not in charged(ledger, "site-2")
     assert ledger[-1]["replaces_estimate"] == first["estimate"]
@@ -248,17 +254,20 @@ def test_a_simulated_study_rebinds_in_a_new_flower_run_and_a_real_one_does_not(t
     for simulated in (True, False):
         run_dir = tmp_path / str(simulated)
         run_dir.mkdir()
-        SiteNames(run_dir, simulated).claim(1, [(11, "key:aa", "site-1")], run_id=5)
+        SiteNames(run_dir, simulated).claim(1, [(11, KEY_A, "site-1")], run_id=5)
         names = SiteNames(run_dir, simulated)  # the resume: a new ServerApp
-        assert names.claim(1, [(11, "key:aa", "site-1")], run_id=5) == {11}
-        held = names.claim(2, [(12, "key:bb", "site-1")], run_id=6)
+        assert names.claim(1, [(11, KEY_A, "site-1")], run_id=5) == {11}
+        held = names.claim(2, [(12, KEY_B, "site-1")], run_id=6)
         record = json.loads((run_dir / SITE_IDENTITIES).read_text())
         if simulated:
-            assert held == {12} and record["bindings"]["site-1"]["identity"] == "key:bb"
+            assert held == {12} and record["bindings"]["site-1"]["identity"] == KEY_B
             assert [r["by"] for r in record["released"]] == ["simulation"]
+            assert [(a["from"], a["to"], a["by"]) for a in record["same_site"]] == [
+                (KEY_A, KEY_B, "simulation")
+            ]
         else:
-            assert held == set() and record["bindings"]["site-1"]["identity"] == "key:aa"
-            assert record["released"] == []
+            assert held == set() and record["bindings"]["site-1"]["identity"] == KEY_A
+            assert record["released"] == [] and record.get("same_site", []) == []
     assert caplog.text.count("claims site-1 and is refused") == 1
 
 
@@ -290,3 +299,161 @@ def test_a_release_refuses_an_estimate_replaced_by_another_identity(tmp_path):
         _check_line_history(ledger, study.config.privacy, study.run_dir / "ledger.jsonl")
     forged_by_its_own = [ledger[0], {**ledger[1], "identity": "node:2"}]
     _check_line_history(forged_by_its_own, study.config.privacy, study.run_dir / "ledger.jsonl")
+
+
+def _release_check(study) -> None:
+    """What the release checks of the ledger's estimates and epsilons (finished_study)."""
+    from fedsynth.server.finished_study import _check_epsilons, _check_line_history
+
+    path = study.run_dir / "ledger.jsonl"
+    ledger = read_ledger(path)
+    _check_line_history(ledger, study.config.privacy, path)
+    summary = {"site_epsilon": site_epsilons(ledger, study.config)}
+    _check_epsilons(ledger, summary, study.config, study.run_dir)
+
+
+def test_a_simulated_resume_lets_the_new_identity_replace_the_estimate(tmp_path):
+    """A simulated study's sites get new keys in every Flower run: the estimate charged to
+    the site in run 5 is replaced by its report in run 6 (the attested same site), so the
+    site stands on the target, not above it, and the release accepts it."""
+    study = _study(tmp_path, 5, False)
+    SiteNames(study.run_dir, True).claim(1, [(2, KEY_A, "site-2")], run_id=5)
+    charge_estimate(study, 2, "site-2", identity=KEY_A)  # its round-2 reply was lost
+    assert SiteNames(study.run_dir, True).claim(3, [(7, KEY_B, "site-2")], run_id=6) == {7}
+    assert reconcile(study, "site-2", [(2, Segment(2.7, 0.8, 10))], identity=KEY_B) == 1
+    ledger = read_ledger(study.run_dir / "ledger.jsonl")
+    assert [e.get("estimate") for e in charged(ledger, "site-2")] == [None]
+    _release_check(study)
+
+
+def test_a_chain_of_attestations_is_followed(tmp_path):
+    study = _study(tmp_path, 5, False)
+    SiteNames(study.run_dir, True).claim(1, [(2, KEY_A, "site-2")], run_id=5)
+    charge_estimate(study, 2, "site-2", identity=KEY_A)
+    SiteNames(study.run_dir, True).claim(3, [(7, KEY_B, "site-2")], run_id=6)
+    SiteNames(study.run_dir, True).claim(3, [(9, KEY_C, "site-2")], run_id=7)
+    assert reconcile(study, "site-2", [(2, Segment(2.7, 0.8, 10))], identity=KEY_C) == 1
+    assert read_ledger(study.run_dir / "ledger.jsonl")[-1].get("replaces_estimate")
+    _release_check(study)
+
+
+def test_an_unattested_rebind_over_charges_and_the_release_says_what_to_do(tmp_path, capsys):
+    """A plain unbind attests nothing: the new identity's report of the estimated round is
+    added beside the estimate, the site stands above the target and the release refuses
+    in one line naming the step; the operator's attestation then settles the estimate
+    (one line that charges nothing) and the release accepts the study."""
+    study = _study(tmp_path, 5, False)
+    SiteNames(study.run_dir, False).claim(1, [(2, KEY_A, "site-2")], run_id=5)
+    charge_estimate(study, 2, "site-2", identity=KEY_A)
+    unbind(study.run_dir, "site-2", "SuperNode restarted")
+    assert SiteNames(study.run_dir, False).claim(3, [(7, KEY_B, "site-2")], run_id=5) == {7}
+    assert reconcile(study, "site-2", [(2, Segment(2.7, 0.8, 10))], identity=KEY_B) == 1
+    ledger = read_ledger(study.run_dir / "ledger.jsonl")
+    assert site_epsilons(ledger, study.config)["site-2"] > study.config.privacy.target_epsilon
+    with pytest.raises(FedsynthError, match=f"--same-site {KEY_B}") as refused:
+        _release_check(study)
+    assert f"charged to {KEY_A}" in str(refused.value) and "\n" not in str(refused.value)
+    argv = ["unbind-site", "--run", str(study.run_dir), "--site", "site-2", "--reason", "same"]
+    assert fedsynth_main([*argv, "--same-site", KEY_B]) == 0
+    ledger = read_ledger(study.run_dir / "ledger.jsonl")
+    assert ledger[-1]["settles_with_line"] == 2 and ledger[-1]["steps"] == 0
+    assert [e.get("estimate") for e in charged(ledger, "site-2")] == [None]
+    _release_check(study)
+    # the next READY settles nothing more and adds nothing
+    assert reconcile(study, "site-2", [(2, Segment(2.7, 0.8, 10))], identity=KEY_B) == 0
+    assert read_ledger(study.run_dir / "ledger.jsonl") == ledger
+
+
+def test_the_operator_attests_a_new_key_before_it_reports(tmp_path, caplog):
+    """`--same-site` on a bound name: it passes to the attested identity at once, whose
+    report replaces the old identity's estimate; a key that is not an identity, or one
+    that speaks for another name, is refused in one line."""
+    study = _study(tmp_path, 5, False)
+    names = SiteNames(study.run_dir, False)
+    names.claim(1, [(2, KEY_A, "site-2"), (3, KEY_C, "site-3")], run_id=5)
+    charge_estimate(study, 2, "site-2", identity=KEY_A)
+    assert names.claim(3, [(7, KEY_B, "site-2")], run_id=5) == set()
+    assert f"the node's identity is {KEY_B}" in caplog.text  # what the operator attests
+    with pytest.raises(FedsynthError, match="not an identity"):
+        unbind(study.run_dir, "site-2", "x", same_site="key:bb")
+    with pytest.raises(FedsynthError, match="speaks for site-3"):
+        unbind(study.run_dir, "site-2", "x", same_site=KEY_C)
+    unbind(study.run_dir, "site-2", "new node key", same_site=KEY_B)
+    assert names.claim(3, [(7, KEY_B, "site-2")], run_id=5) == {7}
+    assert reconcile(study, "site-2", [(2, Segment(2.7, 0.8, 10))], identity=KEY_B) == 1
+    _release_check(study)
+
+
+def test_an_estimate_written_before_estimates_named_identities(tmp_path):
+    """An estimate without `identity` counts as charged to the first identity the name was
+    bound to: that identity (or its attested successor) replaces it, no other does."""
+    from fedsynth.server.privacy_ledger import append_line, worst_case_segment
+
+    study = _study(tmp_path, 5, False)
+    segment = worst_case_segment([], study.config.privacy)
+    append_line(study, 2, "site-2", segment, "no-reply", estimate="2-old")
+    names = SiteNames(study.run_dir, False)
+    names.claim(3, [(2, KEY_A, "site-2")], run_id=5)
+    unbind(study.run_dir, "site-2", "another key")
+    names.claim(3, [(7, KEY_B, "site-2")], run_id=5)
+    assert reconcile(study, "site-2", [(2, Segment(2.7, 0.8, 10))], identity=KEY_B) == 1
+    ledger = read_ledger(study.run_dir / "ledger.jsonl")
+    assert "replaces_estimate" not in ledger[-1]  # KEY_B is not the first claimant
+    unbind(study.run_dir, "site-2", "it was site-2 all along", same_site=KEY_B)
+    _release_check(study)  # settled: KEY_B speaks for KEY_A, the first claimant
+
+
+def test_a_settling_line_without_its_beside_line_is_refused(tmp_path):
+    """A forged settling line (steps 0, naming a line that is not the site's report of
+    the round) must not take an estimate out of the count."""
+    from fedsynth.server.finished_study import _check_line_history
+    from fedsynth.server.privacy_ledger import append_line
+
+    study = _study(tmp_path, 2, False)
+    estimate = charge_estimate(study, 2, "site-2", identity="node:2")
+    forged = {"reported_by_site": True, "replaces_estimate": estimate["estimate"]}
+    append_line(
+        study, 2, "site-2", None, "trained", identity="node:2", settles_with_line=1, **forged
+    )
+    path = study.run_dir / "ledger.jsonl"
+    with pytest.raises(FedsynthError, match=r"line 2: replaces estimate"):
+        _check_line_history(read_ledger(path), study.config.privacy, path)
+
+
+def test_a_run_that_says_phantoms_does_not_release_a_real_sites_binding(tmp_path):
+    SiteNames(tmp_path, simulated=False).claim(1, [(11, KEY_A, "site-1")], run_id=5)
+    # the study resumed once with -c data=phantoms (a coordinator's run config)
+    held = SiteNames(tmp_path, simulated=True).claim(2, [(12, KEY_B, "site-1")], run_id=6)
+    record = json.loads((tmp_path / SITE_IDENTITIES).read_text())
+    assert held == set() and record["bindings"]["site-1"]["identity"] == KEY_A
+    assert record["released"] == []
+
+
+def test_a_lost_identities_file_does_not_free_a_charged_name(tmp_path):
+    """The ledger charges site-2 to KEY_A and site-identities.json is gone: refused in one
+    line naming the file, nothing bound."""
+    study = _study(tmp_path, 5, False)
+    charge_estimate(study, 1, "site-2", identity=KEY_A)
+    with pytest.raises(FedsynthError, match=f"{SITE_IDENTITIES} is missing.*restore"):
+        SiteNames(study.run_dir, False).claim(2, [(4, KEY_B, "site-2")], run_id=1)
+    with pytest.raises(FedsynthError, match=f"{SITE_IDENTITIES} is missing"):
+        unbind(study.run_dir, "site-2", "x")
+    assert not (study.run_dir / SITE_IDENTITIES).exists()
+
+
+@pytest.mark.parametrize(
+    "binding",
+    [
+        {"identity": None, "run": 5, "bound": "t"},
+        {"identity": [KEY_A], "run": 5, "bound": "t"},
+        {"identity": 7, "run": 5, "bound": "t"},
+        {"identity": "key:aa", "run": 5, "bound": "t"},
+        {"identity": KEY_A, "run": "5", "bound": "t"},
+        {"identity": KEY_A, "run": 5, "bound": "t", "simulated": "yes"},
+    ],
+)
+def test_a_binding_that_is_not_one_is_one_line(tmp_path, binding):
+    record = {"bindings": {"site-1": binding}, "released": []}
+    (tmp_path / SITE_IDENTITIES).write_text(json.dumps(record))
+    with pytest.raises(FedsynthError, match=f"{SITE_IDENTITIES}: the binding of 'site-1'"):
+        SiteNames(tmp_path, simulated=False).claim(2, [(12, KEY_B, "site-1")], run_id=5)
