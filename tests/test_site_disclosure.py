@@ -102,7 +102,19 @@ def test_a_failing_site_discloses_no_path_value_or_count(
     summary, grid = _study(tmp_path, root, secret, tiny_checkpoint, monkeypatch, fault)
     assert summary["rounds_done"] == 1
     assert set(summary["site_epsilon"]) >= {"site-1", "site-2"}
-    server_side = [repr(m.content) if m.has_content() else repr(m.error) for m in grid.received]
+    # what the replies say in clear: metrics and configs (the arrays are the DP-noised
+    # deltas; their random bytes would hold "347" by chance)
+    server_side = [
+        repr(
+            [
+                dict(r)
+                for r in (*m.content.metric_records.values(), *m.content.config_records.values())
+            ]
+        )
+        if m.has_content()
+        else repr(m.error)
+        for m in grid.received
+    ]
     # every record but the sites' own (they share this process: fedsynth.client.* is
     # theirs, kept at the site); in deployment Flower uploads all the ServerApp writes
     server_log = [
@@ -222,14 +234,26 @@ def test_a_sites_exact_count_reaches_the_release_only_when_it_opts_in(
     assert line["sample_rate"] == 4 / published
     assert statement["sites"]["site-3"]["sample_rates"] == [4 / published]
     assert "public size" in statement["sites"]["site-3"]["subject_count"]
-    server_side = [repr(m.content) if m.has_content() else repr(m.error) for m in grid.received]
+    # what the replies say in clear: metrics and configs (the arrays are the DP-noised
+    # deltas; their random bytes would hold "347" by chance)
+    server_side = [
+        repr(
+            [
+                dict(r)
+                for r in (*m.content.metric_records.values(), *m.content.config_records.values())
+            ]
+        )
+        if m.has_content()
+        else repr(m.error)
+        for m in grid.received
+    ]
     server_side += [
         r.getMessage() for r in caplog.records if not r.name.startswith("fedsynth.client")
     ]
     text = "\n".join(
         [*server_side, (tmp_path / "run" / "ledger.jsonl").read_text(), json.dumps(statement)]
     )
-    # the weight as a whole number, or a rate of batch / 347
-    leaks = [re.search(r"(?<![\d.])347(?!\d)", text), repr(4 / 347) in text]
+    # the weight as a whole number (not inside a hex id or hash), or a rate of batch / 347
+    leaks = [re.search(r"(?<![\w.])347(?![\w])", text), repr(4 / 347) in text]
     assert any(leaks) == disclose, leaks
     assert repr(4 / published) in text
