@@ -14,12 +14,15 @@ umask (changing it is process-wide, a race with every other thread).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import secrets
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from fedsynth.common.errors import FedsynthError
 
 PRIVATE_MODE = 0o600  # owner only: everything in a site's state dir, the default
 PUBLIC_MODE = 0o644  # readable by all: artefacts meant to be shared
@@ -112,3 +115,17 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def read_json_object(path: Path, remedy: str) -> dict:
+    """The JSON object in `path`. Raises FedsynthError naming the file (missing, unreadable,
+    not JSON, not an object), followed by `remedy` (what the reader can do about it)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FedsynthError(f"{path} is missing: {remedy}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise FedsynthError(f"{path} is damaged (not readable JSON): {remedy}") from None
+    if not isinstance(value, dict):
+        raise FedsynthError(f"{path} is damaged (not a JSON object): {remedy}")
+    return value

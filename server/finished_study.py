@@ -16,7 +16,6 @@ file and the fault:
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 
 from fedsynth.common.config import Config, PrivacyConfig, config_from_dict
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import read_json_object
 from fedsynth.common.ledger import charged, read_ledger
 from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, charged_epsilon, site_epsilons
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
@@ -58,15 +58,7 @@ class FinishedStudy:
 
 
 def _json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FedsynthError(f"{path} is missing: the run dir is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise FedsynthError(f"{path} is damaged (not readable JSON)") from None
-    if not isinstance(value, dict):
-        raise FedsynthError(f"{path} is damaged (not a JSON object)")
-    return value
+    return read_json_object(path, "the run dir is incomplete or damaged")
 
 
 def _read_ledger(run_dir: Path) -> list[dict]:

@@ -38,7 +38,7 @@ import yaml
 
 from fedsynth.common.config import Config
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import atomic_write_text
+from fedsynth.common.io import atomic_write_text, read_json_object
 from fedsynth.common.ledger import read_ledger
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY
 from fedsynth.server.site_identity import SITE_IDENTITIES
@@ -161,14 +161,7 @@ def read_terms(path: Path) -> dict[str, Any]:
     present: a resume requires it, a release checks it against every saved round's).
     Raises FedsynthError naming the file when it is missing or not the study's terms."""
     what = "restore it from a backup, or start a new study"
-    try:
-        fixed = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FedsynthError(f"{path} is missing: {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise FedsynthError(f"{path} is damaged (not readable JSON): {what}") from None
-    if not isinstance(fixed, dict):
-        raise FedsynthError(f"{path} is damaged (not a JSON object): {what}")
+    fixed = read_json_object(path, what)
     if "study_id" in fixed and not (isinstance(fixed["study_id"], str) and fixed["study_id"]):
         raise FedsynthError(f"{path} is damaged (its study id is not a string): {what}")
     for term in FIXED:
