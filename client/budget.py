@@ -108,7 +108,9 @@ class SiteBudget:
     def plan_round(self, config: Config, count: SubjectCount, round_number: int) -> RoundPlan:
         """Noise for this round so that the study's remaining rounds land on the target,
         at the rate planned from the public size `count.public` (delta is checked against
-        `count.bound` >= the real count).
+        `count.bound` >= the real count: the top of its rounding bucket by default, so a
+        refusal tells only what the default publishes; n itself with a declared size,
+        whose max-delta is below 1/n: public_size.check_declared_size).
 
         The ceiling is the study's target capped by the site's maximum. Raises
         BudgetRefusal when the ledger already reaches it, or when too little is left for

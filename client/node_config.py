@@ -9,7 +9,9 @@ A hospital starts its SuperNode with
 - `accountant` (`rdp` or `prv`): refuse studies that account with another one;
 - `public-subjects`: the subject count the site declares public (a whole number, at most
   its real count, else it refuses with reason `config`): its FedAvg weight, and what its
-  Poisson rate is planned from (client/public_size.py);
+  Poisson rate is planned from (client/public_size.py). It needs `max-delta`: with a
+  declared size the site checks a study's delta against max-delta alone, so that no
+  answer it gives the server depends on its real count;
 - `disclose-subject-count` (default false): publish the exact subject count instead.
   With neither, the published count is the real one rounded down to two significant
   figures and a multiple of 10 (347 -> 340; at least 1).
@@ -142,6 +144,12 @@ def site_settings(
         raise FedsynthError(
             "node config sets both public-subjects and disclose-subject-count=true: "
             "set one (disclose-subject-count publishes the exact count)"
+        )
+    if public_subjects is not None and max_delta is None:
+        raise FedsynthError(
+            "node config sets public-subjects without max-delta: a site that declares its "
+            "size states the largest delta it accepts (below 1/its subject count), e.g. "
+            "max-delta=1e-5"
         )
     return SiteSettings(
         name,

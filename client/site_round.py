@@ -31,7 +31,7 @@ from fedsynth.client.budget import RoundPlan, SiteBudget
 from fedsynth.client.dp_trainer import RoundResult, train_round
 from fedsynth.client.latents import site_latents
 from fedsynth.client.node_config import SiteSettings
-from fedsynth.client.public_size import PublicSizeAboveCount, subject_count
+from fedsynth.client.public_size import DeclaredSizeRefused, subject_count
 from fedsynth.client.site_terms import refuse
 from fedsynth.common.checkpoint import Pretrained, load_pretrained, public_sha256
 from fedsynth.common.config import Config
@@ -133,10 +133,11 @@ def run_site_round(
 
     `seed` None (real rounds) draws a secret seed; tests pass one to be reproducible.
     The site's weight (`plan.subjects`) and rate are those of its public size m
-    (public_size.subject_count); a declared public-subjects above its real count is
-    refused (SiteStop `config`, the numbers in the site's log only) before anything is
-    spent. `max_subjects` > 0 (SecAgg+'s max weight) refuses a site whose weight m is
-    larger before it trains or spends anything: its weight could not be carried.
+    (public_size.subject_count); a declared public-subjects above its real count, or
+    without a max-delta below 1/n, is refused (SiteStop `config`, the numbers in the
+    site's log only) before anything is spent, whatever the study asks. `max_subjects`
+    > 0 (SecAgg+'s max weight) refuses a site whose weight m is larger before it trains
+    or spends anything: its weight could not be carried.
     `check_subjects(n)` (the site's own terms that need its real subject count) runs
     before the round is planned. `study_id` is recorded with the round: a site reports
     each study's rounds to that study only.
@@ -153,7 +154,7 @@ def run_site_round(
     )
     try:
         count = subject_count(settings, site.n_subjects)
-    except PublicSizeAboveCount as error:
+    except DeclaredSizeRefused as error:
         raise refuse(settings, "config", f"{error} (nothing was trained or spent)") from None
     if max_subjects and count.public > max_subjects:
         raise FedsynthError(

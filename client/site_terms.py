@@ -12,7 +12,11 @@ import logging
 
 from fedsynth.client.budget import LEDGER
 from fedsynth.client.node_config import SiteSettings
-from fedsynth.client.public_size import subject_bound
+from fedsynth.client.public_size import (
+    DeclaredSizeRefused,
+    check_declared_size,
+    subject_bound,
+)
 from fedsynth.client.site_log import at_site
 from fedsynth.common.config import Config
 from fedsynth.common.ledger import read_ledger
@@ -62,9 +66,27 @@ def check_delta_for_subjects(settings: SiteSettings, delta: float, subjects: int
     """Once the site knows its subject count n: delta below 1/(10 n) unless the site's
     max-delta allows more (Dwork & Roth: delta well below 1/n), and always below 1/n.
 
-    Checked for the top of n's rounding bucket (public_size.subject_bound, n itself when
-    the site disclosed n): stricter than n, and a refusal, which the server sees and whose
-    delta it chooses, tells no more of n than its bucket (what the default publishes)."""
+    A refusal is seen by the server, which chooses delta per study, so it must tell no
+    more of n than the site publishes (client/public_size.py):
+    - a site that declared its size refuses every study alike (`config`) unless its
+      max-delta is below 1/n (public_size.check_declared_size), and otherwise checks delta
+      against max-delta alone (`terms`): its answer depends on its node config only;
+    - by default delta is checked for the top of n's rounding bucket
+      (public_size.subject_bound): stricter than n, and a refusal tells no more of n than
+      its bucket, which the default publishes; n itself when the site disclosed n."""
+    if settings.public_subjects is not None:
+        try:
+            check_declared_size(settings, subjects)
+        except DeclaredSizeRefused as error:
+            raise refuse(settings, "config", f"{error} (nothing was trained or spent)") from None
+        assert settings.max_delta is not None  # check_declared_size requires it
+        if delta > settings.max_delta:
+            raise refuse(
+                settings,
+                "terms",
+                f"delta {delta:g} above the site's max-delta {settings.max_delta:g}",
+            )
+        return
     bound = subject_bound(settings, subjects)
     limit = 1 / bound if settings.max_delta is not None else 1 / (10 * bound)
     if delta >= limit:

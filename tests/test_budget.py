@@ -8,6 +8,8 @@ import pytest
 from fake_sites import disclosed
 
 from fedsynth.client.budget import BudgetRefusal, SiteBudget, sample_rate
+from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.public_size import subject_count
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.config import load_config
 from fedsynth.common.errors import FedsynthError
@@ -141,6 +143,21 @@ def test_delta_must_be_below_one_over_the_site_size(tmp_path):
     budget = SiteBudget("site-1", tmp_path, max_epsilon=10.0)
     with pytest.raises(FedsynthError, match=r"delta 0\.01 must be below 1/n"):
         budget.plan_round(study(**{"privacy.delta": 0.01}), disclosed(100), 1)
+
+
+def test_a_declared_size_plans_any_delta_its_max_delta_allows_whatever_its_bucket(tmp_path):
+    """A site that declares its size is checked against max-delta < 1/n alone: 1001 and
+    1099 subjects publish the same 100 and both plan delta 9.9e-4 (below 1/1001), where
+    a check for the top of the rounding bucket (1/1099) would refuse it for 1001 only."""
+    settings = SiteSettings(
+        "site-1", tmp_path, tmp_path, 10.0, max_delta=9.9e-4, public_subjects=100
+    )
+    config = study(**{"privacy.delta": 9.9e-4})
+    for n in (1001, 1010):
+        plan = SiteBudget("site-1", tmp_path / str(n), 10.0).plan_round(
+            config, subject_count(settings, n), 1
+        )
+        assert plan.subjects == 100 and plan.delta == 9.9e-4
 
 
 def test_sample_rate_from_batch_size_or_given():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fedsynth.client.node_config import site_settings
-from fedsynth.client.public_size import PublicSizeAboveCount, subject_count
+from fedsynth.client.public_size import MaxDeltaAboveCount, PublicSizeAboveCount, subject_count
 from fedsynth.common.errors import FedsynthError
 
 HOSPITAL = {"data-path": "/d", "state-dir": "/s", "site-name": "a", "max-epsilon": 5}
@@ -94,6 +94,7 @@ def test_a_simulated_node_is_its_phantom_site_with_state_in_the_run(tmp_path):
             "public-subjects='300.5': must be a whole number of at least 1",
         ),
         ({**HOSPITAL, "public-subjects": 0}, "public-subjects=0: must be a whole number"),
+        ({**HOSPITAL, "public-subjects": 120}, "sets public-subjects without max-delta"),
         ({**HOSPITAL, "public-subjects": True}, "public-subjects=True: must be a whole number"),
         ({**HOSPITAL, "disclose-subject-count": "perhaps"}, "must be true or false"),
         (
@@ -119,8 +120,9 @@ def test_bad_node_configs_are_one_clear_line(node_config, message):
         ({}, 100, 100, 109),
         ({}, 9, 1, 9),  # below 10 subjects: 1 (q = batch / 1, at most 1)
         ({}, 1, 1, 9),
-        ({"public-subjects": "250"}, 347, 250, 349),
-        ({"public-subjects": 347}, 347, 347, 349),
+        # declared: delta is checked against max-delta < 1/n alone (bound n, never reached)
+        ({"public-subjects": "250", "max-delta": 1e-3}, 347, 250, 347),
+        ({"public-subjects": 347, "max-delta": 1e-3}, 347, 347, 347),
         ({"disclose-subject-count": "true"}, 347, 347, 347),
         ({"disclose-subject-count": True}, 3, 3, 3),
     ],
@@ -136,9 +138,22 @@ def test_a_site_publishes_its_count_rounded_declared_or_on_its_opt_in(
 
 
 def test_a_declared_size_above_the_count_is_refused():
-    settings = site_settings(HOSPITAL | {"public-subjects": 348}, target_epsilon=10.0)
+    settings = site_settings(
+        HOSPITAL | {"public-subjects": 348, "max-delta": 1e-3}, target_epsilon=10.0
+    )
     with pytest.raises(PublicSizeAboveCount, match="public-subjects=348 exceeds"):
         subject_count(settings, 347)
+
+
+def test_a_declared_size_needs_a_max_delta_below_one_over_the_real_count():
+    """With public-subjects a study's delta is checked against max-delta alone, so the
+    site checks once, for its real n, that max-delta is below 1/n (1/347 = 2.88e-3)."""
+    settings = site_settings(
+        HOSPITAL | {"public-subjects": 100, "max-delta": 2.9e-3}, target_epsilon=10.0
+    )
+    with pytest.raises(MaxDeltaAboveCount, match="max-delta below 1/n"):
+        subject_count(settings, 347)
+    assert subject_count(settings, 344).public == 100  # 2.9e-3 < 1/344
 
 
 def test_a_simulated_node_publishes_its_phantom_count_rounded(tmp_path):

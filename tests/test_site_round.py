@@ -308,7 +308,7 @@ LARGE_SITE = {"privacy.batch-size": 4, "privacy.delta": 1e-5, "federation.rounds
     ("terms", "published"),
     [
         ({"disclose_subject_count": False}, 340),  # the default: rounded down
-        ({"disclose_subject_count": False, "public_subjects": 100}, 100),  # declared
+        ({"disclose_subject_count": False, "public_subjects": 100, "max_delta": 1e-5}, 100),
         ({"disclose_subject_count": True}, 347),  # opted in: as before
     ],
     ids=["rounded", "declared", "disclosed"],
@@ -338,14 +338,25 @@ def test_a_site_samples_at_its_public_size_and_its_ledger_is_exact_there(
 
 
 @pytest.mark.usefixtures("site_of_347")
-def test_a_declared_size_above_the_real_count_is_refused_without_the_count(
-    tmp_path, phantom_root, tiny_checkpoint, caplog
+@pytest.mark.parametrize(
+    ("declared", "max_delta", "reason"),
+    [
+        (348, 1e-5, "public-subjects=348 exceeds the site's 347 subjects"),
+        # max-delta not below 1/347 (2.88e-3): refused whatever delta the study asks
+        (100, 3e-3, "needs a max-delta below 1/n = 0.00288 for the site's 347 subjects"),
+        (100, None, "needs a max-delta below 1/n = 0.00288 for the site's 347 subjects"),
+    ],
+    ids=["above-count", "max-delta-too-large", "no-max-delta"],
+)
+def test_a_declared_size_that_does_not_fit_the_real_count_is_refused_without_the_count(
+    tmp_path, phantom_root, tiny_checkpoint, declared, max_delta, reason
 ):
     from fedsynth.common.protocol import SiteStop
 
+    terms = {"disclose_subject_count": False, "public_subjects": declared, "max_delta": max_delta}
     with pytest.raises(SiteStop) as stop:
         run_site_round(
-            settings(tmp_path, phantom_root, disclose_subject_count=False, public_subjects=348),
+            settings(tmp_path, phantom_root, **terms),
             load_config("tiny", LARGE_SITE),
             tiny_checkpoint,
             load_pretrained(tiny_checkpoint).unet.state_dict(),
@@ -356,4 +367,4 @@ def test_a_declared_size_above_the_real_count_is_refused_without_the_count(
     assert stop.value.code == "config" and "347" not in str(stop.value)  # what leaves
     assert read_ledger(tmp_path / "state" / LEDGER) == []  # nothing trained or spent
     log = (tmp_path / "state" / "site.log").read_text()  # the reason stays at the site
-    assert "public-subjects=348 exceeds the site's 347 subjects" in log
+    assert reason in log

@@ -12,7 +12,8 @@ import pytest
 
 from fedsynth.client.budget import RoundPlan, SiteBudget
 from fedsynth.client.client_app import FAILED, ready_answer, site_round_reply
-from fedsynth.client.node_config import site_settings
+from fedsynth.client.node_config import SiteSettings, site_settings
+from fedsynth.client.public_size import subject_count
 from fedsynth.client.site_terms import check_delta_for_subjects
 from fedsynth.common.config import load_config, to_dict
 from fedsynth.common.errors import FedsynthError
@@ -142,6 +143,56 @@ def test_a_delta_refusal_tells_no_more_than_the_published_size(tmp_path, max_del
     check_delta_for_subjects(settings, 0.999 / (factor * 349), 347)
     with pytest.raises(SiteStop, match="fedsynth:terms:"):  # below 10 subjects: as 9
         check_delta_for_subjects(settings, 1 / (factor * 9), 2)
+
+
+def _answer(settings: SiteSettings, delta: float, n: int) -> str:
+    """What the server sees of the check: a refusal's code, or ready."""
+    try:
+        check_delta_for_subjects(settings, delta, n)
+    except SiteStop as stop:
+        return stop.code
+    return "ready"
+
+
+def test_a_declared_size_without_max_delta_does_not_tell_the_real_bucket(tmp_path):
+    """A site that declares public-subjects=100 publishes 100 and nothing else of n: 347
+    and 1234 (different rounding buckets) must answer a study's delta alike (the server
+    picks delta per study; 1e-4 is below 1/(10 x 349), not below 1/(10 x 1299))."""
+    settings = SiteSettings(  # built directly: site_settings refuses it (no max-delta)
+        "site", tmp_path / "data", tmp_path / "state", 10.0, public_subjects=100
+    )
+    for delta in (1e-6, 1e-4, 1e-3):
+        assert _answer(settings, delta, 347) == _answer(settings, delta, 1234) == "config"
+    declared = _declared(tmp_path, 1e-4)  # with a max-delta: both publish 100
+    assert subject_count(declared, 347).public == subject_count(declared, 1234).public == 100
+    assert _answer(declared, 1e-4, 347) == _answer(declared, 1e-4, 1234) == "ready"
+
+
+def _declared(tmp_path, max_delta: float) -> SiteSettings:
+    node = _node(tmp_path, **{"public-subjects": 100, "max-delta": max_delta})
+    return site_settings(node, target_epsilon=10.0)
+
+
+def test_a_declared_size_answers_from_the_node_config_alone(tmp_path):
+    """With max-delta 8e-4 (below 1/1234 and 1/347) the answer to each delta is the
+    same for n = 347 and 1234: ready up to max-delta, `terms` above. A check for the top
+    of n's bucket (1/1299 = 7.7e-4 for 1234) would refuse 8e-4 for 1234 only."""
+    settings = _declared(tmp_path, 8e-4)
+    for delta, expected in ((1e-6, "ready"), (7.9e-4, "ready"), (8e-4, "ready"), (9e-4, "terms")):
+        assert [_answer(settings, delta, n) for n in (347, 1234)] == [expected] * 2, delta
+
+
+def test_a_declared_size_with_max_delta_above_one_over_n_refuses_every_study_alike(
+    tmp_path, caplog
+):
+    """max-delta 9e-4 is not below 1/1234: that site refuses every delta with `config`
+    (one study-independent answer, the reason in its own log), so the server cannot
+    narrow n down by choosing deltas."""
+    settings = _declared(tmp_path, 9e-4)
+    answers = {_answer(settings, delta, 1234) for delta in (1e-8, 1e-4, 7.9e-4, 9e-4, 0.5)}
+    assert answers == {"config"}
+    assert "needs a max-delta below 1/n" in (tmp_path / "state" / "site.log").read_text()
+    assert _answer(settings, 1e-4, 1100) == "ready"  # 9e-4 < 1/1100
 
 
 @pytest.mark.usefixtures("one_thread")
