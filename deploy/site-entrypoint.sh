@@ -23,6 +23,7 @@
 #   REQUIRE_SECURE_AGGREGATION  true or false: refuse rounds not under SecAgg+
 #   DISCLOSE_SUBJECT_COUNT      true or false: whether its exact subject count may be published
 #   PUBLIC_SUBJECTS             a whole number: the subject count it declares public
+#                               (needs MAX_DELTA: delta is then checked against it alone)
 # The node config is one space-separated string of key="value" pairs that Flower reads as
 # TOML, so a text value with whitespace, a quote, '=', '\' or a control character, a number
 # TOML would not read (e.g. 07.5, .5) and any other malformed value are refused, in one
@@ -93,6 +94,9 @@ flag DISCLOSE_SUBJECT_COUNT disclose-subject-count
 if [[ -n ${PUBLIC_SUBJECTS+set} ]]; then
     if [[ ! $PUBLIC_SUBJECTS =~ ^[1-9][0-9]*$ ]]; then
         fail "PUBLIC_SUBJECTS: must be a whole number of at least 1, e.g. 120"
+    fi
+    if [[ -z ${MAX_DELTA+set} ]]; then
+        fail "PUBLIC_SUBJECTS: needs MAX_DELTA, the largest delta the site accepts (below 1/its subject count, e.g. 1e-5)"
     fi
     node_config+=" public-subjects=$PUBLIC_SUBJECTS"
 fi

@@ -819,6 +819,17 @@ def test_site_entrypoint_refuses_unsafe_values_in_one_line(tmp_path, var, value)
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"site: {var}")
 
 
+def test_site_entrypoint_refuses_a_declared_size_without_max_delta_in_one_line(tmp_path):
+    """A site declaring its size checks a study's delta against max-delta alone (so no
+    answer depends on its real count): the node config would be refused at every round."""
+    done, check, supernode = _entrypoint(tmp_path, PUBLIC_SUBJECTS="120")
+    assert done.returncode == 2 and check == [] and supernode == []
+    assert done.stderr == (
+        "site: PUBLIC_SUBJECTS: needs MAX_DELTA, the largest delta the site accepts "
+        "(below 1/its subject count, e.g. 1e-5)\n"
+    )
+
+
 @pytest.mark.parametrize("var", ["SITE_NAME", "MAX_EPSILON"])
 def test_site_image_has_no_default_site_name_or_ceiling(tmp_path, var):
     """The site image's ENV gives neither: the entrypoint refuses a site that states none."""
