@@ -406,7 +406,9 @@ def train_round(
     `public_subjects`: the size m <= n the site publishes (client/public_size.py; None: n).
     The noisy sum of clipped gradients is divided by q m, not q n: a normaliser that
     depends on n would scale the update's noise (std sigma C / (q n), which a model's
-    millions of weights estimate closely) and so give n away; q m is public.
+    millions of weights estimate closely) and so give n away; q m is public. The signal,
+    a sum of about q n clipped gradients, still scales as n / m (with plain SGD the
+    update's size shows it): a channel through DP-SGD's output, see client/public_size.py.
     """
     if not 0 < sample_rate <= 1:
         raise FedsynthError(f"sample rate must be in (0, 1], got {sample_rate}")
