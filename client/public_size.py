@@ -23,11 +23,12 @@ leak it a bit at a time (the server chooses delta per study). So:
   study's delta is checked against max-delta alone (client/site_terms.py check_terms).
   That max-delta is below 1/n is checked here, locally, once the site knows n: when it is
   not, the site refuses every study alike (reason `config`, before anything is spent),
-  whatever delta the study asks for. No answer then varies with the study and n; `bound`
-  is n, which a delta at most max-delta < 1/n never reaches;
+  whatever delta the study asks for. An answer then never depends on the study and n
+  together, so choosing deltas tells the server nothing of n; `bound` is n, which a
+  delta at most max-delta < 1/n never reaches;
 - with `disclose-subject-count`, n itself (published anyway).
 
-What still shows n beyond m, all of it seen by the server:
+What still shows n beyond m, seen by the server (under SecAgg+ the update only summed):
 - the update's scale. DP-SGD divides the noisy sum of about q n clipped gradients by q m
   (client/dp_trainer.py), so its signal is about n / m times that of a site of m subjects.
   With the plain `sgd` finetune optimizer the update's size reveals n / m (AdamW normalises
