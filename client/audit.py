@@ -51,8 +51,14 @@ distinct subjects stand behind it, a quantile being the mean of 11 order statist
 its rank (of one series, only quantiles whose windows are identical or disjoint), rounded to
 2 significant digits, no rate a count of 1 to 10 records; below that the field reads
 "withheld: fewer than 11 ...". The site's subject counts are published as its public size
-(PublicSizes: the node config's rule, exact only when the site opts in). The exact
-figures and counts, per-pair distances and the pairs montage stay in --out.
+(PublicSizes: the node config's rule, exact only when the site opts in), and every
+decision to withhold reads the published sizes and figures only, the worst case over
+every count the published size stands for (a gate on the exact count would publish a
+bit of it: 10 and 15 subjects both publish 10): a set published as 10 (10 to 19) has its
+figures withheld, a TPR is withheld if it may be a count of 1 to 10 of any count in the
+members' range, and nndr is withheld (not null) below 11 training subjects as published,
+so that null does not tell a single subject. The exact figures and counts, per-pair
+distances and the pairs montage stay in --out.
 
 The audited cohort is a release's: `--release RELEASE` reads RELEASE/cohort and refuses it
 unless it holds exactly the files RELEASE/cohort.sha256 lists, with their SHA-256, and
@@ -82,7 +88,7 @@ The shared JSON (`fedsynth audit --json`, --out/shared.json):
                            holdout_q05, holdout_q25, holdout_median (null without holdout),
                            closer_to_training_share (null without holdout),
                            share_subsampled_to (the smaller set's public size, or null),
-                           nndr_q05, nndr_median (null with fewer than 2 training subjects)}
+                           nndr_q05, nndr_median}
     membership_inference  null without --checkpoint and --holdout, else
                           {score: "reference loss - model loss" or "-model loss",
                            auc, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr, fpr_resolution,
@@ -394,27 +400,29 @@ class DcrResult:
     nearest_holdout: torch.Tensor | None  # (M,) index of the nearest held-out subject
     nndr: torch.Tensor | None  # (M,)
 
-    def shared(self, set_size: int | None = None) -> dict:
+    def shared(self, train_size: int, holdout_size: int | None) -> dict:
         """The summary as a site may share it (common/audit_publication.py): quantiles as
         means of MIN_RECORDS order statistics from as many distinct subjects, windows
         identical or disjoint, the share over enough volumes and distinct nearest subjects,
-        all rounded; else withheld. `set_size`: the subjects per set in the share as
-        published (the smaller set's public size; None: the exact one)."""
+        all rounded; else withheld. `train_size`, `holdout_size`: the sets' published
+        sizes (None: no held-out set), which alone decide what their counts allow; the
+        share's set size is the smaller of them."""
         nearest = self.nearest_subject.numpy()
-        out = publish.quantiles(self.to_train.double().numpy(), nearest, "train")
+        to_train = self.to_train.double().numpy()
+        out = publish.quantiles(to_train, nearest, "train", train_size)
         holdout = None if self.to_holdout is None else self.to_holdout.double().numpy()
         near_holdout = None if self.nearest_holdout is None else self.nearest_holdout.numpy()
-        out |= publish.quantiles(holdout, near_holdout, "holdout")
-        size = self.summary["share_subsampled_to"]  # exact: the rule's condition
+        out |= publish.quantiles(holdout, near_holdout, "holdout", holdout_size)
+        size = None if holdout_size is None else min(train_size, holdout_size)
         distinct = len(np.unique(nearest))
         if near_holdout is not None:
             distinct = min(distinct, len(np.unique(near_holdout)))
         out["closer_to_training_share"] = publish.share(
             self.summary["closer_to_training_share"], len(nearest), size, distinct
         )
-        out["share_subsampled_to"] = size if set_size is None or size is None else set_size
+        out["share_subsampled_to"] = size
         nndr = None if self.nndr is None else self.nndr.double().numpy()
-        return out | publish.quantiles(nndr, nearest, "nndr", ("q05", "median"))
+        return out | publish.quantiles(nndr, nearest, "nndr", train_size, ("q05", "median"))
 
 
 def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed: int) -> DcrResult:
@@ -661,7 +669,6 @@ def run_audit(
     counts = [len(synthetic.images), public_train]  # as published: the note is shared
     counts += [] if public_holdout is None else [public_holdout]
     few = min(counts) < FEW_SUBJECTS
-    share_size = None if public_holdout is None else min(public_train, public_holdout)
     report = {
         "outside_dp_guarantee": True,
         "note": NOTE + (" " + FEW_NOTE.format(n=FEW_SUBJECTS).capitalize() + "." if few else ""),
@@ -677,9 +684,11 @@ def run_audit(
         "holdout_subjects": public_holdout,
         "subject_counts": sizes.mode,
         "seed": seed,
-        "dcr": result.shared(share_size),
+        "dcr": result.shared(public_train, public_holdout),
         "membership_inference": (
-            None if attack is None else publish.attack(attack, public_train, public_holdout)
+            None
+            if attack is None or public_holdout is None
+            else publish.attack(attack, public_train, public_holdout, sizes.mode)
         ),
     }
     exact = report | {

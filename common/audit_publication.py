@@ -22,20 +22,34 @@ quantiles only those whose windows are identical or disjoint are published.
 The rule, per field:
 - a DCR or NNDR quantile (per synthetic volume, to its nearest subject of a set): the mean
   of the 11 order statistics centred on the nearest rank ceil(q M) of M volumes (the 11
-  smallest or largest at the ends), published when M >= 11, those 11 volumes' nearest
-  subjects are 11 distinct subjects and its window is identical to or disjoint from the
+  smallest or largest at the ends), published when M >= 11, the set's published size is
+  at least 11 (nndr: the training set's; withheld there, never null), those 11 volumes'
+  nearest subjects are 11 distinct subjects and its window is identical to or disjoint from the
   window of every quantile of the same series already published (in the order median,
   q25, q05);
 - the closer-to-training share (a mean over all M volumes and subsampled sets): published
-  when M >= 11, each set has at least 11 subjects in the share and the volumes' nearest
+  when M >= 11, share_subsampled_to (the smaller set's published size) is at least 11
+  and the volumes' nearest
   subjects include at least 11 distinct ones in each set;
-- the membership attack's ROC AUC (over all members x non-members): published when there
-  are at least 11 members and 11 non-members; a TPR at a false-positive rate f rests on the
-  threshold set by the f n_nonmembers highest-scoring non-members, so it is published only
-  when f n_nonmembers >= 11 (and at least 11 members);
+- the membership attack's ROC AUC (over all members x non-members): published when the
+  published n_members and n_nonmembers are at least 11; a TPR at a false-positive rate f
+  rests on the threshold set by the f n_nonmembers highest-scoring non-members, so it is
+  published only when f x the published n_nonmembers >= 11 (and n_members >= 11);
 - a rate that is a count over a published total (a TPR over the members, the share over
-  the volumes) is withheld when that count, or the rest of the total, is 1 to 10
+  the volumes) is withheld when that count, or the rest of the total, may be 1 to 10
   (TPR 0.02 of 50 members is one patient flagged).
+Every such decision is taken on what is published, never on a private count: a gate on
+the exact count would be a published bit about it (10 and 15 subjects both publish 10,
+and an AUC withheld for 10 but shown for 15 would tell them apart). A published subject
+count m stands for every count consistent with it (`count_range`: m itself when exact,
+m and up when declared, its rounding bucket [m, m + step - 1] when rounded, 1 to 9 for
+1), and a published rate for every rate that rounds to it; a figure is withheld when any
+of them would be withheld. So a set's "at least 11" reads its published size (a bucket's
+least count is m), a TPR's threshold f x n_nonmembers the published held-out size, and
+a rate's small-count test every count over every total in the range (`small_count`).
+The one gate not on a count of the site's subjects is the distinct nearest subjects
+behind a quantile's window or the share: it is a property of the figure itself (how
+many records it rests on), taken only once the published sizes allow the figure.
 Set sizes: the cohort's volumes, the seed and the loss draws are published as they are.
 The site's subject counts (training_subjects = n_members, holdout_subjects = n_nonmembers,
 share_subsampled_to, and fpr_resolution = 1 / n_nonmembers) are published as the site's
@@ -45,8 +59,8 @@ public size, the rule of client/public_size.py, recorded in `subject_counts`: "r
 "exact" (the site opted in, --disclose-subject-count).
 
 check_shared refuses a shared audit with any key outside this layout (nested too), a
-figure the counts do not allow, or a count not in its published form: one line naming
-the field.
+figure the published counts do not allow (the same worst case), a null nndr, or a count
+not in its published form: one line naming the field.
 """
 
 from __future__ import annotations
@@ -54,6 +68,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from decimal import Decimal
 
 import numpy as np
 
@@ -68,7 +83,8 @@ RULE = (
     f"distinct subjects (a quantile is the mean of {MIN_RECORDS} order statistics around its "
     f"rank; two quantiles' windows are identical or disjoint), rounded to "
     f"{SIGNIFICANT_DIGITS} significant digits; no rate is a count of 1 to "
-    f"{MIN_RECORDS - 1}; subject counts are the site's public sizes; otherwise withheld"
+    f"{MIN_RECORDS - 1} of any count its published total stands for; subject counts are "
+    "the site's public sizes, which alone decide what is withheld; otherwise withheld"
 )
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5}
 PRIORITY = ("median", "q25", "q05")  # which of two overlapping quantiles is published
@@ -90,11 +106,52 @@ def rounded(value: float) -> float:
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
-def small_count(rate: float, total: int) -> bool:
-    """Whether `rate` x `total` (a count over a published total), or the rest of the
-    total, is a cell of 1 to MIN_RECORDS - 1 records."""
-    count = round(rate * total)
-    return 1 <= count < MIN_RECORDS or 1 <= total - count < MIN_RECORDS
+def count_range(published: int, mode: str) -> tuple[int, float]:
+    """Every subject count a published count may stand for (client/public_size.py's rule),
+    as (least, most): "exact" itself, "declared" m and up (a declared size is at most the
+    real count), "rounded" its bucket [m, m + step - 1] (1 to 9 for 1). The least is m."""
+    if mode == "exact":
+        return published, published
+    if mode == "declared":
+        return published, math.inf
+    if published == 1:
+        return 1, 9
+    return published, published + rounding_step(published) - 1
+
+
+def _rate_interval(rate: float) -> tuple[Decimal, Decimal]:
+    """The rates in [0, 1] that round to `rate` as published (SIGNIFICANT_DIGITS), closed:
+    0.043 stands for 0.0425 to 0.0435; 1.0 for 0.995 to 1 (below a power of ten the
+    digits are a tenth as wide)."""
+    r = Decimal(repr(rounded(rate)))
+    if r == 0:
+        return r, r
+    half = Decimal(5).scaleb(r.adjusted() - SIGNIFICANT_DIGITS)
+    below = half / 10 if r == Decimal(1).scaleb(r.adjusted()) else half
+    return max(r - below, Decimal(0)), min(r + half, Decimal(1))
+
+
+def _may_be_small(least: Decimal, most: Decimal) -> bool:
+    """Whether the real interval [least, most] of counts holds one of 1 to MIN_RECORDS - 1."""
+    first = max(math.ceil(least), 1)
+    return first <= MIN_RECORDS - 1 and first <= most
+
+
+def small_count(rate: float, total: int, most: float | None = None) -> bool:
+    """Whether a rate as published (`rate` rounded to SIGNIFICANT_DIGITS) of a total of
+    `total` to `most` records (None: exactly `total`; math.inf: unbounded) may be, or
+    leave, a cell of 1 to MIN_RECORDS - 1 records: the worst case over every total in the
+    range and every rate that rounds to the published one."""
+    low, high = _rate_interval(rate)
+    least = Decimal(total)
+    top = least if most is None else Decimal(most)  # Decimal(math.inf) is Infinity
+
+    def times(share: Decimal, count: Decimal) -> Decimal:
+        return Decimal(0) if share == 0 else share * count
+
+    return _may_be_small(times(low, least), times(high, top)) or _may_be_small(
+        times(1 - high, least), times(1 - low, top)
+    )
 
 
 def public_count(subjects: int) -> int:
@@ -135,11 +192,22 @@ def quantiles(
     values: np.ndarray | None,
     subjects: np.ndarray | None,
     prefix: str,
+    set_size: int | None,
     names: Sequence[str] = tuple(QUANTILES),
 ) -> dict:
     """{prefix_NAME} for NAME in `names`: shareable quantiles of one series, a quantile
-    whose window overlaps a published one's without being it withheld; None without
-    values."""
+    whose window overlaps a published one's without being it withheld. `set_size`: the
+    published size of the subjects the distances are to (None: no such set, fields None);
+    below MIN_RECORDS every field is withheld, values or not (nndr has none below 2
+    subjects, which its size already withholds). `subjects` (M,): the volumes' nearest
+    subjects, given even without values, so that fewer than MIN_RECORDS volumes withhold
+    with the same words whatever the set's real size."""
+    if set_size is None:
+        return {f"{prefix}_{name}": None for name in names}
+    if subjects is not None and len(subjects) < MIN_RECORDS:
+        return {f"{prefix}_{name}": withheld("synthetic volumes") for name in names}
+    if set_size < MIN_RECORDS:
+        return {f"{prefix}_{name}": withheld("subjects in the set as published") for name in names}
     if values is None or subjects is None:
         return {f"{prefix}_{name}": None for name in names}
     out: dict[str, Published] = {}
@@ -160,44 +228,56 @@ def share(
     value: float | None, volumes: int, subjects_per_set: int | None, distinct: int
 ) -> Published | None:
     """The closer-to-training share, rounded, or withheld (see the module docstring).
-    `distinct`: the fewest distinct nearest subjects of the volumes in either set."""
+    `subjects_per_set`: share_subsampled_to as published (the smaller set's public size,
+    the least count it stands for); `distinct`: the fewest distinct nearest subjects of
+    the volumes in either set."""
     if value is None or subjects_per_set is None:
         return None
     if volumes < MIN_RECORDS:
         return withheld("synthetic volumes")
     if subjects_per_set < MIN_RECORDS:
-        return withheld("subjects per set")
+        return withheld("subjects per set as published")
     if distinct < MIN_RECORDS:
         return withheld("distinct nearest subjects in a set")
-    if small_count(value, volumes) or small_count(rounded(value), volumes):
+    if small_count(value, volumes):
         return withheld("volumes on one side of the share")
     return rounded(value)
 
 
-def attack(metrics: dict, members: int | None = None, nonmembers: int | None = None) -> dict:
+def attack(
+    metrics: dict,
+    members: int | None = None,
+    nonmembers: int | None = None,
+    mode: str = "rounded",
+) -> dict:
     """The membership attack's figures as shared: AUCs and TPRs rounded or withheld, the
-    set sizes as published (`members`, `nonmembers`: the public sizes; None: exact)."""
-    n_members, n_nonmembers = metrics["n_members"], metrics["n_nonmembers"]
-    members = n_members if members is None else members
-    nonmembers = n_nonmembers if nonmembers is None else nonmembers
+    set sizes as published (`members`, `nonmembers`: the public sizes, published by
+    `mode`, the held-out one rounded when the training one is declared; None: exact).
+    Every decision reads the published sizes and figures only (see the module docstring)."""
+    if members is None or nonmembers is None:
+        members, nonmembers, mode = metrics["n_members"], metrics["n_nonmembers"], "exact"
     out = dict(metrics) | {"n_members": members, "n_nonmembers": nonmembers}
-    few = n_members < MIN_RECORDS or n_nonmembers < MIN_RECORDS
+    most_members = count_range(members, mode)[1]
+    few = members < MIN_RECORDS or nonmembers < MIN_RECORDS
     for key in ("auc", "auc_uncalibrated"):
         if metrics.get(key) is not None:
             out[key] = withheld("members or non-members") if few else rounded(metrics[key])
     for key, target in FPR_TARGETS.items():
-        behind = target * n_nonmembers  # non-members above the threshold at that FPR
-        tpr = metrics[key]
-        if n_members < MIN_RECORDS:
-            out[key] = withheld("members")
-        elif behind < MIN_RECORDS:
-            out[key] = withheld(f"non-members above the threshold ({target:g} x {nonmembers})")
-        elif small_count(tpr, n_members) or small_count(rounded(tpr), members):
-            out[key] = withheld("members flagged, or not flagged, at that FPR")
-        else:
-            out[key] = rounded(tpr)
+        out[key] = _tpr(metrics[key], target, members, most_members, nonmembers)
     out["fpr_resolution"] = rounded(1.0 / nonmembers)
     return out
+
+
+def _tpr(tpr: float, target: float, members: int, most: float, nonmembers: int) -> Published:
+    """A TPR at FPR `target` as shared, from the published sizes: `members` (stands for
+    up to `most`) and `nonmembers` (the least held-out count it stands for)."""
+    if members < MIN_RECORDS:
+        return withheld("members")
+    if target * nonmembers < MIN_RECORDS:  # non-members above the threshold at that FPR
+        return withheld(f"non-members above the threshold ({target:g} x {nonmembers})")
+    if small_count(tpr, members, most):
+        return withheld("members flagged, or not flagged, at that FPR")
+    return rounded(tpr)
 
 
 # ------------------------------------------------------- the check of a shared audit
@@ -261,6 +341,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _rate(value: object) -> bool:
+    """A finite number (a figure the small-count test reads), not a bool or text."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _figure_ok(value: object, allowed: bool) -> bool:
     """A shared figure: None, withheld, or (where the counts allow one) a rounded number."""
     if value is None or (isinstance(value, str) and value.startswith(WITHHELD)):
@@ -270,55 +355,53 @@ def _figure_ok(value: object, allowed: bool) -> bool:
     return allowed and math.isfinite(value) and rounded(float(value)) == value
 
 
-def _most_subjects(audit: dict, key: str, where: str) -> tuple[int | None, float]:
-    """A published subject count and the most subjects it may stand for (its rounding
-    bucket's top; unbounded for a declared size, itself when exact); (None, 0) for a
-    set not given. Refuses a count not in the form `subject_counts` says."""
+def _subject_range(audit: dict, key: str, where: str) -> tuple[int, float] | None:
+    """A published subject count and the most subjects it may stand for (count_range);
+    None for a held-out set not given. Refuses a count not in the form `subject_counts`
+    says."""
     mode, value = audit["subject_counts"], audit.get(key)
     if value is None and key == "holdout_subjects":
-        return None, 0
+        return None
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise _refuse(where, f"{key} is not a subject count")
-    if mode == "exact":
-        return value, value
-    if mode == "declared" and key == "training_subjects":
-        return value, math.inf
-    if public_count(value) != value:
+    if mode == "declared" and key == "holdout_subjects":
+        mode = "rounded"  # --public-subjects declares the training set's size only
+    if mode == "rounded" and public_count(value) != value:
         raise _refuse(
             where,
             f"{key} is not a public size (rounded down to two significant figures and a "
             "multiple of 10) though subject_counts is not exact: an undisclosed count",
         )
-    return value, 9 if value == 1 else value + rounding_step(value) - 1
+    return count_range(value, mode)
 
 
-def _check_counts(audit: dict, where: str) -> dict[str, float]:
+def _check_counts(audit: dict, where: str) -> tuple[tuple[int, float], tuple[int, float] | None]:
     """The published set sizes agree with each other and `subject_counts`; returns the
-    most subjects each may stand for (training, holdout, members, nonmembers, share)."""
+    training and held-out sets' (published, most) counts."""
     if audit.get("subject_counts") not in SUBJECT_COUNTS:
         raise _refuse(where, f"subject_counts is not one of {', '.join(SUBJECT_COUNTS)}")
     if not _is_int(audit.get("cohort_volumes")):
         raise _refuse(where, "cohort_volumes is not a count")
-    train, most_train = _most_subjects(audit, "training_subjects", where)
-    holdout, most_holdout = _most_subjects(audit, "holdout_subjects", where)
-    size = None if holdout is None else min(train, holdout)  # type: ignore[type-var]
+    train = _subject_range(audit, "training_subjects", where)
+    assert train is not None  # only the held-out set may be absent
+    holdout = _subject_range(audit, "holdout_subjects", where)
+    size = None if holdout is None else min(train[0], holdout[0])
     if audit["dcr"].get("share_subsampled_to") != size:
         raise _refuse(where, "dcr.share_subsampled_to is not the smaller set's published size")
     mia = audit["membership_inference"]
     if mia is not None:
-        if (mia.get("n_members"), mia.get("n_nonmembers")) != (train, holdout) or not holdout:
+        if holdout is None or (mia.get("n_members"), mia.get("n_nonmembers")) != (
+            train[0],
+            holdout[0],
+        ):
             raise _refuse(
                 where,
                 "membership_inference.n_members / n_nonmembers are not the published "
                 "training / held-out sizes",
             )
-        if mia.get("fpr_resolution") != rounded(1.0 / holdout):
+        if mia.get("fpr_resolution") != rounded(1.0 / holdout[0]):
             raise _refuse(where, "membership_inference.fpr_resolution is not 1 / n_nonmembers")
-    return {
-        "train": most_train,
-        "holdout": most_holdout,
-        "share": min(most_train, most_holdout),
-    }
+    return train, holdout
 
 
 def _check_windows(dcr: dict, volumes: int, where: str) -> None:
@@ -341,8 +424,9 @@ def _check_windows(dcr: dict, volumes: int, where: str) -> None:
 
 def check_shared(audit: dict, where: str) -> None:
     """Refuse an audit JSON that publishes more than the rule allows: a key outside the
-    shared layout, a figure that is not rounded, or one the counts do not allow, a subject
-    count not in its published form, or no cohort fingerprint. One line naming `where` and
+    shared layout, a figure that is not rounded, or one the published counts do not allow
+    (the same worst case over every count they stand for as the audit's own decision), a
+    subject count not in its published form, or no cohort fingerprint. One line naming `where` and
     the field (FedsynthError)."""
     if not isinstance(audit.get("cohort_sha256"), str) or not _HEX64.fullmatch(
         audit["cohort_sha256"]
@@ -352,12 +436,13 @@ def check_shared(audit: dict, where: str) -> None:
             "fedsynth audit --release"
         )
     _check_layout(audit, where)
-    most = _check_counts(audit, where)
+    train, holdout = _check_counts(audit, where)
     volumes = audit["cohort_volumes"]
     dcr = audit["dcr"]
     enough = volumes >= MIN_RECORDS
+    least = {"train": train[0], "holdout": 0 if holdout is None else holdout[0]}
     allowed = {
-        f"{p}_{q}": enough and most[p] >= MIN_RECORDS
+        f"{p}_{q}": enough and least[p] >= MIN_RECORDS
         for p in ("train", "holdout")
         for q in QUANTILES
     }
@@ -365,23 +450,26 @@ def check_shared(audit: dict, where: str) -> None:
     closer = dcr.get("closer_to_training_share")
     allowed["closer_to_training_share"] = (
         enough
-        and most["share"] >= MIN_RECORDS
-        and not (isinstance(closer, float) and small_count(closer, volumes))
+        and (dcr.get("share_subsampled_to") or 0) >= MIN_RECORDS
+        and not (_rate(closer) and small_count(closer, volumes))
     )
     fields = [(f"dcr.{key}", dcr.get(key), ok) for key, ok in allowed.items()]
     mia = audit["membership_inference"]
-    if mia is not None:
-        members, nonmembers = most["train"], most["holdout"]
-        both = members >= MIN_RECORDS and nonmembers >= MIN_RECORDS
+    if mia is not None and holdout is not None:
+        both = train[0] >= MIN_RECORDS and holdout[0] >= MIN_RECORDS
         fields += [
             (f"membership_inference.{k}", mia.get(k), both) for k in ("auc", "auc_uncalibrated")
         ]
         for key, target in FPR_TARGETS.items():
             tpr = mia.get(key)
-            count_ok = not (isinstance(tpr, float) and small_count(tpr, mia["n_members"]))
-            ok = both and target * nonmembers >= MIN_RECORDS and count_ok
+            count_ok = not (_rate(tpr) and small_count(tpr, *train))
+            ok = both and target * holdout[0] >= MIN_RECORDS and count_ok
             fields.append((f"membership_inference.{key}", tpr, ok))
     for name, value, ok in fields:
         if not _figure_ok(value, ok):
             raise _refuse(where, f"{name} is not a figure the site may share ({RULE})")
     _check_windows(dcr, volumes, where)
+    if any(dcr.get(f"nndr_{q}") is None for q in ("q05", "median")):
+        raise _refuse(
+            where, "dcr.nndr_q05 / nndr_median is null: that tells fewer than 2 training subjects"
+        )

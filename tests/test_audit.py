@@ -51,6 +51,8 @@ from fedsynth.common.audit_publication import (
     WITHHELD,
     attack,
     check_shared,
+    count_range,
+    public_count,
     quantile,
     quantiles,
     rounded,
@@ -390,9 +392,14 @@ def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_
     few = min(2 * MEMBERS, MEMBERS, NONMEMBERS) < FEW_SUBJECTS
     assert ("few records" in report["note"].lower()) is few
     assert report["membership_inference"] is None  # no checkpoint
-    # 24 volumes, 12 subjects a set, but fewer than 11 distinct held-out subjects nearest
+    # 24 volumes, 12 training subjects published as 10 (10 to 19): withheld on the
+    # published size, as it would be for 10 subjects (the distinct-subject gate: below)
     assert report["dcr"]["closer_to_training_share"] == (
-        f"{WITHHELD} {MIN_RECORDS} distinct nearest subjects in a set"
+        f"{WITHHELD} {MIN_RECORDS} subjects per set as published"
+    )
+    assert (
+        report["dcr"]["train_median"]
+        == f"{WITHHELD} {MIN_RECORDS} subjects in the set as published"
     )
     assert exact["dcr"]["closer_to_training_share"] == 1.0
     assert exact["dcr"]["train_median"] < 0.05  # the exact figures stay in --out
@@ -403,7 +410,7 @@ def test_cli_writes_private_pairs_and_prints_aggregates_only(site, cohorts, tmp_
     assert report["dcr"]["share_subsampled_to"] == 10
     assert (exact["training_subjects"], exact["holdout_subjects"]) == (MEMBERS, NONMEMBERS)
     assert report["cohort_sha256"] in printed
-    assert "OUTSIDE THE DP GUARANTEE" in printed and "nearest subjects in a set) of" in printed
+    assert "OUTSIDE THE DP GUARANTEE" in printed and "subjects per set as published) of" in printed
     text = printed + json.dumps(report)
     assert "sub-0" not in text and ".nii" not in text and str(site["root"]) not in text
     assert str(out) not in text and str(tmp_path) not in text
@@ -509,15 +516,17 @@ def test_cli_attack_on_a_model_that_is_its_own_reference(
     assert set(report) == TOP_KEYS and report["cohort_volumes"] == 4
     mia = report["membership_inference"]
     assert set(mia) == MIA_KEYS and mia["score"] == "reference loss - model loss"
-    assert mia["auc"] == 0.5  # all tied: the ROC is the diagonal
+    # 12 members publish 10, which may be 10 members: withheld (0.5 in --out: all tied)
+    assert mia["auc"] == mia["auc_uncalibrated"] == f"{WITHHELD} 11 members or non-members"
     # 1% of 24 non-members is not 11: the TPR would rest on one non-member's score
     assert mia["tpr_at_1pct_fpr"].startswith(WITHHELD)
     assert mia["tpr_at_0_1pct_fpr"].startswith(WITHHELD)
     exact = json.loads((tmp_path / "self" / "audit.json").read_text())["membership_inference"]
     assert exact["tpr_at_1pct_fpr"] == exact["tpr_at_0_1pct_fpr"] == 0.0
+    assert exact["auc"] == 0.5 and 0 <= exact["auc_uncalibrated"] <= 1
     assert (mia["n_members"], mia["n_nonmembers"]) == (10, 20)  # public sizes
     assert mia["fpr_resolution"] == rounded(1 / 20)
-    assert mia["loss_draws"] == LOSS_DRAWS and 0 <= mia["auc_uncalibrated"] <= 1
+    assert mia["loss_draws"] == LOSS_DRAWS
     assert_shareable(report)
 
 
@@ -548,9 +557,16 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
     assert (overfit["n_members"], overfit["n_nonmembers"]) == (10, 20)  # public sizes
     assert overfit["loss_draws"] == LOSS_DRAWS
     assert overfit["fpr_resolution"] == rounded(1 / 20)
+    # 12 members publish 10, which may be 10: the shared AUCs are withheld, the private
+    # files have them
+    assert overfit["auc"] == dp["auc"] == f"{WITHHELD} 11 members or non-members"
+    auc = [
+        json.loads((tmp_path / x / "audit.json").read_text())["membership_inference"]["auc"]
+        for x in ("a", "b")
+    ]
     sd = null_sd(MEMBERS, NONMEMBERS)  # about 0.10 here
-    assert overfit["auc"] >= 0.8
-    assert abs(dp["auc"] - 0.5) <= 1.5 * sd + 0.005  # as a model that learnt nothing of who
+    assert auc[0] >= 0.8
+    assert abs(auc[1] - 0.5) <= 1.5 * sd + 0.005  # as a model that learnt nothing of who
     # the TPRs at 1% FPR rest on one non-member of 24: only the private files have them
     tpr = [
         json.loads((tmp_path / x / "audit.json").read_text())["membership_inference"][
@@ -619,7 +635,7 @@ def test_no_two_shared_quantiles_differ_by_fewer_than_11_records():
     difference would be the copy's distance to the 12th volume. Only windows identical or
     disjoint are published, the median first."""
     values = np.array([0.001] + [0.1] * 12)
-    shared = quantiles(values, np.arange(13), "train")
+    shared = quantiles(values, np.arange(13), "train", 13)
     assert shared["train_median"] == rounded(float(values[1:12].mean()))
     for key in ("train_q05", "train_q25"):  # windows 0-10: one record from the median's
         assert shared[key] == f"{WITHHELD} {MIN_RECORDS} records apart from a published " + (
@@ -627,12 +643,14 @@ def test_no_two_shared_quantiles_differ_by_fewer_than_11_records():
         )
     # 40 volumes: q05 (0-10) and q25 (4-14) overlap, the median's (14-24) is disjoint
     # from q05's: median and q05 published, q25 (one record from the median's) withheld
-    spread = quantiles(np.linspace(0.01, 0.4, 40), np.arange(40), "t")
+    spread = quantiles(np.linspace(0.01, 0.4, 40), np.arange(40), "t", 40)
     assert isinstance(spread["t_median"], float) and isinstance(spread["t_q05"], float)
     assert spread["t_q25"].startswith(WITHHELD)
     # the same windows, published: the same figure, nothing to difference
     assert window_start(0.05, 11) == window_start(0.5, 11) == 0
-    assert all(isinstance(v, float) for v in quantiles(values[1:12], np.arange(11), "x").values())
+    assert all(
+        isinstance(v, float) for v in quantiles(values[1:12], np.arange(11), "x", 11).values()
+    )
 
 
 def _attack(tpr: float, members: int = 50, nonmembers: int = 12000) -> dict:
@@ -676,16 +694,19 @@ def test_the_closer_to_training_share_rests_on_11_distinct_subjects():
         nearest_holdout=torch.arange(m) % 40,
         nndr=None,
     )
-    shared = result.shared()
+    shared = result.shared(40, 40)
     assert shared["train_median"] == f"{WITHHELD} 11 distinct subjects behind it"
     assert shared["closer_to_training_share"] == (
         f"{WITHHELD} 11 distinct nearest subjects in a set"
     )
     spread = dataclasses.replace(result, nearest_subject=torch.arange(m) % 12)
-    assert spread.shared()["closer_to_training_share"] == 1.0
+    assert spread.shared(40, 40)["closer_to_training_share"] == 1.0
 
 
 # ------------------------------------------------------- what release --audit accepts
+
+
+NNDR = {"nndr_q05": 0.41, "nndr_median": 0.83}
 
 
 def shared_audit(**changes: object) -> dict:
@@ -702,7 +723,7 @@ def shared_audit(**changes: object) -> dict:
         "holdout_subjects": 12000,
         "subject_counts": "rounded",
         "seed": 0,
-        "dcr": {"train_median": 0.073, "share_subsampled_to": 40},
+        "dcr": {"train_median": 0.073, "share_subsampled_to": 40} | NNDR,
         "membership_inference": attack(_attack(0.5, 40)),
     }
     return audit | changes
@@ -798,3 +819,115 @@ def test_cli_publishes_exact_counts_only_when_the_site_opts_in(site, cohorts, tm
     assert "exceeds the 24 subjects" in refusal(capsys, *base, "--public-subjects", "25", *out)
     both = ["--public-subjects", "20", "--disclose-subject-count"]
     assert "give one" in refusal(capsys, *base, *both, *out)
+
+
+# ------------------------- withholding reads the published sizes, never the exact count
+
+
+def _mia(n_members: int, tpr: float = 0.0) -> dict:
+    """An attack's exact figures over `n_members` members and 2000 non-members."""
+    return _attack(tpr, n_members, 2000) | {"auc": 0.61, "auc_uncalibrated": 0.58}
+
+
+def _withheld_fields(shared: dict) -> dict[str, bool]:
+    return {k: isinstance(v, str) and v.startswith(WITHHELD) for k, v in shared.items()}
+
+
+def test_attack_withholding_does_not_tell_the_count_within_its_public_size():
+    """10 and 15 training subjects both publish 10 (`training_subjects: 10`): an AUC
+    withheld for 10 and shown for 15 would tell n = 10 from 11..19. A TPR of 0.95 over
+    members published as 220 leaves 11 unflagged of 220 but 10 of 221; 0.01 over a
+    declared 40 is 5 of 500 but 50 of 5000; a declared 5 may be 5 or 15."""
+    assert public_count(10) == public_count(15) == 10
+    assert public_count(220) == public_count(221) == 220
+    for (a, tpr_a), (b, tpr_b), members, mode in (
+        ((10, 0.0), (15, 0.0), 10, "rounded"),
+        ((220, 209 / 220), (221, 211 / 221), 220, "rounded"),
+        ((500, 5 / 500), (5000, 50 / 5000), 40, "declared"),
+        ((5, 0.0), (15, 0.0), 5, "declared"),
+    ):
+        assert rounded(tpr_a) == rounded(tpr_b)  # the same published figure
+        low = attack(_mia(a, tpr_a), members, 2000, mode)
+        high = attack(_mia(b, tpr_b), members, 2000, mode)
+        assert _withheld_fields(low) == _withheld_fields(high), (a, b, mode)
+    disclosed = attack(_mia(10), 10, 2000, "exact")
+    assert disclosed["auc"] == f"{WITHHELD} {MIN_RECORDS} members or non-members"
+    assert attack(_mia(11), 11, 2000, "exact")["auc"] == 0.61
+
+
+def test_share_withholding_does_not_tell_the_count_within_its_public_size():
+    """The share's set is published as its public size (10 for 10..19): the rule reads
+    that, so 10 and 19 subjects per set give the same answer."""
+    assert public_count(10) == public_count(19) == 10
+    out = share(0.5, 200, public_count(10), 11)
+    other = share(0.5, 200, public_count(19), 11)
+    assert out == other == f"{WITHHELD} {MIN_RECORDS} subjects per set as published"
+
+
+def test_dcr_withholding_does_not_tell_the_count_within_its_public_size():
+    """15 training subjects published as 10: quantiles and nndr withheld as for 10 (whose
+    windows cannot have 11 distinct subjects), and nndr withheld rather than null for a
+    single training subject (null would tell n = 1 from the 1 to 9 that publish 1)."""
+    m = 40
+    for subjects in (10, 15):
+        result = DcrResult(
+            summary={"closer_to_training_share": None, "share_subsampled_to": None},
+            nearest_subject=torch.arange(m) % subjects,
+            to_train=torch.linspace(0.01, 0.4, m, dtype=torch.float64),
+            to_holdout=None,
+            nearest_holdout=None,
+            nndr=torch.linspace(0.2, 0.9, m, dtype=torch.float64),
+        )
+        shared = result.shared(public_count(subjects), None)
+        for key in ("train_median", "train_q05", "nndr_median", "nndr_q05"):
+            assert shared[key] == f"{WITHHELD} {MIN_RECORDS} subjects in the set as published"
+    single = dataclasses.replace(result, nearest_subject=torch.zeros(m, dtype=torch.long))
+    shared = dataclasses.replace(single, nndr=None).shared(public_count(1), None)
+    assert (
+        shared["nndr_median"]
+        == shared["nndr_q05"]
+        == (f"{WITHHELD} {MIN_RECORDS} subjects in the set as published")
+    )
+
+
+def test_release_check_withholds_on_every_count_the_published_size_stands_for():
+    """check_shared takes the same worst case: an AUC or a DCR quantile over a training
+    set published as 10 (it may be 10 subjects) is refused, a TPR of 0.95 over members
+    published as 220 (it may leave 10 of 220 unflagged) too, and an nndr of null (it
+    would tell 1 training subject)."""
+    gone = f"{WITHHELD} {MIN_RECORDS} subjects in the set as published"
+    ten = shared_audit(training_subjects=10)
+    ten["dcr"] = {"train_median": gone, "nndr_q05": gone, "nndr_median": gone}
+    ten["dcr"]["share_subsampled_to"] = 10
+    ten["membership_inference"] = attack(_attack(0.0, 10), 10, 12000)
+    check_shared(ten, "audit.json")
+    with pytest.raises(FedsynthError, match=r"membership_inference\.auc is not a figure"):
+        check_shared(
+            ten | {"membership_inference": ten["membership_inference"] | {"auc": 0.61}}, "a"
+        )
+    with pytest.raises(FedsynthError, match=r"dcr\.train_median is not a figure"):
+        check_shared(ten | {"dcr": ten["dcr"] | {"train_median": 0.073}}, "audit.json")
+    big = shared_audit(training_subjects=220)
+    big["dcr"] = big["dcr"] | {"share_subsampled_to": 220}
+    big["membership_inference"] = attack(_attack(0.0, 220), 220, 12000)
+    check_shared(big, "audit.json")
+    mia = big["membership_inference"] | {"tpr_at_1pct_fpr": 0.95}
+    with pytest.raises(FedsynthError, match="tpr_at_1pct_fpr is not a figure"):
+        check_shared(big | {"membership_inference": mia}, "audit.json")
+    nndr = shared_audit(dcr=shared_audit()["dcr"] | {"nndr_median": None})
+    with pytest.raises(FedsynthError, match="nndr_q05 / nndr_median is null"):
+        check_shared(nndr, "audit.json")
+
+
+def test_a_published_rate_stands_for_every_count_it_may_round_from():
+    """small_count over a range of totals and the rates that round to the published one:
+    0.99 of 2000..2099 members may leave 10 unflagged (0.995 x 2000 flagged), 1.0 of 50
+    is all 50 (0.995 x 50 leaves under 1), 0.5 of 20 and up may be 10, 0.001 of 2000 and
+    up may be 2 (of 20000 and up at least 19)."""
+    assert small_count(0.99, 2000, 2099) and not small_count(1.0, 50)
+    assert small_count(0.5, 20, math.inf) and not small_count(0.5, 30, math.inf)
+    assert small_count(0.001, 2000, math.inf) and not small_count(0.001, 20000, math.inf)
+    assert not small_count(0.0, 20, math.inf)  # no member flagged: no cell
+    assert count_range(10, "rounded") == (10, 19) and count_range(1, "rounded") == (1, 9)
+    assert count_range(1200, "rounded") == (1200, 1299) and count_range(5, "exact") == (5, 5)
+    assert count_range(5, "declared") == (5, math.inf)
