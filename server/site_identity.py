@@ -161,9 +161,11 @@ def _attested_from(data: dict[str, Any], site: str, bound: str, new: str, named:
             )
         return named
     attested = {e["from"] for e in data["same_site"] if e["site"] == site}
-    candidates = sorted({i for i in released if i not in attested} | ({bound} - {new}))
+    candidates = sorted(({*released} - attested | {bound}) - {new})
+    if not held:
+        raise FedsynthError(f"{site}: no identity other than {new} held it: nothing to attest")
     if len(candidates) != 1:
-        why = "none" if not candidates else ", ".join(candidates)
+        why = ", ".join(candidates) or "none"
         raise FedsynthError(
             f"{site}: --same-site needs --from OLD, the identity {new} succeeds (identities "
             f"that held the name and were not attested to a successor: {why})"
