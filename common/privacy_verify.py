@@ -1,9 +1,17 @@
 """Recompute a released cohort's epsilons from the ledger copied beside its statement.
 
-Anyone holding a release (privacy.json + ledger.jsonl) can check it: for each site, the
-ledger lines that count (`charged`: trained rounds and no-reply estimates, less the
-estimates the site's own report replaced) are Opacus' accountant history; epsilon at the
-statement's delta must match what the statement says, for every site and the study.
+Anyone holding a release (privacy.json + ledger.jsonl, and site-identities.json when the
+study bound sites to identities) can check it, as the release itself did before it
+published (common/ledger_history.py, the same code):
+- every ledger line's epsilon recomputes from the lines before it (a deleted or edited
+  line shows unless every later line was rewritten too);
+- every line that replaces a no-reply estimate names an earlier estimate of the same site
+  and round, replaced once, by the site's report of a trained round with steps > 0 (or a
+  settling line with its valid beside line), from the estimate's identity or one attested
+  to succeed it in site-identities.json (without the file, only the estimate's own);
+- for each site, the lines that count (`charged`) are Opacus' accountant history; epsilon
+  at the statement's delta must match what the statement says, for every site and the
+  study, and the statement lists exactly those lines.
 """
 
 from __future__ import annotations
@@ -15,9 +23,12 @@ from pathlib import Path
 from fedsynth.common.accountant import epsilon
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger, segment_of
+from fedsynth.common.ledger_history import check_history
+from fedsynth.common.site_chain import read_identities_file
 
 STATEMENT = "privacy.json"
 LEDGER_COPY = "ledger.jsonl"
+IDENTITIES_COPY = "site-identities.json"  # shipped when the study wrote one
 REL_TOLERANCE = 1e-6  # the statement's floats went through JSON; the accountant is exact
 
 
@@ -25,7 +36,8 @@ def verify_release(folder: str | Path) -> dict[str, float]:
     """Site -> epsilon recomputed from folder/ledger.jsonl, each equal to folder/privacy.json's.
 
     Raises FedsynthError naming the file and the first difference (a missing or damaged
-    file, a site in one and not the other, an epsilon or delta that differs).
+    file, a ledger line whose epsilon or replacement does not hold, see the module doc, a
+    site in one and not the other, an epsilon or delta that differs).
     """
     folder = Path(folder).expanduser()
     path = folder / STATEMENT
@@ -56,6 +68,11 @@ def verify_release(folder: str | Path) -> dict[str, float]:
             f"{ledger_path}: sites {', '.join(sorted(sites))} differ from {path}'s "
             f"{', '.join(sorted(stated))}"
         )
+    identities = read_identities_file(folder / IDENTITIES_COPY)
+    try:
+        check_history(ledger, identities, delta, accountant, ledger_path)
+    except (TypeError, ValueError, KeyError):
+        raise FedsynthError(f"{ledger_path}: a line holds a field of the wrong type") from None
     recomputed = {}
     for site, claimed in stated.items():
         lines = charged(ledger, site)

@@ -27,9 +27,10 @@ from fedsynth.common.config import Config, PrivacyConfig, config_from_dict
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import read_json_object
 from fedsynth.common.ledger import charged, read_ledger
-from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, charged_epsilon, site_epsilons
+from fedsynth.common.ledger_history import check_history
+from fedsynth.server.privacy_ledger import ESTIMATE_TOLERANCE, site_epsilons
 from fedsynth.server.run_dir import LEDGER, STATE, SUMMARY, checkpoint_hashes, round_dir
-from fedsynth.server.site_identity import is_identity, read_identities, same_site_identities
+from fedsynth.server.site_identity import read_identities
 from fedsynth.server.study_terms import FIXED, TERMS, read_terms
 
 TOLERANCE = 1e-9  # relative: the same accountant on the same history gives the same float
@@ -111,88 +112,11 @@ def _check_line_types(ledger: list[dict], where: Path) -> None:
 
 
 def _check_line_history(ledger: list[dict], privacy: PrivacyConfig, where: Path) -> None:
-    """Every line says the site's epsilon after it (privacy_ledger.append_line computes it
-    from the lines before it): recomputing each one catches a line deleted, relabelled or
-    edited after it was written unless every later line was rewritten too. A line may
-    replace only an earlier no-reply estimate of the same site and round, and only with
-    the site's own report of a trained round, from an identity that speaks for the one
-    the estimate was charged to (itself, or by attested same-site chain in the run dir's
-    site-identities.json, server/site_identity.py), or settle it with such a line
-    reported beside it (privacy_ledger.settle_attested)."""
-    replacing = _Replacing(ledger, where.parent)
-    for number, e in enumerate(ledger, 1):
-        site = e["site"]
-        replaced = e.get("replaces_estimate")
-        if replaced and not replacing.allowed(number, e):
-            raise FedsynthError(
-                f"{where}, line {number}: replaces estimate {replaced!r}, which is not an "
-                f"earlier no-reply estimate of {site} in round {e['round']}, charged to the "
-                "same identity (or one it is attested to succeed), replaced by a trained "
-                "round the site reported"
-            )
-        recomputed = charged_epsilon(ledger[:number], site, privacy)
-        if not math.isclose(e["epsilon"], recomputed, rel_tol=TOLERANCE, abs_tol=TOLERANCE):
-            raise FedsynthError(
-                f"{where}, line {number}: says {site} is at epsilon {e['epsilon']:.6g}, the "
-                f"lines up to it give {recomputed:.6g}: the ledger was changed after it "
-                "was written"
-            )
-
-
-class _Replacing:
-    """Which lines may replace which estimates (see _check_line_history); the run dir's
-    site-identities.json is read once, and only when an identity changed."""
-
-    def __init__(self, ledger: list[dict], run_dir: Path) -> None:
-        self.ledger = ledger
-        self.run_dir = run_dir
-        self.settled: set[int] = set()  # beside lines (1-based) a settling line used
-        self._identities: dict | None = None
-
-    def allowed(self, number: int, line: dict) -> bool:
-        """Whether ledger line `number` (1-based), `line`, may replace its estimate."""
-        found = [
-            (at, e)
-            for at, e in enumerate(self.ledger[: number - 1], 1)
-            if e["site"] == line["site"]
-            and e.get("estimate")
-            and str(e["estimate"]) == str(line["replaces_estimate"])
-        ]
-        if not found or found[0][1]["round"] != line["round"]:
-            return False
-        at, estimate = found[0]
-        if not (line["status"] == "trained" and line.get("reported_by_site")):
-            return False
-        beside_number = line.get("settles_with_line")
-        if beside_number is None:
-            return line["steps"] > 0 and self._speaks_for(line, estimate)
-        if line["steps"] != 0 or not _whole(beside_number, at + 1) or beside_number >= number:
-            return False
-        if beside_number in self.settled:
-            return False
-        self.settled.add(beside_number)
-        beside = self.ledger[beside_number - 1]
-        return bool(
-            beside["site"] == line["site"]
-            and beside["round"] == line["round"]
-            and beside["status"] == "trained"
-            and beside.get("reported_by_site")
-            and beside["steps"] > 0
-            and not beside.get("replaces_estimate")
-            and beside.get("identity") == line.get("identity")
-            and self._speaks_for(beside, estimate)
-        )
-
-    def _speaks_for(self, line: dict, estimate: dict) -> bool:
-        """The line's identity is the estimate's, or speaks for it by attested chain."""
-        if line.get("identity") == estimate.get("identity"):
-            return True
-        if not is_identity(line.get("identity")):
-            return False
-        if self._identities is None:
-            self._identities = read_identities(self.run_dir)
-        speaks = same_site_identities(self._identities, line["site"], line["identity"])
-        return estimate.get("identity") in speaks
+    """Each line's epsilon recomputed from the lines before it, and each replacement of an
+    estimate checked against the run dir's site-identities.json (common/ledger_history.py,
+    the check `fedsynth privacy verify` runs on the published copy too)."""
+    identities = read_identities(where.parent)
+    check_history(ledger, identities, privacy.delta, privacy.accountant, where)
 
 
 def _check_terms(
@@ -315,13 +239,14 @@ def _over_target_why(ledger: list[dict], site: str, run_dir: Path) -> str:
             if e.get("reported_by_site") and e["round"] in rounds
         }
     )
+    from_old = f" --from {old[0]}" if len(old) == 1 and old[0].startswith(("key:", "node:")) else ""
     if not new:
         return f" ({len(estimates)} no-reply estimate(s) its own ledger has not replaced)"
     return (
         f": {len(estimates)} no-reply estimate(s) charged to {', '.join(old)} still count "
         f"beside the same round(s) it reported as {', '.join(new)}, which no same-site "
         "attestation links to them; if that is the same site, `fedsynth unbind-site --run "
-        f"{run_dir} --site {site} --same-site {new[-1]} --reason TEXT` attests it and "
+        f"{run_dir} --site {site} --same-site {new[-1]}{from_old} --reason TEXT` attests it and "
         "settles them, then release again"
     )
 

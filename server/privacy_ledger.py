@@ -43,13 +43,9 @@ from typing import Any
 from fedsynth.common.accountant import Segment, epsilon
 from fedsynth.common.config import Config, PrivacyConfig
 from fedsynth.common.ledger import append_entry, charged, ledger_lock, read_ledger, segment_of
+from fedsynth.common.site_chain import is_identity, same_site_identities
 from fedsynth.server.run_dir import LEDGER
-from fedsynth.server.site_identity import (
-    SITE_IDENTITIES,
-    is_identity,
-    read_identities,
-    same_site_identities,
-)
+from fedsynth.server.site_identity import SITE_IDENTITIES, read_identities
 from fedsynth.server.study import Study
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,8 @@ out/cohort.sha256      the SHA-256 of every file in cohort/ (common/cohort_hashe
 out/privacy.json       the statement (server/privacy_statement.py), naming the cohort's
                        fingerprint (the SHA-256 of cohort.sha256) that the audit checks
 out/ledger.jsonl       the study's ledger, from which every epsilon in it recomputes
+out/site-identities.json  which identity spoke for which site (when the study bound any):
+                       `fedsynth privacy verify` checks the ledger's replacements by it
 out/controllability.json, out/evaluation.json (with --reference), out/audits.json
 out/report.html        self-contained report (server/release_report.py)
 """
@@ -31,7 +33,12 @@ from fedsynth.common.cohort_hashes import write_cohort_hashes
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import resolve_device
-from fedsynth.common.privacy_verify import LEDGER_COPY, STATEMENT, verify_release
+from fedsynth.common.privacy_verify import (
+    IDENTITIES_COPY,
+    LEDGER_COPY,
+    STATEMENT,
+    verify_release,
+)
 from fedsynth.common.sampling import (
     COHORT,
     check_arguments,
@@ -150,6 +157,9 @@ def release(
         atomic_write_text(work / STATEMENT, json.dumps(statement, indent=2) + "\n", PUBLIC_MODE)
         shutil.copyfile(study.run_dir / "ledger.jsonl", work / LEDGER_COPY)
         (work / LEDGER_COPY).chmod(PUBLIC_MODE)
+        if (study.run_dir / IDENTITIES_COPY).is_file():  # verify checks replacements by it
+            shutil.copyfile(study.run_dir / IDENTITIES_COPY, work / IDENTITIES_COPY)
+            (work / IDENTITIES_COPY).chmod(PUBLIC_MODE)
         verify_release(work)  # the statement recomputes from the copy, as a reader will do
         evaluation = None
         if reference is not None:

@@ -44,8 +44,11 @@ name), as is a file whose bindings are not what this module writes.
 Same site, new identity: an estimate (server/privacy_ledger.py) is replaced only by a
 report from an identity that speaks for the identity it was charged to: itself, or a
 successor by a chain of `same_site` attestations, each old -> new for one name. The
-operator attests one with `fedsynth unbind-site --same-site IDENTITY` (the name passes to
-IDENTITY); a simulated run records one for each name it binds after its simulation
+operator attests one with `fedsynth unbind-site --same-site IDENTITY [--from OLD]` (the
+name passes to IDENTITY; OLD, an identity that held the name, is needed unless exactly
+one could be meant: the one bound now or released and not yet attested; never guessed
+among several, since one may be another node that took the name after a plain unbind,
+whose estimates must stay); a simulated run records one for each name it binds after its simulation
 released it (the same phantom site: its state folder is the run dir's, and no outside
 node can join). A plain unbind attests nothing: the new identity's reports only add. An
 estimate written before estimates named an identity counts as charged to the first
@@ -66,7 +69,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -77,6 +79,10 @@ from flwr.proto.node_pb2 import NodeInfo
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.ledger import ledger_lock, read_ledger
+from fedsynth.common.site_chain import (
+    is_identity,
+    read_identities_file,
+)
 from fedsynth.server.run_dir import LEDGER
 
 log = logging.getLogger(__name__)
@@ -97,78 +103,10 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-IDENTITY = re.compile(r"key:[0-9a-f]{64}|node:-?[0-9]+")
-
-
-def is_identity(value: object) -> bool:
-    """`key:<64 hex>` or `node:<int>`: what node_identity makes."""
-    return isinstance(value, str) and IDENTITY.fullmatch(value) is not None
-
-
-def _optional_int(value: object) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
-
-
-def _valid_binding(binding: object) -> bool:
-    return (
-        isinstance(binding, dict)
-        and is_identity(binding.get("identity"))
-        and _optional_int(binding.get("run"))
-        and _optional_int(binding.get("node"))
-        and isinstance(binding.get("bound"), str)
-        and isinstance(binding.get("simulated", False), bool)
-    )
-
-
-def _valid_release(record: object) -> bool:
-    return (
-        isinstance(record, dict)
-        and isinstance(record.get("site"), str)
-        and is_identity(record.get("identity"))
-        and record.get("by") in ("operator", "simulation")
-    )
-
-
-def _valid_attestation(record: object) -> bool:
-    return (
-        isinstance(record, dict)
-        and isinstance(record.get("site"), str)
-        and is_identity(record.get("from"))
-        and is_identity(record.get("to"))
-        and record.get("by") in ("operator", "simulation")
-    )
-
-
 def read_identities(run_dir: Path) -> dict[str, Any]:
-    """The run dir's bindings, releases and attestations; empty ones before any site was
-    bound (a missing file). Every record is checked strictly (identities as node_identity
-    makes them, the other fields' types). Raises FedsynthError naming the file otherwise."""
-    path = run_dir / SITE_IDENTITIES
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {"bindings": {}, "released": [], "same_site": []}
-    except (OSError, ValueError):
-        raise FedsynthError(f"{path}: not a readable site identities file") from None
-    if not isinstance(data, dict):
-        raise FedsynthError(f"{path}: not a site identities file (bindings, released)")
-    data.setdefault("same_site", [])  # files written before attestations
-    parts = [("bindings", dict), ("released", list), ("same_site", list)]
-    for key, kind in parts:
-        if not isinstance(data.get(key), kind):
-            raise FedsynthError(f"{path}: {key} is not a JSON {kind.__name__}")
-    for site, binding in data["bindings"].items():
-        if not _valid_binding(binding):
-            raise FedsynthError(
-                f"{path}: the binding of {site!r} is not an identity (key:<64 hex> or "
-                "node:<int>) with its run, node, bound and simulated fields"
-            )
-    checks = (("released", _valid_release), ("same_site", _valid_attestation))
-    for key, valid in checks:
-        for number, record in enumerate(data[key], 1):
-            if not valid(record):
-                raise FedsynthError(f"{path}: {key} record {number} is not well formed")
-    return data
+    """The run dir's bindings, releases and attestations (common/site_chain.py checks
+    them); empty ones before any site was bound. Raises FedsynthError naming the file."""
+    return read_identities_file(run_dir / SITE_IDENTITIES)
 
 
 def _read_guarded(run_dir: Path) -> dict[str, Any]:
@@ -183,26 +121,6 @@ def _read_guarded(run_dir: Path) -> dict[str, Any]:
             "bound"
         )
     return data
-
-
-def same_site_identities(data: dict[str, Any], site: str, identity: str) -> set[str | None]:
-    """`identity` and every identity it speaks for at `site` by a chain of same-site
-    attestations (module doc); None too when the chain holds the first identity the name
-    was bound to (which estimates written before estimates named an identity count as)."""
-    speaks: set[str | None] = {identity}
-    todo = [identity]
-    while todo:
-        current = todo.pop()
-        for edge in data["same_site"]:
-            if edge["site"] == site and edge["to"] == current and edge["from"] not in speaks:
-                speaks.add(edge["from"])
-                todo.append(edge["from"])
-    released = [r["identity"] for r in data["released"] if r["site"] == site]
-    bound = data["bindings"].get(site, {}).get("identity")
-    first = released[0] if released else bound
-    if first is not None and first in speaks:
-        speaks.add(None)
-    return speaks
 
 
 def _write(run_dir: Path, data: dict[str, Any]) -> None:
@@ -227,16 +145,52 @@ def _attest(data: dict[str, Any], site: str, old: str, new: str, by: str, reason
     data["same_site"].append(edge)
 
 
-def unbind(run_dir: Path, site: str, reason: str, same_site: str | None = None) -> dict[str, Any]:
+def _attested_from(data: dict[str, Any], site: str, bound: str, new: str, named: str | None) -> str:
+    """The identity `new` is attested to succeed at `site`: `named` (the operator's --from),
+    which must have held the name; without it the one candidate: the identity bound now
+    (when it is not `new`) or released from the name and not yet attested to any successor.
+    Never picked among several (one of them may be another node that took the name after a
+    plain unbind, whose estimates the site's reports must not settle). Raises FedsynthError."""
+    released = [r["identity"] for r in data["released"] if r["site"] == site]
+    held = {*released, bound} - {new}
+    if named is not None:
+        if not is_identity(named) or named not in held:
+            raise FedsynthError(
+                f"--from {named!r}: not an identity that held {site} other than {new} "
+                f"(held: {', '.join(sorted(held)) or 'none'})"
+            )
+        return named
+    attested = {e["from"] for e in data["same_site"] if e["site"] == site}
+    candidates = sorted(({*released} - attested | {bound}) - {new})
+    if not held:
+        raise FedsynthError(f"{site}: no identity other than {new} held it: nothing to attest")
+    if len(candidates) != 1:
+        why = ", ".join(candidates) or "none"
+        raise FedsynthError(
+            f"{site}: --same-site needs --from OLD, the identity {new} succeeds (identities "
+            f"that held the name and were not attested to a successor: {why})"
+        )
+    return candidates[0]
+
+
+def unbind(
+    run_dir: Path,
+    site: str,
+    reason: str,
+    same_site: str | None = None,
+    same_from: str | None = None,
+) -> dict[str, Any]:
     """The operator's step: release `site`'s binding so that the next identity to claim it
     at READY is bound to it (a running study sees it at its next READY); the estimates
     charged to the old identity stay charged. With `same_site` (an identity) the operator
-    attests that it is the same site: the name passes to it at once, and its reports may
-    replace the old identity's estimates (lines it reported beside them already are
-    settled, server/privacy_ledger.py). When the name is already bound to `same_site`
-    (after a plain unbind), the attestation is from the identity last released from it.
-    Returns the release record (or the attestation); raises FedsynthError when the run dir
-    binds no such site, or `same_site` is not an identity or speaks for another name."""
+    attests that it is the same site as `same_from` (an identity that held the name): the
+    name passes to `same_site` at once, and its reports may replace `same_from`'s
+    estimates (lines it reported beside them already are settled,
+    server/privacy_ledger.py). Without `same_from` the old identity is the one candidate
+    (_attested_from); with several (another node took the name after a plain unbind) the
+    attestation is refused, never guessed. Returns the release record (or the
+    attestation); raises FedsynthError when the run dir binds no such site, `same_site`
+    is not an identity or speaks for another name, or the old identity is not clear."""
     from fedsynth.server.privacy_ledger import settle_attested  # it reads this module
 
     with ledger_lock(run_dir / SITE_IDENTITIES):
@@ -246,6 +200,8 @@ def unbind(run_dir: Path, site: str, reason: str, same_site: str | None = None) 
             names = ", ".join(sorted(data["bindings"])) or "none"
             raise FedsynthError(f"{run_dir}: no binding for site {site!r} (bound: {names})")
         if same_site is None:
+            if same_from is not None:
+                raise FedsynthError("--from names the identity --same-site succeeds: give both")
             record = _release(data, site, "operator", reason)
             _write(run_dir, data)
             log.warning(
@@ -260,18 +216,11 @@ def unbind(run_dir: Path, site: str, reason: str, same_site: str | None = None) 
         if not is_identity(same_site):
             raise FedsynthError(f"--same-site {same_site!r}: not an identity (key:<64 hex>)")
         other = next((s for s, b in data["bindings"].items() if b["identity"] == same_site), None)
-        if bound == same_site:
-            released = [r["identity"] for r in data["released"] if r["site"] == site]
-            if not released or released[-1] == same_site:
-                raise FedsynthError(
-                    f"{run_dir}: {site} is bound to {same_site} and no earlier identity was "
-                    "released from it: nothing to attest"
-                )
-            old = released[-1]
-        elif other is not None:
+        if other is not None and other != site:
             raise FedsynthError(f"{run_dir}: {same_site} speaks for {other} already")
-        else:
-            old = _release(data, site, "operator", reason)["identity"]
+        old = _attested_from(data, site, bound, same_site, same_from)
+        if bound != same_site:
+            _release(data, site, "operator", reason)
             data["bindings"][site] = {
                 "identity": same_site,
                 "run": None,

@@ -12,8 +12,11 @@ nothing about who the new identity is.
 `--same-site IDENTITY` attests that IDENTITY (the refused node's, from the study's log
 line) is the same site under a new key: the name passes to it at once, the attestation
 is recorded old -> new, and its reports may replace the old identity's estimates (lines
-it already reported beside them are settled now). Given after a plain unbind, once
-IDENTITY holds the name, it attests from the identity released last.
+it already reported beside them are settled now). `--from OLD` names the identity it
+succeeds (one that held the name); it may be left out only when one identity could be
+meant (the one bound now, or the one released since the name's last attestation): after
+two plain unbinds another node may have held the name in between, and its estimates are
+not the site's to settle, so the tool refuses rather than pick.
 """
 
 from __future__ import annotations
@@ -41,6 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="attest that this identity (key:<sha256>, as the study logs it) is the same "
         "site: the name passes to it and its reports may replace the old identity's estimates",
     )
+    parser.add_argument(
+        "--from",
+        dest="same_from",
+        metavar="OLD",
+        help="with --same-site: the identity that held the name which IDENTITY succeeds "
+        "(needed when more than one could be meant)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,5 +62,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run).expanduser().resolve()
     if not run_dir.is_dir():
         raise FedsynthError(f"{run_dir}: no such run dir")
-    unbind(run_dir, args.site, args.reason, args.same_site)  # logs the operator's line
+    unbind(
+        run_dir, args.site, args.reason, args.same_site, args.same_from
+    )  # logs the operator's line
     return 0

@@ -457,3 +457,48 @@ def test_a_binding_that_is_not_one_is_one_line(tmp_path, binding):
     (tmp_path / SITE_IDENTITIES).write_text(json.dumps(record))
     with pytest.raises(FedsynthError, match=f"{SITE_IDENTITIES}: the binding of 'site-1'"):
         SiteNames(tmp_path, simulated=False).claim(2, [(12, KEY_B, "site-1")], run_id=5)
+
+
+def _round_5_line(status: str, identity: str, steps: int, **extra) -> dict:
+    return {
+        "round": 5,
+        "site": "site-1",
+        "noise_multiplier": 1.0,
+        "sample_rate": 0.5 if status == "no-reply" else 0.1,
+        "steps": steps,
+        "delta": 1e-5,
+        "epsilon": 0.0,
+        "accountant": "rdp",
+        "status": status,
+        "identity": identity,
+        **extra,
+    }
+
+
+def test_same_site_after_two_plain_unbinds_names_the_identity_it_succeeds(tmp_path):
+    """The site trains round 5 as A (reply lost: estimate), the operator unbinds, another
+    node C takes the name (estimate too), unbinds again, the site comes back as B and
+    reports round 5 beside A's estimate. `--same-site B` alone could mean A or C: refused
+    in one line; `--from A` settles A's estimate, and C's stays charged."""
+    from fedsynth.common.ledger import append_entry
+
+    ledger = tmp_path / "ledger.jsonl"
+    names = SiteNames(tmp_path, simulated=False)
+    assert names.claim(5, [(1, KEY_A, "site-1")], run_id=7) == {1}
+    append_entry(ledger, _round_5_line("no-reply", KEY_A, 40, estimate="5-aaaaaaaaaaaa"))
+    unbind(tmp_path, "site-1", "the site says it rotated its key")
+    assert names.claim(5, [(2, KEY_C, "site-1")], run_id=7) == {2}
+    append_entry(ledger, _round_5_line("no-reply", KEY_C, 40, estimate="5-cccccccccccc"))
+    unbind(tmp_path, "site-1", "that was not the site")
+    assert names.claim(6, [(3, KEY_B, "site-1")], run_id=7) == {3}
+    append_entry(ledger, _round_5_line("trained", KEY_B, 10, reported_by_site=True))
+    with pytest.raises(FedsynthError, match="needs --from OLD") as refused:
+        unbind(tmp_path, "site-1", "B is the site", same_site=KEY_B)
+    assert KEY_A in str(refused.value) and KEY_C in str(refused.value)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(FedsynthError, match="--from 'key:bb'"):
+        unbind(tmp_path, "site-1", "B is the site", same_site=KEY_B, same_from="key:bb")
+    argv = ["unbind-site", "--run", str(tmp_path), "--site", "site-1", "--reason", "same"]
+    assert fedsynth_main([*argv, "--same-site", KEY_B, "--from", KEY_A]) == 0
+    still = {e.get("estimate") for e in charged(read_ledger(ledger), "site-1")}
+    assert still == {"5-cccccccccccc", None}  # A's settled by B's report, C's stays
