@@ -135,6 +135,27 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _tls_superlink(certs: Path, port: int) -> list[str]:
+    """flower-superlink on 127.0.0.1:`port` as the runbook starts it: TLS with the
+    certificates of deploy/make-certs.sh in `certs`, node authentication, no runtime
+    dependency installation."""
+    return [
+        str(BIN / "flower-superlink"),
+        "--ssl-ca-certfile",
+        str(certs / "ca.crt"),
+        "--ssl-certfile",
+        str(certs / "server.crt"),
+        "--ssl-keyfile",
+        str(certs / "server.key"),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+
+
 def _start(
     cmd: list[str], home: Path, log: Path, extra: dict[str, str] | None = None
 ) -> subprocess.Popen:
@@ -418,23 +439,7 @@ def test_signed_app_deployment_one_round_rogue_app_and_unregistered_node_refused
         link_home.mkdir()
         procs.append(
             _start(
-                [
-                    str(BIN / "flower-superlink"),
-                    "--ssl-ca-certfile",
-                    str(certs / "ca.crt"),
-                    "--ssl-certfile",
-                    str(certs / "server.crt"),
-                    "--ssl-keyfile",
-                    str(certs / "server.key"),
-                    "--enable-supernode-auth",
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--database",
-                    str(tmp_path / "superlink.db"),
-                ],
+                [*_tls_superlink(certs, port), "--database", str(tmp_path / "superlink.db")],
                 link_home,
                 logs["superlink"],
                 {"FLWR_SUPERGRID_API_URL": hub},

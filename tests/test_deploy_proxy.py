@@ -26,7 +26,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy import BIN, DEPLOY, _env, _flwr, _free_port, _instructions, _script, _start, _stop
+from test_deploy import (
+    BIN,
+    DEPLOY,
+    _env,
+    _flwr,
+    _free_port,
+    _instructions,
+    _script,
+    _start,
+    _stop,
+    _tls_superlink,
+)
 
 TEMPLATE = DEPLOY / "fleet-proxy.conf.template"
 # the runbook's substitution: only these three, so nginx's own $variables stay
@@ -163,21 +174,7 @@ def test_fleet_proxy_admits_a_supernode_and_refuses_the_control_api(tmp_path):
         stack.callback(_stop, procs)
         procs.append(
             _start(
-                [
-                    str(BIN / "flower-superlink"),
-                    "--ssl-ca-certfile",
-                    str(certs / "ca.crt"),
-                    "--ssl-certfile",
-                    str(certs / "server.crt"),
-                    "--ssl-keyfile",
-                    str(certs / "server.key"),
-                    "--enable-supernode-auth",
-                    "--disable-runtime-dependency-installation",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(link_port),
-                ],
+                _tls_superlink(certs, link_port),
                 homes["superlink"],
                 tmp_path / "superlink.log",
             )
