@@ -4,9 +4,11 @@ Every reason a row cannot be used becomes a `Rejection` naming the row, the file
 nothing here raises in the middle of a pass over a site, and nothing writes into the
 site folder. Volumes are read with nibabel (whose errors say what is wrong with a file)
 and brought into the short-axis frame (common/orientation.py: slices last, base to apex,
-in-plane normalised), then go through a MONAI transform pipeline: resize to the model's
-shape, per-volume intensity scaling. Attributes are scaled by the config's declared
-ranges, never by statistics of the site's data, which would leak.
+in-plane normalised), then go through a MONAI transform pipeline: per-volume intensity
+scaling (percentiles of the volume itself, clipped), resize to the model's shape. The
+content is checked too (volume_content.py): a label map, a blank volume or values beyond
+float32 are refused, outliers and negative values warned about. Attributes are scaled
+by the config's declared ranges, never by statistics of the site's data, which would leak.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.orientation import OrientationError, to_short_axis
 from fedsynth.common.progress import progress
+from fedsynth.common.volume_content import ContentError, check_content
 
 MANIFEST = "manifest.csv"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class VolumeError(FedsynthError):
@@ -71,6 +75,15 @@ class Rejection:
     reason: str
 
 
+@dataclass(frozen=True)
+class RowWarning:
+    """What is doubtful about a usable manifest row (row is 1-based, header not counted)."""
+
+    row: int
+    file: str
+    reason: str
+
+
 @dataclass
 class SiteManifest:
     """The outcome of checking a site folder."""
@@ -78,7 +91,8 @@ class SiteManifest:
     root: Path
     records: list[Record] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[RowWarning] = field(default_factory=list)  # of usable rows
+    site_warnings: list[str] = field(default_factory=list)  # of the site as a whole
 
     def subjects(self) -> dict[str, list[Record]]:
         """Usable records grouped by subject, the privacy unit."""
@@ -93,7 +107,8 @@ class SiteManifest:
             "usable": len(self.records),
             "subjects": len(self.subjects()),
             "rejected": [{"row": r.row, "file": r.file, "reason": r.reason} for r in self.rejected],
-            "warnings": self.warnings,
+            "warnings": [{"row": w.row, "file": w.file, "reason": w.reason} for w in self.warnings],
+            "site_warnings": self.site_warnings,
         }
 
 
@@ -110,10 +125,13 @@ def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise VolumeError(f"voxel type {data.dtype} is not real-valued")
-    data = data.astype(np.float32)
-    bad = int(np.count_nonzero(~np.isfinite(data)))
+    bad = int(np.count_nonzero(~np.isfinite(data)))  # in the stored type: 1e300 is finite
     if bad:
         raise VolumeError(f"contains {bad} NaN/Inf voxels")
+    peak = max(abs(float(data.max())), abs(float(data.min())))
+    if peak > FLOAT32_MAX:
+        raise VolumeError(f"values up to {peak:.3g} do not fit in 32-bit floats")
+    data = data.astype(np.float32)
     if float(data.max()) == float(data.min()):
         raise VolumeError(f"constant image (every voxel is {float(data.min()):g})")
     return data, image.affine
@@ -302,24 +320,44 @@ def _first_line(exc: BaseException, path: Path | None = None) -> str:
 
 def volume_transform(data_cfg: DataConfig) -> Compose:
     """The MONAI pipeline from a channel-first MetaTensor, already in the short-axis frame
-    (see `load_volume`), to the model's input: (1, H, W, slices) in [0, 1]."""
+    (see `load_volume`), to the model's input: (1, H, W, slices) in [0, 1].
+
+    Intensities are scaled to [0, 1] between the volume's own percentiles and clipped
+    before the resize: a few voxels at absurd values then stay a few clipped voxels
+    instead of being smeared by the anti-aliasing into a range that blanks the rest."""
     low, high = data_cfg.intensity_percentiles
     return Compose(
         [
-            Resize(spatial_size=data_cfg.shape, mode="trilinear", anti_aliasing=True),
             ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
+            Resize(spatial_size=data_cfg.shape, mode="trilinear", anti_aliasing=True),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
 
 
+def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`read_nifti`, then the content checks of an MR magnitude image (volume_content.py):
+    raises VolumeError naming why the volume is no image; returns the warnings too."""
+    data, affine = read_nifti(path)
+    try:
+        warnings = check_content(data)
+    except ContentError as exc:
+        raise VolumeError(str(exc)) from None
+    return data, affine, warnings
+
+
 def load_volume(path: Path, transform: Compose) -> torch.Tensor:
-    """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex.
+    """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex."""
+    data, affine, _ = read_image(path)
+    return to_model(data, affine, transform)
+
+
+def to_model(data: np.ndarray, affine: np.ndarray, transform: Compose) -> torch.Tensor:
+    """A read volume (X, Y, Z) as the model's (1, H, W, slices) tensor in [0, 1].
 
     The volume is first permuted/flipped into the short-axis frame (orientation.py), so any
     oblique stack, stored in any axis order, reaches the model in the same layout.
     """
-    data, affine = read_nifti(path)
     try:
         data, affine = to_short_axis(data, affine)
     except OrientationError as exc:
@@ -417,8 +455,12 @@ def check_site(
     read_images: bool = True,
     show_progress: bool = True,
     keep_volumes: bool = False,
+    strict: bool = False,
 ) -> SiteManifest:
     """Check every manifest row of a site folder; usable rows become Records.
+
+    A row with warnings (a doubtful orientation or content) is usable and its warnings
+    are listed, or with `strict` it is rejected with them as the reason.
 
     With `read_images`, each volume is read fully and run through the model's transform,
     so a usable row is one training will not trip over; with `keep_volumes` too, each
@@ -430,7 +472,7 @@ def check_site(
     result = SiteManifest(root=root)
     has_subject = "subject" in header
     if not has_subject:
-        result.warnings.append(
+        result.site_warnings.append(
             "no 'subject' column: each row counts as its own subject; if a person has several "
             "volumes, add the column, or their privacy loss is counted per volume, not per person"
         )
@@ -461,7 +503,11 @@ def check_site(
             volume = None
             if transform is not None:  # read_images
                 _, notes = open_nifti(path, data_cfg.max_voxels)
-                checked = load_volume(path, transform)
+                data, affine, content = read_image(path)
+                notes += content
+                if strict and notes:
+                    raise ValueError(f"{'; '.join(notes)} (--strict)")
+                checked = to_model(data, affine, transform)
                 volume = checked if keep_volumes else None
                 digest = _file_digest(path)
                 if digest in seen_content:
@@ -475,7 +521,7 @@ def check_site(
             result.rejected.append(Rejection(row=number, file=file, reason=reason))
             continue
         result.records.append(Record(number, path, subject, values, label_path, volume))
-        result.warnings += [f"row {number} ({file}): {note}" for note in notes]
+        result.warnings += [RowWarning(row=number, file=file, reason=note) for note in notes]
     return result
 
 

@@ -192,7 +192,7 @@ def test_without_subject_column_each_row_is_a_subject_and_a_warning_says_so(tmp_
     dataset = SiteDataset(check_site(site, tiny_config.data, show_progress=False), tiny_config.data)
     assert dataset.subject_rows == [[0], [1]]
     result = check_site(site, tiny_config.data, show_progress=False)
-    assert any("no 'subject' column" in w for w in result.warnings)
+    assert any("no 'subject' column" in w for w in result.site_warnings)
 
 
 def test_open_site_refuses_a_site_with_no_usable_row(tmp_path, tiny_config):
@@ -229,7 +229,7 @@ def test_site_check_cli_json_and_read_only(tmp_path):
     assert len(report["rejected"]) == len(expected)
     assert {"row", "file", "reason"} == set(report["rejected"][0])
     assert snapshot(site) == before
-    assert not any("privacy.delta" in w for w in report["warnings"])
+    assert not any("privacy.delta" in w for w in report["site_warnings"])
 
 
 def test_site_check_warns_when_delta_is_not_below_one_over_subjects(tmp_path):
@@ -241,7 +241,7 @@ def test_site_check_warns_when_delta_is_not_below_one_over_subjects(tmp_path):
         "site-check", "--data-path", str(site), "--json", "--config", str(delta_config(tmp_path))
     )
     assert proc.returncode == 0
-    warnings = " ".join(json.loads(proc.stdout)["warnings"])
+    warnings = " ".join(json.loads(proc.stdout)["site_warnings"])
     assert "privacy.delta 0.5 is not below 1/2 subjects" in warnings
 
 
@@ -393,8 +393,8 @@ def test_a_site_opened_to_be_encoded_reads_each_file_once(tmp_path, monkeypatch)
     plain, _ = data_module.open_site(tmp_path / "site-1", config, show_progress=False)
     expected = [plain[i] for i in range(len(plain))]  # read from the files again
     reads = []
-    original = data_module.load_volume
-    monkeypatch.setattr(data_module, "load_volume", lambda *a: reads.append(a) or original(*a))
+    original = data_module.read_image
+    monkeypatch.setattr(data_module, "read_image", lambda *a: reads.append(a) or original(*a))
     kept, _ = data_module.open_site(
         tmp_path / "site-1", config, show_progress=False, keep_volumes=True
     )
