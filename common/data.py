@@ -32,11 +32,13 @@ from monai.transforms import (
     EnsureType,
     Resize,
     ScaleIntensityRangePercentiles,
+    Transform,
 )
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
+from scipy.ndimage import gaussian_filter1d
 
 from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
@@ -329,10 +331,31 @@ def volume_transform(data_cfg: DataConfig) -> Compose:
     return Compose(
         [
             ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
-            Resize(spatial_size=data_cfg.shape, mode="trilinear", anti_aliasing=True),
+            AntiAlias(data_cfg.shape),
+            Resize(spatial_size=data_cfg.shape, mode="trilinear"),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
+
+
+class AntiAlias(Transform):
+    """Gaussian smoothing before a resize to `shape` shrinks an axis, with the sigma that
+    MONAI's Resize(anti_aliasing=True) takes from skimage ((factor - 1) / 2 per shrunk axis).
+
+    scipy filters one axis at a time in memory of the volume's size; MONAI's convolution
+    unfolds the volume by the kernel width (1.8 GB to bring 256^3 to 64x64x16). Takes and
+    gives a channel-first (1, X, Y, Z) volume."""
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        self.shape = tuple(shape)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        data = np.asarray(image.detach().cpu().numpy()[0], dtype=np.float32)
+        for axis, (size, target) in enumerate(zip(data.shape, self.shape, strict=True)):
+            if size > target:
+                sigma = (size / target - 1) / 2
+                data = gaussian_filter1d(data, sigma, axis=axis, mode="nearest", truncate=4.0)
+        return torch.from_numpy(data)[None]
 
 
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
