@@ -4,8 +4,8 @@ Every reason a row cannot be used becomes a `Rejection` naming the row, the file
 nothing here raises in the middle of a pass over a site, and nothing writes into the
 site folder. Volumes are read with nibabel (whose errors say what is wrong with a file)
 and brought into the short-axis frame (common/orientation.py: slices last, base to apex,
-in-plane normalised), then go through a MONAI transform pipeline: per-volume intensity
-scaling (percentiles of the volume itself, clipped), resize to the model's shape. The
+in-plane normalised), outliers clipped, then go through a MONAI transform pipeline: resize
+to the model's shape, intensity scaling between percentiles of the volume itself. The
 content is checked too (volume_content.py): a label map, a blank volume or values beyond
 float32 are refused, outliers and negative values warned about. Attributes are scaled
 by the config's declared ranges, never by statistics of the site's data, which would leak.
@@ -44,7 +44,7 @@ from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.orientation import OrientationError, to_short_axis
 from fedsynth.common.progress import progress
-from fedsynth.common.volume_content import ContentError, check_content
+from fedsynth.common.volume_content import ContentError, check_content, clip_outliers
 
 MANIFEST = "manifest.csv"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -322,17 +322,14 @@ def _first_line(exc: BaseException, path: Path | None = None) -> str:
 
 def volume_transform(data_cfg: DataConfig) -> Compose:
     """The MONAI pipeline from a channel-first MetaTensor, already in the short-axis frame
-    (see `load_volume`), to the model's input: (1, H, W, slices) in [0, 1].
-
-    Intensities are scaled to [0, 1] between the volume's own percentiles and clipped
-    before the resize: a few voxels at absurd values then stay a few clipped voxels
-    instead of being smeared by the anti-aliasing into a range that blanks the rest."""
+    (see `load_volume`), to the model's input: (1, H, W, slices) in [0, 1], scaled between
+    the volume's own intensity percentiles (outliers were clipped before: `to_model`)."""
     low, high = data_cfg.intensity_percentiles
     return Compose(
         [
-            ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
             AntiAlias(data_cfg.shape),
             Resize(spatial_size=data_cfg.shape, mode="trilinear"),
+            ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
             EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
         ]
     )
@@ -379,8 +376,11 @@ def to_model(data: np.ndarray, affine: np.ndarray, transform: Compose) -> torch.
     """A read volume (X, Y, Z) as the model's (1, H, W, slices) tensor in [0, 1].
 
     The volume is first permuted/flipped into the short-axis frame (orientation.py), so any
-    oblique stack, stored in any axis order, reaches the model in the same layout.
+    oblique stack, stored in any axis order, reaches the model in the same layout. Voxels
+    far outside its intensity range are clipped (volume_content.clip_outliers) before the
+    resize, which would smear a few voxels at 1e30 into a range that blanks the rest.
     """
+    data = clip_outliers(data)
     try:
         data, affine = to_short_axis(data, affine)
     except OrientationError as exc:

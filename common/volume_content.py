@@ -48,14 +48,13 @@ def check_content(data: np.ndarray) -> list[str]:
             f"values ({shown})"
         )
     warnings = []
-    low, high = np.percentile(data, [0.5, 99.5])
-    spread = max(float(high - low), float(np.finfo(np.float32).tiny))
-    outliers = int(np.count_nonzero(np.abs(data - median) > OUTLIER_RANGES * spread))
+    low, high = _outlier_bounds(data)
+    outliers = int(np.count_nonzero((data < low) | (data > high)))
     if outliers:
         warnings.append(
             f"{outliers} voxels lie far outside the intensity range (up to "
-            f"{float(np.max(np.abs(data))):.3g}; "
-            f"99.5th percentile {float(high):g}): clipped before scaling"
+            f"{float(np.max(np.abs(data))):.3g}; 99.5th percentile "
+            f"{float(np.percentile(data, 99.5)):g}): clipped before scaling"
         )
     negative = int(np.count_nonzero(data < 0))
     if negative > MAX_NEGATIVE_FRACTION * data.size:
@@ -76,3 +75,20 @@ def _few_values(data: np.ndarray) -> np.ndarray | None:
         return None
     values = np.unique(data)
     return values if len(values) <= MAX_LABEL_VALUES else None
+
+
+def clip_outliers(data: np.ndarray) -> np.ndarray:
+    """`data` with voxels beyond the outlier bounds (see `_outlier_bounds`) set to them: a
+    few voxels at 1e30 must not dominate the resize and the percentile scaling after it.
+    A volume without outliers is returned as it is."""
+    low, high = _outlier_bounds(data)
+    if float(data.min()) >= low and float(data.max()) <= high:
+        return data
+    return np.clip(data, low, high)
+
+
+def _outlier_bounds(data: np.ndarray) -> tuple[float, float]:
+    """median -/+ OUTLIER_RANGES times the volume's 0.5th-99.5th percentile range."""
+    low, median, high = np.percentile(data, [0.5, 50, 99.5])
+    spread = OUTLIER_RANGES * max(float(high - low), float(np.finfo(np.float32).tiny))
+    return float(median) - spread, float(median) + spread

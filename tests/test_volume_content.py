@@ -124,7 +124,7 @@ def test_a_phantom_manifest_with_image_and_label_swapped_is_refused_row_by_row(
 
 
 def test_a_few_voxels_at_1e30_do_not_blank_the_volume(tmp_path, tiny_config):
-    """Percentiles are taken and the volume clipped before the resize smears the spikes."""
+    """Outliers are clipped before the resize would smear the spikes over their neighbours."""
     clean = blob_volume((48, 40, 12), seed=6)
     spiked = clean.copy()
     spiked[[4, 20, 40], [5, 18, 30], [2, 6, 10]] = 1e30
