@@ -57,7 +57,7 @@ def load_labelled(
     for i, record in records:
         if record.label is None:
             continue
-        data, affine = to_short_axis(*read_nifti(record.label))
+        data, affine = to_short_axis(*read_nifti(record.label, data_cfg.max_voxels))
         label = MetaTensor(torch.from_numpy(np.rint(data))[None], affine=torch.as_tensor(affine))
         images.append(volumes[i] if volumes is not None else load_volume(record.image, image_tf))
         labels.append(label_tf(label))

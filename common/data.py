@@ -114,13 +114,13 @@ class SiteManifest:
         }
 
 
-def read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_nifti(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume fully; raise VolumeError with the reason it is unusable.
 
     Returns the voxels as float32 of shape (X, Y, Z) and the 4x4 voxel-to-world affine
-    (mm) that nibabel picks (see `open_nifti`).
+    (mm) that nibabel picks (see `open_nifti`, which `max_voxels` is passed to).
     """
-    image, _ = open_nifti(path)
+    image, _ = open_nifti(path, max_voxels)
     try:
         data = np.asanyarray(image.dataobj).reshape(image.shape[:3])
     except (EOFError, zlib.error, OSError, ValueError) as exc:
@@ -526,6 +526,11 @@ def check_site(
             volume = None
             if transform is not None:  # read_images
                 _, notes = open_nifti(path, data_cfg.max_voxels)
+                if label_path is not None:  # read later (anatomy.py): its size is checked now
+                    try:
+                        open_nifti(label_path, data_cfg.max_voxels)
+                    except VolumeError as exc:
+                        raise VolumeError(f"label {label}: {exc}") from None
                 data, affine, content = read_image(path)
                 notes += content
                 if strict and notes:

@@ -13,7 +13,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
-from sitefiles import blob_volume, save_nifti, write_site
+from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
 
 from fedsynth.common.data import MAX_EXTENSION_BYTES
 
@@ -54,6 +54,9 @@ def bomb_site(root):
     # an uncompressed file with bytes past what its header declares
     (root / "tail.nii").write_bytes(header_bytes((24, 20, 6)) + volume + bytes(4096))
     save_nifti(root / "control.nii.gz", blob_volume(seed=1))
+    # a usable image whose label map (read later, for the anatomy meter) is a bomb
+    save_nifti(root / "labelled.nii.gz", blob_volume(seed=2))
+    bomb(root / "label.nii.gz", header_bytes((24, 20, 6), np.uint8) + bytes(2880), 4)
     expected = {
         "trailing.nii.gz": "decompresses to more than the 11872 bytes its header declares "
         "(352 of header and extensions, 24x20x6 voxels of 4 bytes): not the volume it describes",
@@ -64,8 +67,16 @@ def bomb_site(root):
         "tail.nii": "holds more than the 11872 bytes its header declares (352 of header and "
         "extensions, 24x20x6 voxels of 4 bytes): not the volume it describes",
         "control.nii.gz": None,
+        "labelled.nii.gz": "label label.nii.gz: decompresses to more than the 3232 bytes its "
+        "header declares (352 of header and extensions, 24x20x6 voxels of 1 bytes): not the "
+        "volume it describes",
     }
-    write_site(root, [{"image": name, "subject": f"s{i}"} for i, name in enumerate(expected)])
+    labels = {"labelled.nii.gz": "label.nii.gz"}
+    rows = [
+        {"image": name, "label": labels.get(name, ""), "subject": f"s{i}"}
+        for i, name in enumerate(expected)
+    ]
+    write_site(root, rows, ["image", "label", "subject", *GOOD_ATTRIBUTES])
     return expected
 
 
