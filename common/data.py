@@ -40,6 +40,7 @@ from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 from scipy.ndimage import gaussian_filter1d
 
+from fedsynth.common.attribute_checks import coding, parse_coded
 from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.orientation import OrientationError, to_short_axis
@@ -398,6 +399,8 @@ def scale_attributes(values: Mapping[str, float], attributes: Sequence[Attribute
 
 def parse_attribute(text: str | None, attribute: Attribute) -> float:
     """One manifest cell -> a number within the attribute's declared range, or ValueError."""
+    if (codes := coding(attribute)) is not None:  # e.g. sex, "0=female,1=male"
+        return parse_coded(text, attribute, codes)
     label = f"attribute {attribute.name}"
     if text is None or not text.strip():
         raise ValueError(f"{label} is missing")
