@@ -8,19 +8,20 @@ in-plane normalised), outliers clipped, then go through a MONAI transform pipeli
 to the model's shape, intensity scaling between percentiles of the volume itself. The
 content is checked too (volume_content.py): a label map, a blank volume or values beyond
 float32 are refused, outliers and negative values warned about. Attributes are scaled
-by the config's declared ranges, never by statistics of the site's data, which would leak.
+by the config's declared ranges, never by statistics of the site's data, which would leak;
+coded and physiologically contradictory ones are refused (attribute_checks.py). Rows are
+grouped into subjects, one per person (subject_identity.py).
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import math
 import os
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import nibabel as nib
@@ -45,6 +46,7 @@ from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.orientation import OrientationError, to_short_axis
 from fedsynth.common.progress import progress
+from fedsynth.common.subject_identity import SubjectUnits
 from fedsynth.common.volume_content import ContentError, check_content, clip_outliers
 
 MANIFEST = "manifest.csv"
@@ -62,7 +64,7 @@ class Record:
 
     row: int
     image: Path
-    subject: str
+    subject: str  # the person's privacy unit: see subject_identity.py
     attributes: Mapping[str, float]
     label: Path | None = None  # the optional `label` column: a label map (public phantoms)
     # the model's input as the check read it (read_images): SiteDataset reads no file twice
@@ -488,6 +490,11 @@ def check_site(
     A row with warnings (a doubtful orientation or content) is usable and its warnings
     are listed, or with `strict` it is rejected with them as the reason.
 
+    Each Record's subject is its person's privacy unit (subject_identity.py): ids are
+    compared normalised, a row naming the file or holding the voxels of an earlier row is a
+    duplicate and makes both ids one subject (a site warning names the rows), and rows of
+    one subject whose sex, age or BMI disagree are refused or warned about.
+
     With `read_images`, each volume is read fully and run through the model's transform,
     so a usable row is one training will not trip over; with `keep_volumes` too, each
     Record keeps that transformed volume (data.shape floats per row, held in memory) so
@@ -503,8 +510,7 @@ def check_site(
             "volumes, add the column, or their privacy loss is counted per volume, not per person"
         )
     transform = volume_transform(data_cfg) if read_images else None
-    seen_paths: dict[Path, int] = {}
-    seen_content: dict[str, int] = {}
+    units = SubjectUnits(data_cfg.attributes)
     for number, row in enumerate(progress(rows, "site-check", show_progress), start=1):
         file = (row.get("image") or "").strip()
         path = root
@@ -520,15 +526,15 @@ def check_site(
             if not subject:
                 raise ValueError("no subject id")
             values = {a.name: parse_attribute(row.get(a.name), a) for a in data_cfg.attributes}
+            identity = units.check_row(number, subject, values)
+            notes = identity.notes
             path = site_path(root, file)
             label = (row.get("label") or "").strip()
             label_path = site_path(root, label, "label") if label else None
-            if path in seen_paths:
-                raise ValueError(f"duplicate of row {seen_paths[path]} (same image)")
-            seen_paths[path] = number
+            units.check_path(identity, path)
             volume = None
             if transform is not None:  # read_images
-                _, notes = open_nifti(path, data_cfg.max_voxels)
+                notes += open_nifti(path, data_cfg.max_voxels)[1]
                 if label_path is not None:  # read later (anatomy.py): its size is checked now
                     try:
                         open_nifti(label_path, data_cfg.max_voxels)
@@ -536,14 +542,11 @@ def check_site(
                         raise VolumeError(f"label {label}: {exc}") from None
                 data, affine, content = read_image(path)
                 notes += content
+                units.check_content(identity, data, affine)  # the same scan under another id
                 if strict and notes:
                     raise ValueError(f"{'; '.join(notes)} (--strict)")
                 checked = to_model(data, affine, transform)
                 volume = checked if keep_volumes else None
-                digest = _file_digest(path)
-                if digest in seen_content:
-                    raise ValueError(f"duplicate of row {seen_content[digest]} (identical file)")
-                seen_content[digest] = number
         except (ValueError, VolumeError) as exc:
             result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
             continue
@@ -551,8 +554,12 @@ def check_site(
             reason = f"could not be read ({_root_cause(exc, path)})"
             result.rejected.append(Rejection(row=number, file=file, reason=reason))
             continue
+        units.accept(identity)
         result.records.append(Record(number, path, subject, values, label_path, volume))
         result.warnings += [RowWarning(row=number, file=file, reason=note) for note in notes]
+    subject_of = units.subjects()  # one person, one subject: ids merged where one person
+    result.records = [replace(r, subject=subject_of[r.row]) for r in result.records]
+    result.site_warnings += units.warnings
     return result
 
 
@@ -574,14 +581,6 @@ def site_path(root: Path, text: str, column: str = "image") -> Path:
     if "\\" in text and not path.exists():
         raise ValueError(f"{column} file not found: the path uses backslashes (use /)")
     return path
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class SiteDataset(torch.utils.data.Dataset):

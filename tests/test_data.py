@@ -114,8 +114,14 @@ def test_duplicates_and_ragged_rows(tmp_path, tiny_config):
     result = check_site(site, tiny_config.data, show_progress=False)
     assert [r.row for r in result.records] == [1, 2]
     reasons = {r.row: r.reason for r in result.rejected}
-    assert reasons[3] == "duplicate of row 1 (same image)"
-    assert reasons[4] == "duplicate of row 1 (identical file)"
+    assert (
+        reasons[3]
+        == "duplicate of row 1 (same image); subject ids 's1' and 's3' count as one subject"
+    )
+    assert (
+        reasons[4]
+        == "duplicate of row 1 (same voxels); subject ids 's1' and 's4' count as one subject"
+    )
     assert "different number of fields" in reasons[5]
 
 
@@ -166,6 +172,7 @@ def test_dataset_groups_subjects_and_scales_attributes_by_declared_range(tmp_pat
                     "subject": f"sub{i}",
                     "phase": phase,
                     "lvef": 10 + 25 * i,
+                    "lvesv": 150 - 1.5 * (10 + 25 * i),  # lvedv 150: the volumes give the EF
                 }
             )
     write_site(site, rows)
@@ -301,7 +308,8 @@ def test_manifest_paths_must_stay_inside_the_site_folder(tmp_path, tiny_config):
         5: "image path leads out of the site folder through a symlink",
         6: "image path leads out of the site folder through a symlink",
         7: "image path leads out of the site folder (..)",
-        9: "duplicate of row 1 (same image)",  # inside the folder: followed, then deduplicated
+        # inside the folder: followed, then deduplicated
+        9: "duplicate of row 1 (same image); subject ids 's1' and 's9' count as one subject",
         10: "label path leads out of the site folder (..)",
     }
 
