@@ -133,6 +133,7 @@ from fedsynth.common.models import ConditionedUNet, resolve_device
 from fedsynth.common.orientation import short_axis_ornt
 from fedsynth.common.progress import progress
 from fedsynth.common.sampling import COHORT, montage
+from fedsynth.common.subject_identity import normalise_id
 
 NOTE = (
     "Outside the DP guarantee: computed at the site from its private training and held-out "
@@ -334,12 +335,14 @@ def _manifest(folder: Path, data_cfg: DataConfig, option: str) -> SiteManifest:
 
 
 def check_disjoint(train_folder: Path, holdout_folder: Path, data_cfg: DataConfig) -> None:
-    """Held-out subjects must be ones the model never saw: no shared image or subject id.
-    From the manifests alone, before any volume is read."""
+    """Held-out subjects must be ones the model never saw: no shared image or subject id
+    (compared normalised). From the manifests alone, before any volume is read."""
     train = _manifest(train_folder, data_cfg, "--data-path")
     holdout = _manifest(holdout_folder, data_cfg, "--holdout")
     images = {r.image for r in train.records} & {r.image for r in holdout.records}
-    subjects = set(train.subjects()) & set(holdout.subjects())
+    subjects = {normalise_id(s) for s in train.subjects()} & {
+        normalise_id(s) for s in holdout.subjects()
+    }  # "José-001" and "JOSÉ-001" are one person's id (subject_identity.py)
     if images or subjects:
         raise FedsynthError(
             f"--holdout shares {len(images)} image(s) and {len(subjects)} subject id(s) with "

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from sitefiles import blob_volume, save_nifti, write_site
 
+from fedsynth.client.audit import check_disjoint
 from fedsynth.common.data import SiteDataset, check_site
+from fedsynth.common.errors import FedsynthError
 from fedsynth.common.subject_identity import normalise_id
 
 
@@ -261,3 +263,13 @@ def test_phantom_rows_pass_the_attribute_checks(phantom_root, tiny_config):
         result = check_site(phantom_root / folder, tiny_config.data, show_progress=False)
         assert result.records and not result.rejected, result.rejected
         assert not result.site_warnings
+
+
+def test_a_holdout_sharing_an_id_in_another_spelling_is_refused(tmp_path, tiny_config):
+    train, holdout = tmp_path / "train", tmp_path / "holdout"
+    save_nifti(train / "a.nii.gz", scan(1).astype(np.float32))
+    save_nifti(holdout / "b.nii.gz", scan(2).astype(np.float32))
+    write_site(train, [{"image": "a.nii.gz", "subject": SPELLINGS[0]}])
+    write_site(holdout, [{"image": "b.nii.gz", "subject": SPELLINGS[4]}])
+    with pytest.raises(FedsynthError, match=r"shares 0 image\(s\) and 1 subject id\(s\)"):
+        check_disjoint(train, holdout, tiny_config.data)
