@@ -50,6 +50,28 @@ def normalise_id(raw: str) -> str:
     return unicodedata.normalize("NFKC", text.casefold())
 
 
+def how_they_differ(a: str, b: str) -> str:
+    """What `normalise_id` sets aside between two spellings of one key, for a message
+    ('case', 'invisible characters and case', ...): an NFC and an NFD spelling print alike."""
+    differences, plain = [], []
+    for spelling in (a, b):
+        composed = unicodedata.normalize("NFC", spelling)
+        if composed != spelling:
+            differences.append("Unicode composition (NFC/NFD)")
+        if unicodedata.normalize("NFKC", composed) != composed:
+            differences.append("compatibility characters (full-width digits, ligatures)")
+        visible = "".join(c for c in spelling if unicodedata.category(c) != "Cf")
+        if visible != spelling:
+            differences.append("invisible characters")
+        if visible != visible.strip():
+            differences.append("surrounding whitespace")
+        plain.append(unicodedata.normalize("NFKC", visible).strip())
+    if plain[0] != plain[1] and plain[0].casefold() == plain[1].casefold():
+        differences.append("case")
+    unique = list(dict.fromkeys(differences)) or ["Unicode form"]
+    return " and ".join(unique) if len(unique) < 3 else f"{', '.join(unique[:-1])} and {unique[-1]}"
+
+
 def content_fingerprint(data: np.ndarray, affine: np.ndarray) -> str:
     """SHA-256 of a decoded volume's voxels (X, Y, Z; after scl_slope/inter, as float32)
     in the short-axis frame, with their shape: the same for the same scan in any file
@@ -126,7 +148,7 @@ class SubjectUnits:
         if spelling not in first.spellings and (refusals or warnings):
             self.refused[spelling] = (
                 f"subject id {spelling!r} is the same id as {first.spelling!r} (row {first.row}) "
-                "once case, Unicode form and invisible characters are set aside, but "
+                f"but for {how_they_differ(first.spelling, spelling)}, and "
                 f"{'; '.join(refusals + warnings)}: two people whose ids collide; "
                 "give one of them another id"
             )
@@ -191,10 +213,11 @@ class SubjectUnits:
         )
         if identity.spelling not in first.spellings:
             first.spellings.add(identity.spelling)
+            how = how_they_differ(first.spelling, identity.spelling)
             self.warnings.append(
                 f"subject ids {first.spelling!r} (row {first.row}) and {identity.spelling!r} "
-                f"(row {identity.row}) differ only in case, Unicode form or invisible "
-                "characters and their attributes agree: counted as one subject"
+                f"(row {identity.row}) differ only in {how} and their attributes agree: "
+                "counted as one subject"
             )
         if identity.fingerprint is not None:
             self.used.setdefault(identity.fingerprint, identity.row)

@@ -151,6 +151,16 @@ def test_ids_that_differ_only_in_form_are_one_subject(tmp_path, tiny_config):
     ]
     assert len(result.site_warnings) == len(SPELLINGS) - 1
     assert all(f"subject ids {NFC!r} (row 1) and" in w for w in result.site_warnings)
+    differences = [
+        w.split("differ only in ")[1].split(" and their")[0] for w in result.site_warnings
+    ]
+    assert differences == [
+        "Unicode composition (NFC/NFD)",
+        "invisible characters",
+        "compatibility characters (full-width digits, ligatures)",
+        "invisible characters, surrounding whitespace and case",
+        "invisible characters",
+    ]
 
 
 def test_colliding_ids_of_people_whose_sex_differs_are_refused(tmp_path, tiny_config):
@@ -169,8 +179,8 @@ def test_colliding_ids_of_people_whose_sex_differs_are_refused(tmp_path, tiny_co
     assert [r.row for r in result.rejected] == [2, 3]
     for rejection in result.rejected:
         assert rejection.reason.startswith(
-            "subject id 'ANNA-7' is the same id as 'Anna-7' (row 1) once case, Unicode form "
-            "and invisible characters are set aside, but sex 1 (male) here, 0 (female) in row 1"
+            "subject id 'ANNA-7' is the same id as 'Anna-7' (row 1) but for case, and "
+            "sex 1 (male) here, 0 (female) in row 1"
         ), rejection.reason
         assert "two people whose ids collide" in rejection.reason
 
