@@ -144,8 +144,9 @@ class SubjectUnits:
         first = self.people.get(key)
         if first is None:
             return identity
-        refusals, warnings = self._compare(first, person)
-        if spelling not in first.spellings and (refusals or warnings):
+        collides = spelling not in first.spellings
+        refusals, warnings = self._compare(first, person, f"in row {row}" if collides else "here")
+        if collides and (refusals or warnings):
             self.refused[spelling] = (
                 f"subject id {spelling!r} is the same id as {first.spelling!r} (row {first.row}) "
                 f"but for {how_they_differ(first.spelling, spelling)}, and "
@@ -158,8 +159,11 @@ class SubjectUnits:
         identity.notes += [f"{w} of subject {first.spelling!r}" for w in warnings]
         return identity
 
-    def _compare(self, first: _Person, person: Mapping[str, float]) -> tuple[list[str], list[str]]:
-        """Disagreements of a row with the subject's first row: (refusing, warned)."""
+    def _compare(
+        self, first: _Person, person: Mapping[str, float], where: str
+    ) -> tuple[list[str], list[str]]:
+        """Disagreements of a row (`where`: 'here' or 'in row N') with the subject's first
+        row: (refusing, warned)."""
         refusals: list[str] = []
         warnings: list[str] = []
         for name, value in person.items():
@@ -167,7 +171,7 @@ class SubjectUnits:
             if abs(value - earlier) <= (tolerance or 0.0):
                 continue
             attribute = self.by_name[name]
-            text = f"{name} {describe(value, attribute)} here, {describe(earlier, attribute)}"
+            text = f"{name} {describe(value, attribute)} {where}, {describe(earlier, attribute)}"
             text += f" in row {first.row}"
             (refusals if tolerance is None else warnings).append(text)
         return refusals, warnings
@@ -181,7 +185,7 @@ class SubjectUnits:
             raise ValueError(f"duplicate of row {earlier.row} (same image){merged}")
 
     def check_content(self, identity: RowIdentity, data: np.ndarray, affine: np.ndarray) -> None:
-        """Fingerprint the row's decoded voxels (X, Y, Z) with their affine; the same voxels
+        """Fingerprint the row's decoded voxels (X, Y, Z, oriented by the affine); the same voxels
         as an earlier row's (usable or not) make their ids one subject, and a ValueError
         refuses this row as a duplicate when the earlier row is usable."""
         identity.fingerprint = content_fingerprint(data, affine)
