@@ -193,7 +193,9 @@ def test_labels_follow_their_volumes(tmp_path, tiny_config):
     site, rows = tmp_path / "site", []
     for i, ornt in enumerate(([[0, 1], [1, 1], [2, 1]], [[2, -1], [0, -1], [1, 1]])):
         ornt = np.array(ornt, float)
-        save(site / f"i{i}.nii.gz", *stored(image, affine, ornt))
+        # the second at twice the intensity (scaled away per volume): the same voxels in
+        # another storage order would be one scan, its row refused as a duplicate
+        save(site / f"i{i}.nii.gz", *stored(image * (1 + i), affine, ornt))
         save(site / f"l{i}.nii.gz", *stored(labels, affine, ornt))
         rows.append({"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz", "subject": f"s{i}"})
     write_site(site, rows, columns=["image", "label", "subject", *GOOD_ATTRIBUTES])
