@@ -69,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {subject}: {reason}")
     for note in outcome.notes:
         print(f"not imported: {note}")
+    if not outcome.imported:
+        raise FedsynthError(
+            f"no subject of --source {args.source} could be imported; nothing written"
+        )
     print(
         f"{outcome.out}: {len(outcome.imported)} subjects imported "
         f"({2 * len(outcome.imported)} rows), {len(outcome.skipped)} skipped; "

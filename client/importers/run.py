@@ -49,7 +49,8 @@ def import_site(
 ) -> Outcome:
     """Import `source` (in `layout`) into the site folder `out`; see the module docstring.
 
-    Raises FedsynthError when nothing can be imported at all."""
+    Writes nothing when no subject could be imported (`Outcome.imported` is empty).
+    Raises FedsynthError for an import refused as a whole."""
     source, out = Path(source).expanduser(), Path(out).expanduser()
     if not source.exists():
         raise FedsynthError(f"--source {source} does not exist")
@@ -62,12 +63,8 @@ def import_site(
     folder = site_folder.staging(out)
     try:
         rows = _import_all(found, records if records_path else None, data_cfg, folder, outcome)
-        if not rows:
-            raise FedsynthError(
-                f"no subject of --source {source} could be imported ({len(outcome.skipped)} "
-                "skipped, reasons above)"
-            )
-        site_folder.finish(folder, out, layout, manifest_text(rows, names))
+        if rows:
+            site_folder.finish(folder, out, layout, manifest_text(rows, names))
     finally:
         site_folder.abandon(folder)  # gone already when finished
     return outcome
