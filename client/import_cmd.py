@@ -67,8 +67,6 @@ def run(args: argparse.Namespace) -> int:
     )
     for subject, reason in outcome.skipped:
         print(f"skipped {subject}: {reason}")
-    for note in outcome.notes:
-        print(f"not imported: {note}")
     if not outcome.imported:
         raise FedsynthError(
             f"no subject of --source {args.source} could be imported; nothing written"

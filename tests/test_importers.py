@@ -122,7 +122,16 @@ def test_acdc_without_records_refuses_naming_age_and_sex(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage", ["missing ES frame", "corrupt 4D file", "frame out of range"])
+DAMAGES = [
+    "missing ES frame",
+    "corrupt 4D file",
+    "frame out of range",
+    "ED frame not labelled",
+    "folder not in the CSV",
+]
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
 def test_one_subject_that_cannot_be_imported_is_skipped_the_others_are_not(tmp_path, damage):
     source = tmp_path / "source"
     if damage == "missing ES frame":
@@ -143,6 +152,19 @@ def test_one_subject_that_cannot_be_imported_is_skipped_the_others_are_not(tmp_p
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
         options = ["--layout", "mnms"]
         reason = f"{bad.subject}_sa.nii.gz: truncated or corrupt file"
+    elif damage in ("ED frame not labelled", "folder not in the CSV"):
+        truths = layouts.write_mnms(source)
+        bad = truths[1]
+        (table,) = source.glob("*.csv")
+        rows = list(csv.DictReader(table.open()))
+        if damage == "ED frame not labelled":  # M&Ms labels only ED and ES
+            rows[1]["ED"] = "1"
+            reason = "the ED label map has no LV blood pool"
+        else:
+            del rows[1]
+            reason = f"its folder is not in {table.name}"
+        layouts.write_csv(table, rows)
+        options = ["--layout", "mnms"]
     else:
         truths = layouts.write_cine(source)
         bad = truths[1]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
 
 from fedsynth.client.importers.layout import named, same_grid, with_labels
-from fedsynth.client.importers.volumes import Volume, open_cine, read_frame
+from fedsynth.client.importers.volumes import Volume, iter_frames, open_cine, read_frame
 from fedsynth.common.data import VolumeError
 
 
@@ -24,6 +25,13 @@ class Cine:
 
     def frame(self, index: int) -> Volume:
         return named(self.path, lambda: read_frame(self.image, index, self.path))
+
+    def each_frame(self) -> Iterator[Volume]:
+        """Every frame in order, from one pass over the file (volumes.iter_frames)."""
+        try:
+            yield from iter_frames(self.image, self.path)
+        except VolumeError as exc:
+            raise VolumeError(f"{self.path.name}: {exc}") from None
 
     def label(self, index: int, values: dict[int, int]) -> Volume:
         return named(

@@ -10,7 +10,7 @@ whose message is the reason it is skipped (the file named, never its voxels).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,6 @@ class Found:
     subjects: list[SourceSubject]
     provides: frozenset[str]  # info keys the layout holds for its subjects
     labelled: bool  # whether label maps come with the images
-    notes: list[str] = field(default_factory=list)  # what was seen but is not a subject
 
 
 @dataclass(frozen=True)

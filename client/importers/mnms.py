@@ -34,8 +34,13 @@ def find(source: Path, options: Options) -> Found:
         listed.add(code)
         folder = folders.get(code)
         subjects.append(SourceSubject(code, functools.partial(_load, row, folder)))
-    notes = [f"{name}: a folder not in {table.name}" for name in sorted(set(folders) - listed)]
-    return Found(subjects, frozenset(INFO_KEYS.values()), labelled=True, notes=notes)
+    for code in sorted(set(folders) - listed):  # skipped, saying why
+        subjects.append(SourceSubject(code, functools.partial(_unlisted, table.name)))
+    return Found(subjects, frozenset(INFO_KEYS.values()), labelled=True)
+
+
+def _unlisted(table: str, max_voxels: int) -> Loaded:
+    raise VolumeError(f"its folder is not in {table} (no ED/ES frames)")
 
 
 def _information_csv(source: Path) -> Path:

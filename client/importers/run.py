@@ -36,7 +36,6 @@ class Outcome:
     out: Path
     imported: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (subject, reason)
-    notes: list[str] = field(default_factory=list)
 
 
 def import_site(
@@ -55,18 +54,24 @@ def import_site(
     if not source.exists():
         raise FedsynthError(f"--source {source} does not exist")
     site_folder.check_out(out, source)
-    found = LAYOUTS[layout](source, options or Options())
+    try:
+        found = LAYOUTS[layout](source, options or Options())
+    except OSError as exc:
+        raise FedsynthError(f"--source {source} cannot be read ({exc.strerror})") from None
     columns, records = read_records(records_path) if records_path else (frozenset(), {})
     names = [a.name for a in data_cfg.attributes]
     _require(layout, found, columns, names)
-    outcome = Outcome(out, notes=list(found.notes))
-    folder = site_folder.staging(out)
+    outcome = Outcome(out)
     try:
-        rows = _import_all(found, records if records_path else None, data_cfg, folder, outcome)
-        if rows:
-            site_folder.finish(folder, out, layout, manifest_text(rows, names))
-    finally:
-        site_folder.abandon(folder)  # gone already when finished
+        folder = site_folder.staging(out)
+        try:
+            rows = _import_all(found, records if records_path else None, data_cfg, folder, outcome)
+            if rows:
+                site_folder.finish(folder, out, layout, manifest_text(rows, names))
+        finally:
+            site_folder.abandon(folder)  # gone already when finished
+    except OSError as exc:
+        raise FedsynthError(f"--out {out} cannot be written ({exc.strerror})") from None
     return outcome
 
 

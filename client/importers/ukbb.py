@@ -41,12 +41,9 @@ def find(source: Path, options: Options) -> Found:
 def end_systole(segmentation: Cine) -> int:
     """The frame (0-based) with the least LV blood pool, of the frames segmented at all.
 
-    Frames are read one at a time. Raises VolumeError when frame 0 (ED) has no LV label
-    or no other frame has one."""
-    counts = []
-    for t in range(segmentation.frames):
-        frame = segmentation.frame(t)
-        counts.append(int(np.count_nonzero(np.rint(frame.data) == LV)))
+    Frames are read in one pass, one at a time. Raises VolumeError when frame 0 (ED) has
+    no LV label or no other frame has one."""
+    counts = [int(np.count_nonzero(np.rint(f.data) == LV)) for f in segmentation.each_frame()]
     if counts[0] == 0:
         raise VolumeError(f"{SEGMENTATION}: frame 0 (ED) has no LV blood pool label")
     later = [(count, t) for t, count in enumerate(counts) if t > 0 and count > 0]

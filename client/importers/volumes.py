@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from fedsynth.common.data import (
     open_nifti,
 )
 
-MAX_FRAMES = 512  # cardiac phases in one cine; real ones hold 20-50
+MAX_FRAMES = 100  # cardiac phases in one cine; real ones hold 20-50
 _READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError, HeaderDataError)
 
 
@@ -100,6 +101,30 @@ def read_frame(image: nib.Nifti1Image, frame: int, path: Path) -> Volume:
     return _frame(image, frame, path)
 
 
+def iter_frames(image: nib.Nifti1Image, path: Path) -> Iterator[Volume]:
+    """Every frame of a checked 4D cine, in order, from one pass over the file.
+
+    A .nii.gz stream cannot seek: reading frame t alone decompresses every frame before
+    it, so a search over all frames (UK Biobank's ES) reads them in sequence instead,
+    one frame in memory at a time (NIfTI stores voxels in Fortran order, scaled by the
+    header's slope and intercept)."""
+    proxy = image.dataobj
+    assert isinstance(proxy, ArrayProxy)
+    shape, dtype = image.shape[:3], image.get_data_dtype()
+    size = math.prod(shape) * dtype.itemsize
+    try:
+        with ImageOpener(path) as f:  # type: ignore[arg-type]
+            f.seek(proxy.offset)
+            for _ in range(image.shape[3]):
+                raw = f.read(size)
+                if len(raw) < size:
+                    raise VolumeError("truncated or corrupt file (ends inside a frame)")
+                data = np.frombuffer(raw, dtype).reshape(shape, order="F")
+                yield _volume(data * proxy.slope + proxy.inter, image)
+    except _READ_ERRORS as exc:
+        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+
+
 def _frame(image: nib.Nifti1Image, frame: int | None, path: Path) -> Volume:
     """Decode one 3D volume of a checked image (frame None: the image is 3D)."""
     try:
@@ -107,6 +132,11 @@ def _frame(image: nib.Nifti1Image, frame: int | None, path: Path) -> Volume:
         data = np.asarray(raw).reshape(image.shape[:3])
     except _READ_ERRORS as exc:
         raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+    return _volume(data, image)
+
+
+def _volume(data: np.ndarray, image: nib.Nifti1Image) -> Volume:
+    """A decoded 3D array of `image` as a Volume; VolumeError for values no image holds."""
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise VolumeError(f"voxel type {data.dtype} is not real-valued")
     if not np.all(np.isfinite(data)) or float(np.max(np.abs(data))) > FLOAT32_MAX:
