@@ -222,3 +222,39 @@ def test_out_must_be_new_empty_or_a_previous_import(tmp_path):
     assert run_import(*args)[0] == 0  # empty
     assert run_import(*args)[0] == 0  # a previous import: replaced
     assert [r["subject"] for r in manifest(out)] == [truths[0].subject] * 2
+
+
+def test_cine_frame_columns_say_their_base(tmp_path):
+    truths = layouts.write_cine(tmp_path / "source", count=2)
+    listing = tmp_path / "source" / "cine.csv"
+    rows = list(csv.DictReader(listing.open()))
+    base0 = [
+        {**{k: v for k, v in r.items() if not k.endswith("frame1")},
+         "ed_frame0": int(r["ed_frame1"]) - 1, "es_frame0": int(r["es_frame1"]) - 1}
+        for r in rows
+    ]  # fmt: skip
+    layouts.write_csv(listing, base0)
+    out = tmp_path / "site"
+    args = ["--layout", "cine", "--source", str(listing), "--label-values", "1,2,3"]
+    assert run_import(*args, "--out", str(out))[0] == 0
+    for row in manifest(out):
+        image = nib.load(out / row["image"])
+        data, _ = to_short_axis(np.asarray(image.dataobj), image.affine)
+        truth = next(t for t in truths if t.subject == row["subject"])
+        np.testing.assert_array_equal(data, truth.image(int(row["phase"])))
+    layouts.write_csv(listing, [{**r, "ed_frame1": 1, "es_frame1": 2} for r in base0])
+    code, _, stderr = run_import(*args, "--out", str(tmp_path / "other"))
+    assert code == 1 and "exactly one pair of columns" in stderr and "Traceback" not in stderr
+
+
+def test_readme_import_commands_parse():
+    """The commands of README's 'Data a site brings' name real layouts and options."""
+    from fedsynth.common.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Data a site brings", 1)[1].split("\n## ", 1)[0]
+    commands = [line.split()[1:] for line in section.splitlines() if line.startswith("fedsynth ")]
+    assert sum(c[0] == "import" for c in commands) == 4 and commands[-1][0] == "site-check"
+    parser = build_parser()
+    for command in commands:
+        parser.parse_args([part.strip('"') for part in command])
