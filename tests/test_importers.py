@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import io
 import os
 import stat
@@ -128,6 +129,7 @@ DAMAGES = [
     "frame out of range",
     "ED frame not labelled",
     "folder not in the CSV",
+    "not in --records",
 ]
 
 
@@ -145,6 +147,12 @@ def test_one_subject_that_cannot_be_imported_is_skipped_the_others_are_not(tmp_p
             str(layouts.records(tmp_path / "r.csv", truths)),
         ]
         reason = f"{bad.subject}_frame{bad.es + 1:02d}.nii.gz: file not found"
+    elif damage == "not in --records":
+        truths = layouts.write_acdc(source)
+        bad = truths[1]
+        records = layouts.records(tmp_path / "r.csv", [truths[0], truths[2]])
+        options = ["--layout", "acdc", "--records", str(records)]
+        reason = "no age in the dataset or --records"
     elif damage == "corrupt 4D file":
         truths = layouts.write_mnms(source)
         bad = truths[1]
@@ -207,6 +215,29 @@ def test_reads_stay_within_data_max_voxels(tmp_path):
     assert code == 1 and "Traceback" not in stderr
     assert "skipped 1000001: sa.nii.gz: a frame of" in stdout
     assert "more voxels than data.max-voxels 1000" in stdout
+
+
+def test_a_4d_file_holding_more_than_its_header_declares_is_refused(tmp_path):
+    """A gzip stream that inflates past the size its header declares (a bomb) is counted,
+    never held, and its subject skipped."""
+    truths = layouts.write_ukbb(tmp_path / "source", count=2)
+    path = tmp_path / "source" / truths[0].subject / "sa.nii.gz"
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(raw)
+        for _ in range(64):
+            f.write(bytes(1 << 20))  # 64 MiB of zeros past the declared voxels
+    records = layouts.records(tmp_path / "r.csv", truths, body=True)
+    code, stdout, _ = run_import(
+        "--layout", "ukbb", "--source", str(tmp_path / "source"), "--out",
+        str(tmp_path / "site"), "--records", str(records),
+    )  # fmt: skip
+    assert code == 2
+    assert (
+        f"skipped {truths[0].subject}: sa.nii.gz: truncated or corrupt file (more bytes than "
+        "its header declares)" in stdout
+    )
 
 
 def test_out_must_be_new_empty_or_a_previous_import(tmp_path):

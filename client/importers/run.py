@@ -110,12 +110,10 @@ def _import_all(
                 raise VolumeError("no subject id")
             if subject in used:
                 raise VolumeError("its id appears twice in the source")
-            if records is not None and subject not in records:
-                raise VolumeError("not in --records")
+            used.add(subject)
             loaded = source_subject.load(data_cfg.max_voxels)
             values = _attributes(loaded, records.get(subject) if records else None, names)
             texts = _checked(values, data_cfg)
-            used.add(subject)
             rows += _write(folder, subject, file_stem(subject, stems), loaded, texts)
         except Exception as exc:  # one subject's odd file must never stop the others
             outcome.skipped.append((subject or "(no id)", _reason(exc)))
@@ -153,15 +151,22 @@ def _write(
 ) -> list[dict[str, str]]:
     """The subject's images and label maps (uint8) as files named after `name`; its ED and
     ES manifest rows."""
-    rows = []
+    rows, written = [], []
     phases = ((loaded.ed, loaded.ed_label, "ed"), (loaded.es, loaded.es_label, "es"))
-    for phase, (image, label, tag) in enumerate(phases):
-        row = {"image": f"images/{name}_{tag}.nii.gz", "label": "", "subject": subject}
-        site_folder.write_volume(folder / row["image"], image, np.float32)
-        if label is not None:
-            row["label"] = f"labels/{name}_{tag}.nii.gz"
-            site_folder.write_volume(folder / row["label"], label, np.uint8)
-        rows.append({**row, **texts, PHASE: str(phase)})
+    try:
+        for phase, (image, label, tag) in enumerate(phases):
+            row = {"image": f"images/{name}_{tag}.nii.gz", "label": "", "subject": subject}
+            written.append(folder / row["image"])
+            site_folder.write_volume(written[-1], image, np.float32)
+            if label is not None:
+                row["label"] = f"labels/{name}_{tag}.nii.gz"
+                written.append(folder / row["label"])
+                site_folder.write_volume(written[-1], label, np.uint8)
+            rows.append({**row, **texts, PHASE: str(phase)})
+    except BaseException:  # no file of a subject the manifest will not list
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return rows
 
 
