@@ -17,7 +17,7 @@ class Cine:
 
     def __init__(self, path: Path, max_voxels: int) -> None:
         self.path = path
-        self.image: nib.Nifti1Image = named_open(path, max_voxels)
+        self.image: nib.Nifti1Image = _open(path, max_voxels)
 
     @property
     def frames(self) -> int:
@@ -39,7 +39,8 @@ class Cine:
         )
 
 
-def named_open(path: Path, max_voxels: int) -> nib.Nifti1Image:
+def _open(path: Path, max_voxels: int) -> nib.Nifti1Image:
+    """volumes.open_cine, its VolumeError prefixed with the file's name."""
     try:
         return open_cine(path, max_voxels)
     except VolumeError as exc:

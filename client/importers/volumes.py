@@ -141,8 +141,8 @@ def _volume(data: np.ndarray, image: nib.Nifti1Image) -> Volume:
         raise VolumeError(f"voxel type {data.dtype} is not real-valued")
     if not np.all(np.isfinite(data)) or float(np.max(np.abs(data))) > FLOAT32_MAX:
         raise VolumeError("holds NaN, Inf or values beyond 32-bit floats")
-    zooms = tuple(float(z) for z in image.header.get_zooms()[:3])
-    return Volume(data.astype(np.float32), np.asarray(image.affine, float), zooms)  # type: ignore[arg-type]
+    x, y, z = (float(zoom) for zoom in image.header.get_zooms()[:3])
+    return Volume(data.astype(np.float32), np.asarray(image.affine, float), (x, y, z))
 
 
 def _check_offset(path: Path) -> None:
