@@ -4,8 +4,14 @@ Every reason a row cannot be used becomes a `Rejection` naming the row, the file
 nothing here raises in the middle of a pass over a site, and nothing writes into the
 site folder. Volumes are read with nibabel (whose errors say what is wrong with a file)
 and brought into the short-axis frame (common/orientation.py: slices last, base to apex,
-in-plane normalised), outliers clipped, then go through a MONAI transform pipeline: resize
-to the model's shape, intensity scaling between percentiles of the volume itself. The
+in-plane normalised; permuted and flipped, not interpolated), outliers clipped. Their
+geometry is checked (plausibility.py: no stored geometry, a stack too short or too narrow
+for a heart, a zero-filled missing slice are refused; blank end slices, a stack that may
+miss the heart or a heart the scan or the grid cuts are warned about), then they are
+resampled in mm onto the model grid (geometry.py: data.spacing, data.shape voxels,
+centred on the heart of the row's label map, else on the image; zero outside the stack),
+so a heart has the same size and shape whatever pixel size, matrix and slice thickness
+it was stored at, and scaled between intensity percentiles of the stack's own voxels. The
 content is checked too (volume_content.py): a label map, a blank volume or values beyond
 float32 are refused, outliers and negative values warned about. Attributes are scaled
 by the config's declared ranges, never by statistics of the site's data, which would leak.
@@ -537,9 +543,9 @@ def check_site(
     A row with warnings (a doubtful orientation or content) is usable and its warnings
     are listed, or with `strict` it is rejected with them as the reason.
 
-    With `read_images`, each volume is read fully and run through the model's transform,
-    so a usable row is one training will not trip over; with `keep_volumes` too, each
-    Record keeps that transformed volume (data.shape floats per row, held in memory) so
+    With `read_images`, each volume (and label map) is read fully, checked and placed on
+    the model grid (`to_model`), so a usable row is one training will not trip over; with
+    `keep_volumes` too, each Record keeps that volume (data.shape floats per row, held in memory) so
     that reading the site again (encoding it once) needs no second read of any file.
     """
     root = Path(root).expanduser().resolve()
