@@ -26,7 +26,9 @@ from monai.data import MetaTensor
 from monai.transforms import SpatialResample, Transform
 from scipy.ndimage import gaussian_filter1d
 
-HEART_LABELS = (1, 2, 3)  # RV blood, LV myocardium, LV blood (simulations/phantoms.LABELS)
+# RV blood, LV myocardium, LV blood (simulations/phantoms.LABELS, ACDC); M&Ms and UK Biobank
+# number the ventricles the other way round: the heart is labels 1-3 in either convention
+HEART_LABELS = (1, 2, 3)
 TRUNCATE = 4.0  # Gaussian kernel half-width in sigmas (scipy's default)
 
 

@@ -98,7 +98,7 @@ def check_heart(
     geometry.model_grid), which crops it. `labels` (rows, columns, slices) with `affine`."""
     heart = np.argwhere(np.isin(labels, HEART_LABELS))
     if not len(heart):
-        return ["the label map has no heart labels (1 RV blood, 2 LV myocardium, 3 LV blood)"]
+        return ["the label map has no heart labels (1-3: ventricles and LV myocardium)"]
     warnings = []
     edges = []
     low, high = heart.min(axis=0), heart.max(axis=0)
