@@ -216,14 +216,19 @@ def test_implausible_stacks_are_refused_or_warned_per_row(tmp_path):
         ("short", short_image, None, short_affine),
         ("long_heart", long_image, long_labels, long_affine),
         ("long_stack", tall_image, tall_labels, tall_affine),
+        ("label_elsewhere", image, labels, affine),
     ]
     site = write_heart_site(tmp_path / "site", rows)
+    moved = affine.copy()
+    moved[:3, 3] += 10.0  # the label map 17 mm away from its image
+    save(site / "label_elsewhere_gt.nii.gz", labels, moved)
     result = check_site(site, load_config("tiny").data, show_progress=False)
     rejected = {r.file.removesuffix(".nii.gz"): r.reason for r in result.rejected}
     warned: dict[str, list[str]] = {}
     for w in result.warnings:
         warned.setdefault(w.file.removesuffix(".nii.gz"), []).append(w.reason)
-    assert set(rejected) == {"no_geometry", "thin_slices", "narrow", "gap"}, rejected
+    assert set(rejected) == {"no_geometry", "thin_slices", "narrow", "gap", "label_elsewhere"}
+    assert "label map does not lie on the image's voxel grid" in rejected["label_elsewhere"]
     assert "no stored geometry" in rejected["no_geometry"]
     assert "covers only 12 mm along the slices" in rejected["thin_slices"]
     assert "in-plane field of view 48 x 48 mm" in rejected["narrow"]
