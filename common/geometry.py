@@ -30,6 +30,10 @@ from scipy.ndimage import gaussian_filter1d
 # number the ventricles the other way round: the heart is labels 1-3 in either convention
 HEART_LABELS = (1, 2, 3)
 TRUNCATE = 4.0  # Gaussian kernel half-width in sigmas (scipy's default)
+# Bump when what a volume looks like on the grid changes: part of the cache key of the
+# simulation's public checkpoint (simulations/study_data.py), whose pretraining read them.
+# 2: resampled in mm onto data.spacing, centred on the heart (1: whole field of view resized)
+GRID_VERSION = 2
 
 
 def spacing_of(affine: np.ndarray) -> np.ndarray:
