@@ -272,3 +272,21 @@ def test_phantom_hearts_fit_the_default_field_of_view():
         assert check_heart(labels, affine, grid, data.shape) == [], (profile.name, index)
     old = model_grid(affine, (6.0, 6.0, 14.0), data.shape, centre)
     assert "cropped" in check_heart(labels, affine, old, data.shape)[0]  # the case is hit
+
+
+def test_zero_padding_does_not_enter_the_intensity_scaling():
+    """A stack filling half the grid's length: its own voxels are scaled between their
+    percentiles (the darkest at 0, not lifted by counting the padding as the darkest),
+    the padding is 0."""
+    from fedsynth.common.data import to_model
+
+    data_cfg = load_config("tiny").data
+    rng = np.random.default_rng(0)
+    slices = 4  # 4 x 16 mm: half the 128 mm the grid holds along the slices
+    volume = (1000 + 500 * rng.random((32, 32, slices))).astype(np.float32)
+    affine = short_axis_affine(data_cfg.spacing, volume.shape, NORMAL)
+    placed = to_model(volume, affine, data_cfg)[0][0].numpy()
+    inside = placed[..., 2:6]
+    assert np.quantile(inside, 0.005) == pytest.approx(0.0, abs=1e-3)
+    assert np.quantile(inside, 0.995) == pytest.approx(1.0, abs=1e-3)
+    assert np.all(placed[..., :2] == 0) and np.all(placed[..., 6:] == 0)
