@@ -4,8 +4,14 @@ Every reason a row cannot be used becomes a `Rejection` naming the row, the file
 nothing here raises in the middle of a pass over a site, and nothing writes into the
 site folder. Volumes are read with nibabel (whose errors say what is wrong with a file)
 and brought into the short-axis frame (common/orientation.py: slices last, base to apex,
-in-plane normalised), outliers clipped, then go through a MONAI transform pipeline: resize
-to the model's shape, intensity scaling between percentiles of the volume itself. The
+in-plane normalised; permuted and flipped, not interpolated), outliers clipped. Their
+geometry is checked (plausibility.py: no stored geometry, a stack too short or too narrow
+for a heart, a zero-filled missing slice are refused; blank end slices, a stack that may
+miss the heart or a heart the scan or the grid cuts are warned about), then they are
+resampled in mm onto the model grid (geometry.py: data.spacing, data.shape voxels,
+centred on the heart of the row's label map, else on the image; zero outside the stack),
+so a heart has the same size and shape whatever pixel size, matrix and slice thickness
+it was stored at, and scaled between intensity percentiles of the stack's own voxels. The
 content is checked too (volume_content.py): a label map, a blank volume or values beyond
 float32 are refused, outliers and negative values warned about. Attributes are scaled
 by the config's declared ranges, never by statistics of the site's data, which would leak;
@@ -27,24 +33,24 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import nibabel as nib
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    EnsureType,
-    Resize,
-    ScaleIntensityRangePercentiles,
-    Transform,
-)
+from monai.transforms import ScaleIntensityRange
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
-from scipy.ndimage import gaussian_filter1d
 
 from fedsynth.common.attribute_checks import coding, parse_coded
 from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.geometry import Placed, heart_centre, image_centre, model_grid, resample
 from fedsynth.common.orientation import OrientationError, to_short_axis
+from fedsynth.common.plausibility import (
+    GeometryError,
+    check_cover,
+    check_extent,
+    check_heart,
+    check_slices,
+)
 from fedsynth.common.progress import progress
 from fedsynth.common.subject_identity import SubjectUnits
 from fedsynth.common.volume_content import ContentError, check_content, clip_outliers
@@ -184,6 +190,11 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
     note = _orientation_note(image.header)
+    if note == NO_CODES and np.allclose(zooms, 1.0):
+        raise VolumeError(
+            "no stored geometry (no qform or sform, unit voxel spacing): the size of the "
+            "voxels in mm is unknown"
+        )
     return image, [note] if note else []
 
 
@@ -290,7 +301,10 @@ def _orientation_note(header: nib.Nifti1Header) -> str | None:
     if qform_code:
         _check_affine(qform, "qform")
         return None
-    return "no qform or sform code: orientation taken from the voxel grid"
+    return NO_CODES
+
+
+NO_CODES = "no qform or sform code: orientation taken from the voxel grid"
 
 
 def _check_affine(affine: np.ndarray, name: str) -> None:
@@ -323,41 +337,6 @@ def _first_line(exc: BaseException, path: Path | None = None) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def volume_transform(data_cfg: DataConfig) -> Compose:
-    """The MONAI pipeline from a channel-first MetaTensor, already in the short-axis frame
-    (see `load_volume`), to the model's input: (1, H, W, slices) in [0, 1], scaled between
-    the volume's own intensity percentiles (outliers were clipped before: `to_model`)."""
-    low, high = data_cfg.intensity_percentiles
-    return Compose(
-        [
-            AntiAlias(data_cfg.shape),
-            Resize(spatial_size=data_cfg.shape, mode="trilinear"),
-            ScaleIntensityRangePercentiles(lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True),
-            EnsureType(data_type="tensor", dtype=torch.float32, track_meta=False),
-        ]
-    )
-
-
-class AntiAlias(Transform):
-    """Gaussian smoothing before a resize to `shape` shrinks an axis, with the sigma that
-    MONAI's Resize(anti_aliasing=True) takes from skimage ((factor - 1) / 2 per shrunk axis).
-
-    scipy filters one axis at a time in memory of the volume's size; MONAI's convolution
-    unfolds the volume by the kernel width (1.8 GB to bring 256^3 to 64x64x16). Takes and
-    gives a channel-first (1, X, Y, Z) volume."""
-
-    def __init__(self, shape: Sequence[int]) -> None:
-        self.shape = tuple(shape)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        data = np.asarray(image.detach().cpu().numpy()[0], dtype=np.float32)
-        for axis, (size, target) in enumerate(zip(data.shape, self.shape, strict=True)):
-            if size > target:
-                sigma = (size / target - 1) / 2
-                data = gaussian_filter1d(data, sigma, axis=axis, mode="nearest", truncate=4.0)
-        return torch.from_numpy(data)[None]
-
-
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`read_nifti`, then the content checks of an MR magnitude image (volume_content.py):
     raises VolumeError naming why the volume is no image; returns the warnings too."""
@@ -369,27 +348,106 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return data, affine, warnings
 
 
-def load_volume(path: Path, transform: Compose) -> torch.Tensor:
-    """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex."""
+def read_labels(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A label map in the short-axis frame: integer-valued float32 (rows, columns, slices)
+    and its affine. Raises VolumeError naming why it is unusable."""
+    data, affine = read_nifti(path, max_voxels)
+    return _short_axis(np.rint(data), affine)
+
+
+def load_volume(path: Path, data_cfg: DataConfig, label: Path | None = None) -> torch.Tensor:
+    """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex,
+    centred on the heart of the label map `label` where given (see `to_model`)."""
     data, affine, _ = read_image(path)
-    return to_model(data, affine, transform)
+    labels = read_labels(label, data_cfg.max_voxels) if label is not None else None
+    return to_model(data, affine, data_cfg, labels)[0]
 
 
-def to_model(data: np.ndarray, affine: np.ndarray, transform: Compose) -> torch.Tensor:
-    """A read volume (X, Y, Z) as the model's (1, H, W, slices) tensor in [0, 1].
+def to_model(
+    data: np.ndarray,
+    affine: np.ndarray,
+    data_cfg: DataConfig,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """A read volume (X, Y, Z) with its affine as the model's (1, H, W, slices) tensor in
+    [0, 1], and warnings about its geometry.
 
-    The volume is first permuted/flipped into the short-axis frame (orientation.py), so any
-    oblique stack, stored in any axis order, reaches the model in the same layout. Voxels
-    far outside its intensity range are clipped (volume_content.clip_outliers) before the
-    resize, which would smear a few voxels at 1e30 into a range that blanks the rest.
+    Voxels far outside its intensity range are clipped first (volume_content.clip_outliers),
+    so a few voxels at 1e30 cannot dominate the smoothing and scaling. The volume is then
+    permuted/flipped into the short-axis frame (orientation.py), its geometry checked
+    (plausibility.py: VolumeError for a stack that cannot be a heart's) and resampled in
+    mm onto the model grid (geometry.py: data.spacing, data.shape voxels, centred on the
+    image, or on the heart of `labels` = `read_labels` of the row's label map, which must
+    share the image's grid). Intensities are scaled between the percentiles of the stack's
+    own voxels on the grid (not the zero padding around it), clipped to [0, 1].
     """
     data = clip_outliers(data)
+    data, affine = _short_axis(data, affine)
     try:
-        data, affine = to_short_axis(data, affine)
+        check_extent(affine, data.shape)
+        warnings = check_slices(data)
+        if labels is None:
+            slice_fov = data_cfg.shape[2] * data_cfg.spacing[2]
+            warnings += check_cover(affine, data.shape, slice_fov)
+            centre = image_centre(affine, data.shape)
+        else:
+            _same_grid(labels, data.shape, affine)
+            heart = heart_centre(*labels)
+            centre = image_centre(affine, data.shape) if heart is None else heart
+    except GeometryError as exc:
+        raise VolumeError(str(exc)) from None
+    grid = model_grid(affine, data_cfg.spacing, data_cfg.shape, centre)
+    if labels is not None:
+        warnings += check_heart(labels[0], labels[1], grid, data_cfg.shape)
+    placed = resample(data, affine, grid, data_cfg.shape)
+    return scale_intensity(placed, data_cfg.intensity_percentiles), warnings
+
+
+def place_labels(labels: tuple[np.ndarray, np.ndarray], data_cfg: DataConfig) -> torch.Tensor:
+    """A label map (`read_labels`) on the model grid its image is placed on (`to_model`
+    with these labels: centred on the heart), nearest neighbour: (1, H, W, slices) long."""
+    data, affine = labels
+    centre = heart_centre(data, affine)
+    if centre is None:
+        centre = image_centre(affine, data.shape)
+    grid = model_grid(affine, data_cfg.spacing, data_cfg.shape, centre)
+    placed = resample(data, affine, grid, data_cfg.shape, labels=True)
+    return torch.from_numpy(np.rint(placed.data).astype(np.int64))[None]
+
+
+def scale_intensity(placed: Placed, percentiles: Sequence[float]) -> torch.Tensor:
+    """A placed volume (geometry.resample) scaled to [0, 1] between the `percentiles` of its
+    voxels inside the stack (MONAI ScaleIntensityRange, clipped); padding stays 0.
+    Returns (1, H, W, slices) float32."""
+    values = placed.data[placed.inside]
+    low, high = np.percentile(values, percentiles) if values.size else (0.0, 0.0)
+    if not high > low:
+        return torch.zeros((1, *placed.data.shape), dtype=torch.float32)
+    scale = ScaleIntensityRange(
+        a_min=float(low), a_max=float(high), b_min=0.0, b_max=1.0, clip=True
+    )
+    scaled = np.asarray(scale(placed.data), dtype=np.float32)
+    scaled[~placed.inside] = 0.0
+    return torch.from_numpy(scaled)[None]
+
+
+def _short_axis(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """orientation.to_short_axis, its refusal as a VolumeError."""
+    try:
+        return to_short_axis(data, affine)
     except OrientationError as exc:
         raise VolumeError(str(exc)) from None
-    image = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(affine))
-    return transform(image)
+
+
+def _same_grid(
+    labels: tuple[np.ndarray, np.ndarray], shape: Sequence[int], affine: np.ndarray
+) -> None:
+    """A label map must lie voxel for voxel on its image (same shape and affine, to 0.01 mm)."""
+    data, label_affine = labels
+    if data.shape != tuple(shape) or not np.allclose(label_affine, affine, rtol=0, atol=1e-2):
+        raise GeometryError(
+            "the label map does not lie on the image's voxel grid (shape or affine differ)"
+        )
 
 
 def scale_attributes(values: Mapping[str, float], attributes: Sequence[Attribute]) -> np.ndarray:
@@ -495,10 +553,10 @@ def check_site(
     duplicate and makes both ids one subject (a site warning names the rows), and rows of
     one subject whose sex, age or BMI disagree are refused or warned about.
 
-    With `read_images`, each volume is read fully and run through the model's transform,
-    so a usable row is one training will not trip over; with `keep_volumes` too, each
-    Record keeps that transformed volume (data.shape floats per row, held in memory) so
-    that reading the site again (encoding it once) needs no second read of any file.
+    With `read_images`, each volume (and label map) is read fully, checked and placed on
+    the model grid (`to_model`), so a usable row is one training will not trip over; with
+    `keep_volumes` too, each Record keeps that volume (data.shape floats per row, held in
+    memory) so that reading the site again (encoding it once) needs no second read of any file.
     """
     root = Path(root).expanduser().resolve()
     header, rows = _read_manifest(root, data_cfg)
@@ -509,7 +567,6 @@ def check_site(
             "no 'subject' column: each row counts as its own subject; if a person has several "
             "volumes, add the column, or their privacy loss is counted per volume, not per person"
         )
-    transform = volume_transform(data_cfg) if read_images else None
     units = SubjectUnits(data_cfg.attributes)
     for number, row in enumerate(progress(rows, "site-check", show_progress), start=1):
         file = (row.get("image") or "").strip()
@@ -533,19 +590,20 @@ def check_site(
             label_path = site_path(root, label, "label") if label else None
             units.check_path(identity, path)
             volume = None
-            if transform is not None:  # read_images
+            if read_images:
                 notes += open_nifti(path, data_cfg.max_voxels)[1]
-                if label_path is not None:  # read later (anatomy.py): its size is checked now
+                labels = None
+                if label_path is not None:  # it places the heart: read and checked now
                     try:
-                        open_nifti(label_path, data_cfg.max_voxels)
+                        labels = read_labels(label_path, data_cfg.max_voxels)
                     except VolumeError as exc:
                         raise VolumeError(f"label {label}: {exc}") from None
                 data, affine, content = read_image(path)
-                notes += content
                 units.check_content(identity, data, affine)  # the same scan under another id
+                checked, geometry = to_model(data, affine, data_cfg, labels)
+                notes += content + geometry
                 if strict and notes:
                     raise ValueError(f"{'; '.join(notes)} (--strict)")
-                checked = to_model(data, affine, transform)
                 volume = checked if keep_volumes else None
         except (ValueError, VolumeError) as exc:
             result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
@@ -593,7 +651,7 @@ class SiteDataset(torch.utils.data.Dataset):
     def __init__(self, manifest: SiteManifest, data_cfg: DataConfig) -> None:
         self.records = manifest.records
         self.attributes = data_cfg.attributes
-        self.transform = volume_transform(data_cfg)
+        self.data_cfg = data_cfg
         index = {id(r): i for i, r in enumerate(self.records)}
         self.subject_rows = [
             [index[id(r)] for r in group] for group in manifest.subjects().values()
@@ -607,7 +665,7 @@ class SiteDataset(torch.utils.data.Dataset):
         volume = record.volume
         try:
             if volume is None:  # a manifest checked without reading images
-                volume = load_volume(record.image, self.transform)
+                volume = load_volume(record.image, self.data_cfg, record.label)
         except VolumeError as exc:  # changed on disk since the check
             raise FedsynthError(f"{record.image} (row {record.row}): {exc}") from None
         return volume, torch.from_numpy(scale_attributes(record.attributes, self.attributes))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
 
-from fedsynth.common.data import SiteDataset, check_site, load_volume, open_site, volume_transform
+from fedsynth.common.data import SiteDataset, check_site, load_volume, open_site
 from fedsynth.common.errors import FedsynthError
 
 
@@ -145,12 +145,11 @@ def test_other_size_and_orientation_resample_to_the_same_volume(tmp_path, tiny_c
     """The same anatomy stored LPS instead of RAS, at another size, reaches the model alike."""
     data = blob_volume((40, 36, 10))
     data[5:12, 5:12, 1:4] = 3.0  # a marker in one corner, to see any flip
-    ras = save_nifti(tmp_path / "ras.nii.gz", data, zooms=(1.5, 1.5, 9.0))
-    lps_affine = np.diag([-1.5, -1.5, 9.0, 1.0])
-    lps_affine[:3, 3] = [1.5 * 39, 1.5 * 35, 0]
+    ras = save_nifti(tmp_path / "ras.nii.gz", data, zooms=(3.0, 3.0, 9.0))
+    lps_affine = np.diag([-3.0, -3.0, 9.0, 1.0])
+    lps_affine[:3, 3] = [3.0 * 39, 3.0 * 35, 0]
     lps = save_nifti(tmp_path / "lps.nii.gz", data[::-1, ::-1, :].copy(), affine=lps_affine)
-    transform = volume_transform(tiny_config.data)
-    a, b = load_volume(ras, transform), load_volume(lps, transform)
+    a, b = load_volume(ras, tiny_config.data), load_volume(lps, tiny_config.data)
     assert a.shape == b.shape == (1, *tiny_config.data.shape)
     assert a.dtype == torch.float32 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     torch.testing.assert_close(a, b)

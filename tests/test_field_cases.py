@@ -19,15 +19,17 @@ from fedsynth.common import data
 from fedsynth.common.config import ConfigError, load_config
 from fedsynth.common.data import check_site, read_nifti
 
-OBLIQUE = np.array([[-2.0, 0, 0, 90], [0, 0, 8, -40], [0, -2, 0, 100], [0, 0, 0, 1]])
+# blob_volume()'s 24x20x6 voxels at 4 x 4 x 16 mm: a stack the size of a heart's scan
+PLAIN = np.diag([4.0, 4.0, 16.0, 1.0])
+OBLIQUE = np.array([[-4.0, 0, 0, 90], [0, 0, 16, -40], [0, -4, 0, 100], [0, 0, 0, 1]])
 
 
 def save_with_codes(path, sform=None, sform_code=0, qform=None, qform_code=0):
     """A blob volume whose header carries exactly the given qform/sform and codes (with no
     image affine, nibabel writes the header's own)."""
     image = nib.Nifti1Image(blob_volume(seed=sum(map(ord, path.name))), None)
-    image.header.set_sform(np.diag([2.0, 2.0, 8.0, 1.0]) if sform is None else sform, sform_code)
-    image.header.set_qform(np.diag([2.0, 2.0, 8.0, 1.0]) if qform is None else qform, qform_code)
+    image.header.set_sform(PLAIN if sform is None else sform, sform_code)
+    image.header.set_qform(PLAIN if qform is None else qform, qform_code)
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, path)
     return path

@@ -107,9 +107,10 @@ def test_gzip_bombs_are_refused_in_one_line_under_a_3gb_address_space(tmp_path):
     }
 
 
-def test_a_volume_of_data_max_voxels_is_resized_under_a_3gb_address_space(tmp_path):
-    """256^3 into the default 64x64x16: MONAI's anti-aliasing convolution unfolded it into
-    a 1.8 GB buffer, on top of the rest."""
+def test_a_volume_of_data_max_voxels_is_resampled_under_a_3gb_address_space(tmp_path):
+    """256^3 at 1 mm onto the default grid: MONAI's anti-aliasing convolution unfolded it
+    into a 1.8 GB buffer, on top of the rest; the source is now cropped to the grid's field
+    of view before it is smoothed."""
     site = tmp_path / "site"
     grid = np.meshgrid(*[np.linspace(-1, 1, 256, dtype=np.float32)] * 3, indexing="ij")
     volume = 1000 * (sum(g**2 for g in grid) < 0.5) + 200 * (grid[0] + grid[1] + grid[2] + 3)

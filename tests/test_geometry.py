@@ -1,0 +1,292 @@
+"""Physical geometry: one analytic heart, stored at any pixel size, matrix and slice
+thickness, reaches the model grid at its true size and shape; implausible stacks are
+refused or warned about per row."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from sitefiles import GOOD_ATTRIBUTES, write_site
+
+from fedsynth.common.anatomy import load_labelled
+from fedsynth.common.config import DataConfig, load_config
+from fedsynth.common.data import check_site, load_volume
+from fedsynth.common.orientation import short_axis_affine, to_short_axis
+from fedsynth.common.sampling import _nifti
+
+# the LV long axis, tilted from orientation.APEX: every stack is oblique
+NORMAL = np.array([-0.45, 0.75, -0.48])
+CAVITY = (25.0, 25.0, 40.0)  # LV cavity semi-axes (rows, columns, slices), mm
+WALL = 8.0  # myocardium around it, mm
+TRUE_ML = 4 / 3 * math.pi * CAVITY[0] * CAVITY[1] * CAVITY[2] / 1000  # 104.7 mL
+BLOOD, MYO, TISSUE = 1.0, 0.3, 0.1  # air is 0
+BODY_MM = 90.0  # radius of the body, a cylinder along the slices (air in the corners)
+# variants of the same heart: in-plane spacing (mm), matrix, slice thickness (mm)
+VARIANTS = [
+    (1.25, (256, 256), 8.0),
+    (2.0, (256, 256), 8.0),
+    (1.25, (208, 256), 10.0),
+    (2.0, (96, 96), 6.0),
+    (1.25, (256, 208), 6.0),
+    (2.0, (96, 96), 10.0),
+]
+
+
+def fine_grid() -> DataConfig:
+    """The default config's field of view (192 x 192 x 128 mm) at 2 x 2 x 4 mm voxels: fine
+    enough to count a cavity's mL to a few percent."""
+    data = load_config("tiny").data
+    fov = np.asarray(data.shape) * np.asarray(data.spacing)
+    spacing = (2.0, 2.0, 4.0)
+    return replace(data, shape=tuple(int(n) for n in fov / spacing), spacing=spacing)
+
+
+def heart(
+    pixel: float,
+    matrix: tuple[int, int],
+    thickness: float,
+    *,
+    offset: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    stack_mm: float = 120.0,
+    cavity: tuple[float, float, float] = CAVITY,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, labels, affine): an ellipsoidal LV cavity (label 3) in a myocardial shell
+    (label 2) centred `offset` mm from the stack's centre, in a body of tissue, in an
+    oblique short-axis stack of `stack_mm` along the slices. Labels are taken at the voxel
+    centres; the image is drawn from them (no noise)."""
+    slices = math.ceil(stack_mm / thickness)
+    shape = (*matrix, slices)
+    spacing = (pixel, pixel, thickness)
+    centres = [
+        (np.arange(n) - (n - 1) / 2) * s - o for n, s, o in zip(shape, spacing, offset, strict=True)
+    ]
+    y, x, z = np.meshgrid(*centres, indexing="ij", sparse=True)
+
+    def inside(axes: tuple[float, ...]) -> np.ndarray:
+        return (y / axes[0]) ** 2 + (x / axes[1]) ** 2 + (z / axes[2]) ** 2 <= 1
+
+    labels = np.zeros(shape, np.uint8)
+    labels[inside(tuple(a + WALL for a in cavity))] = 2
+    labels[inside(cavity)] = 3
+    image = np.array([0.0, 0.0, MYO, BLOOD], np.float32)[labels]
+    body = (y + offset[0]) ** 2 + (x + offset[1]) ** 2 <= BODY_MM**2
+    image[(labels == 0) & body] = TISSUE
+    return image, labels, short_axis_affine(spacing, shape, NORMAL)
+
+
+def save(path: Path, data: np.ndarray, affine: np.ndarray | None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+Row = tuple[str, np.ndarray, np.ndarray | None, np.ndarray | None]  # as `heart` returns
+
+
+def write_heart_site(root: Path, rows: list[Row]) -> Path:
+    """A site of (name, image, labels or None, affine) rows, one subject each; each image
+    scaled a little differently, so that no two rows hold the same voxel values."""
+    manifest = []
+    for i, (name, image, labels, affine) in enumerate(rows):
+        row = {"image": f"{name}.nii.gz", "subject": name, "label": ""}
+        save(root / row["image"], image * np.float32(1 + 0.01 * i), affine)
+        if labels is not None:
+            row["label"] = f"{name}_gt.nii.gz"
+            save(root / row["label"], labels, affine)
+        manifest.append(row)
+    return write_site(root, manifest, columns=["image", "label", "subject", *GOOD_ATTRIBUTES])
+
+
+def on_grid(root: Path, data_cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and label maps of a site on the model grid, as the anatomy meter reads them."""
+    manifest = check_site(root, data_cfg, show_progress=False, keep_volumes=True)
+    assert not manifest.rejected, manifest.rejected
+    volumes = torch.stack([r.volume for r in manifest.records])
+    loaded = load_labelled(manifest, data_cfg, False, volumes)
+    assert loaded is not None
+    return loaded[0][:, 0], loaded[1][:, 0]
+
+
+def centroid(mask: torch.Tensor) -> np.ndarray:
+    return np.argwhere(mask.numpy()).mean(axis=0)
+
+
+def test_one_heart_at_any_spacing_and_matrix_has_its_true_size_and_shape(tmp_path):
+    """The cavity measured on the grid (label voxels, and the thresholded image, x the grid's
+    voxel volume) is within 4% of the truth for every variant, round in-plane, and image
+    and label map land on the same voxels. (Resizing the whole field of view gave 0.55x
+    and 0.48x the size and an aspect of 1.46.)"""
+    data_cfg = fine_grid()
+    rows = [(f"v{i}", *heart(*variant)) for i, variant in enumerate(VARIANTS)]
+    images, labels = on_grid(write_heart_site(tmp_path / "site", rows), data_cfg)
+    voxel_ml = math.prod(data_cfg.spacing) / 1000
+    threshold = (MYO + BLOOD) / 2 / BLOOD  # scaled between air (0.5th percentile) and blood
+    for variant, image, label in zip(VARIANTS, images, labels, strict=True):
+        cavity = label == 3
+        assert float(cavity.sum()) * voxel_ml == pytest.approx(TRUE_ML, rel=0.04), variant
+        bright = image > threshold
+        assert float(bright.sum()) * voxel_ml == pytest.approx(TRUE_ML, rel=0.04), variant
+        points = np.argwhere(cavity.numpy())
+        aspect = points[:, 0].std() / points[:, 1].std()
+        assert aspect == pytest.approx(1.0, abs=0.03), variant
+        np.testing.assert_allclose(centroid(bright), centroid(cavity), atol=0.25)
+        dice = 2 * float((bright & cavity).sum()) / float(bright.sum() + cavity.sum())
+        assert dice > 0.9, variant
+
+
+def test_the_heart_of_a_label_map_is_put_in_the_grid_centre(tmp_path):
+    """An off-centre heart is centred on the grid where the row has a label map, its image
+    with it; without one the image centre is, and the heart stays where it was."""
+    data_cfg = load_config("tiny").data
+    offset = (40.0, -30.0, 16.0)
+    image, labels, affine = heart(2.0, (160, 160), 8.0, offset=offset, stack_mm=160.0)
+    site = write_heart_site(tmp_path / "site", [("h", image, labels, affine)])
+    images, placed = on_grid(site, data_cfg)
+    middle = (np.asarray(data_cfg.shape) - 1) / 2
+    np.testing.assert_allclose(centroid(placed[0] == 3), middle, atol=0.5)
+    np.testing.assert_allclose(centroid(images[0] > 0.6), middle, atol=0.5)
+    alone = load_volume(site / "h.nii.gz", data_cfg)[0]
+    shift = np.asarray(offset) / np.asarray(data_cfg.spacing)
+    np.testing.assert_allclose(centroid(alone > 0.6), middle + shift, atol=0.5)
+
+
+def test_label_maps_are_resampled_without_blending_classes():
+    """geometry.resample of a label map is nearest: only the labels that were there."""
+    from fedsynth.common.geometry import model_grid, resample
+
+    _, labels, affine = heart(2.0, (96, 96), 10.0)
+    data_cfg = load_config("tiny").data
+    grid = model_grid(affine, data_cfg.spacing, data_cfg.shape, np.zeros(3))
+    placed = resample(labels.astype(np.float32), affine, grid, data_cfg.shape, labels=True)
+    assert set(np.unique(placed.data).tolist()) == {0.0, 2.0, 3.0}
+
+
+def test_a_released_volume_is_read_back_unchanged(tmp_path):
+    """The release's NIfTI (sampling._nifti: config spacing, short-axis affine) is already on
+    the model grid: the reader's resampling is the identity, only the scaling is applied."""
+    from fedsynth.common.geometry import image_centre, model_grid, resample
+
+    data_cfg = load_config("tiny").data
+    volume = np.random.default_rng(0).random(data_cfg.shape).astype(np.float32)
+    path = tmp_path / "s.nii.gz"
+    nib.save(_nifti(volume, data_cfg.spacing), path)
+    stored = nib.load(path)
+    framed, affine = to_short_axis(np.asarray(stored.dataobj), stored.affine)
+    np.testing.assert_array_equal(framed, volume)  # already in the frame
+    grid = model_grid(affine, data_cfg.spacing, data_cfg.shape, image_centre(affine, volume.shape))
+    np.testing.assert_allclose(grid, affine, atol=1e-4)  # the header holds float32
+    placed = resample(volume, affine, grid, data_cfg.shape)
+    np.testing.assert_array_equal(placed.data, volume)
+    assert placed.inside.all()
+    read = load_volume(path, data_cfg)[0].numpy()
+    low, high = np.percentile(volume, data_cfg.intensity_percentiles)
+    np.testing.assert_allclose(read, np.clip((volume - low) / (high - low), 0, 1), atol=1e-6)
+
+
+def test_implausible_stacks_are_refused_or_warned_per_row(tmp_path):
+    """Each case gets its reason in site-check's rejections or warnings (the old reader took
+    every one of them silently, or with a note about codes only)."""
+    image, labels, affine = heart(2.0, (96, 96), 10.0)
+    gap = image.copy()
+    gap[..., 5] = 0.0  # a missing slice, zero-filled
+    blank_end = image.copy()
+    blank_end[..., -1] = 0.0
+    cut_image, cut_labels, cut_affine = heart(2.0, (96, 96), 10.0, offset=(0, 0, -45.0))
+    long_image, long_labels, long_affine = heart(
+        2.0, (96, 96), 10.0, stack_mm=200.0, cavity=(25.0, 25.0, 70.0)
+    )
+    tall_image, tall_labels, tall_affine = heart(2.0, (96, 96), 10.0, stack_mm=200.0)
+    short_image, _, short_affine = heart(2.0, (96, 96), 8.0, stack_mm=48.0)
+    thin = short_axis_affine((1.0, 1.0, 1.0), image.shape, NORMAL)  # 1 mm on 12 slices
+    narrow_image, _, narrow_affine = heart(2.0, (24, 24), 10.0)
+    rows = [
+        ("good", image, labels, affine),
+        ("no_geometry", image, None, None),
+        ("thin_slices", image, None, thin),
+        ("narrow", narrow_image, None, narrow_affine),
+        ("gap", gap, None, affine),
+        ("blank_end", blank_end, None, affine),
+        ("cut", cut_image, cut_labels, cut_affine),
+        ("short", short_image, None, short_affine),
+        ("long_heart", long_image, long_labels, long_affine),
+        ("long_stack", tall_image, tall_labels, tall_affine),
+        ("label_elsewhere", image, labels, affine),
+    ]
+    site = write_heart_site(tmp_path / "site", rows)
+    moved = affine.copy()
+    moved[:3, 3] += 10.0  # the label map 17 mm away from its image
+    save(site / "label_elsewhere_gt.nii.gz", labels, moved)
+    result = check_site(site, load_config("tiny").data, show_progress=False)
+    rejected = {r.file.removesuffix(".nii.gz"): r.reason for r in result.rejected}
+    warned: dict[str, list[str]] = {}
+    for w in result.warnings:
+        warned.setdefault(w.file.removesuffix(".nii.gz"), []).append(w.reason)
+    assert set(rejected) == {"no_geometry", "thin_slices", "narrow", "gap", "label_elsewhere"}
+    assert "label map does not lie on the image's voxel grid" in rejected["label_elsewhere"]
+    assert "no stored geometry" in rejected["no_geometry"]
+    assert "covers only 12 mm along the slices" in rejected["thin_slices"]
+    assert "in-plane field of view 48 x 48 mm" in rejected["narrow"]
+    assert "slice(s) 6 of 12" in rejected["gap"] and "missing slices" in rejected["gap"]
+    assert set(warned) == {"blank_end", "cut", "short", "long_heart"}, warned
+    assert warned["blank_end"] == ["the last 1 slice(s) of 12 (base to apex) are blank"]
+    assert any("reach the first slice" in w and "cut off" in w for w in warned["cut"])
+    assert any("48 mm along the slices, much less" in w for w in warned["short"])
+    assert any("beyond the model's field of view" in w for w in warned["long_heart"])
+    reasons = [*rejected.values(), *(w for notes in warned.values() for w in notes)]
+    assert all("\n" not in r for r in reasons)
+
+
+def framed_heart(profile, seed: int, folder: int, index: int):
+    """A phantom's ED label map in the short-axis frame, its affine and heart centre."""
+    from fedsynth.common.geometry import heart_centre
+    from fedsynth.simulations.phantoms import make_subject, subject_rng
+
+    subject = make_subject(profile, subject_rng(seed, folder, index))
+    labels = subject.labels[0]
+    affine = short_axis_affine(subject.spacing, labels.shape, np.asarray(subject.long_axis))
+    labels, affine = to_short_axis(labels, affine)
+    return labels, affine, heart_centre(labels, affine)
+
+
+def test_phantom_hearts_fit_the_default_field_of_view():
+    """The default grid is 128 mm along the slices: over 1,320 phantom volumes of every
+    profile, 10 hearts reached past 112 mm (6 x 6 x 14 mm), none past 128 mm. A few of
+    every profile, and one drawn case that 14 mm slices cut, fit the default grid."""
+    from fedsynth.common.geometry import model_grid
+    from fedsynth.common.plausibility import check_heart
+    from fedsynth.simulations.phantoms import PUBLIC, site_profiles
+
+    data = load_config("default").data
+    profiles = [*site_profiles(10, seed=0), PUBLIC]
+    cases = [(p, 0, k, i) for k, p in enumerate(profiles) for i in range(2)]
+    cases.append((profiles[2], 123, 2, 37))  # site-3: ventricles 100 mm long, off-centre
+    for profile, seed, folder, index in cases:
+        labels, affine, centre = framed_heart(profile, seed, folder, index)
+        grid = model_grid(affine, data.spacing, data.shape, centre)
+        assert check_heart(labels, affine, grid, data.shape) == [], (profile.name, index)
+    old = model_grid(affine, (6.0, 6.0, 14.0), data.shape, centre)
+    assert "cropped" in check_heart(labels, affine, old, data.shape)[0]  # the case is hit
+
+
+def test_zero_padding_does_not_enter_the_intensity_scaling():
+    """A stack filling half the grid's length: its own voxels are scaled between their
+    percentiles (the darkest at 0, not lifted by counting the padding as the darkest),
+    the padding is 0."""
+    from fedsynth.common.data import to_model
+
+    data_cfg = load_config("tiny").data
+    rng = np.random.default_rng(0)
+    slices = 4  # 4 x 16 mm: half the 128 mm the grid holds along the slices
+    volume = (1000 + 500 * rng.random((32, 32, slices))).astype(np.float32)
+    affine = short_axis_affine(data_cfg.spacing, volume.shape, NORMAL)
+    placed = to_model(volume, affine, data_cfg)[0][0].numpy()
+    inside = placed[..., 2:6]
+    assert np.quantile(inside, 0.005) == pytest.approx(0.0, abs=1e-3)
+    assert np.quantile(inside, 0.995) == pytest.approx(1.0, abs=1e-3)
+    assert np.all(placed[..., :2] == 0) and np.all(placed[..., 6:] == 0)
