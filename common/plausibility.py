@@ -25,6 +25,9 @@ MIN_IN_PLANE_MM = 60.0
 # without a label map, a stack covering less than this fraction of the configured slice
 # field of view (data.shape x data.spacing along the slices) may miss part of the heart
 MIN_SLICE_COVER = 0.6
+# the heart on the last (apical) slice at this fraction of its largest cross-section or more:
+# the ventricles taper to the apex, so the stack stopped before it
+APEX_FRACTION = 0.5
 AXES = ("rows", "columns", "slices")
 
 
@@ -92,29 +95,37 @@ def check_cover(affine: np.ndarray, shape: Sequence[int], slice_fov: float) -> l
 def check_heart(
     labels: np.ndarray, affine: np.ndarray, grid: np.ndarray, shape: Sequence[int]
 ) -> list[str]:
-    """Where a label map says where the heart is (HEART_LABELS): warn when the heart
-    reaches the stack's first or last slice or its in-plane border (cut off by the scan),
-    and when it reaches beyond the model grid (`grid`, a 4x4 affine of `shape` voxels:
-    geometry.model_grid), which crops it. `labels` (rows, columns, slices) with `affine`."""
-    heart = np.argwhere(np.isin(labels, HEART_LABELS))
+    """Where a label map says where the heart is (HEART_LABELS): warn when the stack stops
+    before the apex or the heart reaches its in-plane border (cut off by the scan), and
+    when the heart reaches beyond the model grid (`grid`, a 4x4 affine of `shape` voxels:
+    geometry.model_grid), which crops it. `labels` (rows, columns, slices) with `affine`.
+
+    The apex is missing where the last (apical) slice still holds at least APEX_FRACTION of
+    the heart's largest cross-section: towards the apex the ventricles taper to a point.
+    Heart labels on the first slice are no warning: short-axis stacks are planned from the
+    base, and a basal slice through the valve plane is where most of them begin."""
+    is_heart = np.isin(labels, HEART_LABELS)
+    heart = np.argwhere(is_heart)
     if not len(heart):
         return ["the label map has no heart labels (1-3: ventricles and LV myocardium)"]
     warnings = []
     edges = []
+    areas = is_heart.sum(axis=(0, 1))
+    if areas[-1] >= APEX_FRACTION * areas.max():
+        edges.append(
+            f"the last (apical) slice with {100 * areas[-1] / areas.max():.0f}% of its largest "
+            "cross-section: the stack stops before the apex"
+        )
     low, high = heart.min(axis=0), heart.max(axis=0)
-    if low[2] == 0:
-        edges.append("the first slice")
-    if high[2] == labels.shape[2] - 1:
-        edges.append("the last slice")
     if (
         low[0] == 0
         or low[1] == 0
         or high[0] == labels.shape[0] - 1
         or high[1] == labels.shape[1] - 1
     ):
-        edges.append("the in-plane border")
+        edges.append("the in-plane border: the scan cuts it off")
     if edges:
-        warnings.append(f"the heart labels reach {' and '.join(edges)}: the heart is cut off")
+        warnings.append(f"the heart labels reach {' and '.join(edges)}")
     to_grid = np.linalg.inv(grid) @ np.asarray(affine, dtype=float)
     index = heart @ to_grid[:3, :3].T + to_grid[:3, 3]
     limit = np.asarray(shape[:3], dtype=float) - 0.5

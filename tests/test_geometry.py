@@ -197,7 +197,8 @@ def test_implausible_stacks_are_refused_or_warned_per_row(tmp_path):
     gap[..., 5] = 0.0  # a missing slice, zero-filled
     blank_end = image.copy()
     blank_end[..., -1] = 0.0
-    cut_image, cut_labels, cut_affine = heart(2.0, (96, 96), 10.0, offset=(0, 0, -45.0))
+    cut_image, cut_labels, cut_affine = heart(2.0, (96, 96), 10.0, offset=(0, 0, 45.0))
+    base_image, base_labels, base_affine = heart(2.0, (96, 96), 10.0, offset=(0, 0, -45.0))
     long_image, long_labels, long_affine = heart(
         2.0, (96, 96), 10.0, stack_mm=200.0, cavity=(25.0, 25.0, 70.0)
     )
@@ -213,6 +214,7 @@ def test_implausible_stacks_are_refused_or_warned_per_row(tmp_path):
         ("gap", gap, None, affine),
         ("blank_end", blank_end, None, affine),
         ("cut", cut_image, cut_labels, cut_affine),
+        ("base_cut", base_image, base_labels, base_affine),
         ("short", short_image, None, short_affine),
         ("long_heart", long_image, long_labels, long_affine),
         ("long_stack", tall_image, tall_labels, tall_affine),
@@ -235,7 +237,8 @@ def test_implausible_stacks_are_refused_or_warned_per_row(tmp_path):
     assert "slice(s) 6 of 12" in rejected["gap"] and "missing slices" in rejected["gap"]
     assert set(warned) == {"blank_end", "cut", "short", "long_heart"}, warned
     assert warned["blank_end"] == ["the last 1 slice(s) of 12 (base to apex) are blank"]
-    assert any("reach the first slice" in w and "cut off" in w for w in warned["cut"])
+    assert any("last (apical) slice" in w and "before the apex" in w for w in warned["cut"])
+    assert "base_cut" not in warned  # stacks are planned from the base: labels there are usual
     assert any("48 mm along the slices, much less" in w for w in warned["short"])
     assert any("beyond the model's field of view" in w for w in warned["long_heart"])
     reasons = [*rejected.values(), *(w for notes in warned.values() for w in notes)]
