@@ -24,7 +24,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import struct
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -34,15 +33,15 @@ import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import ScaleIntensityRange
-from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
 from fedsynth.common.attribute_checks import coding, parse_coded
 from fedsynth.common.config import Attribute, DataConfig
-from fedsynth.common.errors import FedsynthError
+from fedsynth.common.errors import FedsynthError, first_line
 from fedsynth.common.geometry import Placed, heart_centre, image_centre, model_grid, resample
+from fedsynth.common.nifti_bounds import VolumeError, check_size, check_voxel_offset
 from fedsynth.common.orientation import OrientationError, to_short_axis
 from fedsynth.common.plausibility import (
     GeometryError,
@@ -58,10 +57,6 @@ from fedsynth.common.volume_content import ContentError, check_content, clip_out
 MANIFEST = "manifest.csv"
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class VolumeError(FedsynthError):
-    """A volume that cannot be used; the message is the reason, without the path."""
 
 
 @dataclass(frozen=True)
@@ -133,7 +128,7 @@ def read_nifti(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, n
     try:
         data = np.asanyarray(image.dataobj).reshape(image.shape[:3])
     except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise VolumeError(f"voxel type {data.dtype} is not real-valued")
     bad = int(np.count_nonzero(~np.isfinite(data)))  # in the stored type: 1e300 is finite
@@ -164,15 +159,15 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
     try:
-        _check_voxel_offset(path)
+        check_voxel_offset(path)
         image = nib.load(path)
         if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
             raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
         zooms = _stored_spacing(path, image)
     except (ImageFileError, HeaderDataError) as exc:
-        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"not a readable NIfTI file ({first_line(exc, path)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
     shape = image.shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -184,9 +179,9 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
     if min(shape) < 2:
         raise VolumeError(f"too small ({dims}); need 2+ voxels per axis")
     try:
-        _check_size(path, image, max_voxels)
+        check_size(path, image, max_voxels)
     except (EOFError, zlib.error, OSError) as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
     note = _orientation_note(image.header)
@@ -196,90 +191,6 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
             "voxels in mm is unknown"
         )
     return image, [note] if note else []
-
-
-# DICOM and AFNI header extensions run to kilobytes; nibabel reads the extensions (all bytes
-# up to the voxel data) into memory, so a header whose voxel data starts further in is refused
-MAX_EXTENSION_BYTES = 16 << 20
-# (sizeof_hdr, struct format and byte offset of vox_offset) of NIfTI-1 and NIfTI-2
-_HEADER_LAYOUTS = {348: ("f", 108), 540: ("q", 168)}
-
-
-def _check_voxel_offset(path: Path) -> None:
-    """Refuse a header whose voxel data starts more than MAX_EXTENSION_BYTES past its end,
-    before nibabel reads the extensions (every byte up to the voxel data) into memory.
-
-    A file that is no NIfTI (sizeof_hdr neither 348 nor 540), or that cannot be read at
-    all, is left to nibabel to name.
-    """
-    try:
-        with ImageOpener(path) as f:  # type: ignore[arg-type]  # nibabel opens any PathLike
-            raw = f.read(544)
-    except (EOFError, zlib.error, OSError):
-        return
-    for order in "<>":
-        if len(raw) >= 4 and (size := struct.unpack(order + "i", raw[:4])[0]) in _HEADER_LAYOUTS:
-            code, at = _HEADER_LAYOUTS[size]
-            if len(raw) < at + struct.calcsize(code):
-                return
-            offset = struct.unpack_from(order + code, raw, at)[0]
-            if math.isfinite(offset) and offset > size + 4 + MAX_EXTENSION_BYTES:
-                raise VolumeError(
-                    f"implausible header: the voxel data starts at byte {offset:.0f}, more than "
-                    f"{MAX_EXTENSION_BYTES} bytes of extensions past the {size}-byte header"
-                )
-            return
-
-
-def _check_size(path: Path, image: nib.Nifti1Image, max_voxels: int | None) -> None:
-    """Refuse a file whose (decompressed) size is not what its header declares (header and
-    extensions up to the voxel offset, then dims x bytes per voxel), or that declares more
-    voxels than `max_voxels`, before an array of the claimed size is allocated (a 300-byte
-    header can claim 32767^3 voxels, and 128 KB of gzip can inflate to gigabytes).
-
-    A .nii.gz is decompressed as a stream, counting bytes in 1 MiB blocks and stopping one
-    byte past the declared size (or past max_voxels' worth): memory stays bounded whatever
-    the file inflates to. A file that holds more than its header declares is refused too:
-    its header does not describe its content."""
-    voxels = math.prod(image.shape)
-    proxy = image.dataobj
-    assert isinstance(proxy, ArrayProxy)  # nib.load of a file path: voxels not read yet
-    offset, itemsize = proxy.offset, image.get_data_dtype().itemsize
-    claimed = offset + voxels * itemsize
-    bound = claimed if max_voxels is None else offset + max_voxels * itemsize + 1
-    enough = min(claimed, bound)
-    held = _bytes_held(path, enough + 1)
-    dims = "x".join(map(str, image.shape))
-    if held < enough:
-        raise VolumeError(
-            f"truncated or corrupt file (the header claims {dims} voxels, {claimed - offset} "
-            f"bytes; the file holds {max(held - offset, 0)})"
-        )
-    if max_voxels is not None and voxels > max_voxels:
-        raise VolumeError(
-            f"implausible size {dims} ({voxels} voxels, above data.max-voxels {max_voxels})"
-        )
-    if held > claimed:
-        kind = "decompresses to" if _compressed(path) else "holds"
-        raise VolumeError(
-            f"{kind} more than the {claimed} bytes its header declares ({offset} of header "
-            f"and extensions, {dims} voxels of {itemsize} bytes): not the volume it describes"
-        )
-
-
-def _compressed(path: Path) -> bool:
-    return path.name.lower().endswith(".gz")
-
-
-def _bytes_held(path: Path, limit: int) -> int:
-    """How many bytes the (decompressed) file holds, counting no further than `limit`."""
-    if not _compressed(path):
-        return min(path.stat().st_size, limit)
-    held = 0
-    with ImageOpener(path) as f:  # type: ignore[arg-type]  # nibabel opens any PathLike
-        while held < limit and (block := f.read(min(1 << 20, limit - held))):
-            held += len(block)
-    return held
 
 
 def _orientation_note(header: nib.Nifti1Header) -> str | None:
@@ -327,14 +238,7 @@ def _root_cause(exc: BaseException, path: Path) -> str:
     """Type and first line of the innermost error (MONAI wraps errors in RuntimeError)."""
     while (inner := exc.__cause__ or exc.__context__) is not None:
         exc = inner
-    return f"{type(exc).__name__}: {_first_line(exc, path)}"
-
-
-def _first_line(exc: BaseException, path: Path | None = None) -> str:
-    """The first line of an error message, with a full path shortened to the file name."""
-    message = str(exc) if path is None else str(exc).replace(str(path), path.name)
-    text = message.strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc, path)}"
 
 
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -492,7 +396,7 @@ def read_table(path: Path, required: Sequence[str], hint: str = "") -> tuple[lis
             reader.fieldnames = header
             rows = list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise FedsynthError(f"{path}: not a readable CSV file ({_first_line(exc)})") from None
+        raise FedsynthError(f"{path}: not a readable CSV file ({first_line(exc)})") from None
     seen: dict[str, str] = {}
     for name in filter(None, header):
         first = seen.setdefault(name.casefold(), name)

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
 
-from fedsynth.common.data import MAX_EXTENSION_BYTES
+from fedsynth.common.nifti_bounds import MAX_EXTENSION_BYTES
 
 ADDRESS_SPACE = 3 << 30
 ZEROS = gzip.compress(bytes(64 << 20), compresslevel=9)  # one gzip member: 64 MiB of zeros

@@ -10,7 +10,6 @@ read one at a time, so memory stays that of one frame.
 from __future__ import annotations
 
 import math
-import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,13 +22,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
-from fedsynth.common.data import (
-    FLOAT32_MAX,
-    MAX_EXTENSION_BYTES,
-    NIFTI_SUFFIXES,
-    VolumeError,
-    open_nifti,
-)
+from fedsynth.common.data import FLOAT32_MAX, NIFTI_SUFFIXES, open_nifti
+from fedsynth.common.errors import first_line
+from fedsynth.common.nifti_bounds import VolumeError, check_size, check_voxel_offset
 
 MAX_FRAMES = 100  # cardiac phases in one cine; real ones hold 20-50
 _READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError, HeaderDataError)
@@ -66,10 +61,10 @@ def open_cine(path: Path, max_voxels: int) -> nib.Nifti1Image:
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
     try:
-        _check_offset(path)
+        check_voxel_offset(path)
         image = nib.load(path)
     except _READ_ERRORS as exc:
-        raise VolumeError(f"not a readable NIfTI file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"not a readable NIfTI file ({first_line(exc, path)})") from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
     shape = tuple(image.shape)
@@ -80,16 +75,10 @@ def open_cine(path: Path, max_voxels: int) -> nib.Nifti1Image:
         raise VolumeError(f"a frame of {dims} has more voxels than data.max-voxels {max_voxels}")
     if shape[3] > MAX_FRAMES:
         raise VolumeError(f"{shape[3]} frames, more than {MAX_FRAMES}")
-    proxy = image.dataobj
-    assert isinstance(proxy, ArrayProxy)  # nib.load of a file path: voxels not read yet
-    claimed = proxy.offset + math.prod(shape) * image.get_data_dtype().itemsize
-    try:
-        held = _bytes_held(path, claimed + 1)
+    try:  # bounded by the checks above: frames x data.max-voxels
+        check_size(path, image, None)
     except _READ_ERRORS as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
-    if held != claimed:
-        kind = "fewer" if held < claimed else "more"
-        raise VolumeError(f"truncated or corrupt file ({kind} bytes than its header declares)")
+        raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
     return image
 
 
@@ -122,7 +111,7 @@ def iter_frames(image: nib.Nifti1Image, path: Path) -> Iterator[Volume]:
                 data = np.frombuffer(raw, dtype).reshape(shape, order="F")
                 yield _volume(data * proxy.slope + proxy.inter, image)
     except _READ_ERRORS as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
 
 
 def _frame(image: nib.Nifti1Image, frame: int | None, path: Path) -> Volume:
@@ -131,7 +120,7 @@ def _frame(image: nib.Nifti1Image, frame: int | None, path: Path) -> Volume:
         raw = image.dataobj[..., frame] if frame is not None else image.dataobj[...]
         data = np.asarray(raw).reshape(image.shape[:3])
     except _READ_ERRORS as exc:
-        raise VolumeError(f"truncated or corrupt file ({_first_line(exc, path)})") from None
+        raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
     return _volume(data, image)
 
 
@@ -143,34 +132,3 @@ def _volume(data: np.ndarray, image: nib.Nifti1Image) -> Volume:
         raise VolumeError("holds NaN, Inf or values beyond 32-bit floats")
     x, y, z = (float(zoom) for zoom in image.header.get_zooms()[:3])
     return Volume(data.astype(np.float32), np.asarray(image.affine, float), (x, y, z))
-
-
-def _check_offset(path: Path) -> None:
-    """Refuse voxel data starting more than MAX_EXTENSION_BYTES past the header, before
-    nibabel reads all bytes up to it (the extensions) into memory (as data.open_nifti)."""
-    with ImageOpener(path) as f:  # type: ignore[arg-type]  # nibabel opens any PathLike
-        raw = f.read(176)
-    for order in "<>":
-        if len(raw) >= 176 and struct.unpack(order + "i", raw[:4])[0] in (348, 540):
-            size = struct.unpack(order + "i", raw[:4])[0]
-            code, at = ("f", 108) if size == 348 else ("q", 168)
-            offset = struct.unpack_from(order + code, raw, at)[0]
-            if math.isfinite(offset) and offset > size + 4 + MAX_EXTENSION_BYTES:
-                raise VolumeError("implausible header: the voxel data starts far past it")
-
-
-def _bytes_held(path: Path, limit: int) -> int:
-    """How many bytes the (decompressed) file holds, counting no further than `limit`."""
-    if not path.name.lower().endswith(".gz"):
-        return min(path.stat().st_size, limit)
-    held = 0
-    with ImageOpener(path) as f:  # type: ignore[arg-type]
-        while held < limit and (block := f.read(min(1 << 20, limit - held))):
-            held += len(block)
-    return held
-
-
-def _first_line(exc: BaseException, path: Path) -> str:
-    """The first line of an error, the full path shortened to the file name."""
-    lines = str(exc).replace(str(path), path.name).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
