@@ -55,6 +55,7 @@ from fedsynth.common.subject_identity import SubjectUnits
 from fedsynth.common.volume_content import ContentError, check_content, clip_outliers
 
 MANIFEST = "manifest.csv"
+OPTIONAL_COLUMNS = ("subject", "label")  # of a site manifest, besides image and attributes
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -382,12 +383,17 @@ def parse_attribute(text: str | None, attribute: Attribute) -> float:
     return value
 
 
-def read_table(path: Path, required: Sequence[str], hint: str = "") -> tuple[list[str], list[dict]]:
-    """Header and rows of a CSV file that must have the `required` columns.
+def read_table(
+    path: Path, required: Sequence[str], hint: str = "", optional: Sequence[str] = ()
+) -> tuple[list[str], list[dict]]:
+    """Header and rows of a CSV file that must have the `required` columns and may have the
+    `optional` ones.
 
     Refuses (FedsynthError) a header that names a column twice, even in another case: which
     copy holds the attribute cannot be known (csv.DictReader would silently keep the last).
-    A missing column's error says what is likely wrong (case, `;` or tab separators).
+    A missing column's error says what is likely wrong (case, `;` or tab separators); an
+    optional column spelt in another case ('Subject') is refused naming it, as a required
+    one is: read as absent, it would silently change what the rows mean.
     """
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
@@ -408,6 +414,13 @@ def read_table(path: Path, required: Sequence[str], hint: str = "") -> tuple[lis
     if missing:
         cause = _likely_cause(header, missing)
         raise FedsynthError(f"{path} lacks required column(s) {', '.join(missing)}{hint}{cause}")
+    by_case = {name.casefold(): name for name in header}
+    for name in optional:
+        if name not in header and (spelt := by_case.get(name.casefold())) is not None:
+            raise FedsynthError(
+                f"{path}: column '{spelt}' differs only in case from the optional column "
+                f"'{name}', which is read only as '{name}': rename it"
+            )
     return header, rows
 
 
@@ -435,7 +448,7 @@ def _read_manifest(root: Path, data_cfg: DataConfig) -> tuple[list[str], list[di
         raise FedsynthError(f"no {MANIFEST} in {root}")
     required = ["image", *(a.name for a in data_cfg.attributes)]
     hint = " (needs image and one column per configured attribute)"
-    return read_table(manifest, required, hint)
+    return read_table(manifest, required, hint, OPTIONAL_COLUMNS)
 
 
 def check_site(

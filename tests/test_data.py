@@ -338,14 +338,34 @@ def write_manifest(site, header, row):
             lambda h, r: (h.replace(",", "\t"), r.replace(",", "\t")),
             r"the file looks tab-separated: save it with commas$",
         ),
+        (
+            lambda h, r: (h.replace("subject", "Subject"), r),
+            r"column 'Subject' differs only in case from the optional column 'subject', which "
+            r"is read only as 'subject': rename it$",
+        ),
+        (
+            lambda h, r: (f"{h},Label", f"{r},lab.nii.gz"),
+            r"column 'Label' differs only in case from the optional column 'label'",
+        ),
     ],
-    ids=["twice", "case-twice", "case-missing", "semicolons", "tabs"],
+    ids=[
+        "twice",
+        "case-twice",
+        "case-missing",
+        "semicolons",
+        "tabs",
+        "optional-subject-case",
+        "optional-label-case",
+    ],
 )
 def test_a_header_that_cannot_be_read_right_is_refused_saying_why(
     tmp_path, tiny_config, change, message
 ):
     """A column named twice (even in another case) is refused as a whole, never resolved by
-    taking one copy; a missing column says what is likely wrong."""
+    taking one copy; a missing column says what is likely wrong. An optional column spelt
+    in another case ('Subject', 'Label', as a spreadsheet heads them) is refused naming it:
+    read as absent, every row would count as its own subject (one person's scans as
+    several privacy units) or be placed without its label map, without a word."""
     columns = ["image", "subject", *GOOD_ATTRIBUTES]
     values = ["a.nii.gz", "s1", *map(str, GOOD_ATTRIBUTES.values())]
     site = write_manifest(tmp_path / "site", *change(",".join(columns), ",".join(values)))
