@@ -484,7 +484,8 @@ def check_site(
             "no 'subject' column: each row counts as its own subject; if a person has several "
             "volumes, add the column, or their privacy loss is counted per volume, not per person"
         )
-    units = SubjectUnits(data_cfg.attributes)
+    units = SubjectUnits(data_cfg.attributes, lambda p: read_nifti(p, data_cfg.max_voxels))
+    files: dict[int, str] = {}  # the image column of each usable row
     for number, row in enumerate(progress(rows, "site-check", show_progress), start=1):
         file = (row.get("image") or "").strip()
         path = root
@@ -516,7 +517,7 @@ def check_site(
                     except VolumeError as exc:
                         raise VolumeError(f"label {label}: {exc}") from None
                 data, affine, content = read_image(path)
-                units.check_content(identity, data, affine)  # the same scan under another id
+                units.check_content(identity, data, affine, path)  # one scan, another id?
                 checked, geometry = to_model(data, affine, data_cfg, labels)
                 notes += content + geometry
                 if strict and notes:
@@ -530,12 +531,31 @@ def check_site(
             result.rejected.append(Rejection(row=number, file=file, reason=reason))
             continue
         units.accept(identity)
+        files[number] = file
         result.records.append(Record(number, path, subject, values, label_path, volume))
         result.warnings += [RowWarning(row=number, file=file, reason=note) for note in notes]
+    _merged_people(result, units, files, strict)
     subject_of = units.subjects()  # one person, one subject: ids merged where one person
     result.records = [replace(r, subject=subject_of[r.row]) for r in result.records]
     result.site_warnings += units.warnings
     return result
+
+
+def _merged_people(
+    result: SiteManifest, units: SubjectUnits, files: Mapping[int, str], strict: bool
+) -> None:
+    """The rows of ids found to be one person (SubjectUnits.finish) that disagree with the
+    person's first row: refused rows leave `result.records` for `result.rejected`, the
+    others are warned about (rejected under `strict`)."""
+    refused, warned = units.finish(strict)
+    if not refused and not warned:
+        return
+    result.records = [r for r in result.records if r.row not in refused]
+    result.rejected += [Rejection(row, files[row], reason) for row, reason in refused.items()]
+    result.rejected.sort(key=lambda r: r.row)
+    for row, notes in warned.items():
+        result.warnings += [RowWarning(row, files[row], note) for note in notes]
+    result.warnings.sort(key=lambda w: w.row)
 
 
 def site_path(root: Path, text: str, column: str = "image") -> Path:

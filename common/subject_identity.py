@@ -8,23 +8,27 @@ subjects has their privacy loss multiplied. So a site's subject ids are read as 
   in full-width digits is one id. Distinct spellings that normalise alike are one subject
   if their per-person attributes agree (a warning names both spellings); if they disagree
   they are two people whose ids collide, and the rows of the later spelling are refused.
-- The same scan under two ids is found by its content (`content_fingerprint`: the decoded
-  voxels in the short-axis frame, whatever the file format, compression, data type or
-  storage order). The later row is refused as a duplicate, and the two ids are merged into
-  one subject with all their rows (union-find over every such link), with a warning.
+- Ids of digits only compare as the number they spell ("00123" and "123": a spreadsheet
+  drops leading zeros), then by the same rule.
+- The same scan under two ids is found by its content (scan_match.py: the decoded voxels
+  in the short-axis frame, to 1e-5 of their range, whatever the file format, compression,
+  data type, storage order or float32 rounding of a re-export). The later row is refused
+  as a duplicate, and the two ids are merged into one subject with all their rows
+  (union-find over every such link, and over rows naming one file), with a warning.
   Merging is the safe direction: two people counted as one only cost utility.
 - Rows of one subject must agree on the per-person attributes the config has
   (`PERSON_ATTRIBUTES`): a different sex refuses the later row (one of the two rows is
   wrong, and no later rule can say which); an age or BMI more than its tolerance apart is
   warned about, not refused, because scans of one person at two visits legitimately differ
-  by a year or some kilograms, and the rows count as one subject either way.
+  by a year or some kilograms, and the rows count as one subject either way. Ids merged
+  as one person are held to the same rule once all rows are read (`finish`): a row of a
+  later id whose sex differs from the merged subject's first row is refused.
 
 Everything here stays at the site: the check's findings go only to the local site-check.
 """
 
 from __future__ import annotations
 
-import hashlib
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ import numpy as np
 
 from fedsynth.common.attribute_checks import check_physiology, describe
 from fedsynth.common.config import Attribute
-from fedsynth.common.orientation import OrientationError, to_short_axis
+from fedsynth.common.scan_match import Loader, ScanIndex, probe
 
 # per-person attributes and how far two rows of one person may differ (None: not at all)
 PERSON_ATTRIBUTES: dict[str, float | None] = {"sex": None, "age": 1.0, "bmi": 1.0}
@@ -43,11 +47,18 @@ PERSON_ATTRIBUTES: dict[str, float | None] = {"sex": None, "age": 1.0, "bmi": 1.
 def normalise_id(raw: str) -> str:
     """The key a subject id is compared by: NFKC (full-width digits become ASCII, NFC and
     NFD agree), invisible format characters (Unicode category Cf: zero-width space, soft
-    hyphen, byte-order mark) removed, surrounding whitespace stripped, case-folded. Empty
-    for an id with nothing visible."""
+    hyphen, byte-order mark) removed, surrounding whitespace stripped, case-folded; an id
+    of ASCII digits only becomes the number it spells ("00123" -> "123"). Empty for an id
+    with nothing visible."""
+    text = _visible(raw)
+    key = unicodedata.normalize("NFKC", text.casefold())
+    return (key.lstrip("0") or "0") if key.isascii() and key.isdigit() else key
+
+
+def _visible(raw: str) -> str:
+    """NFKC, invisible format characters removed, surrounding whitespace stripped."""
     text = unicodedata.normalize("NFKC", raw)
-    text = "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
-    return unicodedata.normalize("NFKC", text.casefold())
+    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
 
 
 def how_they_differ(a: str, b: str) -> str:
@@ -65,27 +76,13 @@ def how_they_differ(a: str, b: str) -> str:
             differences.append("invisible characters")
         if visible != visible.strip():
             differences.append("surrounding whitespace")
-        plain.append(unicodedata.normalize("NFKC", visible).strip())
+        plain.append(_visible(spelling))
     if plain[0] != plain[1] and plain[0].casefold() == plain[1].casefold():
         differences.append("case")
+    if plain[0] != plain[1] and all(p.isascii() and p.isdigit() for p in plain):
+        differences.append("leading zeros")
     unique = list(dict.fromkeys(differences)) or ["Unicode form"]
     return " and ".join(unique) if len(unique) < 3 else f"{', '.join(unique[:-1])} and {unique[-1]}"
-
-
-def content_fingerprint(data: np.ndarray, affine: np.ndarray) -> str:
-    """SHA-256 of a decoded volume's voxels (X, Y, Z; after scl_slope/inter, as float32)
-    in the short-axis frame, with their shape: the same for the same scan in any file
-    format, compression, data type that holds its values exactly, or voxel storage order
-    (to_short_axis only permutes and flips). Raises ValueError for an affine that gives
-    no short-axis frame."""
-    try:
-        oriented, _ = to_short_axis(data, affine)
-    except OrientationError as exc:
-        raise ValueError(str(exc)) from None
-    values = np.ascontiguousarray(oriented, dtype=np.float32) + np.float32(0.0)  # -0.0 is 0.0
-    digest = hashlib.sha256(repr(values.shape).encode())
-    digest.update(values.tobytes())
-    return digest.hexdigest()
 
 
 @dataclass
@@ -97,7 +94,7 @@ class RowIdentity:
     key: str  # normalise_id(spelling)
     person: dict[str, float]  # the row's per-person attributes
     notes: list[str] = field(default_factory=list)  # warnings about this row
-    fingerprint: str | None = None  # of its voxels, once read
+    scan: int | None = None  # its voxels' number in SubjectUnits.scans, once read
 
 
 @dataclass
@@ -114,19 +111,22 @@ class SubjectUnits:
     """The subjects of one site, built row by row during a site check.
 
     Per row: `check_row` before the image is read, then `check_path`, `check_content` once
-    its voxels are read, `accept` when the row is usable; at the end `subjects` gives each
-    usable row its subject. Site-wide findings (merged ids) collect in `warnings`.
+    its voxels are read, `accept` when the row is usable; at the end `finish` holds the
+    rows of merged ids to one person's attributes and `subjects` gives each usable row its
+    subject. Site-wide findings (merged ids) collect in `warnings`. `load` reads a volume
+    again (scan_match.Loader) to confirm that a row holds an earlier row's scan.
     """
 
-    def __init__(self, attributes: Sequence[Attribute]) -> None:
+    def __init__(self, attributes: Sequence[Attribute], load: Loader) -> None:
         self.attributes = tuple(attributes)
         self.by_name = {a.name: a for a in attributes}
         self.people: dict[str, _Person] = {}
         self.refused: dict[str, str] = {}  # spelling -> why all its rows are refused
         self.parent: dict[str, str] = {}  # union-find over keys
         self.paths: dict[Path, RowIdentity] = {}  # image file -> first row naming it
-        self.seen: dict[str, RowIdentity] = {}  # fingerprint -> first row read with it
-        self.used: dict[str, int] = {}  # fingerprint -> usable row
+        self.scans = ScanIndex(load)  # the distinct scans read
+        self.first_read: list[RowIdentity] = []  # by scan: the first row read with it
+        self.used: dict[int, int] = {}  # scan -> its usable row
         self.usable: dict[int, RowIdentity] = {}  # by row
         self.warnings: list[str] = []  # about the site's subjects (several rows)
 
@@ -145,7 +145,8 @@ class SubjectUnits:
         if first is None:
             return identity
         collides = spelling not in first.spellings
-        refusals, warnings = self._compare(first, person, f"in row {row}" if collides else "here")
+        where = f"in row {row}" if collides else "here"
+        refusals, warnings = self._compare(first.row, first.attributes, person, where)
         if collides and (refusals or warnings):
             self.refused[spelling] = (
                 f"subject id {spelling!r} is the same id as {first.spelling!r} (row {first.row}) "
@@ -160,19 +161,19 @@ class SubjectUnits:
         return identity
 
     def _compare(
-        self, first: _Person, person: Mapping[str, float], where: str
+        self, first_row: int, first: Mapping[str, float], person: Mapping[str, float], where: str
     ) -> tuple[list[str], list[str]]:
-        """Disagreements of a row (`where`: 'here' or 'in row N') with the subject's first
-        row: (refusing, warned)."""
+        """Disagreements of a row's per-person attributes (`where`: 'here' or 'in row N')
+        with those of the subject's first row: (refusing, warned)."""
         refusals: list[str] = []
         warnings: list[str] = []
         for name, value in person.items():
-            tolerance, earlier = PERSON_ATTRIBUTES[name], first.attributes[name]
+            tolerance, earlier = PERSON_ATTRIBUTES[name], first[name]
             if abs(value - earlier) <= (tolerance or 0.0):
                 continue
             attribute = self.by_name[name]
             text = f"{name} {describe(value, attribute)} {where}, {describe(earlier, attribute)}"
-            text += f" in row {first.row}"
+            text += f" in row {first_row}"
             (refusals if tolerance is None else warnings).append(text)
         return refusals, warnings
 
@@ -184,17 +185,23 @@ class SubjectUnits:
             merged = self._merge(earlier, identity, "name the same image file")
             raise ValueError(f"duplicate of row {earlier.row} (same image){merged}")
 
-    def check_content(self, identity: RowIdentity, data: np.ndarray, affine: np.ndarray) -> None:
-        """Fingerprint the row's decoded voxels (X, Y, Z, oriented by the affine); the same voxels
-        as an earlier row's (usable or not) make their ids one subject, and a ValueError
-        refuses this row as a duplicate when the earlier row is usable."""
-        identity.fingerprint = content_fingerprint(data, affine)
-        earlier = self.seen.setdefault(identity.fingerprint, identity)
-        merged = self._merge(earlier, identity, "hold the same voxels")
-        if identity.fingerprint in self.used:
-            raise ValueError(
-                f"duplicate of row {self.used[identity.fingerprint]} (same voxels){merged}"
-            )
+    def check_content(
+        self, identity: RowIdentity, data: np.ndarray, affine: np.ndarray, path: Path
+    ) -> None:
+        """Match the row's decoded voxels (X, Y, Z, oriented by the affine; read from `path`)
+        with those of earlier rows (scan_match.py); the same scan as an earlier row's
+        (usable or not) makes their ids one subject, and a ValueError refuses this row as a
+        duplicate when the earlier row is usable."""
+        volume = probe(data, affine)
+        scan = self.scans.find(volume)
+        if scan is None:
+            identity.scan = self.scans.add(volume, path)
+            self.first_read.append(identity)
+            return
+        identity.scan = scan
+        merged = self._merge(self.first_read[scan], identity, "hold the same voxels")
+        if scan in self.used:
+            raise ValueError(f"duplicate of row {self.used[scan]} (same voxels){merged}")
 
     def _merge(self, earlier: RowIdentity, identity: RowIdentity, evidence: str) -> str:
         """Make the ids of two rows that are one scan one subject, with a site warning;
@@ -223,9 +230,38 @@ class SubjectUnits:
                 f"(row {identity.row}) differ only in {how} and their attributes agree: "
                 "counted as one subject"
             )
-        if identity.fingerprint is not None:
-            self.used.setdefault(identity.fingerprint, identity.row)
+        if identity.scan is not None:
+            self.used.setdefault(identity.scan, identity.row)
         self.usable[identity.row] = identity
+
+    def finish(self, strict: bool = False) -> tuple[dict[int, str], dict[int, list[str]]]:
+        """Hold the rows of ids merged as one person (same scan or file) to that person's
+        attributes, as `check_row` holds the rows of one id: each usable row of another id
+        than the merged subject's first row is compared with that row. Returns the rows
+        refused (a different sex, or with `strict` any disagreement; they are no longer
+        usable) and the warnings of the others (age or BMI beyond tolerance), by row."""
+        refused: dict[int, str] = {}
+        warned: dict[int, list[str]] = {}
+        first_of: dict[str, RowIdentity] = {}
+        for row in sorted(self.usable):
+            identity = self.usable[row]
+            first = first_of.setdefault(self._find(identity.key), identity)
+            if first.key == identity.key:
+                continue  # rows of one id: checked row by row (check_row)
+            refusals, warnings = self._compare(first.row, first.person, identity.person, "here")
+            why = (
+                f" of subject {first.spelling!r} (subject id {identity.spelling!r} is the same "
+                "person: the ids share a scan)"
+            )
+            if refusals:
+                refused[row] = "; ".join(refusals) + why
+            elif warnings and strict:
+                refused[row] = "; ".join(w + why for w in warnings) + " (--strict)"
+            elif warnings:
+                warned[row] = [w + why for w in warnings]
+        for row in refused:
+            del self.usable[row]
+        return refused, warned
 
     def subjects(self) -> dict[int, str]:
         """Each usable row's subject: the first spelling (in row order) of the person it

@@ -1,12 +1,14 @@
-"""One person is one subject: the same scan in any storage under two ids, ids that differ
-only in Unicode form, case or invisible characters, and attributes that contradict each
-other within a row or a subject, on generated site folders."""
+"""One person is one subject: the same scan in any storage (or float32 rounding of a
+re-export) under two ids, ids that differ only in Unicode form, case, invisible characters
+or leading zeros, and attributes that contradict each other within a row or a subject
+(ids merged as one person included), on generated site folders."""
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import unicodedata
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +18,7 @@ from sitefiles import blob_volume, save_nifti, write_site
 from fedsynth.client.audit import check_disjoint
 from fedsynth.common.data import SiteDataset, check_site
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.scan_match import SIGNATURE_TOLERANCE, ScanIndex, probe
 from fedsynth.common.subject_identity import normalise_id
 
 
@@ -282,3 +285,191 @@ def test_a_holdout_sharing_an_id_in_another_spelling_is_refused(tmp_path, tiny_c
     write_site(holdout, [{"image": "b.nii.gz", "subject": SPELLINGS[4]}])
     with pytest.raises(FedsynthError, match=r"shares 0 image\(s\) and 1 subject id\(s\)"):
         check_disjoint(train, holdout, tiny_config.data)
+
+
+def test_a_holdout_holding_a_training_scan_under_another_file_and_id_is_refused(
+    tmp_path, tiny_config
+):
+    """A holdout export that re-exported a training patient under a new pseudonym (.nii
+    instead of .nii.gz) would let the audit compare the model's members with themselves:
+    the train/holdout check compares voxels too, with site-check's matcher."""
+    train, holdout = tmp_path / "train", tmp_path / "holdout"
+    x = blob_volume((48, 40, 12), seed=0)
+    save_nifti(train / "x.nii.gz", x, zooms=(2, 2, 8))
+    save_nifti(holdout / "x_export.nii", x, zooms=(2, 2, 8))
+    save_nifti(holdout / "y.nii.gz", blob_volume((48, 40, 12), seed=1), zooms=(2, 2, 8))
+    write_site(train, [{"image": "x.nii.gz", "subject": "A"}])
+    write_site(
+        holdout,
+        [{"image": "y.nii.gz", "subject": "H2"}, {"image": "x_export.nii", "subject": "H1"}],
+    )
+    with pytest.raises(
+        FedsynthError,
+        match=r"--holdout holds 1 training scan\(s\) under another file or subject id \(e\.g\. "
+        r"its row 2, x_export\.nii, has the voxels of --data-path row 1, x\.nii\.gz\)",
+    ):
+        check_disjoint(train, holdout, tiny_config.data)
+    write_site(holdout, [{"image": "y.nii.gz", "subject": "H2"}])
+    check_disjoint(train, holdout, tiny_config.data)  # another scan: held out
+
+
+def float32_re_export(root):
+    """A dcm2niix-like int16 scan with scl_slope/inter and the same scan decoded in float32
+    arithmetic and saved as float32 (last-bit differences in many voxels)."""
+    raw = np.round(blob_volume((48, 40, 12), seed=0) * 3000).astype(np.int16)
+    slope, inter = np.float32(0.1234567), np.float32(3.3)
+    affine = np.diag([2.0, 2.0, 8.0, 1.0])
+    stored = nib.Nifti1Image(raw, affine)
+    stored.header.set_slope_inter(float(slope), float(inter))
+    nib.save(stored, root / "dcm2niix.nii.gz")
+    decoded = raw.astype(np.float32) * slope + inter
+    nib.save(nib.Nifti1Image(decoded, affine), root / "re_export.nii.gz")
+    return decoded
+
+
+def test_a_re_export_decoded_in_float32_arithmetic_is_the_same_scan(tmp_path, tiny_config):
+    """The same series through a tool that decodes in 32-bit floats differs from nibabel's
+    float64 decode in the last bit of a third of its voxels: an exact hash made it a
+    second person with the full privacy loss. It is matched to 1e-5 of the range."""
+    decoded = float32_re_export(tmp_path)
+    nibabel_decode = np.asanyarray(nib.load(tmp_path / "dcm2niix.nii.gz").dataobj)
+    differ = np.count_nonzero(nibabel_decode.astype(np.float32) != decoded)
+    assert differ > 0.1 * decoded.size  # the case is really hit: last-bit differences
+    np.testing.assert_allclose(nibabel_decode, decoded, rtol=1e-6)  # and nothing more
+    rows = [
+        {"image": "dcm2niix.nii.gz", "subject": "MRN-7"},
+        {"image": "re_export.nii.gz", "subject": "PSEUDO-31"},
+    ]
+    result = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert list(result.subjects()) == ["MRN-7"]
+    assert [(r.row, r.reason) for r in result.rejected] == [
+        (
+            2,
+            "duplicate of row 1 (same voxels); subject ids 'MRN-7' and 'PSEUDO-31' count as one "
+            "subject",
+        )
+    ]
+
+
+def test_near_identical_but_different_scans_are_not_merged(tmp_path, tiny_config):
+    """Another noise draw of the same blob, and the same scan with a small dark spot inside
+    the blob where no signature voxel lies (the signatures agree: only the full comparison
+    tells them apart), are other scans: three subjects, no warning."""
+    x = blob_volume((48, 40, 12), seed=0)
+    redrawn = x + 1e-3 * np.random.default_rng(5).random(x.shape).astype(np.float32)
+    spot = x.copy()
+    spot[20:23, 20:23, 6] -= 0.05  # inside the blob: its minimum and maximum stay
+    signatures = [probe(v, np.diag([2.0, 2.0, 8.0, 1.0])).signature for v in (x, spot)]
+    assert np.abs(signatures[0] - signatures[1]).max() <= SIGNATURE_TOLERANCE  # a candidate
+    for name, volume in (("x", x), ("redrawn", redrawn), ("spot", spot)):
+        save_nifti(tmp_path / f"{name}.nii.gz", volume, zooms=(2, 2, 8))
+    rows = [
+        {"image": "x.nii.gz", "subject": "A"},
+        {"image": "redrawn.nii.gz", "subject": "B"},
+        {"image": "spot.nii.gz", "subject": "C"},
+    ]
+    result = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert list(result.subjects()) == ["A", "B", "C"], result.rejected
+    assert not result.site_warnings
+
+
+def test_scan_matching_re_reads_a_file_only_for_a_candidate():
+    """A site's scans are compared by signature, all earlier ones of a shape at once; a
+    file is read again only to confirm a candidate (5,000-row manifests stay linear)."""
+    reads = []
+    volumes = {f"{i}": blob_volume((24, 20, 6), seed=i) for i in range(200)}
+    affine = np.diag([4.0, 4.0, 16.0, 1.0])
+
+    def load(path):
+        reads.append(path)
+        return volumes[path.name], affine
+
+    scans = ScanIndex(load)
+    for name, volume in volumes.items():
+        assert scans.find(probe(volume, affine)) is None
+        scans.add(probe(volume, affine), Path(name))
+    assert not reads
+    again = volumes["17"].astype(np.float64)[::-1, ::-1, :]  # stored the other way round
+    flipped = affine @ np.diag([-1.0, -1.0, 1.0, 1.0])
+    flipped[:2, 3] = [4.0 * 23, 4.0 * 19]
+    assert scans.find(probe(again, flipped)) == 17
+    assert reads == [Path("17")]
+
+
+def test_ids_that_differ_only_in_leading_zeros_are_one_number(tmp_path, tiny_config):
+    """A spreadsheet reads 00123 as the number 123: rows added after it was re-saved name
+    person 00123 as 123. All-digit ids compare as their number, so the collision rule
+    applies: one subject when sex, age and BMI agree, else the later spelling refused."""
+    assert normalise_id("00123") == normalise_id("123") == normalise_id("\uff10\uff11\uff12\uff13")
+    assert normalise_id("000") == "0"
+    assert normalise_id("P00123") != normalise_id("P123")  # only ids that are one number
+    for i in range(4):
+        save_nifti(tmp_path / f"{i}.nii.gz", scan(40 + i).astype(np.float32))
+    rows = [
+        {"image": "0.nii.gz", "subject": "00123"},
+        {"image": "1.nii.gz", "subject": "123", "phase": 1},
+        {"image": "2.nii.gz", "subject": "0456", "sex": 0},
+        {"image": "3.nii.gz", "subject": "456", "sex": 1},
+    ]
+    result = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert {s: [r.row for r in rs] for s, rs in result.subjects().items()} == {
+        "00123": [1, 2],
+        "0456": [3],
+    }
+    assert result.site_warnings == [
+        "subject ids '00123' (row 1) and '123' (row 2) differ only in leading zeros and their "
+        "attributes agree: counted as one subject"
+    ]
+    assert [r.row for r in result.rejected] == [4]
+    assert result.rejected[0].reason.startswith(
+        "subject id '456' is the same id as '0456' (row 3) but for leading zeros, and sex 1 "
+        "(male) in row 4, 0 (female) in row 3: two people whose ids collide"
+    )
+
+
+def test_ids_merged_as_one_person_must_agree_on_sex_and_are_warned_on_age(tmp_path, tiny_config):
+    """Patient MRN-7 exported twice: 'A' (female, scan X), then under 'B' (male: one
+    registration is wrong) with scans Y and X again. X makes A and B one subject, so rows 1
+    and 2 would reach DP-SGD as one person with two sexes. The rows of merged ids are held
+    to the rule for rows of one id: row 2 is refused for its sex; an age beyond the
+    tolerance is warned about (refused under --strict)."""
+    x = blob_volume((48, 40, 12), seed=0)
+    y = blob_volume((48, 40, 12), seed=1)
+    save_nifti(tmp_path / "x.nii.gz", x, zooms=(2, 2, 8))
+    save_nifti(tmp_path / "y.nii.gz", y, zooms=(2, 2, 8))
+    save_nifti(tmp_path / "x_again.nii", x, zooms=(2, 2, 8))
+    rows = [
+        {"image": "x.nii.gz", "subject": "A", "sex": 0},
+        {"image": "y.nii.gz", "subject": "B", "sex": 1},
+        {"image": "x_again.nii", "subject": "B", "sex": 1},
+    ]
+    result = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert [r.row for r in result.records] == [1]
+    assert [(r.row, r.file, r.reason) for r in result.rejected] == [
+        (
+            2,
+            "y.nii.gz",
+            "sex 1 (male) here, 0 (female) in row 1 of subject 'A' (subject id 'B' is the same "
+            "person: the ids share a scan)",
+        ),
+        (
+            3,
+            "x_again.nii",
+            "duplicate of row 1 (same voxels); subject ids 'A' and 'B' count as one subject",
+        ),
+    ]
+    assert SiteDataset(result, tiny_config.data).subject_rows == [[0]]
+    rows = [{**r, "sex": 0} for r in rows]
+    rows[1]["age"] = 58
+    result = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert SiteDataset(result, tiny_config.data).subject_rows == [[0, 1]]
+    assert [(w.row, w.reason) for w in result.warnings] == [
+        (
+            2,
+            "age 58 years here, 54 years in row 1 of subject 'A' (subject id 'B' is the same "
+            "person: the ids share a scan)",
+        )
+    ]
+    strict = check_site(tmp_path, tiny_config.data, show_progress=False, strict=True)
+    assert [r.row for r in strict.rejected] == [2, 3]
+    assert strict.rejected[0].reason.endswith("(--strict)")
