@@ -375,7 +375,7 @@ def test_near_identical_but_different_scans_are_not_merged(tmp_path, tiny_config
 
 def test_scan_matching_re_reads_a_file_only_for_a_candidate():
     """A site's scans are compared by signature, all earlier ones of a shape at once; a
-    file is read again only to confirm a candidate (5,000-row manifests stay linear)."""
+    file is read again only to confirm a candidate, never once per pair of rows."""
     reads = []
     volumes = {f"{i}": blob_volume((24, 20, 6), seed=i) for i in range(200)}
     affine = np.diag([4.0, 4.0, 16.0, 1.0])
