@@ -366,9 +366,8 @@ def check_disjoint(train_folder: Path, holdout_folder: Path, data_cfg: DataConfi
         held, trained = shared[0]
         raise FedsynthError(
             f"--holdout holds {len(shared)} training scan(s) under another file or subject id "
-            f"(e.g. its row {held.row}, {held.image.name}, has the voxels of --data-path row "
-            f"{trained.row}, {trained.image.name}): held-out subjects must be ones the study "
-            "never trained on"
+            f"(e.g. its row {held.row} has the voxels of --data-path row {trained.row}): "
+            "held-out subjects must be ones the study never trained on"
         )
 
 

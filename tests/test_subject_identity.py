@@ -306,7 +306,7 @@ def test_a_holdout_holding_a_training_scan_under_another_file_and_id_is_refused(
     with pytest.raises(
         FedsynthError,
         match=r"--holdout holds 1 training scan\(s\) under another file or subject id \(e\.g\. "
-        r"its row 2, x_export\.nii, has the voxels of --data-path row 1, x\.nii\.gz\)",
+        r"its row 2 has the voxels of --data-path row 1\): held-out subjects must be ones",
     ):
         check_disjoint(train, holdout, tiny_config.data)
     write_site(holdout, [{"image": "y.nii.gz", "subject": "H2"}])
