@@ -7,8 +7,8 @@ and leave missing ones None, so values land in the wrong columns. A ragged row r
 the file in one line naming it, the row (counted from the first row after the header, as
 site-check counts), the missing columns, or the column split at an unquoted decimal comma
 ("72,5" read as 72 and 5) where only one column can be. Decimal commas are refused, not
-read: "1,250" may be a thousand and a quarter or one and a quarter, so a value is written
-with a decimal point (the message about a quoted "72,5" says so).
+read: "1,250" may be 1250 or 1.25, so a value is written with a decimal point (the
+message about a quoted "72,5" says so).
 """
 
 from __future__ import annotations
