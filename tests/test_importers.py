@@ -433,22 +433,29 @@ def test_a_label_map_stored_in_another_voxel_order_is_used(tmp_path, layout, reo
             assert reordered[column] == alike[column], (column, alike, reordered)
 
 
-def test_a_label_map_on_another_grid_is_skipped_saying_so(tmp_path):
+@pytest.mark.parametrize("damage", ["shifted", "no orientation codes"])
+def test_a_label_map_on_another_grid_is_skipped_saying_so(tmp_path, damage):
     """A segmentation whose voxel centres are not its image's (shifted by a third of a
-    slice) cannot be reordered onto it: the subject is skipped naming the phase."""
+    slice; or without qform and sform codes beside an image that has them, so its place is
+    unknown) cannot be reordered onto it: the subject is skipped naming the phase and, for
+    the missing codes, the file without them."""
     truths, options = build("acdc", tmp_path)
     bad = truths[0]
     for path in (tmp_path / "source" / "training" / bad.subject).glob("*_gt.nii.gz"):
-        image = nib.load(path)
-        affine = image.affine.copy()
-        affine[:3, 3] += affine[:3, 2] / 3
-        nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), path)
+        if damage == "shifted":
+            image = nib.load(path)
+            affine = image.affine.copy()
+            affine[:3, 3] += affine[:3, 2] / 3
+            nib.save(nib.Nifti1Image(np.asarray(image.dataobj), affine), path)
+        else:
+            no_orientation(path)
     code, stdout, _ = run_import(
         "--layout", "acdc", "--source", str(tmp_path / "source"), "--out",
         str(tmp_path / "site"), *options,
     )  # fmt: skip
     assert code == 2
     assert f"skipped {bad.subject}: the ED label map's voxels are not its image's" in stdout
+    assert (": the label map has no qform or sform code" in stdout) == (damage != "shifted")
 
 
 def extra_field(path: Path, row: int, field: str) -> None:

@@ -18,7 +18,7 @@ from nibabel.orientations import apply_orientation, inv_ornt_aff
 
 from fedsynth.client.importers.labels import check_numbering, to_fedsynth
 from fedsynth.client.importers.volumes import Volume, read_volume
-from fedsynth.common.data import VolumeError
+from fedsynth.common.data import NO_CODES, VolumeError
 
 GRID_MM = 1e-2  # voxel centres this close (mm) are the same place (as site-check's _same_grid)
 
@@ -93,10 +93,20 @@ def on_image_grid(image: Volume, label: Volume, what: str) -> Volume:
         same = np.allclose(moved, image.affine, rtol=0, atol=GRID_MM)
         if data.shape == image.data.shape and same:
             return Volume(data, image.affine, image.geometry, label.notes)
+    unplaced = [
+        f"the {kind}" for kind, v in (("image", image), ("label map", label)) if _no_codes(v)
+    ]
+    verb = "have" if len(unplaced) > 1 else "has"
+    why = f": {' and '.join(unplaced)} {verb} no qform or sform code" if unplaced else ""
     raise VolumeError(
         f"the {what} label map's voxels are not its image's (size, spacing, position or angle "
-        "differ, not only the voxel order)"
+        f"differ, not only the voxel order){why}"
     )
+
+
+def _no_codes(volume: Volume) -> bool:
+    """Whether the volume's file gives no orientation (data.NO_CODES among its notes)."""
+    return any(note.endswith(NO_CODES) for note in volume.notes)
 
 
 def with_labels(values: dict[int, int], label: Volume, hint: str = "") -> Volume:
