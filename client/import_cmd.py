@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for subject, reason in outcome.skipped:
         print(f"skipped {subject}: {reason}")
+    for subject, note in outcome.warnings:
+        print(f"warning {subject}: {note} (site-check warns too)")
     if not outcome.imported:
         raise FedsynthError(
             f"no subject of --source {args.source} could be imported; nothing written"

@@ -164,7 +164,7 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
         image = nib.load(path)
         if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
             raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
-        zooms = _stored_spacing(path, image)
+        zooms = stored_spacing(path, image)
     except (ImageFileError, HeaderDataError) as exc:
         raise VolumeError(f"not a readable NIfTI file ({first_line(exc, path)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
@@ -183,15 +183,22 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
         check_size(path, image, max_voxels)
     except (EOFError, zlib.error, OSError) as exc:
         raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
+    return image, geometry_notes(image.header, zooms)
+
+
+def geometry_notes(header: nib.Nifti1Header, zooms: np.ndarray) -> list[str]:
+    """The stored geometry of a 3D or 4D NIfTI header (`zooms`: its spatial pixdim as stored,
+    `stored_spacing`) checked: raises VolumeError for an invalid spacing, a coded qform/sform
+    that gives no orientation, or no geometry at all; returns the doubts worth a warning."""
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise VolumeError(f"invalid voxel spacing {tuple(zooms.tolist())}")
-    note = _orientation_note(image.header)
+    note = _orientation_note(header)
     if note == NO_CODES and np.allclose(zooms, 1.0):
         raise VolumeError(
             "no stored geometry (no qform or sform, unit voxel spacing): the size of the "
             "voxels in mm is unknown"
         )
-    return image, [note] if note else []
+    return [note] if note else []
 
 
 def _orientation_note(header: nib.Nifti1Header) -> str | None:
@@ -228,8 +235,9 @@ def _check_affine(affine: np.ndarray, name: str) -> None:
         raise VolumeError(f"{name} is coded but singular: no valid orientation")
 
 
-def _stored_spacing(path: Path, image: nib.Nifti1Image) -> np.ndarray:
-    """The voxel spacing as the file stores it (nibabel quietly turns a 0 into 1 on load)."""
+def stored_spacing(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """The spatial voxel spacing (3,) as the file stores it (nibabel quietly turns a 0 into 1
+    on load)."""
     with ImageOpener(path) as f:  # type: ignore[arg-type]  # nibabel opens any PathLike
         header = type(image.header).from_fileobj(f, check=False)
     return np.asarray(header["pixdim"][1:4], dtype=float)

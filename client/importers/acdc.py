@@ -17,9 +17,9 @@ from fedsynth.client.importers.layout import (
     Options,
     SourceSubject,
     frame_number,
+    on_image_grid,
     read_label,
     read_named,
-    same_grid,
 )
 from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
@@ -42,7 +42,8 @@ def find(source: Path, options: Options) -> Found:
 def read_info(path: Path) -> dict[str, str]:
     """Info.cfg's "Key: value" lines, keys lower-cased."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        # utf-8-sig: a file saved by Windows Notepad starts with a byte-order mark
+        lines = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()
     except OSError as exc:
         raise VolumeError(f"{path.name} cannot be read ({exc.strerror})") from None
     info = {}
@@ -66,8 +67,7 @@ def _load(folder: Path, max_voxels: int) -> Loaded:
         stem = folder / f"{folder.name}_frame{number:02d}"
         image = read_named(stem.with_name(stem.name + ".nii.gz"), max_voxels)
         gt = stem.with_name(stem.name + "_gt.nii.gz")
-        label = read_label(gt, max_voxels, ACDC)
-        same_grid(image, label, phase)
+        label = on_image_grid(image, read_label(gt, max_voxels, ACDC), phase)
         volumes += [image, label]
     ed, ed_label, es, es_label = volumes
     keep = {k: info[k] for k in ("height", "weight") if info.get(k)}

@@ -18,12 +18,15 @@ from pathlib import Path
 from fedsynth.client.importers.cine4d import Cine, phase_pair
 from fedsynth.client.importers.labels import convention
 from fedsynth.client.importers.layout import Found, Loaded, Options, SourceSubject, frame_number
-from fedsynth.common.data import VolumeError, read_table
+from fedsynth.client.importers.tables import read_csv
+from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
 
 LISTING = "cine.csv"
 BASES = {0: ("ed_frame0", "es_frame0"), 1: ("ed_frame1", "es_frame1")}
 OWN_COLUMNS = {"subject", "file", "label", *BASES[0], *BASES[1]}
+# labels.check_numbering's advice where the label files are numbered otherwise
+HINT = "if so, give --label-values {lv},{myocardium},{rv}"
 
 
 def find(source: Path, options: Options) -> Found:
@@ -31,7 +34,7 @@ def find(source: Path, options: Options) -> Found:
     listing = source / LISTING if source.is_dir() else source
     if not listing.is_file():
         raise FedsynthError(f"--source {source}: no {LISTING} (the cine layout lists its files)")
-    header, rows = read_table(listing, ["subject", "file"])
+    header, rows = read_csv(listing, ["subject", "file"])
     bases = [base for base, columns in BASES.items() if set(columns) <= set(header)]
     if len(bases) != 1:
         raise FedsynthError(
@@ -67,6 +70,6 @@ def _load(row: dict, folder: Path, base: int, values: dict[int, int], max_voxels
             last = images.frames - 1 + base
             raise VolumeError(f"{column} {number} is out of range {base}-{last} ({file})")
     ed, es = ed - base, es - base
-    ed_image, es_image, ed_label, es_label = phase_pair(images, labels, ed, es, values)
+    ed_image, es_image, ed_label, es_label = phase_pair(images, labels, ed, es, values, HINT)
     info = {k: v.strip() for k, v in row.items() if k not in OWN_COLUMNS and v and v.strip()}
     return Loaded(ed_image, es_image, ed_label, es_label, info)

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff
 
-from fedsynth.client.importers.labels import to_fedsynth
+from fedsynth.client.importers.labels import check_numbering, to_fedsynth
 from fedsynth.client.importers.volumes import Volume, read_volume
-from fedsynth.common.data import VolumeError
+from fedsynth.common.data import NO_CODES, VolumeError
+
+GRID_MM = 1e-2  # voxel centres this close (mm) are the same place (as site-check's _same_grid)
 
 
 @dataclass(frozen=True)
@@ -71,17 +74,47 @@ def read_label(path: Path, max_voxels: int, values: dict[int, int]) -> Volume:
     return named(path, lambda: with_labels(values, read_volume(path, max_voxels)))
 
 
-def same_grid(image: Volume, label: Volume, what: str) -> None:
-    """Refuse a label map that does not lie on its image's voxel grid."""
-    if image.data.shape != label.data.shape or not np.allclose(
-        image.affine, label.affine, atol=1e-3
-    ):
-        raise VolumeError(f"the {what} label map's grid (size or affine) differs from the image's")
+def on_image_grid(image: Volume, label: Volume, what: str) -> Volume:
+    """The label map on its image's voxel grid, with the image's affine and stored geometry.
+
+    A label map is compared with its image by the physical places of its voxel centres, not
+    by raw affines: one stored in another voxel order (axes permuted or reversed, as a
+    contouring tool may write it, the affine to match) is permuted and flipped onto the
+    image's array order, never interpolated. Raises VolumeError (naming `what`, the phase)
+    when its voxel centres are not the image's within GRID_MM (another size, spacing,
+    position or angle)."""
+    to_image = np.linalg.inv(image.affine) @ label.affine  # label index -> image index
+    axes = np.argmax(np.abs(to_image[:3, :3]), axis=0)  # image axis of each label axis
+    if sorted(axes.tolist()) == [0, 1, 2]:
+        signs = np.sign(to_image[axes, range(3)])
+        ornt = np.column_stack([axes, signs]).astype(float)
+        data = np.ascontiguousarray(apply_orientation(label.data, ornt))
+        moved = label.affine @ inv_ornt_aff(ornt, label.data.shape)
+        same = np.allclose(moved, image.affine, rtol=0, atol=GRID_MM)
+        if data.shape == image.data.shape and same:
+            return Volume(data, image.affine, image.geometry, label.notes)
+    unplaced = [
+        f"the {kind}" for kind, v in (("image", image), ("label map", label)) if _no_codes(v)
+    ]
+    verb = "have" if len(unplaced) > 1 else "has"
+    why = f": {' and '.join(unplaced)} {verb} no qform or sform code" if unplaced else ""
+    raise VolumeError(
+        f"the {what} label map's voxels are not its image's (size, spacing, position or angle "
+        f"differ, not only the voxel order){why}"
+    )
 
 
-def with_labels(values: dict[int, int], label: Volume) -> Volume:
-    """A label map converted to fedsynth's convention (labels.to_fedsynth)."""
-    return Volume(to_fedsynth(label.data, values), label.affine, label.zooms)
+def _no_codes(volume: Volume) -> bool:
+    """Whether the volume's file gives no orientation (data.NO_CODES among its notes)."""
+    return any(note.endswith(NO_CODES) for note in volume.notes)
+
+
+def with_labels(values: dict[int, int], label: Volume, hint: str = "") -> Volume:
+    """A label map converted to fedsynth's convention (labels.to_fedsynth), once its
+    numbering is checked against its anatomy (labels.check_numbering, `hint` added to its
+    refusal: how the user gives another numbering)."""
+    check_numbering(label.data, label.affine, values, hint)
+    return Volume(to_fedsynth(label.data, values), label.affine, label.geometry, label.notes)
 
 
 def frame_number(text: str | None, what: str) -> int:

@@ -1,7 +1,8 @@
 """Clinical attributes measured on label maps in fedsynth's convention (labels.py).
 
-Volumes are voxel counts times the voxel volume from the header's zooms (mL); LV mass is
-the myocardial volume times 1.05 g/mL (phantoms.MYOCARDIAL_DENSITY, the usual CMR value).
+Volumes are voxel counts times the voxel volume of the affine in use (Volume.voxel_ml, mL:
+the geometry site-check places the volume in, not pixdim); LV mass is the myocardial
+volume times 1.05 g/mL (phantoms.MYOCARDIAL_DENSITY, the usual CMR value).
 Wall thickness is measured in the short-axis frame (orientation.to_short_axis), slice by
 slice in mm: for each myocardial pixel on the epicardial border, its in-plane distance to
 the nearest LV blood-pool pixel centre (scipy's exact Euclidean distance transform in

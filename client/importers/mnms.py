@@ -13,7 +13,8 @@ from pathlib import Path
 from fedsynth.client.importers.cine4d import Cine, phase_pair
 from fedsynth.client.importers.labels import MNMS
 from fedsynth.client.importers.layout import Found, Loaded, Options, SourceSubject, frame_number
-from fedsynth.common.data import VolumeError, read_table
+from fedsynth.client.importers.tables import read_csv
+from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
 
 CODE = "External code"
@@ -24,7 +25,7 @@ INFO_KEYS = {"Age": "age", "Sex": "sex", "Height": "height", "Weight": "weight"}
 def find(source: Path, options: Options) -> Found:
     """Subjects of the information CSV in `source`, matched to their folders below it."""
     table = _information_csv(source)
-    _, rows = read_table(table, COLUMNS)
+    _, rows = read_csv(table, COLUMNS)
     folders = {p.parent.name: p.parent for p in source.rglob("*_sa.nii.gz")}
     subjects, listed = [], set()
     for row in rows:

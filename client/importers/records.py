@@ -3,7 +3,10 @@ subject assembled from the dataset, the records and the label maps.
 
 --records is a CSV keyed by the dataset's subject id: a `subject` column plus any of age
 (years), sex (M/F, or 1 male / 0 female), height (cm), weight (kg), bmi (kg/m2) and any
-other configured attribute by its name. A value the dataset states and the records give
+other configured attribute by its name. Its ids are matched to the dataset's as site-check
+compares ids (subject_identity.normalise_id: Unicode form, case and invisible characters
+set aside), so a spreadsheet's "Patient001" is ACDC's patient001; two records ids that
+normalise alike refuse the file. A value the dataset states and the records give
 differently skips the subject: which one is right cannot be known here.
 """
 
@@ -14,26 +17,42 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fedsynth.client.importers.measures import bmi
-from fedsynth.common.data import VolumeError, read_table
+from fedsynth.client.importers.tables import read_csv
+from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.subject_identity import how_they_differ, normalise_id
 
 SEX_CODES = {"m": 1, "male": 1, "1": 1, "f": 0, "female": 0, "0": 0}
 BODY = {"height": (50.0, 250.0, "cm"), "weight": (20.0, 400.0, "kg")}  # plausible, in units
 
 
 def read_records(path: Path) -> tuple[frozenset[str], dict[str, dict[str, str]]]:
-    """Columns (besides subject) and rows by subject id of a --records CSV.
+    """Columns (besides subject) and rows by normalised subject id (normalise_id) of a
+    --records CSV.
 
-    Raises FedsynthError naming the file for a missing subject column or an id twice."""
-    header, rows = read_table(path, ["subject"], " (the dataset's subject id)")
+    Raises FedsynthError naming the file for a missing subject column, a ragged row
+    (tables.read_csv), a row without an id, or two rows whose ids normalise alike."""
+    header, rows = read_csv(path, ["subject"], " (the dataset's subject id)")
     by_subject: dict[str, dict[str, str]] = {}
+    first: dict[str, tuple[int, str]] = {}  # key -> (row, spelling)
     for number, row in enumerate(rows, start=1):
         subject = (row.get("subject") or "").strip()
-        if not subject:
+        key = normalise_id(subject)
+        if not key:
             raise FedsynthError(f"{path}: row {number} has no subject id")
-        if subject in by_subject:
-            raise FedsynthError(f"{path}: subject {subject} appears twice (row {number})")
-        by_subject[subject] = {k: (v or "").strip() for k, v in row.items() if k != "subject"}
+        if key in first:
+            row_before, before = first[key]
+            same = (
+                ""
+                if before == subject
+                else f" (as {before!r}, but for {how_they_differ(before, subject)})"
+            )
+            raise FedsynthError(
+                f"{path}: subject {subject!r} in row {number} is already in row {row_before}"
+                f"{same}: keep one row per subject"
+            )
+        first[key] = (number, subject)
+        by_subject[key] = {k: (v or "").strip() for k, v in row.items() if k != "subject"}
     return frozenset(h for h in header if h and h != "subject"), by_subject
 
 
@@ -95,7 +114,8 @@ def _number(text: str, name: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise VolumeError(f"{name} {text!r} is not a number") from None
+        comma = " (a decimal comma? write it with a decimal point)" if "," in text else ""
+        raise VolumeError(f"{name} {text!r} is not a number{comma}") from None
     if not math.isfinite(value):
         raise VolumeError(f"{name} {text!r} is not finite")
     return value

@@ -4,6 +4,13 @@ A subject that cannot be imported (a missing or corrupt file, a frame out of ran
 ED label, an attribute outside the config's declared range) is skipped with its reason;
 the others are imported. What the config needs and the layout cannot give for any
 subject (ACDC's age and sex without --records) refuses the whole import up front.
+
+Subject ids are compared as site-check compares them (subject_identity.normalise_id):
+a dataset id that normalises like an earlier one is skipped, and --records rows are
+found by the normalised id. Doubts about a file's geometry that site-check would warn
+about (no orientation codes, qform and sform that disagree) are reported per subject
+(`Outcome.warnings`); the files are written with their source's stored geometry, so
+site-check of the site folder warns about them too.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from fedsynth.client.importers.records import merged, read_records, stated
 from fedsynth.common.config import DataConfig
 from fedsynth.common.data import VolumeError, parse_attribute
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.subject_identity import how_they_differ, normalise_id
 
 LAYOUTS = {"acdc": acdc.find, "mnms": mnms.find, "ukbb": ukbb.find, "cine": cine.find}
 PHASE = "phase"  # 0 ED, 1 ES: set per row, not read
@@ -36,6 +44,7 @@ class Outcome:
     out: Path
     imported: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (subject, reason)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # (subject, note) of imported
 
 
 def import_site(
@@ -101,26 +110,42 @@ def _import_all(
     """Each subject imported or skipped; the manifest rows of those imported."""
     rows: list[dict[str, str]] = []
     names = [a.name for a in data_cfg.attributes if a.name != PHASE]
-    used: set[str] = set()
+    used: dict[str, str] = {}  # normalised id -> the first spelling
     stems: set[str] = set()
     for source_subject in found.subjects:
         subject = source_subject.subject
+        key = normalise_id(subject)
         try:
-            if not subject:
+            if not key:
                 raise VolumeError("no subject id")
-            if subject in used:
-                raise VolumeError("its id appears twice in the source")
-            used.add(subject)
+            if key in used:
+                raise VolumeError(_twice(used[key], subject))
+            used[key] = subject
             loaded = source_subject.load(data_cfg.max_voxels)
-            values = _attributes(loaded, records.get(subject) if records else None, names)
+            values = _attributes(loaded, records.get(key) if records else None, names)
             texts = _checked(values, data_cfg)
             rows += _write(folder, subject, file_stem(subject, stems), loaded, texts)
         except Exception as exc:  # one subject's odd file must never stop the others
             outcome.skipped.append((subject or "(no id)", _reason(exc)))
             continue
         outcome.imported.append(subject)
+        outcome.warnings += [(subject, note) for note in _notes(loaded)]
         log.info("imported %s", subject)
     return rows
+
+
+def _twice(first: str, subject: str) -> str:
+    """Why a dataset id that normalises like an earlier one is skipped."""
+    if first == subject:
+        return "its id appears twice in the source"
+    how = how_they_differ(first, subject)
+    return f"its id is {first!r}'s but for {how}: one subject id to site-check"
+
+
+def _notes(loaded: Loaded) -> list[str]:
+    """A subject's doubts about its files' geometry, each once (a 4D file gives both phases)."""
+    volumes = (loaded.ed, loaded.es, loaded.ed_label, loaded.es_label)
+    return list(dict.fromkeys(n for v in volumes if v is not None for n in v.notes))
 
 
 def _attributes(loaded: Loaded, record: dict[str, str] | None, names: list[str]) -> dict:

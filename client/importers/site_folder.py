@@ -55,11 +55,19 @@ def staging(out: Path) -> Path:
 
 
 def write_volume(path: Path, volume: Volume, dtype: type) -> None:
-    """A 3D NIfTI (0600) with the volume's affine as qform and sform (scanner coordinates)."""
-    image = nib.Nifti1Image(np.asarray(volume.data, dtype=dtype), volume.affine)
-    image.set_qform(volume.affine, code=1)
-    image.set_sform(volume.affine, code=1)
-    image.header.set_xyzt_units("mm", "sec")
+    """A 3D NIfTI (0600) with the geometry its source file stores (qform, sform, their codes,
+    pixdim; volumes.stored_geometry), unchanged: read back, its affine is the volume's, and
+    a doubt about the source's orientation (no codes, a qform and sform that disagree) is
+    still there for site-check, never recoded as scanner coordinates."""
+    image = nib.Nifti1Image(np.asarray(volume.data, dtype=dtype), None)
+    header = image.header
+    for name, value in volume.geometry.items():
+        if name == "pixdim":
+            pixdim = np.array(header["pixdim"])
+            pixdim[: len(value)] = value
+            header["pixdim"] = pixdim
+        else:
+            header[name] = value
     with atomic_path(path, mode=PRIVATE_MODE) as tmp:
         nib.save(image, tmp)
 
