@@ -45,7 +45,7 @@ def load_labelled(
 
     `requested` maps "lv"/"rv" to the volume the row states for its phase (EDV or ESV).
     `volumes`, when the caller has already loaded the records' volumes (in their order,
-    as check_site reads them: centred on the heart of their label map), saves reading the
+    as check_site reads them: placed by their label map), saves reading the
     images again. Each label map lands on its image's grid voxel for voxel.
     """
     images, labels, lv, rv = [], [], [], []

@@ -9,8 +9,8 @@ geometry is checked (plausibility.py: no stored geometry, a stack too short or t
 for a heart, a zero-filled missing slice are refused; blank end slices, a stack that may
 miss the heart or a heart the scan or the grid cuts are warned about), then they are
 resampled in mm onto the model grid (geometry.py: data.spacing, data.shape voxels,
-centred on the stack, and on the heart of the row's label map where it has one; zero
-outside the stack),
+from the stack's base along the slices, centred in-plane on the heart of the row's label
+map where it has one; zero outside the stack),
 so a heart has the same size and shape whatever pixel size, matrix and slice thickness
 it was stored at, and scaled between intensity percentiles of the stack's own voxels. The
 content is checked too (volume_content.py): a label map, a blank volume or values beyond
@@ -292,7 +292,7 @@ def read_labels(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, 
 
 def load_volume(path: Path, data_cfg: DataConfig, label: Path | None = None) -> torch.Tensor:
     """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex,
-    centred on the heart of the label map `label` where given (see `to_model`)."""
+    placed by the label map `label` where given (see `to_model`)."""
     data, affine, _ = read_image(path)
     labels = read_labels(label, data_cfg.max_voxels) if label is not None else None
     return to_model(data, affine, data_cfg, labels)[0]
@@ -311,9 +311,9 @@ def to_model(
     so a few voxels at 1e30 cannot dominate the smoothing and scaling. The volume is then
     permuted/flipped into the short-axis frame (orientation.py), its geometry checked
     (plausibility.py: VolumeError for a stack that cannot be a heart's) and resampled in
-    mm onto the model grid (`stack_grid`: data.spacing, data.shape voxels, centred on the
-    stack and on the heart of `labels` = `read_labels` of the row's label map, on the
-    image's grid or another over the same place). Intensities are scaled between the
+    mm onto the model grid (`stack_grid`: data.spacing, data.shape voxels, placed by the
+    stack and the heart of `labels` = `read_labels` of the row's label map, on the image's
+    grid or another over the same place). Intensities are scaled between the
     percentiles of the stack's own voxels on the grid (not the zero padding around it),
     clipped to [0, 1].
     """
@@ -341,8 +341,8 @@ def stack_grid(
     labels: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The model grid's 4x4 affine for a stack in the short-axis frame (`affine`, `shape`),
-    centred by geometry.grid_centre on the stack and on the heart of `labels` (a label map
-    and its own affine) where given. Raises GeometryError for a label map that does not
+    placed by geometry.grid_centre on the stack and the heart of `labels` (a label map and
+    its own affine) where given. Raises GeometryError for a label map that does not
     overlap the stack in space or whose axes are not the stack's."""
     heart = None
     if labels is not None:

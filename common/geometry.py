@@ -7,12 +7,13 @@ not interpolated) is resampled onto the model grid (`model_grid`): the same worl
 directions as the volume's voxel axes, the config's `data.spacing` (mm), `data.shape`
 voxels, centred on a world point (`grid_centre`). What lies outside the stack is zero.
 
-Where the grid is centred: along the slices, a stack the grid's slice field of view holds
-whole is centred on its own middle, so the ED and ES frames of one stack land on one grid
-(the base descends in systole; a heart's own centre moves with it). In-plane, and along
-the slices of a stack longer than the grid, the middle of the heart's bounding box
-(`heart_box`) where a label map says where it is, not its centroid (the RV crescent and the
-ventricles' flat valve plane pull that off the middle and waste grid slices at the base).
+Where the grid is centred (`grid_centre`): along the slices its window starts at the
+stack's basal edge, so the ED and ES frames of one stack land on one grid (the base
+descends in systole; a heart's own centre moves with it) and a stack the grid holds keeps
+every slice; only a heart that reaches past that window moves it, the least that holds
+the heart. In-plane: the middle of the heart's bounding box (`heart_box`) where a label
+map says where it is, not its centroid (the RV crescent pulls that aside; along the
+slices the ventricles' flat valve plane pulled it apically and wasted basal grid slices).
 
 Memory does not grow with the source matrix: the source is first cropped to the target
 field of view plus the margin the smoothing and the interpolation read, then smoothed
@@ -43,7 +44,7 @@ TRUNCATE = 4.0  # Gaussian kernel half-width in sigmas (scipy's default)
 # Bump when what a volume looks like on the grid changes: part of the cache key of the
 # simulation's public checkpoint (simulations/study_data.py), whose pretraining read them.
 # 2: resampled in mm onto data.spacing, centred on the heart (1: whole field of view resized)
-# 3: centred on the stack along the slices, on the heart's bounding box in-plane; label
+# 3: from the stack's base along the slices, on the heart's bounding box in-plane; label
 # maps by partial-volume majority
 GRID_VERSION = 3
 # Shares closer than this are a tie (exactly half-way between two source voxels, up to the
@@ -93,25 +94,27 @@ def grid_centre(
     heart: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """World point (mm) the model grid (`grid_spacing`, `grid_shape`) is centred on for a
-    stack (`affine`, `shape`: rows, columns, slices) whose heart is `heart` (`heart_box`)
-    or unknown (None).
+    stack (`affine`, `shape`: rows, columns, slices base to apex) whose heart is `heart`
+    (`heart_box`) or unknown (None).
 
-    Along the slices: the stack's middle where the grid's slice field of view holds the
-    stack whole, so every frame of one stack lands on one grid. A longer stack keeps its
-    middle where the window holds the heart, else the window moves the least that holds
-    it (a heart longer than the window: its middle). In-plane: the middle of the heart's
-    bounding box, else of the image."""
+    Along the slices the grid's window starts at the stack's basal edge (stacks are planned
+    from the base; the padding of a short stack goes to the apical end), so every frame of
+    one stack lands on one grid and hearts start at one depth; where the heart reaches
+    past that window, it moves the least that holds the heart (a heart longer than the
+    window: centred on it). In-plane: the middle of the heart's bounding box, else of the
+    image."""
     step = spacing_of(affine)
     centre = (np.asarray(shape[:3], dtype=float) - 1) / 2 * step  # mm from voxel 0
+    fov = float(grid_shape[2] * grid_spacing[2])
+    start = -step[2] / 2  # the window's basal edge, mm from voxel 0
     if heart is not None:
         low, high = heart
         centre[:2] = (low[:2] + high[:2]) / 2
-        fov = float(grid_shape[2] * grid_spacing[2])
-        if shape[2] * step[2] > fov:
-            if high[2] - low[2] >= fov:
-                centre[2] = (low[2] + high[2]) / 2
-            else:
-                centre[2] = np.clip(centre[2], high[2] - fov / 2, low[2] + fov / 2)
+        if high[2] - low[2] >= fov:
+            start = (low[2] + high[2] - fov) / 2
+        else:
+            start = float(np.clip(start, high[2] - fov, low[2]))
+    centre[2] = start + fov / 2
     return voxel_to_world(affine, centre / step)
 
 

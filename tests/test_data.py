@@ -512,7 +512,6 @@ def test_a_label_map_cropped_around_the_heart_is_placed_by_its_affine(tmp_path):
     stack = (affine, RV_MATRIX)
     placed = place_labels(read_labels(tmp_path / "h_gt.nii.gz"), data_cfg, stack)
     assert torch.equal(placed, expected)
-    assert torch.equal(place_labels(read_labels(tmp_path / "h_gt.nii.gz"), data_cfg), expected)
 
 
 def test_a_4d_cine_in_the_image_column_points_to_the_importer(tmp_path, tiny_config):
