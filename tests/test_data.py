@@ -574,3 +574,33 @@ def test_a_single_slice_cine_squeezed_to_3d_is_not_read_as_a_stack(tmp_path, tin
     said = {w.row: w.reason for w in manifest.warnings if "single-slice cine" in w.reason}
     assert list(said) == [1], manifest.warnings
     assert said[1].startswith("the stack covers 200 mm along the slices (25 slices x 8 mm)")
+
+
+def test_a_label_map_in_another_voxel_order_or_matrix_is_placed_by_its_affine(tmp_path):
+    """The same segmentation stored in another voxel order (axes swapped and flipped) lands
+    on the grid exactly as stored on the image's grid; stored on a coarser matrix (every
+    other pixel, 3 mm) it lands on nearly the same voxels. Both rows are accepted."""
+    _, labels, affine = heart_with_rv()
+    data_cfg = load_config("tiny").data
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "same.nii.gz")
+    reordered = np.ascontiguousarray(np.flip(labels.transpose(1, 0, 2), axis=2))
+    flip = np.eye(4)[[1, 0, 2, 3]]  # voxel (j, i, n-1-k) of the reordered is (i, j, k)
+    flip[2] = [0, 0, -1, RV_MATRIX[2] - 1]
+    coarse_affine = affine.copy()
+    coarse_affine[:3, :2] *= 2  # every other pixel: voxel 2i is the original's 2i
+    variants = {  # (the old reader refused the coarse one, took the reordered one)
+        "coarse": (np.ascontiguousarray(labels[::2, ::2]), coarse_affine),
+        "reordered": (reordered, affine @ flip),
+    }
+    for name, (label, label_affine) in variants.items():
+        site = labelled_site(tmp_path / name, label, label_affine)
+        manifest = check_site(site, data_cfg, show_progress=False)
+        assert not manifest.rejected and not manifest.warnings, (name, manifest.rejected)
+        stack = (affine, RV_MATRIX)
+        expected = place_labels(read_labels(tmp_path / "same.nii.gz"), data_cfg, stack)
+        placed = place_labels(read_labels(site / "h_gt.nii.gz"), data_cfg, stack)
+        if name == "reordered":
+            assert torch.equal(placed, expected)
+        heart, truth = placed > 0, expected > 0
+        dice = 2 * float((heart & truth).sum()) / float(heart.sum() + truth.sum())
+        assert dice > 0.95, (name, dice)
