@@ -287,7 +287,7 @@ def read_labels(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, 
         check_label_map(data)
     except LabelMapError as exc:
         raise VolumeError(str(exc)) from None
-    return data, affine
+    return np.rint(data), affine
 
 
 def load_volume(path: Path, data_cfg: DataConfig, label: Path | None = None) -> torch.Tensor:

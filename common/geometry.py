@@ -240,7 +240,10 @@ def _majority(
     """Each grid voxel's label of the largest share: `onto_grid` (resampling) of each
     label's one-hot channel of `crop`, one at a time (the labels present are few). A tie
     goes to the higher label on one colour of a checkerboard, the lower on the other."""
-    checker = np.indices(shape).sum(axis=0) % 2 * 2 - 1  # +1 / -1
+    i, j, k = (np.arange(n) for n in shape)
+    checker = ((i[:, None, None] + j[None, :, None] + k[None, None, :]) % 2 * 2 - 1).astype(
+        np.float32
+    )  # +1 / -1
     best = np.full(shape, -np.inf, np.float32)
     result = np.zeros(shape, np.float32)
     for rank, value in enumerate(np.unique(crop)):

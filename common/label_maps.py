@@ -20,6 +20,9 @@ from scipy.ndimage import binary_fill_holes
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.volume_content import MAX_LABEL_VALUES as MAX_LABELS
 
+# a label stored as float through a header's scaling may be off by rounding (2.0000002)
+INTEGER_TOLERANCE = 1e-3
+
 RV_BLOOD, LV_MYOCARDIUM, LV_BLOOD = 1, 2, 3
 RENUMBER = (
     "renumber it (1 RV blood pool, 2 LV myocardium, 3 LV blood pool), or import the dataset "
@@ -34,8 +37,9 @@ class LabelMapError(FedsynthError):
 def check_label_map(data: np.ndarray) -> None:
     """Refuse (LabelMapError) `data` (rows, columns, slices: the short-axis frame, as read)
     unless it is a label map in fedsynth's numbering (module docstring)."""
-    if not np.array_equal(data, np.rint(data)):
+    if float(np.abs(data - np.rint(data)).max()) > INTEGER_TOLERANCE:
         raise LabelMapError("holds non-integer values: an image, not a label map")
+    data = np.rint(data)
     values = np.unique(data)
     if len(values) > MAX_LABELS:
         raise LabelMapError(

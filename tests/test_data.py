@@ -604,3 +604,13 @@ def test_a_label_map_in_another_voxel_order_or_matrix_is_placed_by_its_affine(tm
         heart, truth = placed > 0, expected > 0
         dice = 2 * float((heart & truth).sum()) / float(heart.sum() + truth.sum())
         assert dice > 0.95, (name, dice)
+
+
+def test_a_float_label_map_off_by_rounding_is_a_label_map(tmp_path):
+    """Labels stored as floats a rounding away from whole numbers (a header's scaling) are
+    read as the labels they round to, not refused as an image."""
+    labels = heart_with_rv()[1].astype(np.float32) * np.float32(1.0000001)
+    manifest = check_site(
+        labelled_site(tmp_path, labels), load_config("tiny").data, show_progress=False
+    )
+    assert len(manifest.records) == 1 and not manifest.rejected and not manifest.warnings
