@@ -4,12 +4,10 @@ Controllability asks whether a volume generated for "LVEDV 180 mL" has a 180 mL 
 The segmenter finds the LV and RV blood pools at the model's resolution; a linear
 calibration, fitted on the public set, maps voxel counts to the mL the manifests state.
 Volumes and label maps are resampled in mm onto the model grid (data.to_model,
-data.place_labels: data.spacing, centred on the heart), so a voxel holds the grid's voxel
-volume whatever the scan's spacing, and the fitted slope comes out near it: on the
-phantoms' label maps at the default 6 x 6 x 16 mm (0.576 mL a voxel), 0.48-0.51 mL a
-voxel with an intercept of 7-15 mL, the median cavity counted 5-8% large (nearest
-sampling of 16 mm slices adds up to half a slice of the flat basal cavity); the
-calibration absorbs that and what the segmenter adds.
+data.place_labels: data.spacing, one grid for a volume and its label map, the label map
+by partial-volume majority), so a voxel holds the grid's voxel volume whatever the scan's
+spacing, and the fitted slope comes out near it; the calibration absorbs what the
+segmenter and the grid's coarse slices add.
 """
 
 from __future__ import annotations
@@ -23,7 +21,13 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
 from fedsynth.common.config import DataConfig
-from fedsynth.common.data import SiteManifest, load_volume, place_labels, read_labels
+from fedsynth.common.data import (
+    SiteManifest,
+    image_stack,
+    load_volume,
+    place_labels,
+    read_labels,
+)
 from fedsynth.common.models import padded_call
 from fedsynth.common.progress import progress
 
@@ -41,7 +45,7 @@ def load_labelled(
 
     `requested` maps "lv"/"rv" to the volume the row states for its phase (EDV or ESV).
     `volumes`, when the caller has already loaded the records' volumes (in their order,
-    as check_site reads them: centred on the heart of their label map), saves reading the
+    as check_site reads them: placed by their label map), saves reading the
     images again. Each label map lands on its image's grid voxel for voxel.
     """
     images, labels, lv, rv = [], [], [], []
@@ -54,7 +58,8 @@ def load_labelled(
             images.append(volumes[i])
         else:
             images.append(load_volume(record.image, data_cfg, record.label))
-        labels.append(place_labels(label, data_cfg))
+        stack = image_stack(record.image, data_cfg.max_voxels)
+        labels.append(place_labels(label, data_cfg, stack))
         a = record.attributes
         es = a.get("phase", 0) == 1
         lv.append(a["lvesv"] if es else a["lvedv"])

@@ -9,14 +9,17 @@ geometry is checked (plausibility.py: no stored geometry, a stack too short or t
 for a heart, a zero-filled missing slice are refused; blank end slices, a stack that may
 miss the heart or a heart the scan or the grid cuts are warned about), then they are
 resampled in mm onto the model grid (geometry.py: data.spacing, data.shape voxels,
-centred on the heart of the row's label map, else on the image; zero outside the stack),
+from the stack's base along the slices, centred in-plane on the heart of the row's label
+map where it has one; zero outside the stack),
 so a heart has the same size and shape whatever pixel size, matrix and slice thickness
 it was stored at, and scaled between intensity percentiles of the stack's own voxels. The
 content is checked too (volume_content.py): a label map, a blank volume or values beyond
-float32 are refused, outliers and negative values warned about. Attributes are scaled
-by the config's declared ranges, never by statistics of the site's data, which would leak;
-coded and physiologically contradictory ones are refused (attribute_checks.py). Rows are
-grouped into subjects, one per person (subject_identity.py).
+float32 are refused, outliers and negative values warned about; so is a label column's
+(label_maps.py): an image, a binary mask or another numbering of the ventricles is
+refused. Attributes are scaled by the config's declared ranges, never by statistics of
+the site's data, which would leak; coded and physiologically contradictory ones are
+refused (attribute_checks.py). Rows are grouped into subjects, one per person
+(subject_identity.py).
 """
 
 from __future__ import annotations
@@ -40,14 +43,16 @@ from nibabel.spatialimages import HeaderDataError
 from fedsynth.common.attribute_checks import coding, parse_coded
 from fedsynth.common.config import Attribute, DataConfig
 from fedsynth.common.errors import FedsynthError, first_line
-from fedsynth.common.geometry import Placed, heart_centre, image_centre, model_grid, resample
+from fedsynth.common.geometry import Placed, grid_centre, heart_box, model_grid, resample
+from fedsynth.common.label_maps import LabelMapError, check_label_map
 from fedsynth.common.nifti_bounds import VolumeError, check_size, check_voxel_offset
-from fedsynth.common.orientation import OrientationError, to_short_axis
+from fedsynth.common.orientation import OrientationError, short_axis_geometry, to_short_axis
 from fedsynth.common.plausibility import (
     GeometryError,
     check_cover,
     check_extent,
     check_heart,
+    check_length,
     check_slices,
 )
 from fedsynth.common.progress import progress
@@ -173,10 +178,17 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     dims = "x".join(map(str, shape))
+    if len(shape) == 4 and min(shape) >= 1:
+        raise VolumeError(_cine_reason(shape, dims))
     if len(shape) != 3:
         raise VolumeError(f"has {len(shape)} dimensions ({dims}); expected a 3D volume")
     if min(shape) < 1:
         raise VolumeError(f"invalid size in the header ({dims})")
+    if sorted(shape)[0] == 1 and sorted(shape)[1] >= 2:
+        raise VolumeError(
+            f"holds a single slice ({dims}), not a short-axis stack: the slices of one stack "
+            "must be one 3D volume"
+        )
     if min(shape) < 2:
         raise VolumeError(f"too small ({dims}); need 2+ voxels per axis")
     try:
@@ -224,6 +236,18 @@ def _orientation_note(header: nib.Nifti1Header) -> str | None:
 
 
 NO_CODES = "no qform or sform code: orientation taken from the voxel grid"
+CINE_IMPORT = "`fedsynth import --layout cine` writes one 3D volume per phase (ED and ES)"
+
+
+def _cine_reason(shape: Sequence[int], dims: str) -> str:
+    """Why a 4D file (x, y, slices, frames: a cine as dcm2niix writes it) is no row's image,
+    and the way forward."""
+    if shape[2] == 1:
+        return (
+            f"a single-slice cine ({dims}: one slice location, {shape[3]} frames), not a "
+            "short-axis stack: the slices of one stack must be one 3D volume per phase"
+        )
+    return f"has 4 dimensions ({dims}): a cine? a row is one 3D volume; {CINE_IMPORT}"
 
 
 def _check_affine(affine: np.ndarray, name: str) -> None:
@@ -263,14 +287,21 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def read_labels(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A label map in the short-axis frame: integer-valued float32 (rows, columns, slices)
-    and its affine. Raises VolumeError naming why it is unusable."""
+    and its affine (its own grid: the image's, or another over the same place). Raises
+    VolumeError naming why it is unusable, or is no label map in fedsynth's numbering
+    (label_maps.py)."""
     data, affine = read_nifti(path, max_voxels)
-    return _short_axis(np.rint(data), affine)
+    data, affine = _short_axis(data, affine)
+    try:
+        check_label_map(data)
+    except LabelMapError as exc:
+        raise VolumeError(str(exc)) from None
+    return np.rint(data), affine
 
 
 def load_volume(path: Path, data_cfg: DataConfig, label: Path | None = None) -> torch.Tensor:
     """A checked volume as a (1, H, W, slices) tensor in [0, 1], slices base to apex,
-    centred on the heart of the label map `label` where given (see `to_model`)."""
+    placed by the label map `label` where given (see `to_model`)."""
     data, affine, _ = read_image(path)
     labels = read_labels(label, data_cfg.max_voxels) if label is not None else None
     return to_model(data, affine, data_cfg, labels)[0]
@@ -289,43 +320,69 @@ def to_model(
     so a few voxels at 1e30 cannot dominate the smoothing and scaling. The volume is then
     permuted/flipped into the short-axis frame (orientation.py), its geometry checked
     (plausibility.py: VolumeError for a stack that cannot be a heart's) and resampled in
-    mm onto the model grid (geometry.py: data.spacing, data.shape voxels, centred on the
-    image, or on the heart of `labels` = `read_labels` of the row's label map, which must
-    share the image's grid). Intensities are scaled between the percentiles of the stack's
-    own voxels on the grid (not the zero padding around it), clipped to [0, 1].
+    mm onto the model grid (`stack_grid`: data.spacing, data.shape voxels, placed by the
+    stack and the heart of `labels` = `read_labels` of the row's label map, on the image's
+    grid or another over the same place). Intensities are scaled between the
+    percentiles of the stack's own voxels on the grid (not the zero padding around it),
+    clipped to [0, 1].
     """
     data = clip_outliers(data)
     data, affine = _short_axis(data, affine)
     try:
         check_extent(affine, data.shape)
-        warnings = check_slices(data)
+        warnings = check_length(data, affine) + check_slices(data)
         if labels is None:
             slice_fov = data_cfg.shape[2] * data_cfg.spacing[2]
             warnings += check_cover(affine, data.shape, slice_fov)
-            centre = image_centre(affine, data.shape)
-        else:
-            _same_grid(labels, data.shape, affine)
-            heart = heart_centre(*labels)
-            centre = image_centre(affine, data.shape) if heart is None else heart
+        grid = stack_grid(affine, data.shape, data_cfg, labels)
     except GeometryError as exc:
         raise VolumeError(str(exc)) from None
-    grid = model_grid(affine, data_cfg.spacing, data_cfg.shape, centre)
     if labels is not None:
-        warnings += check_heart(labels[0], labels[1], grid, data_cfg.shape)
+        warnings += check_heart(*labels, affine, data.shape, grid, data_cfg.shape)
     placed = resample(data, affine, grid, data_cfg.shape)
     return scale_intensity(placed, data_cfg.intensity_percentiles), warnings
 
 
-def place_labels(labels: tuple[np.ndarray, np.ndarray], data_cfg: DataConfig) -> torch.Tensor:
+def stack_grid(
+    affine: np.ndarray,
+    shape: Sequence[int],
+    data_cfg: DataConfig,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The model grid's 4x4 affine for a stack in the short-axis frame (`affine`, `shape`),
+    placed by geometry.grid_centre on the stack and the heart of `labels` (a label map and
+    its own affine) where given. Raises GeometryError for a label map that does not
+    overlap the stack in space or whose axes are not the stack's."""
+    heart = None
+    if labels is not None:
+        _check_overlap(labels, shape, affine)
+        heart = heart_box(*labels, affine)
+    centre = grid_centre(affine, shape, data_cfg.spacing, data_cfg.shape, heart)
+    return model_grid(affine, data_cfg.spacing, data_cfg.shape, centre)
+
+
+def place_labels(
+    labels: tuple[np.ndarray, np.ndarray],
+    data_cfg: DataConfig,
+    stack: tuple[np.ndarray, Sequence[int]] | None = None,
+) -> torch.Tensor:
     """A label map (`read_labels`) on the model grid its image is placed on (`to_model`
-    with these labels: centred on the heart), nearest neighbour: (1, H, W, slices) long."""
+    with these labels), by partial-volume majority: (1, H, W, slices) long. `stack` is the
+    image's short-axis affine and shape (`image_stack`); None: the label map's own grid."""
     data, affine = labels
-    centre = heart_centre(data, affine)
-    if centre is None:
-        centre = image_centre(affine, data.shape)
-    grid = model_grid(affine, data_cfg.spacing, data_cfg.shape, centre)
+    stack_affine, shape = stack if stack is not None else (affine, data.shape)
+    grid = stack_grid(stack_affine, shape, data_cfg, labels)
     placed = resample(data, affine, grid, data_cfg.shape, labels=True)
     return torch.from_numpy(np.rint(placed.data).astype(np.int64))[None]
+
+
+def image_stack(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The short-axis affine and shape of the image at `path`, from its header alone."""
+    image, _ = open_nifti(path, max_voxels)
+    try:
+        return short_axis_geometry(image.affine, image.shape)
+    except OrientationError as exc:
+        raise VolumeError(str(exc)) from None
 
 
 def scale_intensity(placed: Placed, percentiles: Sequence[float]) -> torch.Tensor:
@@ -352,14 +409,30 @@ def _short_axis(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.nd
         raise VolumeError(str(exc)) from None
 
 
-def _same_grid(
+def _check_overlap(
     labels: tuple[np.ndarray, np.ndarray], shape: Sequence[int], affine: np.ndarray
 ) -> None:
-    """A label map must lie voxel for voxel on its image (same shape and affine, to 0.01 mm)."""
+    """A label map may lie on another grid than its image (cropped around the heart, another
+    matrix or voxel order: it is placed by its own affine), but over the same place: its
+    axes along the image's (in the short-axis frame, to 0.1 degree) and its voxels
+    overlapping the image's in space. Else GeometryError."""
     data, label_affine = labels
-    if data.shape != tuple(shape) or not np.allclose(label_affine, affine, rtol=0, atol=1e-2):
+    directions = np.asarray(affine, dtype=float)[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    label_directions = label_affine[:3, :3] / np.linalg.norm(label_affine[:3, :3], axis=0)
+    if not np.allclose(directions, label_directions, rtol=0, atol=2e-3):
         raise GeometryError(
-            "the label map does not lie on the image's voxel grid (shape or affine differ)"
+            "the label map's voxel axes are not its image's (another slice plane): it cannot "
+            "be placed on the image"
+        )
+    to_index = np.linalg.inv(np.asarray(affine, dtype=float)) @ np.asarray(label_affine, float)
+    ends = np.array([[-0.5] * 3, np.asarray(data.shape, dtype=float) - 0.5]).T
+    corners = np.array(np.meshgrid(*ends, indexing="ij")).reshape(3, -1)
+    index = to_index[:3, :3] @ corners + to_index[:3, 3:4]
+    size = np.asarray(shape[:3], dtype=float)
+    if np.any(index.max(axis=1) <= -0.5) or np.any(index.min(axis=1) >= size - 0.5):
+        raise GeometryError(
+            "the label map does not overlap its image in space (their affines place them "
+            "apart): is it the segmentation of this image?"
         )
 
 
@@ -518,13 +591,13 @@ def check_site(
             volume = None
             if read_images:
                 notes += open_nifti(path, data_cfg.max_voxels)[1]
+                data, affine, content = read_image(path)
                 labels = None
                 if label_path is not None:  # it places the heart: read and checked now
                     try:
                         labels = read_labels(label_path, data_cfg.max_voxels)
                     except VolumeError as exc:
                         raise VolumeError(f"label {label}: {exc}") from None
-                data, affine, content = read_image(path)
                 units.check_content(identity, data, affine, path)  # one scan, another id?
                 checked, geometry = to_model(data, affine, data_cfg, labels)
                 notes += content + geometry

@@ -37,7 +37,9 @@ def test_meter_measures_a_held_out_site(cohort):
     assert set(labels.unique().tolist()) == set(range(6))
     # ED rows state EDV, ES rows ESV
     assert np.all(requested["lv"][0::2] > requested["lv"][1::2])
-    meter = train_volume_meter(volumes, labels, requested, steps=40, seed=0, show_progress=False)
+    # 80 steps: along the slices each heart lies where its stack starts it (one grid for the
+    # frames of a stack), which 40 steps learn less well than hearts all centred on the grid
+    meter = train_volume_meter(volumes, labels, requested, steps=80, seed=0, show_progress=False)
     site_volumes, _, site_requested = labelled(cohort, "site-1")
     measured = meter.measure(site_volumes)
     lv = agreement(site_requested["lv"], measured["lv"])

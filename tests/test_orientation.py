@@ -187,8 +187,8 @@ def test_affines_without_a_short_axis_frame_are_refused(tmp_path, tiny_config):
 def test_labels_follow_their_volumes(tmp_path, tiny_config):
     """Label maps go through the same frame as their images (anatomy meter training)."""
     labels = np.zeros(SHAPE, np.float32)
-    labels[2:9, 3:7, 1:4] = 1
-    image = labels + 0.1 * np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    labels[2:9, 3:7, 1:4] = 3  # an LV blood pool
+    image = labels / 3 + 0.1 * np.random.default_rng(0).random(SHAPE).astype(np.float32)
     affine = about_ap(75) @ axial_affine()
     site, rows = tmp_path / "site", []
     for i, ornt in enumerate(([[0, 1], [1, 1], [2, 1]], [[2, -1], [0, -1], [1, 1]])):
@@ -204,4 +204,4 @@ def test_labels_follow_their_volumes(tmp_path, tiny_config):
     assert torch.equal(maps[0], maps[1]) and maps[0].sum() > 0
     torch.testing.assert_close(volumes[0], volumes[1], atol=1e-6, rtol=0)
     for volume, label in zip(volumes, maps, strict=True):
-        assert volume[label == 1].mean() > volume[label == 0].mean() + 0.5  # aligned
+        assert volume[label == 3].mean() > volume[label == 0].mean() + 0.5  # aligned
