@@ -149,15 +149,10 @@ def read_nifti(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, n
     return data, image.affine
 
 
-def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Image, list[str]]:
-    """Check a NIfTI file from its header alone, before any voxel is read.
-
-    Returns the image (voxels not loaded; trailing axes of length 1 aside, 3D) and notes
-    worth a warning, e.g. that qform and sform disagree. Raises VolumeError naming why the
-    file is unusable: not NIfTI, not 3D, too small, fewer bytes than the header claims,
-    more than `max_voxels` voxels (config data.max-voxels), invalid spacing, no valid
-    orientation. Without `max_voxels`, what is read is still bounded by the file's content.
-    """
+def load_header(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A NIfTI file's image object (no voxel read, any number of dimensions) and its stored
+    spatial spacing (3,), mm. Raises VolumeError: no such file, not a NIfTI name, voxel data
+    implausibly far past the header (nifti_bounds.check_voxel_offset), unreadable header."""
     if not path.exists():
         raise VolumeError("file not found")
     if not path.is_file():
@@ -169,11 +164,23 @@ def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Ima
         image = nib.load(path)
         if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
             raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
-        zooms = stored_spacing(path, image)
+        return image, stored_spacing(path, image)
     except (ImageFileError, HeaderDataError) as exc:
         raise VolumeError(f"not a readable NIfTI file ({first_line(exc, path)})") from None
     except (EOFError, zlib.error, OSError, ValueError) as exc:
         raise VolumeError(f"truncated or corrupt file ({first_line(exc, path)})") from None
+
+
+def open_nifti(path: Path, max_voxels: int | None = None) -> tuple[nib.Nifti1Image, list[str]]:
+    """Check a NIfTI file from its header alone, before any voxel is read.
+
+    Returns the image (voxels not loaded; trailing axes of length 1 aside, 3D) and notes
+    worth a warning, e.g. that qform and sform disagree. Raises VolumeError naming why the
+    file is unusable: not NIfTI, not 3D, too small, fewer bytes than the header claims,
+    more than `max_voxels` voxels (config data.max-voxels), invalid spacing, no valid
+    orientation. Without `max_voxels`, what is read is still bounded by the file's content.
+    """
+    image, zooms = load_header(path)
     shape = image.shape
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]

@@ -28,15 +28,9 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 
-from fedsynth.common.data import (
-    FLOAT32_MAX,
-    NIFTI_SUFFIXES,
-    geometry_notes,
-    open_nifti,
-    stored_spacing,
-)
+from fedsynth.common.data import FLOAT32_MAX, geometry_notes, load_header, open_nifti
 from fedsynth.common.errors import first_line
-from fedsynth.common.nifti_bounds import VolumeError, check_size, check_voxel_offset
+from fedsynth.common.nifti_bounds import VolumeError, check_size
 
 MAX_FRAMES = 100  # cardiac phases in one cine; real ones hold 20-50
 _READ_ERRORS = (EOFError, zlib.error, OSError, ValueError, ImageFileError, HeaderDataError)
@@ -99,18 +93,7 @@ def open_cine(path: Path, max_voxels: int) -> tuple[nib.Nifti1Image, tuple[str, 
     Raises VolumeError: not a NIfTI file, not 4D, a frame above `max_voxels` voxels,
     more than MAX_FRAMES frames, voxel data far past the header, a decompressed size
     other than the header's, or a stored geometry site-check refuses."""
-    if not path.is_file():
-        raise VolumeError("file not found")
-    if not path.name.lower().endswith(NIFTI_SUFFIXES):
-        raise VolumeError("not a NIfTI file name (expected .nii or .nii.gz)")
-    try:
-        check_voxel_offset(path)
-        image = nib.load(path)
-        if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
-            raise VolumeError(f"not a NIfTI image ({type(image).__name__})")
-        zooms = stored_spacing(path, image)
-    except _READ_ERRORS as exc:
-        raise VolumeError(f"not a readable NIfTI file ({first_line(exc, path)})") from None
+    image, zooms = load_header(path)
     shape = tuple(image.shape)
     dims = "x".join(map(str, shape))
     if len(shape) != 4 or min(shape) < 1 or min(shape[:3]) < 2:
