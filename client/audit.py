@@ -112,6 +112,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,15 @@ from fedsynth.common.audit_publication import FPR_TARGETS, MIN_RECORDS
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
 from fedsynth.common.cohort_hashes import check_cohort_hashes
 from fedsynth.common.config import Config, DataConfig
-from fedsynth.common.data import MANIFEST, SiteManifest, check_site, open_nifti, open_site
+from fedsynth.common.data import (
+    MANIFEST,
+    Record,
+    SiteManifest,
+    check_site,
+    open_nifti,
+    open_site,
+    read_nifti,
+)
 from fedsynth.common.diffusion import fixed_noise_losses
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PRIVATE_MODE, atomic_write_text, private_dir
@@ -133,6 +142,8 @@ from fedsynth.common.models import ConditionedUNet, resolve_device
 from fedsynth.common.orientation import short_axis_ornt
 from fedsynth.common.progress import progress
 from fedsynth.common.sampling import COHORT, montage
+from fedsynth.common.scan_match import ScanIndex, probe
+from fedsynth.common.subject_identity import normalise_id
 
 NOTE = (
     "Outside the DP guarantee: computed at the site from its private training and held-out "
@@ -334,17 +345,57 @@ def _manifest(folder: Path, data_cfg: DataConfig, option: str) -> SiteManifest:
 
 
 def check_disjoint(train_folder: Path, holdout_folder: Path, data_cfg: DataConfig) -> None:
-    """Held-out subjects must be ones the model never saw: no shared image or subject id.
-    From the manifests alone, before any volume is read."""
+    """Held-out subjects must be ones the model never saw: no shared image or subject id
+    (compared normalised), from the manifests alone; then no held-out volume that is a
+    training scan under another file or id (its voxels, as site-check compares them within
+    a site: scan_match.py). A volume that cannot be read is left to the full read, which
+    rejects it with its reason."""
     train = _manifest(train_folder, data_cfg, "--data-path")
     holdout = _manifest(holdout_folder, data_cfg, "--holdout")
     images = {r.image for r in train.records} & {r.image for r in holdout.records}
-    subjects = set(train.subjects()) & set(holdout.subjects())
+    subjects = {normalise_id(s) for s in train.subjects()} & {
+        normalise_id(s) for s in holdout.subjects()
+    }  # "José-001" and "JOSÉ-001" are one person's id (subject_identity.py)
     if images or subjects:
         raise FedsynthError(
             f"--holdout shares {len(images)} image(s) and {len(subjects)} subject id(s) with "
             "--data-path: held-out subjects must be ones the study never trained on"
         )
+    shared = _shared_scans(train.records, holdout.records, data_cfg)
+    if shared:
+        held, trained = shared[0]
+        raise FedsynthError(
+            f"--holdout holds {len(shared)} training scan(s) under another file or subject id "
+            f"(e.g. its row {held.row} has the voxels of --data-path row {trained.row}): "
+            "held-out subjects must be ones the study never trained on"
+        )
+
+
+def _shared_scans(
+    train: Sequence[Record], holdout: Sequence[Record], data_cfg: DataConfig
+) -> list[tuple[Record, Record]]:
+    """(held-out row, training row) pairs that hold the same scan (scan_match.py)."""
+
+    def read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+        return read_nifti(path, data_cfg.max_voxels)
+
+    scans = ScanIndex(read)
+    owners: list[Record] = []
+    for record in train:
+        try:
+            scans.add(probe(*read(record.image)), record.image)
+        except (FedsynthError, OSError, ValueError):
+            continue
+        owners.append(record)
+    shared = []
+    for record in holdout:
+        try:
+            scan = scans.find(probe(*read(record.image)))
+        except (FedsynthError, OSError, ValueError):
+            continue
+        if scan is not None:
+            shared.append((record, owners[scan]))
+    return shared
 
 
 # ------------------------------------------------------------------------ distances (DCR)

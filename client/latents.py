@@ -2,9 +2,10 @@
 
 DP-SGD then trains on the cached latents only: encoding is the slow part of reading a site
 and the autoencoder never changes during a study. The cache is keyed by the checkpoint
-(autoencoder weights and latent statistics), the data config, and the content (SHA-256) of
-exactly the files the manifest uses: the manifest itself and every image it names, read
-through symlinks. A replaced volume (whatever its size and modification time) or a
+(autoencoder weights and latent statistics), the data config, the reader's grid
+(geometry.GRID_VERSION), and the content (SHA-256) of exactly the files the manifest uses:
+the manifest itself, every image it names and every label map (it places the heart on
+the grid), read through symlinks. A replaced volume (whatever its size and modification time) or a
 withdrawn row (consent withdrawal) therefore encodes again, and the old cache is deleted
 before that, so a withdrawn subject's latents leave the state dir at the next round; a
 file the manifest does not name changes nothing. Hashing reads every used image once per
@@ -24,6 +25,7 @@ import torch
 from fedsynth.common.checkpoint import AUTOENCODER, Pretrained, file_sha256, load_torch
 from fedsynth.common.config import DataConfig
 from fedsynth.common.data import MANIFEST, check_site, open_site
+from fedsynth.common.geometry import GRID_VERSION
 from fedsynth.common.io import atomic_path, private_dir
 from fedsynth.common.progress import progress
 
@@ -54,18 +56,21 @@ def _content_sha256(path: Path) -> str:
 
 
 def _data_fingerprint(data_path: Path, data_cfg: DataConfig) -> dict:
-    """The content of the manifest and of each image its rows name (rows not yet checked
-    for readable volumes, so a row fixed later also changes the key)."""
+    """The content of the manifest and of each image and label map its rows name (rows not
+    yet checked for readable volumes, so a row fixed later also changes the key)."""
     manifest = check_site(data_path, data_cfg, read_images=False, show_progress=False)
     return {
         "manifest": _content_sha256(manifest.root / MANIFEST),
         "images": [(r.row, _content_sha256(r.image)) for r in manifest.records],
+        "labels": [(r.row, _content_sha256(r.label)) for r in manifest.records if r.label],
+        "grid": GRID_VERSION,
     }
 
 
 def cache_key(pretrained: Pretrained, checkpoint: Path, data_path: Path) -> str:
-    """Changes whenever the autoencoder, its latent statistics, the data config or the
-    content of the manifest or of an image it uses do (16 hex digits of a SHA-256)."""
+    """Changes whenever the autoencoder, its latent statistics, the data config, the grid or
+    the content of the manifest or of an image or label map it uses do (16 hex digits of a
+    SHA-256)."""
     facts = {
         "autoencoder": file_sha256(checkpoint / AUTOENCODER),
         "latent_mean": pretrained.metadata["latent_mean"],

@@ -2,8 +2,12 @@
 
 Controllability asks whether a volume generated for "LVEDV 180 mL" has a 180 mL cavity.
 The segmenter finds the LV and RV blood pools at the model's resolution; a linear
-calibration, fitted on the public set, maps voxel counts to the mL the manifests state
-(the model's grid drops each scan's own slice spacing, so a plain voxel volume would not).
+calibration, fitted on the public set, maps voxel counts to the mL the manifests state.
+Volumes and label maps are resampled in mm onto the model grid (data.to_model,
+data.place_labels: data.spacing, one grid for a volume and its label map, the label map
+by partial-volume majority), so a voxel holds the grid's voxel volume whatever the scan's
+spacing, and the fitted slope comes out near it; the calibration absorbs what the
+segmenter and the grid's coarse slices add.
 """
 
 from __future__ import annotations
@@ -13,30 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
-from monai.transforms import Compose, EnsureType, Resize
 
 from fedsynth.common.config import DataConfig
-from fedsynth.common.data import SiteManifest, load_volume, read_nifti, volume_transform
+from fedsynth.common.data import (
+    SiteManifest,
+    image_stack,
+    load_volume,
+    place_labels,
+    read_labels,
+)
 from fedsynth.common.models import padded_call
-from fedsynth.common.orientation import to_short_axis
 from fedsynth.common.progress import progress
 
 CLASSES = 6  # background, RV blood, LV myocardium, LV blood, other tissue, lungs
 RV_BLOOD, LV_BLOOD = 1, 3
-
-
-def label_transform(data_cfg: DataConfig) -> Compose:
-    """Label maps follow their volumes: already in the short-axis frame (`to_short_axis`),
-    resized without blending classes."""
-    return Compose(
-        [
-            Resize(spatial_size=data_cfg.shape, mode="nearest"),
-            EnsureType(data_type="tensor", dtype=torch.long, track_meta=False),
-        ]
-    )
 
 
 def load_labelled(
@@ -48,19 +44,22 @@ def load_labelled(
     """(volumes, labels, requested) of the usable rows whose manifest names a label map.
 
     `requested` maps "lv"/"rv" to the volume the row states for its phase (EDV or ESV).
-    `volumes`, when the caller has already loaded the records' volumes (in their order),
-    saves reading the images again.
+    `volumes`, when the caller has already loaded the records' volumes (in their order,
+    as check_site reads them: placed by their label map), saves reading the
+    images again. Each label map lands on its image's grid voxel for voxel.
     """
     images, labels, lv, rv = [], [], [], []
-    image_tf, label_tf = volume_transform(data_cfg), label_transform(data_cfg)
     records = progress(list(enumerate(manifest.records)), "labelled public", show_progress)
     for i, record in records:
         if record.label is None:
             continue
-        data, affine = to_short_axis(*read_nifti(record.label))
-        label = MetaTensor(torch.from_numpy(np.rint(data))[None], affine=torch.as_tensor(affine))
-        images.append(volumes[i] if volumes is not None else load_volume(record.image, image_tf))
-        labels.append(label_tf(label))
+        label = read_labels(record.label, data_cfg.max_voxels)
+        if volumes is not None:
+            images.append(volumes[i])
+        else:
+            images.append(load_volume(record.image, data_cfg, record.label))
+        stack = image_stack(record.image, data_cfg.max_voxels)
+        labels.append(place_labels(label, data_cfg, stack))
         a = record.attributes
         es = a.get("phase", 0) == 1
         lv.append(a["lvesv"] if es else a["lvedv"])

@@ -21,6 +21,7 @@ from fedsynth.common.logs import show_on_console
 COMMANDS: dict[str, str] = {
     "phantoms": "fedsynth.simulations.phantoms_cmd",
     "site-check": "fedsynth.common.site_check_cmd",
+    "import": "fedsynth.client.import_cmd",
     "config": "fedsynth.common.config_cmd",
     "pretrain": "fedsynth.server.pretrain_cmd",
     "bench": "fedsynth.simulations.bench_cmd",

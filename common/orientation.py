@@ -113,6 +113,19 @@ def to_short_axis(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.
     return out, np.asarray(affine, dtype=float) @ inv_ornt_aff(ornt, data.shape)
 
 
+def short_axis_geometry(
+    affine: np.ndarray, shape: tuple[int, ...]
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The affine and shape `to_short_axis` gives a volume of `shape` (3D; trailing axes of
+    length 1 ignored), from its header alone (no voxels read). Raises OrientationError when
+    the affine defines no frame."""
+    shape = tuple(int(n) for n in shape[:3])
+    ornt = short_axis_ornt(affine, shape)
+    order = np.argsort(ornt[:, 0])  # the stored axis that becomes each frame axis
+    framed = tuple(int(shape[a]) for a in order)
+    return np.asarray(affine, dtype=float) @ inv_ornt_aff(ornt, shape), framed
+
+
 def short_axis_affine(
     spacing: tuple[float, float, float],
     shape: tuple[int, int, int],

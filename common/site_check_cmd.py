@@ -15,6 +15,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--strict", action="store_true", help="reject rows with warnings instead of listing them"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -22,10 +25,15 @@ def run(args: argparse.Namespace) -> int:
     from fedsynth.common.errors import FedsynthError
 
     config = config_from_args(args)
-    result = check_site(args.data_path, config.data, show_progress=not (args.quiet or args.json))
+    result = check_site(
+        args.data_path,
+        config.data,
+        show_progress=not (args.quiet or args.json),
+        strict=args.strict,
+    )
     subjects = len(result.subjects())
     if config.privacy.enabled and subjects and config.privacy.delta >= 1 / subjects:
-        result.warnings.append(
+        result.site_warnings.append(
             f"privacy.delta {config.privacy.delta:g} is not below 1/{subjects} subjects: "
             "this site cannot train under this config"
         )
@@ -38,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
         )
         for r in result.rejected:
             print(f"  row {r.row} ({r.file or 'no file'}): {r.reason}")
-        for warning in result.warnings:
+        for w in result.warnings:
+            print(f"  warning: row {w.row} ({w.file}): {w.reason}")
+        for warning in result.site_warnings:
             print(f"  warning: {warning}")
     if not result.records:
         raise FedsynthError(f"no usable rows in {result.root / MANIFEST}")

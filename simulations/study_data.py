@@ -2,8 +2,9 @@
 
 Generated once and cached under the cache dir: phantom sites and public set by the
 generator's PHANTOM_VERSION and (sites, subjects, seed); the public checkpoint by a hash of
-what pretraining depends on, of the public manifest and the phantom version (its files can
-change while the manifest does not); public held-out validation subjects from another seed.
+what pretraining depends on, of the public manifest, the phantom version (its files can
+change while the manifest does not) and the reader's geometry.GRID_VERSION; public
+held-out validation subjects from another seed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from fedsynth.common.checkpoint import METADATA, file_sha256
 from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.feature_net import ensure_feature_net
+from fedsynth.common.geometry import GRID_VERSION
 from fedsynth.server.study import DEFAULT_PUBLIC_SUBJECTS, SimulatedData
 from fedsynth.simulations.site_domain import SiteDomain
 
@@ -71,7 +73,8 @@ def simulated_data(
     loaded checkpoint (a `flwr run` simulation passes it to the ServerApp)."""
     phantoms = phantom_folder(cache, config, subjects, public_subjects=public_subjects)
     data_hash = file_sha256(phantoms / "public" / "manifest.csv")
-    key = f"{pretraining_hash(config)}-{data_hash[:12]}-{phantoms.parent.name}"
+    grid = f"g{GRID_VERSION}"  # the same files read onto another grid: another checkpoint
+    key = f"{pretraining_hash(config)}-{data_hash[:12]}-{phantoms.parent.name}-{grid}"
     checkpoint = cache / "pretrained" / key  # with the phantom version: files, not just CSV
     if not (checkpoint / METADATA).is_file():  # written last: the checkpoint is whole
         from fedsynth.server.pretrain import pretrain

@@ -34,7 +34,10 @@ def blob_volume(shape=(24, 20, 6), seed=0) -> np.ndarray:
     return (inside * 1.0 + 0.1 * rng.random(shape)).astype(np.float32)
 
 
-def save_nifti(path: Path, data: np.ndarray, zooms=(2.0, 2.0, 8.0), affine=None) -> Path:
+def save_nifti(path: Path, data: np.ndarray, zooms=(4.0, 4.0, 16.0), affine=None) -> Path:
+    """`data` as a NIfTI file; the default zooms make blob_volume()'s 24x20x6 voxels a
+    stack the size of a heart's scan (96 x 80 mm in-plane, 96 mm along the slices), which
+    the geometry checks (common/plausibility.py) accept."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if affine is None:
         affine = np.diag([*zooms, 1.0])

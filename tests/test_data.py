@@ -7,14 +7,25 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
 
-from fedsynth.common.data import SiteDataset, check_site, load_volume, open_site, volume_transform
+from fedsynth.common.config import load_config
+from fedsynth.common.data import (
+    SiteDataset,
+    check_site,
+    load_volume,
+    open_site,
+    place_labels,
+    read_labels,
+)
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.orientation import short_axis_affine
 
 
 def make_bad_files(root):
@@ -47,7 +58,7 @@ def make_bad_files(root):
         "the file holds 48)",
         "random.nii": "not a readable NIfTI file",
         "scan.png": "not a NIfTI file name",
-        "four_d.nii.gz": "has 4 dimensions (24x20x6x3); expected a 3D volume",
+        "four_d.nii.gz": "has 4 dimensions (24x20x6x3): a cine?",
         "two_d.nii.gz": "has 2 dimensions",
         "nan.nii.gz": "contains 1 NaN/Inf voxels",
         "inf.nii.gz": "contains 1 NaN/Inf voxels",
@@ -79,8 +90,8 @@ def test_every_bad_volume_is_rejected_with_its_reason(tmp_path, tiny_config):
         ({"lvef": "nan"}, "attribute lvef = nan is not finite"),
         ({"lvef": 95}, "attribute lvef = 95 is outside [10, 85] %"),
         ({"age": 7}, "attribute age = 7 is outside [18, 95] years"),
-        ({"sex": 0.5}, "attribute sex = 0.5 must be a whole number"),
-        ({"phase": 2}, "attribute phase = 2 is outside [0, 1]"),
+        ({"sex": 0.5}, "attribute sex must be 0 (female) or 1 (male); found '0.5'"),
+        ({"phase": 2}, "attribute phase must be 0 (ED) or 1 (ES); found '2'"),
         ({"subject": ""}, "no subject id"),
         ({"image": ""}, "no image path"),
     ],
@@ -114,8 +125,14 @@ def test_duplicates_and_ragged_rows(tmp_path, tiny_config):
     result = check_site(site, tiny_config.data, show_progress=False)
     assert [r.row for r in result.records] == [1, 2]
     reasons = {r.row: r.reason for r in result.rejected}
-    assert reasons[3] == "duplicate of row 1 (same image)"
-    assert reasons[4] == "duplicate of row 1 (identical file)"
+    assert (
+        reasons[3]
+        == "duplicate of row 1 (same image); subject ids 's1' and 's3' count as one subject"
+    )
+    assert (
+        reasons[4]
+        == "duplicate of row 1 (same voxels); subject ids 's1' and 's4' count as one subject"
+    )
     assert "different number of fields" in reasons[5]
 
 
@@ -139,12 +156,11 @@ def test_other_size_and_orientation_resample_to_the_same_volume(tmp_path, tiny_c
     """The same anatomy stored LPS instead of RAS, at another size, reaches the model alike."""
     data = blob_volume((40, 36, 10))
     data[5:12, 5:12, 1:4] = 3.0  # a marker in one corner, to see any flip
-    ras = save_nifti(tmp_path / "ras.nii.gz", data, zooms=(1.5, 1.5, 9.0))
-    lps_affine = np.diag([-1.5, -1.5, 9.0, 1.0])
-    lps_affine[:3, 3] = [1.5 * 39, 1.5 * 35, 0]
+    ras = save_nifti(tmp_path / "ras.nii.gz", data, zooms=(3.0, 3.0, 9.0))
+    lps_affine = np.diag([-3.0, -3.0, 9.0, 1.0])
+    lps_affine[:3, 3] = [3.0 * 39, 3.0 * 35, 0]
     lps = save_nifti(tmp_path / "lps.nii.gz", data[::-1, ::-1, :].copy(), affine=lps_affine)
-    transform = volume_transform(tiny_config.data)
-    a, b = load_volume(ras, transform), load_volume(lps, transform)
+    a, b = load_volume(ras, tiny_config.data), load_volume(lps, tiny_config.data)
     assert a.shape == b.shape == (1, *tiny_config.data.shape)
     assert a.dtype == torch.float32 and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
     torch.testing.assert_close(a, b)
@@ -166,6 +182,7 @@ def test_dataset_groups_subjects_and_scales_attributes_by_declared_range(tmp_pat
                     "subject": f"sub{i}",
                     "phase": phase,
                     "lvef": 10 + 25 * i,
+                    "lvesv": 150 - 1.5 * (10 + 25 * i),  # lvedv 150: the volumes give the EF
                 }
             )
     write_site(site, rows)
@@ -192,7 +209,7 @@ def test_without_subject_column_each_row_is_a_subject_and_a_warning_says_so(tmp_
     dataset = SiteDataset(check_site(site, tiny_config.data, show_progress=False), tiny_config.data)
     assert dataset.subject_rows == [[0], [1]]
     result = check_site(site, tiny_config.data, show_progress=False)
-    assert any("no 'subject' column" in w for w in result.warnings)
+    assert any("no 'subject' column" in w for w in result.site_warnings)
 
 
 def test_open_site_refuses_a_site_with_no_usable_row(tmp_path, tiny_config):
@@ -229,7 +246,7 @@ def test_site_check_cli_json_and_read_only(tmp_path):
     assert len(report["rejected"]) == len(expected)
     assert {"row", "file", "reason"} == set(report["rejected"][0])
     assert snapshot(site) == before
-    assert not any("privacy.delta" in w for w in report["warnings"])
+    assert not any("privacy.delta" in w for w in report["site_warnings"])
 
 
 def test_site_check_warns_when_delta_is_not_below_one_over_subjects(tmp_path):
@@ -241,7 +258,7 @@ def test_site_check_warns_when_delta_is_not_below_one_over_subjects(tmp_path):
         "site-check", "--data-path", str(site), "--json", "--config", str(delta_config(tmp_path))
     )
     assert proc.returncode == 0
-    warnings = " ".join(json.loads(proc.stdout)["warnings"])
+    warnings = " ".join(json.loads(proc.stdout)["site_warnings"])
     assert "privacy.delta 0.5 is not below 1/2 subjects" in warnings
 
 
@@ -301,7 +318,8 @@ def test_manifest_paths_must_stay_inside_the_site_folder(tmp_path, tiny_config):
         5: "image path leads out of the site folder through a symlink",
         6: "image path leads out of the site folder through a symlink",
         7: "image path leads out of the site folder (..)",
-        9: "duplicate of row 1 (same image)",  # inside the folder: followed, then deduplicated
+        # inside the folder: followed, then deduplicated
+        9: "duplicate of row 1 (same image); subject ids 's1' and 's9' count as one subject",
         10: "label path leads out of the site folder (..)",
     }
 
@@ -331,14 +349,34 @@ def write_manifest(site, header, row):
             lambda h, r: (h.replace(",", "\t"), r.replace(",", "\t")),
             r"the file looks tab-separated: save it with commas$",
         ),
+        (
+            lambda h, r: (h.replace("subject", "Subject"), r),
+            r"column 'Subject' differs only in case from the optional column 'subject', which "
+            r"is read only as 'subject': rename it$",
+        ),
+        (
+            lambda h, r: (f"{h},Label", f"{r},lab.nii.gz"),
+            r"column 'Label' differs only in case from the optional column 'label'",
+        ),
     ],
-    ids=["twice", "case-twice", "case-missing", "semicolons", "tabs"],
+    ids=[
+        "twice",
+        "case-twice",
+        "case-missing",
+        "semicolons",
+        "tabs",
+        "optional-subject-case",
+        "optional-label-case",
+    ],
 )
 def test_a_header_that_cannot_be_read_right_is_refused_saying_why(
     tmp_path, tiny_config, change, message
 ):
     """A column named twice (even in another case) is refused as a whole, never resolved by
-    taking one copy; a missing column says what is likely wrong."""
+    taking one copy; a missing column says what is likely wrong. An optional column spelt
+    in another case ('Subject', 'Label', as a spreadsheet heads them) is refused naming it:
+    read as absent, every row would count as its own subject (one person's scans as
+    several privacy units) or be placed without its label map, without a word."""
     columns = ["image", "subject", *GOOD_ATTRIBUTES]
     values = ["a.nii.gz", "s1", *map(str, GOOD_ATTRIBUTES.values())]
     site = write_manifest(tmp_path / "site", *change(",".join(columns), ",".join(values)))
@@ -393,8 +431,8 @@ def test_a_site_opened_to_be_encoded_reads_each_file_once(tmp_path, monkeypatch)
     plain, _ = data_module.open_site(tmp_path / "site-1", config, show_progress=False)
     expected = [plain[i] for i in range(len(plain))]  # read from the files again
     reads = []
-    original = data_module.load_volume
-    monkeypatch.setattr(data_module, "load_volume", lambda *a: reads.append(a) or original(*a))
+    original = data_module.read_image
+    monkeypatch.setattr(data_module, "read_image", lambda *a: reads.append(a) or original(*a))
     kept, _ = data_module.open_site(
         tmp_path / "site-1", config, show_progress=False, keep_volumes=True
     )
@@ -402,3 +440,197 @@ def test_a_site_opened_to_be_encoded_reads_each_file_once(tmp_path, monkeypatch)
     for i, (volume, attributes) in enumerate(expected):
         assert torch.equal(kept[i][0], volume) and torch.equal(kept[i][1], attributes)
     assert len(reads) == 4  # and none while iterating
+
+
+RV_NORMAL = np.array([-0.45, 0.75, -0.48])  # an oblique LV long axis
+RV_MATRIX = (128, 128, 14)  # 1.5 mm pixels, 8 mm slices: 192 x 192 x 112 mm
+
+
+def heart_with_rv(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(magnitude image, labels in fedsynth's numbering, affine): an ellipsoidal LV cavity
+    (3) in a myocardial shell (2), an RV (1) beside it towards low column indices, in a
+    body of tissue, in an oblique stack; Rician-like noise, so the image has thousands of
+    values."""
+    spacing = (1.5, 1.5, 8.0)
+    affine = short_axis_affine(spacing, RV_MATRIX, RV_NORMAL)
+    axes = [(np.arange(n) - (n - 1) / 2) * d for n, d in zip(RV_MATRIX, spacing, strict=True)]
+    u, v, w = np.meshgrid(*axes, indexing="ij", sparse=True)
+    w = w - 8.0  # the heart a little below the stack's middle
+    labels = np.zeros(RV_MATRIX, np.uint8)
+    labels[(u / 38) ** 2 + ((v + 42) / 24) ** 2 + (w / 40) ** 2 <= 1] = 1
+    labels[(u / 33) ** 2 + (v / 33) ** 2 + (w / 48) ** 2 <= 1] = 2
+    labels[(u / 25) ** 2 + (v / 25) ** 2 + (w / 40) ** 2 <= 1] = 3
+    rng = np.random.default_rng(seed)
+    image = np.array([0.0, 900.0, 250.0, 1000.0], np.float32)[labels]
+    image[(labels == 0) & (u**2 + v**2 <= 90.0**2)] = 120.0
+    noise = rng.normal(0, 15, RV_MATRIX) + 1j * rng.normal(0, 15, RV_MATRIX)
+    return np.abs(image + noise).astype(np.float32), labels, affine
+
+
+def labelled_site(root: Path, label: np.ndarray, label_affine: np.ndarray | None = None) -> Path:
+    """A site of one row (the heart_with_rv image) whose `label` column names `label`."""
+    image, _, affine = heart_with_rv()
+    root.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(image, affine), root / "h.nii.gz")
+    label_affine = affine if label_affine is None else label_affine
+    nib.save(nib.Nifti1Image(label, label_affine), root / "h_gt.nii.gz")
+    rows = [{"image": "h.nii.gz", "label": "h_gt.nii.gz", "subject": "h"}]
+    return write_site(root, rows, columns=["image", "label", "subject", *GOOD_ATTRIBUTES])
+
+
+def label_refusal(root: Path, label: np.ndarray) -> str:
+    """Row 1's reason for refusal, the same heart in fedsynth's numbering accepted without
+    a word first (so the reason is about the numbering)."""
+    data_cfg = load_config("tiny").data
+    control = labelled_site(root / "control", heart_with_rv()[1])
+    control = check_site(control, data_cfg, show_progress=False)
+    assert len(control.records) == 1 and not control.warnings
+    manifest = check_site(labelled_site(root / "site", label), data_cfg, show_progress=False)
+    assert [r.row for r in manifest.rejected] == [1], manifest.warnings
+    return manifest.rejected[0].reason
+
+
+def test_a_label_map_numbered_the_mnms_way_is_refused(tmp_path):
+    """A label map numbered as M&Ms / UK Biobank (1 LV blood pool, 3 RV) would train the
+    anatomy meter on the RV as the LV: refused, told by the label the myocardium encloses,
+    naming the label file and the way to renumber it."""
+    labels = heart_with_rv()[1]
+    reason = label_refusal(tmp_path, np.array([0, 3, 2, 1], np.uint8)[labels])
+    assert reason.startswith("label h_gt.nii.gz: label 1, not 3, is what the myocardium")
+    assert "M&Ms" in reason and "fedsynth import" in reason
+
+
+def test_a_binary_mask_in_the_label_column_is_refused(tmp_path):
+    """An LV mask (0/1, what contouring tools export) would be read as the RV: refused."""
+    mask = (heart_with_rv()[1] == 3).astype(np.uint8)
+    reason = label_refusal(tmp_path, mask)
+    assert "binary mask" in reason and "renumber" in reason
+
+
+def test_an_image_in_the_label_column_is_refused_as_no_label_map(tmp_path):
+    """An MR image in the label column (the image column copied) is not a label map."""
+    reason = label_refusal(tmp_path, heart_with_rv(seed=1)[0])
+    assert reason == "label h_gt.nii.gz: holds non-integer values: an image, not a label map"
+
+
+def test_a_label_map_cropped_around_the_heart_is_placed_by_its_affine(tmp_path):
+    """A segmentation saved cropped to the heart (a smaller matrix, its origin moved by the
+    crop: the same voxels in the same place) is used, and lands on the grid as the uncropped
+    label map does (it was refused as not lying on the image's voxel grid)."""
+    _, labels, affine = heart_with_rv()
+    crop = (slice(24, 104), slice(8, 100), slice(1, 13))
+    cropped_affine = affine.copy()
+    cropped_affine[:3, 3] = affine[:3, :3] @ np.array([24, 8, 1]) + affine[:3, 3]
+    data_cfg = load_config("tiny").data
+    site = labelled_site(tmp_path, np.ascontiguousarray(labels[crop]), cropped_affine)
+    manifest = check_site(site, data_cfg, show_progress=False)
+    assert not manifest.rejected and not manifest.warnings, manifest.rejected
+    whole = np.zeros(RV_MATRIX, np.uint8)
+    whole[crop] = labels[crop]
+    nib.save(nib.Nifti1Image(whole, affine), tmp_path / "whole.nii.gz")
+    expected = place_labels(read_labels(tmp_path / "whole.nii.gz"), data_cfg)
+    stack = (affine, RV_MATRIX)
+    placed = place_labels(read_labels(tmp_path / "h_gt.nii.gz"), data_cfg, stack)
+    assert torch.equal(placed, expected)
+
+
+def test_a_4d_cine_in_the_image_column_points_to_the_importer(tmp_path, tiny_config):
+    """dcm2niix's 4D cine (x, y, slices, frames) listed as an image: the reason names
+    `fedsynth import --layout cine` (one 3D volume per phase), not only the dimensions."""
+    frames = np.stack([blob_volume((48, 40, 12), seed=t) for t in range(5)], axis=-1)
+    save_nifti(tmp_path / "cine.nii.gz", frames, zooms=(2, 2, 8))
+    rows = [{"image": "cine.nii.gz", "subject": "P1"}]
+    manifest = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert [r.row for r in manifest.rejected] == [1]
+    assert "fedsynth import --layout cine" in manifest.rejected[0].reason
+
+
+@pytest.mark.parametrize(
+    ("shape", "said"),
+    [
+        ((48, 40, 1), "holds a single slice (48x40x1), not a short-axis stack"),
+        ((48, 40, 1, 6), "a single-slice cine (48x40x1x6: one slice location, 6 frames)"),
+    ],
+)
+def test_a_single_slice_file_says_it_is_one_slice_of_a_stack(tmp_path, tiny_config, shape, said):
+    """dcm2niix writes a stack acquired slice by slice as one file per slice location: the
+    reason says it is one slice and that a stack's slices must be one volume (it read as a
+    broken file: "too small; need 2+ voxels per axis")."""
+    volume = (
+        blob_volume(shape[:3])
+        if len(shape) == 3
+        else np.stack([blob_volume(shape[:3], seed=t) for t in range(shape[3])], axis=-1)
+    )
+    save_nifti(tmp_path / "slice07.nii.gz", volume, zooms=(2, 2, 8))
+    rows = [{"image": "slice07.nii.gz", "subject": "P1"}]
+    manifest = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    assert [r.row for r in manifest.rejected] == [1]
+    assert said in manifest.rejected[0].reason
+    assert "the slices of one stack must be one 3D volume" in manifest.rejected[0].reason
+
+
+def test_a_single_slice_cine_squeezed_to_3d_is_not_read_as_a_stack(tmp_path, tiny_config):
+    """25 cardiac phases of one slice location (64x64x1x25) squeezed to 64x64x25 with an 8 mm
+    slice thickness: not read silently as a 200 mm stack of 25 slices (the model would learn
+    a cylinder); a 200 mm stack of a heart is accepted without that warning."""
+    rng = np.random.default_rng(0)
+    y, x = np.meshgrid(np.arange(64) - 31.5, np.arange(64) - 31.5, indexing="ij")
+    frames = []
+    for t in range(25):
+        radius = 12 - 4 * np.sin(np.pi * t / 24)  # the cavity contracts and relaxes
+        cavity = (y**2 + x**2 <= radius**2) * 1.0
+        wall = ((y**2 + x**2 <= (radius + 5) ** 2) & (cavity == 0)) * 0.3
+        body = (y**2 + x**2 <= 30**2) * 0.1
+        frames.append(np.maximum(cavity + wall, body) + 0.02 * rng.random((64, 64)))
+    save_nifti(tmp_path / "cine_slice5.nii.gz", np.stack(frames, -1).astype(np.float32), (2, 2, 8))
+    image, _, affine = heart_with_rv()
+    tall = np.concatenate([image, image[..., :11]], axis=-1)  # 25 slices x 8 mm
+    nib.save(nib.Nifti1Image(tall, affine), tmp_path / "tall.nii.gz")
+    rows = [
+        {"image": "cine_slice5.nii.gz", "subject": "P1"},
+        {"image": "tall.nii.gz", "subject": "P2"},
+    ]
+    manifest = check_site(write_site(tmp_path, rows), tiny_config.data, show_progress=False)
+    said = {w.row: w.reason for w in manifest.warnings if "single-slice cine" in w.reason}
+    assert list(said) == [1], manifest.warnings
+    assert said[1].startswith("the stack covers 200 mm along the slices (25 slices x 8 mm)")
+
+
+def test_a_label_map_in_another_voxel_order_or_matrix_is_placed_by_its_affine(tmp_path):
+    """The same segmentation stored in another voxel order (axes swapped and flipped) lands
+    on the grid exactly as stored on the image's grid; stored on a coarser matrix (every
+    other pixel, 3 mm) it lands on nearly the same voxels. Both rows are accepted."""
+    _, labels, affine = heart_with_rv()
+    data_cfg = load_config("tiny").data
+    nib.save(nib.Nifti1Image(labels, affine), tmp_path / "same.nii.gz")
+    reordered = np.ascontiguousarray(np.flip(labels.transpose(1, 0, 2), axis=2))
+    flip = np.eye(4)[[1, 0, 2, 3]]  # voxel (j, i, n-1-k) of the reordered is (i, j, k)
+    flip[2] = [0, 0, -1, RV_MATRIX[2] - 1]
+    coarse_affine = affine.copy()
+    coarse_affine[:3, :2] *= 2  # every other pixel: voxel 2i is the original's 2i
+    variants = {  # (the old reader refused the coarse one, took the reordered one)
+        "coarse": (np.ascontiguousarray(labels[::2, ::2]), coarse_affine),
+        "reordered": (reordered, affine @ flip),
+    }
+    for name, (label, label_affine) in variants.items():
+        site = labelled_site(tmp_path / name, label, label_affine)
+        manifest = check_site(site, data_cfg, show_progress=False)
+        assert not manifest.rejected and not manifest.warnings, (name, manifest.rejected)
+        stack = (affine, RV_MATRIX)
+        expected = place_labels(read_labels(tmp_path / "same.nii.gz"), data_cfg, stack)
+        placed = place_labels(read_labels(site / "h_gt.nii.gz"), data_cfg, stack)
+        if name == "reordered":
+            assert torch.equal(placed, expected)
+        heart, truth = placed > 0, expected > 0
+        dice = 2 * float((heart & truth).sum()) / float(heart.sum() + truth.sum())
+        assert dice > 0.95, (name, dice)
+
+
+def test_a_float_label_map_off_by_rounding_is_a_label_map(tmp_path):
+    """Labels stored as floats a rounding away from whole numbers (a header's scaling) are
+    read as the labels they round to, not refused as an image."""
+    labels = heart_with_rv()[1].astype(np.float32) * np.float32(1.0000001)
+    manifest = check_site(
+        labelled_site(tmp_path, labels), load_config("tiny").data, show_progress=False
+    )
+    assert len(manifest.records) == 1 and not manifest.rejected and not manifest.warnings

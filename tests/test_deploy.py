@@ -948,7 +948,7 @@ def test_site_image_install_step_builds_a_package_without_server_code(tmp_path):
     packages = {
         name.rsplit("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")
     }
-    assert packages == {"fedsynth/common", "fedsynth/client"}, packages
+    assert packages == {"fedsynth/common", "fedsynth/client", "fedsynth/client/importers"}
 
 
 def test_site_package_runs_without_server_and_simulations():

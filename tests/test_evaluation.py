@@ -130,8 +130,9 @@ def world(tmp_path_factory):
     rows = loaded["same"][1]
     order = np.random.default_rng(0).permutation(len(rows))
     shuffled = [rows[k] for k in order]
+    subjects = [loaded["same"][2][k] for k in order]  # a subject's rows keep its sex and age
     cohorts["shuffled"] = write_cohort(
-        root / "cohorts" / "shuffled", loaded["same"][0], shuffled, loaded["same"][2]
+        root / "cohorts" / "shuffled", loaded["same"][0], shuffled, subjects
     )
     yield {
         "root": root,

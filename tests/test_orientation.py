@@ -9,12 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
 from nibabel.orientations import apply_orientation, inv_ornt_aff
 from sitefiles import GOOD_ATTRIBUTES, write_site
 
 from fedsynth.common.anatomy import load_labelled
-from fedsynth.common.data import check_site, load_volume, volume_transform
+from fedsynth.common.data import check_site, load_volume, to_model
 from fedsynth.common.orientation import (
     APEX,
     OrientationError,
@@ -25,7 +24,7 @@ from fedsynth.common.orientation import (
     to_short_axis,
 )
 
-SPACING = (2.0, 2.0, 9.0)
+SPACING = (5.0, 5.0, 9.0)  # a stack the size of a heart's scan (plausibility.py)
 SHAPE = (20, 16, 6)
 IDENTITY = np.array([[0, 1], [1, 1], [2, 1]], float)
 P, L, INFERIOR = np.array([0.0, -1, 0]), np.array([-1.0, 0, 0]), np.array([0.0, 0, -1])
@@ -73,9 +72,10 @@ def save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
-def model_input(data: np.ndarray, data_cfg) -> torch.Tensor:
-    """What the model should see: the in-frame array, resized and scaled, no reorientation."""
-    return volume_transform(data_cfg)(MetaTensor(torch.from_numpy(data)[None]))
+def model_input(data: np.ndarray, affine: np.ndarray, data_cfg) -> torch.Tensor:
+    """What the model should see: the in-frame array with its in-frame affine, resampled
+    onto the model grid and scaled, no reorientation."""
+    return to_model(data, affine, data_cfg)[0]
 
 
 @pytest.mark.parametrize("degrees", [0, 30, 60, 80])
@@ -86,11 +86,10 @@ def test_oblique_stack_keeps_slices_last_and_matches_the_unrotated(tmp_path, tin
     affine = about_ap(degrees) @ axial_affine()
     normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
     assert (abs(normal[0]) > abs(normal[2])) == (degrees > 45)  # the case named is drawn
-    volume = load_volume(
-        save(tmp_path / "v.nii.gz", data, affine), volume_transform(tiny_config.data)
-    )
+    volume = load_volume(save(tmp_path / "v.nii.gz", data, affine), tiny_config.data)
     assert volume.shape == (1, *tiny_config.data.shape)
-    torch.testing.assert_close(volume, model_input(data, tiny_config.data), atol=1e-6, rtol=0)
+    expected = model_input(data, affine, tiny_config.data)
+    torch.testing.assert_close(volume, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -123,8 +122,9 @@ def test_files_stored_any_way_read_alike(tmp_path, tiny_config, name, ornt):
     data = anatomy()
     affine = about_ap(60) @ axial_affine()
     path = save(tmp_path / "v.nii", *stored(data, affine, np.array(ornt, float)))
-    volume = load_volume(path, volume_transform(tiny_config.data))
-    torch.testing.assert_close(volume, model_input(data, tiny_config.data), atol=1e-6, rtol=0)
+    volume = load_volume(path, tiny_config.data)
+    expected = model_input(data, affine, tiny_config.data)
+    torch.testing.assert_close(volume, expected, atol=1e-6, rtol=0)
 
 
 def test_slices_run_from_base_to_apex(tmp_path, tiny_config):
@@ -187,13 +187,15 @@ def test_affines_without_a_short_axis_frame_are_refused(tmp_path, tiny_config):
 def test_labels_follow_their_volumes(tmp_path, tiny_config):
     """Label maps go through the same frame as their images (anatomy meter training)."""
     labels = np.zeros(SHAPE, np.float32)
-    labels[2:9, 3:7, 1:4] = 1
-    image = labels + 0.1 * np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    labels[2:9, 3:7, 1:4] = 3  # an LV blood pool
+    image = labels / 3 + 0.1 * np.random.default_rng(0).random(SHAPE).astype(np.float32)
     affine = about_ap(75) @ axial_affine()
     site, rows = tmp_path / "site", []
     for i, ornt in enumerate(([[0, 1], [1, 1], [2, 1]], [[2, -1], [0, -1], [1, 1]])):
         ornt = np.array(ornt, float)
-        save(site / f"i{i}.nii.gz", *stored(image, affine, ornt))
+        # the second at twice the intensity (scaled away per volume): the same voxels in
+        # another storage order would be one scan, its row refused as a duplicate
+        save(site / f"i{i}.nii.gz", *stored(image * (1 + i), affine, ornt))
         save(site / f"l{i}.nii.gz", *stored(labels, affine, ornt))
         rows.append({"image": f"i{i}.nii.gz", "label": f"l{i}.nii.gz", "subject": f"s{i}"})
     write_site(site, rows, columns=["image", "label", "subject", *GOOD_ATTRIBUTES])
@@ -202,4 +204,4 @@ def test_labels_follow_their_volumes(tmp_path, tiny_config):
     assert torch.equal(maps[0], maps[1]) and maps[0].sum() > 0
     torch.testing.assert_close(volumes[0], volumes[1], atol=1e-6, rtol=0)
     for volume, label in zip(volumes, maps, strict=True):
-        assert volume[label == 1].mean() > volume[label == 0].mean() + 0.5  # aligned
+        assert volume[label == 3].mean() > volume[label == 0].mean() + 0.5  # aligned

@@ -45,16 +45,18 @@ def pretrained(checkpoint) -> Pretrained:
 
 
 def rows_for(pretrained: Pretrained, n: int) -> list[dict[str, float]]:
-    """n distinct, valid attribute rows spread over each declared range."""
+    """n distinct, valid attribute rows spread over each declared range, each ESV the one
+    its EDV and EF give (a possible heart, as site-check requires of a cohort read back)."""
     rows = []
     for i in range(n):
         fraction = (i + 1) / (n + 1)
-        rows.append(
-            {
-                a.name: round(a.min + fraction * (a.max - a.min), 0 if a.discrete else 3)
-                for a in pretrained.config.data.attributes
-            }
-        )
+        row = {
+            a.name: round(a.min + fraction * (a.max - a.min), 0 if a.discrete else 3)
+            for a in pretrained.config.data.attributes
+        }
+        for edv, esv, ef in (("lvedv", "lvesv", "lvef"), ("rvedv", "rvesv", "rvef")):
+            row[esv] = round(row[edv] * (1 - row[ef] / 100), 3)
+        rows.append(row)
     return rows
 
 
@@ -78,6 +80,7 @@ def test_cohort_files_values_and_manifest(tmp_path, pretrained):
     config = pretrained.config
     rows = rows_for(pretrained, 4)
     rows[0]["lvedv"] = 123.4567  # not representable with 6 digits: must still round-trip
+    rows[0]["lvesv"] = round(123.4567 * (1 - rows[0]["lvef"] / 100), 3)
     requested = read_attributes_csv(write_csv(tmp_path / "attrs.csv", rows), config, 3)
     paths = sample_cohort(
         pretrained, 3, requested, tmp_path / "out", 3.0, 3, "ddim", 0, 2, show_progress=False

@@ -139,8 +139,6 @@ def test_files_the_manifest_does_not_use_do_not_invalidate(
 ):
     key = cache_key(pretrained, tiny_checkpoint, site)
     (site / "notes.txt").write_text("scanner serviced on Monday\n")
-    label = next((site / "labels").iterdir())
-    label.write_bytes(label.read_bytes() + b"\0")  # labels are not trained on
     shutil.copy(site / "images" / "sub-001_ed.nii", site / "images" / "unlisted.nii")
     same_size_other_content(site / "images" / "unlisted.nii")
     assert cache_key(pretrained, tiny_checkpoint, site) == key
@@ -171,3 +169,13 @@ def test_the_key_covers_checkpoint_latent_statistics_and_data_config(
     data = dataclasses.replace(config.data, intensity_percentiles=(low + 0.5, high))
     rescaled = dataclasses.replace(pretrained, config=dataclasses.replace(config, data=data))
     assert cache_key(rescaled, tiny_checkpoint, site) != key
+
+
+def test_a_changed_label_map_encodes_again(site, pretrained, tiny_checkpoint):
+    """A row's label map centres the grid on its heart: the volume trained on changes."""
+    key = cache_key(pretrained, tiny_checkpoint, site)
+    label = sorted((site / "labels").iterdir())[0]
+    image = nib.load(label)
+    data = np.roll(np.asarray(image.dataobj), 3, axis=0)
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), label)
+    assert cache_key(pretrained, tiny_checkpoint, site) != key

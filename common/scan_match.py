@@ -1,0 +1,142 @@
+"""The same scan found again among many: one person's volume under another file or id.
+
+A re-export of a scan rarely holds bit-identical voxels: another tool may decode int16
+values with scl_slope/scl_inter in float32 arithmetic (a third of the voxels then differ in
+the last bit from nibabel's float64 decode), or store a float scan scaled into int16's
+full range (values rounded to 1/65535 of its range, as nibabel writes it). An exact hash
+of the voxels misses both. Two volumes are therefore the same scan when, in the
+short-axis frame (orientation.to_short_axis: the same for any voxel storage order), they
+have the same shape and every voxel agrees to `TOLERANCE` of the volume's intensity range.
+Different scans of one heart (another noise draw, another phase) differ by far more.
+
+Comparing each new volume with every earlier one in full would read O(rows^2) volumes, so
+each kept scan is summarised by a signature (`Probe.signature`): `SAMPLES` voxels at fixed
+strides through the array plus its mean and standard deviation, all in units of its own
+range (max - min).
+If two volumes agree voxel for voxel to TOLERANCE of the range, their minima, maxima and
+so every normalised value agree to about 4 x TOLERANCE, so a signature tolerance of
+10 x TOLERANCE never loses a match. A new volume is compared with every earlier signature
+of its shape at once (numpy, one row per scan), and only the few candidates that pass are
+confirmed in full, re-reading the earlier file (scans are not held in memory).
+
+Everything here runs at the site; nothing of it is sent anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.orientation import OrientationError, to_short_axis
+
+TOLERANCE = 1e-5  # of a volume's intensity range: float32 rounding (6e-8) and int16 storage
+SIGNATURE_TOLERANCE = 10 * TOLERANCE  # per normalised signature value; see the docstring
+SAMPLES = 128  # strided voxels per signature
+
+# reads a volume: (X, Y, Z) voxels and their 4x4 affine; raises FedsynthError or OSError
+Loader = Callable[[Path], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A volume prepared for matching: short-axis voxels and their signature."""
+
+    voxels: np.ndarray  # (rows, columns, slices), as decoded
+    signature: np.ndarray  # (SAMPLES + 2,) float64, in units of the volume's range
+
+
+def oriented(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A volume's voxels in the short-axis frame; ValueError for an affine that gives none."""
+    try:
+        return to_short_axis(data, affine)[0]
+    except OrientationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def probe(data: np.ndarray, affine: np.ndarray) -> Probe:
+    """The `Probe` of a decoded volume (X, Y, Z) with its affine; ValueError for an affine
+    that gives no short-axis frame."""
+    voxels = oriented(data, affine)
+    low, span = float(voxels.min()), _span(voxels)
+    where = np.unravel_index(
+        np.linspace(0, voxels.size - 1, SAMPLES).round().astype(int), voxels.shape
+    )
+    samples = (voxels[where].astype(np.float64) - low) / span
+    mean = (float(voxels.mean(dtype=np.float64)) - low) / span
+    spread = float(voxels.std(dtype=np.float64)) / span
+    return Probe(voxels, np.concatenate([samples, [mean, spread]]))
+
+
+def _span(voxels: np.ndarray) -> float:
+    """A volume's intensity range (1 for a constant one, which has no scale of its own)."""
+    span = float(voxels.max()) - float(voxels.min())
+    return span if span > 0 else 1.0
+
+
+def same_scan(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two short-axis volumes of one shape agree voxel for voxel to TOLERANCE of the larger
+    of their ranges."""
+    difference = np.abs(np.subtract(a, b, dtype=np.float64))
+    return float(difference.max()) <= TOLERANCE * max(_span(a), _span(b))
+
+
+class _Bucket:
+    """The signatures of the scans of one short-axis shape, one row each (grown by doubling)."""
+
+    def __init__(self, width: int) -> None:
+        self.signatures = np.empty((8, width))
+        self.scans: list[int] = []
+
+    def add(self, signature: np.ndarray, scan: int) -> None:
+        if len(self.scans) == len(self.signatures):
+            self.signatures = np.concatenate([self.signatures, np.empty_like(self.signatures)])
+        self.signatures[len(self.scans)] = signature
+        self.scans.append(scan)
+
+    def candidates(self, signature: np.ndarray) -> list[int]:
+        """Scans whose signature is within SIGNATURE_TOLERANCE everywhere, earliest first."""
+        kept = self.signatures[: len(self.scans)]
+        # mean and spread first: two columns, then the survivors in full
+        rows = np.flatnonzero(_within(kept[:, SAMPLES:], signature[SAMPLES:]))
+        rows = rows[_within(kept[rows], signature)]
+        return [self.scans[i] for i in rows]
+
+
+def _within(signatures: np.ndarray, signature: np.ndarray) -> np.ndarray:
+    """Which rows of `signatures` are within SIGNATURE_TOLERANCE of `signature` everywhere."""
+    return np.abs(signatures - signature).max(axis=1) <= SIGNATURE_TOLERANCE
+
+
+class ScanIndex:
+    """The distinct scans seen so far (numbered 0, 1, ... in the order added), each known by
+    its file and signature. `load` re-reads an earlier scan's file to confirm a candidate."""
+
+    def __init__(self, load: Loader) -> None:
+        self.load = load
+        self.paths: list[Path] = []
+        self.buckets: dict[tuple[int, ...], _Bucket] = {}
+
+    def find(self, volume: Probe) -> int | None:
+        """The earliest scan the volume is the same scan as (see `same_scan`), or None.
+        An earlier file that can no longer be read (changed since) matches nothing."""
+        bucket = self.buckets.get(volume.voxels.shape)
+        for scan in bucket.candidates(volume.signature) if bucket is not None else []:
+            try:
+                earlier = oriented(*self.load(self.paths[scan]))
+            except (FedsynthError, OSError, ValueError):
+                continue
+            if earlier.shape == volume.voxels.shape and same_scan(earlier, volume.voxels):
+                return scan
+        return None
+
+    def add(self, volume: Probe, path: Path) -> int:
+        """Keep a volume (read from `path`) as a new scan; returns its number."""
+        shape = volume.voxels.shape
+        bucket = self.buckets.setdefault(shape, _Bucket(volume.signature.size))
+        bucket.add(volume.signature, len(self.paths))
+        self.paths.append(path)
+        return len(self.paths) - 1
