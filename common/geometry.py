@@ -7,8 +7,8 @@ not interpolated) is resampled onto the model grid (`model_grid`): the same worl
 directions as the volume's voxel axes, the config's `data.spacing` (mm), `data.shape`
 voxels, centred on a world point (`grid_centre`). What lies outside the stack is zero.
 
-Where the grid is centred (`grid_centre`): along the slices its window starts at the
-stack's basal edge, so the ED and ES frames of one stack land on one grid (the base
+Where the grid is centred (`grid_centre`): along the slices its first slice is centred on
+the stack's first, so the ED and ES frames of one stack land on one grid (the base
 descends in systole; a heart's own centre moves with it) and a stack the grid holds keeps
 every slice; only a heart that reaches past that window moves it, the least that holds
 the heart. In-plane: the middle of the heart's bounding box (`heart_box`) where a label
@@ -97,16 +97,19 @@ def grid_centre(
     stack (`affine`, `shape`: rows, columns, slices base to apex) whose heart is `heart`
     (`heart_box`) or unknown (None).
 
-    Along the slices the grid's window starts at the stack's basal edge (stacks are planned
-    from the base; the padding of a short stack goes to the apical end), so every frame of
-    one stack lands on one grid and hearts start at one depth; where the heart reaches
+    Along the slices the grid's first slice is centred on the stack's first (stacks are
+    planned from the base; the padding of a short stack goes to the apical end), so every
+    frame of one stack lands on one grid and hearts start at one depth; where the heart reaches
     past that window, it moves the least that holds the heart (a heart longer than the
     window: centred on it). In-plane: the middle of the heart's bounding box, else of the
     image."""
     step = spacing_of(affine)
     centre = (np.asarray(shape[:3], dtype=float) - 1) / 2 * step  # mm from voxel 0
     fov = float(grid_shape[2] * grid_spacing[2])
-    start = -step[2] / 2  # the window's basal edge, mm from voxel 0
+    # the window's basal edge, mm from voxel 0: the grid's first slice is centred on the
+    # stack's first, so grid slices fall on source slices where the spacings divide (8 mm
+    # onto 16 mm) rather than half-way between two, where a label map would tie
+    start = -float(grid_spacing[2]) / 2
     if heart is not None:
         low, high = heart
         centre[:2] = (low[:2] + high[:2]) / 2

@@ -193,7 +193,10 @@ def test_one_heart_at_any_spacing_and_matrix_has_its_true_size_and_shape(tmp_pat
         points = np.argwhere(cavity.numpy())
         aspect = points[:, 0].std() / points[:, 1].std()
         assert aspect == pytest.approx(1.0, abs=0.03), variant
-        np.testing.assert_allclose(centroid(bright), centroid(cavity), atol=0.25)
+        # within half a voxel: where 8 mm slices meet this 4 mm grid, every other grid slice
+        # lies half-way between two, the image there exactly at the threshold (not counted)
+        # and the label map split between the two labels
+        np.testing.assert_allclose(centroid(bright), centroid(cavity), atol=0.5)
         dice = 2 * float((bright & cavity).sum()) / float(bright.sum() + cavity.sum())
         assert dice > 0.9, variant
 
@@ -453,3 +456,24 @@ def test_a_label_map_half_a_slice_off_the_grid_keeps_its_volume():
     placed = resample(labels.astype(np.float32), stored, grid, shape, labels=True)
     cavity_ml = float((placed.data == 3).sum()) * math.prod(spacing) / 1000
     assert cavity_ml == pytest.approx(TRUE_ML, rel=0.05)
+
+
+def test_slices_that_divide_the_grid_spacing_land_on_grid_slices(tmp_path):
+    """8 mm slices on the default 16 mm grid: the grid's first slice is centred on the
+    stack's first, so grid slice k falls on source slice 2k and a label map keeps its
+    classes whole. (A window starting at the stack's basal edge put every grid slice
+    half-way between two source slices, where a label map ties: on the phantoms the LV's
+    basal slice came out a checkerboard.)"""
+    from fedsynth.common.data import stack_grid
+
+    data_cfg = load_config("default").data
+    _, labels, affine = heart(2.0, (96, 96), 8.0)
+    grid = stack_grid(affine, labels.shape, data_cfg)
+    to_source = np.linalg.inv(affine) @ grid
+    slices = np.arange(data_cfg.shape[2])
+    centres = (
+        to_source[2, 2] * slices
+        + to_source[2, 3]
+        + to_source[2, :2] @ ((np.asarray(data_cfg.shape[:2]) - 1) / 2)
+    )
+    np.testing.assert_allclose(centres, 2 * slices, atol=1e-6)
