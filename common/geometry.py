@@ -46,7 +46,8 @@ TRUNCATE = 4.0  # Gaussian kernel half-width in sigmas (scipy's default)
 # 2: resampled in mm onto data.spacing, centred on the heart (1: whole field of view resized)
 # 3: from the stack's base along the slices, on the heart's bounding box in-plane; label
 # maps by partial-volume majority
-GRID_VERSION = 3
+# 4: the grid's first slice centred on the stack's first (3: on its basal edge)
+GRID_VERSION = 4
 # Shares closer than this are a tie (exactly half-way between two source voxels, up to the
 # float32 rounding of a stored affine): split between the labels by a checkerboard of grid
 # voxels, so that neither label gains the half-voxels (either rule alone adds or drops half
