@@ -69,6 +69,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {subject}: {reason}")
     for subject, note in outcome.warnings:
         print(f"warning {subject}: {note} (site-check warns too)")
+    if outcome.unmatched:
+        shown = ", ".join(outcome.unmatched[:5]) + (", ..." if len(outcome.unmatched) > 5 else "")
+        print(
+            f"warning: --records lists {len(outcome.unmatched)} subject(s) not in --source "
+            f"({shown}): a typo in an id, or a subject missing from the source?"
+        )
     if not outcome.imported:
         raise FedsynthError(
             f"no subject of --source {args.source} could be imported; nothing written"

@@ -586,6 +586,21 @@ def test_records_keyed_in_another_spelling_are_found(tmp_path, spelling):
     assert (float(row["age"]), int(row["sex"])) == (truths[0].age, truths[0].sex)
 
 
+def test_records_of_no_source_subject_are_named(tmp_path):
+    """A --records row whose id is no subject of the source (a typo, a subject not in this
+    download) is named in one warning; the import goes on. It was ignored without a word."""
+    truths = layouts.write_acdc(tmp_path / "source", count=1)
+    path = layouts.records(tmp_path / "records.csv", truths)
+    rows = list(csv.DictReader(path.open(newline="")))
+    layouts.write_csv(path, [*rows, {**rows[0], "subject": "patient0O1"}])
+    code, stdout, stderr = run_import(
+        "--layout", "acdc", "--source", str(tmp_path / "source"), "--out",
+        str(tmp_path / "site"), "--records", str(path),
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert "warning: --records lists 1 subject(s) not in --source (patient0o1)" in stdout
+
+
 def test_records_whose_ids_collide_after_normalisation_are_refused(tmp_path):
     """Two --records rows whose ids differ only in case are one id to site-check: which
     row holds the subject's values cannot be known, so the file is refused naming both."""

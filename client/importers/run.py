@@ -45,6 +45,7 @@ class Outcome:
     imported: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (subject, reason)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (subject, note) of imported
+    unmatched: list[str] = field(default_factory=list)  # --records ids of no source subject
 
 
 def import_site(
@@ -71,6 +72,8 @@ def import_site(
     names = [a.name for a in data_cfg.attributes]
     _require(layout, found, columns, names)
     outcome = Outcome(out)
+    in_source = {normalise_id(s.subject) for s in found.subjects}
+    outcome.unmatched = sorted(key for key in records if key not in in_source)
     try:
         folder = site_folder.staging(out)
         try:
