@@ -668,3 +668,27 @@ def test_readme_import_commands_parse():
     parser = build_parser()
     for command in commands:
         parser.parse_args([part.strip('"') for part in command])
+
+
+def test_a_killed_imports_staging_folder_is_removed_by_the_next(tmp_path):
+    """An import killed before it finished leaves its private staging folder (a copy of
+    patient scans) beside --out; the next import into that --out removes it. One whose
+    process still runs (here: this one) is left alone."""
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = tmp_path / f".site.importing-{gone}-0a1b2c3d"
+    running = tmp_path / f".site.importing-{os.getpid()}-0a1b2c3d"
+    for folder in (stale, running):
+        folder.mkdir()
+        (folder / "scan.nii.gz").write_bytes(b"x")
+    _, options = build("mnms", tmp_path)
+    code, stdout, stderr = run_import(
+        "--layout", "mnms", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "site"),
+        *options,
+    )  # fmt: skip
+    assert code == 0, stdout + stderr
+    assert not stale.exists() and running.exists()
+    assert (tmp_path / "site" / "manifest.csv").is_file()

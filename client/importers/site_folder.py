@@ -48,10 +48,29 @@ def check_out(out: Path, source: Path) -> None:
 
 
 def staging(out: Path) -> Path:
-    """A new owner-only folder beside `out` that the import is written into."""
+    """A new owner-only folder beside `out` that the import is written into, named by this
+    process's id. The staging folders of imports into `out` whose process is gone (killed
+    before they finished) are removed first: they hold a copy of patient scans."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    return private_dir(out.parent / f".{out.name}.importing-{secrets.token_hex(4)}")
+    for stale in out.parent.glob(f".{out.name}.importing-*"):
+        pid = stale.name.rsplit("-", 2)[-2]
+        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale)
+            log.info("removed %s, left by an import that did not finish", stale.name)
+    name = f".{out.name}.importing-{os.getpid()}-{secrets.token_hex(4)}"
+    return private_dir(out.parent / name)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_volume(path: Path, volume: Volume, dtype: type) -> None:
