@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fedsynth.common.anatomy import VolumeMeter, agreement, meter_path
+from fedsynth.common.attribute_checks import check_physiology
 from fedsynth.common.checkpoint import PUBLIC_ATTRIBUTES, Pretrained, load_torch
 from fedsynth.common.config import Config
 from fedsynth.common.data import MANIFEST, parse_attribute, read_table, scale_attributes
@@ -42,11 +43,17 @@ def _read_csv(path: Path, config: Config) -> list[dict[str, str]]:
 
 
 def _parse_rows(path: Path, rows: list[dict[str, str]], config: Config) -> list[dict[str, float]]:
-    """Each row checked against the declared ranges; the first bad one is refused by number."""
+    """Each row checked against the declared ranges and for a heart that can exist
+    (attribute_checks.check_physiology, as site-check checks a site's rows: a cohort asked
+    for ESV above EDV would be refused by any site that read it); the first bad one is
+    refused by number."""
     parsed = []
+    attributes = config.data.attributes
     for number, row in enumerate(rows, start=1):
         try:
-            parsed.append({a.name: parse_attribute(row[a.name], a) for a in config.data.attributes})
+            values = {a.name: parse_attribute(row[a.name], a) for a in attributes}
+            check_physiology(values, attributes)
+            parsed.append(values)
         except ValueError as exc:
             raise FedsynthError(f"attributes {path} row {number}: {exc}") from None
     return parsed

@@ -125,9 +125,13 @@ def test_attributes_csv_is_checked_row_by_row(tmp_path, pretrained):
     bad[1]["lvedv"] = 9999
     with pytest.raises(FedsynthError, match=r"bad\.csv row 2: attribute lvedv = 9999 is outside"):
         read_attributes_csv(write_csv(tmp_path / "bad.csv", bad), config, 3)
-    bad[1]["lvedv"], bad[2]["age"] = 100, "old"
+    bad[1]["lvedv"], bad[2]["age"] = rows[1]["lvedv"], "old"
     with pytest.raises(FedsynthError, match=r"row 3: attribute age = 'old' is not a number"):
         read_attributes_csv(write_csv(tmp_path / "bad.csv", bad), config, 3)
+    swapped = [dict(r) for r in rows]  # a heart that cannot exist, as site-check refuses it
+    swapped[0]["lvedv"], swapped[0]["lvesv"] = rows[0]["lvesv"], rows[0]["lvedv"]
+    with pytest.raises(FedsynthError, match=r"row 1: lvesv .* is above lvedv"):
+        read_attributes_csv(write_csv(tmp_path / "swapped.csv", swapped), config, 3)
     without = [{k: v for k, v in r.items() if k != "bmi"} for r in rows]
     with pytest.raises(FedsynthError, match="lacks required column"):
         read_attributes_csv(write_csv(tmp_path / "cols.csv", without), config, 1)
