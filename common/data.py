@@ -6,8 +6,9 @@ site folder. Volumes are read with nibabel (whose errors say what is wrong with 
 and brought into the short-axis frame (common/orientation.py: slices last, base to apex,
 in-plane normalised; permuted and flipped, not interpolated), outliers clipped. Their
 geometry is checked (plausibility.py: no stored geometry, a stack too short or too narrow
-for a heart, a zero-filled missing slice are refused; blank end slices, a stack that may
-miss the heart or a heart the scan or the grid cuts are warned about), then they are
+for a heart or larger than a chest, a sheared stack, a zero-filled missing slice are
+refused; blank end slices, a stack that may miss the heart or a heart the scan or the
+grid cuts are warned about), then they are
 resampled in mm onto the model grid (geometry.py: data.spacing, data.shape voxels,
 from the stack's base along the slices, centred in-plane on the heart of the row's label
 map where it has one; zero outside the stack),
@@ -49,6 +50,7 @@ from fedsynth.common.nifti_bounds import VolumeError, check_size, check_voxel_of
 from fedsynth.common.orientation import OrientationError, short_axis_geometry, to_short_axis
 from fedsynth.common.plausibility import (
     GeometryError,
+    check_axes,
     check_cover,
     check_extent,
     check_heart,
@@ -337,6 +339,7 @@ def to_model(
     data, affine = _short_axis(data, affine)
     try:
         check_extent(affine, data.shape)
+        check_axes(affine)
         warnings = check_length(data, affine) + check_slices(data)
         if labels is None:
             slice_fov = data_cfg.shape[2] * data_cfg.spacing[2]

@@ -11,9 +11,11 @@ Where the grid is centred (`grid_centre`): along the slices its first slice is c
 the stack's first, so the ED and ES frames of one stack land on one grid (the base
 descends in systole; a heart's own centre moves with it) and a stack the grid holds keeps
 every slice; only a heart that reaches past that window moves it, the least that holds
-the heart. In-plane: the middle of the heart's bounding box (`heart_box`) where a label
-map says where it is, not its centroid (the RV crescent pulls that aside; along the
-slices the ventricles' flat valve plane pulled it apically and wasted basal grid slices).
+the heart, rounded to a start whose first slice is again centred on a source slice where
+that still holds it (else a label map ties half-way between two source slices). In-plane:
+the middle of the heart's bounding box (`heart_box`) where a label map says where it is,
+not its centroid (the RV crescent pulls that aside; along the slices the ventricles' flat
+valve plane pulled it apically and wasted basal grid slices).
 
 Memory does not grow with the source matrix: the source is first cropped to the target
 field of view plus the margin the smoothing and the interpolation read, then smoothed
@@ -47,7 +49,8 @@ TRUNCATE = 4.0  # Gaussian kernel half-width in sigmas (scipy's default)
 # 3: from the stack's base along the slices, on the heart's bounding box in-plane; label
 # maps by partial-volume majority
 # 4: the grid's first slice centred on the stack's first (3: on its basal edge)
-GRID_VERSION = 4
+# 5: a window the heart moves starts on a source slice (4: at the heart's edge)
+GRID_VERSION = 5
 # Shares closer than this are a tie (exactly half-way between two source voxels, up to the
 # float32 rounding of a stored affine): split between the labels by a checkerboard of grid
 # voxels, so that neither label gains the half-voxels (either rule alone adds or drops half
@@ -102,8 +105,10 @@ def grid_centre(
     planned from the base; the padding of a short stack goes to the apical end), so every
     frame of one stack lands on one grid and hearts start at one depth; where the heart reaches
     past that window, it moves the least that holds the heart (a heart longer than the
-    window: centred on it). In-plane: the middle of the heart's bounding box, else of the
-    image."""
+    window: centred on it), rounded to the nearest start whose first slice is again centred
+    on a source slice (`on_lattice`), so a label map does not tie half-way between two
+    source slices on every grid slice (a checkerboard at the heart's ends). In-plane: the
+    middle of the heart's bounding box, else of the image."""
     step = spacing_of(affine)
     centre = (np.asarray(shape[:3], dtype=float) - 1) / 2 * step  # mm from voxel 0
     fov = float(grid_shape[2] * grid_spacing[2])
@@ -114,12 +119,33 @@ def grid_centre(
     if heart is not None:
         low, high = heart
         centre[:2] = (low[:2] + high[:2]) / 2
-        if high[2] - low[2] >= fov:
-            start = (low[2] + high[2] - fov) / 2
+        if high[2] - low[2] >= fov:  # cropped either way: centred to within half a slice
+            moved = (low[2] + high[2] - fov) / 2
+            start = on_lattice(moved, float(step[2]), grid_spacing[2], (-math.inf, math.inf))
         else:
-            start = float(np.clip(start, high[2] - fov, low[2]))
+            moved = float(np.clip(start, high[2] - fov, low[2]))
+            start = on_lattice(moved, float(step[2]), grid_spacing[2], (high[2] - fov, low[2]))
     centre[2] = start + fov / 2
     return voxel_to_world(affine, centre / step)
+
+
+def on_lattice(
+    start: float, source_step: float, grid_step: float, allowed: tuple[float, float]
+) -> float:
+    """The window start (mm from source voxel 0, the grid's first slice's basal edge) within
+    `allowed` (low, high) nearest to `start` at which the grid's first slice is centred on a
+    source slice (`source_step` mm apart; the grid's `grid_step` mm): then every grid slice
+    lies on a source slice where the spacings divide, and none half-way between two, where
+    a label map's shares tie. `start` itself where no such start lies within `allowed`
+    (holding the heart comes first)."""
+    low, high = allowed
+    centre = start + grid_step / 2  # the grid's first slice centre
+    candidates = [
+        k * source_step - grid_step / 2
+        for k in (math.floor(centre / source_step), math.ceil(centre / source_step))
+    ]
+    inside = [c for c in candidates if low - 1e-6 <= c <= high + 1e-6]
+    return min(inside, key=lambda c: abs(c - start)) if inside else start
 
 
 def model_grid(

@@ -11,6 +11,7 @@ and either refuses it (`GeometryError`, the message is the reason) or returns wa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,6 +24,13 @@ MIN_STACK_MM = 40.0
 # ... and a short-axis stack planned over them spans less than this: a longer "stack" is
 # likely the frames of a single-slice cine saved as its slices
 MAX_STACK_MM = 180.0
+# no chest is wider than this (a scanner's bore is 60-70 cm): an in-plane field of view
+# above it, or a stack longer than MAX_EXTENT_MM along the slices, has a misread spacing (a
+# converter's pixdim in 0.1 mm, micrometres read as millimetres)
+MAX_IN_PLANE_MM = 600.0
+MAX_EXTENT_MM = 400.0
+# voxel axes meeting this far from a right angle: a sheared stack, not float rounding
+MAX_SHEAR_DEG = 1.0
 # adjacent slices of a stack correlating above this are near copies of each other
 NEAR_COPY = 0.95
 # an LV with its wall is 50-70 mm across, the heart more: an in-plane field of view below this
@@ -42,7 +50,9 @@ class GeometryError(FedsynthError):
 
 def check_extent(affine: np.ndarray, shape: Sequence[int]) -> None:
     """Refuse a stack whose physical size cannot hold a heart: one covering less than
-    MIN_STACK_MM along the slices (slices x spacing), or less than MIN_IN_PLANE_MM in-plane.
+    MIN_STACK_MM along the slices (slices x spacing), or less than MIN_IN_PLANE_MM in-plane;
+    or one larger than a chest: over MAX_EXTENT_MM along the slices or MAX_IN_PLANE_MM
+    in-plane (a spacing ten times too large would place the heart at a tenth of its size).
 
     `affine` (4x4, mm) and `shape` (rows, columns, slices) of the short-axis array."""
     spacing = spacing_of(affine)
@@ -58,6 +68,34 @@ def check_extent(affine: np.ndarray, shape: Sequence[int]) -> None:
             f"the in-plane field of view {extent[0]:g} x {extent[1]:g} mm is smaller than a "
             f"heart ({MIN_IN_PLANE_MM:g} mm): is the pixel spacing in the header right?"
         )
+    if extent[2] > MAX_EXTENT_MM or max(extent[:2]) > MAX_IN_PLANE_MM:
+        raise GeometryError(
+            f"the stack measures {extent[0]:g} x {extent[1]:g} mm in-plane ({shape[0]} x "
+            f"{shape[1]} pixels of {spacing[0]:g} x {spacing[1]:g} mm) and {extent[2]:g} mm "
+            f"along the slices ({shape[2]} x {spacing[2]:g} mm), larger than a chest (at most "
+            f"{MAX_IN_PLANE_MM:g} mm in-plane, {MAX_EXTENT_MM:g} mm along the slices): is the "
+            "spacing in the header right?"
+        )
+
+
+def check_axes(affine: np.ndarray) -> None:
+    """Refuse a sheared stack: voxel axes (the columns of the 4x4 `affine`, mm) that meet
+    more than MAX_SHEAR_DEG from a right angle, as slices stepping obliquely to their planes
+    (per-slice series whose field of view moved between slices, a gantry tilt). Refused,
+    not resampled: the model grid takes the stack's voxel directions (geometry.model_grid,
+    whose resampling needs its axes parallel to the source's), so it would be sheared alike
+    and the heart distorted; and a stack whose slices do not line up is no one volume."""
+    directions = np.asarray(affine, dtype=float)[:3, :3] / spacing_of(affine)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        cosine = float(np.clip(directions[:, a] @ directions[:, b], -1.0, 1.0))
+        angle = math.degrees(math.acos(cosine))
+        if abs(angle - 90.0) > MAX_SHEAR_DEG:
+            raise GeometryError(
+                f"the {AXES[a]} and {AXES[b]} of the stack meet at {angle:.1f} degrees, not 90 "
+                f"(sheared by {abs(angle - 90.0):.1f}; at most {MAX_SHEAR_DEG:g} is rounding): "
+                "the slices do not step along their planes' normal; resample the stack onto an "
+                "orthogonal grid, or check the header's affine"
+            )
 
 
 def check_length(data: np.ndarray, affine: np.ndarray) -> list[str]:

@@ -12,11 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from sitefiles import GOOD_ATTRIBUTES, write_site
+from scipy import ndimage
+from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
 
 from fedsynth.common.anatomy import load_labelled
 from fedsynth.common.config import DataConfig, load_config
-from fedsynth.common.data import check_site, load_volume
+from fedsynth.common.data import check_site, load_volume, place_labels
 from fedsynth.common.orientation import short_axis_affine, to_short_axis
 from fedsynth.common.sampling import _nifti
 
@@ -477,3 +478,108 @@ def test_slices_that_divide_the_grid_spacing_land_on_grid_slices(tmp_path):
         + to_source[2, :2] @ ((np.asarray(data_cfg.shape[:2]) - 1) / 2)
     )
     np.testing.assert_allclose(centres, 2 * slices, atol=1e-6)
+
+
+def cylinder_stack(first: int, last: int, slices: int = 18, thickness: float = 8.0):
+    """(labels, affine): a cylindrical LV (cavity radius 25 mm in an 8 mm wall, ACDC labels)
+    on slices first..last of a stack of 8 mm slices, 1.5 mm pixels, in the short-axis frame."""
+    pixel = 1.5
+    shape = (160, 160, slices)
+    affine = short_axis_affine((pixel, pixel, thickness), shape)
+    y, x = np.meshgrid(*[(np.arange(n) - (n - 1) / 2) * pixel for n in shape[:2]], indexing="ij")
+    radius = np.hypot(y, x)
+    labels = np.zeros(shape, np.float32)
+    labels[..., first : last + 1][radius <= 33.0] = 2
+    labels[..., first : last + 1][radius <= 25.0] = 3
+    return labels, affine
+
+
+@pytest.mark.parametrize("first, last", [(5, 17), (3, 17), (1, 15), (0, 13)])
+def test_a_window_the_heart_moves_keeps_grid_slices_on_source_slices(tiny_config, first, last):
+    """8 mm slices onto the tiny 16 mm grid: where the heart reaches past the window that
+    starts on the stack's first slice (slices 5-17, 3-17 of 18: a stack that starts above
+    the base), or is longer than it (1-15), the window moves; it must still start on a
+    source slice, so that every grid slice holds a whole cross-section or none (a start at
+    the heart's edge put each grid slice half-way between two source slices, and the slice
+    at the heart's basal end came out a checkerboard of cavity and background). 0-13 fits
+    the window unmoved."""
+    labels, affine = cylinder_stack(first, last)
+    placed = place_labels((labels, affine), tiny_config.data)[0].numpy()
+    neighbours = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]])
+    for label in (2, 3):
+        mask = (placed == label).astype(int)
+        for k in range(mask.shape[2]):
+            around = ndimage.convolve(mask[..., k], neighbours, mode="constant")
+            isolated = int(np.count_nonzero(mask[..., k] & (around == 0)))
+            assert isolated == 0, f"label {label}, grid slice {k}: {isolated} isolated voxels"
+    cavity = (placed == 3).sum(axis=(0, 1))
+    whole = cavity.max()
+    assert set(cavity.tolist()) <= {0, whole}, cavity  # whole cross-sections or none
+
+
+SHEAR_DEG = 25.0
+
+
+def sheared_heart() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`heart`'s LV (drawn in world mm, so round in the scanner) in a stack of 8 mm slices,
+    1.25 mm pixels, whose slice step leans SHEAR_DEG towards the rows' direction."""
+    matrix, thickness = (208, 256), 8.0
+    _, _, straight = heart(1.25, matrix, thickness)
+    frame = straight[:3, :3] / np.linalg.norm(straight[:3, :3], axis=0)
+    affine = straight.copy()
+    affine[:3, 2] += math.tan(math.radians(SHEAR_DEG)) * thickness * frame[:, 0]
+    shape = (*matrix, math.ceil(120.0 / thickness))
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    centre = affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    local = (index.reshape(-1, 3) @ affine[:3, :3].T - centre) @ frame
+
+    def inside(axes) -> np.ndarray:
+        return ((local / np.asarray(axes)) ** 2).sum(axis=1) <= 1
+
+    labels = np.zeros(len(local), np.uint8)
+    labels[inside([a + WALL for a in CAVITY])] = 2
+    labels[inside(CAVITY)] = 3
+    image = np.array([0.0, 0.0, MYO, BLOOD], np.float32)[labels]
+    image[(labels == 0) & ((local[:, :2] ** 2).sum(axis=1) <= BODY_MM**2)] = TISSUE
+    return image.reshape(shape), labels.reshape(shape), affine
+
+
+def test_a_sheared_stack_is_refused_with_its_angle(tmp_path):
+    """A stack whose slices step 25 degrees off their planes' normal (per-slice series whose
+    field of view moved, a gantry tilt) was placed on a grid sheared alike (the cavity at an
+    in-plane aspect of 1.24, 109% of its volume): refused, naming the angle. A shear within
+    float rounding (0.3 degrees) is accepted."""
+    image, labels, affine = sheared_heart()
+    slight = heart(1.25, (208, 256), 8.0)
+    slight[2][:3, 2] += math.tan(math.radians(0.3)) * 8.0 * slight[2][:3, 0] / 1.25
+    root = write_heart_site(
+        tmp_path / "site", [("tilted", image, labels, affine), ("slight", *slight)]
+    )
+    manifest = check_site(root, fine_grid(), show_progress=False)
+    assert [r.row for r in manifest.rejected] == [1], manifest.rejected
+    assert "meet at 65.0 degrees" in manifest.rejected[0].reason, manifest.rejected[0].reason
+
+
+def test_a_stack_larger_than_a_chest_is_refused(tmp_path, tiny_config):
+    """A 256 x 256 x 10 stack with a spacing ten times too large (15.625 mm pixels, 80 mm
+    slices: pixdim in 0.1 mm, or micrometres read as mm) spans 4 m in-plane and 80 cm along
+    the slices and would place the heart at a tenth of its size: refused naming the sizes,
+    as one ten times too small is; so are a 700 mm in-plane field of view and a 480 mm
+    stack, while 500 mm in-plane and 320 mm along the slices pass the size check."""
+    site = tmp_path / "site"
+    scan = (blob_volume((256, 256, 10), seed=4) * 1000).astype(np.float32)
+    sizes = {
+        "tenfold": (15.625, 15.625, 80.0),
+        "tenth": (0.15625, 0.15625, 0.8),
+        "wide": (2.734375, 2.734375, 8.0),  # 700 mm
+        "long": (1.5, 1.5, 48.0),  # 480 mm
+        "large": (1.953125, 1.953125, 32.0),  # 500 mm, 320 mm
+    }
+    for name, zooms in sizes.items():
+        save_nifti(site / f"{name}.nii.gz", scan, zooms=zooms)
+    write_site(site, [{"image": f"{name}.nii.gz", "subject": name} for name in sizes])
+    result = check_site(site, tiny_config.data, show_progress=False)
+    reasons = {r.row: r.reason for r in result.rejected}
+    assert sorted(reasons) == [1, 2, 3, 4], reasons
+    assert "4000 x 4000 mm in-plane" in reasons[1] and "800 mm along the slices" in reasons[1]
+    assert "spacing in the header right?" in reasons[1]
