@@ -142,7 +142,7 @@ from fedsynth.common.models import ConditionedUNet, resolve_device
 from fedsynth.common.orientation import short_axis_ornt
 from fedsynth.common.progress import progress
 from fedsynth.common.sampling import COHORT, montage
-from fedsynth.common.scan_match import ScanIndex, probe
+from fedsynth.common.scan_match import ScanIndex, views
 from fedsynth.common.subject_identity import normalise_id
 
 NOTE = (
@@ -383,14 +383,14 @@ def _shared_scans(
     owners: list[Record] = []
     for record in train:
         try:
-            scans.add(probe(*read(record.image)), record.image)
+            scans.add(views(*read(record.image)), record.image)
         except (FedsynthError, OSError, ValueError):
             continue
         owners.append(record)
     shared = []
     for record in holdout:
         try:
-            scan = scans.find(probe(*read(record.image)))
+            scan = scans.find(views(*read(record.image)))
         except (FedsynthError, OSError, ValueError):
             continue
         if scan is not None:

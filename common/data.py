@@ -29,7 +29,7 @@ import csv
 import math
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -581,6 +581,9 @@ def check_site(
         file = (row.get("image") or "").strip()
         path = root
         notes: list[str] = []
+        subject, identity, image_path = "", None, None
+        image: tuple[np.ndarray, np.ndarray] | None = None  # its voxels, read
+        linked = False  # its ids are linked by its image (same file or voxels), or unreadable
         try:
             if None in row or any(v is None for v in row.values()):
                 raise ValueError(
@@ -594,20 +597,24 @@ def check_site(
             values = {a.name: parse_attribute(row.get(a.name), a) for a in data_cfg.attributes}
             identity = units.check_row(number, subject, values)
             notes = identity.notes
-            path = site_path(root, file)
+            path = image_path = site_path(root, file)
             label = (row.get("label") or "").strip()
             label_path = site_path(root, label, "label") if label else None
+            linked = True  # a file named earlier is linked here
             units.check_path(identity, path)
-            volume = None
+            linked, volume = False, None
             if read_images:
+                linked = True  # until it is read: an unreadable image links nothing
                 notes += open_nifti(path, data_cfg.max_voxels)[1]
                 data, affine, content = read_image(path)
+                image, linked = (data, affine), False
                 labels = None
                 if label_path is not None:  # it places the heart: read and checked now
                     try:
                         labels = read_labels(label_path, data_cfg.max_voxels)
                     except VolumeError as exc:
                         raise VolumeError(f"label {label}: {exc}") from None
+                linked = True
                 units.check_content(identity, data, affine, path)  # one scan, another id?
                 checked, geometry = to_model(data, affine, data_cfg, labels)
                 notes += content + geometry
@@ -616,6 +623,12 @@ def check_site(
                 volume = checked if keep_volumes else None
         except (ValueError, VolumeError) as exc:
             result.rejected.append(Rejection(row=number, file=file, reason=str(exc)))
+            if read_images and subject and not linked:  # its scan still links its ids
+                if image_path is None:
+                    image_path = _image_path(root, file)
+                if image_path is not None:
+                    read = _reader(image_path, image, data_cfg.max_voxels)
+                    units.link_refused(identity, number, subject, image_path, read)
             continue
         except Exception as exc:  # one odd file must never stop the check of the others
             reason = f"could not be read ({_root_cause(exc, path)})"
@@ -630,6 +643,22 @@ def check_site(
     result.records = [replace(r, subject=subject_of[r.row]) for r in result.records]
     result.site_warnings += units.warnings
     return result
+
+
+def _image_path(root: Path, file: str) -> Path | None:
+    """`site_path` of a refused row's image, None where it names none."""
+    try:
+        return site_path(root, file) if file else None
+    except ValueError:
+        return None
+
+
+def _reader(
+    path: Path, image: tuple[np.ndarray, np.ndarray] | None, max_voxels: int | None
+) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """What reads a refused row's voxels for SubjectUnits.link_refused: those read already,
+    or `read_nifti` bounded by `max_voxels` as for any row."""
+    return (lambda: image) if image is not None else (lambda: read_nifti(path, max_voxels))
 
 
 def _merged_people(

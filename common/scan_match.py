@@ -8,6 +8,10 @@ of the voxels misses both. Two volumes are therefore the same scan when, in the
 short-axis frame (orientation.to_short_axis: the same for any voxel storage order), they
 have the same shape and every voxel agrees to `TOLERANCE` of the volume's intensity range.
 Different scans of one heart (another noise draw, another phase) differ by far more.
+A copy whose header lost its orientation (qform and sform codes 0, as ANALYZE-style writers
+and some anonymisers leave it) holds the same stored voxels but reorients differently, so
+each scan is also kept in its stored voxel order (`views`), and a volume matches an earlier
+scan when either of its two views (short-axis, stored) matches either of the scan's.
 
 Comparing each new volume with every earlier one in full would read O(rows^2) volumes, so
 each kept scan is summarised by a signature (`Probe.signature`): `SAMPLES` voxels at fixed
@@ -24,7 +28,7 @@ Everything here runs at the site; nothing of it is sent anywhere.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +49,9 @@ Loader = Callable[[Path], tuple[np.ndarray, np.ndarray]]
 class Probe:
     """A volume prepared for matching: short-axis voxels and their signature."""
 
-    voxels: np.ndarray  # (rows, columns, slices), as decoded
+    voxels: np.ndarray  # (rows, columns, slices), as decoded; or (X, Y, Z) as stored
     signature: np.ndarray  # (SAMPLES + 2,) float64, in units of the volume's range
+    oriented: bool = True  # short-axis view (False: the stored voxel order)
 
 
 def oriented(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -60,7 +65,19 @@ def oriented(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
 def probe(data: np.ndarray, affine: np.ndarray) -> Probe:
     """The `Probe` of a decoded volume (X, Y, Z) with its affine; ValueError for an affine
     that gives no short-axis frame."""
-    voxels = oriented(data, affine)
+    return _signed(oriented(data, affine), True)
+
+
+def views(data: np.ndarray, affine: np.ndarray) -> list[Probe]:
+    """A decoded volume's (X, Y, Z) views to match by: its `probe`, and the stored voxel
+    order (header aside) where that differs; ValueError as `probe`."""
+    short_axis = probe(data, affine)
+    same = short_axis.voxels.shape == data.shape and np.array_equal(short_axis.voxels, data)
+    return [short_axis] if same else [short_axis, _signed(data, False)]
+
+
+def _signed(voxels: np.ndarray, short_axis: bool) -> Probe:
+    """A view of a volume with its signature."""
     low, span = float(voxels.min()), _span(voxels)
     where = np.unravel_index(
         np.linspace(0, voxels.size - 1, SAMPLES).round().astype(int), voxels.shape
@@ -68,7 +85,7 @@ def probe(data: np.ndarray, affine: np.ndarray) -> Probe:
     samples = (voxels[where].astype(np.float64) - low) / span
     mean = (float(voxels.mean(dtype=np.float64)) - low) / span
     spread = float(voxels.std(dtype=np.float64)) / span
-    return Probe(voxels, np.concatenate([samples, [mean, spread]]))
+    return Probe(voxels, np.concatenate([samples, [mean, spread]]), short_axis)
 
 
 def _span(voxels: np.ndarray) -> float:
@@ -85,7 +102,8 @@ def same_scan(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 class _Bucket:
-    """The signatures of the scans of one short-axis shape, one row each (grown by doubling)."""
+    """The signatures of the views (ScanIndex.views) of one shape, one row each (grown by
+    doubling)."""
 
     def __init__(self, width: int) -> None:
         self.signatures = np.empty((8, width))
@@ -98,7 +116,8 @@ class _Bucket:
         self.scans.append(scan)
 
     def candidates(self, signature: np.ndarray) -> list[int]:
-        """Scans whose signature is within SIGNATURE_TOLERANCE everywhere, earliest first."""
+        """Views (ScanIndex.views) whose signature is within SIGNATURE_TOLERANCE everywhere,
+        earliest first."""
         kept = self.signatures[: len(self.scans)]
         # mean and spread first: two columns, then the survivors in full
         rows = np.flatnonzero(_within(kept[:, SAMPLES:], signature[SAMPLES:]))
@@ -113,30 +132,43 @@ def _within(signatures: np.ndarray, signature: np.ndarray) -> np.ndarray:
 
 class ScanIndex:
     """The distinct scans seen so far (numbered 0, 1, ... in the order added), each known by
-    its file and signature. `load` re-reads an earlier scan's file to confirm a candidate."""
+    its file and the signatures of its views. `load` re-reads an earlier scan's file to
+    confirm a candidate."""
 
     def __init__(self, load: Loader) -> None:
         self.load = load
         self.paths: list[Path] = []
+        self.views: list[tuple[int, bool]] = []  # (scan, short-axis view?), by view number
         self.buckets: dict[tuple[int, ...], _Bucket] = {}
 
-    def find(self, volume: Probe) -> int | None:
-        """The earliest scan the volume is the same scan as (see `same_scan`), or None.
-        An earlier file that can no longer be read (changed since) matches nothing."""
+    def find(self, volume: Sequence[Probe]) -> int | None:
+        """The scan one of whose views one of the volume's `views` is the same as (see
+        `same_scan`; the earliest for the first view that matches), or None. An earlier file
+        that can no longer be read (changed since) matches nothing."""
+        return next((s for v in volume if (s := self._find(v)) is not None), None)
+
+    def _find(self, volume: Probe) -> int | None:
+        """`find` for one view."""
         bucket = self.buckets.get(volume.voxels.shape)
-        for scan in bucket.candidates(volume.signature) if bucket is not None else []:
+        for view in bucket.candidates(volume.signature) if bucket is not None else []:
+            scan, short_axis = self.views[view]
             try:
-                earlier = oriented(*self.load(self.paths[scan]))
+                data, affine = self.load(self.paths[scan])
+                earlier = oriented(data, affine) if short_axis else data
             except (FedsynthError, OSError, ValueError):
                 continue
             if earlier.shape == volume.voxels.shape and same_scan(earlier, volume.voxels):
                 return scan
         return None
 
-    def add(self, volume: Probe, path: Path) -> int:
-        """Keep a volume (read from `path`) as a new scan; returns its number."""
-        shape = volume.voxels.shape
-        bucket = self.buckets.setdefault(shape, _Bucket(volume.signature.size))
-        bucket.add(volume.signature, len(self.paths))
+    def add(self, volume: Sequence[Probe], path: Path) -> int:
+        """Keep a volume (read from `path`) as a new scan, known by its `views`; returns its
+        number."""
+        scan = len(self.paths)
+        for view in volume:
+            shape = view.voxels.shape
+            bucket = self.buckets.setdefault(shape, _Bucket(view.signature.size))
+            bucket.add(view.signature, len(self.views))
+            self.views.append((scan, view.oriented))
         self.paths.append(path)
-        return len(self.paths) - 1
+        return scan

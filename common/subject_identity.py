@@ -4,18 +4,23 @@ DP-SGD bounds what training reveals about one subject; a person whose rows count
 subjects has their privacy loss multiplied. So a site's subject ids are read as persons:
 
 - Ids are compared after `normalise_id` (Unicode NFKC, case-folded, invisible characters
-  and surrounding whitespace removed): "José-001" in NFC or NFD, with a zero-width space or
-  in full-width digits is one id. Distinct spellings that normalise alike are one subject
-  if their per-person attributes agree (a warning names both spellings); if they disagree
-  they are two people whose ids collide, and the rows of the later spelling are refused.
+  (format characters and every other default-ignorable code point) and surrounding
+  whitespace removed): "José-001" in NFC or NFD, with a zero-width space, a variation
+  selector or in full-width digits is one id. Distinct spellings that normalise alike are
+  one subject if their per-person attributes agree (a warning names both spellings); if
+  they disagree they are two people whose ids collide, and the rows of the later spelling
+  are refused.
 - Ids of digits only compare as the number they spell ("00123" and "123": a spreadsheet
   drops leading zeros), then by the same rule.
 - The same scan under two ids is found by its content (scan_match.py: the decoded voxels
-  in the short-axis frame, to 1e-5 of their range, whatever the file format, compression,
-  data type, storage order or float32 rounding of a re-export). The later row is refused
-  as a duplicate, and the two ids are merged into one subject with all their rows
-  (union-find over every such link, and over rows naming one file), with a warning.
-  Merging is the safe direction: two people counted as one only cost utility.
+  in the short-axis frame, and as stored for a copy whose header lost its orientation, to
+  1e-5 of their range, whatever the file format, compression, data type, storage order or
+  float32 rounding of a re-export). The later row is refused as a duplicate, and the two
+  ids are merged into one subject with all their rows (union-find over every such link,
+  and over rows naming one file), with a warning. A row refused for another reason than
+  its image (a label map, an attribute) still has its scan read to link ids
+  (`link_refused`). Merging is the safe direction: two people counted as one only cost
+  utility.
 - Rows of one subject must agree on the per-person attributes the config has
   (`PERSON_ATTRIBUTES`): a different sex refuses the later row (one of the two rows is
   wrong, and no later rule can say which); an age or BMI more than its tolerance apart is
@@ -30,7 +35,7 @@ Everything here stays at the site: the check's findings go only to the local sit
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,27 +43,60 @@ import numpy as np
 
 from fedsynth.common.attribute_checks import check_physiology, describe
 from fedsynth.common.config import Attribute
-from fedsynth.common.scan_match import Loader, ScanIndex, probe
+from fedsynth.common.errors import FedsynthError
+from fedsynth.common.scan_match import Loader, ScanIndex, views
 
 # per-person attributes and how far two rows of one person may differ (None: not at all)
 PERSON_ATTRIBUTES: dict[str, float | None] = {"sex": None, "age": 1.0, "bmi": 1.0}
 
 
+# Default_Ignorable_Code_Point, from the Unicode Character Database, DerivedCoreProperties.txt
+# (Unicode 15.1): code points that print as nothing, beyond category Cf also the combining
+# grapheme joiner U+034F and the variation selectors (Mn), the Hangul fillers (Lo).
+DEFAULT_IGNORABLE: tuple[tuple[int, int], ...] = (
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x061C, 0x061C),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFF8),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+)
+
+
+def invisible(c: str) -> bool:
+    """Whether a character prints as nothing: category Cf (format) or Default_Ignorable."""
+    point = ord(c)
+    return unicodedata.category(c) == "Cf" or any(
+        low <= point <= high for low, high in DEFAULT_IGNORABLE
+    )
+
+
 def normalise_id(raw: str) -> str:
     """The key a subject id is compared by: NFKC (full-width digits become ASCII, NFC and
-    NFD agree), invisible format characters (Unicode category Cf: zero-width space, soft
-    hyphen, byte-order mark) removed, surrounding whitespace stripped, case-folded; an id
-    of ASCII digits only becomes the number it spells ("00123" -> "123"). Empty for an id
-    with nothing visible."""
+    NFD agree), invisible characters (`invisible`: zero-width space, soft hyphen, byte-order
+    mark, combining grapheme joiner, variation selectors, Hangul filler) removed,
+    surrounding whitespace stripped, case-folded; an id of ASCII digits only becomes the
+    number it spells ("00123" -> "123"). Empty for an id with nothing visible."""
     text = _visible(raw)
     key = unicodedata.normalize("NFKC", text.casefold())
     return (key.lstrip("0") or "0") if key.isascii() and key.isdigit() else key
 
 
 def _visible(raw: str) -> str:
-    """NFKC, invisible format characters removed, surrounding whitespace stripped."""
+    """NFKC, invisible characters removed, surrounding whitespace stripped."""
     text = unicodedata.normalize("NFKC", raw)
-    return "".join(c for c in text if unicodedata.category(c) != "Cf").strip()
+    return "".join(c for c in text if not invisible(c)).strip()
 
 
 def how_they_differ(a: str, b: str) -> str:
@@ -71,7 +109,7 @@ def how_they_differ(a: str, b: str) -> str:
             differences.append("Unicode composition (NFC/NFD)")
         if unicodedata.normalize("NFKC", composed) != composed:
             differences.append("compatibility characters (full-width digits, ligatures)")
-        visible = "".join(c for c in spelling if unicodedata.category(c) != "Cf")
+        visible = "".join(c for c in spelling if not invisible(c))
         if visible != spelling:
             differences.append("invisible characters")
         if visible != visible.strip():
@@ -111,7 +149,8 @@ class SubjectUnits:
     """The subjects of one site, built row by row during a site check.
 
     Per row: `check_row` before the image is read, then `check_path`, `check_content` once
-    its voxels are read, `accept` when the row is usable; at the end `finish` holds the
+    its voxels are read, `accept` when the row is usable, or `link_refused` when it is
+    refused before `check_content`; at the end `finish` holds the
     rows of merged ids to one person's attributes and `subjects` gives each usable row its
     subject. Site-wide findings (merged ids) collect in `warnings`. `load` reads a volume
     again (scan_match.Loader) to confirm that a row holds an earlier row's scan.
@@ -189,10 +228,11 @@ class SubjectUnits:
         self, identity: RowIdentity, data: np.ndarray, affine: np.ndarray, path: Path
     ) -> None:
         """Match the row's decoded voxels (X, Y, Z, oriented by the affine; read from `path`)
-        with those of earlier rows (scan_match.py); the same scan as an earlier row's
+        with those of earlier rows (scan_match.py), in the short-axis frame and as stored (a
+        re-export may have lost the header's orientation); the same scan as an earlier row's
         (usable or not) makes their ids one subject, and a ValueError refuses this row as a
         duplicate when the earlier row is usable."""
-        volume = probe(data, affine)
+        volume = views(data, affine)
         scan = self.scans.find(volume)
         if scan is None:
             identity.scan = self.scans.add(volume, path)
@@ -202,6 +242,34 @@ class SubjectUnits:
         merged = self._merge(self.first_read[scan], identity, "hold the same voxels")
         if scan in self.used:
             raise ValueError(f"duplicate of row {self.used[scan]} (same voxels){merged}")
+
+    def link_refused(
+        self,
+        identity: RowIdentity | None,
+        row: int,
+        spelling: str,
+        path: Path,
+        read: Callable[[], tuple[np.ndarray, np.ndarray]],
+    ) -> None:
+        """Register the scan of a row refused before its voxels were matched (a label map,
+        an attribute, its id's attributes), so that the same scan or file under another id
+        still makes the ids one subject (with `check_content`'s site warning); the row stays
+        refused. `identity`: the row's if `check_row` passed it; `read`: the row's voxels
+        (X, Y, Z) and affine, raising FedsynthError, OSError or ValueError when unreadable
+        (nothing is linked then)."""
+        if identity is None:
+            key = normalise_id(spelling)
+            if not key:
+                return
+            identity = RowIdentity(row, spelling, key, {})
+        earlier = self.paths.setdefault(path, identity)
+        if earlier is not identity:  # the earlier row's scan stands for this file
+            self._merge(earlier, identity, "name the same image file")
+            return
+        try:
+            self.check_content(identity, *read(), path)
+        except (FedsynthError, OSError, ValueError):
+            return  # unreadable, or a usable row's scan (linked): the row is refused anyway
 
     def _merge(self, earlier: RowIdentity, identity: RowIdentity, evidence: str) -> str:
         """Make the ids of two rows that are one scan one subject, with a site warning;

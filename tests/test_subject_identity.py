@@ -13,12 +13,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from sitefiles import blob_volume, save_nifti, write_site
+from sitefiles import GOOD_ATTRIBUTES, blob_volume, save_nifti, write_site
 
 from fedsynth.client.audit import check_disjoint
 from fedsynth.common.data import SiteDataset, check_site
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.scan_match import SIGNATURE_TOLERANCE, ScanIndex, probe
+from fedsynth.common.scan_match import SIGNATURE_TOLERANCE, ScanIndex, oriented, probe, views
 from fedsynth.common.subject_identity import normalise_id
 
 
@@ -386,13 +386,13 @@ def test_scan_matching_re_reads_a_file_only_for_a_candidate():
 
     scans = ScanIndex(load)
     for name, volume in volumes.items():
-        assert scans.find(probe(volume, affine)) is None
-        scans.add(probe(volume, affine), Path(name))
+        assert scans.find(views(volume, affine)) is None
+        scans.add(views(volume, affine), Path(name))
     assert not reads
     again = volumes["17"].astype(np.float64)[::-1, ::-1, :]  # stored the other way round
     flipped = affine @ np.diag([-1.0, -1.0, 1.0, 1.0])
     flipped[:2, 3] = [4.0 * 23, 4.0 * 19]
-    assert scans.find(probe(again, flipped)) == 17
+    assert scans.find(views(again, flipped)) == 17
     assert reads == [Path("17")]
 
 
@@ -473,3 +473,130 @@ def test_ids_merged_as_one_person_must_agree_on_sex_and_are_warned_on_age(tmp_pa
     strict = check_site(tmp_path, tiny_config.data, show_progress=False, strict=True)
     assert [r.row for r in strict.rejected] == [2, 3]
     assert strict.rejected[0].reason.endswith("(--strict)")
+
+
+@pytest.mark.parametrize("stored_as", ["as-stored", "short-axis"])
+def test_a_re_export_without_orientation_codes_is_the_same_scan(tmp_path, tiny_config, stored_as):
+    """A tool that drops the orientation codes (qform and sform code 0: ANALYZE-style
+    writers, some anonymisers) keeps the stored voxels (or stores them in the short-axis
+    order) but the header no longer says how they lie: the copy under another id must still
+    be the same scan, so one person, not two (each scan is matched as stored too)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    data = (blob_volume((24, 20, 6), seed=7) * 1000).astype(np.float32)
+    lps = np.diag([-4.0, -4.0, 16.0, 1.0])  # as dcm2niix writes a DICOM series
+    lps[:3, 3] = [4.0 * 23, 4.0 * 19, 0.0]
+    nib.save(nib.Nifti1Image(data, lps), site / "scan.nii.gz")
+    voxels = data if stored_as == "as-stored" else oriented(data, lps)
+    assert not np.array_equal(oriented(data, lps), data)  # the header's order is another
+    copy = nib.Nifti1Image(np.ascontiguousarray(voxels), None)
+    copy.header.set_zooms((4.0, 4.0, 16.0))
+    copy.header.set_qform(None, code=0)
+    copy.header.set_sform(None, code=0)
+    nib.save(copy, site / "export.nii.gz")
+    assert not np.array_equal(oriented(*nib_read(site / "export.nii.gz")), oriented(data, lps))
+    write_site(
+        site,
+        [{"image": "scan.nii.gz", "subject": "p1"}, {"image": "export.nii.gz", "subject": "x9"}],
+    )
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.row for r in result.rejected] == [2]
+    assert "duplicate of row 1 (same voxels)" in result.rejected[0].reason
+    assert len({r.subject for r in result.records}) == 1
+
+
+def nib_read(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A NIfTI file's voxels and the affine nibabel gives them."""
+    image = nib.load(path)
+    return np.asarray(image.dataobj), image.affine
+
+
+def mnms_numbered_label() -> np.ndarray:
+    """A 24x20x6 label map whose myocardium (2) encloses label 1: M&Ms numbering."""
+    labels = np.zeros((24, 20, 6), np.float32)
+    labels[6:18, 5:15, 1:5] = 2
+    labels[9:15, 8:12, 1:5] = 1
+    labels[6:18, 15:19, 1:5] = 3
+    return labels
+
+
+@pytest.mark.parametrize("refused_by", ["label", "attribute"])
+def test_a_row_refused_before_its_scan_is_matched_still_links_its_ids(
+    tmp_path, tiny_config, refused_by
+):
+    """A row refused for its label map or an attribute typo is still one person's scan:
+    its voxels are read (bounded, as any row) so that the same scan under another id makes
+    the ids one subject, with a site warning. Row 1 patient "a" ED (refused), row 2 the
+    same scan under "b", row 3 patient "a" ES."""
+    site = tmp_path / "site"
+    ed = (blob_volume(seed=31) * 1000).astype(np.float32)
+    save_nifti(site / "a_ed.nii.gz", ed)
+    save_nifti(site / "export.nii", ed)  # the same scan, another file, another id
+    save_nifti(site / "a_es.nii.gz", (blob_volume(seed=32) * 1000).astype(np.float32))
+    first = {"image": "a_ed.nii.gz", "subject": "a", "phase": 0, "label": ""}
+    if refused_by == "label":
+        save_nifti(site / "a_ed_gt.nii.gz", mnms_numbered_label())
+        first["label"] = "a_ed_gt.nii.gz"
+    else:
+        first["age"] = "5O"
+    rows = [
+        first,
+        {"image": "export.nii", "subject": "b", "phase": 0, "label": ""},
+        {"image": "a_es.nii.gz", "subject": "a", "phase": 1, "label": ""},
+    ]
+    write_site(site, rows, columns=["image", "label", "subject", *GOOD_ATTRIBUTES])
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.row for r in result.rejected] == [1], [r.reason for r in result.rejected]
+    assert ("label" if refused_by == "label" else "age") in result.rejected[0].reason
+    assert len({r.subject for r in result.records}) == 1
+    assert any("rows 1 and 2 hold the same voxels" in w for w in result.site_warnings)
+
+
+def test_a_row_refused_for_its_image_is_not_read_again(tmp_path, tiny_config, monkeypatch):
+    """Linking a refused row's scan costs no second read of an image refused as unreadable
+    or no image, and one bounded read of a row refused before its image was read."""
+    import fedsynth.common.data as data
+
+    site = tmp_path / "site"
+    save_nifti(site / "flat.nii.gz", np.ones((24, 20, 6), np.float32))  # a constant image
+    save_nifti(site / "typo.nii.gz", (blob_volume(seed=33) * 1000).astype(np.float32))
+    rows = [
+        {"image": "flat.nii.gz", "subject": "a", "phase": 0},
+        {"image": "typo.nii.gz", "subject": "b", "phase": 0, "age": "5O"},
+    ]
+    write_site(site, rows, columns=["image", "subject", *GOOD_ATTRIBUTES])
+    reads: list[str] = []
+    real = data.read_nifti
+
+    def counted(path, max_voxels=None):
+        reads.append(path.name)
+        return real(path, max_voxels)
+
+    monkeypatch.setattr(data, "read_nifti", counted)
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.row for r in result.rejected] == [1, 2]
+    assert reads == ["flat.nii.gz", "typo.nii.gz"]
+
+
+@pytest.mark.parametrize("invisible", ["\u034f", "\ufe0f", "\u3164", "\uffa0", "\U000e0101"])
+def test_ids_differing_only_in_a_default_ignorable_character_are_one_subject(
+    tmp_path, tiny_config, invisible
+):
+    """Beyond category Cf, the other default-ignorable code points print as nothing too:
+    the combining grapheme joiner (Mn), variation selectors (Mn; phones insert U+FE0F),
+    the Hangul fillers (Lo). Ids differing in one are one subject, with a warning."""
+    assert unicodedata.category(invisible) != "Cf"
+    site = tmp_path / "site"
+    for name, seed in (("ed", 21), ("es", 22)):
+        save_nifti(site / f"{name}.nii.gz", (blob_volume(seed=seed) * 1000).astype(np.float32))
+    write_site(
+        site,
+        [
+            {"image": "ed.nii.gz", "subject": "P001", "phase": 0},
+            {"image": "es.nii.gz", "subject": f"P{invisible}001", "phase": 1},
+        ],
+    )
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert len(result.records) == 2, [r.reason for r in result.rejected]
+    assert len({r.subject for r in result.records}) == 1
+    assert any("invisible characters" in w and "counted as one" in w for w in result.site_warnings)
