@@ -11,6 +11,8 @@ import gzip
 import io
 import os
 import stat
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nibabel.orientations import apply_orientation, inv_ornt_aff
+from sitefiles import GOOD_ATTRIBUTES
 
 from fedsynth.common.cli import main
 from fedsynth.common.config import load_config
@@ -670,25 +673,119 @@ def test_readme_import_commands_parse():
         parser.parse_args([part.strip('"') for part in command])
 
 
-def test_a_killed_imports_staging_folder_is_removed_by_the_next(tmp_path):
-    """An import killed before it finished leaves its private staging folder (a copy of
-    patient scans) beside --out; the next import into that --out removes it. One whose
-    process still runs (here: this one) is left alone."""
-    import subprocess
-    import sys
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
+def a_gone_pid() -> str:
+    """The id of a process that has exited."""
+    return subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True,
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    stale = tmp_path / f".site.importing-{gone}-0a1b2c3d"
-    running = tmp_path / f".site.importing-{os.getpid()}-0a1b2c3d"
+
+
+@pytest.mark.parametrize("name", ["site", "site[2024]", "cohort*"])
+def test_a_killed_imports_staging_folder_is_removed_by_the_next(tmp_path, name):
+    """An import killed before it finished leaves its private staging folder (a copy of
+    patient scans) beside --out; the next import into that --out removes it, whatever
+    glob characters --out's name holds. One whose process still runs (here: this one) is
+    left alone."""
+    gone = a_gone_pid()
+    stale = tmp_path / f".{name}.importing-{gone}-0a1b2c3d"
+    running = tmp_path / f".{name}.importing-{os.getpid()}-0a1b2c3d"
     for folder in (stale, running):
         folder.mkdir()
         (folder / "scan.nii.gz").write_bytes(b"x")
     _, options = build("mnms", tmp_path)
     code, stdout, stderr = run_import(
-        "--layout", "mnms", "--source", str(tmp_path / "source"), "--out", str(tmp_path / "site"),
+        "--layout", "mnms", "--source", str(tmp_path / "source"), "--out", str(tmp_path / name),
         *options,
     )  # fmt: skip
     assert code == 0, stdout + stderr
     assert not stale.exists() and running.exists()
-    assert (tmp_path / "site" / "manifest.csv").is_file()
+    assert (tmp_path / name / "manifest.csv").is_file()
+
+
+KILLED_AT = """
+import os, shutil, signal, sys
+def killed_at(module, name, when):
+    real = getattr(module, name)
+    def call(*args, **kwargs):
+        if when(*args):
+            os.kill(os.getpid(), signal.SIGKILL)  # the import killed right here
+        return real(*args, **kwargs)
+    setattr(module, name, call)
+if sys.argv[1] == "removing":  # removing the previous import it has set aside
+    killed_at(shutil, "rmtree", lambda path, *_: ".replaced-" in os.fspath(path))
+else:  # between setting the previous import aside and moving the new one in
+    killed_at(os, "replace", lambda src, dst: ".importing-" in os.path.basename(src))
+from fedsynth.common.cli import main
+sys.exit(main(["import", *sys.argv[2:]]))
+"""
+
+
+def killed_import(where: str, args: list[str]) -> None:
+    """`fedsynth import ARGS` in a process killed (SIGKILL) at `where` in replacing --out."""
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT, where, *args], env=os.environ)
+    assert killed.returncode == -9, "the kill did not happen where the test means it to"
+
+
+def test_a_previous_import_left_aside_by_a_killed_replace_is_removed_by_the_next(tmp_path):
+    """An import killed while it removes the previous import it replaces leaves that
+    import's scans in a hidden folder beside --out; the next import removes it."""
+    _, options = build("mnms", tmp_path)
+    args = ["--layout", "mnms", "--source", str(tmp_path / "source"),
+            "--out", str(tmp_path / "site"), *options]  # fmt: skip
+    assert run_import(*args)[0] == 0
+    killed_import("removing", args)
+    assert list(tmp_path.glob(".site.replaced-*"))
+    code, stdout, stderr = run_import(*args)
+    assert code == 0, stdout + stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".site.")] == []
+
+
+def test_a_site_folder_moved_aside_by_a_killed_replace_is_restored(tmp_path):
+    """An import killed after it moved the previous import aside, before it moved the new
+    one in, leaves no --out: the next import moves the previous one back, so an import
+    that then writes nothing (every subject skipped) still leaves the site folder."""
+    _, options = build("mnms", tmp_path)
+    args = ["--layout", "mnms", "--source", str(tmp_path / "source"),
+            "--out", str(tmp_path / "site"), *options]  # fmt: skip
+    assert run_import(*args)[0] == 0
+    before = manifest(tmp_path / "site")
+    killed_import("moving", args)
+    assert not (tmp_path / "site").exists()
+    code, stdout, _ = run_import(*args, "-c", "data.max-voxels=1000")  # every subject skipped
+    assert code == 1 and stdout.count("skipped ") == 3
+    assert manifest(tmp_path / "site") == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".site.")] == []
+
+
+@pytest.mark.parametrize("layout", ["acdc", "mnms", "cine", "cine without labels"])
+def test_ed_and_es_on_one_frame_skip_the_subject_saying_so(tmp_path, layout):
+    """ED and ES given as one frame would import two rows of the same voxels (site-check
+    then refuses the ES row as a duplicate): the subject is skipped naming the frame."""
+    source = tmp_path / "source"
+    truths, options = build(layout.split()[0], tmp_path)
+    bad = truths[1]
+    if layout == "acdc":
+        info = source / "training" / bad.subject / "Info.cfg"
+        info.write_text(info.read_text().replace(f"ES: {bad.es + 1}\n", f"ES: {bad.ed + 1}\n"))
+        frame = bad.ed + 1
+    else:
+        (listing,) = source.glob("*.csv")
+        rows = list(csv.DictReader(listing.open()))
+        ed, es = ("ED", "ES") if layout == "mnms" else ("ed_frame1", "es_frame1")
+        rows[1][es] = rows[1][ed]
+        if layout == "cine without labels":  # the attributes from the listing, not measured
+            rows = [{**r, **GOOD_ATTRIBUTES} for r in rows]
+            for row in rows:
+                del row["label"]
+            options = []
+        layouts.write_csv(listing, rows)
+        frame = int(rows[1][ed])
+    out = tmp_path / "site"
+    code, stdout, stderr = run_import(
+        "--layout", layout.split()[0], "--source", str(source), "--out", str(out), *options
+    )
+    assert code == 2 and "Traceback" not in stderr
+    skipped = [line for line in stdout.splitlines() if line.startswith("skipped")]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {bad.subject}: ")
+    assert f"ED and ES are the same frame {frame} (" in skipped[0]
+    result = check_site(out, load_config("default").data, show_progress=False)
+    assert result.rejected == [] and len(result.subjects()) == len(truths) - 1

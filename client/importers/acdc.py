@@ -16,6 +16,7 @@ from fedsynth.client.importers.layout import (
     Loaded,
     Options,
     SourceSubject,
+    distinct_phases,
     frame_number,
     on_image_grid,
     read_label,
@@ -25,6 +26,7 @@ from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
 
 INFO = "Info.cfg"
+PHASES = ("ED", "ES")
 
 
 def find(source: Path, options: Options) -> Found:
@@ -57,13 +59,15 @@ def read_info(path: Path) -> dict[str, str]:
 def _load(folder: Path, max_voxels: int) -> Loaded:
     info = read_info(folder / INFO)
     frames = frame_number(info.get("nbframe"), f"{INFO} NbFrame")
-    volumes = []
-    for phase in ("ED", "ES"):
-        number = frame_number(info.get(phase.lower()), f"{INFO} {phase}")
+    numbers = {phase: frame_number(info.get(phase.lower()), f"{INFO} {phase}") for phase in PHASES}
+    for phase, number in numbers.items():
         if not 1 <= number <= frames:
             raise VolumeError(
                 f"{INFO} {phase} frame {number} is out of range 1-{frames} (1-based, NbFrame)"
             )
+    distinct_phases(numbers["ED"], numbers["ES"], f"{INFO}, 1-based")
+    volumes = []
+    for phase, number in numbers.items():
         stem = folder / f"{folder.name}_frame{number:02d}"
         image = read_named(stem.with_name(stem.name + ".nii.gz"), max_voxels)
         gt = stem.with_name(stem.name + "_gt.nii.gz")

@@ -17,7 +17,14 @@ from pathlib import Path
 
 from fedsynth.client.importers.cine4d import Cine, phase_pair
 from fedsynth.client.importers.labels import convention
-from fedsynth.client.importers.layout import Found, Loaded, Options, SourceSubject, frame_number
+from fedsynth.client.importers.layout import (
+    Found,
+    Loaded,
+    Options,
+    SourceSubject,
+    distinct_phases,
+    frame_number,
+)
 from fedsynth.client.importers.tables import read_csv
 from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
@@ -69,6 +76,7 @@ def _load(row: dict, folder: Path, base: int, values: dict[int, int], max_voxels
         if not base <= number < images.frames + base:
             last = images.frames - 1 + base
             raise VolumeError(f"{column} {number} is out of range {base}-{last} ({file})")
+    distinct_phases(ed, es, f"{ed_column} and {es_column}, {base}-based")
     ed, es = ed - base, es - base
     ed_image, es_image, ed_label, es_label = phase_pair(images, labels, ed, es, values, HINT)
     info = {k: v.strip() for k, v in row.items() if k not in OWN_COLUMNS and v and v.strip()}

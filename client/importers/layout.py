@@ -126,3 +126,10 @@ def frame_number(text: str | None, what: str) -> int:
     if value != int(value):
         raise VolumeError(f"{what} {text!r} is not a whole frame number")
     return int(value)
+
+
+def distinct_phases(ed: int, es: int, numbering: str) -> None:
+    """Refuse ED and ES given as one frame (`numbering` says how the numbers count): the two
+    rows would hold the same voxels, which site-check refuses as a duplicate."""
+    if ed == es:
+        raise VolumeError(f"ED and ES are the same frame {ed} ({numbering})")

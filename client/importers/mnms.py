@@ -12,7 +12,14 @@ from pathlib import Path
 
 from fedsynth.client.importers.cine4d import Cine, phase_pair
 from fedsynth.client.importers.labels import MNMS
-from fedsynth.client.importers.layout import Found, Loaded, Options, SourceSubject, frame_number
+from fedsynth.client.importers.layout import (
+    Found,
+    Loaded,
+    Options,
+    SourceSubject,
+    distinct_phases,
+    frame_number,
+)
 from fedsynth.client.importers.tables import read_csv
 from fedsynth.common.data import VolumeError
 from fedsynth.common.errors import FedsynthError
@@ -68,6 +75,7 @@ def _load(row: dict, folder: Path | None, max_voxels: int) -> Loaded:
     labels = Cine(folder / f"{code}_sa_gt.nii.gz", max_voxels)
     ed = frame_number(row.get("ED"), "ED frame index")
     es = frame_number(row.get("ES"), "ES frame index")
+    distinct_phases(ed, es, "ED and ES columns, 0-based")
     ed_image, es_image, ed_label, es_label = phase_pair(images, labels, ed, es, MNMS)
     info = {key: (row.get(column) or "").strip() for column, key in INFO_KEYS.items()}
     return Loaded(ed_image, es_image, ed_label, es_label, {k: v for k, v in info.items() if v})

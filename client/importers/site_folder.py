@@ -9,6 +9,7 @@ holding nothing else of ours), which is then replaced. Files are 0600 in 0700 fo
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import secrets
@@ -25,6 +26,7 @@ from fedsynth.common.io import PRIVATE_MODE, atomic_path, atomic_write_text, pri
 
 MARKER = ".fedsynth-import"  # names the layout; marks a folder this command wrote
 OURS = {MARKER, MANIFEST, "images", "labels"}
+IMPORTING, REPLACED = "importing", "replaced"  # kinds of folder an import keeps beside --out
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,43 @@ def check_out(out: Path, source: Path) -> None:
 
 def staging(out: Path) -> Path:
     """A new owner-only folder beside `out` that the import is written into, named by this
-    process's id. The staging folders of imports into `out` whose process is gone (killed
-    before they finished) are removed first: they hold a copy of patient scans."""
+    process's id (as is the previous import while `finish` replaces it).
+
+    Folders of imports into `out` whose process is gone (killed before they finished)
+    are dealt with first, as they hold a copy of patient scans: staging folders are
+    removed; a previous import set aside by `finish` is moved back to `out` when `out` is
+    missing (killed between the two moves: it is the site folder), removed otherwise."""
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.importing-*"):
-        pid = stale.name.rsplit("-", 2)[-2]
-        if stale.is_dir() and pid.isdigit() and not _alive(int(pid)):
+    for kind in (REPLACED, IMPORTING):
+        newest_first = sorted(_left_by_dead(out, kind), key=_mtime, reverse=True)
+        for stale in newest_first:
+            if kind == REPLACED and not out.exists():
+                os.replace(stale, out)
+                log.info("restored %s, left aside by an import that did not finish", out.name)
+                continue
             shutil.rmtree(stale)
             log.info("removed %s, left by an import that did not finish", stale.name)
-    name = f".{out.name}.importing-{os.getpid()}-{secrets.token_hex(4)}"
-    return private_dir(out.parent / name)
+    return private_dir(_beside(out, IMPORTING))
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def _beside(out: Path, kind: str) -> Path:
+    """A new hidden name beside `out` for a folder of `kind`, naming this process."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _left_by_dead(out: Path, kind: str) -> list[Path]:
+    """The folders of `kind` beside `out` (see _beside) whose process is gone."""
+    found = []
+    for path in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+        pid = path.name.rsplit("-", 2)[-2]
+        if path.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            found.append(path)
+    return found
 
 
 def _alive(pid: int) -> bool:
@@ -99,7 +127,7 @@ def finish(folder: Path, out: Path, layout: str, manifest: str) -> None:
     out = out.resolve()
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.replaced-{secrets.token_hex(4)}"
+        old = _beside(out, REPLACED)
         os.replace(out, old)
     os.replace(folder, out)
     if old is not None:
