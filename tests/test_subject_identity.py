@@ -473,3 +473,33 @@ def test_ids_merged_as_one_person_must_agree_on_sex_and_are_warned_on_age(tmp_pa
     strict = check_site(tmp_path, tiny_config.data, show_progress=False, strict=True)
     assert [r.row for r in strict.rejected] == [2, 3]
     assert strict.rejected[0].reason.endswith("(--strict)")
+
+
+def test_two_patients_with_a_spike_in_the_same_voxel_are_two_scans(tmp_path, tiny_config):
+    """The match tolerance is a fraction of the robust (0.5-99.5 percentile) range: a 1e30
+    scanner spike at the same voxel of two patients' scans does not make the tolerance 1e25
+    and the two people one subject; both rows are usable (each with the outlier warning)."""
+    site = tmp_path / "site"
+    for i, name in enumerate(("a", "b")):
+        data = (blob_volume((24, 20, 6), seed=10 + i) * 1000).astype(np.float32)
+        data[0, 0, 0] = 1e30
+        save_nifti(site / f"{name}.nii.gz", data)
+    write_site(site, [{"image": "a.nii.gz", "subject": "a"}, {"image": "b.nii.gz", "subject": "b"}])
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.reason for r in result.rejected] == []
+    assert sorted(r.subject for r in result.records) == ["a", "b"]
+    assert not any("one person" in w for w in result.site_warnings)
+    assert [w.row for w in result.warnings] == [1, 2]
+
+
+def test_one_spiked_scan_in_another_storage_is_still_one_scan(tmp_path):
+    """The other direction: the same spiked scan re-exported with float32 rounding (its
+    spike rounded too) is found again."""
+    data = (blob_volume((24, 20, 6), seed=3) * 1000).astype(np.float32)
+    data[0, 0, 0] = 1e30
+    copy = (data.astype(np.float64) * (1 + 3e-8)).astype(np.float32)
+    affine = np.diag([4.0, 4.0, 16.0, 1.0])
+    path = save_nifti(tmp_path / "a.nii.gz", data)
+    index = ScanIndex(lambda p: (np.asarray(nib.load(p).dataobj), nib.load(p).affine))
+    index.add(probe(data, affine), path)
+    assert index.find(probe(copy, affine)) == 0
