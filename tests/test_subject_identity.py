@@ -503,3 +503,18 @@ def test_one_spiked_scan_in_another_storage_is_still_one_scan(tmp_path):
     index = ScanIndex(lambda p: (np.asarray(nib.load(p).dataobj), nib.load(p).affine))
     index.add(probe(data, affine), path)
     assert index.find(probe(copy, affine)) == 0
+
+
+def test_a_held_out_patient_with_the_training_scans_spike_is_not_a_training_scan(
+    tmp_path, tiny_config
+):
+    """The train/holdout check uses the same matcher: another patient's scan with a 1e30
+    spike in the voxel where a training scan has one is held out, not a training scan."""
+    train, holdout = tmp_path / "train", tmp_path / "holdout"
+    for folder, seed in ((train, 20), (holdout, 21)):
+        data = (blob_volume((24, 20, 6), seed=seed) * 1000).astype(np.float32)
+        data[0, 0, 0] = 1e30
+        save_nifti(folder / "scan.nii.gz", data)
+    write_site(train, [{"image": "scan.nii.gz", "subject": "A"}])
+    write_site(holdout, [{"image": "scan.nii.gz", "subject": "H"}])
+    check_disjoint(train, holdout, tiny_config.data)
