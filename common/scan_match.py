@@ -13,15 +13,24 @@ and some anonymisers leave it) holds the same stored voxels but reorients differ
 each scan is also kept in its stored voxel order (`views`), and a volume matches an earlier
 scan when either of its two views (short-axis, stored) matches either of the scan's.
 
+The intensity range is robust: the 0.5th to 99.5th percentile range (`robust_range`),
+and voxels beyond the outlier bounds are clipped to bounds shared by both volumes before
+comparing. A raw max - min would let a few scanner spikes decide it: two different
+patients' scans with a 1e30 voxel at the same place would agree "to 1e-5 of the range"
+(1e25) everywhere. Percentiles and clipping to shared bounds change by no more than the
+voxels do, so a true match stays one.
+
 Comparing each new volume with every earlier one in full would read O(rows^2) volumes, so
 each kept scan is summarised by a signature (`Probe.signature`): `SAMPLES` voxels at fixed
 strides through the array plus its mean and standard deviation, all in units of its own
-range (max - min).
-If two volumes agree voxel for voxel to TOLERANCE of the range, their minima, maxima and
-so every normalised value agree to about 4 x TOLERANCE, so a signature tolerance of
-10 x TOLERANCE never loses a match. A new volume is compared with every earlier signature
-of its shape at once (numpy, one row per scan), and only the few candidates that pass are
-confirmed in full, re-reading the earlier file (scans are not held in memory).
+robust range from its 0.5th percentile, clipped to `SIGNATURE_CLIP` (an outlier voxel
+becomes the same bound in both of two matching scans).
+If two volumes agree voxel for voxel to TOLERANCE of the range, their percentiles and so
+every clipped normalised value (at most 2 in size) agree to about 6 x TOLERANCE, so a
+signature tolerance of 10 x TOLERANCE never loses a match. A new volume is compared with
+every earlier signature of its shape at once (numpy, one row per scan), and only the few
+candidates that pass are confirmed in full, re-reading the earlier file (scans are not
+held in memory).
 
 Everything here runs at the site; nothing of it is sent anywhere.
 """
@@ -36,10 +45,13 @@ import numpy as np
 
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.orientation import OrientationError, to_short_axis
+from fedsynth.common.volume_content import OUTLIER_RANGES
 
 TOLERANCE = 1e-5  # of a volume's intensity range: float32 rounding (6e-8) and int16 storage
 SIGNATURE_TOLERANCE = 10 * TOLERANCE  # per normalised signature value; see the docstring
 SAMPLES = 128  # strided voxels per signature
+# signature values are clipped to this many robust ranges (below, above) the 0.5th percentile
+SIGNATURE_CLIP = (-1.0, 2.0)
 
 # reads a volume: (X, Y, Z) voxels and their 4x4 affine; raises FedsynthError or OSError
 Loader = Callable[[Path], tuple[np.ndarray, np.ndarray]]
@@ -77,28 +89,37 @@ def views(data: np.ndarray, affine: np.ndarray) -> list[Probe]:
 
 
 def _signed(voxels: np.ndarray, short_axis: bool) -> Probe:
-    """A view of a volume with its signature."""
-    low, span = float(voxels.min()), _span(voxels)
+    """A view of a volume with its signature (in units of its robust range, clipped)."""
+    low, span = robust_range(voxels)
+    normalised = np.clip((voxels.astype(np.float64) - low) / span, *SIGNATURE_CLIP)
     where = np.unravel_index(
         np.linspace(0, voxels.size - 1, SAMPLES).round().astype(int), voxels.shape
     )
-    samples = (voxels[where].astype(np.float64) - low) / span
-    mean = (float(voxels.mean(dtype=np.float64)) - low) / span
-    spread = float(voxels.std(dtype=np.float64)) / span
-    return Probe(voxels, np.concatenate([samples, [mean, spread]]), short_axis)
+    moments = np.array([normalised.mean(), normalised.std()])
+    return Probe(voxels, np.concatenate([normalised[where], moments]), short_axis)
 
 
-def _span(voxels: np.ndarray) -> float:
-    """A volume's intensity range (1 for a constant one, which has no scale of its own)."""
-    span = float(voxels.max()) - float(voxels.min())
-    return span if span > 0 else 1.0
+def robust_range(voxels: np.ndarray) -> tuple[float, float]:
+    """A volume's 0.5th percentile and its 0.5th-99.5th percentile range; the full range
+    where that is 0 (a mostly constant volume), and a span of 1 for a constant one."""
+    low, high = (float(v) for v in np.percentile(voxels, [0.5, 99.5]))
+    if high > low:
+        return low, high - low
+    low, high = float(voxels.min()), float(voxels.max())
+    return low, (high - low) if high > low else 1.0
 
 
 def same_scan(a: np.ndarray, b: np.ndarray) -> bool:
     """Two short-axis volumes of one shape agree voxel for voxel to TOLERANCE of the larger
-    of their ranges."""
-    difference = np.abs(np.subtract(a, b, dtype=np.float64))
-    return float(difference.max()) <= TOLERANCE * max(_span(a), _span(b))
+    of their robust ranges, after clipping both to the wider of their outlier bounds
+    (OUTLIER_RANGES robust ranges beyond them; shared bounds, so a spike in both compares
+    equal)."""
+    (low_a, span_a), (low_b, span_b) = robust_range(a), robust_range(b)
+    low = min(low_a - OUTLIER_RANGES * span_a, low_b - OUTLIER_RANGES * span_b)
+    high = max(low_a + (1 + OUTLIER_RANGES) * span_a, low_b + (1 + OUTLIER_RANGES) * span_b)
+    clipped_a, clipped_b = (np.clip(v.astype(np.float64), low, high) for v in (a, b))
+    difference = np.abs(clipped_a - clipped_b)
+    return float(difference.max()) <= TOLERANCE * max(span_a, span_b)
 
 
 class _Bucket:

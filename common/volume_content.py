@@ -1,10 +1,12 @@
 """Is a decoded volume an MR magnitude image? Checks of content, not format.
 
 A file can be a valid NIfTI volume and still not be what the image column promises: a
-label map (a handful of integer values), a blank volume with a stray voxel, values beyond
-what 32-bit floats hold, a few voxels at absurd intensities, or phase/wrapped values in a
-magnitude image. Each check looks at one volume alone (never at site statistics) and
-either refuses it (`ContentError`, the message is the reason) or returns a warning.
+label map (few distinct values in constant regions, whatever their scale), a blank volume
+with a stray voxel, values beyond what 32-bit floats hold, a few voxels at absurd
+intensities, or phase/wrapped values in a magnitude image (negative voxels, or an unsigned
+phase encoding without a dark background). Each check looks at one volume alone (never
+at site statistics) and either refuses it (`ContentError`, the message is the reason) or
+returns a warning.
 """
 
 from __future__ import annotations
@@ -15,12 +17,25 @@ from fedsynth.common.errors import FedsynthError
 
 # a label map or mask holds at most this many distinct values (ACDC/M&Ms/UK Biobank: 4)
 MAX_LABEL_VALUES = 16
+# a volume of at most this many distinct values (any scale: labels/3, a 0/0.5 mask, 40
+# segmentation classes) is a label map if it is piecewise constant (below)
+MAX_PIECEWISE_VALUES = 256
+# ... that is, if more than this fraction of its foreground voxels (those not of its most
+# common value) equal a neighbour along some axis: regions of one label are constant, while
+# an MR image's noise makes neighbours differ (phantom scans as uint8, even 0-50: under 70%)
+MIN_CONSTANT_FRACTION = 0.9
 # below this fraction of voxels differing from the median, a volume is blank
 MIN_CONTENT_FRACTION = 0.01
 # a voxel this many percentile ranges (0.5th to 99.5th) beyond the range is an outlier
 OUTLIER_RANGES = 100.0
 # above this fraction of negative voxels a magnitude image is suspect (noise floor aside)
 MAX_NEGATIVE_FRACTION = 0.01
+# a magnitude image has a dark background (air, lungs): more than this fraction of its
+# voxels in the lowest tenth of its 0.5-99.5 percentile range ...
+MIN_DARK_FRACTION = 0.15
+# ... whereas a phase image (Siemens stores -pi..pi as 0-4095) spreads its voxels nearly
+# uniformly: every tenth of its range holds at least this fraction of them
+MIN_TENTH_FRACTION = 0.04
 
 
 class ContentError(FedsynthError):
@@ -40,13 +55,19 @@ def check_content(data: np.ndarray) -> list[str]:
             f"nearly blank: {content} of {data.size} voxels differ from the background "
             f"{float(median):g}"
         )
-    values = _few_values(data)
-    if values is not None and np.all(values == np.round(values)) and len(values) > 1:
+    values = _few_values(data, MAX_PIECEWISE_VALUES)
+    if values is not None and len(values) > 1:
         shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
-        raise ContentError(
-            f"looks like a label map, not an image: only {len(values)} distinct integer "
-            f"values ({shown})"
-        )
+        if len(values) <= MAX_LABEL_VALUES and np.all(values == np.round(values)):
+            raise ContentError(
+                f"looks like a label map, not an image: only {len(values)} distinct integer "
+                f"values ({shown})"
+            )
+        if _piecewise_constant(data, values):
+            raise ContentError(
+                f"looks like a label map, not an image: {len(values)} distinct values "
+                f"({shown}) in constant regions"
+            )
     warnings = []
     low, high = _outlier_bounds(data)
     outliers = int(np.count_nonzero((data < low) | (data > high)))
@@ -62,19 +83,55 @@ def check_content(data: np.ndarray) -> list[str]:
             f"{100 * negative / data.size:.0f}% of voxels are negative, which a magnitude "
             "image never is: phase, signed or wrapped values?"
         )
+    elif _phase_like(data):
+        warnings.append(
+            "no dark background: intensities spread evenly over the whole range, as in a "
+            "phase image (a scanner's unsigned phase, e.g. 0-4095), not a magnitude image"
+        )
     return warnings
 
 
-def _few_values(data: np.ndarray) -> np.ndarray | None:
-    """The distinct values of `data` if there are at most MAX_LABEL_VALUES, else None.
+def _few_values(data: np.ndarray, most: int) -> np.ndarray | None:
+    """The distinct values of `data` if there are at most `most`, else None.
 
     A strided sample decides most volumes (a scan has thousands of values) without
     sorting all voxels."""
     sample = np.unique(data.reshape(-1)[:: max(1, data.size // 4096)])
-    if len(sample) > MAX_LABEL_VALUES:
+    if len(sample) > most:
         return None
     values = np.unique(data)
-    return values if len(values) <= MAX_LABEL_VALUES else None
+    return values if len(values) <= most else None
+
+
+def _piecewise_constant(data: np.ndarray, values: np.ndarray) -> bool:
+    """Whether more than MIN_CONSTANT_FRACTION of the voxels not of the most common value
+    (the background) equal one of their neighbours along some axis (a label map's regions),
+    `values` being the sorted distinct values of `data`."""
+    index = np.searchsorted(values, data.reshape(-1))
+    background = values[np.argmax(np.bincount(index, minlength=len(values)))]
+    foreground = data != background
+    repeated = np.zeros(data.shape, bool)
+    for axis in range(data.ndim):
+        head = [slice(None)] * data.ndim
+        tail = [slice(None)] * data.ndim
+        head[axis], tail[axis] = slice(None, -1), slice(1, None)
+        equal = data[tuple(head)] == data[tuple(tail)]
+        repeated[tuple(head)] |= equal
+        repeated[tuple(tail)] |= equal
+    total = int(np.count_nonzero(foreground))
+    constant = int(np.count_nonzero(repeated & foreground))
+    return total > 0 and constant > MIN_CONSTANT_FRACTION * total
+
+
+def _phase_like(data: np.ndarray) -> bool:
+    """Whether `data` has no dark background and fills its 0.5-99.5 percentile range
+    nearly evenly (see MIN_DARK_FRACTION, MIN_TENTH_FRACTION): a phase image's histogram,
+    while a magnitude image has most voxels dark and few bright."""
+    low, high = np.percentile(data, [0.5, 99.5])
+    if not high > low:
+        return False
+    tenths = np.histogram(np.clip(data, low, high), bins=10, range=(low, high))[0] / data.size
+    return bool(tenths[0] <= MIN_DARK_FRACTION and tenths.min() >= MIN_TENTH_FRACTION)
 
 
 def clip_outliers(data: np.ndarray) -> np.ndarray:

@@ -49,6 +49,13 @@ def fine_grid() -> DataConfig:
     return replace(data, shape=tuple(int(n) for n in fov / spacing), spacing=spacing)
 
 
+def faint_noise(image: np.ndarray) -> np.ndarray:
+    """`image` plus uniform noise of 1e-4 of blood, as an MR image has some: a noise-free
+    image of a few values in constant regions is refused as a label map."""
+    rng = np.random.default_rng(0)
+    return image + np.float32(1e-4 * BLOOD) * rng.random(image.shape, np.float32)
+
+
 def heart(
     pixel: float,
     matrix: tuple[int, int],
@@ -61,7 +68,7 @@ def heart(
     """(image, labels, affine): an ellipsoidal LV cavity (label 3) in a myocardial shell
     (label 2) centred `offset` mm from the stack's centre, in a body of tissue, in an
     oblique short-axis stack of `stack_mm` along the slices. Labels are taken at the voxel
-    centres; the image is drawn from them (no noise)."""
+    centres; the image is drawn from them, with faint noise (`faint_noise`)."""
     slices = math.ceil(stack_mm / thickness)
     shape = (*matrix, slices)
     spacing = (pixel, pixel, thickness)
@@ -79,7 +86,7 @@ def heart(
     image = np.array([0.0, 0.0, MYO, BLOOD], np.float32)[labels]
     body = (y + offset[0]) ** 2 + (x + offset[1]) ** 2 <= BODY_MM**2
     image[(labels == 0) & body] = TISSUE
-    return image, labels, short_axis_affine(spacing, shape, NORMAL)
+    return faint_noise(image), labels, short_axis_affine(spacing, shape, NORMAL)
 
 
 def save(path: Path, data: np.ndarray, affine: np.ndarray | None) -> Path:
@@ -146,7 +153,7 @@ def lv_stack(
     labels[vessel & (labels == 0)] = 4
     image = np.array([TISSUE, 0.0, MYO, BLOOD, VESSEL], np.float32)[labels]
     image[(y**2 + x**2 > BODY_MM**2) & (labels == 0)] = 0.0  # air around the body
-    return image, labels, short_axis_affine((pixel, pixel, thickness), shape, NORMAL)
+    return faint_noise(image), labels, short_axis_affine((pixel, pixel, thickness), shape, NORMAL)
 
 
 def write_phases_site(root: Path, rows: list[Row]) -> Path:

@@ -600,3 +600,48 @@ def test_ids_differing_only_in_a_default_ignorable_character_are_one_subject(
     assert len(result.records) == 2, [r.reason for r in result.rejected]
     assert len({r.subject for r in result.records}) == 1
     assert any("invisible characters" in w and "counted as one" in w for w in result.site_warnings)
+
+
+def test_two_patients_with_a_spike_in_the_same_voxel_are_two_scans(tmp_path, tiny_config):
+    """The match tolerance is a fraction of the robust (0.5-99.5 percentile) range: a 1e30
+    scanner spike at the same voxel of two patients' scans does not make the tolerance 1e25
+    and the two people one subject; both rows are usable (each with the outlier warning)."""
+    site = tmp_path / "site"
+    for i, name in enumerate(("a", "b")):
+        data = (blob_volume((24, 20, 6), seed=10 + i) * 1000).astype(np.float32)
+        data[0, 0, 0] = 1e30
+        save_nifti(site / f"{name}.nii.gz", data)
+    write_site(site, [{"image": "a.nii.gz", "subject": "a"}, {"image": "b.nii.gz", "subject": "b"}])
+    result = check_site(site, tiny_config.data, show_progress=False)
+    assert [r.reason for r in result.rejected] == []
+    assert sorted(r.subject for r in result.records) == ["a", "b"]
+    assert not any("one person" in w for w in result.site_warnings)
+    assert [w.row for w in result.warnings] == [1, 2]
+
+
+def test_one_spiked_scan_in_another_storage_is_still_one_scan(tmp_path):
+    """The other direction: the same spiked scan re-exported with float32 rounding (its
+    spike rounded too) is found again."""
+    data = (blob_volume((24, 20, 6), seed=3) * 1000).astype(np.float32)
+    data[0, 0, 0] = 1e30
+    copy = (data.astype(np.float64) * (1 + 3e-8)).astype(np.float32)
+    affine = np.diag([4.0, 4.0, 16.0, 1.0])
+    path = save_nifti(tmp_path / "a.nii.gz", data)
+    index = ScanIndex(lambda p: (np.asarray(nib.load(p).dataobj), nib.load(p).affine))
+    index.add(probe(data, affine), path)
+    assert index.find(probe(copy, affine)) == 0
+
+
+def test_a_held_out_patient_with_the_training_scans_spike_is_not_a_training_scan(
+    tmp_path, tiny_config
+):
+    """The train/holdout check uses the same matcher: another patient's scan with a 1e30
+    spike in the voxel where a training scan has one is held out, not a training scan."""
+    train, holdout = tmp_path / "train", tmp_path / "holdout"
+    for folder, seed in ((train, 20), (holdout, 21)):
+        data = (blob_volume((24, 20, 6), seed=seed) * 1000).astype(np.float32)
+        data[0, 0, 0] = 1e30
+        save_nifti(folder / "scan.nii.gz", data)
+    write_site(train, [{"image": "scan.nii.gz", "subject": "A"}])
+    write_site(holdout, [{"image": "scan.nii.gz", "subject": "H"}])
+    check_disjoint(train, holdout, tiny_config.data)
