@@ -548,7 +548,7 @@ def sheared_heart() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     labels[inside(CAVITY)] = 3
     image = np.array([0.0, 0.0, MYO, BLOOD], np.float32)[labels]
     image[(labels == 0) & ((local[:, :2] ** 2).sum(axis=1) <= BODY_MM**2)] = TISSUE
-    return image.reshape(shape), labels.reshape(shape), affine
+    return faint_noise(image.reshape(shape)), labels.reshape(shape), affine
 
 
 def test_a_sheared_stack_is_refused_with_its_angle(tmp_path):

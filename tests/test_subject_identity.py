@@ -628,8 +628,8 @@ def test_one_spiked_scan_in_another_storage_is_still_one_scan(tmp_path):
     affine = np.diag([4.0, 4.0, 16.0, 1.0])
     path = save_nifti(tmp_path / "a.nii.gz", data)
     index = ScanIndex(lambda p: (np.asarray(nib.load(p).dataobj), nib.load(p).affine))
-    index.add(probe(data, affine), path)
-    assert index.find(probe(copy, affine)) == 0
+    index.add(views(data, affine), path)
+    assert index.find(views(copy, affine)) == 0
 
 
 def test_a_held_out_patient_with_the_training_scans_spike_is_not_a_training_scan(
