@@ -582,7 +582,7 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
 
     dp_runs = [f"b{seed}" for seed in DP_SEEDS]
     sd = null_sd(MEMBERS, NONMEMBERS)  # about 0.10 here
-    assert private("a", "auc") >= 0.8
+    assert private("a", "auc") >= 0.5 + 2.5 * sd  # 0.76: far beyond a model that learnt nothing
     dp_auc = float(np.mean([private(x, "auc") for x in dp_runs]))
     assert abs(dp_auc - 0.5) <= 1.5 * sd + 0.005  # as a model that learnt nothing of who
     # the TPRs at 1% FPR rest on one non-member of 24: only the private files have them
