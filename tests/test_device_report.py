@@ -58,8 +58,6 @@ def test_device_report_measures_both_sizes_on_this_device():
         assert 100 < size["sampling_peak_memory_mb"] < 4000
         assert size["sampling_seconds_per_volume"] > 0
         assert (size["sampling_batch_size"], size["sampling_steps"]) == (2, 5)
-    # 9x the latent voxels (24x24x13 against 8x8x8): a step costs more
-    assert paper["dp_step_seconds"] > own["dp_step_seconds"]
     assert "device report at 96x96x13" in proc.stderr
 
 
