@@ -132,7 +132,14 @@ def read_nifti(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, n
     Returns the voxels as float32 of shape (X, Y, Z) and the 4x4 voxel-to-world affine
     (mm) that nibabel picks (see `open_nifti`, which `max_voxels` is passed to).
     """
-    image, _ = open_nifti(path, max_voxels)
+    data, affine, _ = _read(path, max_voxels)
+    return data, affine
+
+
+def _read(path: Path, max_voxels: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """`read_nifti`, with the header's notes (`open_nifti`): the file is opened, and a
+    .nii.gz decompressed, once for both."""
+    image, notes = open_nifti(path, max_voxels)
     try:
         data = np.asanyarray(image.dataobj).reshape(image.shape[:3])
     except (EOFError, zlib.error, OSError, ValueError) as exc:
@@ -148,7 +155,7 @@ def read_nifti(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, n
     data = data.astype(np.float32)
     if float(data.max()) == float(data.min()):
         raise VolumeError(f"constant image (every voxel is {float(data.min()):g})")
-    return data, image.affine
+    return data, image.affine, notes
 
 
 def load_header(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -283,15 +290,17 @@ def _root_cause(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {first_line(exc, path)}"
 
 
-def read_image(path: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_image(
+    path: Path, max_voxels: int | None = None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """`read_nifti`, then the content checks of an MR magnitude image (volume_content.py):
-    raises VolumeError naming why the volume is no image; returns the warnings too."""
-    data, affine = read_nifti(path)
+    raises VolumeError naming why the volume is no image; returns the warnings too, the
+    header's (`open_nifti`) first."""
+    data, affine, notes = _read(path, max_voxels)
     try:
-        warnings = check_content(data)
+        return data, affine, notes + check_content(data)
     except ContentError as exc:
         raise VolumeError(str(exc)) from None
-    return data, affine, warnings
 
 
 def read_labels(path: Path, max_voxels: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -605,8 +614,7 @@ def check_site(
             linked, volume = False, None
             if read_images:
                 linked = True  # until it is read: an unreadable image links nothing
-                notes += open_nifti(path, data_cfg.max_voxels)[1]
-                data, affine, content = read_image(path)
+                data, affine, content = read_image(path, data_cfg.max_voxels)
                 image, linked = (data, affine), False
                 labels = None
                 if label_path is not None:  # it places the heart: read and checked now

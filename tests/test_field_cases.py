@@ -87,13 +87,13 @@ def test_an_unexpected_error_in_one_file_is_that_rows_rejection(tmp_path, tiny_c
     write_site(site, [{"image": f"{i}.nii.gz", "subject": f"s{i}"} for i in range(3)])
     real = data.read_image
 
-    def flaky(path):
+    def flaky(path, *limits):
         if path.name == "1.nii.gz":
             try:
                 raise ValueError(f"bad affine in {path}\nsecond line")
             except ValueError as exc:
                 raise RuntimeError("applying transform <Orientation object at 0x7f>") from exc
-        return real(path)
+        return real(path, *limits)
 
     monkeypatch.setattr(data, "read_image", flaky)
     result = check_site(site, tiny_config.data, show_progress=False)
@@ -102,7 +102,7 @@ def test_an_unexpected_error_in_one_file_is_that_rows_rejection(tmp_path, tiny_c
         (2, "could not be read (ValueError: bad affine in 1.nii.gz)")
     ]
 
-    def interrupted(path):
+    def interrupted(path, *limits):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(data, "read_image", interrupted)

@@ -566,13 +566,13 @@ def test_a_row_refused_for_its_image_is_not_read_again(tmp_path, tiny_config, mo
     ]
     write_site(site, rows, columns=["image", "subject", *GOOD_ATTRIBUTES])
     reads: list[str] = []
-    real = data.read_nifti
+    real = data._read  # every read of a volume's voxels, read_nifti and read_image alike
 
-    def counted(path, max_voxels=None):
+    def counted(path, max_voxels):
         reads.append(path.name)
         return real(path, max_voxels)
 
-    monkeypatch.setattr(data, "read_nifti", counted)
+    monkeypatch.setattr(data, "_read", counted)
     result = check_site(site, tiny_config.data, show_progress=False)
     assert [r.row for r in result.rejected] == [1, 2]
     assert reads == ["flat.nii.gz", "typo.nii.gz"]
