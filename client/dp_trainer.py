@@ -161,17 +161,24 @@ def _check_inputs(latents: torch.Tensor, attributes: torch.Tensor, subjects: tor
         raise FedsynthError("attributes must be scaled to [0, 1] by their declared ranges")
 
 
-def rows_of(data: SubjectData, indices: torch.Tensor, device: torch.device) -> RowBatch:
-    """The real (unpadded) volumes of the subjects `indices`, with each row's subject."""
+def rows_of(
+    data: SubjectData, indices: torch.Tensor, device: torch.device, draws: int = 1
+) -> RowBatch:
+    """The real (unpadded) volumes of the subjects `indices`, with each row's subject, each
+    volume `draws` times (its own noise and timestep per copy): a subject's loss is then the
+    mean over its volumes and draws, whose gradient varies less before it is clipped (noise
+    multiplicity, Dockhorn et al. 2023, "Differentially Private Diffusion Models", sec. 3.2).
+    The subject still gives one clipped gradient per step: no privacy cost."""
     mask = data.mask[indices]
     batch_subject, slot = mask.nonzero(as_tuple=True)
     counts = mask.sum(dim=1)
+    batch_subject, slot = batch_subject.repeat(draws), slot.repeat(draws)
     picked = indices[batch_subject]
     return RowBatch(
         latents=data.latents[picked, slot].to(device),
         attributes=data.attributes[picked, slot].to(device),
         subject=batch_subject.to(device),
-        weight=(1.0 / counts[batch_subject].float()).to(device),
+        weight=(1.0 / (draws * counts[batch_subject].float())).to(device),
         n_subjects=len(indices),
     )
 
@@ -347,9 +354,11 @@ def _ghost_backward(private: PrivateUNet, rows: RowBatch, weighted: torch.Tensor
 
 
 def _physical_size(config: Config, data: SubjectData) -> int:
-    """Subjects per physical batch: at most max-physical-batch-size volumes per forward, and
-    never less than one whole subject (its rows must share one backward to be summed)."""
-    return max(1, config.privacy.max_physical_batch_size // data.max_volumes)
+    """Subjects per physical batch: at most max-physical-batch-size rows (volumes times
+    loss draws) per forward, and never less than one whole subject (its rows must share one
+    backward to be summed)."""
+    rows_per_subject = data.max_volumes * config.privacy.loss_draws
+    return max(1, config.privacy.max_physical_batch_size // rows_per_subject)
 
 
 def _poisson_loader(
@@ -479,7 +488,7 @@ def _run_steps(
         optimizer=private.optimizer,
     ) as physical_loader:
         for (indices,) in physical_loader:
-            rows = rows_of(data, indices, device)
+            rows = rows_of(data, indices, device, config.privacy.loss_draws)
             losses.append(subject_backward(private, rows, config, diffusion_generator).cpu())
             counter.pending += rows.n_subjects
             private.optimizer.step()
@@ -517,7 +526,7 @@ def nonprivate_step(
     )
     total = 0.0
     for chunk in chunks:
-        rows = rows_of(data, chunk, device)
+        rows = rows_of(data, chunk, device, config.privacy.loss_draws)
         row_losses = _row_losses(unet, rows, config, generator)
         ((row_losses * rows.weight).sum() / len(indices)).backward()
         total += float(rows.subject_losses(row_losses).sum())

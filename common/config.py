@@ -217,6 +217,7 @@ class PrivacyConfig:
     batch_size: int | None = _checked(positive)
     sample_rate: float | None = _checked(between(0, 1, low_open=True))
     local_steps: int = _checked(positive)
+    loss_draws: int = _checked(positive)
     max_physical_batch_size: int = _checked(positive)
     trainable: Literal["all", "attention", "norms"] = _checked()
     grad_sample_mode: Literal["functorch", "hooks", "ghost"] = _checked()

@@ -31,6 +31,7 @@ from fedsynth.common.config import (
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS, cache_dir
+from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling
 from fedsynth.simulations.federated import Weights, federate, load_sites, subset
 from fedsynth.simulations.site_domain import SITE_DOMAIN_DRAWS, SiteDomain
 from fedsynth.simulations.study_data import simulated_data
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ARM_VERSION = 1  # bump when what an arm computes changes: cached results are then rerun
 STARTS = ("public", "scratch")
-LATER_FIELDS = {"learning_rate": None}  # Arm fields added after arms were cached: defaults
+LATER_FIELDS: dict = {"learning_rate": None, "overrides": ()}  # Arm fields added later
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Arm:
     `privacy.trainable` (None: the config's); start: "public" (the checkpoint) or "scratch"
     (a UNet initialised from the seed); pooled: the sites' subjects as one site (central DP
     on pooled data, the same per-subject epsilon, the same sample rate); learning_rate:
-    the sites' AdamW rate."""
+    the sites' AdamW rate; overrides: further (key, value) config changes, as `-c`."""
 
     sites: tuple[str, ...]
     epsilon: float | None
@@ -68,6 +69,7 @@ class Arm:
     start: str = "public"
     pooled: bool = False
     learning_rate: float | None = None  # None: the config's finetuning rate
+    overrides: tuple[tuple[str, float | int | str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.start not in STARTS:
@@ -85,6 +87,7 @@ class Arm:
             parts.append(f", from {self.start}")
         if self.learning_rate is not None:
             parts.append(f", lr {self.learning_rate:.2g}")
+        parts.extend(f", {key}={value}" for key, value in self.overrides)
         return "".join(parts)
 
 
@@ -135,6 +138,7 @@ class StudyContext:
             )
         if arm.pooled and config.privacy.batch_size is not None:
             overrides["privacy.batch-size"] = config.privacy.batch_size * len(arm.sites)
+        overrides |= dict(arm.overrides)
         if not overrides:
             return config
         return config_from_dict(apply_overrides(to_dict(config), overrides))
@@ -168,23 +172,58 @@ class StudyContext:
         torch.manual_seed(seed)
         return ConditionedUNet(self.setup.config).state_dict()
 
+    def facts(self, seed: int, config: Config | None = None) -> dict:
+        """What every cached result of this context depends on besides its own settings."""
+        return {
+            "version": ARM_VERSION,
+            "seed": seed,
+            "config": fingerprint_dict(config or self.setup.config),
+            "unet": self.checkpoint_sha,
+            "phantoms": str(self.data.phantoms),
+            "held_out": str(self.data.held_out),
+            "draws": SITE_DOMAIN_DRAWS,
+        }
+
     def key(self, arm: Arm, seed: int) -> str:
         facts = {
-            "version": ARM_VERSION,
+            **self.facts(seed, self.config_for(arm)),
             "arm": {  # a field added later is left out at its default: old keys stay
                 k: v
                 for k, v in dataclasses.asdict(arm).items()
                 if k not in LATER_FIELDS or v != LATER_FIELDS[k]
             },
             "subjects": arm.subjects or self.setup.subjects,
-            "seed": seed,
-            "config": fingerprint_dict(self.config_for(arm)),
-            "unet": self.checkpoint_sha,
-            "phantoms": str(self.data.phantoms),
-            "held_out": str(self.data.held_out),
-            "draws": SITE_DOMAIN_DRAWS,
         }
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def ceiling(self, seed: int, keep_weights: bool = False) -> dict:
+        """The non-private ceiling (simulations/ceiling.py) of every site's subjects pooled,
+        from the public checkpoint: its site-domain loss at each check, its best step and
+        loss; with `keep_weights`, also `weights` (the best check's). Cached as arms are."""
+        plan = CeilingPlan()
+        facts = {"ceiling": dataclasses.asdict(plan), "facts": self.facts(seed)}
+        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+        path, weights_path = self.arms / f"ceiling-{key}.json", self.arms / f"ceiling-{key}.pt"
+        if path.is_file() and weights_path.is_file():
+            result = json.loads(path.read_text())
+            log.info("ceiling (seed %d): cached, %s", seed, path)
+        else:
+            pooled = self.training_sites(Arm(tuple(self.names), None, pooled=True))["pooled"]
+            result, weights = finetune_ceiling(
+                self.setup.config,
+                self.public,
+                pooled,
+                self.site_domain.loss,
+                seed,
+                plan,
+                label=f"ceiling (seed {seed}): ",
+            )
+            self.arms.mkdir(parents=True, exist_ok=True)
+            save_torch(weights_path, weights)  # first: the JSON marks the result complete
+            atomic_write_text(path, json.dumps(result) + "\n")
+        if keep_weights:
+            result["weights"] = load_torch(weights_path)
+        return result
 
     def run(self, arm: Arm, seed: int, keep_weights: bool = False) -> dict:
         """The arm's site-domain loss per round (`loss`, round 0 = the start), each site's
