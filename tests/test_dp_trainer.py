@@ -149,6 +149,42 @@ def test_bad_inputs_are_refused(tiny_config):
         group_by_subject(latents, attributes, SUBJECTS[:4])
 
 
+def test_loss_draws_repeat_each_volume_and_keep_a_subject_one_unit(tiny_config):
+    latents, attributes = site_data(tiny_config)
+    data = group_by_subject(latents, attributes, SUBJECTS)
+    rows = rows_of(data, torch.tensor([0, 3]), torch.device("cpu"), draws=3)
+    assert len(rows.latents) == 9  # (2 + 1 volumes) x 3 draws
+    assert sorted(rows.subject.tolist()) == [0] * 6 + [1] * 3
+    per_subject = torch.zeros(2).index_add_(0, rows.subject, rows.weight)
+    torch.testing.assert_close(per_subject, torch.ones(2))  # a subject's loss is a mean
+    four = with_privacy(tiny_config, loss_draws=4, max_physical_batch_size=16)
+    assert dp_trainer._physical_size(four, data) == 2  # 16 rows: 2 subjects x 2 volumes x 4
+
+
+def test_loss_draws_steady_a_subjects_gradient_at_the_same_clip(tiny_config):
+    """Noise multiplicity: averaging K (noise, timestep) draws per volume before clipping
+    shrinks the spread of a subject's gradient over draws, about as 1 / sqrt(K)."""
+    latents, attributes = site_data(tiny_config)
+    data = group_by_subject(latents, attributes, SUBJECTS)
+    unet = awake_unet(tiny_config)
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def spread(draws: int) -> float:
+        grads = []
+        for seed in range(12):
+            rows = rows_of(data, torch.tensor([0]), torch.device("cpu"), draws)
+            losses = dp_trainer._row_losses(
+                unet, rows, tiny_config, torch.Generator().manual_seed(seed)
+            )
+            grad = torch.autograd.grad((losses * rows.weight).sum(), params)
+            grads.append(torch.cat([g.flatten() for g in grad]))
+        stacked = torch.stack(grads)
+        return float((stacked - stacked.mean(0)).norm(dim=1).mean())
+
+    one, eight = spread(1), spread(8)
+    assert eight < 0.6 * one, (one, eight)  # 1 / sqrt(8) = 0.35
+
+
 @pytest.mark.parametrize("mode", ["functorch", "hooks"])
 @pytest.mark.parametrize("trainable", ["all", "attention", "norms"])
 def test_per_subject_gradients_match_a_loop_over_subjects(tiny_config, mode, trainable):
