@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 COMMAND = "fedsynth study dp-gap"  # what computes the ceiling (once per simulation, cached)
 MEAN = "mean"  # the sites' mean site-domain loss, next to the site names
+FIELDS = ("seed", "best_step", "best", "public")  # what a summary must hold to be read
 
 
 @dataclass(frozen=True)
@@ -62,12 +63,24 @@ class CeilingSummaries:
         atomic_write_text(self.path(seed), json.dumps(summary, indent=1) + "\n", PUBLIC_MODE)
 
     def read(self) -> list[dict]:
-        """Every seed's summary of this simulation's ceiling, by seed ([] when none)."""
+        """Every seed's summary of this simulation's ceiling, by seed ([] when none). A
+        file that is not one (unreadable, or lacking a figure) is passed over with one
+        warning: the study it would inform has ended and is saved; the study that
+        computes the ceiling writes it again."""
         found = []
         for path in self.folder.glob(f".ceiling-{self.key}-seed*.json"):
-            summary = json.loads(path.read_text())
-            if summary.get("keyed_by") == self.facts:
-                found.append(summary)
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+                log.warning("%s: not a ceiling summary (%s), passed over", path, error)
+                continue
+            if not isinstance(summary, dict) or summary.get("keyed_by") != self.facts:
+                continue
+            missing = [field for field in FIELDS if field not in summary]
+            if missing:
+                log.warning("%s: a ceiling summary without %s, passed over", path, missing[0])
+                continue
+            found.append(summary)
         return sorted(found, key=lambda s: s["seed"])
 
 
