@@ -25,6 +25,7 @@ from fedsynth.server.study import prepare
 from fedsynth.simulations import arms, site_domain
 from fedsynth.simulations.arms import StudyContext, StudySetup
 from fedsynth.simulations.ceiling import CeilingPlan
+from fedsynth.simulations.ceiling_summary import share_of_ceiling
 from fedsynth.simulations.site_domain import SiteDomain
 from fedsynth.simulations.study_data import VALIDATION_SUBJECTS
 
@@ -187,3 +188,34 @@ def test_an_unreadable_summary_is_passed_over_in_one_line(simulation, caplog):
     assert result["share"] is None and "`fedsynth study dp-gap`" in result["line"]
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.startswith(f"{path}: not a ceiling summary") and "\n" not in warning
+
+
+def test_a_round_without_site_domain_loss_gives_one_warning(simulation, caplog):
+    """Round 1's validation failed (it logged why): no share, one line, nothing raised."""
+    path = validation_dir(simulation.study) / "round-001.json"
+    kept = path.read_text()
+    path.write_text(json.dumps({"round": 1}) + "\n")
+    try:
+        caplog.clear()
+        simulation.validation.ceiling_share(1)
+    finally:
+        path.write_text(kept)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "share of the non-private ceiling's gain not computed: round 1 has no site-domain loss"
+    )
+
+
+def test_a_ceiling_that_did_not_gain_gives_no_share():
+    public = {"site-1": 0.30, "site-2": 0.20}
+    final = {"site-1": 0.28, "site-2": 0.21}
+    summary = {"seed": 0, "best_step": 0, "public": public, "best": dict(public)}
+    result = share_of_ceiling([summary], public, final)
+    assert result["share"] == {"site-1": None, "site-2": None, "mean": None}
+    assert "mean n/a (the ceiling did not gain)" in result["note"]
+    summary["best"] = {"site-1": 0.26, "site-2": 0.20}  # site-1 gained 0.04, site-2 nothing
+    result = share_of_ceiling([summary], public, final)
+    assert result["share"]["site-1"] == pytest.approx(0.5)
+    assert result["share"]["site-2"] is None
+    assert result["share"]["mean"] == pytest.approx((0.25 - 0.245) / 0.02)
