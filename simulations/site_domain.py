@@ -3,7 +3,8 @@
 A simulation knows its sites' profiles, so it draws held-out phantom subjects of each
 (another seed: no site trained on them). `SiteDomain` is the check a simulated study passes
 to the server (server/validation.py `SiteDomainCheck`, built on the server's model copy):
-the fixed-noise diffusion loss every round and, at the end, the fidelity of samples; the
+the fixed-noise diffusion loss every round and, at the end, the fidelity of samples and
+the share of the non-private ceiling's gain (simulations/ceiling_summary.py); the
 in-process studies use it too. A real study cannot look at site data without spending
 privacy, so nothing here exists for one.
 """
