@@ -4,7 +4,9 @@ Public validation (server/validation.py: held-out public loss and a montage) and
 simulation passes one in, its site-domain check (`SiteDomainCheck`, as Flower passes an
 `evaluate_fn`) run on a thread of their own, in round order, each logging its result when
 done; round 0 (the public checkpoint) runs before the first round. At the end of a study
-the check's fidelity of the final model is kept in validation/FIDELITY.
+the check's fidelity of the final model is kept in validation/FIDELITY, and the study's
+share of the non-private ceiling's gain (when `fedsynth study dp-gap` has computed that
+ceiling for this simulation) in validation/CEILING.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import torch
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import resolve_device
-from fedsynth.server.run_dir import RECONSTRUCTION_PNG, SITE_DOMAIN_FIDELITY, validation_dir
+from fedsynth.server.run_dir import (
+    RECONSTRUCTION_PNG,
+    SITE_DOMAIN_CEILING,
+    SITE_DOMAIN_FIDELITY,
+    validation_dir,
+)
 from fedsynth.server.study import Study
 from fedsynth.server.validation import SiteDomainCheck, Validator, validation_text
 
@@ -116,3 +123,28 @@ class RoundValidation:
         result = self.site_domain.final_fidelity(round_number, weights)
         path = validation_dir(self.study) / SITE_DOMAIN_FIDELITY
         atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+
+    def ceiling_share(self, round_number: int) -> None:
+        """Simulation only, at the end of a study: the share of the non-private ceiling's
+        gain that round `round_number` reached from round 0, both rounds' site-domain
+        losses as validated (validation/CEILING), logged in one line; without a computed
+        ceiling, the line says how to compute it."""
+        phantoms = self.study.phantoms
+        if self.site_domain is None or phantoms is None or round_number < 1:
+            return
+        folder = validation_dir(self.study)
+        losses = []
+        for number in (0, round_number):
+            path = folder / f"round-{number:03d}.json"
+            entry = json.loads(path.read_text()) if path.is_file() else {}
+            if not entry.get("site_domain"):  # its validation failed, and said so
+                log.warning(
+                    "share of the non-private ceiling's gain not computed: round %d has no "
+                    "site-domain loss",
+                    number,
+                )
+                return
+            losses.append(entry["site_domain"])
+        result = self.site_domain.ceiling_share(phantoms, *losses)
+        atomic_write_text(folder / SITE_DOMAIN_CEILING, json.dumps(result, indent=2) + "\n")
+        log.info("%s", result["note"])

@@ -16,7 +16,8 @@ run-dir/state.json            the last whole round and the SHA-256 of its checkp
 run-dir/validation/           per-round public validation loss and montage, the held-out
                               volumes beside their autoencoder reconstructions
                               (reconstruction.png, round 0); in a simulation also the
-                              site-domain losses (simulations/site_domain.py)
+                              site-domain losses (simulations/site_domain.py), the end's
+                              fidelity and share of the non-private ceiling's gain
 run-dir/summary.json          epsilon per site and for the study, recomputed
 run-dir/timing.json           each round's wall-clock start, when the sites' replies were
                               in, and end (Unix seconds; `fedsynth bench` reads it)
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 LEDGER = "ledger.jsonl"
 SUMMARY = "summary.json"
 SITE_DOMAIN_FIDELITY = "site-domain-fidelity.json"  # in validation/, simulation only
+SITE_DOMAIN_CEILING = "site-domain-ceiling.json"  # in validation/, simulation only
 RECONSTRUCTION_PNG = "reconstruction.png"  # in validation/: real vs autoencoder, round 0
 SITE_DOMAIN_NOTE = (
     "simulation only: the global model's diffusion loss (fixed noise) on held-out phantom "
@@ -175,6 +177,9 @@ def write_summary(study: Study, rounds_done: int, ended: str = "") -> dict:
         fidelity = validation_dir(study) / SITE_DOMAIN_FIDELITY
         if fidelity.is_file():
             domain["fidelity"] = json.loads(fidelity.read_text())
+        ceiling = validation_dir(study) / SITE_DOMAIN_CEILING
+        if ceiling.is_file():
+            domain["ceiling"] = json.loads(ceiling.read_text())
         summary["site_domain"] = domain
     atomic_write_text(study.run_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     return summary

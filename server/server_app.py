@@ -99,6 +99,7 @@ def run_federation(grid: Grid, study: Study, context: Context, whole_unet: bool 
             raise
         validation.finish()
     validation.final_fidelity(done + strategy.settled, strategy.weights)
+    validation.ceiling_share(done + strategy.settled)
     return write_summary(study, done + strategy.settled, strategy.over)
 
 

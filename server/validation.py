@@ -54,6 +54,15 @@ class SiteDomainCheck(Protocol):
         samples to held-out volumes (at the end of a study)."""
         ...
 
+    def ceiling_share(
+        self, phantoms: Path, public: dict[str, float], final: dict[str, float]
+    ) -> dict:
+        """The study's share of the non-private ceiling's gain in site-domain loss (round 0
+        `public` -> last round `final`), per site and on the mean, when the ceiling of the
+        simulated sites in `phantoms` has been computed; always with "note", one line to
+        log (without a ceiling: the command that computes it)."""
+        ...
+
 
 # the check on a loaded public checkpoint (shared with public validation: one model copy)
 SiteDomainFactory = Callable[[Pretrained], SiteDomainCheck]

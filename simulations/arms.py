@@ -199,7 +199,9 @@ class StudyContext:
     def ceiling(self, seed: int, keep_weights: bool = False) -> dict:
         """The non-private ceiling (simulations/ceiling.py) of every site's subjects pooled,
         from the public checkpoint: its site-domain loss at each check, its best step and
-        loss; with `keep_weights`, also `weights` (the best check's). Cached as arms are."""
+        loss; with `keep_weights`, also `weights` (the best check's). Cached as arms are,
+        and summarised next to the held-out subjects (SiteDomain.ceiling_summaries), where
+        a `flwr run` of this simulation finds it for its end-of-study share."""
         plan = CeilingPlan()
         facts = {"ceiling": dataclasses.asdict(plan), "facts": self.facts(seed)}
         key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
@@ -221,6 +223,7 @@ class StudyContext:
             self.arms.mkdir(parents=True, exist_ok=True)
             save_torch(weights_path, weights)  # first: the JSON marks the result complete
             atomic_write_text(path, json.dumps(result) + "\n")
+        self.site_domain.ceiling_summaries(self.data.phantoms).write(seed, result)
         if keep_weights:
             result["weights"] = load_torch(weights_path)
         return result

@@ -3,7 +3,8 @@
 A simulation knows its sites' profiles, so it draws held-out phantom subjects of each
 (another seed: no site trained on them). `SiteDomain` is the check a simulated study passes
 to the server (server/validation.py `SiteDomainCheck`, built on the server's model copy):
-the fixed-noise diffusion loss every round and, at the end, the fidelity of samples; the
+the fixed-noise diffusion loss every round and, at the end, the fidelity of samples and
+the share of the non-private ceiling's gain (simulations/ceiling_summary.py); the
 in-process studies use it too. A real study cannot look at site data without spending
 privacy, so nothing here exists for one.
 """
@@ -20,7 +21,7 @@ import torch
 
 from fedsynth.common.anatomy import VolumeMeter
 from fedsynth.common.checkpoint import UNET, Pretrained, file_sha256
-from fedsynth.common.config import Config
+from fedsynth.common.config import Config, pretraining_hash
 from fedsynth.common.diffusion import fixed_noise_losses, sample_latents, sampling_scheduler
 from fedsynth.common.evaluation import fidelity
 from fedsynth.common.feature_net import FeatureNets, feature_net_path, load_feature_nets
@@ -28,6 +29,8 @@ from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import latent_shape
 from fedsynth.common.sampling import agreement_only, requested_vs_measured
 from fedsynth.server.validation import encode_folder
+from fedsynth.simulations.ceiling import CeilingPlan
+from fedsynth.simulations.ceiling_summary import CeilingSummaries, share_of_ceiling
 
 log = logging.getLogger(__name__)
 
@@ -176,3 +179,26 @@ class SiteDomain:
                 final["frechet_3d"],
             )
         return result
+
+    def ceiling_summaries(self, phantoms: Path) -> CeilingSummaries:
+        """Where the non-private ceiling of the sites in `phantoms`, measured by this
+        check, is summarised (simulations/ceiling_summary.py), keyed by what it depends on:
+        this public UNet, the phantom sites, these held-out subjects, the pretraining
+        config it trains with, the ceiling's plan and this check's draws."""
+        facts = {
+            "unet": file_sha256(self.pretrained.folder / UNET),
+            "phantoms": f"{phantoms.parent.name}/{phantoms.name}",
+            "held_out": f"{self.folder.parent.name}/{self.folder.name}",
+            "pretraining": pretraining_hash(self.config),
+            "plan": dataclasses.asdict(CeilingPlan()),
+            "draws": SITE_DOMAIN_DRAWS,
+        }
+        return CeilingSummaries(self.folder, facts)
+
+    def ceiling_share(
+        self, phantoms: Path, public: dict[str, float], final: dict[str, float]
+    ) -> dict:
+        """The study's share of the ceiling's gain (share_of_ceiling) from its site-domain
+        loss at round 0 (`public`) and its last round (`final`), when the ceiling of the
+        sites in `phantoms` has been computed; otherwise a note naming the command."""
+        return share_of_ceiling(self.ceiling_summaries(phantoms).read(), public, final)
