@@ -213,6 +213,16 @@ def write_montage(
     montage(path, volumes, [volume_title(image, row) for image, row in shown], config)
 
 
+def slice_columns(depth: int) -> dict[str, int]:
+    """The basal-ish, mid and apical-ish slice index of a volume of `depth` short-axis
+    slices (they run base to apex): a quarter, half and three quarters of the way."""
+    return {
+        "basal": round(0.25 * (depth - 1)),
+        "mid": depth // 2,
+        "apical": round(0.75 * (depth - 1)),
+    }
+
+
 def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Config) -> None:
     """One row per (H, W, D) volume in [0, 1]: basal-ish, mid and apical-ish slices."""
     import matplotlib
@@ -221,8 +231,7 @@ def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Co
     import matplotlib.pyplot as plt
 
     depth = config.data.shape[2]
-    columns = {"basal": round(0.25 * (depth - 1)), "mid": depth // 2}
-    columns["apical"] = round(0.75 * (depth - 1))
+    columns = slice_columns(depth)
     sx, sy, _ = config.data.spacing
     fig = plt.figure(figsize=(7.5, 2.8 * len(volumes)), layout="constrained")
     subfigs = fig.subfigures(len(volumes), 1)  # an array, or one SubFigure for one volume

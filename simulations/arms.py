@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,7 @@ from fedsynth.common.config import (
     fingerprint_dict,
     to_dict,
 )
+from fedsynth.common.feature_net import feature_net_path, load_feature_nets
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS, cache_dir
@@ -45,12 +47,15 @@ LATER_FIELDS: dict = {"learning_rate": None, "overrides": ()}  # Arm fields adde
 
 @dataclass(frozen=True)
 class StudySetup:
-    """What a study is run with: the config, phantom site size and seeds."""
+    """What a study is run with: the config, phantom site size and seeds, and where it
+    writes the figures it draws from models (dp-gap's montages; None: none)."""
 
     config: Config
     subjects: int = DEFAULT_PHANTOM_SUBJECTS
     seeds: tuple[int, ...] = (0,)
     public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
+    figures: Path | None = None
+    ceiling: CeilingPlan = CeilingPlan()  # how long the non-private ceiling trains
 
 
 @dataclass(frozen=True)
@@ -196,15 +201,46 @@ class StudyContext:
         }
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
+    def ceiling_key(self, seed: int) -> str:
+        facts = {"ceiling": dataclasses.asdict(self.setup.ceiling), "facts": self.facts(seed)}
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+
+    def fidelity(self, weights: Weights, key: str) -> dict:
+        """`SiteDomain.fidelity_spread` of `weights` over FIDELITY_SEEDS sampling seeds,
+        cached (arms/fidelity-*.json) by `key`, which names whose weights they are (an
+        arm's or the ceiling's key, or "public"), with the context's facts and the
+        evaluation feature nets' file: sampling every held-out volume three times is the
+        study's costliest measurement."""
+        seeds = self.site_domain.sampling_seeds()
+        nets_path = feature_net_path(self.pretrained.folder)
+        facts = {
+            "weights": key,
+            "facts": self.facts(-1),
+            "feature_net": file_sha256(nets_path),
+            "sampling_seeds": seeds,
+        }
+        digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+        path = self.arms / f"fidelity-{digest}.json"
+        if path.is_file():
+            log.info("fidelity of %s: cached, %s", key, path)
+            return json.loads(path.read_text())
+        started = time.perf_counter()
+        result = self.site_domain.fidelity_spread(
+            weights, load_feature_nets(nets_path.parent), seeds
+        )
+        log.info("fidelity of %s: %.0f s", key, time.perf_counter() - started)
+        self.arms.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result) + "\n")
+        return result
+
     def ceiling(self, seed: int, keep_weights: bool = False) -> dict:
-        """The non-private ceiling (simulations/ceiling.py) of every site's subjects pooled,
-        from the public checkpoint: its site-domain loss at each check, its best step and
-        loss; with `keep_weights`, also `weights` (the best check's). Cached as arms are,
-        and summarised next to the held-out subjects (SiteDomain.ceiling_summaries), where
-        a `flwr run` of this simulation finds it for its end-of-study share."""
-        plan = CeilingPlan()
-        facts = {"ceiling": dataclasses.asdict(plan), "facts": self.facts(seed)}
-        key = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
+        """The non-private ceiling (simulations/ceiling.py, trained as `setup.ceiling`
+        plans) of every site's subjects pooled, from the public checkpoint: its site-domain
+        loss at each check, its best step and loss; with `keep_weights`, also `weights`
+        (the best check's). Cached as arms are, and summarised next to the held-out
+        subjects (SiteDomain.ceiling_summaries), where a `flwr run` of this simulation
+        finds it for its end-of-study share."""
+        plan, key = self.setup.ceiling, self.ceiling_key(seed)
         path, weights_path = self.arms / f"ceiling-{key}.json", self.arms / f"ceiling-{key}.pt"
         if path.is_file() and weights_path.is_file():
             result = json.loads(path.read_text())
@@ -223,7 +259,7 @@ class StudyContext:
             self.arms.mkdir(parents=True, exist_ok=True)
             save_torch(weights_path, weights)  # first: the JSON marks the result complete
             atomic_write_text(path, json.dumps(result) + "\n")
-        self.site_domain.ceiling_summaries(self.data.phantoms).write(seed, result)
+        self.site_domain.ceiling_summaries(self.data.phantoms, plan).write(seed, result)
         if keep_weights:
             result["weights"] = load_torch(weights_path)
         return result

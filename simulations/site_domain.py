@@ -5,8 +5,9 @@ A simulation knows its sites' profiles, so it draws held-out phantom subjects of
 to the server (server/validation.py `SiteDomainCheck`, built on the server's model copy):
 the fixed-noise diffusion loss every round and, at the end, the fidelity of samples and
 the share of the non-private ceiling's gain (simulations/ceiling_summary.py); the
-in-process studies use it too. A real study cannot look at site data without spending
-privacy, so nothing here exists for one.
+in-process studies use it too, and `fidelity_spread`: the Frechet distances of samples for
+every held-out volume, repeated over sampling seeds so that their spread is stated. A real
+study cannot look at site data without spending privacy, so nothing here exists for one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -35,7 +38,10 @@ from fedsynth.simulations.ceiling_summary import CeilingSummaries, share_of_ceil
 log = logging.getLogger(__name__)
 
 SITE_DOMAIN_DRAWS = 8  # stratified fixed (noise, timestep) draws per site-domain volume
-FIDELITY_VOLUMES = 10  # per site: the first held-out volumes (5 subjects, ED + ES) sampled
+FIDELITY_VOLUMES = 10  # per site, `flwr run`'s end: the first held-out volumes (5 subjects) sampled
+FIDELITY_SEEDS = 3  # sampling seeds of a study's `fidelity_spread` (every held-out volume)
+SAMPLE_BATCH = 40  # volumes sampled at once (memory)
+FRECHET = {"frechet_3d": "volume_features", "frechet_2d": "slice_features"}
 
 
 def _site_number(folder: Path) -> int:
@@ -67,6 +73,7 @@ class SiteDomain:
         self.rows = {
             name: [dict(r.attributes) for r in e[3].records] for name, e in encoded.items()
         }
+        self.subjects = {name: [r.subject for r in e[3].records] for name, e in encoded.items()}
 
     def load(self, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
         unet = self.pretrained.unet
@@ -107,21 +114,63 @@ class SiteDomain:
                 out[site][f"mmd2_{key}"] = measured["mmd2"]
         return out
 
-    def sample(self, unet: torch.nn.Module, attributes: torch.Tensor) -> torch.Tensor:
-        """One volume (N, 1, H, W, D) in [0, 1] per attribute row, in one batch (DDIM with
-        the config's steps and guidance, seeded by config.seed)."""
+    def sample(
+        self, unet: torch.nn.Module, attributes: torch.Tensor, seed: int | None = None
+    ) -> torch.Tensor:
+        """One volume (N, 1, H, W, D) in [0, 1] per attribute row (DDIM with the config's
+        steps and guidance), in batches of SAMPLE_BATCH drawn from one generator seeded by
+        `seed` (None: config.seed)."""
         sampling = self.config.sampling
         chain = sampling_scheduler(self.config.diffusion, sampling.scheduler, sampling.steps)
-        generator = torch.Generator(attributes.device).manual_seed(self.seed)
-        latents = sample_latents(
-            unet,
-            chain,
-            attributes,
-            latent_shape(self.config),
-            sampling.guidance_scale,
-            generator,
-        )
-        return self.pretrained.decode(latents).clamp(0, 1).cpu()
+        generator = torch.Generator(attributes.device)
+        generator.manual_seed(self.seed if seed is None else seed)
+        volumes = []
+        for start in range(0, len(attributes), SAMPLE_BATCH):
+            latents = sample_latents(
+                unet,
+                chain,
+                attributes[start : start + SAMPLE_BATCH],
+                latent_shape(self.config),
+                sampling.guidance_scale,
+                generator,
+            )
+            volumes.append(self.pretrained.decode(latents).clamp(0, 1).cpu())
+        return torch.cat(volumes)
+
+    def sampling_seeds(self, count: int = FIDELITY_SEEDS) -> list[int]:
+        """The sampling seeds of `fidelity_spread`: config.seed and the next count - 1."""
+        return [self.seed + k for k in range(count)]
+
+    @torch.no_grad()
+    def fidelity_spread(
+        self, weights: dict[str, torch.Tensor], nets: FeatureNets, seeds: Sequence[int]
+    ) -> dict[str, dict[str, dict]]:
+        """Per site and metric (FRECHET: volume and slice features): the Frechet distance
+        between ALL held-out volumes of the site and one volume sampled for each one's
+        attributes, once per sampling seed in `seeds` (at least two): {"values": one per
+        seed, "mean", "sd" (sample sd over seeds)}; under "mean", the same of the sites'
+        mean per seed. The spread is that of sampling one model, which a difference
+        between two models must exceed to mean anything."""
+        if len(seeds) < 2:
+            raise ValueError(f"a spread needs at least two sampling seeds, got {len(seeds)}")
+        unet = self.load(weights)
+        values: dict[str, dict[str, list[float]]] = {}
+        for site, (real, _, conditions) in self.sites.items():
+            reference = {key: getattr(nets, name)(real) for key, name in FRECHET.items()}
+            values[site] = {key: [] for key in FRECHET}
+            for seed in seeds:
+                synthetic = self.sample(unet, conditions, seed)
+                for key, name in FRECHET.items():
+                    measured = fidelity(reference[key], getattr(nets, name)(synthetic), seed)
+                    values[site][key].append(measured["frechet_distance"])
+        values["mean"] = {
+            key: [statistics.fmean(v[key][k] for v in values.values()) for k in range(len(seeds))]
+            for key in FRECHET
+        }
+        return {
+            site: {key: spread(series) for key, series in metrics.items()}
+            for site, metrics in values.items()
+        }
 
     @torch.no_grad()
     def controllability(
@@ -180,17 +229,19 @@ class SiteDomain:
             )
         return result
 
-    def ceiling_summaries(self, phantoms: Path) -> CeilingSummaries:
+    def ceiling_summaries(
+        self, phantoms: Path, plan: CeilingPlan | None = None
+    ) -> CeilingSummaries:
         """Where the non-private ceiling of the sites in `phantoms`, measured by this
         check, is summarised (simulations/ceiling_summary.py), keyed by what it depends on:
         this public UNet, the phantom sites, these held-out subjects, the pretraining
-        config it trains with, the ceiling's plan and this check's draws."""
+        config it trains with, the ceiling's `plan` and this check's draws."""
         facts = {
             "unet": file_sha256(self.pretrained.folder / UNET),
             "phantoms": f"{phantoms.parent.name}/{phantoms.name}",
             "held_out": f"{self.folder.parent.name}/{self.folder.name}",
             "pretraining": pretraining_hash(self.config),
-            "plan": dataclasses.asdict(CeilingPlan()),
+            "plan": dataclasses.asdict(plan or CeilingPlan()),
             "draws": SITE_DOMAIN_DRAWS,
         }
         return CeilingSummaries(self.folder, facts)
@@ -202,3 +253,8 @@ class SiteDomain:
         loss at round 0 (`public`) and its last round (`final`), when the ceiling of the
         sites in `phantoms` has been computed; otherwise a note naming the command."""
         return share_of_ceiling(self.ceiling_summaries(phantoms).read(), public, final)
+
+
+def spread(values: list[float]) -> dict:
+    """{"values", "mean", "sd"}: the values, their mean and sample standard deviation."""
+    return {"values": values, "mean": statistics.fmean(values), "sd": statistics.stdev(values)}

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss, summary
 from fedsynth.simulations.downstream import downstream
+from fedsynth.simulations.study_montage import write_site_montages
 
 PRIVACY_LEVELS = (1.0, 5.0, 10.0, None)  # epsilon per site; None: the same steps, no noise
 TRAINABLE = ("attention", "norms", "all")
@@ -34,37 +35,74 @@ def _final(result: dict) -> dict[str, float]:
 
 
 def dp_gap(setup: StudySetup) -> dict:
-    """Federated DP finetuning against the same steps without noise, per site.
+    """Federated DP finetuning against the same steps without noise and against the
+    non-private ceiling, per site.
 
-    For each seed: the study's rounds with DP-SGD (noise planned for the target epsilon)
-    and the same rounds with noise 0, from the public checkpoint; each site's held-out
-    site-profile loss after every round. share = (public - DP) / (public - non-private):
-    1 means DP lost nothing, 0 that the sites' data did not move the model.
+    For each seed: the study's rounds with DP-SGD (noise planned for the target epsilon),
+    the same rounds with noise 0, both from the public checkpoint, and the ceiling
+    (simulations/ceiling.py: every UNet weight on the pooled sites' subjects without
+    privacy, its best held-out check); each site's held-out site-profile loss.
+    share = (public - DP) / (public - same steps without noise), ceiling_share =
+    (public - DP) / (public - ceiling): 1 means DP reached the reference, 0 that the
+    sites' data did not move the model. The fidelity with its spread over sampling seeds
+    (SiteDomain.fidelity_spread) is measured for the public checkpoint and the first
+    seed's DP and ceiling models, whose samples also fill the montages when
+    `setup.figures` names a folder.
     """
     started, context = time.perf_counter(), StudyContext(setup)
-    everyone = tuple(context.names)
-    runs = []
+    everyone, first = tuple(context.names), setup.seeds[0]
+    dp_arm, plain_arm = Arm(everyone, setup.config.privacy.target_epsilon), Arm(everyone, None)
+    runs, models = [], {"public": context.public}
+    fidelity = {"public": context.fidelity(context.public, "public")}
     for seed in setup.seeds:
+        keep = seed == first
         arms = {
-            "dp": context.run(Arm(everyone, setup.config.privacy.target_epsilon), seed),
-            "nonprivate": context.run(Arm(everyone, None), seed),
+            "dp": context.run(dp_arm, seed, keep_weights=keep),
+            "nonprivate": context.run(plain_arm, seed),
         }
-        public, dp, reference = (
-            arms["dp"]["loss"][0],
-            arms["dp"]["loss"][-1],
-            arms["nonprivate"]["loss"][-1],
+        ceiling = context.ceiling(seed, keep_weights=keep)
+        if keep:
+            models |= {"DP": arms["dp"].pop("weights"), "ceiling": ceiling.pop("weights")}
+            fidelity["dp"] = context.fidelity(models["DP"], context.key(dp_arm, seed))
+            fidelity["ceiling"] = context.fidelity(models["ceiling"], context.ceiling_key(seed))
+        public, dp = arms["dp"]["loss"][0], arms["dp"]["loss"][-1]
+        reference, best = arms["nonprivate"]["loss"][-1], ceiling["best"]
+        runs.append(
+            {
+                "seed": seed,
+                **arms,
+                "ceiling": ceiling,
+                "share": {s: _share(public[s], dp[s], reference[s]) for s in public},
+                "share_of_mean_loss": _share(*(mean_loss(v) for v in (public, dp, reference))),
+                "ceiling_share": {s: _share(public[s], dp[s], best[s]) for s in public},
+                "ceiling_share_of_mean_loss": _share(*(mean_loss(v) for v in (public, dp, best))),
+            }
         )
-        share = {s: _share(public[s], dp[s], reference[s]) for s in public}
-        overall = _share(*(mean_loss(v) for v in (public, dp, reference)))
-        runs.append({"seed": seed, **arms, "share": share, "share_of_mean_loss": overall})
+    montages = []
+    if setup.figures is not None:
+        montages = write_site_montages(context.site_domain, models, setup.figures, "dp-gap")
     return summary(
         "dp-gap",
         setup,
         started,
         runs=runs,
         share_of_mean_loss=[r["share_of_mean_loss"] for r in runs],
-        mean_site_share=[sum(r["share"].values()) / len(r["share"]) for r in runs],
+        mean_site_share=[_mean(r["share"]) for r in runs],
+        ceiling_share_of_mean_loss=[r["ceiling_share_of_mean_loss"] for r in runs],
+        mean_site_ceiling_share=[_mean(r["ceiling_share"]) for r in runs],
+        ceiling_best_step=[r["ceiling"]["best_step"] for r in runs],
+        fidelity={
+            "models_of_seed": first,
+            "sampling_seeds": context.site_domain.sampling_seeds(),
+            "volumes_per_site": {s: len(rows) for s, rows in context.site_domain.rows.items()},
+            **fidelity,
+        },
+        montages=[path.name for path in montages],
     )
+
+
+def _mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values)
 
 
 def federation(setup: StudySetup) -> dict:

@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=Path("studies"),
         metavar="DIR",
-        help="where NAME.json and NAME.png go (./studies)",
+        help="where NAME.json and NAME.png go, and dp-gap's montages (./studies)",
     )
     parser.add_argument("--json", action="store_true", help="print the JSON, not the table")
 
@@ -65,12 +65,15 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--subjects", subjects), ("--public-subjects", public)):
         if value < 2:
             raise FedsynthError(f"{flag} must be at least 2, got {value}")
-    setup = StudySetup(config_from_args(args), subjects, tuple(range(args.seeds)), public)
+    args.out.mkdir(parents=True, exist_ok=True)
+    setup = StudySetup(
+        config_from_args(args), subjects, tuple(range(args.seeds)), public, figures=args.out
+    )
     result = studies.STUDIES[args.name](setup)
     table, plot = VIEWS[args.name]
-    args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{args.name}.json", json.dumps(result, indent=2) + "\n")
     plot(result, args.out / f"{args.name}.png")
     print(json.dumps(result, indent=2) if args.json else table(result))
-    print(f"study {args.name}: {result['seconds']:.0f} s; wrote {args.out}/{args.name}.json, .png")
+    written = ", ".join([f"{args.name}.json", f"{args.name}.png", *result.get("montages", [])])
+    print(f"study {args.name}: {result['seconds']:.0f} s; wrote {written} in {args.out}")
     return 0

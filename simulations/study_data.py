@@ -23,7 +23,8 @@ from fedsynth.simulations.site_domain import SiteDomain
 log = logging.getLogger(__name__)
 
 VALIDATION_SUBJECTS = 4  # public held-out phantom subjects (8 volumes) for validation
-SITE_HELD_OUT_SUBJECTS = 10  # per site: held-out subjects of its profile (simulation only)
+SITE_HELD_OUT_SUBJECTS = 30  # per site: held-out subjects of its profile (simulation only);
+# 60 volumes: enough for a Frechet distance whose spread over sampling seeds is stated
 
 
 def phantom_folder(
@@ -38,14 +39,15 @@ def phantom_folder(
     generated once and cached.
 
     The held-out folder holds public/ (VALIDATION_SUBJECTS, for per-round validation) and
-    site-1..K (SITE_HELD_OUT_SUBJECTS each, for the simulation-only site-domain check).
+    site-1..K (SITE_HELD_OUT_SUBJECTS each, for the simulation-only site-domain check);
+    its name carries that count, so a folder of another count is never reused.
     """
     from fedsynth.simulations.phantoms import PHANTOM_VERSION, generate_cohorts
 
     sites, seed = config.federation.sites, config.seed
     version = cache / "phantoms" / f"v{PHANTOM_VERSION}"  # a changed generator: new folders
     if held_out:
-        folder = version / f"held-out-sites{sites}-seed{seed}"
+        folder = version / f"held-out-sites{sites}-subjects{SITE_HELD_OUT_SUBJECTS}-seed{seed}"
         count, public, draw = SITE_HELD_OUT_SUBJECTS, VALIDATION_SUBJECTS, seed + 1
     else:
         folder = version / f"sites{sites}-subjects{subjects}-seed{seed}-public{public_subjects}"

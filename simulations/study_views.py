@@ -51,45 +51,140 @@ def _bars(ax, groups: list[str], series: dict[str, list[list[float]]]) -> None:
 
 
 def dp_gap_table(result: dict) -> str:
-    """Per site and seed: public checkpoint, DP, non-private loss and the share; then the
-    share of the gap in the sites' mean loss and the mean of the sites' shares, per seed."""
+    """Per site and seed: public checkpoint, DP, same-steps non-private and ceiling loss
+    with the DP share of each gain; then both shares of the sites' mean loss and the mean
+    of the sites' shares, per seed; then the fidelity of samples (mean and sd over
+    sampling seeds) of the public checkpoint, DP and ceiling."""
     lines = [
         LOSS_NOTE,
-        f"{'seed':>4}  {'site':<8} {'public':>8} {'DP':>8} {'non-DP':>8} {'share':>6}",
+        f"{'seed':>4}  {'site':<8} {'public':>8} {'DP':>8} {'non-DP':>8} {'share':>6} "
+        f"{'ceiling':>8} {'c-share':>8}",
     ]
     for run in result["runs"]:
         public, dp, ref = run["dp"]["loss"][0], run["dp"]["loss"][-1], run["nonprivate"]["loss"][-1]
+        best = run["ceiling"]["best"]
         for site, share in run["share"].items():
             lines.append(
                 f"{run['seed']:>4}  {site:<8} {public[site]:>8.4f} {dp[site]:>8.4f} "
-                f"{ref[site]:>8.4f} {share:>6.0%}"
+                f"{ref[site]:>8.4f} {share:>6.0%} {best[site]:>8.4f} "
+                f"{run['ceiling_share'][site]:>8.0%}"
             )
+    lines.append(
+        "non-DP: the same steps without noise; ceiling: every UNet weight on the pooled "
+        "sites without privacy, best held-out check at step "
+        + ", ".join(str(step) for step in result["ceiling_best_step"])
+        + " (per seed)"
+    )
     for key, text in (
-        ("share_of_mean_loss", "of the sites' mean loss gap"),
-        ("mean_site_share", "mean of the sites' shares"),
+        ("share_of_mean_loss", "of the sites' mean loss gap to the same steps without noise"),
+        ("mean_site_share", "mean of the sites' shares of that gap"),
+        ("ceiling_share_of_mean_loss", "of the ceiling's gain in the sites' mean loss"),
+        ("mean_site_ceiling_share", "mean of the sites' shares of the ceiling's gain"),
     ):
         lines.append(f"DP keeps {', '.join(f'{v:.0%}' for v in result[key])} {text} (per seed)")
+    lines += _fidelity_lines(result["fidelity"])
     return "\n".join(lines)
 
 
+FIDELITY_MODELS = {"public": "public", "dp": "DP", "ceiling": "ceiling"}
+
+
+def _fidelity_lines(fidelity: dict) -> list[str]:
+    volumes = sorted(set(fidelity["volumes_per_site"].values()))
+    lines = [
+        f"Frechet distance of samples to each site's held-out volumes ("
+        f"{'/'.join(map(str, volumes))} per site, one sample each), mean +- sd over sampling "
+        f"seeds {fidelity['sampling_seeds']}; DP and ceiling of seed {fidelity['models_of_seed']}",
+        f"{'site':<8} {'features':<8}"
+        + "".join(f"{name:>19}" for name in FIDELITY_MODELS.values()),
+    ]
+    for site in fidelity["public"]:
+        for metric, features in (("frechet_3d", "3D"), ("frechet_2d", "slices")):
+            cells = [fidelity[model][site][metric] for model in FIDELITY_MODELS]
+            lines.append(
+                f"{site:<8} {features:<8}"
+                + "".join(f"{c['mean']:>9.4f} +- {c['sd']:<6.4f}" for c in cells)
+            )
+    return lines
+
+
 def plot_dp_gap(result: dict, png: Path) -> None:
-    """Site-domain loss per round, DP against non-private, one panel per site."""
+    """Per site: site-domain loss per round, DP against the same steps without noise, the
+    ceiling's best check as a dotted line; then the ceiling's mean loss per training step
+    against the DP and non-private finals; then the 3D Frechet distance of samples per
+    site for the public checkpoint, DP and ceiling (error bars: sd over sampling seeds)."""
     first = result["runs"][0]
     sites = list(first["share"])
-    fig, axes = _figure(len(sites), 3.2)
-    for ax, site in zip(axes, sites, strict=True):
+    fig, axes = _figure(len(sites) + 2, 3.2)
+    for ax, site in zip(axes, sites, strict=False):
         for run in result["runs"]:
+            label = run is first
             for arm, colour, name in (("dp", "C0", "DP-SGD"), ("nonprivate", "C1", "no noise")):
                 values = [entry[site] for entry in run[arm]["loss"]]
-                label = name if run is first else None
-                ax.plot(range(len(values)), values, color=colour, marker="o", ms=3, label=label)
-        share = _spread([run["share"][site] for run in result["runs"]])[0]
-        ax.set_title(f"{site} (mean share {share:.0%})", fontsize=9)
+                ax.plot(
+                    range(len(values)),
+                    values,
+                    color=colour,
+                    marker="o",
+                    ms=3,
+                    label=name if label else None,
+                )
+            ax.axhline(
+                run["ceiling"]["best"][site],
+                color="C2",
+                ls=":",
+                label="ceiling (best check)" if label else None,
+            )
+        share = _spread([run["ceiling_share"][site] for run in result["runs"]])[0]
+        ax.set_title(f"{site} (DP: {share:.0%} of the ceiling's gain)", fontsize=9)
         ax.set_xlabel("round (0: public checkpoint)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out site-profile loss")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7)
+    ceiling_ax, fidelity_ax = axes[len(sites)], axes[len(sites) + 1]
+    for run in result["runs"]:
+        label = run is first
+        checks = run["ceiling"]["checks"]
+        ceiling_ax.plot(
+            [c["step"] for c in checks],
+            [_mean_loss(c["loss"]) for c in checks],
+            color="C2",
+            marker="o",
+            ms=3,
+            label="ceiling" if label else None,
+        )
+        for arm, colour, name in (("dp", "C0", "DP final"), ("nonprivate", "C1", "no noise final")):
+            ceiling_ax.axhline(
+                _mean_loss(run[arm]["loss"][-1]),
+                color=colour,
+                ls="--",
+                label=name if label else None,
+            )
+    ceiling_ax.set_xlabel("ceiling training step (0: public checkpoint)")
+    ceiling_ax.set_title("mean over sites: the ceiling's checks", fontsize=9)
+    ceiling_ax.grid(alpha=0.3)
+    ceiling_ax.legend(fontsize=7)
+    fidelity = result["fidelity"]
+    groups = [*sites, "mean"]
+    width = 0.8 / len(FIDELITY_MODELS)
+    for k, (model, name) in enumerate(FIDELITY_MODELS.items()):
+        cells = [fidelity[model][g]["frechet_3d"] for g in groups]
+        xs = [g + (k - (len(FIDELITY_MODELS) - 1) / 2) * width for g in range(len(groups))]
+        fidelity_ax.bar(
+            xs, [c["mean"] for c in cells], width, yerr=[c["sd"] for c in cells], label=name
+        )
+    fidelity_ax.set_xticks(range(len(groups)), groups)
+    fidelity_ax.set_ylabel("Frechet distance to held-out (3D)")
+    fidelity_ax.set_title(
+        f"seed {fidelity['models_of_seed']}'s models; bars: sd over sampling", fontsize=9
+    )
+    fidelity_ax.grid(axis="y", alpha=0.3)
+    fidelity_ax.legend(fontsize=7)
     fig.savefig(png)
+
+
+def _mean_loss(losses: dict[str, float]) -> float:
+    return sum(losses.values()) / len(losses)
 
 
 # ------------------------------------------------------------------------------ federation

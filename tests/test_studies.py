@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
+from functools import partial
 
 import pytest
 import torch
 
 import fedsynth.simulations.arms as arms_module
 from fedsynth.client.budget import sample_rate
-from fedsynth.common.config import load_config
+from fedsynth.common.config import apply_overrides, config_from_dict, load_config, to_dict
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss
+from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling, mean_of
 from fedsynth.simulations.federated import noise_multiplier
+from fedsynth.simulations.study_data import SITE_HELD_OUT_SUBJECTS
 
 SUBJECTS = 4
 OVERRIDES = {
@@ -26,6 +30,7 @@ OVERRIDES = {
     "training.finetune-learning-rate": 1e-2,
     "sampling.steps": 2,
 }
+CEILING = CeilingPlan(max_steps=40, check_every=10, patience=2)  # seconds at the tiny size
 
 
 @pytest.fixture(scope="module")
@@ -244,7 +249,8 @@ def test_controllability_and_downstream_studies(context, cache, tmp_path):
         "synthetic (federated DP, eps 10) only",
         "synthetic (federated DP, eps 10) -> real",
     ]
-    assert result["real_volumes"] == 2 * 3 * 4 and result["test_volumes"] == 60
+    assert result["real_volumes"] == 2 * 3 * 4
+    assert result["test_volumes"] == 2 * SITE_HELD_OUT_SUBJECTS * 3
     assert len({m["mae_ml"] for m in measured.values()}) == 5
 
 
@@ -283,3 +289,123 @@ def test_a_subsets_share_is_not_given_where_its_noiseless_run_gained_less(tmp_pa
     assert whole.split()[-2:] == ["n/a", "n/a"]
     plot(result, tmp_path / "trainable.png")
     assert (tmp_path / "trainable.png").stat().st_size > 10_000
+
+
+def test_the_held_out_folder_names_its_count_and_every_site_has_that_many_subjects(context):
+    """A folder of another count (10 subjects before) is never reused for 30."""
+    assert f"subjects{SITE_HELD_OUT_SUBJECTS}" in context.data.held_out.name
+    for site in context.names:
+        assert len(set(context.site_domain.subjects[site])) == SITE_HELD_OUT_SUBJECTS
+        assert len(context.site_domain.rows[site]) == 2 * SITE_HELD_OUT_SUBJECTS  # ED + ES
+
+
+def test_the_ceiling_improves_on_the_public_loss_and_stops_by_patience(context):
+    pooled = context.training_sites(Arm(tuple(context.names), None, pooled=True))["pooled"]
+    config, evaluate = context.setup.config, context.site_domain.loss
+    result, weights = finetune_ceiling(config, context.public, pooled, evaluate, 0, CEILING)
+    public = result["checks"][0]["loss"]
+    assert [c["step"] for c in result["checks"]] == [0, 10, 20, 30, 40]
+    assert result["best_step"] > 0 and mean_of(result["best"]) < mean_of(public)
+    assert evaluate(weights) == result["best"]  # the best check's weights come back
+    # at a rate that overshoots, every check is worse than the start: it stops after
+    # `patience` checks and keeps the public checkpoint
+    fast = config_from_dict(
+        apply_overrides(to_dict(config), {"training.pretrain-learning-rate": 1e-2})
+    )
+    plan = CeilingPlan(max_steps=100, check_every=5, patience=2)
+    result, weights = finetune_ceiling(fast, context.public, pooled, evaluate, 0, plan)
+    assert [c["step"] for c in result["checks"]] == [0, 5, 10]
+    assert result["best_step"] == 0 and result["best"] == public
+    assert all(torch.equal(weights[k], v) for k, v in context.public.items())
+
+
+def test_dp_gap_study_measures_dp_against_the_ceiling_with_fidelity_spread_and_montages(
+    context, cache, tmp_path, monkeypatch, capsys
+):
+    from PIL import Image
+
+    monkeypatch.setattr(arms_module, "StudySetup", partial(StudySetup, ceiling=CEILING))
+    result = _study("dp-gap", cache, tmp_path)
+    [run] = result["runs"]
+    dp, reference, ceiling = run["dp"], run["nonprivate"], run["ceiling"]
+    assert len(dp["loss"]) == len(reference["loss"]) == 2  # round 0 and one round
+    assert dp["loss"][0] == reference["loss"][0]  # both start from the public checkpoint
+    assert all(v > 0 for v in dp["noise"].values()) and set(reference["noise"].values()) == {0}
+    # the ceiling is the context's, cached: the same checks and best step
+    monkeypatch.setattr(
+        context, "setup", StudySetup(context.setup.config, SUBJECTS, ceiling=CEILING)
+    )
+    cached = context.ceiling(0)
+    assert ceiling["checks"] == cached["checks"] and ceiling["best"] == cached["best"]
+    assert result["ceiling_best_step"] == [ceiling["best_step"]] and ceiling["best_step"] > 0
+    [best_check] = [c for c in ceiling["checks"] if c["step"] == ceiling["best_step"]]
+    assert ceiling["best"] == best_check["loss"]
+    public, private, plain, best = (
+        dp["loss"][0],
+        dp["loss"][-1],
+        reference["loss"][-1],
+        ceiling["best"],
+    )
+    assert mean_loss(best) < mean_loss(public)  # a gain to take a share of
+    for site in context.names:
+        expected = (public[site] - private[site]) / (public[site] - best[site])
+        assert run["ceiling_share"][site] == pytest.approx(expected)
+        same_steps = (public[site] - private[site]) / (public[site] - plain[site])
+        assert run["share"][site] == pytest.approx(same_steps)
+    on_mean = (mean_loss(public) - mean_loss(private)) / (mean_loss(public) - mean_loss(best))
+    assert result["ceiling_share_of_mean_loss"] == [pytest.approx(on_mean)]
+    assert result["mean_site_ceiling_share"] == [
+        pytest.approx(statistics.fmean(run["ceiling_share"].values()))
+    ]
+    # fidelity: every held-out volume of each site sampled once per sampling seed
+    fidelity = result["fidelity"]
+    assert fidelity["models_of_seed"] == 0 and len(fidelity["sampling_seeds"]) == 3
+    assert fidelity["volumes_per_site"] == {s: 2 * SITE_HELD_OUT_SUBJECTS for s in context.names}
+    for model in ("public", "dp", "ceiling"):
+        assert list(fidelity[model]) == [*context.names, "mean"]
+        for metrics in fidelity[model].values():
+            assert sorted(metrics) == ["frechet_2d", "frechet_3d"]
+            for cell in metrics.values():
+                assert len(cell["values"]) == 3 and cell["sd"] > 0
+                assert cell["sd"] == pytest.approx(statistics.stdev(cell["values"]))
+                assert cell["mean"] == pytest.approx(statistics.fmean(cell["values"]))
+        for k in range(3):
+            sites = [fidelity[model][s]["frechet_3d"]["values"][k] for s in context.names]
+            assert fidelity[model]["mean"]["frechet_3d"]["values"][k] == pytest.approx(
+                statistics.fmean(sites)
+            )
+    assert fidelity["ceiling"] != fidelity["public"]
+    monkeypatch.setattr(
+        context.site_domain, "fidelity_spread", lambda *a: pytest.fail("sampled again")
+    )
+    assert context.fidelity(context.public, "public") == fidelity["public"]  # cached
+    # a montage per site
+    names = [f"dp-gap-montage-{site}.png" for site in context.names]
+    assert result["montages"] == names
+    for name in names:
+        assert Image.open(tmp_path / name).size[0] > 1000
+    out = capsys.readouterr().out
+    assert "of the ceiling's gain in the sites' mean loss" in out and names[0] in out
+
+
+def test_a_site_montage_is_real_then_each_model_by_basal_mid_and_apical_slice(context):
+    from fedsynth.simulations.study_montage import draw_montage, montage_volumes
+
+    domain, site = context.site_domain, "site-2"
+    chosen = montage_volumes(domain.subjects[site], domain.rows[site])
+    subjects = [domain.subjects[site][i] for i in chosen]
+    assert subjects[0] == subjects[1] != subjects[2] == subjects[3]
+    assert [domain.rows[site][i]["phase"] for i in chosen] == [0, 1, 0, 1]  # ED, ES
+    real, _, attributes = domain.sites[site]
+    index = torch.tensor(chosen)
+    sampled = domain.sample(domain.load(context.public), attributes[index])
+    models = {"public": sampled, "DP": sampled, "ceiling": sampled}
+    fig = draw_montage("site-2", real[index], models, ["a", "b", "c", "d"], context.setup.config)
+    columns = 3 * len(chosen)
+    assert len(fig.axes) == 4 * columns  # rows: real, public, DP, ceiling
+    assert [fig.axes[r * columns].get_ylabel() for r in range(4)] == ["real", *models]
+    titles = [ax.get_title() for ax in fig.axes[:columns]]
+    assert [t.split("\n")[-1].split()[0] for t in titles] == ["basal", "mid", "apical"] * 4
+    assert [t.split("\n")[0] for t in titles[1::3]] == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="1 held-out subjects have an ED and an ES volume"):
+        montage_volumes(["s1", "s1", "s2"], [{"phase": 0}, {"phase": 1}, {"phase": 0}])
