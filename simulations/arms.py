@@ -215,7 +215,7 @@ class StudyContext:
         nets_path = feature_net_path(self.pretrained.folder)
         facts = {
             "weights": key,
-            "facts": self.facts(-1),
+            "facts": self.facts(-1),  # no training seed: `key` carries the weights' own
             "feature_net": file_sha256(nets_path),
             "sampling_seeds": seeds,
         }
