@@ -41,7 +41,8 @@ def dp_gap(setup: StudySetup) -> dict:
     For each seed: the study's rounds with DP-SGD (noise planned for the target epsilon),
     the same rounds with noise 0, both from the public checkpoint, and the ceiling
     (simulations/ceiling.py: every UNet weight on the pooled sites' subjects without
-    privacy, its best held-out check); each site's held-out site-profile loss.
+    privacy, its best held-out check; one finetune, seeded by the first seed: it is the
+    bar every seed's DP arm is measured against); each site's held-out site-profile loss.
     share = (public - DP) / (public - same steps without noise), ceiling_share =
     (public - DP) / (public - ceiling): 1 means DP reached the reference, 0 that the
     sites' data did not move the model. The fidelity with its spread over sampling seeds
@@ -60,8 +61,8 @@ def dp_gap(setup: StudySetup) -> dict:
             "dp": context.run(dp_arm, seed, keep_weights=keep),
             "nonprivate": context.run(plain_arm, seed),
         }
-        ceiling = context.ceiling(seed, keep_weights=keep)
         if keep:
+            ceiling = context.ceiling(seed, keep_weights=True)
             models |= {"DP": arms["dp"].pop("weights"), "ceiling": ceiling.pop("weights")}
             fidelity["dp"] = context.fidelity(models["DP"], context.key(dp_arm, seed))
             fidelity["ceiling"] = context.fidelity(models["ceiling"], context.ceiling_key(seed))
@@ -90,7 +91,8 @@ def dp_gap(setup: StudySetup) -> dict:
         mean_site_share=[_mean(r["share"]) for r in runs],
         ceiling_share_of_mean_loss=[r["ceiling_share_of_mean_loss"] for r in runs],
         mean_site_ceiling_share=[_mean(r["ceiling_share"]) for r in runs],
-        ceiling_best_step=[r["ceiling"]["best_step"] for r in runs],
+        ceiling_best_step=runs[0]["ceiling"]["best_step"],
+        ceiling_plan=runs[0]["ceiling"]["plan"],
         fidelity={
             "models_of_seed": first,
             "sampling_seeds": context.site_domain.sampling_seeds(),

@@ -71,9 +71,9 @@ def dp_gap_table(result: dict) -> str:
             )
     lines.append(
         "non-DP: the same steps without noise; ceiling: every UNet weight on the pooled "
-        "sites without privacy, best held-out check at step "
-        + ", ".join(str(step) for step in result["ceiling_best_step"])
-        + " (per seed)"
+        f"sites without privacy (one finetune, seed {result['seeds'][0]}), best held-out "
+        f"check at step {result['ceiling_best_step']} of at most "
+        f"{result['ceiling_plan']['max_steps']}"
     )
     for key, text in (
         ("share_of_mean_loss", "of the sites' mean loss gap to the same steps without noise"),
