@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fedsynth.client.latents import SiteLatents
+from fedsynth.client.latents import SiteLatents, site_latents
 from fedsynth.common.checkpoint import UNET, file_sha256, load_pretrained, load_torch, save_torch
 from fedsynth.common.config import (
     Config,
@@ -201,8 +201,10 @@ class StudyContext:
         }
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
-    def ceiling_key(self, seed: int) -> str:
+    def ceiling_key(self, seed: int, public_only: bool = False) -> str:
         facts = {"ceiling": dataclasses.asdict(self.setup.ceiling), "facts": self.facts(seed)}
+        if public_only:  # a field added later: the sites' ceiling keeps its key
+            facts["public_only"] = True
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
     def fidelity(self, weights: Weights, key: str) -> dict:
@@ -233,33 +235,44 @@ class StudyContext:
         atomic_write_text(path, json.dumps(result) + "\n")
         return result
 
-    def ceiling(self, seed: int, keep_weights: bool = False) -> dict:
+    def pooled_sites(self) -> SiteLatents:
+        return self.training_sites(Arm(tuple(self.names), None, pooled=True))["pooled"]
+
+    def public_latents(self) -> SiteLatents:
+        """The public phantoms the checkpoint was pretrained on, encoded once."""
+        folder = self.data.phantoms / "public"
+        state = self.cache / "studies" / "sites" / self.data.phantoms.name / "public"
+        return site_latents(self.pretrained, self.pretrained.folder, folder, state, False)
+
+    def ceiling(self, seed: int, keep_weights: bool = False, public_only: bool = False) -> dict:
         """The non-private ceiling (simulations/ceiling.py, trained as `setup.ceiling`
         plans) of every site's subjects pooled, from the public checkpoint: its site-domain
         loss at each check, its best step and loss; with `keep_weights`, also `weights`
         (the best check's). Cached as arms are, and summarised next to the held-out
         subjects (SiteDomain.ceiling_summaries), where a `flwr run` of this simulation
-        finds it for its end-of-study share."""
-        plan, key = self.setup.ceiling, self.ceiling_key(seed)
+        finds it for its end-of-study share. `public_only`: the same training on the public
+        checkpoint's own public subjects instead, no site data: how much of the ceiling's
+        gain more training alone gives."""
+        plan, key = self.setup.ceiling, self.ceiling_key(seed, public_only)
         path, weights_path = self.arms / f"ceiling-{key}.json", self.arms / f"ceiling-{key}.pt"
         if path.is_file() and weights_path.is_file():
             result = json.loads(path.read_text())
             log.info("ceiling (seed %d): cached, %s", seed, path)
         else:
-            pooled = self.training_sites(Arm(tuple(self.names), None, pooled=True))["pooled"]
             result, weights = finetune_ceiling(
                 self.setup.config,
                 self.public,
-                pooled,
+                self.public_latents() if public_only else self.pooled_sites(),
                 self.site_domain.loss,
                 seed,
                 plan,
-                label=f"ceiling (seed {seed}): ",
+                label=f"{'public-only ' if public_only else ''}ceiling (seed {seed}): ",
             )
             self.arms.mkdir(parents=True, exist_ok=True)
             save_torch(weights_path, weights)  # first: the JSON marks the result complete
             atomic_write_text(path, json.dumps(result) + "\n")
-        self.site_domain.ceiling_summaries(self.data.phantoms, plan).write(seed, result)
+        if not public_only:
+            self.site_domain.ceiling_summaries(self.data.phantoms, plan).write(seed, result)
         if keep_weights:
             result["weights"] = load_torch(weights_path)
         return result

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from fedsynth.client.dp_trainer import trainable_parameters
 from fedsynth.client.latents import SiteLatents
 from fedsynth.common.config import Config
 from fedsynth.common.diffusion import per_sample_loss, training_scheduler
@@ -55,22 +54,16 @@ def finetune_ceiling(
     seed: int,
     plan: CeilingPlan = CeilingPlan(),
     label: str = "",
-    trainable: str = "all",
-    learning_rate: float | None = None,
 ) -> tuple[dict, Weights]:
     """Train every weight of a ConditionedUNet from `start` on `pooled` (latents (N, C, H,
     W, D), attributes (N, A)) without privacy; `evaluate(weights)` gives the site-domain
     loss per site. Returns ({"checks": [{"step", "loss"}], "best_step", "best", "seconds",
     "plan"}, the best check's weights (the moving average)). Batches and diffusion draws
-    come from generators seeded by `seed`. `trainable` (a `privacy.trainable` subset): the
-    ceiling of that subset alone, what DP-SGD on it could reach at best, at `learning_rate`
-    (None: the pretraining rate)."""
+    come from generators seeded by `seed`."""
     train = config.training
     unet = ConditionedUNet(config)
     unet.load_state_dict(start)
-    params = trainable_parameters(unet, trainable)
-    rate = train.pretrain_learning_rate if learning_rate is None else learning_rate
-    optimizer = torch.optim.AdamW(params, lr=rate)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=train.pretrain_learning_rate)
     decay = train.pretrain_ema_decay
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
     scheduler = training_scheduler(config.diffusion)

@@ -103,6 +103,64 @@ def dp_gap(setup: StudySetup) -> dict:
     )
 
 
+def _levers(config) -> dict[str, dict]:
+    """Arm settings of each lever against the config's default study (`Arm` fields)."""
+    clip, rounds = config.privacy.max_grad_norm, config.federation.rounds
+    rate = config.training.finetune_learning_rate
+    return {
+        "the config's study": {},
+        "clip 1": {"overrides": (("privacy.max-grad-norm", 1.0),)},
+        f"clip {clip * 0.3:.2g}": {"overrides": (("privacy.max-grad-norm", clip * 0.3),)},
+        f"{2 * rounds} rounds": {"overrides": (("federation.rounds", 2 * rounds),)},
+        f"sites' rate x3 ({3 * rate:.2g}, FedAdam's alike)": {"learning_rate": 3 * rate},
+        "4 loss draws (noise multiplicity)": {"overrides": (("privacy.loss-draws", 4),)},
+    }
+
+
+def levers(setup: StudySetup) -> dict:
+    """What moves the DP study toward the non-private ceiling: the config's study and one
+    lever changed at a time (the clip, twice the rounds, three times the sites' rate,
+    noise multiplicity), each at the config's epsilon, with its share of the ceiling's
+    gain in the sites' mean loss and its DP-SGD seconds; and the public checkpoint trained
+    on its own public subjects as the ceiling trains (no site data: what more training
+    alone gives). The ceiling is the first seed's, as in dp-gap."""
+    started, context = time.perf_counter(), StudyContext(setup)
+    epsilon, everyone = setup.config.privacy.target_epsilon, tuple(context.names)
+    ceiling = context.ceiling(setup.seeds[0])
+    public_only = context.ceiling(setup.seeds[0], public_only=True)
+    runs = []
+    for seed in setup.seeds:
+        rows = []
+        for name, fields in _levers(setup.config).items():
+            result = context.run(Arm(everyone, epsilon, **fields), seed)
+            public, final = (mean_loss(result["loss"][k]) for k in (0, -1))
+            rows.append(
+                {
+                    "lever": name,
+                    "public": public,
+                    "loss": final,
+                    "ceiling_share": _share(public, final, mean_loss(ceiling["best"])),
+                    "seconds": result["seconds"],
+                }
+            )
+        runs.append({"seed": seed, "rows": rows})
+    public = mean_loss(ceiling["checks"][0]["loss"])
+    more = mean_loss(public_only["best"])
+    return summary(
+        "levers",
+        setup,
+        started,
+        epsilon=epsilon,
+        ceiling={"loss": mean_loss(ceiling["best"]), "best_step": ceiling["best_step"]},
+        public_only={
+            "loss": more,
+            "best_step": public_only["best_step"],
+            "ceiling_share": _share(public, more, mean_loss(ceiling["best"])),
+        },
+        runs=runs,
+    )
+
+
 def _mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values)
 
@@ -290,4 +348,5 @@ STUDIES: dict[str, Callable[[StudySetup], dict]] = {
     "controllability": controllability,
     "scale": scale,
     "downstream": downstream,
+    "levers": levers,
 }

@@ -17,6 +17,7 @@ NAMES = (
     "controllability",
     "scale",
     "downstream",
+    "levers",
 )
 
 

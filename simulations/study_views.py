@@ -490,6 +490,43 @@ def plot_downstream(result: dict, png: Path) -> None:
     fig.savefig(png)
 
 
+def levers_table(result: dict) -> str:
+    """Per seed and lever: the sites' mean loss, its share of the ceiling's gain and the
+    DP-SGD seconds; then the ceiling and the public-only training."""
+    ceiling, public_only = result["ceiling"], result["public_only"]
+    lines = [
+        f"{LOSS_NOTE}, mean over sites; every lever at epsilon {result['epsilon']:g}",
+        f"ceiling {ceiling['loss']:.4f} (step {ceiling['best_step']}); public data only, "
+        f"trained on as the ceiling is: {public_only['loss']:.4f} (step "
+        f"{public_only['best_step']}), {public_only['ceiling_share']:.0%} of the ceiling's gain",
+        f"{'seed':>4}  {'lever':<44} {'public':>8} {'loss':>8} {'c-share':>8} {'DP s':>6}",
+    ]
+    for seed, row in _seed_rows(result):
+        lines.append(
+            f"{seed:>4}  {row['lever']:<44} {row['public']:>8.4f} {row['loss']:>8.4f} "
+            f"{row['ceiling_share']:>8.0%} {row['seconds']:>6.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_levers(result: dict, png: Path) -> None:
+    """Each lever's share of the ceiling's gain (mean over seeds, range as error bars)."""
+    names = [row["lever"] for row in result["runs"][0]["rows"]]
+    shares = {
+        name: [100 * r["ceiling_share"] for _, r in _seed_rows(result) if r["lever"] == name]
+        for name in names
+    }
+    fig, (ax,) = _figure(1, 7.0, 3.4)
+    _bars(ax, [n.split(" (")[0] for n in names], {"DP-SGD": list(shares.values())})
+    ax.axhline(
+        100 * result["public_only"]["ceiling_share"], ls=":", c="k", label="public data only"
+    )
+    ax.set_ylabel("% of the ceiling's gain")
+    ax.tick_params(axis="x", labelrotation=20)
+    ax.legend(fontsize=8)
+    fig.savefig(png)
+
+
 VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "dp-gap": (dp_gap_table, plot_dp_gap),
     "federation": (federation_table, plot_federation),
@@ -498,4 +535,5 @@ VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "controllability": (controllability_table, plot_controllability),
     "scale": (scale_table, plot_scale),
     "downstream": (downstream_table, plot_downstream),
+    "levers": (levers_table, plot_levers),
 }

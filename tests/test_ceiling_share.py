@@ -22,7 +22,7 @@ from fedsynth.common.config import load_config
 from fedsynth.server.round_validation import RoundValidation
 from fedsynth.server.run_dir import SITE_DOMAIN_CEILING, validation_dir, write_summary
 from fedsynth.server.study import prepare
-from fedsynth.simulations import arms, site_domain
+from fedsynth.simulations import site_domain
 from fedsynth.simulations.arms import StudyContext, StudySetup
 from fedsynth.simulations.ceiling import CeilingPlan
 from fedsynth.simulations.ceiling_summary import share_of_ceiling
@@ -55,10 +55,10 @@ def simulation(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(arms, "CeilingPlan", SMALL_PLAN)
-        patch.setattr(site_domain, "CeilingPlan", SMALL_PLAN)
+        patch.setattr(site_domain, "CeilingPlan", SMALL_PLAN)  # the server side's plan
         config = load_config("tiny", settings)
-        context = StudyContext(StudySetup(config, SUBJECTS, (0,), PUBLIC_SUBJECTS))
+        setup = StudySetup(config, SUBJECTS, (0,), PUBLIC_SUBJECTS, ceiling=SMALL_PLAN())
+        context = StudyContext(setup)
         ceiling = context.ceiling(0, keep_weights=True)
         run_config = {
             "config": "tiny",

@@ -409,3 +409,49 @@ def test_a_site_montage_is_real_then_each_model_by_basal_mid_and_apical_slice(co
     assert [t.split("\n")[0] for t in titles[1::3]] == ["a", "b", "c", "d"]
     with pytest.raises(ValueError, match="1 held-out subjects have an ED and an ES volume"):
         montage_volumes(["s1", "s1", "s2"], [{"phase": 0}, {"phase": 1}, {"phase": 0}])
+
+
+def test_levers_study_changes_one_setting_per_arm_against_the_ceiling(
+    context, cache, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(arms_module, "StudySetup", partial(StudySetup, ceiling=CEILING))
+    result = _study("levers", cache, tmp_path)
+    rows = {row["lever"]: row for row in result["runs"][0]["rows"]}
+    assert next(iter(rows)) == "the config's study" and len(rows) == 6
+    monkeypatch.setattr(
+        context, "setup", StudySetup(context.setup.config, SUBJECTS, ceiling=CEILING)
+    )
+    ceiling = mean_of(context.ceiling(0)["best"])
+    assert result["ceiling"]["loss"] == pytest.approx(ceiling)
+    for row in rows.values():
+        expected = (row["public"] - row["loss"]) / (row["public"] - ceiling)
+        assert row["ceiling_share"] == pytest.approx(expected)
+    # each lever is its own finetune, with the one setting it names changed
+    config, everyone = context.setup.config, tuple(context.names)
+    changed = {
+        "privacy.max-grad-norm": lambda c: c.privacy.max_grad_norm,
+        "federation.rounds": lambda c: c.federation.rounds,
+        "privacy.loss-draws": lambda c: c.privacy.loss_draws,
+    }
+    levers = arms_module_levers(config)
+    assert sum(len(overrides) for overrides in levers.values()) == 4  # and one rate lever
+    for name, overrides in levers.items():
+        for key, value in overrides.items():
+            arm = Arm(everyone, 10.0, overrides=((key, value),))
+            assert changed[key](context.config_for(arm)) == value != changed[key](config)
+            assert rows[name]["loss"] != rows["the config's study"]["loss"]
+    doubled = context.run(Arm(everyone, 10.0, overrides=(("federation.rounds", 2),)), 0)
+    assert len(doubled["loss"]) == 3  # round 0 and twice the tiny study's one round
+    # the public checkpoint trained on its own public subjects, no site data
+    public_only = context.ceiling(0, public_only=True)
+    assert public_only["checks"][0]["loss"] == context.ceiling(0)["checks"][0]["loss"]
+    assert public_only["checks"] != context.ceiling(0)["checks"]
+    assert result["public_only"]["loss"] == pytest.approx(mean_of(public_only["best"]))
+    assert "public data only" in capsys.readouterr().out
+
+
+def arms_module_levers(config) -> dict[str, dict]:
+    """Each lever's config overrides, by name (studies._levers)."""
+    from fedsynth.simulations.studies import _levers
+
+    return {name: dict(fields.get("overrides", ())) for name, fields in _levers(config).items()}
