@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -253,26 +254,44 @@ class StudyContext:
         finds it for its end-of-study share. `public_only`: the same training on the public
         checkpoint's own public subjects instead, no site data: how much of the ceiling's
         gain more training alone gives."""
-        plan, key = self.setup.ceiling, self.ceiling_key(seed, public_only)
-        path, weights_path = self.arms / f"ceiling-{key}.json", self.arms / f"ceiling-{key}.pt"
-        if path.is_file() and weights_path.is_file():
-            result = json.loads(path.read_text())
-            log.info("ceiling (seed %d): cached, %s", seed, path)
-        else:
-            result, weights = finetune_ceiling(
+        plan = self.setup.ceiling
+        label = f"{'public-only ' if public_only else ''}ceiling (seed {seed})"
+        result = self._cached(
+            f"ceiling-{self.ceiling_key(seed, public_only)}",
+            label,
+            lambda: finetune_ceiling(
                 self.setup.config,
                 self.public,
                 self.public_latents() if public_only else self.pooled_sites(),
                 self.site_domain.loss,
                 seed,
                 plan,
-                label=f"{'public-only ' if public_only else ''}ceiling (seed {seed}): ",
-            )
+                label=f"{label}: ",
+            ),
+            keep_weights,
+        )
+        if not public_only:
+            self.site_domain.ceiling_summaries(self.data.phantoms, plan).write(seed, result)
+        return result
+
+    def _cached(
+        self,
+        stem: str,
+        label: str,
+        compute: Callable[[], tuple[dict, Weights]],
+        keep_weights: bool,
+    ) -> dict:
+        """`compute()`'s (result, weights), kept as arms/STEM.json and .pt: a second call
+        reads them back; `weights` joins the result with `keep_weights`."""
+        path, weights_path = self.arms / f"{stem}.json", self.arms / f"{stem}.pt"
+        if path.is_file() and weights_path.is_file():
+            result = json.loads(path.read_text())
+            log.info("%s: cached, %s", label, path)
+        else:
+            result, weights = compute()
             self.arms.mkdir(parents=True, exist_ok=True)
             save_torch(weights_path, weights)  # first: the JSON marks the result complete
             atomic_write_text(path, json.dumps(result) + "\n")
-        if not public_only:
-            self.site_domain.ceiling_summaries(self.data.phantoms, plan).write(seed, result)
         if keep_weights:
             result["weights"] = load_torch(weights_path)
         return result
@@ -282,12 +301,8 @@ class StudyContext:
         noise multiplier and the DP-SGD seconds; with `keep_weights`, also `weights` (the
         final UNet state dict). Cached (JSON and weights): a second call reads the first
         one's result."""
-        key = self.key(arm, seed)
-        path, weights_path = self.arms / f"{key}.json", self.arms / f"{key}.pt"
-        if path.is_file() and weights_path.is_file():
-            result = json.loads(path.read_text())
-            log.info("%s (seed %d): cached, %s", arm.label, seed, path)
-        else:
+
+        def train() -> tuple[dict, Weights]:
             run = federate(
                 self.config_for(arm),
                 self.start(arm, seed),
@@ -298,14 +313,11 @@ class StudyContext:
                 seed=seed,
                 label=f"{arm.label} (seed {seed}): ",
             )
-            result = {"loss": run.history, "noise": run.noise, "seconds": run.seconds}
-            self.arms.mkdir(parents=True, exist_ok=True)
-            save_torch(weights_path, run.weights)  # first: the JSON marks the arm complete
-            atomic_write_text(path, json.dumps(result) + "\n")
-        result = {"arm": arm.label, "seed": seed, **result}
-        if keep_weights:
-            result["weights"] = load_torch(weights_path)
-        return result
+            return {"loss": run.history, "noise": run.noise, "seconds": run.seconds}, run.weights
+
+        label = f"{arm.label} (seed {seed})"
+        result = self._cached(self.key(arm, seed), label, train, keep_weights)
+        return {"arm": arm.label, "seed": seed, **result}
 
 
 def mean_loss(entry: dict[str, float]) -> float:
