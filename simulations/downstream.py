@@ -27,7 +27,6 @@ SCARCE_SUBJECTS = 4  # per site: the hospital's few labelled subjects (ED and ES
 SYNTHETIC_VOLUMES = 120  # the synthetic cohort, attributes drawn from the public table
 PRETRAIN_STEPS, FINETUNE_STEPS = 300, 200  # regressor steps; real-only gets their sum
 ML_SCALE = 100.0  # targets in units of 100 mL: one fixed scale for pretraining and finetuning
-SAMPLE_BATCH = 40  # volumes sampled at once (memory)
 
 
 def _scarce_real(context: StudyContext) -> tuple[torch.Tensor, np.ndarray]:
@@ -57,12 +56,7 @@ def _synthetic(context: StudyContext, weights, seed: int) -> tuple[torch.Tensor,
     ).float()
     unet = context.site_domain.load(weights)
     with torch.no_grad():
-        volumes = torch.cat(
-            [
-                context.site_domain.sample(unet, attributes[i : i + SAMPLE_BATCH])
-                for i in range(0, len(attributes), SAMPLE_BATCH)
-            ]
-        )
+        volumes = context.site_domain.sample(unet, attributes)  # one generator for all
     return volumes, lv_cavity_ml(rows)
 
 
