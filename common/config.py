@@ -219,7 +219,7 @@ class PrivacyConfig:
     local_steps: int = _checked(positive)
     loss_draws: int = _checked(positive)
     max_physical_batch_size: int = _checked(positive)
-    trainable: Literal["all", "attention", "norms"] = _checked()
+    trainable: Literal["all", "attention", "norms", "norms+attention"] = _checked()
     grad_sample_mode: Literal["functorch", "hooks", "ghost"] = _checked()
 
     def validate(self) -> list[tuple[str, str]]:

@@ -193,17 +193,21 @@ def trainable_names(unet: ConditionedUNet, trainable: str) -> list[str]:
     every level, which is where scanners differ (contrast, gain, noise); DP noise grows
     with the square root of the trained dimensions, so these few move most per epsilon
     (the BitFit / DP-BiTFiT finding: Zaken et al. 2022, Bu et al. 2024).
+    "norms+attention": both (the attention blocks' own norms once).
     Every subset trains the AttributeTokens, so conditioning adapts with it.
     """
     if trainable == "all":
         chosen = list(unet.parameters())
-    elif trainable in ("attention", "norms"):
-        kinds = ATTENTION_MODULES if trainable == "attention" else NORM_MODULES
+    elif trainable in ("attention", "norms", "norms+attention"):
         chosen = list(unet.tokens.parameters())
         for module in unet.unet.modules():
-            if isinstance(module, kinds):
-                chosen += list(module.parameters(recurse=trainable == "attention"))
+            if trainable != "norms" and isinstance(module, ATTENTION_MODULES):
+                chosen += list(module.parameters())
+            if trainable != "attention" and isinstance(module, NORM_MODULES):
+                chosen += list(module.parameters(recurse=False))
     else:
-        raise FedsynthError(f"privacy.trainable must be all, attention or norms, got {trainable!r}")
+        raise FedsynthError(
+            f"privacy.trainable must be all, attention, norms or norms+attention, got {trainable!r}"
+        )
     ids = {id(p) for p in chosen}  # by identity: tensors compare by value
     return [name for name, p in unet.named_parameters() if id(p) in ids]

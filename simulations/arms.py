@@ -28,6 +28,7 @@ from fedsynth.common.config import (
     apply_overrides,
     config_from_dict,
     fingerprint_dict,
+    pretraining_hash,
     to_dict,
 )
 from fedsynth.common.feature_net import feature_net_path, load_feature_nets
@@ -190,6 +191,19 @@ class StudyContext:
             "draws": SITE_DOMAIN_DRAWS,
         }
 
+    def model_facts(self, seed: int) -> dict:
+        """`facts` with the config cut to what the ceiling and the sampling checks depend
+        on (pretraining, sampling, the seed): a study that changes only privacy or
+        federation keys reuses them."""
+        config = self.setup.config
+        facts = self.facts(seed)
+        facts["config"] = {
+            "pretraining": pretraining_hash(config),
+            "sampling": dataclasses.asdict(config.sampling),
+            "seed": config.seed,
+        }
+        return facts
+
     def key(self, arm: Arm, seed: int) -> str:
         facts = {
             **self.facts(seed, self.config_for(arm)),
@@ -203,7 +217,7 @@ class StudyContext:
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
     def ceiling_key(self, seed: int, public_only: bool = False) -> str:
-        facts = {"ceiling": dataclasses.asdict(self.setup.ceiling), "facts": self.facts(seed)}
+        facts = {"ceiling": dataclasses.asdict(self.setup.ceiling), "facts": self.model_facts(seed)}
         if public_only:  # a field added later: the sites' ceiling keeps its key
             facts["public_only"] = True
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
@@ -218,7 +232,7 @@ class StudyContext:
         nets_path = feature_net_path(self.pretrained.folder)
         facts = {
             "weights": key,
-            "facts": self.facts(-1),  # no training seed: `key` carries the weights' own
+            "facts": self.model_facts(-1),  # no training seed: `key` has the weights' own
             "feature_net": file_sha256(nets_path),
             "sampling_seeds": seeds,
         }

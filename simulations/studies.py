@@ -18,7 +18,7 @@ from fedsynth.simulations.downstream import downstream
 from fedsynth.simulations.study_montage import write_site_montages
 
 PRIVACY_LEVELS = (1.0, 5.0, 10.0, None)  # epsilon per site; None: the same steps, no noise
-TRAINABLE = ("attention", "norms", "all")
+TRAINABLE = ("attention", "norms", "norms+attention", "all")
 TRAINABLE_LEVELS = (1.0, 10.0, None)
 
 
@@ -103,12 +103,20 @@ def dp_gap(setup: StudySetup) -> dict:
     )
 
 
-def _levers(config) -> dict[str, dict]:
-    """Arm settings of each lever against the config's default study (`Arm` fields)."""
+def _levers(config, subjects: int) -> dict[str, dict]:
+    """Arm settings of each lever against the config's default study (`Arm` fields);
+    `subjects`: each site's."""
     clip, rounds = config.privacy.max_grad_norm, config.federation.rounds
     rate = config.training.finetune_learning_rate
-    return {
-        "the config's study": {},
+    levers: dict[str, dict] = {"the config's study": {}}
+    if config.privacy.sample_rate is None and (
+        config.privacy.batch_size < subjects or config.privacy.local_steps > 1
+    ):
+        full_batch = (("privacy.batch-size", subjects), ("privacy.local-steps", 1))
+        levers["one full-batch step a round"] = {"overrides": full_batch}
+    if config.privacy.trainable != "norms":
+        levers["norms only"] = {"trainable": "norms"}
+    return levers | {
         "clip 1": {"overrides": (("privacy.max-grad-norm", 1.0),)},
         f"clip {clip * 0.3:.2g}": {"overrides": (("privacy.max-grad-norm", clip * 0.3),)},
         f"{2 * rounds} rounds": {"overrides": (("federation.rounds", 2 * rounds),)},
@@ -119,8 +127,9 @@ def _levers(config) -> dict[str, dict]:
 
 def levers(setup: StudySetup) -> dict:
     """What moves the DP study toward the non-private ceiling: the config's study and one
-    lever changed at a time (the clip, twice the rounds, three times the sites' rate,
-    noise multiplicity), each at the config's epsilon, with its share of the ceiling's
+    lever changed at a time (one full-batch step a round instead of the config's small
+    Poisson batches, the normalisation weights alone, the clip, twice the rounds, three
+    times the sites' rate, noise multiplicity), each at the config's epsilon, with its share of the ceiling's
     gain in the sites' mean loss and its DP-SGD seconds; and the public checkpoint trained
     on its own public subjects as the ceiling trains (no site data: what more training
     alone gives). The ceiling is the first seed's, as in dp-gap."""
@@ -131,7 +140,7 @@ def levers(setup: StudySetup) -> dict:
     runs = []
     for seed in setup.seeds:
         rows = []
-        for name, fields in _levers(setup.config).items():
+        for name, fields in _levers(setup.config, setup.subjects).items():
             result = context.run(Arm(everyone, epsilon, **fields), seed)
             public, final = (mean_loss(result["loss"][k]) for k in (0, -1))
             rows.append(

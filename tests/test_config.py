@@ -121,7 +121,10 @@ def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
         ({"privacy.sample-rate": 0.1}, "set exactly one of batch-size and sample-rate"),
         ({"federation.rounds": 2.5}, "federation.rounds = 2.5: must be an integer"),
         ({"federation.secure-aggregation": 1}, "must be true or false"),
-        ({"federation.server-learning-rate": 0.5}, "must be below 0.1 with server-optimizer adam"),
+        (
+            {"federation.server-optimizer": "adam", "federation.server-learning-rate": 0.5},
+            "must be below 0.1 with server-optimizer adam",
+        ),
         ({"federation.server-optimizer": "fedyogi"}, "must be one of sgd, adam"),
         ({"federation.server-learning-rate": 0}, "server-learning-rate = 0: must be > 0"),
         ({"training.pretrain-ema-decay": 1}, "pretrain-ema-decay = 1: must be in [0, 1)"),

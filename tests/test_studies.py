@@ -220,19 +220,20 @@ def test_pretraining_and_trainable_studies(context, cache, tmp_path):
 
     result = _study("trainable", cache, tmp_path / "c")
     rows = {r["trainable"]: r for r in result["runs"][0]["rows"]}
-    assert list(rows) == ["attention", "norms", "all"]
+    assert list(rows) == ["attention", "norms", "norms+attention", "all"]
     assert rows["norms"]["learning_rate"] == OVERRIDES["training.finetune-learning-rate"]
     for row in rows.values():  # the same update norm lr * sqrt(d) for every subset
         norm = row["learning_rate"] * math.sqrt(row["weights"])
         assert norm == pytest.approx(
             rows["norms"]["learning_rate"] * math.sqrt(rows["norms"]["weights"])
         )
-    assert rows["norms"]["weights"] < rows["attention"]["weights"] < rows["all"]["weights"]
+    weights = [rows[name]["weights"] for name in ("norms", "attention", "norms+attention", "all")]
+    assert weights == sorted(set(weights))
     for row in rows.values():
         gap = row["public"] - row["loss"]["none"]
         expected = (row["public"] - row["loss"]["10"]) / gap if gap > 0 else math.nan
         assert row["share"]["10"] == pytest.approx(expected, nan_ok=True)
-    assert len({row["loss"]["10"] for row in rows.values()}) == 3  # three different finetunes
+    assert len({row["loss"]["10"] for row in rows.values()}) == 4  # four different finetunes
 
 
 def test_controllability_and_downstream_studies(context, cache, tmp_path):
@@ -417,7 +418,7 @@ def test_levers_study_changes_one_setting_per_arm_against_the_ceiling(
     monkeypatch.setattr(arms_module, "StudySetup", partial(StudySetup, ceiling=CEILING))
     result = _study("levers", cache, tmp_path)
     rows = {row["lever"]: row for row in result["runs"][0]["rows"]}
-    assert next(iter(rows)) == "the config's study" and len(rows) == 6
+    assert next(iter(rows)) == "the config's study" and len(rows) == 7
     monkeypatch.setattr(
         context, "setup", StudySetup(context.setup.config, SUBJECTS, ceiling=CEILING)
     )
@@ -432,14 +433,22 @@ def test_levers_study_changes_one_setting_per_arm_against_the_ceiling(
         "privacy.max-grad-norm": lambda c: c.privacy.max_grad_norm,
         "federation.rounds": lambda c: c.federation.rounds,
         "privacy.loss-draws": lambda c: c.privacy.loss_draws,
+        "privacy.batch-size": lambda c: c.privacy.batch_size,
+        "privacy.local-steps": lambda c: c.privacy.local_steps,
     }
-    levers = arms_module_levers(config)
-    assert sum(len(overrides) for overrides in levers.values()) == 4  # and one rate lever
+    levers = arms_module_levers(config, SUBJECTS)
+    assert "norms only" not in levers  # the tests' subset is norms already
+    assert dict(levers["one full-batch step a round"]) == {
+        "privacy.batch-size": SUBJECTS,  # the tiny config's 4 already: q = 1
+        "privacy.local-steps": 1,  # and not its 2
+    }
     for name, overrides in levers.items():
-        for key, value in overrides.items():
-            arm = Arm(everyone, 10.0, overrides=((key, value),))
-            assert changed[key](context.config_for(arm)) == value != changed[key](config)
-            assert rows[name]["loss"] != rows["the config's study"]["loss"]
+        if not overrides:  # the config's study, and the rate lever (an Arm field)
+            continue
+        arm = context.config_for(Arm(everyone, 10.0, overrides=tuple(overrides.items())))
+        assert all(changed[key](arm) == value for key, value in overrides.items())
+        assert any(changed[key](config) != value for key, value in overrides.items())
+        assert rows[name]["loss"] != rows["the config's study"]["loss"]
     doubled = context.run(Arm(everyone, 10.0, overrides=(("federation.rounds", 2),)), 0)
     assert len(doubled["loss"]) == 3  # round 0 and twice the tiny study's one round
     # the public checkpoint trained on its own public subjects, no site data
@@ -450,8 +459,9 @@ def test_levers_study_changes_one_setting_per_arm_against_the_ceiling(
     assert "public data only" in capsys.readouterr().out
 
 
-def arms_module_levers(config) -> dict[str, dict]:
+def arms_module_levers(config, subjects: int) -> dict[str, dict]:
     """Each lever's config overrides, by name (studies._levers)."""
     from fedsynth.simulations.studies import _levers
 
-    return {name: dict(fields.get("overrides", ())) for name, fields in _levers(config).items()}
+    levers = _levers(config, subjects)
+    return {name: dict(fields.get("overrides", ())) for name, fields in levers.items()}
