@@ -129,10 +129,10 @@ def levers(setup: StudySetup) -> dict:
     """What moves the DP study toward the non-private ceiling: the config's study and one
     lever changed at a time (one full-batch step a round instead of the config's small
     Poisson batches, the normalisation weights alone, the clip, twice the rounds, three
-    times the sites' rate, noise multiplicity), each at the config's epsilon, with its share of the ceiling's
-    gain in the sites' mean loss and its DP-SGD seconds; and the public checkpoint trained
-    on its own public subjects as the ceiling trains (no site data: what more training
-    alone gives). The ceiling is the first seed's, as in dp-gap."""
+    times the sites' rate, noise multiplicity), each at the config's epsilon, with its
+    share of the ceiling's gain in the sites' mean loss and its DP-SGD seconds; and the
+    public checkpoint trained on its own public subjects as the ceiling trains (no site
+    data: what more training alone gives). The ceiling is the first seed's, as in dp-gap."""
     started, context = time.perf_counter(), StudyContext(setup)
     epsilon, everyone = setup.config.privacy.target_epsilon, tuple(context.names)
     ceiling = context.ceiling(setup.seeds[0])
