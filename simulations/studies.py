@@ -108,6 +108,8 @@ def _levers(config, subjects: int) -> dict[str, dict]:
     `subjects`: each site's."""
     clip, rounds = config.privacy.max_grad_norm, config.federation.rounds
     rate = config.training.finetune_learning_rate
+    # an arm's rate scales FedAdam's with it (StudyContext.config_for); FedAvg's stays
+    scaled = ", FedAdam's alike" if config.federation.server_optimizer == "adam" else ""
     levers: dict[str, dict] = {"the config's study": {}}
     if config.privacy.sample_rate is None and (
         config.privacy.batch_size < subjects or config.privacy.local_steps > 1
@@ -120,7 +122,7 @@ def _levers(config, subjects: int) -> dict[str, dict]:
         "clip 1": {"overrides": (("privacy.max-grad-norm", 1.0),)},
         f"clip {clip * 0.3:.2g}": {"overrides": (("privacy.max-grad-norm", clip * 0.3),)},
         f"{2 * rounds} rounds": {"overrides": (("federation.rounds", 2 * rounds),)},
-        f"sites' rate x3 ({3 * rate:.2g}, FedAdam's alike)": {"learning_rate": 3 * rate},
+        f"sites' rate x3 ({3 * rate:.2g}{scaled})": {"learning_rate": 3 * rate},
         "4 loss draws (noise multiplicity)": {"overrides": (("privacy.loss-draws", 4),)},
     }
 
