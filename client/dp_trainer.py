@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -193,6 +193,36 @@ def trainable_parameters(unet: ConditionedUNet, trainable: str) -> list[nn.Param
         if name in names:
             chosen.append(param)
     return chosen
+
+
+class GivenGradients(Protocol):
+    """Subjects without volumes whose per-subject gradient is given, not computed: the
+    privacy audit's canaries (simulations/canaries.py). They join the site's subjects
+    after its own (indices n..n+size-1), are Poisson-sampled, clipped and noised with
+    them; nothing else uses this."""
+
+    @property
+    def size(self) -> int: ...
+
+    def gradients(
+        self, sampled: torch.Tensor, params: dict[str, nn.Parameter]
+    ) -> dict[str, torch.Tensor]:
+        """Per trained weight, the gradients (k, *shape) of the given subjects `sampled`
+        (k,), indices 0..size-1."""
+        ...
+
+
+def _add_given(private: PrivateUNet, given: GivenGradients, sampled: torch.Tensor) -> None:
+    """Append the sampled given subjects' gradients to this physical batch's per-subject
+    gradients (ghost mode: to their clipped sum; a given gradient is within the clip)."""
+    params = {n: p for n, p in private.unet.named_parameters() if p.requires_grad}
+    rows = given.gradients(sampled, params)
+    for name, param in params.items():
+        if private.mode == "ghost":
+            param.grad = rows[name].sum(0) + (0 if param.grad is None else param.grad)
+        else:
+            grad_sample = param.grad_sample  # type: ignore[attr-defined]  # set by Opacus
+            param.grad_sample = torch.cat([grad_sample, rows[name]])  # type: ignore[attr-defined]
 
 
 def _generator(seed: int, stream: int, device: torch.device) -> torch.Generator:
@@ -405,6 +435,7 @@ def train_round(
     optimizer: OptimizerName | None = None,
     learning_rate: float | None = None,
     public_subjects: int | None = None,
+    given: GivenGradients | None = None,
 ) -> RoundResult:
     """Run `steps` DP-SGD steps on one site's data; `unet` is updated in place.
 
@@ -418,6 +449,7 @@ def train_round(
     millions of weights estimate closely) and so give n away; q m is public. The signal,
     a sum of about q n clipped gradients, still scales as n / m (with plain SGD the
     update's size shows it): a channel through DP-SGD's output, see client/public_size.py.
+    `given`: the privacy audit's canaries, counted among the site's subjects (None: none).
     """
     if not 0 < sample_rate <= 1:
         raise FedsynthError(f"sample rate must be in (0, 1], got {sample_rate}")
@@ -427,11 +459,10 @@ def train_round(
         seed = secrets.randbits(63)
     device = torch.device(device)
     data = group_by_subject(latents, attributes, subjects)
-    size = data.n_subjects if public_subjects is None else public_subjects
-    if not 1 <= size <= data.n_subjects:
-        raise FedsynthError(
-            f"public size {size} must be from 1 to the site's {data.n_subjects} subjects"
-        )
+    total = data.n_subjects + (0 if given is None else given.size)
+    size = total if public_subjects is None else public_subjects
+    if not 1 <= size <= total:
+        raise FedsynthError(f"public size {size} must be from 1 to the site's {total} subjects")
     started = time.perf_counter()
     with _training_on(unet, device):
         private = make_private(
@@ -445,7 +476,7 @@ def train_round(
         )
         try:
             losses, sizes, used_rate = _run_steps(
-                private, data, config, sample_rate, steps, seed, device
+                private, data, config, sample_rate, steps, seed, device, given
             )
         finally:
             release(private)
@@ -471,13 +502,17 @@ def _run_steps(
     steps: int,
     seed: int,
     device: torch.device,
+    given: GivenGradients | None = None,
 ) -> tuple[list[torch.Tensor], list[int], float]:
     """The Poisson-sampled loop; BatchMemoryManager splits big logical batches.
 
     Returns the subject losses, the subjects of each noised step and the sampler's rate.
     """
     sampling = _generator(seed, 0, torch.device("cpu"))
-    loader = _poisson_loader(data.n_subjects, sample_rate, steps, sampling)
+    own = data.n_subjects
+    loader = _poisson_loader(
+        own + (0 if given is None else given.size), sample_rate, steps, sampling
+    )
     diffusion_generator = _generator(seed, 1, device)
     losses: list[torch.Tensor] = []
     counter = _StepCounter()
@@ -488,9 +523,12 @@ def _run_steps(
         optimizer=private.optimizer,
     ) as physical_loader:
         for (indices,) in physical_loader:
-            rows = rows_of(data, indices, device, config.privacy.loss_draws)
+            rows = rows_of(data, indices[indices < own], device, config.privacy.loss_draws)
             losses.append(subject_backward(private, rows, config, diffusion_generator).cpu())
             counter.pending += rows.n_subjects
+            if given is not None and bool((indices >= own).any()):
+                _add_given(private, given, indices[indices >= own] - own)
+                counter.pending += int((indices >= own).sum())
             private.optimizer.step()
             private.optimizer.zero_grad(set_to_none=True)
     sampler = loader.batch_sampler

@@ -35,6 +35,7 @@ from fedsynth.common.feature_net import feature_net_path, load_feature_nets
 from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS, cache_dir
+from fedsynth.simulations.canaries import AuditPlan
 from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling
 from fedsynth.simulations.federated import Weights, federate, load_sites, subset
 from fedsynth.simulations.site_domain import SITE_DOMAIN_DRAWS, SiteDomain
@@ -50,7 +51,8 @@ LATER_FIELDS: dict = {"learning_rate": None, "overrides": ()}  # Arm fields adde
 @dataclass(frozen=True)
 class StudySetup:
     """What a study is run with: the config, phantom site size and seeds, and where it
-    writes the figures it draws from models (dp-gap's montages; None: none)."""
+    writes the figures it draws from models (dp-gap's montages; None: none); how the
+    ceiling trains and how dp-audit audits."""
 
     config: Config
     subjects: int = DEFAULT_PHANTOM_SUBJECTS
@@ -58,6 +60,7 @@ class StudySetup:
     public_subjects: int = DEFAULT_PUBLIC_SUBJECTS
     figures: Path | None = None
     ceiling: CeilingPlan = CeilingPlan()  # how long the non-private ceiling trains
+    audit: AuditPlan = AuditPlan()
 
 
 @dataclass(frozen=True)

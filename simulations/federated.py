@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from fedsynth.client.budget import sample_rate
-from fedsynth.client.dp_trainer import train_round
+from fedsynth.client.dp_trainer import GivenGradients, train_round
 from fedsynth.client.latents import SiteLatents, site_latents
 from fedsynth.common.accountant import plan_noise
 from fedsynth.common.checkpoint import Pretrained
@@ -95,18 +95,23 @@ def federate(
     evaluate: Evaluate | None = None,
     seed: int = 0,
     label: str = "",
+    given: Mapping[str, GivenGradients] | None = None,
 ) -> FederatedRun:
     """`config.federation.rounds` rounds of every site in `sites` from `start`.
 
     `unet` is the ConditionedUNet the sites train (its weights are overwritten). Each site's
     round is seeded from (seed, round, site) so that two calls with one seed differ only in
     what the call changes. `evaluate(weights)` runs before round 1 and after each round.
-    Progress is logged, one line per round, prefixed by `label`.
+    Progress is logged, one line per round, prefixed by `label`. `given`: per site, the
+    privacy audit's canaries, counted among its subjects (simulations/dp_audit.py).
     """
-    weights = {k: v.detach().clone() for k, v in start.items()}
-    noise = {
-        name: noise_multiplier(config, site.n_subjects, private) for name, site in sites.items()
+    given = given or {}
+    counts = {
+        name: site.n_subjects + (given[name].size if name in given else 0)
+        for name, site in sites.items()
     }
+    weights = {k: v.detach().clone() for k, v in start.items()}
+    noise = {name: noise_multiplier(config, counts[name], private) for name in sites}
     run = FederatedRun(weights, noise=noise)
     server = ServerOptimizer(config.federation, weights)
     if evaluate is not None:
@@ -122,13 +127,14 @@ def federate(
                 site.subjects,
                 config,
                 noise[name],
-                sample_rate(config.privacy, site.n_subjects),
+                sample_rate(config.privacy, counts[name]),
                 config.privacy.local_steps,
                 seed=seed * 1_000_003 + round_number * 1009 + k,
+                given=given.get(name),
             )
             trained = unet.state_dict()
             deltas.append({key: trained[key] - weights[key] for key in weights})
-        subjects = [site.n_subjects for site in sites.values()]
+        subjects = list(counts.values())
         server.step(weights, subject_weighted_mean(subjects, deltas))
         run.seconds += time.perf_counter() - started
         if evaluate is not None:

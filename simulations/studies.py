@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss, summary
 from fedsynth.simulations.downstream import downstream
+from fedsynth.simulations.dp_audit import dp_audit
 from fedsynth.simulations.study_montage import write_site_montages
 
 PRIVACY_LEVELS = (1.0, 5.0, 10.0, None)  # epsilon per site; None: the same steps, no noise
@@ -360,4 +361,5 @@ STUDIES: dict[str, Callable[[StudySetup], dict]] = {
     "scale": scale,
     "downstream": downstream,
     "levers": levers,
+    "dp-audit": dp_audit,
 }

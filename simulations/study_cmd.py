@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ NAMES = (
     "scale",
     "downstream",
     "levers",
+    "dp-audit",
 )
 
 
@@ -48,6 +50,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="where NAME.json and NAME.png go, and dp-gap's montages (./studies)",
     )
+    parser.add_argument(
+        "--canaries",
+        type=int,
+        default=None,
+        metavar="M",
+        help="dp-audit: canary subjects at the first site, each trained on with probability "
+        "1/2 (256)",
+    )
+    parser.add_argument(
+        "--no-noise",
+        action="store_true",
+        help="dp-audit only: train with noise multiplier 0, to calibrate the audit (it must "
+        "then find more than the claimed epsilon); never a way to train",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON, not the table")
 
 
@@ -57,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS
     from fedsynth.simulations import studies
     from fedsynth.simulations.arms import StudySetup
+    from fedsynth.simulations.canaries import AuditPlan
     from fedsynth.simulations.study_views import VIEWS
 
     if args.seeds < 1:
@@ -66,9 +83,17 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--subjects", subjects), ("--public-subjects", public)):
         if value < 2:
             raise FedsynthError(f"{flag} must be at least 2, got {value}")
+    if args.name != "dp-audit" and (args.canaries is not None or args.no_noise):
+        raise FedsynthError("--canaries and --no-noise are for the dp-audit study only")
+    audit = AuditPlan() if args.canaries is None else _audit_plan(args.canaries)
     args.out.mkdir(parents=True, exist_ok=True)
     setup = StudySetup(
-        config_from_args(args), subjects, tuple(range(args.seeds)), public, figures=args.out
+        config_from_args(args),
+        subjects,
+        tuple(range(args.seeds)),
+        public,
+        figures=args.out,
+        audit=dataclasses.replace(audit, no_noise=args.no_noise),
     )
     result = studies.STUDIES[args.name](setup)
     table, plot = VIEWS[args.name]
@@ -78,3 +103,14 @@ def run(args: argparse.Namespace) -> int:
     written = ", ".join([f"{args.name}.json", f"{args.name}.png", *result.get("montages", [])])
     print(f"study {args.name}: {result['seconds']:.0f} s; wrote {written} in {args.out}")
     return 0
+
+
+def _audit_plan(canaries: int):
+    """An AuditPlan of `canaries`, with a bad count as one line naming --canaries."""
+    from fedsynth.common.errors import FedsynthError
+    from fedsynth.simulations.canaries import AuditPlan
+
+    try:
+        return AuditPlan(canaries=canaries)
+    except ValueError as error:
+        raise FedsynthError(f"--canaries: {error}") from None

@@ -527,6 +527,44 @@ def plot_levers(result: dict, png: Path) -> None:
     fig.savefig(png)
 
 
+def dp_audit_table(result: dict) -> str:
+    """The audit's claim, bound, counts and power, one line per run."""
+    lines = [
+        f"one-run DP audit, {result['canaries']} canaries, noise {result['noise']}; "
+        f"claimed epsilon {result['epsilon_claimed']:g} (delta {result['delta']:g})",
+        f"the most this audit can show (every guess right): epsilon >= "
+        f"{result['largest_certifiable']:.2f} at {result['confidence']:.0%} confidence",
+        f"{'seed':>4} {'in':>5} {'guesses':>8} {'right':>6} {'abstained':>10} {'AUC':>6} "
+        f"{'eps >=':>7}",
+    ]
+    for run in (result, *result["repeats"]):
+        lines.append(
+            f"{run['seed']:>4} {run['included']:>5} {run['guesses']:>8} {run['correct']:>6} "
+            f"{run['abstained']:>10} {run['auc']:>6.3f} {run['epsilon_lower_bound']:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+def plot_dp_audit(result: dict, png: Path) -> None:
+    """The canaries' scores (loss fall from the public checkpoint to the final model),
+    members against non-members, of the first run."""
+    fig, (ax,) = _figure(1, 6.0, 3.4)
+    inside, outside = result["scores_in"], result["scores_out"]
+    both = inside + outside
+    bins = 30 if max(both) > min(both) else 1
+    ax.hist(outside, bins=bins, alpha=0.6, label=f"not trained on ({len(outside)})")
+    ax.hist(inside, bins=bins, alpha=0.6, label=f"trained on ({len(inside)})")
+    ax.set_xlabel("canary score: how far its weight moved the way the canary pushes it")
+    ax.set_ylabel("canaries")
+    ax.set_title(
+        f"{result['correct']} of {result['guesses']} guesses right: epsilon >= "
+        f"{result['epsilon_lower_bound']:.2f} (claimed {result['epsilon_claimed']:g})",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    fig.savefig(png)
+
+
 VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "dp-gap": (dp_gap_table, plot_dp_gap),
     "federation": (federation_table, plot_federation),
@@ -536,4 +574,5 @@ VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "scale": (scale_table, plot_scale),
     "downstream": (downstream_table, plot_downstream),
     "levers": (levers_table, plot_levers),
+    "dp-audit": (dp_audit_table, plot_dp_audit),
 }
