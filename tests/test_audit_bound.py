@@ -29,8 +29,10 @@ def test_all_guesses_right_gives_the_closed_form_bound():
 
 def test_the_bound_sits_where_the_p_value_crosses_the_level():
     bound = epsilon_lower_bound(1000, 200, 170, 1e-5)
-    assert p_value(1000, 200, 170, bound - 1e-3, 1e-5) < 0.05 <= p_value(
-        1000, 200, 170, bound + 1e-3, 1e-5
+    assert (
+        p_value(1000, 200, 170, bound - 1e-3, 1e-5)
+        < 0.05
+        <= p_value(1000, 200, 170, bound + 1e-3, 1e-5)
     )
 
 
