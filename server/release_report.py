@@ -1,13 +1,14 @@
 """report.html of a release: one self-contained page (PNG embedded, no external resources)
-for a clinician and a privacy officer alike: what the cohort is, its privacy guarantee and
-what it does not cover, how the volumes look, whether they match what was asked for, the
-quality numbers, the sites' memorisation audits, and how to check and reproduce it all.
+for a privacy officer and a clinician alike. It leads with the guarantee: who is protected,
+epsilon and delta, what they mean at this epsilon, the sites' audits with their power, and
+what is not covered; then quality, a compact montage, the accounting in detail, the audits
+and how to check and reproduce it all. The page is the Jinja2 template
+server/templates/report.html, rendered with autoescaping: every value is escaped.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from datetime import UTC, datetime
@@ -30,40 +31,23 @@ if TYPE_CHECKING:
 
 REPORT = "report.html"
 
-STYLE = """
-body { font: 15px/1.5 system-ui, sans-serif; color: #1d2733; max-width: 980px;
-       margin: 2em auto; padding: 0 1.2em; }
-h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { margin-top: 1.8em;
-     border-bottom: 1px solid #d6dde5; padding-bottom: 0.2em; }
-.lead { color: #4a5866; margin-top: 0; }
-.glance { display: grid; grid-template-columns: repeat(auto-fit, minmax(190px, 1fr));
-          gap: 0.8em; margin: 1.2em 0; }
-.card { background: #f3f6f9; border-radius: 8px; padding: 0.7em 0.9em; }
-.card b { display: block; font-size: 1.35em; } .card span { color: #4a5866; font-size: 0.9em; }
-.warn { background: #fff6e0; border-left: 4px solid #e0a100; padding: 0.6em 0.9em; }
-table { border-collapse: collapse; margin: 0.6em 0; }
-th, td { border-bottom: 1px solid #e3e8ee; padding: 0.3em 0.8em; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td:first-child { white-space: nowrap; }
-img { max-width: 100%; border: 1px solid #e3e8ee; border-radius: 4px; }
-code, pre { background: #f3f6f9; border-radius: 4px; padding: 0.1em 0.3em; }
-pre { padding: 0.7em; white-space: pre-wrap; word-break: break-all; }
-"""
+TEMPLATE = "report.html"  # in server/templates
+PRIOR = 0.01  # the attacker's prior that one patient was trained on, for the plain words
+SMALL_AUDIT = 30  # members or non-members below this: an audit's figures mean little
 
 
 def _png(fig: Figure) -> str:
-    """A matplotlib figure as an <img> with the PNG inline."""
+    """A matplotlib figure as a data: URI of its PNG."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return _img(buffer.getvalue())
+    return _data_uri(buffer.getvalue())
 
 
-def _img(data: bytes, alt: str = "") -> str:
-    encoded = base64.b64encode(data).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+def _data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def epsilon_by_round(study: FinishedStudy) -> dict[str, list[float]]:
@@ -84,22 +68,31 @@ def epsilon_by_round(study: FinishedStudy) -> dict[str, list[float]]:
 
 
 def _epsilon_plot(study: FinishedStudy) -> str:
+    """Epsilon per site by round; sites whose curves are identical share one labelled line
+    (else the last drawn would hide the others)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.4))
-    rounds = np.arange(study.rounds_done + 1)
+    groups: dict[tuple[float, ...], list[str]] = {}
     for site, values in epsilon_by_round(study).items():
-        ax.plot(rounds, values, marker="o", label=site)
+        groups.setdefault(tuple(round(v, 9) for v in values), []).append(site)
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    rounds = np.arange(study.rounds_done + 1)
+    for values, sites in groups.items():
+        ax.plot(rounds, values, marker="o", label=" = ".join(sites))
     target = study.config.privacy.target_epsilon
     ax.axhline(target, color="0.4", ls="--", lw=1, label=f"target {target:g}")
     ax.set(xlabel="round", ylabel="epsilon (cumulative)", xticks=rounds, ylim=(0, None))
-    title = f"privacy spent per site (delta {study.config.privacy.delta:g})"
-    ax.set_title(title + "\nsites that spent alike share one line", fontsize=10)
+    alike = (
+        " (sites joined by = spent alike: one line)"
+        if len(groups) < len(study.site_epsilon)
+        else ""
+    )
+    ax.set_title(f"privacy spent per site, delta {study.config.privacy.delta:g}{alike}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9)
+    ax.legend(fontsize=8)
     return _png(fig)
 
 
@@ -126,110 +119,101 @@ def _control_plot(control: dict) -> str:
 
 
 def _number(value: object) -> str:
-    if isinstance(value, bool) or value is None:
-        return html.escape(str(value))
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
+    """A table cell: floats to 4 significant digits, non-finite as n/a, the rest as text."""
+    if isinstance(value, float) and not isinstance(value, bool):
         return "n/a" if not np.isfinite(value) else f"{value:.4g}"
-    return html.escape(str(value))
+    return str(value)
 
 
-def _table(rows: list[tuple], header: tuple) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = ""
-    for row in rows:
-        cells = "".join(
-            f'<td class="num">{_number(c)}</td>'
-            if isinstance(c, int | float) and not isinstance(c, bool)
-            else f"<td>{_number(c)}</td>"
-            for c in row
-        )
-        body += f"<tr>{cells}</tr>"
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _leaves(value: object, prefix: str = "") -> list[tuple[str, object]]:
-    """(dotted key, number or short text) of a nested dict's scalar leaves."""
-    if isinstance(value, dict):
-        out = []
-        for key, inner in value.items():
-            out += _leaves(inner, f"{prefix}.{key}" if prefix else str(key))
-        return out
-    if isinstance(value, list):
-        return [] if len(value) > 6 else [(prefix, ", ".join(_number(v) for v in value))]
-    return [(prefix, value)]
-
-
-def _privacy_section(study: FinishedStudy, statement: dict) -> str:
-    rows = []
-    for site, entry in statement["sites"].items():
-        sigmas, rates = entry["noise_multipliers"], entry["sample_rates"]  # in round order
-        rows.append(
-            (
-                site,
-                entry["epsilon"],
-                entry["delta"],
-                len(entry["rounds"]),
-                entry["total_steps"],
-                ", ".join(f"{s:.3g}" for s in sigmas),
-                ", ".join(f"{q:.3g}" for q in rates),
-                entry["no_reply_estimates"],
-            )
-        )
-    header = (
-        "site",
-        "epsilon",
-        "delta",
-        "rounds",
-        "DP-SGD steps",
-        "noise multiplier",
-        "sample rate",
-        "no-reply estimates",
+def plain_words(epsilon_value: float, prior: float = PRIOR) -> str:
+    """What the bound rules out at this epsilon, as an attacker's odds (ignoring delta): a
+    prior p that one patient was trained on can become at most e^eps p / (1 - p + e^eps p)
+    (the posterior bound of pure DP; Kasiviswanathan & Smith 2014, "On the semantics of
+    differential privacy: a Bayesian formulation")."""
+    factor = math.exp(epsilon_value)
+    posterior = factor * prior / (1 - prior + factor * prior)
+    odds = (
+        f"An attacker who thought a given patient {prior:.0%} likely to be among the training "
+        f"subjects can, from anything released, become at most {posterior:.1%} sure."
     )
-    secagg = statement["secure_aggregation"]
-    if secagg["rounds"]:
-        thresholds = sorted({r["reconstruction_threshold"] for r in secagg["rounds"].values()})
-        secure = (
-            f"on ({html.escape(secagg['protocol'])}; reconstruction threshold "
-            f"{', '.join(map(str, thresholds)) or 'n/a'}; a round is aggregated only when at "
-            f"least {secagg['min_sites']} sites trained)"
+    if epsilon_value <= 1:
+        return f"{odds} A strong bound: it rules out learning much about any one patient."
+    if epsilon_value <= 5:
+        return (
+            f"{odds} A moderate bound: it limits, but does not rule out, inference about "
+            "one patient."
         )
-        if secagg["plain_rounds"]:
-            plain = ", ".join(map(str, secagg["plain_rounds"]))
-            secure += f", except in round(s) {plain}, where it was off"
+    return (
+        f"{odds} On its own the bound rules out little at this epsilon; it is an upper limit "
+        "over every possible attack and patient. What known attacks achieve is measured by "
+        "the audits beside it, which are evidence, not a guarantee."
+    )
+
+
+def auc_standard_error(auc: float, members: int, nonmembers: int) -> float:
+    """The ROC AUC's standard error (Hanley & McNeil 1982, Radiology 143:29, eq. 2)."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (members - 1) * (q1 - auc**2) + (nonmembers - 1) * (q2 - auc**2)
+    ) / (members * nonmembers)
+    return math.sqrt(max(variance, 0.0))
+
+
+def audit_line(audit: dict) -> str:
+    """One sentence per shared audit: the attack's AUC with its standard error, TPR at 1%
+    FPR, how many members and non-members, the smallest FPR it can resolve."""
+    attack = audit.get("membership_inference")
+    if not attack:
+        return f"{audit['label']}: distances only (no membership attack shared)."
+    members, nonmembers = attack["n_members"], attack["n_nonmembers"]
+    auc = attack["auc"]
+    if isinstance(auc, float):
+        auc_text = (
+            f"AUC {auc:.2f} +- {auc_standard_error(auc, members, nonmembers):.2f} (0.5 = chance)"
+        )
     else:
-        secure = "off: the coordinator saw each site's update (DP still holds)"
-    estimates = statement["no_reply_estimates"]
-    counted = (
-        f"<p><b>No-reply estimates:</b> {estimates['count']} "
-        f"({html.escape(', '.join(estimates['sites']))}). "
-        f"{html.escape(estimates['meaning'])}</p>"
-        if estimates["count"]
-        else ""
+        auc_text = f"AUC {auc}"
+    text = (
+        f"{audit['label']}: loss attack {auc_text}, TPR at 1% FPR "
+        f"{_number(attack['tpr_at_1pct_fpr'])}, on {members} members and {nonmembers} "
+        f"non-members (as published); the smallest FPR it can resolve is 1/{nonmembers}"
     )
-    items = "".join(f"<li>{html.escape(t)}</li>" for t in statement["not_covered"])
-    clear = "".join(f"<li>{html.escape(t)}</li>" for t in statement["in_clear"])
-    return f"""
-<h2>Privacy</h2>
-<p><b>Guarantee:</b> {html.escape(statement["guarantee"])}. In plain words: whether or not
-any one patient's scans and attributes were used, what anyone can learn from this cohort
-changes by at most a factor e<sup>&epsilon;</sup> (about {math.exp(statement["study_epsilon"]):,.0f}
-here: a strong guarantee needs a small epsilon), except with probability &delta;. The sample
-rates below imply each site's subject count.
-Each site's epsilon is recomputed from the ledger shipped with this release
-(<code>ledger.jsonl</code>) with {html.escape(statement["accountant_library"])}'s
-{html.escape(statement["accountant"].upper())} accountant; per-subject gradients were clipped
-to norm {statement["clip"]:g}, the {html.escape(statement["trainable"])} layers of the latent
-UNet were trained.</p>
-{_table(rows, header)}
-{counted}
-{_epsilon_plot(study)}
-<p><b>Secure aggregation</b> {secure}.</p>
-<p><b>Trust model.</b> {html.escape(statement["trust_model"])}</p>
-<p><b>What travelled in clear</b> (no images, no attributes):</p><ul>{clear}</ul>
-<div class="warn"><b>Not covered by the guarantee:</b><ul>{items}</ul></div>
-"""
+    if min(members, nonmembers) < SMALL_AUDIT:
+        text += f"; fewer than {SMALL_AUDIT} on a side: too few for these figures to mean much"
+    return text + "."
+
+
+def _site_rows(statement: dict) -> list[tuple]:
+    return [
+        (
+            site,
+            entry["epsilon"],
+            entry["delta"],
+            len(entry["rounds"]),
+            entry["total_steps"],
+            ", ".join(f"{s:.3g}" for s in entry["noise_multipliers"]),  # in round order
+            ", ".join(f"{q:.3g}" for q in entry["sample_rates"]),
+            entry["no_reply_estimates"],
+        )
+        for site, entry in statement["sites"].items()
+    ]
+
+
+def _secure_text(secagg: dict) -> str:
+    if not secagg["rounds"]:
+        return "off: the coordinator saw each site's noised update (DP still holds)"
+    thresholds = sorted({r["reconstruction_threshold"] for r in secagg["rounds"].values()})
+    text = (
+        f"on ({secagg['protocol']}; reconstruction threshold "
+        f"{', '.join(map(str, thresholds)) or 'n/a'}; every sampled site holds shares of "
+        f"the others' secrets; a round is aggregated only when at least "
+        f"{secagg['min_sites']} sites trained)"
+    )
+    if secagg["plain_rounds"]:
+        text += (
+            f", except in round(s) {', '.join(map(str, secagg['plain_rounds']))}, where it was off"
+        )
+    return text
 
 
 def _quality_rows(evaluation: dict) -> list[tuple]:
@@ -279,28 +263,6 @@ def _quality_rows(evaluation: dict) -> list[tuple]:
     return rows
 
 
-def _quality_section(evaluation: dict | None) -> str:
-    if evaluation is None:
-        return (
-            "<h2>Quality</h2><p>No reference data was given to this release "
-            "(<code>--reference</code>), so fidelity, diversity and utility were not "
-            "measured here; <code>fedsynth evaluate</code> measures them against any "
-            "site-style folder.</p>"
-        )
-    real = evaluation["real"]
-    notes = "".join(f"<li>{html.escape(str(n))}</li>" for n in evaluation.get("notes", []))
-    header = ("measure", "synthetic", "real", "how to read it")
-    return f"""
-<h2>Quality</h2>
-<p>Measured against the reference data given to the release ({real["volumes"]} volumes of
-{real["subjects"]} subjects). Fidelity compares features of networks fedsynth trains on
-public data; diversity compares pairs within each set; utility trains a small model on the
-synthetic cohort and tests it on real volumes.</p>
-{_table(_quality_rows(evaluation), header)}
-<details><summary>Notes on the measures</summary><ul>{notes}</ul></details>
-"""
-
-
 def _audit_rows(audit: dict) -> list[tuple]:
     dcr, attack = audit["dcr"], audit.get("membership_inference")
     rows = [
@@ -341,24 +303,17 @@ COUNTS_READ = {  # an audit's subject_counts, as the report says it
 }
 
 
-def _audit_section(audits: list[dict], fingerprint: str) -> str:
-    """The sites' shared audits (already checked against the sharing rule by read_audits),
-    each with whether it measured this release's cohort (`fingerprint`: the SHA-256 of
-    cohort.sha256)."""
-    cohort = (
-        f"<p>This release's cohort fingerprint (SHA-256 of <code>{COHORT_HASHES}</code>): "
-        f"<code>{fingerprint}</code>, also named in <code>privacy.json</code>. "
-        "<code>fedsynth audit --release</code> audits only a cohort whose every file matches "
-        "that record and whose <code>privacy.json</code> names it, and prints the "
-        "fingerprint it audited: a site compares it with this one before sharing.</p>"
-    )
-    if not audits:
-        return (
-            "<h2>Memorisation audits</h2><p>No site audit was given (<code>--audit</code>). "
-            "A site runs <code>fedsynth audit</code> on its own machine and shares the "
-            f"aggregate numbers if it chooses.</p>{cohort}"
-        )
-    parts = []
+COUNTS_READ = {  # an audit's subject_counts, as the report says it
+    "rounded": "the site's public sizes: its counts rounded down",
+    "declared": "training as the site's declared public size, held-out rounded down",
+    "exact": "exact counts, disclosed by the site",
+}
+
+
+def _audits(audits: list[dict], fingerprint: str) -> list[dict]:
+    """Each shared audit (already checked against the sharing rule by read_audits) as the
+    template shows it: label, what it measured, and its rows."""
+    shown = []
     for audit in audits:
         facts = (
             f"{audit['cohort_volumes']} synthetic volumes, {audit['training_subjects']} "
@@ -368,17 +323,24 @@ def _audit_section(audits: list[dict], fingerprint: str) -> str:
         facts += (
             "audited this release's cohort"
             if audit["cohort_sha256"] == fingerprint
-            else "audited another cohort, fingerprint "
-            f"<code>{html.escape(audit['cohort_sha256'])}</code> (an earlier release)"
+            else f"audited another cohort, fingerprint {audit['cohort_sha256']} (an earlier "
+            "release)"
         )
-        table = _table(_audit_rows(audit), ("measure", "value", "how to read it"))
-        parts.append(f"<h3>{html.escape(audit['label'])}</h3><p>{facts}</p>{table}")
-    return (
-        '<h2>Memorisation audits</h2><div class="warn">These numbers were computed by the '
-        "sites on their private data without differential privacy: they are outside the DP "
-        "guarantee, shared at each site's discretion. What a site shares is aggregate only: "
-        f"{html.escape(RULE)}.</div>{cohort}" + "".join(parts)
+        shown.append({"label": audit["label"], "facts": facts, "rows": _audit_rows(audit)})
+    return shown
+
+
+def render(context: dict) -> str:
+    """The template filled with `context`, every value escaped."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    environment = Environment(
+        loader=PackageLoader("fedsynth.server", "templates"),
+        autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined,
     )
+    environment.filters["num"] = _number
+    return environment.get_template(TEMPLATE).render(**context)
 
 
 def write_report(
@@ -393,58 +355,49 @@ def write_report(
 ) -> Path:
     """folder/report.html from a release's parts (the montage is folder/montage.png)."""
     config = study.config
-    shape = "x".join(map(str, config.data.shape))
-    spacing = " x ".join(f"{s:g}" for s in config.data.spacing)
-    control_html = (
-        "<p>No anatomy meter in the checkpoint: sizes were not measured.</p>"
-        if control is None
-        else _control_plot(control)
-    )
-    trained = sum(1 for entry in statement["sites"].values() if entry["total_steps"] > 0)
-    secure = statement["secure_aggregation"]["enabled"]
-    glance = [
-        (f"{len(rows)}", "synthetic volumes (not patients)"),
-        (f"&epsilon; {statement['study_epsilon']:.3g}", f"delta {config.privacy.delta:g}"),
-        (str(trained), "hospitals trained; their data never left them"),
-        (f"{study.rounds_done}/{config.federation.rounds}", "federated rounds"),
-    ]
-    cards = "".join(f"<div class='card'><b>{v}</b><span>{t}</span></div>" for v, t in glance)
-    created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fedsynth release</title>
-<style>{STYLE}</style></head><body>
-<h1>Synthetic cardiac MRI cohort</h1>
-<p class="lead">Released by fedsynth {html.escape(statement.get("fedsynth", ""))} on {created}
-from study <code>{html.escape(str(statement.get("study_id")))}</code>. Every volume is generated
-by a model; none is a patient's scan.</p>
-<div class="glance">{cards}</div>
-
-<h2>What this is</h2>
-<p>{len(rows)} short-axis 3D volumes of {shape} voxels (voxels of {spacing} mm, base to apex), each
-generated for the clinical attributes in <code>cohort/manifest.csv</code> (LV/RV volumes,
-ejection fractions, wall thickness, age, sex, BMI, cardiac phase). A latent diffusion model
-pretrained on public data was finetuned by {trained} hospitals with differentially private
-SGD; only noised updates left them{", securely aggregated" if secure else ""}.</p>
-
-<h2>How the volumes look</h2>
-<p>Basal, mid and apical slices of the first volumes, with the attributes they were asked
-for.</p>
-{_img((folder / MONTAGE).read_bytes(), "montage of synthetic volumes")}
-
-<h2>Do they match what was asked for?</h2>
-<p>LV and RV blood-pool volumes measured on each synthetic volume by a segmenter trained on
-public label maps, against the volume requested for its phase (ED or ES).</p>
-{control_html}
-{_quality_section(evaluation)}
-{_privacy_section(study, statement)}
-{_audit_section(audits, file_sha256(folder / COHORT_HASHES))}
-
-<h2>Check and reproduce</h2>
-<pre>fedsynth privacy verify --release RELEASE_DIR   # every epsilon, from ledger.jsonl
-{html.escape(command)}
-fedsynth evaluate --real REFERENCE_DIR --synthetic RELEASE_DIR/cohort</pre>
-</body></html>
-"""
+    study_epsilon = float(statement["study_epsilon"])
+    estimates = statement["no_reply_estimates"]
+    fingerprint = file_sha256(folder / COHORT_HASHES)
+    context = {
+        "version": statement.get("fedsynth", ""),
+        "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "study_id": str(statement.get("study_id")),
+        "epsilon": study_epsilon,
+        "delta": config.privacy.delta,
+        "factor": f"{math.exp(study_epsilon):,.0f}" if study_epsilon < 50 else "astronomical",
+        "meaning": plain_words(study_epsilon),
+        "trained": sum(1 for e in statement["sites"].values() if e["total_steps"] > 0),
+        "secure": statement["secure_aggregation"]["enabled"],
+        "volumes": len(rows),
+        "audit_lines": [audit_line(a) for a in audits],
+        "not_covered": statement["not_covered"],
+        "shape": "x".join(map(str, config.data.shape)),
+        "spacing": " x ".join(f"{s:g}" for s in config.data.spacing),
+        "control_png": None if control is None else _control_plot(control),
+        "quality_rows": _quality_rows(evaluation) if evaluation else [],
+        "reference_volumes": evaluation["real"]["volumes"] if evaluation else 0,
+        "reference_subjects": evaluation["real"]["subjects"] if evaluation else 0,
+        "quality_notes": [str(n) for n in (evaluation or {}).get("notes", [])],
+        "montage_png": _data_uri((folder / MONTAGE).read_bytes()),
+        "guarantee": statement["guarantee"],
+        "accountant_library": statement["accountant_library"],
+        "accountant": statement["accountant"].upper(),
+        "clip": f"{statement['clip']:g}",
+        "trainable": statement["trainable"],
+        "site_rows": _site_rows(statement),
+        "estimates_count": estimates["count"],
+        "estimates_sites": ", ".join(estimates["sites"]),
+        "estimates_meaning": estimates["meaning"],
+        "epsilon_png": _epsilon_plot(study),
+        "secure_text": _secure_text(statement["secure_aggregation"]),
+        "trust_model": statement["trust_model"],
+        "in_clear": statement["in_clear"],
+        "audits": _audits(audits, fingerprint),
+        "rule": RULE,
+        "cohort_hashes": COHORT_HASHES,
+        "fingerprint": fingerprint,
+        "command": command,
+    }
     path = folder / REPORT
-    atomic_write_text(path, page, PUBLIC_MODE)
+    atomic_write_text(path, render(context), PUBLIC_MODE)
     return path

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import json
 import re
 import shutil
@@ -120,7 +121,7 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
     assert any("public pretraining" in t for t in statement["not_covered"])
     assert verify_release(out) == pytest.approx(summary["site_epsilon"])
 
-    report = (out / "report.html").read_text()
+    report = html.unescape((out / "report.html").read_text())
     assert report.count("data:image/png;base64,") >= 3  # montage, epsilon plot, scatter
     assert not re.search(r"(src|href)=\"(https?:)?//", report) and "<link" not in report
     assert "Not covered by the guarantee" in report
@@ -131,6 +132,21 @@ def test_a_finished_study_is_released_with_a_statement_equal_to_its_ledger(
     assert (halves["n_real"], halves["n_synthetic"]) == (6, 6)
     assert evaluation["real"]["volumes"] == 12
     assert "Frechet distance, volumes" in report and "MS-SSIM between pairs" in report
+    # the guarantee leads: who is protected, what epsilon means, what is not covered
+    first = report[: report.index("<h2>Quality</h2>")]
+    assert "Who is protected" in first and "Not covered by the guarantee" in first
+    assert "become at most" in first and "malicious coordinator" in first
+    assert "data never left" not in report
+    # nothing names the coordinator's folders: paths are relative to the release
+    sampling = json.loads((out / "sampling.json").read_text())
+    assert not Path(sampling["checkpoint"]).is_absolute()
+    checkpoint = finished_run / "rounds" / f"round-{ROUNDS:03d}"
+    assert (out / sampling["checkpoint"]).resolve() == checkpoint.resolve()
+    for text in (report, json.dumps(sampling)):
+        assert str(tmp_path) not in text and str(finished_run) not in text
+    command = next(line for line in report.splitlines() if "fedsynth release --run" in line)
+    run = command.split("--run ")[1].split()[0]
+    assert (out / run).resolve() == finished_run.resolve()
 
 
 def test_privacy_verify_catches_a_statement_that_differs_from_its_ledger(
@@ -343,7 +359,7 @@ def test_a_sites_audit_is_reported_outside_the_guarantee(
     assert audit["subject_counts"] == "rounded"
     fingerprint = hashlib.sha256((out / COHORT_HASHES).read_bytes()).hexdigest()
     assert audit["cohort_sha256"] == fingerprint
-    report = (out / "report.html").read_text()
+    report = html.unescape((out / "report.html").read_text())
     section = report[report.index("<h2>Memorisation audits</h2>") :]
     assert "outside the DP guarantee" in section and "<h3>site-1</h3>" in section
     assert fingerprint in section and "audited this release's cohort" in section
@@ -557,7 +573,7 @@ def test_a_plain_study_is_not_described_as_securely_aggregated(
         "min_sites": 2,
     }
     assert "SecAgg+" not in statement["trust_model"] and "was off" in statement["trust_model"]
-    assert "securely aggregated" not in (out / "report.html").read_text()
+    assert "securely aggregated" not in html.unescape((out / "report.html").read_text())
 
 
 def test_a_study_whose_rounds_differ_states_secure_aggregation_round_by_round(
@@ -593,7 +609,9 @@ def test_a_study_whose_rounds_differ_states_secure_aggregation_round_by_round(
     trust = statement["trust_model"]
     assert "SecAgg+) kept each site's update from the coordinator in round 2, " in trust
     assert "Secure aggregation was off in round 1: the coordinator saw" in trust
-    assert "except in round(s) 1, where it was off" in (out / "report.html").read_text()
+    assert "except in round(s) 1, where it was off" in html.unescape(
+        (out / "report.html").read_text()
+    )
     assert verify_release(out)
 
 
@@ -632,5 +650,15 @@ def test_a_study_with_an_unreplaced_estimate_is_released_counting_it(
     estimates = statement["no_reply_estimates"]
     assert estimates["count"] == 1 and estimates["sites"] == ["site-3"]
     assert "never came" in estimates["meaning"] and "at most that" in estimates["meaning"]
-    assert "No-reply estimates:</b> 1 (site-3)" in (out / "report.html").read_text()
+    assert "No-reply estimates:</b> 1 (site-3)" in html.unescape((out / "report.html").read_text())
     assert verify_release(out)["site-3"] == pytest.approx(site["epsilon"], rel=1e-12)
+
+
+def test_the_reports_plain_words_and_audit_error_follow_their_formulas():
+    from fedsynth.server.release_report import auc_standard_error, plain_words
+
+    # e^10 * 0.01 / (0.99 + e^10 * 0.01) = 0.99552
+    assert "become at most 99.6% sure" in plain_words(10.0)
+    assert "become at most 2.7% sure" in plain_words(1.0) and "strong bound" in plain_words(1.0)
+    # Hanley & McNeil at A = 0.5, 50 and 50: Q1 = Q2 = 1/3, SE = sqrt(8.41667 / 2500)
+    assert auc_standard_error(0.5, 50, 50) == pytest.approx(0.05802, abs=1e-5)
