@@ -45,7 +45,8 @@ REFERENCE_NOT_COVERED = (
     "it, so the coordinator must give only data whose statistics it may publish"
 )
 IN_CLEAR = [
-    "each site's name and its public subject count (the FedAvg weight): a size the site "
+    "each site's name and its public subject count (its update's weight in the sites' "
+    "mean): a size the site "
     "publishes, at most its real count: by default the count rounded down to two "
     "significant figures and a multiple of 10 (1 below 10 subjects), a size the site "
     "declared (node config public-subjects), or the exact count for a site that opted in "
@@ -56,9 +57,10 @@ IN_CLEAR = [
     "a fixed reason code when a site does not train",
 ]
 SUBJECT_COUNT = (
-    "public size: the site's sample rates and FedAvg weight give a size at most its real "
-    "subject count (by default rounded down, or declared); exact only if the site opted in "
-    "with disclose-subject-count, which the site does not report to the coordinator"
+    "public size: the site's sample rates and its weight in the sites' mean give a size at "
+    "most its real subject count (by default rounded down, or declared); exact only if the "
+    "site opted in with disclose-subject-count, which the site does not report to the "
+    "coordinator"
 )
 NOT_COVERED = [
     "the public pretraining data, the autoencoder and the anatomy and feature networks "
@@ -70,6 +72,13 @@ NOT_COVERED = [
     "fedsynth site-check and any other look at a site's data outside DP-SGD",
     "attributes requested for the synthetic cohort (chosen by the coordinator, or drawn "
     "from the public attribute table)",
+    "a patient treated at several sites: each site protects its own records of that "
+    "person, so that person's total is up to the sum of those sites' epsilons",
+    "a malicious coordinator: one that changes the code the sites run, or sends sites "
+    "models crafted to expose their updates; the sites' own checks (signed apps, study "
+    "terms, budgets) limit, but do not rule out, this",
+    "side channels: which sites replied and when, round wall times, and anything outside "
+    "the model's weights",
 ]
 
 
@@ -118,7 +127,8 @@ def _secure_aggregation(study: FinishedStudy) -> dict:
             "protocol": f"Flower SecAgg+ (flwr {version('flwr')})",
             "note": "per round that ran under it: sites, reconstruction_threshold (never "
             "below min_sites), clipping_range (|delta| bound), quantization_range, "
-            "num_shares, max_weight; plain_rounds ran without it",
+            "num_shares (Flower's fraction of the sampled sites that hold shares of each "
+            "site's secrets: 1.0 = all), max_weight; plain_rounds ran without it",
         }
     return {**stated, "min_sites": study.summary.get("min_sites")}
 
