@@ -13,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -164,7 +166,9 @@ def sample_cohort(
     _write_manifest(cohort / MANIFEST, paths, attributes_rows, config)
     write_montage(Path(out).expanduser() / MONTAGE, paths, attributes_rows, config)
     settings = {"guidance_scale": guidance_scale, "steps": steps, "scheduler": scheduler}
-    provenance = {"checkpoint": str(pretrained.folder), "n": n, "seed": seed, **settings}
+    # relative to `out`: the record names the checkpoint without the coordinator's home path
+    folder = os.path.relpath(Path(pretrained.folder).resolve(), Path(out).expanduser().resolve())
+    provenance = {"checkpoint": folder, "n": n, "seed": seed, **settings}
     atomic_write_text(
         Path(out).expanduser() / SAMPLING_JSON,
         json.dumps(provenance, indent=2) + "\n",
@@ -223,8 +227,11 @@ def slice_columns(depth: int) -> dict[str, int]:
     }
 
 
-def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Config) -> None:
-    """One row per (H, W, D) volume in [0, 1]: basal-ish, mid and apical-ish slices."""
+def montage(
+    path: Path, volumes: list[np.ndarray], titles: list[str], config: Config, per_row: int = 2
+) -> None:
+    """Each (H, W, D) volume in [0, 1] as its basal-ish, mid and apical-ish slices, `per_row`
+    volumes side by side (a grid that uses a page's width), rows top to bottom."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,11 +240,11 @@ def montage(path: Path, volumes: list[np.ndarray], titles: list[str], config: Co
     depth = config.data.shape[2]
     columns = slice_columns(depth)
     sx, sy, _ = config.data.spacing
-    fig = plt.figure(figsize=(7.5, 2.8 * len(volumes)), layout="constrained")
-    subfigs = fig.subfigures(len(volumes), 1)  # an array, or one SubFigure for one volume
-    for subfig, volume, title in zip(
-        subfigs if isinstance(subfigs, np.ndarray) else [subfigs], volumes, titles, strict=True
-    ):
+    across = max(1, min(per_row, len(volumes)))
+    down = math.ceil(len(volumes) / across)
+    fig = plt.figure(figsize=(7.5 * across, 2.8 * down), layout="constrained")
+    grid = np.atleast_1d(fig.subfigures(down, across)).ravel()
+    for subfig, volume, title in zip(grid, volumes, titles, strict=False):
         subfig.suptitle(title, fontsize=10)
         for ax, (label, k) in zip(subfig.subplots(1, 3), columns.items(), strict=True):
             ax.imshow(

@@ -22,6 +22,8 @@ out/report.html        self-contained report (server/release_report.py)
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -92,15 +94,24 @@ def _attributes(study: FinishedStudy, csv_path: str | None, n: int, seed: int) -
 
 
 def _command(
-    run_dir: str | Path, n: int, seed: int, attributes: str | None, reference: str | Path | None
+    out: Path,
+    run_dir: str | Path,
+    n: int,
+    seed: int,
+    attributes: str | None,
+    reference: str | Path | None,
 ) -> str:
-    """The command that makes this release again (the same cohort: sampling is seeded)."""
-    parts = ["fedsynth release --run", str(Path(run_dir).expanduser().resolve()), "--n", str(n)]
-    parts += ["--seed", str(seed)]
+    """The command that makes this release again (the same cohort: sampling is seeded), run
+    from the release folder `out`: its paths are relative to it, not the coordinator's."""
+
+    def here(path: str | Path) -> str:
+        return shlex.quote(os.path.relpath(Path(path).expanduser().resolve(), out))
+
+    parts = ["fedsynth release --run", here(run_dir), "--n", str(n), "--seed", str(seed)]
     if attributes:
-        parts += ["--attributes", str(attributes)]
+        parts += ["--attributes", here(attributes)]
     if reference is not None:
-        parts += ["--reference", str(reference)]
+        parts += ["--reference", here(reference)]
     return " ".join([*parts, "--out NEW_DIR"])
 
 
@@ -175,7 +186,7 @@ def release(
             atomic_write_text(work / EVALUATION, json.dumps(evaluation, indent=2), PUBLIC_MODE)
         if audits:
             atomic_write_text(work / AUDITS, json.dumps(audits, indent=2), PUBLIC_MODE)
-        command = _command(run_dir, n, seed, attributes_csv, reference)
+        command = _command(out, run_dir, n, seed, attributes_csv, reference)
         write_report(work, study, statement, rows, control, evaluation, audits, command)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
