@@ -550,8 +550,9 @@ def plot_dp_audit(result: dict, png: Path) -> None:
     members against non-members, of the first run."""
     fig, (ax,) = _figure(1, 6.0, 3.4)
     inside, outside = result["scores_in"], result["scores_out"]
-    both = inside + outside
-    bins = 30 if max(both) > min(both) else 1
+    import numpy as np
+
+    bins = np.histogram_bin_edges(inside + outside, bins=30)  # one set of bins for both
     ax.hist(outside, bins=bins, alpha=0.6, label=f"not trained on ({len(outside)})")
     ax.hist(inside, bins=bins, alpha=0.6, label=f"trained on ({len(inside)})")
     ax.set_xlabel("canary score: how far its weight moved the way the canary pushes it")
