@@ -129,3 +129,13 @@ def read_json_object(path: Path, remedy: str) -> dict:
     if not isinstance(value, dict):
         raise FedsynthError(f"{path} is damaged (not a JSON object): {remedy}")
     return value
+
+
+def published_path(path: str | os.PathLike, base: str | os.PathLike, stand_in: str) -> str:
+    """How a published file (sampling.json, report.html) names `path`: relative to the
+    folder `base` when it lies beside or inside it (under base's parent), else `stand_in`
+    then its own name: never the publisher's home or folder layout."""
+    target, home = Path(path).expanduser().resolve(), Path(base).expanduser().resolve()
+    if target.is_relative_to(home.parent):
+        return os.path.relpath(target, home)
+    return f"{stand_in}/{target.name}"

@@ -14,7 +14,6 @@ import csv
 import io
 import json
 import math
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -28,7 +27,7 @@ from fedsynth.common.config import Config
 from fedsynth.common.data import MANIFEST, parse_attribute, read_table, scale_attributes
 from fedsynth.common.diffusion import sample_latents, sampling_scheduler
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text
+from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text, published_path
 from fedsynth.common.models import latent_shape
 from fedsynth.common.orientation import short_axis_affine
 from fedsynth.common.progress import progress
@@ -166,8 +165,7 @@ def sample_cohort(
     _write_manifest(cohort / MANIFEST, paths, attributes_rows, config)
     write_montage(Path(out).expanduser() / MONTAGE, paths, attributes_rows, config)
     settings = {"guidance_scale": guidance_scale, "steps": steps, "scheduler": scheduler}
-    # relative to `out`: the record names the checkpoint without the coordinator's home path
-    folder = os.path.relpath(Path(pretrained.folder).resolve(), Path(out).expanduser().resolve())
+    folder = published_path(pretrained.folder, out, "CHECKPOINTS")  # no home paths
     provenance = {"checkpoint": folder, "n": n, "seed": seed, **settings}
     atomic_write_text(
         Path(out).expanduser() / SAMPLING_JSON,

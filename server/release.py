@@ -22,7 +22,6 @@ out/report.html        self-contained report (server/release_report.py)
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import uuid
@@ -33,7 +32,7 @@ from fedsynth.common.audit_publication import check_shared
 from fedsynth.common.checkpoint import load_pretrained
 from fedsynth.common.cohort_hashes import write_cohort_hashes
 from fedsynth.common.errors import FedsynthError
-from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
+from fedsynth.common.io import PUBLIC_MODE, atomic_write_text, published_path
 from fedsynth.common.models import resolve_device
 from fedsynth.common.privacy_verify import (
     IDENTITIES_COPY,
@@ -102,16 +101,17 @@ def _command(
     reference: str | Path | None,
 ) -> str:
     """The command that makes this release again (the same cohort: sampling is seeded), run
-    from the release folder `out`: its paths are relative to it, not the coordinator's."""
+    from the release folder `out`: paths beside it relative to it, others as RUNS/NAME or
+    DATA/NAME, never the coordinator's folders (common/io.published_path)."""
 
-    def here(path: str | Path) -> str:
-        return shlex.quote(os.path.relpath(Path(path).expanduser().resolve(), out))
+    def here(path: str | Path, stand_in: str) -> str:
+        return shlex.quote(published_path(path, out, stand_in))
 
-    parts = ["fedsynth release --run", here(run_dir), "--n", str(n), "--seed", str(seed)]
+    parts = ["fedsynth release --run", here(run_dir, "RUNS"), "--n", str(n), "--seed", str(seed)]
     if attributes:
-        parts += ["--attributes", here(attributes)]
+        parts += ["--attributes", here(attributes, "DATA")]
     if reference is not None:
-        parts += ["--reference", here(reference)]
+        parts += ["--reference", here(reference, "DATA")]
     return " ".join([*parts, "--out NEW_DIR"])
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from fedsynth.common.io import PUBLIC_MODE, atomic_path, atomic_write_text, private_dir
+from fedsynth.common.io import (
+    PUBLIC_MODE,
+    atomic_path,
+    atomic_write_text,
+    private_dir,
+    published_path,
+)
 from fedsynth.common.ledger import append_entry
 
 ENTRY = {
@@ -139,3 +145,12 @@ def test_atomic_write_fsyncs_the_content_then_the_rename(tmp_path, monkeypatch):
     assert (kind, content) == ("file", b"final")  # the temporary, complete, before the rename
     assert folder == ("dir", tmp_path.stat().st_ino, [target.name])  # after it
     assert target.read_text() == "final"
+
+
+def test_a_published_path_is_relative_beside_its_folder_and_a_stand_in_elsewhere(tmp_path):
+    release = tmp_path / "study" / "release"
+    beside = tmp_path / "study" / "runs" / "run-1"
+    assert published_path(beside, release, "RUNS") == "../runs/run-1"
+    assert (release / published_path(beside, release, "RUNS")).resolve() == beside.resolve()
+    elsewhere = tmp_path / "home" / "alice" / "runs" / "run-1"
+    assert published_path(elsewhere, release, "RUNS") == "RUNS/run-1"
