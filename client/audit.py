@@ -24,23 +24,42 @@ Two questions:
    nearest training subject; Zhao et al. 2021, CTAB-GAN, arXiv:2102.08369) is near 0 for a
    near-copy of one record and near 1 for a volume that is as far from its nearest record as
    from the next.
-2. Does the model remember who it trained on? A loss-threshold membership-inference attack
-   (Yeom et al. 2018, CSF; for diffusion models Carlini et al. 2023, "Extracting training
-   data from diffusion models", USENIX Security): each subject's diffusion loss under the
-   study's final model, on its latents through the checkpoint's frozen autoencoder, with
-   fixed noise: `LOSS_DRAWS` draws, each one noise tensor and one timestep (stratified over
-   the schedule) shared by every subject and every model, seeded; a subject's loss is the
-   mean over its volumes and the draws, conditional on its attributes. Members are the
-   training subjects, non-members the held-out ones. Score: with `--reference` (the public
-   checkpoint the study started from) the difficulty-calibrated score reference loss minus
-   model loss (Watson et al. 2022, "On the importance of difficulty calibration in
-   membership inference attacks", ICLR; the offline reference-model idea of Carlini et al.
-   2022, "Membership inference attacks from first principles", IEEE S&P); without it, minus
-   the model loss. ROC AUC is the Mann-Whitney U statistic over n_members x n_nonmembers
-   (ties one half; Hanley & McNeil 1982); TPR at a given FPR is read off the empirical ROC
-   (Fawcett 2006) as the largest TPR among thresholds whose FPR is at most that value. With
-   n non-members the smallest non-zero FPR is 1/n (`fpr_resolution`): where it exceeds the
-   target, the TPR reported is the TPR at zero false positives among the n.
+2. Does the model remember who it trained on? A calibrated loss-ratio membership-inference
+   attack, in the spirit of SecMI (Duan et al. 2023, "Are diffusion models vulnerable to
+   membership inference attacks?", ICML) and PIA (Kong et al. 2024, "An efficient
+   membership inference attack for the diffusion model by proximal initialization",
+   ICLR), which read a diffusion model's error at chosen timesteps, and of the
+   loss-threshold attack (Yeom et al. 2018, CSF; for diffusion models Carlini et al. 2023,
+   "Extracting training data from diffusion models", USENIX Security). Each subject's
+   diffusion loss under the study's final model, on its latents through the checkpoint's
+   frozen autoencoder, with fixed noise: `LOSS_DRAWS` draws, each one noise tensor and one
+   timestep, stratified over the schedule (draw k in its k-th of LOSS_DRAWS equal parts),
+   shared by every subject and every model, seeded, conditional on the subject's
+   attributes. The draws fall in `LOSS_BANDS` timestep bands of consecutive draws (band b:
+   the b-th of LOSS_BANDS equal parts of the schedule); a subject's loss in a band is the
+   mean over its volumes and the band's draws, (S, LOSS_BANDS). Members are the training
+   subjects, non-members the held-out ones. Score, with `--reference` (the public
+   checkpoint the study started from): the mean over the bands of log(reference loss /
+   model loss), each band's log ratio a difficulty-calibrated score (Watson et al. 2022,
+   "On the importance of difficulty calibration in membership inference attacks", ICLR;
+   the offline reference model of Carlini et al. 2022, "Membership inference attacks from
+   first principles", IEEE S&P; the ratio rather than the difference puts bands whose
+   losses differ in scale on one footing), the bands weighted equally: nothing is fitted
+   on members or non-members. Unlike SecMI and PIA there is no DDIM inversion (SecMI's
+   t-error from a deterministic reverse and forward step, PIA's noise from the model's
+   output at t = 0): the noise is fixed and the same for everyone; no attack model is
+   trained (SecMI-NN) and no timestep is chosen on labelled data. Without `--reference`:
+   minus the model loss (mean over the draws). ROC AUC is the Mann-Whitney U statistic
+   over n_members x n_nonmembers (ties one half; Hanley & McNeil 1982); TPR at a given FPR
+   is read off the empirical ROC (Fawcett 2006) as the largest TPR among thresholds whose
+   FPR is at most that value. Intervals, 95%: the AUC +- 1.96 Hanley & McNeil standard
+   errors (1982, Radiology 143:29, eq. 2; no bootstrap), clipped to [0, 1]; a TPR's
+   Clopper-Pearson interval (1934) of the members flagged out of n_members, at the
+   threshold found on the non-members (its own uncertainty is not counted). With n
+   non-members the smallest non-zero FPR is 1/n (`fpr_resolution`): where it exceeds the
+   target, the TPR reported is the TPR at zero false positives among the n and
+   `fpr_not_resolvable` says, in words, that the TPR at that FPR is not resolvable;
+   `few_subjects` says when members or non-members are fewer than 30.
 
 What may be shared (common/audit_publication.py): the distances are between one synthetic
 volume and one patient's record, and with a small cohort or site an exact quantile of them
@@ -90,12 +109,21 @@ The shared JSON (`fedsynth audit --json`, --out/shared.json):
                            share_subsampled_to (the smaller set's public size, or null),
                            nndr_q05, nndr_median}
     membership_inference  null without --checkpoint and --holdout, else
-                          {score: "reference loss - model loss" or "-model loss",
-                           auc, tpr_at_1pct_fpr, tpr_at_0_1pct_fpr, fpr_resolution,
-                           n_members, n_nonmembers (the public sizes), loss_draws,
+                          {score: "mean over timestep bands of log(reference loss / model
+                           loss)" or "-model loss",
+                           auc, auc_ci95_low, auc_ci95_high,
+                           tpr_at_1pct_fpr, tpr_at_1pct_fpr_ci95_low, ..._ci95_high,
+                           tpr_at_0_1pct_fpr, tpr_at_0_1pct_fpr_ci95_low, ..._ci95_high,
+                           intervals (how the intervals are computed, in words),
+                           fpr_resolution, fpr_not_resolvable (null, or the FPRs below
+                           fpr_resolution in words), few_subjects (null, or a side under
+                           30 in words), n_members, n_nonmembers (the public sizes),
+                           loss_draws, loss_bands,
                            auc_uncalibrated (-model loss; null without --reference)}
     (each figure a number rounded to 2 significant digits or "withheld: fewer than 11 ...";
-     fpr_resolution is 1 / n_nonmembers as published, at least the true 1 / n)
+     an interval's bounds are computed from the shared figure and the public sizes, rounded
+     outward, and withheld with the figure; fpr_resolution and the notes read
+     n_nonmembers as published, fpr_resolution at least the true 1 / n)
 
 Private files in `--out` (0700, files 0600): pairs.png (the `PAIRS` most similar
 synthetic/training pairs, each synthetic volume above its nearest training volume, basal,
@@ -122,7 +150,17 @@ import yaml
 
 from fedsynth.client.public_size import PublicSizeAboveCount
 from fedsynth.common import audit_publication as publish
-from fedsynth.common.audit_publication import FPR_TARGETS, MIN_RECORDS
+from fedsynth.common.audit_publication import (
+    CALIBRATED,
+    CI_KEYS,
+    FPR_TARGETS,
+    FPR_WORDS,
+    INTERVALS,
+    MIN_RECORDS,
+    attack_notes,
+    auc_interval,
+    clopper_pearson,
+)
 from fedsynth.common.checkpoint import Pretrained, load_pretrained
 from fedsynth.common.cohort_hashes import check_cohort_hashes
 from fedsynth.common.config import Config, DataConfig
@@ -135,7 +173,7 @@ from fedsynth.common.data import (
     open_site,
     read_nifti,
 )
-from fedsynth.common.diffusion import fixed_noise_losses
+from fedsynth.common.diffusion import fixed_noise_draw_losses
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.io import PRIVATE_MODE, atomic_write_text, private_dir
 from fedsynth.common.models import ConditionedUNet, resolve_device
@@ -155,6 +193,7 @@ DISTANCE = (
 )
 SHARE_SUBSAMPLES = 25  # seeded subsamples of the larger set, averaged, for the share
 LOSS_DRAWS = 8  # fixed (noise, timestep) draws per volume for the membership loss
+LOSS_BANDS = 4  # timestep bands of the calibrated score, LOSS_DRAWS / LOSS_BANDS draws each
 LOSS_BATCH = 16  # volumes per UNet forward in the membership loss
 PAIRS = 3  # most similar (synthetic, training) pairs in the private montage
 SHARED = "shared.json"  # what --json prints: the file a site shares
@@ -502,12 +541,27 @@ def dcr(synthetic: VolumeSet, train: VolumeSet, holdout: VolumeSet | None, seed:
 
 
 def subject_means(values: torch.Tensor, subjects: torch.Tensor, n: int) -> np.ndarray:
-    """(S,) mean of per-volume `values` (N,) over each subject's volumes."""
-    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, subjects, values.double())
+    """(S, ...) mean of per-volume `values` (N, ...) over each subject's volumes."""
+    values = values.double()
+    sums = torch.zeros((n, *values.shape[1:]), dtype=torch.float64).index_add_(0, subjects, values)
     counts = torch.zeros(n, dtype=torch.float64).index_add_(
-        0, subjects, torch.ones_like(values, dtype=torch.float64)
+        0, subjects, torch.ones(len(subjects), dtype=torch.float64)
     )
-    return (sums / counts).numpy()
+    return (sums / counts.reshape(n, *[1] * (values.dim() - 1))).numpy()
+
+
+def band_means(losses: torch.Tensor, bands: int) -> torch.Tensor:
+    """(N, bands) mean of per-draw losses (N, D) over `bands` equal groups of consecutive
+    draws; the draws are stratified over the schedule, so group b covers its b-th of
+    `bands` equal parts. D must be a multiple of `bands`."""
+    n, draws = losses.shape
+    return losses.reshape(n, bands, draws // bands).mean(2)
+
+
+def calibrated_score(reference: np.ndarray, model: np.ndarray) -> np.ndarray:
+    """(S,) membership score from per-band losses (S, K) > 0: the mean over the K bands of
+    log(reference loss / model loss), each band weighted equally (module docstring)."""
+    return np.log(reference / model).mean(axis=1)
 
 
 def roc_auc(members: np.ndarray, nonmembers: np.ndarray) -> float:
@@ -536,14 +590,24 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 
 
 def attack_metrics(members: np.ndarray, nonmembers: np.ndarray) -> dict:
-    """AUC, TPR at 1% and 0.1% FPR, and the FPR resolution 1/n_nonmembers."""
+    """AUC, TPR at 1% and 0.1% FPR, each with its 95% interval (auc_interval; the
+    Clopper-Pearson interval of the members flagged), the FPR resolution 1/n_nonmembers
+    and what the set sizes leave the figures worth (attack_notes), from the scores of the
+    members (n1,) and of the non-members (n0,)."""
     fpr, tpr = roc_curve(members, nonmembers)
-    return {
-        "auc": roc_auc(members, nonmembers),
-        **{key: tpr_at_fpr(fpr, tpr, target) for key, target in FPR_TARGETS.items()},
-        "fpr_resolution": 1.0 / len(nonmembers),
-        "n_members": len(members),
-        "n_nonmembers": len(nonmembers),
+    n1, n0 = len(members), len(nonmembers)
+    auc = roc_auc(members, nonmembers)
+    out = {"auc": auc, **dict(zip(CI_KEYS["auc"], auc_interval(auc, n1, n0), strict=True))}
+    for key, target in FPR_TARGETS.items():
+        rate = tpr_at_fpr(fpr, tpr, target)
+        interval = clopper_pearson(round(rate * n1), n1)
+        out |= {key: rate, **dict(zip(CI_KEYS[key], interval, strict=True))}
+    return out | {
+        "intervals": INTERVALS,
+        "fpr_resolution": 1.0 / n0,
+        **attack_notes(n1, n0),
+        "n_members": n1,
+        "n_nonmembers": n0,
     }
 
 
@@ -581,12 +645,13 @@ def membership(
         encoded.append(torch.cat([model.encode(v.to(device)).cpu() for v in rows]))
 
     def subject_losses(unet: ConditionedUNet) -> tuple[np.ndarray, np.ndarray]:
+        """Members' (n1, LOSS_BANDS) and non-members' (n0, LOSS_BANDS) losses per band."""
         out = []
         for volumes, latents in zip((train, holdout), encoded, strict=True):
             chunks = torch.arange(len(latents)).split(LOSS_BATCH)
             loss = torch.cat(
                 [
-                    fixed_noise_losses(
+                    fixed_noise_draw_losses(
                         unet,
                         model.config.diffusion,
                         latents[rows],
@@ -597,21 +662,24 @@ def membership(
                     for rows in progress(chunks, "membership loss", show_progress)
                 ]
             )
-            out.append(subject_means(loss, volumes.subjects, volumes.n_subjects))
+            bands = band_means(loss, LOSS_BANDS)
+            out.append(subject_means(bands, volumes.subjects, volumes.n_subjects))
         return out[0], out[1]
 
     loss_in, loss_out = subject_losses(model.unet)
-    uncalibrated = attack_metrics(-loss_in, -loss_out)
+    # the mean of equal bands is the mean over the draws
+    uncalibrated = attack_metrics(-loss_in.mean(1), -loss_out.mean(1))
+    draws = {"loss_draws": LOSS_DRAWS, "loss_bands": LOSS_BANDS}
     if reference is None:
-        return {"score": "-model loss", **uncalibrated, "loss_draws": LOSS_DRAWS} | {
-            "auc_uncalibrated": None
-        }
+        return {"score": "-model loss", **uncalibrated, **draws, "auc_uncalibrated": None}
     ref_in, ref_out = subject_losses(reference.unet)
-    calibrated = attack_metrics(ref_in - loss_in, ref_out - loss_out)
+    calibrated = attack_metrics(
+        calibrated_score(ref_in, loss_in), calibrated_score(ref_out, loss_out)
+    )
     return {
-        "score": "reference loss - model loss",
+        "score": CALIBRATED,
         **calibrated,
-        "loss_draws": LOSS_DRAWS,
+        **draws,
         "auc_uncalibrated": uncalibrated["auc"],
     }
 
@@ -763,6 +831,15 @@ def _number(value: publish.Published | None) -> str:
     return f"{value:g}"
 
 
+def _with_interval(mia: dict, key: str) -> str:
+    """A shared AUC or TPR as printed, with its 95% interval where that is published."""
+    low, high = (mia.get(name) for name in CI_KEYS[key])
+    shown = _number(mia[key])
+    if isinstance(low, float) and isinstance(high, float):
+        return f"{shown} (95% CI {low:g} to {high:g})"
+    return shown
+
+
 def summary_lines(report: dict) -> list[str]:
     """The shared report as a few printed lines: aggregates only, no paths, no subject ids."""
     d = report["dcr"]
@@ -795,19 +872,16 @@ def summary_lines(report: dict) -> list[str]:
     if mia is None:
         lines.append("membership inference: not run (needs --checkpoint and --holdout)")
     else:
-        resolution = mia["fpr_resolution"]
-        caveat = (
-            f"; FPR resolution {resolution:.3g}: at FPRs below it the TPR is that at zero "
-            "false positives"
-            if resolution > min(FPR_TARGETS.values())
-            else ""
-        )
+        figures = [f"AUC {_with_interval(mia, 'auc')} (0.5: chance)"]
+        figures += [f"TPR {_with_interval(mia, k)} at {FPR_WORDS[k]} FPR" for k in FPR_TARGETS]
         lines.append(
             f"membership inference ({mia['score']}, {mia['n_members']} members vs "
-            f"{mia['n_nonmembers']} non-members): AUC {_number(mia['auc'])} (0.5: chance), "
-            f"TPR {_number(mia['tpr_at_1pct_fpr'])} at 1% FPR, "
-            f"{_number(mia['tpr_at_0_1pct_fpr'])} at 0.1% FPR{caveat}"
+            f"{mia['n_nonmembers']} non-members): {', '.join(figures)}"
         )
+        notes = (mia.get("fpr_not_resolvable"), mia.get("few_subjects"))
+        lines += [f"membership inference: {note}" for note in notes if note]
+        if mia.get("intervals"):
+            lines.append(f"intervals: {mia['intervals']}")
     lines += [
         f"cohort audited: the release's cohort, fingerprint {report['cohort_sha256']} (check "
         "it against the published report.html)",

@@ -37,7 +37,17 @@ The rule, per field:
   published only when f x the published n_nonmembers >= 11 (and n_members >= 11);
 - a rate that is a count over a published total (a TPR over the members, the share over
   the volumes) is withheld when that count, or the rest of the total, may be 1 to 10
-  (TPR 0.02 of 50 members is one patient flagged).
+  (TPR 0.02 of 50 members is one patient flagged);
+- the 95% interval of the AUC or of a TPR (`*_ci95_low`, `*_ci95_high`): withheld with
+  the figure (in its words), else computed from the published figure and the published
+  sizes alone (`shared_intervals`: the AUC +- 1.96 Hanley & McNeil standard errors, the
+  Clopper-Pearson interval of round(TPR x n_members) of n_members), its bounds rounded
+  outward to 2 significant digits; an interval from the exact counts would tell them
+  apart within their public size (10 and 15 members give different widths), one from
+  the published ones adds nothing to what is published. The published size is at most
+  the real count, so the shared interval is at least as wide as the exact one;
+- the notes `fpr_not_resolvable` and `few_subjects` (`attack_notes`) read the published
+  sizes alone, as fpr_resolution does.
 Every such decision is taken on what is published, never on a private count: a gate on
 the exact count would be a published bit about it (10 and 15 subjects both publish 10,
 and an AUC withheld for 10 but shown for 15 would tell them apart). A published subject
@@ -59,8 +69,9 @@ public size, the rule of client/public_size.py, recorded in `subject_counts`: "r
 "exact" (the site opted in, --disclose-subject-count).
 
 check_shared refuses a shared audit with any key outside this layout (nested too), a
-figure the published counts do not allow (the same worst case), a null nndr, or a count
-not in its published form: one line naming the field.
+figure the published counts do not allow (the same worst case), an interval or a note
+other than the one the published figures and sizes give, a null nndr, or a count not in
+its published form: one line naming the field.
 """
 
 from __future__ import annotations
@@ -68,9 +79,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+from typing import TypeGuard
 
 import numpy as np
+from scipy.stats import beta
 
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.subject_rounding import rounded_down, rounding_step
@@ -89,7 +102,19 @@ RULE = (
 QUANTILES = {"q05": 0.05, "q25": 0.25, "median": 0.5}
 PRIORITY = ("median", "q25", "q05")  # which of two overlapping quantiles is published
 FPR_TARGETS = {"tpr_at_1pct_fpr": 0.01, "tpr_at_0_1pct_fpr": 0.001}
-SCORES = ("reference loss - model loss", "-model loss")
+FPR_WORDS = {"tpr_at_1pct_fpr": "1%", "tpr_at_0_1pct_fpr": "0.1%"}
+CALIBRATED = "mean over timestep bands of log(reference loss / model loss)"
+SCORES = (CALIBRATED, "-model loss")
+CONFIDENCE = 0.95  # of the intervals of the AUC and the TPRs
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+CI_KEYS = {key: (f"{key}_ci95_low", f"{key}_ci95_high") for key in ("auc", *FPR_TARGETS)}
+INTERVALS = (
+    "95%: AUC +- 1.96 standard errors (Hanley & McNeil 1982, eq. 2), clipped to [0, 1]; "
+    "TPR: Clopper-Pearson on the members, at the threshold found on the non-members (not "
+    "counting that threshold's own uncertainty); shared bounds are computed from the shared "
+    "figure and sizes and rounded outward"
+)
+FEW_FOR_ATTACK = 30  # members or non-members below this: the attack's figures mean little
 SUBJECT_COUNTS = ("rounded", "declared", "exact")  # how the site's counts are published
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -104,6 +129,70 @@ def withheld(what: str) -> str:
 def rounded(value: float) -> float:
     """`value` to SIGNIFICANT_DIGITS significant digits (0.043217 -> 0.043)."""
     return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def rounded_outward(low: float, high: float) -> tuple[float, float]:
+    """An interval's bounds to SIGNIFICANT_DIGITS significant digits, `low` rounded down and
+    `high` up (0.0434 -> 0.043, 0.0436 -> 0.044 as a high bound), so it still covers."""
+
+    def bound(value: float, rounding: str) -> float:
+        if value == 0:
+            return 0.0
+        exact = Decimal(repr(value))
+        step = Decimal(1).scaleb(exact.adjusted() - SIGNIFICANT_DIGITS + 1)
+        return float(exact.quantize(step, rounding=rounding))
+
+    return bound(low, ROUND_FLOOR), bound(high, ROUND_CEILING)
+
+
+def auc_interval(auc: float, members: int, nonmembers: int) -> tuple[float, float]:
+    """The AUC's 95% interval: AUC +- 1.96 SE, clipped to [0, 1], the SE of Hanley & McNeil
+    1982 (Radiology 143:29, eq. 2: Q1 = A / (2 - A), Q2 = 2 A^2 / (1 + A)) over `members`
+    x `nonmembers`. It is 0 at an AUC of 0 or 1."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (members - 1) * (q1 - auc**2) + (nonmembers - 1) * (q2 - auc**2)
+    ) / (members * nonmembers)
+    half = Z95 * math.sqrt(max(variance, 0.0))
+    return max(auc - half, 0.0), min(auc + half, 1.0)
+
+
+def clopper_pearson(k: int, n: int) -> tuple[float, float]:
+    """The exact 95% interval of a proportion k of n (Clopper & Pearson 1934, Biometrika
+    26:404): the 2.5% quantile of Beta(k, n - k + 1) and the 97.5% of Beta(k + 1, n - k),
+    0 for k = 0 and 1 for k = n. 0 of 20: [0, 0.168]."""
+    tail = (1 - CONFIDENCE) / 2
+    low = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    high = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return low, high
+
+
+def attack_notes(members: int, nonmembers: int) -> dict[str, str | None]:
+    """What the set sizes leave the attack's figures worth, in words (None: nothing to say):
+    `fpr_not_resolvable` names the FPRs below the smallest non-zero one, 1 / nonmembers
+    (there a TPR is the TPR at zero false positives), `few_subjects` a side below
+    FEW_FOR_ATTACK subjects."""
+    below = [f"{FPR_WORDS[key]} FPR" for key, f in FPR_TARGETS.items() if 1 / nonmembers > f]
+    few = [
+        f"{count} {side}"
+        for side, count in (("members", members), ("non-members", nonmembers))
+        if count < FEW_FOR_ATTACK
+    ]
+    return {
+        "fpr_not_resolvable": (
+            f"not resolvable: the TPR at {' and at '.join(below)}; with {nonmembers} "
+            f"non-members the smallest non-zero FPR is 1/{nonmembers} = {1 / nonmembers:.2g}, "
+            "so a TPR there is the TPR at zero false positives"
+            if below
+            else None
+        ),
+        "few_subjects": (
+            f"fewer than {FEW_FOR_ATTACK} subjects on a side ({' and '.join(few)}): the "
+            "AUC and TPRs mean little"
+            if few
+            else None
+        ),
+    }
 
 
 def count_range(published: int, mode: str) -> tuple[int, float]:
@@ -264,7 +353,28 @@ def attack(
             out[key] = withheld("members or non-members") if few else rounded(metrics[key])
     for key, target in FPR_TARGETS.items():
         out[key] = _tpr(metrics[key], target, members, most_members, nonmembers)
+    out |= shared_intervals(out, members, nonmembers) | attack_notes(members, nonmembers)
     out["fpr_resolution"] = rounded(1.0 / nonmembers)
+    return out
+
+
+def shared_intervals(mia: dict, members: int, nonmembers: int) -> dict[str, Published | None]:
+    """The 95% interval bounds of the shared AUC and TPRs (CI_KEYS), from the shared
+    figures in `mia` and the published sizes alone: auc_interval, clopper_pearson of
+    round(TPR x members) of `members`, rounded outward; a withheld figure's bounds are
+    withheld in its words, a missing one's None."""
+    out: dict[str, Published | None] = {}
+    for key, names in CI_KEYS.items():
+        figure = mia.get(key)
+        bounds: tuple[Published | None, Published | None] = (figure, figure)
+        if _rate(figure):
+            exact = (
+                auc_interval(figure, members, nonmembers)
+                if key == "auc"
+                else clopper_pearson(round(figure * members), members)
+            )
+            bounds = rounded_outward(*exact)
+        out |= dict(zip(names, bounds, strict=True))
     return out
 
 
@@ -286,9 +396,11 @@ DCR_KEYS = frozenset(
     {f"{p}_{q}" for p in ("train", "holdout") for q in QUANTILES}
     | {"closer_to_training_share", "share_subsampled_to", "nndr_q05", "nndr_median"}
 )
+NOTES = ("fpr_not_resolvable", "few_subjects")
 MIA_KEYS = frozenset(
     {"score", "auc", "auc_uncalibrated", *FPR_TARGETS, "fpr_resolution", "loss_draws"}
-    | {"n_members", "n_nonmembers"}
+    | {"n_members", "n_nonmembers", "loss_bands", "intervals", *NOTES}
+    | {name for names in CI_KEYS.values() for name in names}
 )
 PUBLISHED = {"min_records": MIN_RECORDS, "significant_digits": SIGNIFICANT_DIGITS, "rule": RULE}
 TOP_KEYS = frozenset(
@@ -325,11 +437,17 @@ def _check_layout(audit: dict, where: str) -> None:
         not isinstance(audit.get(k), str | None) for k in texts
     ):
         raise _refuse(where, "outside_dp_guarantee, note or distance is not the audit's")
-    for name, value in (("seed", audit.get("seed")), ("loss_draws", _get(audit, "loss_draws"))):
+    integers = (
+        ("seed", audit.get("seed")),
+        *((k, _get(audit, k)) for k in ("loss_draws", "loss_bands")),
+    )
+    for name, value in integers:
         if value is not None and not _is_int(value):
             raise _refuse(where, f"{name} is not an integer")
     if audit["membership_inference"] is not None and _get(audit, "score") not in SCORES:
         raise _refuse(where, "membership_inference.score is not one of the audit's scores")
+    if _get(audit, "intervals") not in (None, INTERVALS):
+        raise _refuse(where, "membership_inference.intervals is not the audit's text")
 
 
 def _get(audit: dict, key: str) -> object:
@@ -341,7 +459,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _rate(value: object) -> bool:
+def _rate(value: object) -> TypeGuard[float]:
     """A finite number (a figure the small-count test reads), not a bool or text."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -401,6 +519,11 @@ def _check_counts(audit: dict, where: str) -> tuple[tuple[int, float], tuple[int
             )
         if mia.get("fpr_resolution") != rounded(1.0 / holdout[0]):
             raise _refuse(where, "membership_inference.fpr_resolution is not 1 / n_nonmembers")
+        for key, note in attack_notes(train[0], holdout[0]).items():
+            if mia.get(key) not in (None, note):
+                raise _refuse(
+                    where, f"membership_inference.{key} is not the note the published sizes give"
+                )
     return train, holdout
 
 
@@ -468,6 +591,14 @@ def check_shared(audit: dict, where: str) -> None:
     for name, value, ok in fields:
         if not _figure_ok(value, ok):
             raise _refuse(where, f"{name} is not a figure the site may share ({RULE})")
+    if mia is not None and holdout is not None:
+        for key, bound in shared_intervals(mia, train[0], holdout[0]).items():
+            if mia.get(key) not in (None, bound):
+                raise _refuse(
+                    where,
+                    f"membership_inference.{key} is not the interval of the shared figure and "
+                    f"sizes ({RULE})",
+                )
     _check_windows(dcr, volumes, where)
     if any(dcr.get(f"nndr_{q}") is None for q in ("q05", "median")):
         raise _refuse(

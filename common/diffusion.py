@@ -109,7 +109,7 @@ def sample_latents(
 
 
 @torch.no_grad()
-def fixed_noise_losses(
+def fixed_noise_draw_losses(
     unet: ConditionedUNet,
     cfg: DiffusionConfig,
     latents: torch.Tensor,
@@ -118,7 +118,7 @@ def fixed_noise_losses(
     draws: int = 8,
     batch_size: int = 16,
 ) -> torch.Tensor:
-    """Diffusion loss per volume (N,), mean over `draws` fixed (noise, timestep) draws.
+    """Diffusion loss per volume and fixed (noise, timestep) draw, (N, draws) float64.
 
     Unlike `per_sample_loss`, which draws noise per row, every volume (and every model given
     the same seed) sees the same noise tensors and timesteps, so differences between
@@ -137,14 +137,27 @@ def fixed_noise_losses(
         t = int((k + float(torch.rand((), generator=generator))) * steps / draws)
         fixed.append((noise.to(device), min(t, steps - 1)))
     unet.eval()
-    total = torch.zeros(len(latents), dtype=torch.float64)
+    losses = torch.zeros((len(latents), draws), dtype=torch.float64)
     for rows in torch.arange(len(latents)).split(batch_size):
         x, a = latents[rows].to(device), attributes[rows].to(device)
-        for noise, t in fixed:
+        for k, (noise, t) in enumerate(fixed):
             eps = noise.expand_as(x)
             timesteps = torch.full((len(rows),), t, device=device, dtype=torch.long)
             noisy = scheduler.add_noise(original_samples=x, noise=eps, timesteps=timesteps)
             prediction = unet(noisy, timesteps, a)
             target = prediction_target(scheduler, x, eps, timesteps)
-            total[rows] += (prediction - target).pow(2).flatten(1).mean(1).double().cpu()
-    return total / draws
+            losses[rows, k] = (prediction - target).pow(2).flatten(1).mean(1).double().cpu()
+    return losses
+
+
+def fixed_noise_losses(
+    unet: ConditionedUNet,
+    cfg: DiffusionConfig,
+    latents: torch.Tensor,
+    attributes: torch.Tensor,
+    seed: int,
+    draws: int = 8,
+    batch_size: int = 16,
+) -> torch.Tensor:
+    """Diffusion loss per volume (N,), the mean of `fixed_noise_draw_losses` over its draws."""
+    return fixed_noise_draw_losses(unet, cfg, latents, attributes, seed, draws, batch_size).mean(1)

@@ -21,21 +21,27 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy.stats import hypergeom
 
 from fedsynth.client.audit import (
     FEW_SUBJECTS,
+    LOSS_BANDS,
     LOSS_DRAWS,
     NOTE,
     SHARED,
     DcrResult,
     VolumeSet,
     attack_metrics,
+    band_means,
+    calibrated_score,
     closer_share,
     dcr,
     read_volumes,
     roc_auc,
     roc_curve,
     subject_distances,
+    subject_means,
+    summary_lines,
     tpr_at_fpr,
 )
 from fedsynth.client.dp_trainer import (
@@ -46,16 +52,22 @@ from fedsynth.client.dp_trainer import (
 )
 from fedsynth.common.accountant import plan_noise
 from fedsynth.common.audit_publication import (
+    CALIBRATED,
+    INTERVALS,
     MIN_RECORDS,
     PUBLISHED,
     WITHHELD,
     attack,
+    attack_notes,
+    auc_interval,
     check_shared,
+    clopper_pearson,
     count_range,
     public_count,
     quantile,
     quantiles,
     rounded,
+    rounded_outward,
     share,
     small_count,
     window_start,
@@ -69,7 +81,10 @@ from fedsynth.common.orientation import short_axis_affine
 from fedsynth.simulations.phantoms import generate_cohorts
 
 MEMBERS, NONMEMBERS, FRESH = 12, 24, 20  # subjects per draw
-OVERFIT_STEPS = 160  # full-batch AdamW steps, no DP: AUC 0.94-0.99 over 3 phantom draws
+HELD_OUT = 100  # non-members of the slow attack test: 1/100 resolves 1% FPR
+# full-batch AdamW steps, no DP: against 100 non-members AUC 0.99 and 10 of 12 members
+# flagged at 1% FPR (160 steps: AUC 0.76 and 2 of 12, which chance gives with p = 0.03)
+OVERFIT_STEPS = 240
 DP_EPSILON, DP_STEPS, DP_RATE = 1.0, 20, 0.5
 # one DP run is one draw of the noise, shared by every score: its AUC spreads more than the
 # null sd of independent scores says, so the DP side is judged on the mean over draws
@@ -112,7 +127,17 @@ MIA_KEYS = {
     "n_members",
     "n_nonmembers",
     "loss_draws",
+    "loss_bands",
     "auc_uncalibrated",
+    "auc_ci95_low",
+    "auc_ci95_high",
+    "tpr_at_1pct_fpr_ci95_low",
+    "tpr_at_1pct_fpr_ci95_high",
+    "tpr_at_0_1pct_fpr_ci95_low",
+    "tpr_at_0_1pct_fpr_ci95_high",
+    "intervals",
+    "fpr_not_resolvable",
+    "few_subjects",
 }
 
 
@@ -169,7 +194,8 @@ def assert_shareable(report: dict) -> None:
         if isinstance(value, float):
             assert rounded(value) == value
         elif isinstance(value, str):
-            assert value.startswith(WITHHELD) or value.endswith("model loss")
+            texts = (CALIBRATED, "-model loss", INTERVALS)
+            assert value.startswith((WITHHELD, "not resolvable", "fewer than")) or value in texts
     check_shared(report, "test")
 
 
@@ -178,6 +204,15 @@ def checkpoint_with(unet: torch.nn.Module, base: Path, out: Path) -> Path:
     shutil.copytree(base, out)
     save_torch(out / UNET, unet.state_dict())
     return out
+
+
+def chance_tail(flagged: int, n1: int, n0: int, fpr: float) -> float:
+    """P(at least `flagged` of n1 members above the threshold at FPR `fpr` of n0 non-members)
+    when scores do not depend on membership (exchangeable, no ties): the threshold lets
+    f = floor(fpr n0) non-members through, and at least k members pass iff the k + f
+    highest scores hold at most f non-members (hypergeometric)."""
+    f = math.floor(fpr * n0 + 1e-9)
+    return float(hypergeom.cdf(f, n1 + n0, n0, flagged + f))
 
 
 def null_sd(n1: int, n0: int) -> float:
@@ -218,6 +253,15 @@ def site(tmp_path_factory, tiny_checkpoint) -> dict:
     }
     torch.set_num_threads(threads)
     return {"root": root, "folders": folders, "sets": sets, "config": config}
+
+
+@pytest.fixture(scope="module")
+def held_out(site) -> Path:
+    """HELD_OUT non-members of the same profile, ED only, for the slow attack test."""
+    root = site["root"] / "held-out"
+    generate_cohorts(root, sites=1, subjects=HELD_OUT, seed=34, public_subjects=1, progress=False)
+    rewrite_manifest(root / "site-1", "held", ed_only=True)
+    return root / "site-1"
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +355,81 @@ def test_roc_metrics_on_a_hand_worked_example():
     assert (metrics["n_members"], metrics["n_nonmembers"]) == (3, 2)
     # the trapezoid area under the empirical ROC is the same AUC
     assert np.trapezoid(tpr, fpr) == pytest.approx(5 / 6)
+    # 2 of 3 members flagged: Clopper-Pearson's upper bound solves P(X <= 2 | p) = 0.025,
+    # p^3 = 0.975; the lower P(X >= 2 | p) = 3p^2 - 2p^3 = 0.025
+    low, high = metrics["tpr_at_1pct_fpr_ci95_low"], metrics["tpr_at_1pct_fpr_ci95_high"]
+    assert high == pytest.approx(0.975 ** (1 / 3)) and 3 * low**2 - 2 * low**3 == pytest.approx(
+        0.025
+    )
+    interval = (metrics["auc_ci95_low"], metrics["auc_ci95_high"])
+    assert interval == pytest.approx(auc_interval(5 / 6, 3, 2))
+    assert metrics["fpr_not_resolvable"].startswith("not resolvable: the TPR at 1% FPR and at")
+    assert metrics["few_subjects"].startswith("fewer than 30 subjects on a side (3 members and")
+
+
+def test_the_calibrated_score_is_the_mean_log_ratio_over_equal_bands():
+    """8 draws in 4 bands of 2 consecutive draws; a subject's band loss is the mean over its
+    volumes; the score weights the bands' log(reference / model) equally."""
+    draws = torch.tensor([[1.0, 3.0, 2.0, 2.0, 4.0, 0.0, 5.0, 7.0]])
+    assert band_means(draws, 4).tolist() == [[2.0, 2.0, 2.0, 6.0]]
+    assert band_means(draws, 2).tolist() == [[2.0, 4.0]]
+    per_volume = torch.tensor([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0]])
+    means = subject_means(per_volume, torch.tensor([0, 0, 1]), 2)
+    assert means.tolist() == [[2.0, 4.0], [5.0, 5.0]]
+    # A: half the reference's loss in the low band, the same in the high one; B: the same
+    # low, 9/10 of it high. Ratios rank A first, differences (0.25 and 0.5) would rank B
+    reference = np.array([[1.0, 10.0], [1.0, 10.0]])
+    model = np.array([[0.5, 10.0], [1.0, 9.0]])
+    score = calibrated_score(reference, model)
+    assert score == pytest.approx([math.log(2) / 2, math.log(10 / 9) / 2])
+    assert calibrated_score(np.array([[2.0, 8.0]]), np.array([[1.0, 2.0]])) == pytest.approx(
+        [1.5 * math.log(2)]  # (log 2 + log 4) / 2
+    )
+    assert calibrated_score(model, model).tolist() == [0.0, 0.0]  # its own reference: chance
+
+
+def test_intervals_on_hand_worked_numbers():
+    """Clopper-Pearson at 0 and n of n and at 1 of n in closed form (1 - (1 - p)^n = 0.025),
+    else against scipy's binomial root-finding; the AUC's Hanley & McNeil interval at 0.5
+    over 12 x 24 (Q1 = Q2 = 1/3: variance (1/4 + 34/12) / 288 = 37/3456) and at 0.8 over
+    40 x 100 (Q1 = 2/3, Q2 = 0.71111: variance 0.013744 / 40)."""
+    from scipy.stats import binomtest
+
+    assert clopper_pearson(0, 20) == (0.0, pytest.approx(0.168, abs=5e-4))
+    assert clopper_pearson(0, 20)[1] == pytest.approx(1 - 0.025 ** (1 / 20))
+    assert clopper_pearson(20, 20) == (pytest.approx(0.025 ** (1 / 20)), 1.0)
+    assert clopper_pearson(1, 12)[0] == pytest.approx(1 - 0.975 ** (1 / 12))  # 0.0021
+    exact = binomtest(5, 12).proportion_ci(0.95, method="exact")
+    assert clopper_pearson(5, 12) == pytest.approx((exact.low, exact.high))
+    half = 1.959964 * math.sqrt(37 / 3456)  # 0.203
+    assert auc_interval(0.5, 12, 24) == pytest.approx((0.5 - half, 0.5 + half))
+    low, high = auc_interval(0.8, 40, 100)
+    variance = (0.16 + 39 * (2 / 3 - 0.64) + 99 * (1.28 / 1.8 - 0.64)) / 4000
+    assert (high - low) / 2 == pytest.approx(1.959964 * math.sqrt(variance))
+    assert auc_interval(0.99, 12, 24)[1] == 1.0 and auc_interval(1.0, 12, 24) == (1.0, 1.0)
+    # bounds rounded outward to 2 significant digits, so the interval still covers
+    assert rounded_outward(0.0434, 0.0436) == (0.043, 0.044)
+    assert rounded_outward(0.5 - half, 0.5 + half) == (0.29, 0.71)
+    assert rounded_outward(0.0, 0.9951) == (0.0, 1.0)
+
+
+def test_what_the_set_sizes_leave_resolvable_is_said_in_words():
+    """1/n non-members is the smallest non-zero FPR: 100 resolve 1% but not 0.1%, 1000
+    both, 99 neither; a side under 30 subjects is named."""
+    assert attack_notes(30, 1000) == {"fpr_not_resolvable": None, "few_subjects": None}
+    notes = attack_notes(30, 100)
+    assert notes["fpr_not_resolvable"] == (
+        "not resolvable: the TPR at 0.1% FPR; with 100 non-members the smallest non-zero "
+        "FPR is 1/100 = 0.01, so a TPR there is the TPR at zero false positives"
+    )
+    assert notes["few_subjects"] is None
+    notes = attack_notes(29, 99)
+    assert notes["fpr_not_resolvable"].startswith(
+        "not resolvable: the TPR at 1% FPR and at 0.1% FPR; with 99 non-members"
+    )
+    assert notes["few_subjects"] == (
+        "fewer than 30 subjects on a side (29 members): the AUC and TPRs mean little"
+    )
 
 
 def test_subject_distance_is_the_nearest_of_its_volumes():
@@ -523,25 +642,45 @@ def test_cli_attack_on_a_model_that_is_its_own_reference(
     )
     assert set(report) == TOP_KEYS and report["cohort_volumes"] == 4
     mia = report["membership_inference"]
-    assert set(mia) == MIA_KEYS and mia["score"] == "reference loss - model loss"
+    assert set(mia) == MIA_KEYS and mia["score"] == CALIBRATED
     # 12 members publish 10, which may be 10 members: withheld (0.5 in --out: all tied)
     assert mia["auc"] == mia["auc_uncalibrated"] == f"{WITHHELD} 11 members or non-members"
+    assert mia["auc_ci95_low"] == mia["auc_ci95_high"] == mia["auc"]  # withheld with it
     # 1% of 24 non-members is not 11: the TPR would rest on one non-member's score
     assert mia["tpr_at_1pct_fpr"].startswith(WITHHELD)
     assert mia["tpr_at_0_1pct_fpr"].startswith(WITHHELD)
+    assert mia["tpr_at_1pct_fpr_ci95_high"] == mia["tpr_at_1pct_fpr"]
+    # 1/20 resolves neither FPR; 10 and 20 are under 30: said in words, from the public sizes
+    assert mia["fpr_not_resolvable"] == (
+        "not resolvable: the TPR at 1% FPR and at 0.1% FPR; with 20 non-members the smallest "
+        "non-zero FPR is 1/20 = 0.05, so a TPR there is the TPR at zero false positives"
+    )
+    assert mia["few_subjects"] == (
+        "fewer than 30 subjects on a side (10 members and 20 non-members): the AUC and TPRs "
+        "mean little"
+    )
     exact = json.loads((tmp_path / "self" / "audit.json").read_text())["membership_inference"]
     assert exact["tpr_at_1pct_fpr"] == exact["tpr_at_0_1pct_fpr"] == 0.0
     assert exact["auc"] == 0.5 and 0 <= exact["auc_uncalibrated"] <= 1
+    # the exact intervals, private: 0 of 12 members flagged; 0.5 over 12 x 24
+    assert exact["tpr_at_1pct_fpr_ci95_high"] == pytest.approx(1 - 0.025 ** (1 / 12))
+    assert exact["auc_ci95_low"] < 0.5 < exact["auc_ci95_high"]
+    assert "1/24" in exact["fpr_not_resolvable"] and "12 members" in exact["few_subjects"]
     assert (mia["n_members"], mia["n_nonmembers"]) == (10, 20)  # public sizes
     assert mia["fpr_resolution"] == rounded(1 / 20)
-    assert mia["loss_draws"] == LOSS_DRAWS
+    assert (mia["loss_draws"], mia["loss_bands"]) == (LOSS_DRAWS, LOSS_BANDS)
     assert_shareable(report)
+    printed = "\n".join(summary_lines(report))
+    assert "not resolvable: the TPR at 1% FPR and at 0.1% FPR" in printed
+    assert "fewer than 30 subjects on a side" in printed
 
 
-@pytest.mark.slow  # ~50 s on one thread: 160 training steps, a DP round, two audits
+@pytest.mark.slow  # ~90 s on one thread: 240 training steps, three DP rounds, four audits
 def test_attack_separates_an_overfitted_model_from_a_dp_one(
-    site, cohorts, models, tiny_checkpoint, tmp_path, capsys
+    site, held_out, cohorts, models, tiny_checkpoint, tmp_path, capsys
 ):
+    """12 members against HELD_OUT = 100 non-members: 1% FPR is resolvable (at most one
+    non-member above the threshold), 0.1% is not."""
     folders = site["folders"]
     common = [
         "--release",
@@ -549,7 +688,7 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
         "--data-path",
         str(folders["members-ed"]),
         "--holdout",
-        str(folders["nonmembers-ed"]),
+        str(held_out),
         "--reference",
         str(tiny_checkpoint),
     ]
@@ -569,26 +708,41 @@ def test_attack_separates_an_overfitted_model_from_a_dp_one(
         )["membership_inference"]
         for seed in DP_SEEDS
     ]
-    assert set(overfit) == MIA_KEYS and overfit["score"] == "reference loss - model loss"
-    assert (overfit["n_members"], overfit["n_nonmembers"]) == (10, 20)  # public sizes
+    assert set(overfit) == MIA_KEYS and overfit["score"] == CALIBRATED
+    assert (overfit["n_members"], overfit["n_nonmembers"]) == (10, HELD_OUT)  # public sizes
     assert overfit["loss_draws"] == LOSS_DRAWS
-    assert overfit["fpr_resolution"] == rounded(1 / 20)
+    assert overfit["fpr_resolution"] == rounded(1 / HELD_OUT)
+    assert overfit["fpr_not_resolvable"].startswith("not resolvable: the TPR at 0.1% FPR;")
     # 12 members publish 10, which may be 10: the shared AUCs are withheld, the private
     # files have them
     assert {overfit["auc"], *(d["auc"] for d in dp)} == {f"{WITHHELD} 11 members or non-members"}
 
-    def private(name: str, key: str) -> float:
-        return json.loads((tmp_path / name / "audit.json").read_text())["membership_inference"][key]
+    def private(name: str) -> dict:
+        return json.loads((tmp_path / name / "audit.json").read_text())["membership_inference"]
 
-    dp_runs = [f"b{seed}" for seed in DP_SEEDS]
-    sd = null_sd(MEMBERS, NONMEMBERS)  # about 0.10 here
-    assert private("a", "auc") >= 0.5 + 2.5 * sd  # 0.76: far beyond a model that learnt nothing
-    dp_auc = float(np.mean([private(x, "auc") for x in dp_runs]))
+    def flagged(mia: dict) -> int:
+        return round(mia["tpr_at_1pct_fpr"] * MEMBERS)
+
+    caught, private_dp = private("a"), [private(f"b{seed}") for seed in DP_SEEDS]
+    assert caught["fpr_not_resolvable"] == overfit["fpr_not_resolvable"]  # 100 either way
+    sd = null_sd(MEMBERS, HELD_OUT)  # about 0.09 here
+    assert caught["auc"] >= 0.5 + 2.5 * sd  # far beyond a model that learnt nothing
+    assert caught["auc_ci95_low"] > 0.5
+    # caught at 1% FPR: so many members flagged that chance (scores independent of
+    # membership) gives as many with probability under 0.001 (4 or more of 12 at 1 false
+    # positive of 100), and the Clopper-Pearson interval lies above 1%
+    assert chance_tail(flagged(caught), MEMBERS, HELD_OUT, 0.01) < 0.001
+    assert caught["tpr_at_1pct_fpr_ci95_low"] > 0.01
+    dp_auc = float(np.mean([mia["auc"] for mia in private_dp]))
     assert abs(dp_auc - 0.5) <= 1.5 * sd + 0.005  # as a model that learnt nothing of who
-    # the TPRs at 1% FPR rest on one non-member of 24: only the private files have them
-    assert private("a", "tpr_at_1pct_fpr") > np.mean(
-        [private(x, "tpr_at_1pct_fpr") for x in dp_runs]
-    )
+    for mia in private_dp:
+        # within chance at 1% FPR: as many flagged by chance with probability over 0.01,
+        # and an interval that holds 1%; the AUC's interval does not lie above 0.5 (one DP
+        # run's AUC may fall below it: its noise draw is shared by every score)
+        assert chance_tail(flagged(mia), MEMBERS, HELD_OUT, 0.01) > 0.01
+        assert mia["tpr_at_1pct_fpr_ci95_low"] <= 0.01 <= mia["tpr_at_1pct_fpr_ci95_high"]
+        assert mia["auc_ci95_low"] <= 0.5
+    assert caught["tpr_at_1pct_fpr"] > max(mia["tpr_at_1pct_fpr"] for mia in private_dp)
 
 
 # ------------------------------------------------------------- what a site may share
@@ -669,7 +823,7 @@ def test_no_two_shared_quantiles_differ_by_fewer_than_11_records():
 
 def _attack(tpr: float, members: int = 50, nonmembers: int = 12000) -> dict:
     return {
-        "score": "reference loss - model loss",
+        "score": CALIBRATED,
         "auc": 0.51234,
         "auc_uncalibrated": 0.5,
         "tpr_at_1pct_fpr": tpr,
@@ -782,9 +936,69 @@ def test_a_shared_audit_publishes_subject_counts_as_the_site_chose():
         check_shared(audit | {"dcr": {"share_subsampled_to": 47}}, "audit.json")
 
 
+def test_shared_intervals_come_from_the_shared_figures_and_sizes():
+    """A TPR of 0.5 over members published as 40 (40 to 49): the interval of 20 of 40,
+    the same whatever the real count in the bucket; withheld with a withheld figure."""
+    exact = [_mia(n, 0.5) for n in (40, 49)]
+    shared = [attack(m, 40, 2000) for m in exact]
+    keys = ("tpr_at_1pct_fpr_ci95_low", "tpr_at_1pct_fpr_ci95_high")
+    assert [shared[0][k] for k in keys] == list(rounded_outward(*clopper_pearson(20, 40)))
+    assert [s[k] for s in shared for k in (*keys, "auc_ci95_low", "auc_ci95_high")] == [
+        shared[0][k] for k in (*keys, "auc_ci95_low", "auc_ci95_high")
+    ] * 2  # 40 and 49 members publish the same
+    assert (shared[0]["auc_ci95_low"], shared[0]["auc_ci95_high"]) == rounded_outward(
+        *auc_interval(0.61, 40, 2000)
+    )
+    assert clopper_pearson(20, 40) != clopper_pearson(round(0.5 * 49), 49)  # exact would tell
+    # 1% of 2000 published non-members is 20 >= 11; 0.1% is 2: withheld, bounds too
+    assert shared[0]["tpr_at_0_1pct_fpr"].startswith(WITHHELD)
+    assert shared[0]["tpr_at_0_1pct_fpr_ci95_low"] == shared[0]["tpr_at_0_1pct_fpr"]
+    assert shared[0]["fpr_not_resolvable"] is None and shared[0]["few_subjects"] is None
+    check_shared(shared_audit(membership_inference=shared[0]) | {"holdout_subjects": 2000}, "a")
+
+
+def test_a_shared_audit_with_an_interval_or_note_the_rule_does_not_give_is_refused():
+    audit = shared_audit()
+    mia = audit["membership_inference"]
+    assert isinstance(mia["tpr_at_1pct_fpr_ci95_low"], float)  # 0.5 of 40: published
+    for change, field in (
+        ({"tpr_at_1pct_fpr_ci95_low": clopper_pearson(20, 40)[0]}, "fpr_ci95_low"),  # exact
+        ({"tpr_at_1pct_fpr_ci95_high": 0.66}, "fpr_ci95_high"),  # rounded, but not outward
+        ({"auc_ci95_low": 0.5}, "auc_ci95_low"),
+        # 0 of 40 members flagged at 0.1% FPR: its interval is 0 to 0.089
+        ({"tpr_at_0_1pct_fpr_ci95_high": 0.02}, "0_1pct_fpr_ci95_high"),
+        ({"few_subjects": "fewer than 30 subjects on a side (37 members)"}, "few_subjects"),
+        ({"fpr_not_resolvable": "not resolvable: the TPR at 1% FPR"}, "fpr_not_resolvable"),
+        ({"intervals": "95%: 0.4212 to 0.6034"}, "intervals"),
+        ({"loss_bands": "4"}, "loss_bands"),
+    ):
+        with pytest.raises(FedsynthError, match=field):
+            check_shared(audit | {"membership_inference": mia | change}, "audit.json")
+    # the interval of a figure the rule withholds is withheld: a number there is refused
+    ten = shared_audit(training_subjects=10)
+    ten["dcr"] = {"share_subsampled_to": 10} | {
+        k: f"{WITHHELD} {MIN_RECORDS} subjects in the set as published"
+        for k in ("train_median", "nndr_q05", "nndr_median")
+    }
+    ten["membership_inference"] = attack(_attack(0.0, 10), 10, 12000)
+    assert ten["membership_inference"]["auc_ci95_high"].startswith(WITHHELD)
+    check_shared(ten, "audit.json")
+    ten["membership_inference"] |= {"auc_ci95_high": 0.62}
+    with pytest.raises(FedsynthError, match=r"auc_ci95_high is not the interval"):
+        check_shared(ten, "audit.json")
+    # 2 of 40 members flagged: the TPR is withheld, and so is its interval
+    few = attack(_attack(0.05, 40))
+    assert few["tpr_at_1pct_fpr_ci95_low"] == few["tpr_at_1pct_fpr"]
+    assert few["tpr_at_1pct_fpr"].startswith(WITHHELD)
+    check_shared(shared_audit(membership_inference=few), "audit.json")
+    few |= {"tpr_at_1pct_fpr_ci95_low": 0.0061}  # the exact interval of 2 of 40 starts there
+    with pytest.raises(FedsynthError, match=r"tpr_at_1pct_fpr_ci95_low is not the interval"):
+        check_shared(shared_audit(membership_inference=few), "audit.json")
+
+
 def test_a_shared_audit_with_a_figure_the_rule_withholds_is_refused():
     audit = shared_audit()
-    tpr = audit | {"membership_inference": audit["membership_inference"] | {"tpr_at_1pct_fpr": 0}}
+    tpr = shared_audit(membership_inference=attack(_attack(0.0, 40)))
     check_shared(tpr, "audit.json")  # no member flagged
     for figure, value in (("tpr_at_1pct_fpr", 0.05), ("tpr_at_1pct_fpr", 0.95)):
         tpr["membership_inference"] = audit["membership_inference"] | {figure: value}
