@@ -241,7 +241,8 @@ def montage(
     across = max(1, min(per_row, len(volumes)))
     down = math.ceil(len(volumes) / across)
     fig = plt.figure(figsize=(7.5 * across, 2.8 * down), layout="constrained")
-    grid = np.atleast_1d(fig.subfigures(down, across)).ravel()
+    subfigures = fig.subfigures(down, across)  # an array, or one SubFigure for one volume
+    grid = list(np.ravel(subfigures)) if isinstance(subfigures, np.ndarray) else [subfigures]
     for subfig, volume, title in zip(grid, volumes, titles, strict=False):
         subfig.suptitle(title, fontsize=10)
         for ax, (label, k) in zip(subfig.subplots(1, 3), columns.items(), strict=True):

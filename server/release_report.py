@@ -33,7 +33,6 @@ REPORT = "report.html"
 
 TEMPLATE = "report.html"  # in server/templates
 PRIOR = 0.01  # the attacker's prior that one patient was trained on, for the plain words
-SMALL_AUDIT = 30  # members or non-members below this: an audit's figures mean little
 
 
 def _png(fig: Figure) -> str:
@@ -80,8 +79,8 @@ def _epsilon_plot(study: FinishedStudy) -> str:
         groups.setdefault(tuple(round(v, 9) for v in values), []).append(site)
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     rounds = np.arange(study.rounds_done + 1)
-    for values, sites in groups.items():
-        ax.plot(rounds, values, marker="o", label=" = ".join(sites))
+    for curve, sites in groups.items():
+        ax.plot(rounds, curve, marker="o", label=" = ".join(sites))
     target = study.config.privacy.target_epsilon
     ax.axhline(target, color="0.4", ls="--", lw=1, label=f"target {target:g}")
     ax.set(xlabel="round", ylabel="epsilon (cumulative)", xticks=rounds, ylim=(0, None))
@@ -150,37 +149,25 @@ def plain_words(epsilon_value: float, prior: float = PRIOR) -> str:
     )
 
 
-def auc_standard_error(auc: float, members: int, nonmembers: int) -> float:
-    """The ROC AUC's standard error (Hanley & McNeil 1982, Radiology 143:29, eq. 2)."""
-    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    variance = (
-        auc * (1 - auc) + (members - 1) * (q1 - auc**2) + (nonmembers - 1) * (q2 - auc**2)
-    ) / (members * nonmembers)
-    return math.sqrt(max(variance, 0.0))
-
-
 def audit_line(audit: dict) -> str:
-    """One sentence per shared audit: the attack's AUC with its standard error, TPR at 1%
-    FPR, how many members and non-members, the smallest FPR it can resolve."""
+    """One sentence per shared audit: the attack's AUC with its 95% interval, TPR at 1%
+    FPR, how many members and non-members stand behind them, and what their sizes leave
+    the figures worth (common/audit_publication.attack_notes)."""
     attack = audit.get("membership_inference")
     if not attack:
         return f"{audit['label']}: distances only (no membership attack shared)."
     members, nonmembers = attack["n_members"], attack["n_nonmembers"]
-    auc = attack["auc"]
-    if isinstance(auc, float):
-        auc_text = (
-            f"AUC {auc:.2f} +- {auc_standard_error(auc, members, nonmembers):.2f} (0.5 = chance)"
-        )
-    else:
-        auc_text = f"AUC {auc}"
+    auc, low, high = attack["auc"], attack.get("auc_ci95_low"), attack.get("auc_ci95_high")
+    shown = f"AUC {_number(auc)}"
+    if isinstance(low, float) and isinstance(high, float):
+        shown += f" (95% interval {low:.2g} to {high:.2g}; 0.5 = chance)"
     text = (
-        f"{audit['label']}: loss attack {auc_text}, TPR at 1% FPR "
+        f"{audit['label']}: loss attack {shown}, TPR at 1% FPR "
         f"{_number(attack['tpr_at_1pct_fpr'])}, on {members} members and {nonmembers} "
-        f"non-members (as published); the smallest FPR it can resolve is 1/{nonmembers}"
+        f"non-members (as published)"
     )
-    if min(members, nonmembers) < SMALL_AUDIT:
-        text += f"; fewer than {SMALL_AUDIT} on a side: too few for these figures to mean much"
-    return text + "."
+    notes = [attack.get(key) for key in ("fpr_not_resolvable", "few_subjects")]
+    return "; ".join([text, *(str(n) for n in notes if n)]) + "."
 
 
 def _site_rows(statement: dict) -> list[tuple]:
