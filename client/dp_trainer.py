@@ -214,12 +214,17 @@ class GivenGradients(Protocol):
 
 def _add_given(private: PrivateUNet, given: GivenGradients, sampled: torch.Tensor) -> None:
     """Append the sampled given subjects' gradients to this physical batch's per-subject
-    gradients (ghost mode: to their clipped sum; a given gradient is within the clip)."""
+    gradients, where Opacus clips them with the rest; ghost mode has only the clipped sum,
+    so there each given gradient is clipped here (scaled to norm <= the clip) and added."""
     params = {n: p for n, p in private.unet.named_parameters() if p.requires_grad}
     rows = given.gradients(sampled, params)
+    if private.mode == "ghost":
+        norms = torch.stack([r.flatten(1).norm(dim=1) for r in rows.values()]).norm(dim=0)
+        scale = (private.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     for name, param in params.items():
         if private.mode == "ghost":
-            param.grad = rows[name].sum(0) + (0 if param.grad is None else param.grad)
+            clipped = (rows[name] * scale.view(-1, *[1] * param.dim())).sum(0)
+            param.grad = clipped + (0 if param.grad is None else param.grad)
         else:
             grad_sample = param.grad_sample  # type: ignore[attr-defined]  # set by Opacus
             param.grad_sample = torch.cat([grad_sample, rows[name]])  # type: ignore[attr-defined]

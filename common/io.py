@@ -133,9 +133,9 @@ def read_json_object(path: Path, remedy: str) -> dict:
 
 def published_path(path: str | os.PathLike, base: str | os.PathLike, stand_in: str) -> str:
     """How a published file (sampling.json, report.html) names `path`: relative to the
-    folder `base` when it lies beside or inside it (under base's parent), else `stand_in`
-    then its own name: never the publisher's home or folder layout."""
+    folder `base` when it lies inside it or is its sibling, else `stand_in` then its own
+    name: never the publisher's home or folder layout."""
     target, home = Path(path).expanduser().resolve(), Path(base).expanduser().resolve()
-    if target.is_relative_to(home.parent):
+    if target.is_relative_to(home) or target.parent == home.parent:
         return os.path.relpath(target, home)
     return f"{stand_in}/{target.name}"

@@ -73,7 +73,8 @@ NOT_COVERED = [
     "attributes requested for the synthetic cohort (chosen by the coordinator, or drawn "
     "from the public attribute table)",
     "a patient treated at several sites: each site protects its own records of that "
-    "person, so that person's total is up to the sum of those sites' epsilons",
+    "person, so that person's total is up to the sum of those sites' epsilons (and of "
+    "their deltas)",
     "a malicious coordinator: one that changes the code the sites run, or sends sites "
     "models crafted to expose their updates; the sites' own checks (signed apps, study "
     "terms, budgets) limit, but do not rule out, this",

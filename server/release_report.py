@@ -129,11 +129,10 @@ def plain_words(epsilon_value: float, prior: float = PRIOR) -> str:
     prior p that one patient was trained on can become at most e^eps p / (1 - p + e^eps p)
     (the posterior bound of pure DP; Kasiviswanathan & Smith 2014, "On the semantics of
     differential privacy: a Bayesian formulation")."""
-    factor = math.exp(epsilon_value)
-    posterior = factor * prior / (1 - prior + factor * prior)
+    posterior = 1 / (1 + (1 - prior) / prior * math.exp(-epsilon_value))  # no overflow
     odds = (
         f"An attacker who thought a given patient {prior:.0%} likely to be among the training "
-        f"subjects can, from anything released, become at most {posterior:.1%} sure."
+        f"subjects can, from the model or the cohort, become at most {posterior:.1%} sure."
     )
     if epsilon_value <= 1:
         return f"{odds} A strong bound: it rules out learning much about any one patient."
@@ -149,20 +148,31 @@ def plain_words(epsilon_value: float, prior: float = PRIOR) -> str:
     )
 
 
-def audit_line(audit: dict) -> str:
+def rounded_up(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant digits, never below it (10.04 -> 10.1): a stated
+    epsilon must not round down."""
+    if value <= 0 or not math.isfinite(value):
+        return f"{value:g}"
+    step = 10 ** (math.floor(math.log10(value)) - digits + 1)
+    return f"{math.ceil(value / step - 1e-9) * step:.{max(0, -math.floor(math.log10(step)))}f}"
+
+
+def audit_line(audit: dict, fingerprint: str) -> str:
     """One sentence per shared audit: the attack's AUC with its 95% interval, TPR at 1%
     FPR, how many members and non-members stand behind them, and what their sizes leave
-    the figures worth (common/audit_publication.attack_notes)."""
+    the figures worth (common/audit_publication.attack_notes); whether it audited this
+    release's cohort (`fingerprint`)."""
     attack = audit.get("membership_inference")
+    other = "" if audit["cohort_sha256"] == fingerprint else " (of an earlier release's cohort)"
     if not attack:
-        return f"{audit['label']}: distances only (no membership attack shared)."
+        return f"{audit['label']}{other}: distances only (no membership attack shared)."
     members, nonmembers = attack["n_members"], attack["n_nonmembers"]
     auc, low, high = attack["auc"], attack.get("auc_ci95_low"), attack.get("auc_ci95_high")
     shown = f"AUC {_number(auc)}"
-    if isinstance(low, float) and isinstance(high, float):
-        shown += f" (95% interval {low:.2g} to {high:.2g}; 0.5 = chance)"
+    if isinstance(low, float) and isinstance(high, float):  # as published: rounded outward
+        shown += f" (95% interval {low:g} to {high:g}; 0.5 = chance)"
     text = (
-        f"{audit['label']}: loss attack {shown}, TPR at 1% FPR "
+        f"{audit['label']}{other}: loss attack {shown}, TPR at 1% FPR "
         f"{_number(attack['tpr_at_1pct_fpr'])}, on {members} members and {nonmembers} "
         f"non-members (as published)"
     )
@@ -290,13 +300,6 @@ COUNTS_READ = {  # an audit's subject_counts, as the report says it
 }
 
 
-COUNTS_READ = {  # an audit's subject_counts, as the report says it
-    "rounded": "the site's public sizes: its counts rounded down",
-    "declared": "training as the site's declared public size, held-out rounded down",
-    "exact": "exact counts, disclosed by the site",
-}
-
-
 def _audits(audits: list[dict], fingerprint: str) -> list[dict]:
     """Each shared audit (already checked against the sharing rule by read_audits) as the
     template shows it: label, what it measured, and its rows."""
@@ -349,14 +352,14 @@ def write_report(
         "version": statement.get("fedsynth", ""),
         "created": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "study_id": str(statement.get("study_id")),
-        "epsilon": study_epsilon,
+        "epsilon": rounded_up(study_epsilon),
         "delta": config.privacy.delta,
         "factor": f"{math.exp(study_epsilon):,.0f}" if study_epsilon < 50 else "astronomical",
         "meaning": plain_words(study_epsilon),
         "trained": sum(1 for e in statement["sites"].values() if e["total_steps"] > 0),
         "secure": statement["secure_aggregation"]["enabled"],
         "volumes": len(rows),
-        "audit_lines": [audit_line(a) for a in audits],
+        "audit_lines": [audit_line(a, fingerprint) for a in audits],
         "not_covered": statement["not_covered"],
         "shape": "x".join(map(str, config.data.shape)),
         "spacing": " x ".join(f"{s:g}" for s in config.data.spacing),

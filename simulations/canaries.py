@@ -47,8 +47,9 @@ class AuditPlan:
 
     @property
     def guesses(self) -> int:
-        """How many canaries the auditor guesses on: an even number, at least 2."""
-        return max(2, 2 * round(self.canaries * self.guess_share / 2))
+        """How many canaries the auditor guesses on: an even number from 2 to m."""
+        share = 2 * round(self.canaries * self.guess_share / 2)
+        return min(max(2, share), self.canaries - self.canaries % 2)
 
 
 @dataclass(frozen=True)

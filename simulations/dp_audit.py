@@ -70,7 +70,9 @@ def audit_once(context: StudyContext, plan: AuditPlan, seed: int) -> dict:
     member = canaries.included.numpy()
     made = guesses != 0
     correct = int((guesses[made] == np.where(member, 1, -1)[made]).sum())
-    bound = epsilon_lower_bound(plan.canaries, int(made.sum()), correct, privacy.delta)
+    bound = epsilon_lower_bound(
+        plan.canaries, int(made.sum()), correct, privacy.delta, plan.confidence
+    )
     log.info("dp-audit (seed %d): %d of %d guesses right", seed, correct, int(made.sum()))
     return {
         "seed": seed,
@@ -102,7 +104,9 @@ def dp_audit(setup: StudySetup) -> dict:
         "confidence": plan.confidence,
         "canaries": plan.canaries,
         "noise": "off (calibration of the audit)" if plan.no_noise else "as configured",
-        "largest_certifiable": largest_certifiable(plan.canaries, plan.guesses, privacy.delta),
+        "largest_certifiable": largest_certifiable(
+            plan.canaries, plan.guesses, privacy.delta, plan.confidence
+        ),
         **runs[0],
         "repeats": runs[1:],
         "seconds": time.perf_counter() - started,

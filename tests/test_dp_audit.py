@@ -3,8 +3,6 @@ catch DP-SGD with its noise switched off and must not refute the real settings' 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -73,6 +71,7 @@ def test_without_noise_the_audit_refutes_the_claimed_epsilon(context):
     result = audit_once(context, AuditPlan(CANARIES, no_noise=True), seed=0)
     assert result["noise_multiplier"] == 0.0
     assert 0 < result["included"] < CANARIES
+    assert result["correct"] == result["guesses"] == CANARIES // 2  # every guess right
     assert result["epsilon_lower_bound"] > CLAIMED
     assert result["guesses"] + result["abstained"] == CANARIES
 
@@ -93,7 +92,7 @@ def test_the_audits_power_is_what_all_guesses_right_would_show():
     plan = AuditPlan(CANARIES)
     assert plan.guesses == CANARIES // 2
     assert largest_certifiable(CANARIES, plan.guesses, 1e-5) == pytest.approx(3.03, abs=0.01)
-    assert math.isclose(AuditPlan(7).guesses % 2, 0)
+    assert AuditPlan(7).guesses == 4 and AuditPlan(7, guess_share=1.0).guesses == 6
 
 
 def test_audit_options_are_refused_on_other_studies_and_bad_counts(tmp_path):

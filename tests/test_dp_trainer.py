@@ -727,3 +727,33 @@ def test_the_sites_optimizer_is_the_configs_unless_the_caller_names_one(tiny_con
     assert stepped.sum() > 100
     assert by_adamw_config[stepped].abs().median() == pytest.approx(1e-3, rel=0.05)
     assert by_sgd_config[stepped].abs().median() < 5e-4  # sgd: lr times a gradient < 1
+
+
+@pytest.mark.parametrize("mode", ["functorch", "hooks", "ghost"])
+def test_given_gradients_are_clipped_and_summed_like_a_subjects(tiny_config, mode):
+    """The privacy audit's canaries (simulations/canaries.py), given at 10 clips: in every
+    mode each moves its weight by exactly one clip (one SGD step at rate = the expected
+    batch, noise 0), beside what the real subjects move, which they leave alone."""
+    from fedsynth.simulations.canaries import make_canaries
+
+    clip = 1e-3
+    config = with_privacy(tiny_config, grad_sample_mode=mode, trainable="all", max_grad_norm=clip)
+    shapes = {n: p.shape for n, p in awake_unet(config).named_parameters()}
+    canaries = make_canaries(shapes, 6, 10 * clip, seed=2)
+    latents, attributes = site_data(config)
+    moved = {}
+    for given in (None, canaries):
+        unet = awake_unet(config)
+        total = 4 + (0 if given is None else given.size)
+        train_round(
+            unet, latents, attributes, SUBJECTS, config, 0.0, 1.0, 1, seed=3,
+            optimizer="sgd", learning_rate=float(total), given=given,
+        )  # fmt: skip
+        start = awake_unet(config).state_dict()
+        moved[given is None] = {k: start[k] - v for k, v in unet.state_dict().items()}
+    assert 0 < canaries.size < 6  # some canaries in, some out
+    for c in range(6):
+        name, k = canaries.names[c], int(canaries.flat[c])
+        extra = moved[False][name].flatten()[k] - moved[True][name].flatten()[k]
+        expected = float(canaries.signs[c]) * clip if canaries.included[c] else 0.0
+        assert float(extra) == pytest.approx(expected, abs=clip * 1e-3)

@@ -149,8 +149,10 @@ def test_atomic_write_fsyncs_the_content_then_the_rename(tmp_path, monkeypatch):
 
 def test_a_published_path_is_relative_beside_its_folder_and_a_stand_in_elsewhere(tmp_path):
     release = tmp_path / "study" / "release"
-    beside = tmp_path / "study" / "runs" / "run-1"
-    assert published_path(beside, release, "RUNS") == "../runs/run-1"
+    beside = tmp_path / "study" / "run-1"
+    assert published_path(beside, release, "RUNS") == "../run-1"
     assert (release / published_path(beside, release, "RUNS")).resolve() == beside.resolve()
-    elsewhere = tmp_path / "home" / "alice" / "runs" / "run-1"
-    assert published_path(elsewhere, release, "RUNS") == "RUNS/run-1"
+    assert published_path(release / "data", release, "DATA") == "data"
+    # deeper beside the release would show the folders' layout; elsewhere, the home
+    for elsewhere in (tmp_path / "study" / "runs" / "run-1", tmp_path / "home" / "run-1"):
+        assert published_path(elsewhere, release, "RUNS") == "RUNS/run-1"
