@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fedsynth.client.public_size import SubjectCount
 from fedsynth.common.accountant import (
     MAX_SIGMA,
@@ -27,7 +29,9 @@ from fedsynth.common.accountant import (
 )
 from fedsynth.common.config import Config, PrivacyConfig
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.io import private_dir
 from fedsynth.common.ledger import append_entry, read_ledger, segment_of, spending
+from fedsynth.common.spend_signature import key_path, load_or_create_key, public_key_hex, sign
 
 LEDGER = "ledger.jsonl"
 
@@ -144,13 +148,37 @@ class SiteBudget:
         after = epsilon([*spent, this_round], privacy.delta, privacy.accountant)
         return RoundPlan(sigma, rate, privacy.local_steps, privacy.delta, after, count.public)
 
+    def signed(self, study: str | None = None) -> dict:
+        """The site's public signing key and, per row of `history(study)`, the row's
+        [signature, previous] (common/spend_signature.py; "" for a line written unsigned)."""
+        rows = [[e.get("signature", ""), e.get("previous", "")] for e in self._spending(study)]
+        return {"key": public_key_hex(self._key()), "rows": rows}
+
+    def _key(self) -> Ed25519PrivateKey:
+        private_dir(self.state_dir)
+        return load_or_create_key(key_path(self.state_dir))
+
     def record(
         self, round_number: int, plan: RoundPlan, status: str = "trained", **extra: object
     ) -> None:
-        """Append this round to the ledger (fsync'd) before any update leaves the site.
+        """Append this round to the ledger (fsync'd) before any update leaves the site; a
+        spending line is signed with the site's key, chained to its previous one in the
+        same study (common/spend_signature.py).
 
         `extra`: facts the line also carries (the study's id and accountant)."""
-        append_entry(
-            self.ledger_path,
-            {"round": round_number, "site": self.site, "status": status, **asdict(plan), **extra},
-        )
+        entry = {
+            "round": round_number,
+            "site": self.site,
+            "status": status,
+            **asdict(plan),
+            **extra,
+        }
+        if status != "refused" and plan.steps > 0:
+            study = str(extra.get("study", ""))
+            before = self._spending(study)
+            entry["previous"] = before[-1].get("signature", "") if before else ""
+            key = self._key()
+            fields = {**entry, "study": study, "accountant": entry.get("accountant", "")}
+            entry["signature"] = sign(key, fields)
+            entry["signing_key"] = public_key_hex(key)
+        append_entry(self.ledger_path, entry)

@@ -125,6 +125,7 @@ def ready_answer(
         "ready": int(code == "ready"),
         "code": code,
         "history": json.dumps(budget.history(study_id)),
+        "signed": json.dumps(budget.signed(study_id)),
         "epsilon": float(budget.spent_epsilon(config.privacy, study_id)),
     }
 
@@ -198,6 +199,7 @@ def site_round_reply(
         "delta": float(plan.delta),
         "accountant": config.privacy.accountant,
         "history": json.dumps(budget.history(study_id)),
+        "signed": json.dumps(budget.signed(study_id)),
         "epsilon": float(budget.spent_epsilon(config.privacy, study_id)),
     }
     return delta, int(plan.subjects), metrics

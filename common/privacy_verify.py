@@ -11,7 +11,12 @@ published (common/ledger_history.py, the same code):
   to succeed it in site-identities.json (without the file, only the estimate's own);
 - for each site, the lines that count (`charged`) are Opacus' accountant history; epsilon
   at the statement's delta must match what the statement says, for every site and the
-  study, and the statement lists exactly those lines.
+  study, and the statement lists exactly those lines;
+- every counted line that is not a server-side no-reply estimate carries its site's
+  signature (common/spend_signature.py) under the key the statement names for the site,
+  over what the line says, chained to a line of the same site; so a ledger and statement
+  rewritten consistently without the sites' keys fail, and estimates, unsigned, can only
+  add to a site's spend.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, read_ledger, segment_of
 from fedsynth.common.ledger_history import check_history
 from fedsynth.common.site_chain import read_identities_file
+from fedsynth.common.spend_signature import verify
 
 STATEMENT = "privacy.json"
 LEDGER_COPY = "ledger.jsonl"
@@ -84,6 +90,7 @@ def verify_release(folder: str | Path) -> dict[str, float]:
                 f"{claimed:.6g}"
             )
         recomputed[site] = value
+        _check_signed(ledger_path, ledger, site, statement, delta, accountant)
     largest = max(recomputed.values(), default=0.0)
     if not math.isclose(largest, study, rel_tol=REL_TOLERANCE):
         raise FedsynthError(f"study epsilon recomputes to {largest:.6g}, {path} says {study:.6g}")
@@ -120,3 +127,35 @@ def _check_site(
     for key, value in expected.items():
         if entry.get(key) != value:
             raise FedsynthError(f"{path}: {site} {key} differ from the ledger's counted lines")
+
+
+def _check_signed(
+    ledger_path: Path, ledger: list[dict], site: str, statement: dict, delta: float, accountant: str
+) -> None:
+    """Every counted line of `site` but a no-reply estimate is the site's signed, chained
+    line (module doc). Raises FedsynthError naming the first line that is not."""
+    keys = statement.get("site_keys") or {}
+    study = str(statement.get("study_id"))
+    counted = [e for e in charged(ledger, site) if not e.get("estimate")]
+    signatures = {e.get("site_signature") for e in counted}
+    for e in counted:
+        number = next(n for n, line in enumerate(ledger, 1) if line is e)
+        fields = {**e, "study": study, "previous": e.get("site_previous", "")}
+        fields |= {"delta": delta, "accountant": accountant}
+        key = keys.get(site)
+        signed = (
+            isinstance(key, str)
+            and e.get("site_key") == key
+            and isinstance(e.get("site_signature"), str)
+            and verify(key, fields, e["site_signature"])
+        )
+        if not signed:
+            raise FedsynthError(
+                f"{ledger_path}, line {number}: {site}'s spend is not signed by {site}'s key "
+                "over what the line says: the line was changed, or written without the site"
+            )
+        if fields["previous"] and fields["previous"] not in signatures:
+            raise FedsynthError(
+                f"{ledger_path}, line {number}: {site}'s line follows one of its lines that "
+                "the ledger no longer holds: a line was dropped"
+            )

@@ -3,8 +3,9 @@
 Everything here travels in clear (under SecAgg+ too: only the weight delta is masked), so
 it is the complete list of what a site discloses besides its DP-SGD update: the subject
 count (FedAvg weight, also implied by the sample rate), the DP-SGD spend of each round
-(noise multiplier, sample rate, steps) and its own ledger of such spends, its name, and a
-fixed reason code when it does not train. No paths, values, counts or exception texts
+(noise multiplier, sample rate, steps) and its own ledger of such spends with the site's
+signature of each line and its public signing key (common/spend_signature.py), its name,
+and a fixed reason code when it does not train. No paths, values, counts or exception texts
 computed from site data: a site logs those locally (`site.log` in its state dir).
 
 A round has two messages per site:
@@ -31,11 +32,12 @@ REPLY_METRICS = frozenset(
         "delta",
         "accountant",
         "history",
+        "signed",
         "epsilon",
     }
 )
 # what a READY reply carries
-READY_METRICS = frozenset({"site", "ready", "code", "history", "epsilon"})
+READY_METRICS = frozenset({"site", "ready", "code", "history", "signed", "epsilon"})
 
 # reason codes: the only thing about a refusal or failure that leaves a site
 REASONS = {

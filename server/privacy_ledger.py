@@ -46,6 +46,7 @@ from fedsynth.common.ledger import append_entry, charged, ledger_lock, read_ledg
 from fedsynth.common.site_chain import is_identity, same_site_identities
 from fedsynth.server.run_dir import LEDGER
 from fedsynth.server.site_identity import SITE_IDENTITIES, read_identities
+from fedsynth.server.site_replies import SignedHistory
 from fedsynth.server.study import Study
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,12 @@ def _replaceable(estimate: dict, speaks: set[str | None]) -> bool:
 
 
 def reconcile(
-    study: Study, site: str, reported: list[tuple[int, Segment]], *, identity: str
+    study: Study,
+    site: str,
+    reported: list[tuple[int, Segment]],
+    *,
+    identity: str,
+    signed: SignedHistory | None = None,
 ) -> int:
     """Charge rounds the site's own ledger holds and the server's does not; return how many.
 
@@ -202,6 +208,8 @@ def reconcile(
     same-site chain (server/site_identity.py); any other identity's estimate stays charged.
     Lines reported beside such an estimate before an attestation are settled first.
     Runs under the site identities lock, which the operator's attestation holds too.
+    `signed`: the site's signatures of `reported` (server/site_replies.py, checked), kept
+    on the lines charged from them.
     """
     with ledger_lock(study.run_dir / SITE_IDENTITIES):
         settle_attested(study.run_dir, site)
@@ -215,12 +223,14 @@ def reconcile(
             elif _replaceable(e, speaks):
                 estimates.setdefault(int(e["round"]), []).append(str(e["estimate"]))
         added = 0
-        for r, segment in reported:
+        for index, (r, segment) in enumerate(reported):
             if segment in known.get(r, []):
                 known[r].remove(segment)
                 continue
             pending = estimates.get(r, [])
             extra = {"replaces_estimate": pending.pop(0)} if pending else {}
+            if signed is not None:
+                extra |= signed.extra(reported, index)
             append_line(
                 study,
                 r,

@@ -146,6 +146,25 @@ def _trust_model(secagg: dict) -> str:
     return text
 
 
+SIGNATURES = (
+    "every counted line that is not a no-reply estimate carries its site's Ed25519 "
+    "signature (site_signature, chained by site_previous) of study, site, round, "
+    "noise_multiplier, sample_rate, steps, delta and accountant, under the key site_keys "
+    "names for the site: a site checks that key is the public half of its own "
+    "(spend-signing-key.pem in its state dir); estimates are the server's and only add spend"
+)
+
+
+def _site_keys(study: FinishedStudy) -> dict[str, str]:
+    """Site -> the public key its counted, signed lines carry (one per site)."""
+    keys: dict[str, str] = {}
+    for site in sorted(study.site_epsilon):
+        for e in charged(study.ledger, site):
+            if isinstance(e.get("site_key"), str):
+                keys.setdefault(site, e["site_key"])
+    return keys
+
+
 def privacy_statement(
     study: FinishedStudy, cohort_size: int, with_reference: bool, cohort_sha256: str | None = None
 ) -> dict:
@@ -190,6 +209,8 @@ def privacy_statement(
         "in_clear": IN_CLEAR,
         "not_covered": NOT_COVERED + ([REFERENCE_NOT_COVERED] if with_reference else []),
         "study_id": study.terms.get("study_id"),
+        "site_keys": _site_keys(study),
+        "signatures": SIGNATURES,
         "fedsynth": version("fedsynth"),
         "cohort_volumes": cohort_size,
         "cohort_sha256": cohort_sha256,

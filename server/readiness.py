@@ -26,7 +26,14 @@ from fedsynth.common.protocol import READY_RECORD, REASONS, code_of
 from fedsynth.server.privacy_ledger import compare_reported, reconcile, site_is_spent
 from fedsynth.server.run_dir import LEDGER
 from fedsynth.server.site_identity import SiteNames, node_identity
-from fedsynth.server.site_replies import ReadyReply, accountable, ready_reply
+from fedsynth.server.site_replies import (
+    BadReply,
+    ReadyReply,
+    accountable,
+    check_key,
+    check_signed,
+    ready_reply,
+)
 from fedsynth.server.study import Study
 
 log = logging.getLogger(__name__)
@@ -81,7 +88,18 @@ def ready_sites(
     for node, answer in checked:
         if node not in held:
             continue
-        missed = reconcile(study, answer.site, answer.history, identity=names.identity(node))
+        try:  # the name is this node's: its history must be signed, with the key its
+            # earlier lines carry
+            privacy = study.config.privacy
+            check_signed(answer.signed, answer.history, answer.site, study.study_id, privacy)
+            ledger = read_ledger(study.run_dir / LEDGER)
+            check_key(ledger, answer.site, answer.signed.key, names.identity(node))
+        except BadReply as error:
+            log.warning("round %d: %s is not used: %s", round_number, answer.site, error)
+            continue
+        missed = reconcile(
+            study, answer.site, answer.history, identity=names.identity(node), signed=answer.signed
+        )
         if missed:
             log.info("%s: charged %d round(s) from its own ledger", answer.site, missed)
         compare_reported(study, answer.site, answer.epsilon)

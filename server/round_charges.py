@@ -18,6 +18,7 @@ import torch
 from flwr.common import FitRes
 from flwr.server.client_proxy import ClientProxy
 
+from fedsynth.common.ledger import read_ledger
 from fedsynth.common.protocol import REASONS, code_of
 from fedsynth.server.privacy_ledger import (
     append_line,
@@ -26,8 +27,16 @@ from fedsynth.server.privacy_ledger import (
     reconcile,
 )
 from fedsynth.server.reply_arrays import check_reply_arrays
+from fedsynth.server.run_dir import LEDGER
 from fedsynth.server.site_identity import SiteNames
-from fedsynth.server.site_replies import BadReply, TrainedReply, accountable, trained_reply
+from fedsynth.server.site_replies import (
+    BadReply,
+    TrainedReply,
+    accountable,
+    check_key,
+    check_signed,
+    trained_reply,
+)
 from fedsynth.server.study import Study
 
 log = logging.getLogger(__name__)
@@ -74,6 +83,10 @@ def check_replies(
             )
             segments = [reply.segment, *(s for _, s in reply.history)]
             accountable(segments, privacy.delta, privacy.accountant)
+            check_signed(reply.signed, reply.history, reply.site, study.study_id, privacy)
+            ledger = read_ledger(study.run_dir / LEDGER)
+            check_key(ledger, reply.site, reply.signed.key, names.identity(node))
+            reply.own_row(round_number)
             if weights is not None:
                 check_reply_arrays(res.parameters, weights)
         except (KeyError, TypeError, ValueError) as error:  # BadReply is a ValueError
@@ -103,8 +116,11 @@ def charge_round(
     charged. Returns how many sites were charged an estimate."""
     for node, (reply, _) in good.items():
         identity = names.identity(node)  # the one its name was bound to at READY
-        append_line(study, round_number, reply.site, reply.segment, "trained", identity=identity)
-        missed = reconcile(study, reply.site, reply.history, identity=identity)
+        own = reply.signed.extra(reply.history, reply.own_row(round_number))
+        append_line(
+            study, round_number, reply.site, reply.segment, "trained", identity=identity, **own
+        )
+        missed = reconcile(study, reply.site, reply.history, identity=identity, signed=reply.signed)
         if missed:
             log.info("%s: charged %d round(s) from its own ledger", reply.site, missed)
         compare_reported(study, reply.site, reply.epsilon)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeGuard
 
 from fedsynth.common.accountant import Segment, epsilon
+from fedsynth.common.config import PrivacyConfig
 from fedsynth.common.protocol import READY_METRICS, REASONS, REPLY_METRICS
+from fedsynth.common.spend_signature import verify
 
 # what a site can really have used: below MIN_REPLY_SIGMA epsilon is in the thousands (and
 # PRV needs gigabytes to say so); more steps or rounds than these is no real study
@@ -27,6 +30,20 @@ class BadReply(ValueError):
 
 
 @dataclass(frozen=True)
+class SignedHistory:
+    """The site's public signing key (64 hex) and, per history row, its (signature,
+    previous): common/spend_signature.py."""
+
+    key: str
+    rows: list[tuple[str, str]]
+
+    def extra(self, history: list[tuple[int, Segment]], index: int) -> dict[str, str]:
+        """What a server ledger line charged from history row `index` keeps of it."""
+        signature, previous = self.rows[index]
+        return {"site_key": self.key, "site_signature": signature, "site_previous": previous}
+
+
+@dataclass(frozen=True)
 class ReadyReply:
     """A site's answer to the round's READY query."""
 
@@ -34,6 +51,7 @@ class ReadyReply:
     ready: bool
     code: str
     history: list[tuple[int, Segment]]
+    signed: SignedHistory
     epsilon: float
 
 
@@ -45,7 +63,16 @@ class TrainedReply:
     segment: Segment
     subjects: int
     history: list[tuple[int, Segment]]
+    signed: SignedHistory
     epsilon: float
+
+    def own_row(self, round_number: int) -> int:
+        """The index of this round's line in the site's history (the last that matches:
+        the site records a round before it replies). Raises BadReply when there is none."""
+        for index in range(len(self.history) - 1, -1, -1):
+            if self.history[index] == (round_number, self.segment):
+                return index
+        raise BadReply("the site's history lacks the round it replied for")
 
 
 def finite_number(value: object) -> TypeGuard[int | float]:
@@ -118,6 +145,81 @@ def _history(metrics: Mapping[str, object]) -> list[tuple[int, Segment]]:
         raise BadReply(f"history: {error}") from None
 
 
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+def _signed(metrics: Mapping[str, object], rows: int) -> SignedHistory:
+    """The `signed` metric checked for shape: a 64-hex key and one [signature, previous]
+    of 128 hex digits (previous may be "") per history row. Raises BadReply."""
+    try:
+        data = json.loads(str(metrics["signed"]))
+    except (ValueError, RecursionError):
+        raise BadReply("signed is not JSON") from None
+    if not isinstance(data, dict) or set(data) != {"key", "rows"}:
+        raise BadReply("signed is not {key, rows}")
+    key, pairs = data["key"], data["rows"]
+    if not (isinstance(key, str) and len(key) == 64 and _HEX.fullmatch(key)):
+        raise BadReply("signed key is not 64 hex digits")
+    if not isinstance(pairs, list) or len(pairs) != rows:
+        raise BadReply("signed rows do not match the history's")
+    out = []
+    for pair in pairs:
+        if not (
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)
+        ):
+            raise BadReply("signed row is not [signature, previous]")
+        signature, previous = pair
+        if (
+            len(signature) != 128
+            or len(previous) not in (0, 128)
+            or not _HEX.fullmatch(signature + previous)
+        ):
+            raise BadReply("signed row holds no signature")
+        out.append((signature, previous))
+    return SignedHistory(key, out)
+
+
+def check_signed(
+    signed: SignedHistory,
+    history: list[tuple[int, Segment]],
+    site: str,
+    study_id: str,
+    privacy: PrivacyConfig,
+) -> None:
+    """Every history row signed by the site's key over what it says, chained in order
+    (common/spend_signature.py); raises BadReply naming the first row that is not."""
+    previous = ""
+    for number, ((r, segment), (signature, claimed)) in enumerate(
+        zip(history, signed.rows, strict=True), 1
+    ):
+        fields = {
+            "study": study_id,
+            "site": site,
+            "round": r,
+            "noise_multiplier": segment.noise_multiplier,
+            "sample_rate": segment.sample_rate,
+            "steps": segment.steps,
+            "delta": privacy.delta,
+            "accountant": privacy.accountant,
+            "previous": claimed,
+        }
+        if claimed != previous or not verify(signed.key, fields, signature):
+            raise BadReply(f"history row {number} is not the site's signed, chained line")
+        previous = signature
+
+
+def check_key(ledger: list[dict], site: str, key: str, identity: str) -> None:
+    """Raise BadReply when the server's ledger holds lines `site` signed with another key
+    under the same node `identity`: while a name is bound to a node, its spend is signed
+    by one key (after the operator rebinds the name, server/site_identity.py, the new
+    node may bring a new key)."""
+    if any(
+        e["site"] == site and e.get("identity") == identity and e.get("site_key", key) != key
+        for e in ledger
+    ):
+        raise BadReply("the site's signing key differs from the one its earlier lines carry")
+
+
 def accountable(segments: list[Segment], delta: float, accountant: str) -> None:
     """Raise BadReply unless the accountant computes these segments' epsilon: checked
     before a round writes its first ledger line, so none of its lines can fail later."""
@@ -142,11 +244,13 @@ def ready_reply(metrics: Mapping[str, object], expected_site: str | None = None)
     ready = _number(metrics, "ready")
     if ready not in (0.0, 1.0) or (ready == 1.0) != (code == "ready"):
         raise BadReply("ready and code disagree")
+    history = _history(metrics)
     return ReadyReply(
         _site(metrics, expected_site),
         ready == 1.0,
         code,
-        _history(metrics),
+        history,
+        _signed(metrics, len(history)),
         _number(metrics, "epsilon"),
     )
 
@@ -163,10 +267,12 @@ def trained_reply(
         raise BadReply("subjects is not the reply's whole, positive weight")
     if _number(metrics, "delta") != delta or metrics["accountant"] != accountant:
         raise BadReply("delta or accountant differs from the study's")
+    history = _history(metrics)
     return TrainedReply(
         _site(metrics, site),
         segment,
         int(subjects),
-        _history(metrics),
+        history,
+        _signed(metrics, len(history)),
         _number(metrics, "epsilon"),
     )

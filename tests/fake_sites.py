@@ -65,6 +65,7 @@ class FakeSite(NumPyClient):
             "ready": int(code == "ready"),
             "code": code,
             "history": history,
+            "signed": json.dumps(self.budget.signed(study)),
             "epsilon": self.budget.spent_epsilon(config.privacy, study),
         }
 
@@ -75,7 +76,12 @@ class FakeSite(NumPyClient):
             plan = self.budget.plan_round(study, disclosed(self.subjects), round_number)
         except BudgetRefusal:
             raise SiteStop("budget-spent") from None
-        self.budget.record(round_number, plan, study=str(config["study-id"]))
+        self.budget.record(
+            round_number,
+            plan,
+            study=str(config["study-id"]),
+            accountant=study.privacy.accountant,
+        )
         if self.fail_after_spend:
             (self.budget.ledger_path.parent / "failed.json").write_text("{}")
             raise SiteStop("update")
@@ -88,6 +94,7 @@ class FakeSite(NumPyClient):
             "delta": plan.delta,
             "accountant": study.privacy.accountant,
             "history": self.history(str(config["study-id"])),
+            "signed": json.dumps(self.budget.signed(str(config["study-id"]))),
             "epsilon": self.budget.spent_epsilon(study.privacy, str(config["study-id"])),
         }
         metrics.update(self.metrics_override)

@@ -82,7 +82,9 @@ def _impostor(tmp_path, sites, name: str, study) -> FakeSite:
     impostor = FakeSite(4, 20, SHAPES, tmp_path / "impostor", name=name)
     spent = epsilon([Segment(8.0, 0.8, 10)], study.config.privacy.delta)
     plan = RoundPlan(8.0, 0.8, 10, study.config.privacy.delta, spent, 20)
-    impostor.budget.record(2, plan, study=study.study_id)
+    impostor.budget.record(
+        2, plan, study=study.study_id, accountant=study.config.privacy.accountant
+    )
     sites[4] = impostor
     return impostor
 

@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from fedsynth.common.accountant import epsilon
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.ledger import charged, segment_of
 from fedsynth.common.privacy_verify import verify_release
+from fedsynth.common.spend_signature import sign
 
 DELTA = 1e-5
 KEY_A, KEY_B = ("key:" + c * 64 for c in "ab")
@@ -34,16 +37,39 @@ def _line(round_number: int, sigma: float, rate: float, steps: int, status: str,
     }
 
 
+SITE_KEY = Ed25519PrivateKey.from_private_bytes(bytes(32))  # the site's, fixed for the test
+
+
+def _signed(line: dict, previous: str) -> dict:
+    """`line` with the site's signature, as the server keeps it on a line it charges."""
+    fields = {**line, "study": "study-1", "previous": previous}
+    key = SITE_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+    return {
+        **line,
+        "site_key": key,
+        "site_signature": sign(SITE_KEY, fields),
+        "site_previous": previous,
+    }
+
+
 def _release(folder: Path, lines: list[dict], identities: dict | None = None) -> list[dict]:
     """A release folder whose ledger lines each state the epsilon the lines up to them
-    give (as the server writes them) and whose statement is what `charged` gives."""
-    ledger = []
+    give (as the server writes them) and whose statement is what `charged` gives; each
+    spending line but an estimate signed by the site, chained."""
+    ledger, previous = [], ""
     for line in lines:
+        if line["status"] == "trained" and line["steps"] > 0:
+            line.update(_signed(line, previous))
+            previous = line["site_signature"]
         ledger.append(line)
         line["epsilon"] = epsilon([segment_of(e) for e in charged(ledger, "site-1")], DELTA, "rdp")
     counted = charged(ledger, "site-1")
     value = epsilon([segment_of(e) for e in counted], DELTA, "rdp")
     statement = {
+        "study_id": "study-1",
+        "site_keys": {
+            "site-1": SITE_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+        },
         "delta": DELTA,
         "accountant": "rdp",
         "study_epsilon": value,
