@@ -436,6 +436,11 @@ def _read_yaml(path: Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+            f"{exc.start}); save it as UTF-8"
+        ) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -459,6 +464,8 @@ def resolve_source(source: str | Path) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config {source}: a folder, not a YAML file")
     if str(source) in presets():
         return PRESET_DIR / f"{source}.yaml"
     raise ConfigError(
@@ -515,12 +522,18 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
     """Set dotted keys (`privacy.target-epsilon`) on a raw config mapping.
 
     Values may be typed (as Flower's run config gives them) or strings (from a command
-    line); a string for a non-string key is read as YAML, so `[32, 32, 8]` or `null` work.
+    line); a string for a non-string key is read as YAML, so `[32, 32, 8]` or `null` work,
+    and a quoted string for a string key loses its quotes (`-c 'paths.run-dir="/x y"'`).
     """
     merged = json.loads(json.dumps(raw))
     for dotted, value in overrides.items():
         tp = _field_type(dotted)
-        if isinstance(value, str) and tp is not str:
+        if isinstance(value, str) and tp is str and _quoted(value):
+            try:
+                value = str(yaml.safe_load(value))
+            except yaml.YAMLError:
+                _fail(dotted, value, "is not a valid quoted string")
+        elif isinstance(value, str) and tp is not str:
             try:
                 value = yaml.safe_load(value)
             except yaml.YAMLError:
@@ -533,6 +546,10 @@ def apply_overrides(raw: dict, overrides: Mapping[str, Any]) -> dict:
                 _fail(dotted, value, f"cannot set inside non-mapping {part}")
         node[leaf] = value
     return merged
+
+
+def _quoted(value: str) -> bool:
+    return len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'"
 
 
 def parse_assignments(pairs: Iterable[str]) -> dict[str, str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from fedsynth.common.cli import add_json_arguments
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -31,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="training steps of each utility regressor (default: 200; 0 = skip)",
     )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_json_arguments(parser, "print the report as JSON")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="default: 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -44,7 +46,10 @@ def find_checkpoint(synthetic: str, given: str | None) -> Path:
     from fedsynth.common.errors import FedsynthError
 
     if given:
-        return Path(given).expanduser()
+        path = Path(given).expanduser()
+        if not (path / "feature_net.pt").is_file():
+            raise FedsynthError(f"--checkpoint {given}: no feature_net.pt (see fedsynth pretrain)")
+        return path
     record = Path(synthetic).expanduser().resolve().parent / SAMPLING_JSON
     refuse = f"no --checkpoint given and {record} does not name one; pass --checkpoint DIR"
     try:
@@ -55,6 +60,18 @@ def find_checkpoint(synthetic: str, given: str | None) -> Path:
         raise FedsynthError(refuse)
     path = Path(named).expanduser()
     return path if path.is_absolute() else record.parent / path
+
+
+def check_paths(real: str, synthetic: str) -> None:
+    """Refuse, before any model is loaded, a --real or --synthetic without manifest.csv,
+    naming the argument (FedsynthError)."""
+    from pathlib import Path
+
+    from fedsynth.common.errors import FedsynthError
+
+    for option, folder in (("--real", real), ("--synthetic", synthetic)):
+        if not (Path(folder).expanduser() / "manifest.csv").is_file():
+            raise FedsynthError(f"{option} {folder}: no manifest.csv (a site-style folder)")
 
 
 def table(report: dict) -> str:
@@ -128,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     steps = UTILITY_STEPS if args.utility_steps is None else args.utility_steps
     if steps < 0:
         raise FedsynthError(f"--utility-steps must be >= 0 (got {steps})")
+    check_paths(args.real, args.synthetic)
     checkpoint = find_checkpoint(args.synthetic, args.checkpoint)
     report = evaluate_cohort(
         args.real,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from fedsynth.common.cli import add_json_arguments
+
 HELP = (
     "Privacy tools: `plan` finds the DP-SGD noise multiplier that lands on a target epsilon; "
     "`verify` recomputes a release's epsilons from its ledger."
@@ -41,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument(
         "--subjects", type=int, metavar="N", help="subjects at the site: refuse delta >= 1/N"
     )
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_arguments(plan, "print one JSON object")
     verify = actions.add_parser(
         "verify",
         help="recompute a release's epsilons from its ledger",
@@ -51,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     verify.add_argument(
         "--release", required=True, metavar="DIR", help="a folder written by fedsynth release"
     )
-    verify.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_arguments(verify, "print one JSON object")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedsynth.common.cli import add_config_arguments, config_from_args
+from fedsynth.common.cli import add_config_arguments, add_json_arguments, config_from_args
 
 HELP = "Check a site's data folder (manifest.csv + NIfTI) before joining a study; reads only."
 
@@ -13,7 +13,7 @@ HELP = "Check a site's data folder (manifest.csv + NIfTI) before joining a study
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", required=True, metavar="DIR", help="the site's data folder")
     add_config_arguments(parser)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json_arguments(parser, "print the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--strict", action="store_true", help="reject rows with warnings instead of listing them"

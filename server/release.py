@@ -74,8 +74,11 @@ def read_audits(given: Sequence[str]) -> list[dict]:
         path = Path(name).expanduser()
         try:
             audit = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            raise FedsynthError(f"audit {path} is missing or not JSON") from None
+        except OSError as exc:
+            reason = (exc.strerror or "cannot be read").lower()
+            raise FedsynthError(f"--audit {path}: {reason}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise FedsynthError(f"--audit {path}: not JSON") from None
         if not isinstance(audit, dict) or not audit.get("outside_dp_guarantee"):
             raise FedsynthError(f"audit {path} is not the output of fedsynth audit --json")
         if not isinstance(audit.get("dcr"), dict) or "cohort_volumes" not in audit:

@@ -7,7 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from fedsynth.common.cli import add_config_arguments, config_from_args
+from fedsynth.common.cli import add_config_arguments, add_json_arguments, config_from_args
 
 HELP = "Run a study on phantom sites (docs/results.md): dp-gap, federation, pretraining, ..."
 NAMES = (
@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dp-audit only: train with noise multiplier 0, to calibrate the audit (it must "
         "then find more than the claimed epsilon); never a way to train",
     )
-    parser.add_argument("--json", action="store_true", help="print the JSON, not the table")
+    add_json_arguments(parser, "print the JSON, not the table")
 
 
 def run(args: argparse.Namespace) -> int:
