@@ -70,6 +70,8 @@ def check_paths(real: str, synthetic: str) -> None:
     from fedsynth.common.errors import FedsynthError
 
     for option, folder in (("--real", real), ("--synthetic", synthetic)):
+        if not Path(folder).expanduser().is_dir():
+            raise FedsynthError(f"{option} {folder}: is not a folder")
         if not (Path(folder).expanduser() / "manifest.csv").is_file():
             raise FedsynthError(f"{option} {folder}: no manifest.csv (a site-style folder)")
 

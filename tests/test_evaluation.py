@@ -418,7 +418,7 @@ def test_cli_refusals_are_one_line(world, tmp_path, capsys):
         same,
         "--checkpoint",
         checkpoint,
-        expect=("is not a folder",),
+        expect=("--real", "nowhere: is not a folder"),
     )
     refused(
         "--real",
