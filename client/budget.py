@@ -150,7 +150,9 @@ class SiteBudget:
 
     def signed(self, study: str | None = None) -> dict:
         """The site's public signing key and, per row of `history(study)`, the row's
-        [signature, previous] (common/spend_signature.py; "" for a line written unsigned)."""
+        [signature, previous] (common/spend_signature.py; "" for a line written unsigned).
+        Makes the key on a site's first READY: the server holds a name to the key it
+        first saw, before the site has spent anything."""
         rows = [[e.get("signature", ""), e.get("previous", "")] for e in self._spending(study)]
         return {"key": public_key_hex(self._key()), "rows": rows}
 

@@ -138,8 +138,9 @@ def _check_signed(
     study = str(statement.get("study_id"))
     counted = [e for e in charged(ledger, site) if not e.get("estimate")]
     signatures = {e.get("site_signature") for e in counted}
+    numbers = {id(line): n for n, line in enumerate(ledger, 1)}
     for e in counted:
-        number = next(n for n, line in enumerate(ledger, 1) if line is e)
+        number = numbers[id(e)]
         fields = {**e, "study": study, "previous": e.get("site_previous", "")}
         fields |= {"delta": delta, "accountant": accountant}
         key = keys.get(site)

@@ -84,6 +84,9 @@ def ready_sites(
             log.warning("round %d: node %d sent a malformed READY (%s)", round_number, node, error)
     claims = [(node, identities[node], answer.site) for node, answer in checked]
     held = names.claim(round_number, claims, grid.run.run_id)  # all checked: now written
+    # read once: reconcile below appends only the lines of the name it reconciles, and
+    # check_key reads only the lines of its own name, which the claim made unique
+    ledger = read_ledger(study.run_dir / LEDGER)
     ready = []
     for node, answer in checked:
         if node not in held:
@@ -92,7 +95,6 @@ def ready_sites(
             # earlier lines carry
             privacy = study.config.privacy
             check_signed(answer.signed, answer.history, answer.site, study.study_id, privacy)
-            ledger = read_ledger(study.run_dir / LEDGER)
             check_key(ledger, answer.site, answer.signed.key, names.identity(node))
         except BadReply as error:
             log.warning("round %d: %s is not used: %s", round_number, answer.site, error)

@@ -68,6 +68,7 @@ def check_replies(
     match (server/reply_arrays.py); None under SecAgg+, where every result carries the
     same unmasked aggregate, which the strategy checks once (`aggregate_problem`)."""
     privacy = study.config.privacy
+    ledger = read_ledger(study.run_dir / LEDGER)  # nothing is written while replies are checked
     good: Replies = {}
     for proxy, res in results:
         node = proxy.node_id
@@ -84,7 +85,6 @@ def check_replies(
             segments = [reply.segment, *(s for _, s in reply.history)]
             accountable(segments, privacy.delta, privacy.accountant)
             check_signed(reply.signed, reply.history, reply.site, study.study_id, privacy)
-            ledger = read_ledger(study.run_dir / LEDGER)
             check_key(ledger, reply.site, reply.signed.key, names.identity(node))
             reply.own_row(round_number)
             if weights is not None:
