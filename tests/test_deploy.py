@@ -952,16 +952,20 @@ def test_site_image_install_step_builds_a_package_without_server_code(tmp_path):
 
 
 def test_site_package_runs_without_server_and_simulations():
-    """What the site image installs: site-check and the ClientApp, with no server/ code."""
+    """What the site image installs: site-check and the ClientApp, with no server/ code and
+    without the simulation extra (no Ray)."""
     code = (
         "import sys, importlib.abc\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
         "    def find_spec(self, name, path, target=None):\n"
-        "        if name.startswith(('fedsynth.server', 'fedsynth.simulations')):\n"
+        "        if name.split('.')[0] == 'ray' or name.startswith(\n"
+        "            ('fedsynth.server', 'fedsynth.simulations')\n"
+        "        ):\n"
         "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import fedsynth.client.client_app\n"
         "from fedsynth.common.cli import main\n"
+        "assert not any(m == 'ray' or m.startswith('ray.') for m in sys.modules)\n"
         "sys.exit(main(['site-check', '--help']))\n"
     )
     done = subprocess.run(
