@@ -167,6 +167,8 @@ def _argument_for(args: argparse.Namespace, filename: object) -> str:
 
 def _os_error_line(args: argparse.Namespace, exc: OSError) -> str:
     reason = (exc.strerror or type(exc).__name__).lower()
+    if isinstance(exc, FileExistsError):  # mkdir over a file
+        reason = "exists and is not a folder"
     where = f" ({exc.filename})" if exc.filename else ""
     named = _argument_for(args, exc.filename)
     return f"{named}: {reason}{where}" if named else f"{reason}{where}"

@@ -75,6 +75,16 @@ def test_an_output_path_that_is_a_file_names_the_option(capsys, tmp_path):
     assert line.startswith(f"fedsynth phantoms: error: --out {taken}: not a directory")
 
 
+def test_an_output_folder_that_is_a_file_is_named(capsys, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    code, _, err = run(capsys, "study", "federation", "--out", str(taken))
+    assert code == 1
+    assert one_error_line(err) == (
+        f"fedsynth study: error: --out {taken}: exists and is not a folder ({taken})"
+    )
+
+
 def test_an_output_path_whose_parent_cannot_be_made_names_the_option(capsys):
     out = "/proc/no-such-process/out"  # /proc refuses new folders, even to root
     code, _, err = run(capsys, "phantoms", "--out", out, "--subjects", "2", "--quiet")
