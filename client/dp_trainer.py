@@ -1,6 +1,6 @@
 """DP-SGD finetuning of the latent UNet on one site's cached latents, with Opacus.
 
-The privacy unit is the subject (README, "The privacy model"): Poisson sampling picks
+The privacy unit is the subject (docs/privacy.md, "The privacy model"): Poisson sampling picks
 subjects, and each sampled subject contributes one clipped gradient per step, however many
 volumes (ED, ES, repeats) it has. Its loss is the mean of its volumes' diffusion losses.
 Opacus computes per-row gradients (`p.grad_sample`, rows = volumes); before

@@ -14,7 +14,7 @@ The record cannot vouch for itself (anyone can write a cohort.sha256 for any fol
 the audit also requires the folder's privacy.json, written by `fedsynth release`, to name
 a study and this fingerprint. A folder faked whole could carry a matching privacy.json too:
 the site compares the fingerprint the audit prints with the one in the coordinator's
-published report before sharing (README.md, "Releasing a cohort").
+published report before sharing (docs/release.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Quality of a synthetic cohort against real volumes: fidelity, diversity, controllability,
-utility (README, "Releasing a cohort").
+utility (docs/release.md).
 
 Both folders are read as sites (`open_site`, the checkpoint's config: same shape, same
 intensity scaling); a synthetic cohort's manifest.csv has a site manifest's columns.

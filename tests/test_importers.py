@@ -660,12 +660,13 @@ def test_text_files_saved_with_a_byte_order_mark_are_read(tmp_path, text_file):
         np.testing.assert_array_equal(data, truths[0].image(int(row["phase"])))
 
 
-def test_readme_import_commands_parse():
-    """The commands of README's 'Data a site brings' name real layouts and options."""
+def test_documented_import_commands_parse():
+    """The commands of docs/site-data.md's `fedsynth import` section name real layouts and
+    options."""
     from fedsynth.common.cli import build_parser
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Data a site brings", 1)[1].split("\n## ", 1)[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "site-data.md").read_text()
+    section = page.split("\n## From a dataset or a scanner export:", 1)[1].split("\n## ", 1)[0]
     commands = [line.split()[1:] for line in section.splitlines() if line.startswith("fedsynth ")]
     assert sum(c[0] == "import" for c in commands) == 4 and commands[-1][0] == "site-check"
     parser = build_parser()

@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -89,15 +90,72 @@ def main_job_federation_config() -> str:
     return re.search(r'--federation-config "([^"]+)"', main_job).group(1)
 
 
+def test_quick_start_installs_name_extras_the_package_declares():
+    """The main job installs the simulation extra (Flower's simulation engine), the tests
+    the simulation and dev extras; both exist in pyproject.toml, and the simulation engine
+    is in the extra, not in what a hospital's site installs."""
+    main_job, tests = quick_start_blocks()
+    assert main_job.startswith("python3 -m venv .venv && .venv/bin/pip install ")
+    assert tests == (
+        "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e '.[simulation,dev]'"
+        " && .venv/bin/pytest"
+    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert {"simulation", "dev"} <= set(extras)
+    engine = ("flwr[simulation]", "ray")  # Flower's simulation engine, or Ray itself
+    assert any(d.replace(" ", "").startswith(engine) for d in extras["simulation"])
+    assert not any("[simulation]" in d for d in project["dependencies"])
+
+
 def test_main_job_is_the_default_flwr_study_with_runtime_installs_off():
     main_job = quick_start_blocks()[0]
     install, run = main_job.split(" && . .venv/bin/activate && ")
-    assert install == "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ."
+    assert install == (
+        "python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e '.[simulation]'"
+    )
     assert run.startswith("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 flwr run . ")
     assert "num-supernodes=3" in main_job_federation_config()  # the default study's 3 sites
     # what `fedsynth bench` runs as the quick start (its real-`flwr run` overhead keys)
     assert main_job_federation_config() == QUICK_START_FEDERATION
     assert " -c " not in run  # no preparation or overrides: the default config
+
+
+def readme_section(heading: str) -> str:
+    return (ROOT / "README.md").read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_command_table_lists_every_command():
+    """Each command of the CLI (and `fedsynth study NAME`) has its row in README's table."""
+    from fedsynth.simulations.studies import STUDIES
+
+    rows = [line for line in readme_section("Commands").splitlines() if line.startswith("| `")]
+    named = {re.match(r"\| `fedsynth ([^`]*)`", row).group(1).split()[0] for row in rows}
+    assert set(COMMANDS) <= named
+    study = next(row for row in rows if row.startswith("| `fedsynth study NAME`"))
+    assert all(name in study for name in STUDIES)
+    assert "| `fedsynth --version` |" in readme_section("Commands")
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def test_links_in_readme_and_docs_resolve():
+    """Every relative link of README.md, the pages it points a reader to and deploy's
+    runbook names a file or folder that exists (anchors aside)."""
+    pages = [ROOT / "README.md", ROOT / "SECURITY.md", ROOT / "CHANGELOG.md"]
+    pages += [*sorted((ROOT / "docs").glob("*.md")), ROOT / "deploy" / "README.md"]
+    broken = []
+    for page in pages:
+        if not page.is_file():
+            continue
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in LINK.findall(text):
+            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (page.parent / target.split("#", 1)[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert broken == []
 
 
 def test_generated_phantoms_pass_site_check_with_the_default_config(tmp_path):
