@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from fedsynth.common.cli import add_config_arguments
+from fedsynth.common.cli import add_config_arguments, add_json_arguments
 
 HELP = (
     "Memorisation audit of a synthetic cohort against this site's training and held-out "
@@ -69,10 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="publish M (at most the real count, as the node config's public-subjects) as "
         "--data-path's subject count; --holdout's is rounded down",
     )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the figures a site may share as JSON (rounded; withheld below the minimum "
+    add_json_arguments(
+        parser,
+        "print the figures a site may share as JSON (rounded; withheld below the minimum "
         "counts), as in --out/shared.json",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
