@@ -155,3 +155,29 @@ def test_release_names_the_audit_file_it_could_not_read(tmp_path):
     garbled.write_bytes(b"\xff\xfe{")
     with pytest.raises(FedsynthError, match=rf"^--audit {garbled}: not JSON$"):
         read_audits([str(garbled)])
+
+
+def test_every_command_that_takes_json_takes_format_json():
+    import argparse
+
+    from fedsynth.common.cli import build_parser
+
+    def leaves(parser: argparse.ArgumentParser, name: str):
+        children = [
+            (f"{name} {sub}", child)
+            for action in parser._actions
+            if isinstance(action, argparse._SubParsersAction)
+            for sub, child in action.choices.items()
+        ]
+        if not children:
+            yield name, parser
+        for child_name, child in children:
+            yield from leaves(child, child_name)
+
+    with_json = {
+        name: set(parser._option_string_actions)
+        for name, parser in leaves(build_parser(), "fedsynth")
+        if "--json" in parser._option_string_actions
+    }
+    assert len(with_json) >= 7  # site-check, privacy plan/verify, evaluate, audit, study, bench
+    assert [name for name, options in with_json.items() if "--format" not in options] == []
