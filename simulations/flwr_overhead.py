@@ -8,11 +8,13 @@ overhead is the part of its wall time in which no site ran DP-SGD: Flower's mess
 starting ClientApps, SecAgg+ stages, loading the checkpoint and latents, planning noise,
 ledgers, aggregation, checkpoints. Round 1 (each site encodes its volumes once) is left
 out: the overhead is of the steady rounds 2..R, each from the end of the round before to
-its own end, so nothing between rounds escapes it.
+its own end, so nothing between rounds escapes it; it is given for each of those rounds
+too (`fedsynth bench` reports their median and spread).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import tempfile
 from dataclasses import dataclass
@@ -24,18 +26,19 @@ from fedsynth.common.ledger import read_ledger
 from fedsynth.server.run_dir import TIMING
 from fedsynth.simulations.local_flwr import LocalFlower
 
-FLWR_ROUNDS = 3  # round 1 encodes; rounds 2 and 3 are measured
+FLWR_ROUNDS = 4  # round 1 encodes; rounds 2 to 4 are measured
 RUN_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
 class RunOverhead:
     """Rounds 2..R of one run: their wall seconds, the seconds in which at least one site
-    ran DP-SGD, and the rounds measured."""
+    ran DP-SGD, the rounds measured, and each of those rounds' overhead."""
 
     round_seconds: float
     training_seconds: float
     rounds: int
+    per_round: tuple[float, ...] = ()
 
     @property
     def overhead(self) -> float:
@@ -67,9 +70,16 @@ def run_overhead(run_dir: Path) -> RunOverhead:
     rounds = sorted(json.loads(path.read_text())["rounds"], key=lambda r: r["round"])
     if len(rounds) < 2:
         raise FedsynthError(f"{path}: {len(rounds)} round(s); the overhead needs at least 2")
+    intervals = dp_sgd_intervals(run_dir)
     start, end = rounds[0]["ended"], rounds[-1]["ended"]
-    trained = union_seconds(dp_sgd_intervals(run_dir), start, end)
-    return RunOverhead(end - start, trained, len(rounds) - 1)
+    trained = union_seconds(intervals, start, end)
+    per_round = tuple(
+        RunOverhead(
+            b["ended"] - a["ended"], union_seconds(intervals, a["ended"], b["ended"]), 1
+        ).overhead
+        for a, b in itertools.pairwise(rounds)
+    )
+    return RunOverhead(end - start, trained, len(rounds) - 1, per_round)
 
 
 def flwr_run_overhead(config: Config, secure: bool, subjects: int) -> RunOverhead:

@@ -1,10 +1,15 @@
-"""`fedsynth bench` prints measured ratios as JSON and refuses unknown keys in one line."""
+"""`fedsynth bench` prints measured ratios as JSON and refuses unknown keys in one line.
+
+Behaviour only: which code each key runs, in which order and what it reports; bounds on
+measured values are loose enough for a busy machine (the spread is the bench's to show).
+"""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -13,17 +18,33 @@ CLI = [sys.executable, "-m", "fedsynth.common.cli", "bench"]
 
 
 SITE = 6  # subjects per measured site: small, so the tests stay fast
+REPEATS = 2  # pairs (or measured rounds) per figure: few, so the tests stay fast
 
 
-def bench_tiny(key: str) -> float:
-    """One key measured by the CLI on the tiny preset."""
+def bench_json(*keys: str) -> dict:
+    """The CLI's JSON for these keys on the tiny preset."""
+    only = [arg for key in keys for arg in ("--only", key)]
+    sized = ["--repeats", str(REPEATS)]
     proc = subprocess.run(
-        [*CLI, "--config", "tiny", "--only", key, "--site-subjects", str(SITE), "--json"],
+        [*CLI, "--config", "tiny", *only, "--site-subjects", str(SITE), *sized, "--json"],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)[key]
+    return json.loads(proc.stdout)
+
+
+def bench_tiny(key: str) -> float:
+    """One key measured by the CLI on the tiny preset: its value (the median)."""
+    return bench_json(key)[key]
+
+
+@pytest.fixture
+def short_blocks(monkeypatch):
+    """blocked_autorange's blocks of 0.05 s: the sides' timing stays real, the test short."""
+    from fedsynth.simulations import bench_timing
+
+    monkeypatch.setattr(bench_timing, "BLOCK_S", 0.05)
 
 
 def test_ddim_speedup_is_measured_and_plausible():
@@ -31,6 +52,29 @@ def test_ddim_speedup_is_measured_and_plausible():
     # tiny: 100 DDPM steps against 5 DDIM steps, the same network: about 20x less work; only
     # a loose bound, since a busy machine skews the short DDIM run
     assert ratio > 2
+
+
+def test_the_json_carries_each_figure_with_its_spread_repeats_and_hardware():
+    """The old field holds the median; `figures` the median, quartiles, min, max, the
+    pairs' ratios, their number and how they were measured; `hardware` what ran them."""
+    out = bench_json("dp_step_over_nonprivate", "site_peak_memory_mb")
+    step = out["figures"]["dp_step_over_nonprivate"]
+    assert out["dp_step_over_nonprivate"] == step["median"]
+    assert step["repeats"] == REPEATS == len(step["samples"])
+    assert step["min"] <= step["q1"] <= step["median"] <= step["q3"] <= step["max"]
+    assert "interleaved" in step["method"] and "warm-up" in step["method"]
+    memory = out["figures"]["site_peak_memory_mb"]
+    assert memory["repeats"] == 1 and "q1" not in memory  # measured once: no spread
+    assert "VmHWM" in memory["method"] or "max_memory_allocated" in memory["method"]
+    hardware = out["hardware"]
+    assert {"platform", "cpu", "cores", "torch", "torch_threads", "device"} <= set(hardware)
+    assert out["settings"] == {
+        "config": "tiny",
+        "overrides": [],
+        "site_subjects": SITE,
+        "repeats": REPEATS,
+    }
+    assert out["date"].count("-") == 2 and out["wall_seconds"] >= 0
 
 
 def test_sampling_throughput_counts_volumes_not_batches(monkeypatch):
@@ -49,6 +93,8 @@ def test_sampling_throughput_counts_volumes_not_batches(monkeypatch):
     assert bench.sampling_volumes_per_second(bench.Bench(config, SITE)) == 3 / 0.5
     # every timed batch decoded sampling.batch-size volumes of the configured shape
     assert len(calls) == bench.THROUGHPUT_BATCHES
+    figure = bench.MEASURES["sampling_volumes_per_second"](bench.Bench(config, SITE))
+    assert figure.samples == (3 / 0.5,) * bench.THROUGHPUT_BATCHES
     assert all(tuple(v.shape) == (3, 1, *config.data.shape) for v in calls)
 
 
@@ -72,6 +118,21 @@ def test_round_overhead_secagg_is_measured_with_secagg_on():
     assert measured.stages == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
     assert 0 < measured.training_seconds < measured.round_seconds
     assert 0 <= measured.overhead < 1
+
+
+def test_an_overhead_figure_has_one_sample_per_steady_round():
+    """The overhead keys read rounds 2..R-1 of one study (round and training time of the
+    same round, so no interleaving): `repeats` rounds measured, round 2's first."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations import bench
+
+    site = bench.Bench(load_config("tiny"), SITE, repeats=3)
+    figure = bench.round_overhead_plain(site)
+    study = bench.measured_round(site, secure=False, measured=3)
+    assert len(study.steady) == figure.repeats == 3
+    assert figure.samples == study.overheads and figure.samples[0] == study.overhead
+    assert all(0 < training < seconds for seconds, training in study.steady)
+    assert "rounds 2-4 of one in-process study of 5 rounds" in figure.method
 
 
 def test_round_bytes_count_the_trainable_subset_against_the_whole_unet():
@@ -111,26 +172,54 @@ def test_a_bench_study_runs_the_first_k_of_its_sites():
     assert measured_round(bench, secure=True, sites=3) is three  # the same study
 
 
-@pytest.mark.slow
-def test_site_scaling_ratios_come_from_studies_of_2_4_and_8_sites():
-    """The scaling keys divide per-site round times of SecAgg+ studies that really trained
-    2, 4 and 8 sites, drawn from one 8-site workspace (SITE < SCALING_SUBJECTS)."""
+def test_site_scaling_interleaves_fresh_studies_of_k_and_of_2_sites(monkeypatch):
+    """Each scaling key runs SCALING_PAIRS pairs of fresh SecAgg+ studies, k sites and 2
+    in ABBA order, from one 8-site pool of min(site, SCALING_SUBJECTS) subjects; each
+    pair's ratio is the per-site round seconds of its k-site study over its 2-site one;
+    the 8-site overhead has one sample per 8-site study (fixed round times here)."""
     from fedsynth.common.config import load_config
     from fedsynth.simulations import bench
 
-    config = load_config("tiny")
-    site = bench.Bench(config, SITE)
-    four_over_two = bench.round_per_site_secagg_4_over_2(site)
-    eight_over_two = bench.round_per_site_secagg_8_over_2(site)
+    studies = []
+
+    def study(pool, secure, whole_unet=False, sites=None, measured=1):
+        studies.append((pool.sites, pool.site_subjects, secure, sites, measured))
+        seconds = sites * (1.0 + 0.1 * len(studies))  # a load that keeps growing
+        return bench.RoundOverhead(secure, seconds, seconds / 2, sites, frozenset(), frozenset(), 0)
+
+    monkeypatch.setattr(bench, "round_overhead", study)
+    monkeypatch.setattr(bench, "_SCALING", {})  # nothing measured earlier in this process
+    site = bench.Bench(load_config("tiny"), 300)
+    four = bench.round_per_site_secagg_4_over_2(site)
+    assert [s[3] for s in studies] == [4, 2, 2, 4, 4, 2]  # A B, B A, A B
+    assert {s[:3] + s[4:] for s in studies} == {(8, bench.SCALING_SUBJECTS, True, 1)}
+    growth = [1.0 + 0.1 * n for n in range(1, 7)]
+    assert four.samples == pytest.approx(
+        [growth[0] / growth[1], growth[3] / growth[2], growth[4] / growth[5]]
+    )
+    assert four.repeats == bench.SCALING_PAIRS and "few pairs" in four.method
+    studies.clear()
     overhead = bench.round_overhead_secagg_8_sites(site)
-    pool = bench.Bench(config, SITE, bench.SCALING_SITES[-1])
-    two, four, eight = (bench.measured_round(pool, secure=True, sites=k) for k in (2, 4, 8))
-    for k, measured in ((2, two), (4, four), (8, eight)):
+    assert [s[3] for s in studies] == [8, 2, 2, 8, 8, 2]
+    assert overhead.samples == (0.5,) * bench.SCALING_PAIRS
+    assert bench.round_per_site_secagg_8_over_2(site).repeats == bench.SCALING_PAIRS
+    assert len(studies) == 6  # the 8-site key reused the studies of the overhead's
+
+
+@pytest.mark.slow
+def test_site_scaling_studies_train_2_4_and_8_sites():
+    """The scaling studies really train 2, 4 and 8 sites of one 8-site workspace."""
+    from fedsynth.common.config import load_config
+    from fedsynth.simulations import bench
+
+    pool = bench.scaling_pool(bench.Bench(load_config("tiny"), SITE))
+    assert (pool.sites, pool.site_subjects) == (bench.SCALING_SITES[-1], SITE)
+    for k in bench.SCALING_SITES:
+        measured = bench.round_overhead(pool, True, sites=k)
         assert (measured.nodes, measured.trained_sites) == (set(range(1, k + 1)), k)
-    per_site_two = two.round_seconds / 2
-    assert four_over_two == pytest.approx((four.round_seconds / 4) / per_site_two)
-    assert eight_over_two == pytest.approx((eight.round_seconds / 8) / per_site_two)
-    assert overhead == eight.overhead and 0 <= overhead < 1
+        assert 0 <= measured.overhead < 1
+    four = bench.round_per_site_secagg_4_over_2(replace(pool, repeats=1))
+    assert four.repeats == 1 and four.median > 0
 
 
 def test_a_study_of_more_sites_than_the_bench_has_is_refused():
@@ -163,28 +252,38 @@ def test_wider_and_larger_variants_change_only_width_or_volume():
 
 
 def test_variant_ratios_divide_the_variant_by_the_default(monkeypatch):
-    """Each scaling ratio is the variant's measured figure over the config's own (fixed
-    figures here that depend on the width and the volume)."""
+    """Each scaling ratio is the variant's figure over the config's own: a DP step's
+    seconds in interleaved pairs (a fixed clock here: each step's "seconds" depend on its
+    width and volume), a peak measured once (fixed figures here)."""
     from fedsynth.common.config import load_config
-    from fedsynth.simulations import bench
+    from fedsynth.simulations import bench, bench_timing
+    from fedsynth.simulations.bench_steps import Step
 
-    def figure(measured):
-        config = measured.config
-        return config.unet.channels[0] * config.data.shape[0] + 0.5 * measured.site_subjects
+    def figure(config, subjects):
+        return config.unet.channels[0] * config.data.shape[0] + 0.5 * subjects
 
-    monkeypatch.setattr(bench, "measured_steps", lambda b: {"dp_step_seconds": figure(b)})
-    monkeypatch.setattr(bench, "site_peak_memory_mb", figure)
+    @contextmanager
+    def step(config, subjects, device):
+        yield Step(lambda: figure(config, subjects), {})
+
+    monkeypatch.setattr(bench, "dp_step", step)
+    monkeypatch.setattr(bench_timing, "seconds", lambda work: work())  # its "seconds"
+    monkeypatch.setattr(bench_timing, "blocked_seconds", lambda work: work())
+    monkeypatch.setattr(bench, "site_peak_memory_mb", lambda b: figure(b.config, b.site_subjects))
     config = load_config("tiny")
-    site = bench.Bench(config, SITE)
-    one = figure(site)
+    site = bench.Bench(config, SITE, repeats=3)
+    subjects = bench._batch_subjects(site)
+    one = figure(config, subjects)
     for name, variant in {
         "width_2x_over_1x": lambda c: bench.wider(c, 2),
         "width_4x_over_1x": lambda c: bench.wider(c, 4),
         "64x64x16_over_default": bench.larger_volume,
     }.items():
-        expected = figure(bench.Bench(variant(config), SITE)) / one
-        assert bench.MEASURES[f"dp_step_{name}"](site) == pytest.approx(expected)
-        assert bench.MEASURES[f"site_peak_memory_{name}"](site) == pytest.approx(expected)
+        timed = bench.MEASURES[f"dp_step_{name}"](site)
+        assert timed.samples == pytest.approx([figure(variant(config), subjects) / one] * 3)
+        peak = bench.MEASURES[f"site_peak_memory_{name}"](site)
+        assert peak.samples == pytest.approx([figure(variant(config), SITE) / figure(config, SITE)])
+        assert peak.repeats == 1 and "measured once" in peak.method
 
 
 @pytest.mark.parametrize(
@@ -194,7 +293,7 @@ def test_variant_ratios_divide_the_variant_by_the_default(monkeypatch):
         ("dp_step_over_nonprivate_whole_unet", "all", "functorch"),
     ],
 )
-def test_subset_step_ratios_train_their_subset(key, subset, mode):
+def test_subset_step_ratios_train_their_subset(key, subset, mode, short_blocks):
     """Each subset key times DP-SGD on that subset's weights, in its mode, against plain
     steps on the same weights; the norms default trains far fewer."""
     from fedsynth.client.dp_trainer import trainable_parameters
@@ -202,11 +301,11 @@ def test_subset_step_ratios_train_their_subset(key, subset, mode):
     from fedsynth.common.models import ConditionedUNet
     from fedsynth.simulations import bench
 
-    site = bench.Bench(load_config("tiny", {"privacy.trainable": "norms"}), SITE)
+    site = bench.Bench(load_config("tiny", {"privacy.trainable": "norms"}), SITE, repeats=REPEATS)
     ratio = bench.MEASURES[key](site)
     variant = bench.trained_subset(site.config, subset)
     steps = bench.measured_steps(replace(site, config=variant))
-    assert ratio == steps["dp_over_nonprivate"] > 1.0
+    assert ratio is steps["figure"] and ratio.repeats == REPEATS and ratio.median > 1.0
     assert (steps["trainable"], steps["grad_sample_mode"]) == (subset, mode)
     weights = sum(p.numel() for p in trainable_parameters(ConditionedUNet(variant), subset))
     assert steps["trainable_parameters"] == weights
@@ -215,21 +314,39 @@ def test_subset_step_ratios_train_their_subset(key, subset, mode):
     )
 
 
-def test_dp_step_width_ratio_is_measured_once_per_config():
-    """The 2x ratio is the two step timings kept for this run; the wider UNet's DP-SGD
-    steps really train more weights at the same batch."""
+def test_dp_step_width_ratio_interleaves_the_wider_step_with_the_config_s_own(
+    monkeypatch, short_blocks
+):
+    """The 2x ratio times real DP-SGD steps of the wider UNet and of the config's own,
+    set up side by side: a warm-up of each, then pairs in ABBA order; the wider one
+    really trains more weights at the same batch."""
     from fedsynth.common.config import load_config
     from fedsynth.simulations import bench
+    from fedsynth.simulations.bench_steps import Step
 
+    ran: list[tuple] = []
+    real = bench.dp_step
+
+    @contextmanager
+    def recording(config, subjects, device):
+        with real(config, subjects, device) as step:
+            mark = (config.unet.channels, step.info["trainable_parameters"], step.info["subjects"])
+
+            def run():
+                if not ran or ran[-1] != mark:  # a side's block of calls counts once
+                    ran.append(mark)
+                return step.run()
+
+            yield Step(run, step.info)
+
+    monkeypatch.setattr(bench, "dp_step", recording)
     config = load_config("tiny")
-    site = bench.Bench(config, SITE)
-    ratio = bench.dp_step_width_2x_over_1x(site)
-    one = bench.measured_steps(site)
-    two = bench.measured_steps(bench.Bench(bench.wider(config, 2), SITE))
-    assert ratio == two["dp_step_seconds"] / one["dp_step_seconds"]
-    assert bench.measured_steps(site) is one  # not measured again
-    assert two["trainable_parameters"] > one["trainable_parameters"]
-    assert two["subjects"] == one["subjects"]
+    figure = bench.dp_step_width_2x_over_1x(bench.Bench(config, SITE, repeats=REPEATS))
+    wide, one = sorted(set(ran), key=lambda m: m[1], reverse=True)
+    assert ran == [wide, one, wide, one, wide]  # warm-up A B, then A B, B A
+    assert wide[0] == tuple(2 * c for c in one[0]) and wide[1] > one[1]
+    assert wide[2] == one[2]  # the same batch of subjects
+    assert figure.repeats == REPEATS and len(figure.numerators) == REPEATS
 
 
 def test_loopback_grid_leaves_out_a_dropped_sites_reply():
