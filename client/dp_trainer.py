@@ -27,7 +27,6 @@ as incompatible with current PyTorch). Seeded runs take the same path, reproduci
 
 from __future__ import annotations
 
-import copy
 import math
 import secrets
 import time
@@ -576,60 +575,3 @@ def nonprivate_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(indices)
-
-
-def step_timings(
-    config: Config,
-    unet: ConditionedUNet,
-    latents: torch.Tensor,
-    attributes: torch.Tensor,
-    subjects: torch.Tensor,
-    repeats: int = 3,
-    noise_multiplier: float = 1.0,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-) -> dict:
-    """Seconds per step, DP-SGD vs plain, every given subject in the batch each time.
-
-    Both run on copies of `unet` with the config's trainable subset and physical batch
-    size, after one warm-up step; the DP one is `train_round`'s own loop.
-    """
-    device = torch.device(device)
-    data = group_by_subject(latents, attributes, subjects)
-    dp_unet = copy.deepcopy(unet)
-    with _training_on(dp_unet, device):
-        private = make_private(
-            dp_unet, config, noise_multiplier, data.n_subjects, _generator(seed, 2, device)
-        )
-        try:
-            _run_steps(private, data, config, 1.0, 1, seed, device)
-            started = time.perf_counter()
-            _run_steps(private, data, config, 1.0, repeats, seed, device)
-            dp_seconds = (time.perf_counter() - started) / repeats
-            n_params = sum(p.numel() for p in private.optimizer.params)
-        finally:
-            release(private)
-    plain = copy.deepcopy(unet)
-    with _training_on(plain, device):
-        params = trainable_parameters(plain, config.privacy.trainable)
-        optimizer = _base_optimizer(
-            params, config.training.finetune_optimizer, config.training.finetune_learning_rate
-        )
-        generator = _generator(seed, 1, device)
-        everyone = torch.arange(data.n_subjects)
-        nonprivate_step(plain, optimizer, data, everyone, config, generator, device)
-        started = time.perf_counter()
-        for _ in range(repeats):
-            nonprivate_step(plain, optimizer, data, everyone, config, generator, device)
-        plain_seconds = (time.perf_counter() - started) / repeats
-    return {
-        "dp_step_seconds": dp_seconds,
-        "nonprivate_step_seconds": plain_seconds,
-        "dp_over_nonprivate": dp_seconds / plain_seconds,
-        "subjects": data.n_subjects,
-        "volumes": int(data.mask.sum()),
-        "trainable": config.privacy.trainable,
-        "trainable_parameters": n_params,
-        "grad_sample_mode": config.privacy.grad_sample_mode,
-        "max_physical_batch_size": config.privacy.max_physical_batch_size,
-    }

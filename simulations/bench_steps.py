@@ -5,8 +5,7 @@ Both are the trainer's own code (client/dp_trainer.py): the DP step is `train_ro
 loop (`_run_steps`, every given subject in the batch), the plain step `nonprivate_step`,
 with the config's trainable subset, per-sample-gradient mode and physical batch size, on
 a fresh UNet of the config each (timing does not depend on the weights) and random
-latents standing in for a site's cache. `client.dp_trainer.step_timings` measures the
-same two steps one after the other; the bench no longer uses it for that reason.
+latents standing in for a site's cache.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from fedsynth.client.dp_trainer import (
     group_by_subject,
     make_private,
     rows_of,
-    step_timings,
     subject_backward,
     train_round,
 )
@@ -675,17 +674,6 @@ def test_exported_weights_are_a_plain_unet_and_rounds_are_deterministic(tiny_con
     assert any(not torch.equal(states[0][k], states[2][k]) for k in states[0])
     # a site's real rounds (seed None) draw a fresh secret seed: the noise cannot be replayed
     assert any(not torch.equal(states[3][k], states[4][k]) for k in states[3])
-
-
-def test_step_timings_compare_dp_with_a_plain_step(tiny_config):
-    config = with_privacy(tiny_config, trainable="attention")
-    latents, attributes = site_data(config)
-    unet = awake_unet(config)
-    before = flat_params(unet)
-    timings = step_timings(config, unet, latents, attributes, SUBJECTS, repeats=1)
-    assert torch.equal(flat_params(unet), before)  # measured on copies
-    assert timings["dp_step_seconds"] > 0 and timings["nonprivate_step_seconds"] > 0
-    assert timings["subjects"] == 4 and timings["volumes"] == 6
 
 
 def test_the_sites_optimizer_is_the_configs_unless_the_caller_names_one(tiny_config):
