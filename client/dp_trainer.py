@@ -27,14 +27,15 @@ as incompatible with current PyTorch). Seeded runs take the same path, reproduci
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -53,6 +54,8 @@ from fedsynth.common.config import Config
 from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.models import ConditionedUNet, trainable_names
+
+log = logging.getLogger(__name__)
 
 OptimizerName = Literal["adamw", "sgd"]
 # what DPOptimizer leaves on parameters besides the grad-sample attributes Opacus cleans
@@ -118,6 +121,8 @@ class RoundResult:
     grad_sample_mode: str
     trainable_parameters: int
     seconds: float
+    # the site optimiser's state_dict after the round (moments of noisy gradients only)
+    optimizer_state: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def group_by_subject(
@@ -440,12 +445,16 @@ def train_round(
     learning_rate: float | None = None,
     public_subjects: int | None = None,
     given: GivenGradients | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> RoundResult:
     """Run `steps` DP-SGD steps on one site's data; `unet` is updated in place.
 
     latents (N, C, H, W, D), attributes (N, A) in [0, 1], subjects (N,) integer ids.
-    The optimizer (None: `training.finetune-optimizer`) starts fresh each round (FedAvg
-    sends weights, not optimizer state).
+    The optimizer (None: `training.finetune-optimizer`) starts fresh, or from
+    `optimizer_state`: the `optimizer_state` of this site's previous RoundResult (FedAvg
+    sends weights, not optimizer state, so only the site can keep it; a state kept for
+    other weights or another optimiser is logged and not used). The moments are computed from
+    the noisy gradients only: keeping them is post-processing of DP-SGD's output.
 
     `public_subjects`: the size m <= n the site publishes (client/public_size.py; None: n).
     The noisy sum of clipped gradients is divided by q m, not q n: a normaliser that
@@ -478,6 +487,11 @@ def train_round(
             optimizer=optimizer,
             learning_rate=learning_rate,
         )
+        if optimizer_state and not _load_optimizer_state(private, optimizer_state):
+            log.warning(
+                "the kept optimiser state is for other trainable weights or another "
+                "optimiser: this round starts it fresh"
+            )
         try:
             losses, sizes, used_rate = _run_steps(
                 private, data, config, sample_rate, steps, seed, device, given
@@ -495,7 +509,58 @@ def train_round(
         grad_sample_mode=private.mode,
         trainable_parameters=sum(p.numel() for p in private.optimizer.params),
         seconds=time.perf_counter() - started,
+        optimizer_state=_optimizer_state(private),
     )
+
+
+def _optimizer_state(private: PrivateUNet) -> dict[str, Any]:
+    """The base optimiser's state_dict (AdamW's step, exp_avg, exp_avg_sq per weight),
+    detached on the CPU and cloned: the next round's `optimizer_state`."""
+    base = private.optimizer.original_optimizer
+    state = base.state_dict()
+    return {
+        "optimizer": type(base).__name__,
+        "state": {
+            index: {
+                k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
+                for k, v in slots.items()
+            }
+            for index, slots in state["state"].items()
+        },
+        "param_groups": state["param_groups"],
+    }
+
+
+def _load_optimizer_state(private: PrivateUNet, saved: dict[str, Any]) -> bool:
+    """Continue the base optimiser from `saved` (see _optimizer_state), keeping this round's
+    learning rate; False (nothing loaded) if it was kept for other weights (another
+    trainable subset or model) or another optimiser."""
+    base = private.optimizer.original_optimizer
+    params = private.optimizer.params
+    try:
+        groups, state = saved["param_groups"], saved["state"]
+        fits = saved["optimizer"] == type(base).__name__
+        fits = fits and [len(g["params"]) for g in groups] == [
+            len(g["params"]) for g in base.param_groups
+        ]
+        fits = fits and all(
+            int(index) < len(params)
+            and all(
+                v.shape == params[int(index)].shape
+                for k, v in slots.items()
+                if isinstance(v, torch.Tensor) and k != "step"
+            )
+            for index, slots in state.items()
+        )
+    except (KeyError, TypeError, AttributeError):
+        fits = False
+    if not fits:
+        return False
+    rates = [group["lr"] for group in base.param_groups]
+    base.load_state_dict({"state": state, "param_groups": groups})
+    for group, rate in zip(base.param_groups, rates, strict=True):
+        group["lr"] = rate
+    return True
 
 
 def _run_steps(

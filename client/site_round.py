@@ -4,7 +4,9 @@
 2. Load (or encode once and cache) the site's latents with the frozen public autoencoder.
 3. Plan this round's noise from the site's public subject count (client/public_size.py:
    the rate and the weight reveal only that size, never the real count) and its ledger.
-4. Train with DP-SGD from the global weights.
+4. Train with DP-SGD from the global weights (and, with `training.finetune-optimizer-state:
+   keep`, the optimiser moments this site kept from its previous round of the study:
+   client/optimizer_state.py).
 5. Append the round to the site's ledger, fsync'd, and only then hand the update back.
    The line also holds the DP-SGD's wall-clock start and end (`dp_sgd`, Unix seconds):
    the site's own record of where a round's time went (never sent: READY and the reply
@@ -31,6 +33,7 @@ from fedsynth.client.budget import RoundPlan, SiteBudget
 from fedsynth.client.dp_trainer import RoundResult, train_round
 from fedsynth.client.latents import site_latents
 from fedsynth.client.node_config import SiteSettings
+from fedsynth.client.optimizer_state import keep, load_kept
 from fedsynth.client.public_size import DeclaredSizeRefused, subject_count
 from fedsynth.client.site_terms import refuse
 from fedsynth.common.checkpoint import Pretrained, load_pretrained, public_sha256
@@ -164,6 +167,8 @@ def run_site_round(
         )
     if check_subjects is not None:  # the site's own terms that depend on its size
         check_subjects(site.n_subjects)
+    keeps = config.training.finetune_optimizer_state == "keep"
+    kept = load_kept(settings.state_dir, study_id) if keeps else None
     # plan to append under one lock: another ClientApp sharing this state dir (a
     # second study) must not plan against the same spend before this round is on it
     with ledger_lock(budget.ledger_path):
@@ -183,6 +188,7 @@ def run_site_round(
             seed=seed,
             device=device,
             public_subjects=count.public,
+            optimizer_state=kept,
         )
         budget.record(
             round_number,
@@ -191,6 +197,8 @@ def run_site_round(
             accountant=config.privacy.accountant,
             dp_sgd=[started, time.time()],
         )
+    if keeps:  # after the spend is on the ledger: a crash here only loses the moments
+        keep(settings.state_dir, study_id, result.optimizer_state)
     update = SiteUpdate({k: v.detach().cpu() for k, v in unet.state_dict().items()}, plan, result)
     for observer in list(_OBSERVERS):
         observer(update)

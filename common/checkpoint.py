@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -41,7 +42,7 @@ def load_torch(path: Path) -> Any:
     """torch.load of a file this project wrote (tensors, numbers, strings, lists, dicts)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise FedsynthError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
 
 

@@ -201,6 +201,7 @@ class TrainingConfig:
     pretrain_ema_decay: float = _checked(between(0, 1, high_open=True))
     finetune_learning_rate: float = _checked(positive)
     finetune_optimizer: Literal["adamw", "sgd"] = _checked()
+    finetune_optimizer_state: Literal["keep", "fresh"] = _checked()
     segmenter_steps: int = _checked(non_negative)
     feature_steps: int = _checked(non_negative)
 
@@ -580,6 +581,7 @@ ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("federation", "server-learning-rate"): 1.0,
     ("training", "pretrain-ema-decay"): 0.0,
     ("training", "finetune-optimizer"): "adamw",
+    ("training", "finetune-optimizer-state"): "fresh",
     ("federation", "server-optimizer"): "sgd",
 }
 

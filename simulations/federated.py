@@ -3,13 +3,15 @@
 A study compares many finetunes (DP against none, one site against all, epsilon 1 against
 10), which through `flwr run` would each cost a SuperLink, a ClientApp per stage and a
 ledger. Here each round trains every site with the trainer a real site runs
-(`client.dp_trainer.train_round`, from the global weights, its own Poisson sampling and
-secure-mode noise) and adds the subject-weighted mean of their deltas (server/aggregation.py,
-as a `flwr run` round does) through the server optimiser (`federation.server-optimizer`).
-A site's noise multiplier is planned once for the whole study, as a site that trains every
-round plans it (`client.budget`): the target epsilon over rounds x local steps at its
-sample rate; `private=False` trains the same steps with noise
-0 (still clipped), the non-private reference of the same computation.
+(`client.dp_trainer.train_round`, from the global weights and, as
+`training.finetune-optimizer-state` says, the optimiser moments the site kept from its
+previous round; its own Poisson sampling and secure-mode noise) and adds the
+subject-weighted mean of their deltas (server/aggregation.py, as a `flwr run` round does)
+through the server optimiser (`federation.server-optimizer`). A site's noise multiplier is
+planned once for the whole study, as a site that trains every round plans it
+(`client.budget`): the target epsilon over rounds x local steps at its sample rate;
+`private=False` trains the same steps with noise 0 (still clipped), the non-private
+reference of the same computation.
 
 What differs from `flwr run`: no SecAgg+ (its quantisation changes a delta by at most
 clipping range / 2^bits per value), no ledger files and no refusals; a study that needs
@@ -114,13 +116,15 @@ def federate(
     noise = {name: noise_multiplier(config, counts[name], private) for name in sites}
     run = FederatedRun(weights, noise=noise)
     server = ServerOptimizer(config.federation, weights)
+    keeps = config.training.finetune_optimizer_state == "keep"
+    kept: dict[str, dict] = {}  # site -> its optimiser state, as client/optimizer_state.py
     if evaluate is not None:
         run.history.append(evaluate(weights))
     for round_number in range(1, config.federation.rounds + 1):
         started, deltas = time.perf_counter(), []
         for k, (name, site) in enumerate(sites.items()):
             unet.load_state_dict(weights)
-            train_round(
+            result = train_round(
                 unet,
                 site.latents,
                 site.attributes,
@@ -131,7 +135,10 @@ def federate(
                 config.privacy.local_steps,
                 seed=seed * 1_000_003 + round_number * 1009 + k,
                 given=given.get(name),
+                optimizer_state=kept.get(name),
             )
+            if keeps:
+                kept[name] = result.optimizer_state
             trained = unet.state_dict()
             deltas.append({key: trained[key] - weights[key] for key in weights})
         subjects = list(counts.values())

@@ -68,15 +68,17 @@ def test_roundtrip_and_hash():
 
 def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_path):
     """A checkpoint's or run's config.yaml written before federation.server-learning-rate,
-    training.pretrain-ema-decay and training.finetune-optimizer existed: it loads (as
-    FedAvg, rate 1, without a moving average, AdamW at the sites), keeps its hash, and a
-    full file without the keys loads too; at any other value the hash differs."""
-    config = load_config("tiny")
+    training.pretrain-ema-decay, training.finetune-optimizer and its -state existed: it
+    loads (as FedAvg, rate 1, without a moving average, AdamW at the sites started fresh
+    each round), keeps its hash, and a full file without the keys loads too; at any other
+    value the hash differs."""
+    config = load_config("tiny", {"training.finetune-optimizer-state": "fresh"})
     old = to_dict(config)
     assert set(ADDED_KEYS) == {
         ("federation", "server-learning-rate"),
         ("training", "pretrain-ema-decay"),
         ("training", "finetune-optimizer"),
+        ("training", "finetune-optimizer-state"),
         ("federation", "server-optimizer"),
     }
     for section, key in ADDED_KEYS:
@@ -101,6 +103,10 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     plain_sgd = load_config("tiny", {"training.finetune-optimizer": "sgd"})
     assert config_hash(plain_sgd) != config_hash(config)
     assert pretraining_hash(plain_sgd) == pretraining_hash(config)  # finetuning only
+    kept = load_config("tiny")  # the presets keep the moments
+    assert kept.training.finetune_optimizer_state == "keep"
+    assert config_hash(kept) != config_hash(config)
+    assert pretraining_hash(kept) == pretraining_hash(config)
 
 
 def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):

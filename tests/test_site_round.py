@@ -67,9 +67,14 @@ def test_a_round_trains_and_is_on_the_ledger_before_it_returns(
     assert update.result.steps == config.privacy.local_steps
     # the state dir is owner-only, and so is all it holds (latents decode to volumes)
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
-    held = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "state").iterdir()}
+    held = {
+        p.relative_to(tmp_path / "state").as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "state").rglob("*")
+    }
     assert LEDGER in held and any(name.startswith("latents-") for name in held)
-    assert set(held.values()) == {0o600}
+    assert any(name.startswith("optimizer/") for name in held)  # its kept AdamW moments
+    assert {held[name] for name in held if (tmp_path / "state" / name).is_file()} == {0o600}
+    assert {held[name] for name in held if (tmp_path / "state" / name).is_dir()} <= {0o700}
     assert any(not torch.equal(update.weights[k], weights[k]) for k in weights)
     [entry] = read_ledger(tmp_path / "state" / LEDGER)
     assert entry["round"] == 1 and entry["status"] == "trained" and entry["subjects"] == 2
