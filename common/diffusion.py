@@ -52,14 +52,16 @@ def per_sample_loss(
     attributes: torch.Tensor,
     condition_dropout: float,
     generator: torch.Generator | None = None,
+    band: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """DDPM loss of each sample (shape (B,)), with attributes dropped at the given rate."""
+    """DDPM loss of each sample (shape (B,)), with attributes dropped at the given rate;
+    timesteps uniform over [0, T), or over `band` = [low, high) (simulations/gradient_signal.py
+    compares bands)."""
     batch = latents.shape[0]
     device = latents.device
+    low, high = (0, scheduler.num_train_timesteps) if band is None else band
     noise = torch.randn(latents.shape, generator=generator, device=device)
-    timesteps = torch.randint(
-        0, scheduler.num_train_timesteps, (batch,), generator=generator, device=device
-    )
+    timesteps = torch.randint(low, high, (batch,), generator=generator, device=device)
     keep = (torch.rand(batch, generator=generator, device=device) >= condition_dropout).float()
     noisy = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=timesteps)
     prediction = unet(noisy, timesteps, attributes, keep)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss, summary
 from fedsynth.simulations.downstream import downstream
 from fedsynth.simulations.dp_audit import dp_audit
+from fedsynth.simulations.gradient_signal import signal
 from fedsynth.simulations.study_montage import write_site_montages
 
 PRIVACY_LEVELS = (1.0, 5.0, 10.0, None)  # epsilon per site; None: the same steps, no noise
@@ -119,6 +120,9 @@ def _levers(config, subjects: int) -> dict[str, dict]:
         levers["one full-batch step a round"] = {"overrides": full_batch}
     if config.privacy.trainable != "norms":
         levers["norms only"] = {"trainable": "norms"}
+    if config.training.finetune_optimizer_state == "keep" and rounds > 1:
+        fresh = (("training.finetune-optimizer-state", "fresh"),)
+        levers["the sites' optimiser fresh each round"] = {"overrides": fresh}
     return levers | {
         "clip 1": {"overrides": (("privacy.max-grad-norm", 1.0),)},
         f"clip {clip * 0.3:.2g}": {"overrides": (("privacy.max-grad-norm", clip * 0.3),)},
@@ -131,7 +135,8 @@ def _levers(config, subjects: int) -> dict[str, dict]:
 def levers(setup: StudySetup) -> dict:
     """What moves the DP study toward the non-private ceiling: the config's study and one
     lever changed at a time (one full-batch step a round instead of the config's small
-    Poisson batches, the normalisation weights alone, the clip, twice the rounds, three
+    Poisson batches, the normalisation weights alone, the sites' optimiser started fresh
+    each round instead of continuing its kept moments, the clip, twice the rounds, three
     times the sites' rate, noise multiplicity), each at the config's epsilon, with its
     share of the ceiling's gain in the sites' mean loss and its DP-SGD seconds; and the
     public checkpoint trained on its own public subjects as the ceiling trains (no site
@@ -362,4 +367,5 @@ STUDIES: dict[str, Callable[[StudySetup], dict]] = {
     "downstream": downstream,
     "levers": levers,
     "dp-audit": dp_audit,
+    "signal": signal,
 }

@@ -20,6 +20,7 @@ NAMES = (
     "downstream",
     "levers",
     "dp-audit",
+    "signal",
 )
 
 

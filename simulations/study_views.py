@@ -566,6 +566,60 @@ def plot_dp_audit(result: dict, png: Path) -> None:
     fig.savefig(png)
 
 
+def signal_table(result: dict) -> str:
+    """Per seed: one step's signal-to-noise and the two batches' cosine by draws and band,
+    per weight set; then the cosines between the populations' mean gradients."""
+    subsets = list(result["weights"])
+    lines = [
+        f"one DP-SGD step at {result['site']} at the public checkpoint: two batches of "
+        f"{result['batch']} subjects, noise multiplier {result['noise_multiplier']:.2f}; "
+        "signal-to-noise (the two batches' cosine)",
+        f"{'seed':>4} {'draws':>5} {'timesteps':>10} "
+        + " ".join(f"{s + ' (' + format(result['weights'][s], ',') + ')':>24}" for s in subsets),
+    ]
+    for run in result["runs"]:
+        for step in run["steps"]:
+            band = f"{step['band'][0]}-{step['band'][1]}"
+            cells = " ".join(
+                f"{step['snr'][s]:>15.4f} ({step['batch_cosine'][s]:5.2f})" for s in subsets
+            )
+            lines.append(f"{run['seed']:>4} {step['draws']:>5} {band:>10} {cells}")
+        names = list(run["cosines"])
+        lines.append(f"seed {run['seed']}: cosines between mean clipped gradients (all weights)")
+        lines.append(" " * 8 + "".join(f"{n:>9}" for n in names))
+        for a in names:
+            lines.append(f"{a:>8}" + "".join(f"{run['cosines'][a][b]:>9.2f}" for b in names))
+    return "\n".join(lines)
+
+
+def plot_signal(result: dict, png: Path) -> None:
+    """One step's signal-to-noise by draws and timestep band (first seed), per weight set;
+    and the cosines between the populations' mean gradients."""
+    run = result["runs"][0]
+    fig, (left, right) = _figure(2, 4.6, 3.6)
+    labels = [f"{s['draws']}x {s['band'][0]}-{s['band'][1]}" for s in run["steps"]]
+    _bars(
+        left,
+        labels,
+        {name: [[s["snr"][name]] for s in run["steps"]] for name in result["weights"]},
+    )
+    left.set_ylabel("signal / noise norm, one step")
+    left.set_xlabel("draws per volume, timesteps")
+    left.tick_params(axis="x", labelrotation=45, labelsize=7)
+    left.legend(fontsize=8)
+    names = list(run["cosines"])
+    matrix = [[run["cosines"][a][b] for b in names] for a in names]
+    image = right.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    right.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
+    right.set_yticks(range(len(names)), names, fontsize=8)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            right.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7)
+    right.set_title("cosine of mean clipped gradients", fontsize=9)
+    fig.colorbar(image, ax=right, shrink=0.8)
+    fig.savefig(png)
+
+
 VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "dp-gap": (dp_gap_table, plot_dp_gap),
     "federation": (federation_table, plot_federation),
@@ -576,4 +630,5 @@ VIEWS: dict[str, tuple[Callable[[dict], str], Callable[[dict, Path], None]]] = {
     "downstream": (downstream_table, plot_downstream),
     "levers": (levers_table, plot_levers),
     "dp-audit": (dp_audit_table, plot_dp_audit),
+    "signal": (signal_table, plot_signal),
 }

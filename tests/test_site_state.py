@@ -79,6 +79,7 @@ def stand_ins(tmp_path, monkeypatch):
         (marks / f"{name}-training").touch()
         if name == "first":
             wait_for((marks / "go").exists, "go")
+        return SimpleNamespace(optimizer_state={})  # what the site keeps for its next round
 
     monkeypatch.setattr(site_round, "site_latents", latents)
     monkeypatch.setattr(site_round, "train_round", train)

@@ -7,6 +7,8 @@ or a table in docs/results.md would say something its runs did not measure.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import statistics
@@ -438,6 +440,16 @@ def test_levers_study_changes_one_setting_per_arm_against_the_ceiling(
     }
     levers = arms_module_levers(config, SUBJECTS)
     assert "norms only" not in levers  # the tests' subset is norms already
+    # one round: no moments to keep, so no lever for them; with two, the lever starts
+    # the sites' optimiser fresh each round
+    fresh = "the sites' optimiser fresh each round"
+    assert fresh not in levers and config.federation.rounds == 1
+    two = dataclasses.replace(config.federation, rounds=2)
+    lever = arms_module_levers(dataclasses.replace(config, federation=two), SUBJECTS)[fresh]
+    assert lever == {"training.finetune-optimizer-state": "fresh"}
+    arm = context.config_for(Arm(everyone, 10.0, overrides=tuple(lever.items())))
+    assert arm.training.finetune_optimizer_state == "fresh"
+    assert config.training.finetune_optimizer_state == "keep"
     assert dict(levers["one full-batch step a round"]) == {
         "privacy.batch-size": SUBJECTS,  # the tiny config's 4 already: q = 1
         "privacy.local-steps": 1,  # and not its 2
@@ -465,3 +477,28 @@ def arms_module_levers(config, subjects: int) -> dict[str, dict]:
 
     levers = _levers(config, subjects)
     return {name: dict(fields.get("overrides", ())) for name, fields in levers.items()}
+
+
+def test_signal_study_measures_one_step_and_compares_the_sites_mean_gradients(
+    context, cache, tmp_path, capsys
+):
+    result = _study("signal", cache, tmp_path)
+    [run] = result["runs"]
+    steps = context.setup.config.diffusion.train_timesteps
+    assert [s["draws"] for s in run["steps"]] == [1, 4, 16, 4, 4, 4, 4]
+    quarters = [tuple(s["band"]) for s in run["steps"][3:]]
+    assert quarters[0][0] == 0 and quarters[-1][1] == steps
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(quarters))  # they tile [0, T)
+    assert set(result["weights"]) == {"all", "norms"}
+    assert result["weights"]["norms"] < result["weights"]["all"]
+    for step in run["steps"]:
+        assert all(math.isfinite(v) for v in step["snr"].values())
+    assert result["batch"] == SUBJECTS // 2  # two disjoint batches of the site's subjects
+    assert result["noise_multiplier"] == pytest.approx(
+        noise_multiplier(context.setup.config, SUBJECTS)
+    )
+    names = [*context.names, "public"]
+    assert list(run["cosines"]) == names
+    for a in names:  # a population against itself: the sign of its own estimate
+        assert abs(run["cosines"][a][a]) == pytest.approx(1.0)
+    assert "signal-to-noise" in capsys.readouterr().out
