@@ -6,7 +6,8 @@ The part of that sum that generalises is B times the population's mean clipped g
 its squared norm is estimated without bias as the dot product of the sums of two
 independent batches (their draws and subjects differ, so only the mean survives in
 expectation). Their ratio is one step's signal-to-noise. The same estimator gives the
-cosine between two populations' mean gradients: <A1, B2> / sqrt(<A1, A2> <B1, B2>).
+cosine between two populations' mean gradients: (<A1, B2> + <A2, B1>) / 2 over
+sqrt(<A1, A2> <B1, B2>).
 Simulation only: it reads the phantom sites' gradients without noise.
 """
 
@@ -89,8 +90,9 @@ def signal_to_noise(first: torch.Tensor, second: torch.Tensor, noise_std: float)
 
 
 def cosine(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """The cosine between two populations' mean gradients from two batches of each."""
-    across = float(a[0] @ b[1])
+    """The cosine between two populations' mean gradients from two batches of each: the
+    two cross products averaged (symmetric in a and b), over the root of each one's own."""
+    across = (float(a[0] @ b[1]) + float(a[1] @ b[0])) / 2
     return across / math.sqrt(abs(float(a[0] @ a[1]) * float(b[0] @ b[1])))
 
 

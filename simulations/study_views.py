@@ -606,7 +606,7 @@ def plot_signal(result: dict, png: Path) -> None:
     left.set_ylabel("signal / noise norm, one step")
     left.set_xlabel("draws per volume, timesteps")
     left.tick_params(axis="x", labelrotation=45, labelsize=7)
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="upper left")
     names = list(run["cosines"])
     matrix = [[run["cosines"][a][b] for b in names] for a in names]
     image = right.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")

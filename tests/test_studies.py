@@ -501,4 +501,6 @@ def test_signal_study_measures_one_step_and_compares_the_sites_mean_gradients(
     assert list(run["cosines"]) == names
     for a in names:  # a population against itself: the sign of its own estimate
         assert abs(run["cosines"][a][a]) == pytest.approx(1.0)
+        for b in names:  # both cross products, averaged: symmetric
+            assert run["cosines"][a][b] == pytest.approx(run["cosines"][b][a])
     assert "signal-to-noise" in capsys.readouterr().out
