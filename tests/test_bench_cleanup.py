@@ -202,6 +202,19 @@ PARENT = textwrap.dedent(
         flower = LocalFlower(Path(sys.argv[1]) / "flwr-home")
         listed = flower.flwr("ls", "--format", "json")  # starts the local SuperLink
         assert listed.returncode == 0, listed.stderr
+
+        def programs():
+            found = []
+            for pid in flower.pids():
+                try:
+                    found.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode())
+                except OSError:
+                    pass
+            return " ".join(found)
+
+        deadline = time.monotonic() + 30  # the SuperLink starts its SuperExec after answering
+        while "flower-superexec" not in programs() and time.monotonic() < deadline:
+            time.sleep(0.2)
         print(" ".join(map(str, flower.pids())), flush=True)
         if how == "exception":
             raise RuntimeError("a failed measurement")
