@@ -531,19 +531,16 @@ def _optimizer_state(private: PrivateUNet) -> dict[str, Any]:
     }
 
 
-def _load_optimizer_state(private: PrivateUNet, saved: dict[str, Any]) -> bool:
-    """Continue the base optimiser from `saved` (see _optimizer_state), keeping this round's
-    learning rate; False (nothing loaded) if it was kept for other weights (another
-    trainable subset or model) or another optimiser."""
-    base = private.optimizer.original_optimizer
-    params = private.optimizer.params
+def _fits(saved: dict[str, Any], base: torch.optim.Optimizer, params: list) -> bool:
+    """Whether `saved` (see _optimizer_state) was kept for this optimiser's class, groups
+    and weight shapes; a malformed state does not fit."""
     try:
         groups, state = saved["param_groups"], saved["state"]
-        fits = saved["optimizer"] == type(base).__name__
-        fits = fits and [len(g["params"]) for g in groups] == [
-            len(g["params"]) for g in base.param_groups
-        ]
-        fits = fits and all(
+        if saved["optimizer"] != type(base).__name__:
+            return False
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in base.param_groups]:
+            return False
+        return all(
             int(index) < len(params)
             and all(
                 v.shape == params[int(index)].shape
@@ -552,10 +549,18 @@ def _load_optimizer_state(private: PrivateUNet, saved: dict[str, Any]) -> bool:
             )
             for index, slots in state.items()
         )
-    except (KeyError, TypeError, AttributeError):
-        fits = False
-    if not fits:
+    except (KeyError, TypeError, AttributeError, ValueError):
         return False
+
+
+def _load_optimizer_state(private: PrivateUNet, saved: dict[str, Any]) -> bool:
+    """Continue the base optimiser from `saved` (see _optimizer_state), keeping this round's
+    learning rate; False (nothing loaded) if it was kept for other weights (another
+    trainable subset or model) or another optimiser."""
+    base = private.optimizer.original_optimizer
+    if not _fits(saved, base, private.optimizer.params):
+        return False
+    groups, state = saved["param_groups"], saved["state"]
     rates = [group["lr"] for group in base.param_groups]
     base.load_state_dict({"state": state, "param_groups": groups})
     for group, rate in zip(base.param_groups, rates, strict=True):

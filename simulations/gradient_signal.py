@@ -13,6 +13,7 @@ Simulation only: it reads the phantom sites' gradients without noise.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -27,6 +28,8 @@ from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.models import ConditionedUNet, trainable_names
 from fedsynth.simulations.arms import StudyContext, StudySetup, summary
 from fedsynth.simulations.federated import noise_multiplier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,14 @@ def signal(setup: StudySetup) -> dict:
         generator = torch.Generator().manual_seed(seed)
         steps = []
         for draw in _draws(config.diffusion.train_timesteps):
+            log.info(
+                "signal (seed %d): %s, %d draws per volume, timesteps %d-%d (%.0f s)",
+                seed,
+                first,
+                draw.draws,
+                *draw.band,
+                time.perf_counter() - started,
+            )
             first_sums, second_sums = two_batches(first, draw, masks, generator)
             steps.append(
                 {
@@ -163,10 +174,16 @@ def signal(setup: StudySetup) -> dict:
                     },
                 }
             )
-        means = {
-            name: [b["all"] for b in two_batches(name, every, {"all": masks["all"]}, generator)]
-            for name in data
-        }
+        means = {}
+        for name in data:
+            log.info(
+                "signal (seed %d): %s's mean gradient (%.0f s)",
+                seed,
+                name,
+                time.perf_counter() - started,
+            )
+            pair = two_batches(name, every, {"all": masks["all"]}, generator)
+            means[name] = [b["all"] for b in pair]
         cosines = {a: {b: cosine(means[a], means[b]) for b in means} for a in means}
         runs.append({"seed": seed, "steps": steps, "cosines": cosines})
     return summary(
