@@ -198,12 +198,24 @@ class TrainingConfig:
     pretrain_steps: int = _checked(non_negative)
     pretrain_batch_size: int = _checked(positive)
     pretrain_learning_rate: float = _checked(positive)
+    pretrain_warmup_steps: int = _checked(non_negative)
+    pretrain_schedule: Literal["constant", "cosine"] = _checked()
     pretrain_ema_decay: float = _checked(between(0, 1, high_open=True))
     finetune_learning_rate: float = _checked(positive)
     finetune_optimizer: Literal["adamw", "sgd"] = _checked()
     finetune_optimizer_state: Literal["keep", "fresh"] = _checked()
     segmenter_steps: int = _checked(non_negative)
     feature_steps: int = _checked(non_negative)
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.pretrain_warmup_steps > self.pretrain_steps:
+            return [
+                (
+                    "pretrain-warmup-steps",
+                    f"must be at most pretrain-steps ({self.pretrain_steps})",
+                )
+            ]
+        return []
 
 
 @dataclass(frozen=True)
@@ -580,6 +592,8 @@ def load_config(
 ADDED_KEYS: dict[tuple[str, str], Any] = {
     ("federation", "server-learning-rate"): 1.0,
     ("training", "pretrain-ema-decay"): 0.0,
+    ("training", "pretrain-warmup-steps"): 0,
+    ("training", "pretrain-schedule"): "constant",
     ("training", "finetune-optimizer"): "adamw",
     ("training", "finetune-optimizer-state"): "fresh",
     ("federation", "server-optimizer"): "sgd",

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from fedsynth.common.anatomy import agreement, load_labelled, meter_path, train_volume_meter
@@ -38,6 +39,7 @@ from fedsynth.common.diffusion import per_sample_loss, training_scheduler
 from fedsynth.common.errors import FedsynthError
 from fedsynth.common.feature_net import ensure_feature_net
 from fedsynth.common.io import atomic_path, atomic_write_text
+from fedsynth.common.lr_schedule import pretraining_schedule
 from fedsynth.common.models import ConditionedUNet, build_autoencoder, resolve_device
 from fedsynth.common.progress import progress
 
@@ -55,13 +57,14 @@ def _train_stage(
     seed: int,
     show_progress: bool,
     ema: AveragedModel | None = None,
+    schedule: LRScheduler | None = None,
 ) -> list[float]:
     """Run (or continue) `steps` optimiser steps; returns the loss of every step.
 
     Step k seeds both its own generator and torch's global one (used inside MONAI, e.g.
     the autoencoder's latent sampling) from (seed, k), so resuming changes nothing.
-    `ema` (torch's AveragedModel of `model`) is updated after every step and saved with
-    the rest of the state.
+    `ema` (torch's AveragedModel of `model`) is updated after every step and `schedule`
+    (the optimiser's rate) stepped; both are saved with the rest of the state.
     """
     losses: list[float] = []
     if state_path.is_file():
@@ -70,12 +73,16 @@ def _train_stage(
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
+        if schedule is not None and "schedule" in state:  # none: saved at a constant rate
+            schedule.load_state_dict(state["schedule"])
         losses = list(state["losses"])
 
     def save() -> None:
         saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses}
         if ema is not None:
             saved["ema"] = ema.state_dict()
+        if schedule is not None:
+            saved["schedule"] = schedule.state_dict()
         save_torch(state_path, saved)
 
     model.train()
@@ -88,6 +95,8 @@ def _train_stage(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if schedule is not None:
+            schedule.step()
         if ema is not None:
             ema.update_parameters(model)
         losses.append(float(loss.detach()))
@@ -179,16 +188,18 @@ def pretrain(
     ema = None
     if train.pretrain_ema_decay > 0:  # sampled weights: the average over the last steps
         ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(train.pretrain_ema_decay))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=train.pretrain_learning_rate)
     unet_losses = _train_stage(
         "latent unet",
         unet,
-        torch.optim.AdamW(unet.parameters(), lr=train.pretrain_learning_rate),
+        optimizer,
         train.pretrain_steps,
         unet_loss,
         out / STATE / UNET,
         config.seed + 1,
         show_progress,
         ema,
+        pretraining_schedule(optimizer, train),
     )
     if ema is not None:
         unet.load_state_dict(ema.module.state_dict())

@@ -220,7 +220,10 @@ class StudyContext:
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
     def ceiling_key(self, seed: int, public_only: bool = False) -> str:
-        facts = {"ceiling": dataclasses.asdict(self.setup.ceiling), "facts": self.model_facts(seed)}
+        plan = dataclasses.asdict(self.setup.ceiling)
+        if plan["learning_rate"] == self.setup.config.training.pretrain_learning_rate:
+            del plan["learning_rate"]  # a field added later: the rate it trained at before
+        facts = {"ceiling": plan, "facts": self.model_facts(seed)}
         if public_only:  # a field added later: the sites' ceiling keeps its key
             facts["public_only"] = True
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]

@@ -3,9 +3,10 @@
 A DP study is judged by the part of this ceiling's gain it captures, not against the same
 few steps without noise (a bar that rewards doing little). The ceiling is the public
 checkpoint finetuned on the pooled training subjects of every site, every UNet weight,
-without clipping or noise, as it was pretrained (server/pretrain.py: AdamW at
-`training.pretrain-learning-rate`, batches of `training.pretrain-batch-size` volumes drawn
-with replacement, the moving average of the weights at `training.pretrain-ema-decay`). The
+without clipping or noise, as it was pretrained (server/pretrain.py: AdamW, batches of
+`training.pretrain-batch-size` volumes drawn with replacement, the moving average of the
+weights at `training.pretrain-ema-decay`) at the constant rate `CeilingPlan.learning_rate`,
+the rate the public checkpoint itself was pretrained at until its warmup and cosine. The
 site-domain loss on the held-out subjects is measured every `CeilingPlan.check_every` steps
 until the sites' mean has not improved for `patience` checks or `max_steps` ran; the best
 check is the ceiling. Choosing the step on the held-out subjects can only raise the bar.
@@ -34,12 +35,14 @@ Weights = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class CeilingPlan:
-    """How long the ceiling trains: at most `max_steps`, checked every `check_every`
-    steps, stopped after `patience` checks without a lower mean site-domain loss."""
+    """How the ceiling trains: AdamW at `learning_rate` for at most `max_steps`, checked
+    every `check_every` steps, stopped after `patience` checks without a lower mean
+    site-domain loss."""
 
     max_steps: int = 3000
     check_every: int = 100
     patience: int = 4
+    learning_rate: float = 5e-4
 
 
 def mean_of(losses: dict[str, float]) -> float:
@@ -63,7 +66,7 @@ def finetune_ceiling(
     train = config.training
     unet = ConditionedUNet(config)
     unet.load_state_dict(start)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=train.pretrain_learning_rate)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=plan.learning_rate)
     decay = train.pretrain_ema_decay
     ema = AveragedModel(unet, multi_avg_fn=get_ema_multi_avg_fn(decay)) if decay > 0 else None
     scheduler = training_scheduler(config.diffusion)

@@ -41,7 +41,7 @@ SETTINGS = {
     "device": "cpu",
 }
 SUBJECTS, PUBLIC_SUBJECTS = 4, VALIDATION_SUBJECTS
-SMALL_PLAN = partial(CeilingPlan, max_steps=16, check_every=4, patience=4)
+SMALL_PLAN = partial(CeilingPlan, max_steps=16, check_every=4, patience=4, learning_rate=1e-2)
 
 
 @pytest.fixture(scope="module")

@@ -68,15 +68,19 @@ def test_roundtrip_and_hash():
 
 def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_path):
     """A checkpoint's or run's config.yaml written before federation.server-learning-rate,
-    training.pretrain-ema-decay, training.finetune-optimizer and its -state existed: it
-    loads (as FedAvg, rate 1, without a moving average, AdamW at the sites started fresh
-    each round), keeps its hash, and a full file without the keys loads too; at any other
-    value the hash differs."""
+    training.pretrain-ema-decay, -warmup-steps, -schedule, training.finetune-optimizer and
+    its -state existed: it loads (as FedAvg, rate 1, pretrained at a constant rate without a
+    moving average, AdamW at the sites started fresh each round), keeps its hash, and a full
+    file without the keys loads too; at any other value the hash differs."""
     config = load_config("tiny", {"training.finetune-optimizer-state": "fresh"})
+    assert config.training.pretrain_schedule == "constant"
+    assert config.training.pretrain_warmup_steps == 0
     old = to_dict(config)
     assert set(ADDED_KEYS) == {
         ("federation", "server-learning-rate"),
         ("training", "pretrain-ema-decay"),
+        ("training", "pretrain-warmup-steps"),
+        ("training", "pretrain-schedule"),
         ("training", "finetune-optimizer"),
         ("training", "finetune-optimizer-state"),
         ("federation", "server-optimizer"),
@@ -103,6 +107,10 @@ def test_a_config_saved_before_a_key_was_added_loads_with_what_it_ran_with(tmp_p
     plain_sgd = load_config("tiny", {"training.finetune-optimizer": "sgd"})
     assert config_hash(plain_sgd) != config_hash(config)
     assert pretraining_hash(plain_sgd) == pretraining_hash(config)  # finetuning only
+    cosine = load_config("tiny", {"training.pretrain-schedule": "cosine"})
+    assert pretraining_hash(cosine) != pretraining_hash(config)
+    warm = load_config("tiny", {"training.pretrain-warmup-steps": 5})
+    assert pretraining_hash(warm) != pretraining_hash(config)
     kept = load_config("tiny")  # the presets keep the moments
     assert kept.training.finetune_optimizer_state == "keep"
     assert config_hash(kept) != config_hash(config)
@@ -134,6 +142,11 @@ def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
         ({"federation.server-optimizer": "fedyogi"}, "must be one of sgd, adam"),
         ({"federation.server-learning-rate": 0}, "server-learning-rate = 0: must be > 0"),
         ({"training.pretrain-ema-decay": 1}, "pretrain-ema-decay = 1: must be in [0, 1)"),
+        (
+            {"training.pretrain-warmup-steps": 1001},
+            "training.pretrain-warmup-steps = 1001: must be at most pretrain-steps (1000)",
+        ),
+        ({"training.pretrain-schedule": "step"}, "must be one of constant, cosine"),
         ({"federation.sites-per-round": 9}, "federation.sites-per-round = 9: must be <= sites (3)"),
         ({"unet.attention-levels": "[true]"}, "must have one entry per channels level (3)"),
         ({"unet.num-head-channels": 7}, "must divide channels at attention levels"),

@@ -3,6 +3,7 @@ exactly."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from fedsynth.common.checkpoint import load_pretrained, load_torch
 from fedsynth.common.config import config_hash, load_config
 from fedsynth.common.data import open_site
 from fedsynth.common.errors import FedsynthError
+from fedsynth.common.lr_schedule import COSINE_FLOOR, pretraining_schedule
 from fedsynth.server.pretrain import pretrain
 from fedsynth.simulations.phantoms import generate_cohorts
 
@@ -92,8 +94,14 @@ RUN = textwrap.dedent(
 )
 
 
-# the resumed runs keep a moving average too: it must survive the kill as the weights do
-RESUMED = {**OVERRIDES, "training.pretrain-ema-decay": 0.8}
+# the resumed runs keep a moving average and a warmup + cosine rate too: both must survive
+# the kill as the weights do (a schedule restarted from its warmup changes every later step)
+RESUMED = {
+    **OVERRIDES,
+    "training.pretrain-ema-decay": 0.8,
+    "training.pretrain-warmup-steps": 4,
+    "training.pretrain-schedule": "cosine",
+}
 
 
 def run_pretrain(public: Path, out: Path) -> subprocess.Popen:
@@ -146,3 +154,33 @@ def test_killed_pretraining_resumes_without_repeating_or_skipping(
     assert meta["latent_std"] == pytest.approx(
         json.loads((reference / "metadata.json").read_text())["latent_std"], rel=1e-4
     )
+
+
+def test_the_pretraining_rate_warms_up_then_follows_its_schedule():
+    def rates(steps: int, warmup: int, schedule: str) -> list[float]:
+        overrides = {
+            "training.pretrain-steps": steps,
+            "training.pretrain-warmup-steps": warmup,
+            "training.pretrain-schedule": schedule,
+            "training.pretrain-learning-rate": 2e-3,
+        }
+        training = load_config("tiny", overrides).training
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+        schedule_ = pretraining_schedule(optimizer, training)
+        seen = []
+        for _ in range(steps):  # the rate each step uses, then the step
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule_.step()
+        return seen
+
+    cosine = rates(100, 10, "cosine")
+    assert cosine[0] == pytest.approx(2e-3 / 10)  # warmup from 1/10 of the peak
+    assert cosine[:11] == sorted(cosine[:11]) and cosine[10] == pytest.approx(2e-3)
+    after = cosine[10:]
+    assert all(a > b for a, b in itertools.pairwise(after))  # falls every step
+    assert after[45] == pytest.approx((2e-3 + COSINE_FLOOR * 2e-3) / 2, rel=0.01)  # halfway
+    assert COSINE_FLOOR * 2e-3 < after[-1] < 1.05 * COSINE_FLOOR * 2e-3  # to the floor
+    constant = rates(100, 10, "constant")
+    assert constant[:10] == pytest.approx(cosine[:10]) and set(constant[10:]) == {2e-3}
+    assert set(rates(20, 0, "constant")) == {2e-3}

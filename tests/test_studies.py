@@ -19,7 +19,7 @@ import torch
 
 import fedsynth.simulations.arms as arms_module
 from fedsynth.client.budget import sample_rate
-from fedsynth.common.config import apply_overrides, config_from_dict, load_config, to_dict
+from fedsynth.common.config import load_config
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss
 from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling, mean_of
 from fedsynth.simulations.federated import noise_multiplier
@@ -312,11 +312,8 @@ def test_the_ceiling_improves_on_the_public_loss_and_stops_by_patience(context):
     assert evaluate(weights) == result["best"]  # the best check's weights come back
     # at a rate that overshoots, every check is worse than the start: it stops after
     # `patience` checks and keeps the public checkpoint
-    fast = config_from_dict(
-        apply_overrides(to_dict(config), {"training.pretrain-learning-rate": 1e-2})
-    )
-    plan = CeilingPlan(max_steps=100, check_every=5, patience=2)
-    result, weights = finetune_ceiling(fast, context.public, pooled, evaluate, 0, plan)
+    plan = CeilingPlan(max_steps=100, check_every=5, patience=2, learning_rate=1e-2)
+    result, weights = finetune_ceiling(config, context.public, pooled, evaluate, 0, plan)
     assert [c["step"] for c in result["checks"]] == [0, 5, 10]
     assert result["best_step"] == 0 and result["best"] == public
     assert all(torch.equal(weights[k], v) for k, v in context.public.items())

@@ -1,0 +1,37 @@
+"""The learning-rate schedule of public pretraining, composed from torch's schedulers."""
+
+from __future__ import annotations
+
+import torch
+from torch.optim.lr_scheduler import (
+    ConstantLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LRScheduler,
+    SequentialLR,
+)
+
+from fedsynth.common.config import TrainingConfig
+
+COSINE_FLOOR = 0.02  # the cosine ends at this fraction of the peak rate, not at zero
+
+
+def pretraining_schedule(optimizer: torch.optim.Optimizer, training: TrainingConfig) -> LRScheduler:
+    """Per-step rate of the UNet's pretraining: a linear warmup over
+    `pretrain-warmup-steps` from 1/warmup of `pretrain-learning-rate` to all of it, then
+    that rate held (`constant`) or annealed along a half cosine to COSINE_FLOOR of it at
+    `pretrain-steps` (`cosine`; Loshchilov & Hutter 2017, SGDR, without restarts). Call
+    `step()` after each optimiser step."""
+    steps, warmup = training.pretrain_steps, training.pretrain_warmup_steps
+    after: LRScheduler
+    if training.pretrain_schedule == "cosine":
+        peak = optimizer.param_groups[0]["lr"]
+        after = CosineAnnealingLR(
+            optimizer, T_max=max(1, steps - warmup), eta_min=COSINE_FLOOR * peak
+        )
+    else:
+        after = ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup == 0:
+        return after
+    ramp = LinearLR(optimizer, start_factor=1 / warmup, end_factor=1.0, total_iters=warmup)
+    return SequentialLR(optimizer, [ramp, after], milestones=[warmup])
