@@ -208,11 +208,11 @@ class TrainingConfig:
     feature_steps: int = _checked(non_negative)
 
     def validate(self) -> list[tuple[str, str]]:
-        if self.pretrain_warmup_steps > self.pretrain_steps:
+        if self.pretrain_warmup_steps and self.pretrain_warmup_steps >= self.pretrain_steps:
             return [
                 (
                     "pretrain-warmup-steps",
-                    f"must be at most pretrain-steps ({self.pretrain_steps})",
+                    f"must be below pretrain-steps ({self.pretrain_steps})",
                 )
             ]
         return []

@@ -17,11 +17,13 @@ COSINE_FLOOR = 0.02  # the cosine ends at this fraction of the peak rate, not at
 
 
 def pretraining_schedule(optimizer: torch.optim.Optimizer, training: TrainingConfig) -> LRScheduler:
-    """Per-step rate of the UNet's pretraining: a linear warmup over
-    `pretrain-warmup-steps` from 1/warmup of `pretrain-learning-rate` to all of it, then
-    that rate held (`constant`) or annealed along a half cosine to COSINE_FLOOR of it at
-    `pretrain-steps` (`cosine`; Loshchilov & Hutter 2017, SGDR, without restarts). Call
-    `step()` after each optimiser step."""
+    """Per-step rate of the UNet's pretraining, `pretrain-learning-rate` at its peak: with
+    w = `pretrain-warmup-steps` > 0, step k (from 0) of the first w runs at
+    (1/w + (1 - 1/w) k / w) of the peak, so step w + 1 is the first at the peak (torch's
+    LinearLR); then the peak is held (`constant`) or annealed along a half cosine to
+    COSINE_FLOOR of it at `pretrain-steps` (`cosine`; Loshchilov & Hutter 2017, SGDR,
+    without restarts). The config keeps w below `pretrain-steps`. Call `step()` after each
+    optimiser step."""
     steps, warmup = training.pretrain_steps, training.pretrain_warmup_steps
     after: LRScheduler
     if training.pretrain_schedule == "cosine":

@@ -36,7 +36,7 @@ from fedsynth.common.io import atomic_write_text
 from fedsynth.common.models import ConditionedUNet
 from fedsynth.server.study import DEFAULT_PHANTOM_SUBJECTS, DEFAULT_PUBLIC_SUBJECTS, cache_dir
 from fedsynth.simulations.canaries import AuditPlan
-from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling
+from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling, plan_facts
 from fedsynth.simulations.federated import Weights, federate, load_sites, subset
 from fedsynth.simulations.site_domain import SITE_DOMAIN_DRAWS, SiteDomain
 from fedsynth.simulations.study_data import simulated_data
@@ -220,9 +220,7 @@ class StudyContext:
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:20]
 
     def ceiling_key(self, seed: int, public_only: bool = False) -> str:
-        plan = dataclasses.asdict(self.setup.ceiling)
-        if plan["learning_rate"] == self.setup.config.training.pretrain_learning_rate:
-            del plan["learning_rate"]  # a field added later: the rate it trained at before
+        plan = plan_facts(self.setup.ceiling, self.setup.config)
         facts = {"ceiling": plan, "facts": self.model_facts(seed)}
         if public_only:  # a field added later: the sites' ceiling keeps its key
             facts["public_only"] = True

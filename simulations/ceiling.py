@@ -5,8 +5,9 @@ few steps without noise (a bar that rewards doing little). The ceiling is the pu
 checkpoint finetuned on the pooled training subjects of every site, every UNet weight,
 without clipping or noise, as it was pretrained (server/pretrain.py: AdamW, batches of
 `training.pretrain-batch-size` volumes drawn with replacement, the moving average of the
-weights at `training.pretrain-ema-decay`) at the constant rate `CeilingPlan.learning_rate`,
-the rate the public checkpoint itself was pretrained at until its warmup and cosine. The
+weights at `training.pretrain-ema-decay`) at the constant rate `CeilingPlan.learning_rate`
+(5e-4 unless a study sets another: the default's constant pretraining rate), whatever
+schedule the checkpoint was pretrained with. The
 site-domain loss on the held-out subjects is measured every `CeilingPlan.check_every` steps
 until the sites' mean has not improved for `patience` checks or `max_steps` ran; the best
 check is the ceiling. Choosing the step on the held-out subjects can only raise the bar.
@@ -43,6 +44,16 @@ class CeilingPlan:
     check_every: int = 100
     patience: int = 4
     learning_rate: float = 5e-4
+
+
+def plan_facts(plan: CeilingPlan, config: Config) -> dict:
+    """What a ceiling's cache keys hash of its plan: `learning_rate` only where it differs
+    from `training.pretrain-learning-rate`, the rate every ceiling trained at before the
+    field existed, so their keys stay valid."""
+    facts = dataclasses.asdict(plan)
+    if facts["learning_rate"] == config.training.pretrain_learning_rate:
+        del facts["learning_rate"]
+    return facts
 
 
 def mean_of(losses: dict[str, float]) -> float:

@@ -32,7 +32,7 @@ from fedsynth.common.io import PUBLIC_MODE, atomic_write_text
 from fedsynth.common.models import latent_shape
 from fedsynth.common.sampling import agreement_only, requested_vs_measured
 from fedsynth.server.validation import encode_folder
-from fedsynth.simulations.ceiling import CeilingPlan
+from fedsynth.simulations.ceiling import CeilingPlan, plan_facts
 from fedsynth.simulations.ceiling_summary import CeilingSummaries, share_of_ceiling
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class SiteDomain:
             "phantoms": f"{phantoms.parent.name}/{phantoms.name}",
             "held_out": f"{self.folder.parent.name}/{self.folder.name}",
             "pretraining": pretraining_hash(self.config),
-            "plan": dataclasses.asdict(plan or CeilingPlan()),
+            "plan": plan_facts(plan or CeilingPlan(), self.config),
             "draws": SITE_DOMAIN_DRAWS,
         }
         return CeilingSummaries(self.folder, facts)

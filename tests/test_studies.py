@@ -21,7 +21,7 @@ import fedsynth.simulations.arms as arms_module
 from fedsynth.client.budget import sample_rate
 from fedsynth.common.config import load_config
 from fedsynth.simulations.arms import Arm, StudyContext, StudySetup, mean_loss
-from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling, mean_of
+from fedsynth.simulations.ceiling import CeilingPlan, finetune_ceiling, mean_of, plan_facts
 from fedsynth.simulations.federated import noise_multiplier
 from fedsynth.simulations.study_data import SITE_HELD_OUT_SUBJECTS
 
@@ -300,6 +300,18 @@ def test_the_held_out_folder_names_its_count_and_every_site_has_that_many_subjec
     for site in context.names:
         assert len(set(context.site_domain.subjects[site])) == SITE_HELD_OUT_SUBJECTS
         assert len(context.site_domain.rows[site]) == 2 * SITE_HELD_OUT_SUBJECTS  # ED + ES
+
+
+def test_a_ceilings_cache_keys_hash_its_rate_only_where_it_differs_from_the_pretraining_rate():
+    """Ceilings cached before the plan had a rate trained at the pretraining rate: their
+    plan hashes as it did then (no learning_rate), so their keys and summaries stay."""
+    before = {"max_steps": 3000, "check_every": 100, "patience": 4}
+    constant = load_config("tiny")  # pretrains at 5e-4, the plan's rate
+    assert plan_facts(CeilingPlan(), constant) == before
+    faster = CeilingPlan(learning_rate=1e-2)
+    assert plan_facts(faster, constant) == {**before, "learning_rate": 1e-2}
+    peak = load_config("tiny", {"training.pretrain-learning-rate": 2e-3})
+    assert plan_facts(CeilingPlan(), peak) == {**before, "learning_rate": 5e-4}
 
 
 def test_the_ceiling_improves_on_the_public_loss_and_stops_by_patience(context):
