@@ -73,7 +73,7 @@ def _train_stage(
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        if schedule is not None and "schedule" in state:  # none: saved at a constant rate
+        if schedule is not None:
             schedule.load_state_dict(state["schedule"])
         losses = list(state["losses"])
 

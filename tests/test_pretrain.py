@@ -171,7 +171,8 @@ def test_the_pretraining_rate_warms_up_then_follows_its_schedule():
         for _ in range(steps):  # the rate each step uses, then the step
             seen.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
-            schedule_.step()
+            if schedule_ is not None:
+                schedule_.step()
         return seen
 
     cosine = rates(100, 10, "cosine")
@@ -184,3 +185,7 @@ def test_the_pretraining_rate_warms_up_then_follows_its_schedule():
     constant = rates(100, 10, "constant")
     assert constant[:10] == pytest.approx(cosine[:10]) and set(constant[10:]) == {2e-3}
     assert set(rates(20, 0, "constant")) == {2e-3}
+    plain = load_config("tiny").training  # constant, no warmup: nothing is scheduled
+    assert (
+        pretraining_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))]), plain) is None
+    )
