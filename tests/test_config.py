@@ -143,8 +143,8 @@ def test_user_file_with_base_overrides_only_what_it_lists(tmp_path):
         ({"federation.server-learning-rate": 0}, "server-learning-rate = 0: must be > 0"),
         ({"training.pretrain-ema-decay": 1}, "pretrain-ema-decay = 1: must be in [0, 1)"),
         (
-            {"training.pretrain-warmup-steps": 1000},
-            "training.pretrain-warmup-steps = 1000: must be below pretrain-steps (1000)",
+            {"training.pretrain-warmup-steps": 3000},
+            "training.pretrain-warmup-steps = 3000: must be below pretrain-steps (3000)",
         ),
         ({"training.pretrain-schedule": "step"}, "must be one of constant, cosine"),
         ({"federation.sites-per-round": 9}, "federation.sites-per-round = 9: must be <= sites (3)"),
