@@ -216,6 +216,7 @@ PARENT = textwrap.dedent(
         while "flower-superexec" not in programs() and time.monotonic() < deadline:
             time.sleep(0.2)
         print(" ".join(map(str, flower.pids())), flush=True)
+        sys.stdin.readline()  # the test has seen the processes: leaving now stops them
         if how == "exception":
             raise RuntimeError("a failed measurement")
         if how == "signal":
@@ -244,6 +245,7 @@ def test_every_way_out_of_stopped_on_exit_stops_the_superlink(tmp_path, how, sig
     parent = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path), how],
         env=_environ(tmp_path),
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -251,13 +253,15 @@ def test_every_way_out_of_stopped_on_exit_stops_the_superlink(tmp_path, how, sig
     )
     started: set[int] = set()
     try:
-        assert parent.stdout is not None
+        assert parent.stdout is not None and parent.stdin is not None
         started = {int(pid) for pid in parent.stdout.readline().split()}
         programs = " ".join(_program(pid) for pid in started)
         assert "flower-superlink" in programs and "flower-superexec" in programs, (
             programs,
             parent.stderr.read() if parent.poll() is not None and parent.stderr else "",
         )
+        parent.stdin.write("seen\n")  # the parent waits for this before it leaves or sleeps
+        parent.stdin.flush()
         if sig is not None:
             os.kill(parent.pid, sig)
         left = [(p, _program(p)) for p in _gone({parent.pid} | started | set(_under(tmp_path)))]
